@@ -1,0 +1,34 @@
+{
+  "targets": [
+    {
+      "target_name": "pagemirror",
+      "sources": [
+        "native/sys/mem.cc",
+        "native/sys/uffd.cc",
+        "native/sys/pagemap.cc",
+        "native/sys/access.cc",
+        "native/sys/fault_service.cc",
+        "native/binding/errors.cc",
+        "native/binding/mapping.cc",
+        "native/binding/userfaultfd.cc",
+        "native/binding/access.cc",
+        "native/binding/introspect.cc",
+        "native/binding/addon.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "_GNU_SOURCE"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
+      "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+      "cflags_cc": ["-std=c++17", "-O2", "-fexceptions", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+      "libraries": ["-pthread"]
+    },
+    {
+      "target_name": "uffd_baseline",
+      "type": "executable",
+      "sources": ["bench/c/uffd_baseline.c"],
+      "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+      "libraries": ["-pthread"]
+    }
+  ]
+}

@@ -1,0 +1,200 @@
+// runAccess(mapping, offset, length, options) -> Promise<AccessResult>, and the fork helper.
+#include <napi.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../sys/access.h"
+#include "../sys/mem.h"
+#include "args.h"
+#include "errors.h"
+#include "job.h"
+#include "mapping.h"
+
+namespace pm {
+
+namespace {
+
+sys::AccessOp ParseOp(Napi::Env env, const std::string& s) {
+  if (s == "read") return sys::AccessOp::kRead;
+  if (s == "write") return sys::AccessOp::kWrite;
+  if (s == "rmw") return sys::AccessOp::kReadModifyWrite;
+  if (s == "verify") return sys::AccessOp::kVerify;
+  throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "op must be 'read', 'write', 'rmw' or 'verify'");
+}
+
+sys::AccessPattern ParsePattern(Napi::Env env, const std::string& s) {
+  if (s == "sequential") return sys::AccessPattern::kSequential;
+  if (s == "strided") return sys::AccessPattern::kStrided;
+  if (s == "random") return sys::AccessPattern::kRandom;
+  throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "pattern must be 'sequential', 'strided' or 'random'");
+}
+
+struct AccessState {
+  sys::AccessSpec spec;
+  sys::AccessResult result;
+  RegionPin pin;
+};
+
+sys::AccessSpec ParseSpec(const Napi::CallbackInfo& info, Mapping* m, bool write_needed_check) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[1], "offset");
+  uint64_t len = ToU64(info[2], "length");
+  if (len < 8) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be at least 8 bytes");
+  uint64_t addr = m->Range(env, off, len, false);
+  Napi::Object o = info.Length() > 3 && info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
+  sys::AccessSpec s;
+  s.base = addr;
+  s.length = len;
+  s.op = ParseOp(env, OptString(o, "op", "read"));
+  s.pattern = ParsePattern(env, OptString(o, "pattern", "sequential"));
+  s.unit = OptU64(o, "unit", sys::page_size());
+  s.stride = OptU64(o, "stride", 0);
+  s.ops = OptU64(o, "ops", 0);
+  s.seed = OptU64(o, "seed", 1);
+  s.threads = static_cast<unsigned>(OptU64(o, "threads", 1));
+  s.latency = OptBool(o, "latency");
+  s.barrier = OptBool(o, "barrier", true);
+  if (s.threads == 0 || s.threads > 1024) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "threads must be 1..1024");
+  if (s.unit < 8 || s.unit % 8) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "unit must be a multiple of 8");
+  if (s.stride % 8) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "stride must be a multiple of 8");
+  // A SIGSEGV cannot be caught safely inside Node, so accesses the protection forbids are refused
+  // here, before any thread starts.
+  const bool writes = s.op != sys::AccessOp::kRead && s.op != sys::AccessOp::kVerify;
+  (void)write_needed_check;
+  int prot = m->region()->prot_over(off, len);
+  if (!(prot & PROT_READ) && s.op != sys::AccessOp::kWrite)
+    ThrowSystemError(env, -EACCES, "access", {nullptr, "the range is not readable (PROT_NONE); the access would SIGSEGV"});
+  if (writes && !(prot & PROT_WRITE))
+    ThrowSystemError(env, -EACCES, "access", {nullptr, "the range is not writable; the access would SIGSEGV"});
+  return s;
+}
+
+Napi::Object ResultObject(Napi::Env env, const sys::AccessResult& r) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ops", static_cast<double>(r.ops));
+  o.Set("checksum", Napi::BigInt::New(env, r.checksum));
+  o.Set("mismatches", static_cast<double>(r.mismatches));
+  if (r.mismatches) o.Set("firstMismatch", static_cast<double>(r.first_mismatch));
+  o.Set("elapsedNs", static_cast<double>(r.elapsed_ns));
+  if (r.signal) {
+    o.Set("signal", "SIGBUS");
+    o.Set("signalAddress", Napi::BigInt::New(env, r.signal_addr));
+  }
+  if (!r.latency_ns.empty()) {
+    Napi::Uint32Array lat = Napi::Uint32Array::New(env, r.latency_ns.size());
+    std::memcpy(lat.Data(), r.latency_ns.data(), r.latency_ns.size() * sizeof(uint32_t));
+    o.Set("latencyNs", lat);
+  }
+  return o;
+}
+
+}  // namespace
+
+Napi::Value RunAccess(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = Mapping::Unwrap(info[0]);
+  sys::AccessSpec spec = ParseSpec(info, m, true);
+  auto state = std::unique_ptr<AccessState>(new AccessState{spec, {}, RegionPin(m->region())});
+  return NativeJob<AccessState>::Start(
+      env, std::move(state), [](AccessState& s) { sys::run_access(s.spec, &s.result); },
+      [](Napi::Env env, AccessState& s) -> Napi::Value { return ResultObject(env, s.result); });
+}
+
+// forkRun(mapping, offset, length, options) -> Promise<{pid, status, signal, ops, checksum, ...}>
+// Node cannot run JavaScript in a forked child, so the child runs a native access kernel on one
+// thread (no allocation: a forked child of a threaded parent must not take locks), reports through
+// a pipe, and exits. The fork itself happens on a native thread: with EVENT_FORK registered, fork()
+// sleeps until the handler reads the event, and the handler may be this very JavaScript thread.
+namespace {
+
+struct ForkState {
+  sys::AccessSpec spec;
+  RegionPin pin;
+  int delay_ms = 0;        // the child sleeps first (lets the parent act while it exists)
+  pid_t pid = 0;
+  int fork_errno = 0;
+  int status = 0;
+  bool have_report = false;
+  struct Report {
+    uint64_t ops, checksum, mismatches, first_mismatch, signal_addr;
+    int32_t signal;
+  } report{};
+};
+
+void ChildMain(ForkState& s, int wfd) {
+  if (s.delay_ms) usleep(static_cast<useconds_t>(s.delay_ms) * 1000);
+  sys::AccessSpec spec = s.spec;
+  spec.threads = 1;
+  spec.latency = false;
+  ForkState::Report rep{};
+  sys::run_access_inline(spec, &rep.ops, &rep.checksum, &rep.mismatches, &rep.first_mismatch, &rep.signal,
+                         &rep.signal_addr);
+  (void)!::write(wfd, &rep, sizeof rep);
+  ::_exit(0);
+}
+
+}  // namespace
+
+Napi::Value ForkRun(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = Mapping::Unwrap(info[0]);
+  sys::AccessSpec spec = ParseSpec(info, m, true);
+  Napi::Object o = info.Length() > 3 && info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
+  auto state = std::unique_ptr<ForkState>(new ForkState{spec, RegionPin(m->region())});
+  state->delay_ms = static_cast<int>(OptU64(o, "delayMs", 0));
+  return NativeJob<ForkState>::Start(
+      env, std::move(state),
+      [](ForkState& s) {
+        int p[2];
+        if (::pipe2(p, O_CLOEXEC) != 0) {
+          s.fork_errno = errno;
+          return;
+        }
+        pid_t pid = ::fork();
+        if (pid < 0) {
+          s.fork_errno = errno;
+          ::close(p[0]);
+          ::close(p[1]);
+          return;
+        }
+        if (pid == 0) {
+          ::close(p[0]);
+          ChildMain(s, p[1]);
+        }
+        ::close(p[1]);
+        s.pid = pid;
+        ssize_t n;
+        do {
+          n = ::read(p[0], &s.report, sizeof s.report);
+        } while (n < 0 && errno == EINTR);
+        s.have_report = n == static_cast<ssize_t>(sizeof s.report);
+        ::close(p[0]);
+        while (::waitpid(pid, &s.status, 0) < 0 && errno == EINTR) {
+        }
+      },
+      [](Napi::Env env, ForkState& s) -> Napi::Value {
+        if (s.fork_errno) ThrowSystemError(env, -s.fork_errno, "fork");
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("pid", s.pid);
+        if (WIFEXITED(s.status)) o.Set("exitCode", WEXITSTATUS(s.status));
+        if (WIFSIGNALED(s.status)) o.Set("termSignal", strsignal(WTERMSIG(s.status)));
+        if (s.have_report) {
+          o.Set("ops", static_cast<double>(s.report.ops));
+          o.Set("checksum", Napi::BigInt::New(env, s.report.checksum));
+          o.Set("mismatches", static_cast<double>(s.report.mismatches));
+          if (s.report.signal) {
+            o.Set("signal", "SIGBUS");
+            o.Set("signalAddress", Napi::BigInt::New(env, s.report.signal_addr));
+          }
+        }
+        return o;
+      });
+}
+
+}  // namespace pm

@@ -1,0 +1,99 @@
+// Module entry: classes, functions and the kernel constants the TypeScript layer names.
+#include <napi.h>
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/mman.h>
+
+#include "../sys/uapi.h"
+#include "addon.h"
+#include "mapping.h"
+#include "userfaultfd.h"
+
+namespace pm {
+
+Napi::Value RunAccess(const Napi::CallbackInfo& info);
+Napi::Value ForkRun(const Napi::CallbackInfo& info);
+Napi::Value PagemapScan(const Napi::CallbackInfo& info);
+Napi::Value StatxPath(const Napi::CallbackInfo& info);
+Napi::Value FsType(const Napi::CallbackInfo& info);
+Napi::Value Uname(const Napi::CallbackInfo& info);
+Napi::Value ProbeUffd(const Napi::CallbackInfo& info);
+
+namespace {
+
+Napi::Object Constants(Napi::Env env) {
+  Napi::Object c = Napi::Object::New(env);
+  auto n = [&](const char* k, double v) { c.Set(k, Napi::Number::New(env, v)); };
+#define C(x) n(#x, static_cast<double>(x))
+  C(PROT_NONE); C(PROT_READ); C(PROT_WRITE); C(PROT_EXEC);
+  C(MADV_NORMAL); C(MADV_RANDOM); C(MADV_SEQUENTIAL); C(MADV_WILLNEED); C(MADV_DONTNEED);
+  C(MADV_FREE); C(MADV_REMOVE); C(MADV_DONTFORK); C(MADV_DOFORK); C(MADV_HUGEPAGE);
+  C(MADV_NOHUGEPAGE); C(MADV_COLD); C(MADV_PAGEOUT); C(MADV_POPULATE_READ); C(MADV_POPULATE_WRITE);
+  C(MADV_COLLAPSE);
+  C(MS_ASYNC); C(MS_SYNC); C(MS_INVALIDATE);
+  C(FALLOC_FL_KEEP_SIZE); C(FALLOC_FL_PUNCH_HOLE); C(FALLOC_FL_ZERO_RANGE);
+  C(UFFDIO_REGISTER_MODE_MISSING); C(UFFDIO_REGISTER_MODE_WP); C(UFFDIO_REGISTER_MODE_MINOR);
+  C(UFFDIO_COPY_MODE_DONTWAKE); C(UFFDIO_COPY_MODE_WP); C(UFFDIO_ZEROPAGE_MODE_DONTWAKE);
+  C(UFFDIO_WRITEPROTECT_MODE_WP); C(UFFDIO_WRITEPROTECT_MODE_DONTWAKE);
+  C(UFFDIO_CONTINUE_MODE_DONTWAKE); C(UFFDIO_CONTINUE_MODE_WP);
+  C(UFFDIO_MOVE_MODE_DONTWAKE); C(UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES); C(UFFDIO_POISON_MODE_DONTWAKE);
+  C(UFFD_PAGEFAULT_FLAG_WRITE); C(UFFD_PAGEFAULT_FLAG_WP); C(UFFD_PAGEFAULT_FLAG_MINOR);
+  C(UFFD_FEATURE_PAGEFAULT_FLAG_WP); C(UFFD_FEATURE_EVENT_FORK); C(UFFD_FEATURE_EVENT_REMAP);
+  C(UFFD_FEATURE_EVENT_REMOVE); C(UFFD_FEATURE_MISSING_HUGETLBFS); C(UFFD_FEATURE_MISSING_SHMEM);
+  C(UFFD_FEATURE_EVENT_UNMAP); C(UFFD_FEATURE_SIGBUS); C(UFFD_FEATURE_THREAD_ID);
+  C(UFFD_FEATURE_MINOR_HUGETLBFS); C(UFFD_FEATURE_MINOR_SHMEM); C(UFFD_FEATURE_EXACT_ADDRESS);
+  C(UFFD_FEATURE_WP_HUGETLBFS_SHMEM); C(UFFD_FEATURE_WP_UNPOPULATED); C(UFFD_FEATURE_POISON);
+  C(UFFD_FEATURE_WP_ASYNC); C(UFFD_FEATURE_MOVE);
+  C(_UFFDIO_REGISTER); C(_UFFDIO_UNREGISTER); C(_UFFDIO_WAKE); C(_UFFDIO_COPY); C(_UFFDIO_ZEROPAGE);
+  C(_UFFDIO_MOVE); C(_UFFDIO_WRITEPROTECT); C(_UFFDIO_CONTINUE); C(_UFFDIO_POISON); C(_UFFDIO_API);
+  C(PAGE_IS_WPALLOWED); C(PAGE_IS_WRITTEN); C(PAGE_IS_FILE); C(PAGE_IS_PRESENT); C(PAGE_IS_SWAPPED);
+  C(PAGE_IS_PFNZERO); C(PAGE_IS_HUGE); C(PAGE_IS_SOFT_DIRTY); C(PAGE_IS_GUARD);
+  C(PM_SCAN_WP_MATCHING); C(PM_SCAN_CHECK_WPASYNC);
+#undef C
+  return c;
+}
+
+void Cleanup(void* arg) {
+  // Environment teardown (process exit, or a worker thread ending): close every userfaultfd so
+  // no thread sleeps on a fault that nobody will resolve.
+  auto* data = static_cast<AddonData*>(arg);
+  std::set<Userfaultfd*> open;
+  {
+    std::lock_guard<std::mutex> lock(data->mu);
+    open = data->uffds;
+  }
+  for (Userfaultfd* u : open) u->Shutdown();
+}
+
+}  // namespace
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  env.SetInstanceData(data);
+  napi_add_env_cleanup_hook(env, Cleanup, data);
+  Napi::Function mapping = Mapping::Init(env);
+  data->mapping_ctor = Napi::Persistent(mapping);
+  Napi::Function uffd = Userfaultfd::Init(env);
+  data->uffd_ctor = Napi::Persistent(uffd);
+  exports.Set("Mapping", mapping);
+  exports.Set("Userfaultfd", uffd);
+  exports.Set("map", Napi::Function::New(env, Mapping::Map, "map"));
+  exports.Set("openUserfaultfd", Napi::Function::New(env, Userfaultfd::Open, "openUserfaultfd"));
+  exports.Set("adoptUserfaultfd", Napi::Function::New(env, Userfaultfd::Adopt, "adoptUserfaultfd"));
+  exports.Set("runAccess", Napi::Function::New(env, RunAccess, "runAccess"));
+  exports.Set("forkRun", Napi::Function::New(env, ForkRun, "forkRun"));
+  exports.Set("pagemapScan", Napi::Function::New(env, PagemapScan, "pagemapScan"));
+  exports.Set("statx", Napi::Function::New(env, StatxPath, "statx"));
+  exports.Set("fsType", Napi::Function::New(env, FsType, "fsType"));
+  exports.Set("uname", Napi::Function::New(env, Uname, "uname"));
+  exports.Set("probeUffd", Napi::Function::New(env, ProbeUffd, "probeUffd"));
+  exports.Set("constants", Constants(env));
+  return exports;
+}
+
+}  // namespace pm
+
+static Napi::Object InitAll(Napi::Env env, Napi::Object exports) { return pm::Init(env, exports); }
+
+NODE_API_MODULE(pagemirror, InitAll)

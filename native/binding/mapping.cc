@@ -1,0 +1,560 @@
+#include "mapping.h"
+
+#include <cerrno>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/mman.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <string>
+#include <vector>
+
+#include "../sys/access.h"
+#include "../sys/mem.h"
+#include "../sys/pagemap.h"
+#include "../sys/uapi.h"
+#include "addon.h"
+#include "args.h"
+#include "errors.h"
+
+namespace pm {
+
+// ---- Region ------------------------------------------------------------------------------------
+
+Region::~Region() {
+  unmap_now();
+  if (fd >= 0) sys::close_fd(fd);
+}
+
+void Region::unmap_now() {
+  bool expected = false;
+  if (closed.compare_exchange_strong(expected, true) && addr) sys::unmap(reinterpret_cast<void*>(addr), length);
+}
+
+int Region::prot_over(uint64_t off, uint64_t len) {
+  std::lock_guard<std::mutex> lock(mu);
+  int p = PROT_READ | PROT_WRITE | PROT_EXEC;
+  auto it = prot.upper_bound(off);
+  if (it != prot.begin()) --it;
+  for (; it != prot.end() && it->first < off + (len ? len : 1); ++it) p &= it->second;
+  return p;
+}
+
+void Region::set_prot(uint64_t off, uint64_t len, int p) {
+  std::lock_guard<std::mutex> lock(mu);
+  const uint64_t end = off + len;
+  // Value in force at `end`, so the tail after the change keeps its protection.
+  auto at_end = prot.upper_bound(end);
+  int tail = std::prev(at_end)->second;
+  prot.erase(prot.lower_bound(off), prot.upper_bound(end));
+  prot[off] = p;
+  if (end < length) prot[end] = tail;
+  // Merge neighbours with equal protection.
+  for (auto it = prot.begin(); it != prot.end();) {
+    auto next = std::next(it);
+    if (next != prot.end() && next->second == it->second) prot.erase(next);
+    else it = next;
+  }
+}
+
+// ---- Mapping -----------------------------------------------------------------------------------
+
+Napi::Function Mapping::Init(Napi::Env env) {
+  return DefineClass(env, "Mapping",
+                     {
+                         InstanceAccessor<&Mapping::Address>("address"),
+                         InstanceAccessor<&Mapping::Length>("length"),
+                         InstanceMethod<&Mapping::Info>("info"),
+                         InstanceMethod<&Mapping::Buffer>("buffer"),
+                         InstanceMethod<&Mapping::Protect>("protect"),
+                         InstanceMethod<&Mapping::Advise>("advise"),
+                         InstanceMethod<&Mapping::Sync>("sync"),
+                         InstanceMethod<&Mapping::Remap>("remap"),
+                         InstanceMethod<&Mapping::Fallocate>("fallocate"),
+                         InstanceMethod<&Mapping::Truncate>("truncate"),
+                         InstanceMethod<&Mapping::Residency>("residency"),
+                         InstanceMethod<&Mapping::Cachestat>("cachestat"),
+                         InstanceMethod<&Mapping::Pagemap>("pagemap"),
+                         InstanceMethod<&Mapping::Statx>("statx"),
+                         InstanceMethod<&Mapping::ReadInto>("readInto"),
+                         InstanceMethod<&Mapping::WriteFrom>("writeFrom"),
+                         InstanceMethod<&Mapping::Close>("close"),
+                     });
+}
+
+Mapping::Mapping(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Mapping>(info) {
+  // Constructed only by Map(), which passes an External<shared_ptr<Region>>.
+  if (info.Length() < 1 || !info[0].IsExternal())
+    throw CodedTypeError(info.Env(), "ERR_ILLEGAL_CONSTRUCTOR", "use pagemirror's map functions to create a Mapping");
+  auto* holder = info[0].As<Napi::External<std::shared_ptr<Region>>>().Data();
+  region_ = *holder;
+}
+
+Mapping::~Mapping() = default;
+
+Mapping* Mapping::Unwrap(Napi::Value v) {
+  Napi::Env env = v.Env();
+  AddonData* data = env.GetInstanceData<AddonData>();
+  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(data->mapping_ctor.Value()))
+    throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "expected a Mapping");
+  return Napi::ObjectWrap<Mapping>::Unwrap(v.As<Napi::Object>());
+}
+
+Region& Mapping::live(Napi::Env env) {
+  if (region_->closed.load()) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the mapping is closed");
+  return *region_;
+}
+
+uint64_t Mapping::Range(Napi::Env env, uint64_t off, uint64_t len, bool page_aligned) {
+  Region& r = live(env);
+  if (page_aligned) {
+    CheckAligned(env, off, r.page, "offset");
+    CheckAligned(env, len, r.page, "length");
+  }
+  if (!r.contains(off, len))
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE",
+                          "range [" + std::to_string(off) + ", +" + std::to_string(len) +
+                              ") lies outside the mapping of " + std::to_string(r.length) + " bytes");
+  return r.addr + off;
+}
+
+void Mapping::DetachBuffer() {
+  if (buffer_.IsEmpty()) return;
+  Napi::ArrayBuffer ab = buffer_.Value();
+  if (!ab.IsEmpty() && !ab.IsDetached()) ab.Detach();
+  buffer_.Reset();
+}
+
+static const char* KindName(RegionKind k) {
+  switch (k) {
+    case RegionKind::kAnonymous: return "anonymous";
+    case RegionKind::kMemfd: return "memfd";
+    case RegionKind::kFile: return "file";
+  }
+  return "?";
+}
+
+Napi::Value Mapping::Address(const Napi::CallbackInfo& info) {
+  return Napi::BigInt::New(info.Env(), region_->addr);
+}
+
+Napi::Value Mapping::Length(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(region_->length));
+}
+
+Napi::Value Mapping::Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Region& r = *region_;
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("kind", KindName(r.kind));
+  o.Set("address", Napi::BigInt::New(env, r.addr));
+  o.Set("length", static_cast<double>(r.length));
+  o.Set("pageSize", static_cast<double>(r.page));
+  o.Set("shared", r.shared);
+  o.Set("hugetlb", r.hugetlb);
+  o.Set("fd", r.fd);
+  o.Set("fileOffset", static_cast<double>(r.file_offset));
+  if (!r.path.empty()) o.Set("path", r.path);
+  if (!r.name.empty()) o.Set("name", r.name);
+  o.Set("closed", r.closed.load());
+  o.Set("registered", r.registered.load() > 0);
+  o.Set("pins", r.pins.load());
+  Napi::Array segs = Napi::Array::New(env);
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    uint32_t i = 0;
+    for (auto it = r.prot.begin(); it != r.prot.end(); ++it) {
+      auto next = std::next(it);
+      Napi::Object s = Napi::Object::New(env);
+      s.Set("offset", static_cast<double>(it->first));
+      s.Set("length", static_cast<double>((next == r.prot.end() ? r.length : next->first) - it->first));
+      s.Set("prot", it->second);
+      segs.Set(i++, s);
+    }
+  }
+  o.Set("protection", segs);
+  return o;
+}
+
+// The ArrayBuffer over the whole mapping. Refused whenever a JavaScript access could kill or hang
+// the process: while any part is not read-write (a write would SIGSEGV), and while registered with
+// a userfaultfd (the main thread would sleep on a fault only it can resolve).
+Napi::Value Mapping::Buffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Region& r = live(env);
+  if (!buffer_.IsEmpty()) {
+    Napi::ArrayBuffer ab = buffer_.Value();
+    if (!ab.IsEmpty() && !ab.IsDetached()) return ab;
+  }
+  if ((r.prot_over(0, r.length) & (PROT_READ | PROT_WRITE)) != (PROT_READ | PROT_WRITE))
+    throw StateError(env, "ERR_PAGEMIRROR_NOT_WRITABLE",
+                     "the mapping is not readable and writable throughout, so no ArrayBuffer is handed out "
+                     "(a JavaScript write would kill the process); use read() or readSync()");
+  if (r.registered.load() > 0)
+    throw StateError(env, "ERR_PAGEMIRROR_REGISTERED",
+                     "the mapping is registered with a userfaultfd: a JavaScript access could fault on the main "
+                     "thread, which is the thread that must resolve it; use read()/write(), which run on a native "
+                     "thread");
+  auto* keep = new std::shared_ptr<Region>(region_);
+  Napi::ArrayBuffer ab;
+  try {
+    ab = Napi::ArrayBuffer::New(
+        env, reinterpret_cast<void*>(r.addr), r.length,
+        [](Napi::Env, void*, std::shared_ptr<Region>* hint) { delete hint; }, keep);
+  } catch (...) {
+    delete keep;
+    throw;
+  }
+  buffer_ = Napi::Reference<Napi::ArrayBuffer>::New(ab, 0);
+  return ab;
+}
+
+Napi::Value Mapping::Protect(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
+  int64_t prot = ToI64(info[2], "prot");
+  if (prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC))
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "prot has unknown bits");
+  uint64_t addr = Range(env, off, len);
+  Region& r = *region_;
+  const int before = r.prot_over(off, len);
+  if ((before & ~prot) && r.pins.load() > 0)
+    throw SystemError(env, -EBUSY, "mprotect",
+                      {nullptr, "native threads are using this mapping; taking permissions away now could kill "
+                                "them mid-access"});
+  if ((prot & (PROT_READ | PROT_WRITE)) != (PROT_READ | PROT_WRITE)) DetachBuffer();
+  int rc = sys::protect(reinterpret_cast<void*>(addr), len, static_cast<int>(prot));
+  if (rc) ThrowSystemError(env, rc, "mprotect", {r.path.empty() ? nullptr : r.path.c_str()});
+  r.set_prot(off, len, static_cast<int>(prot));
+  return env.Undefined();
+}
+
+Napi::Value Mapping::Advise(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
+  int64_t advice = ToI64(info[2], "advice");
+  uint64_t addr = Range(env, off, len);
+  int rc = sys::advise(reinterpret_cast<void*>(addr), len, static_cast<int>(advice));
+  if (rc) ThrowSystemError(env, rc, "madvise", {region_->path.empty() ? nullptr : region_->path.c_str()});
+  return env.Undefined();
+}
+
+Napi::Value Mapping::Sync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
+  int64_t flags = ToI64(info[2], "flags");
+  uint64_t addr = Range(env, off, len);
+  int rc = sys::sync(reinterpret_cast<void*>(addr), len, static_cast<int>(flags));
+  if (rc) ThrowSystemError(env, rc, "msync", {region_->path.empty() ? nullptr : region_->path.c_str()});
+  return env.Undefined();
+}
+
+// mremap of the whole mapping. The address may change: the old ArrayBuffer is detached first.
+Napi::Value Mapping::Remap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Region& r = live(env);
+  uint64_t new_len = ToU64(info[0], "length");
+  bool may_move = info.Length() > 1 && info[1].ToBoolean().Value();
+  if (new_len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  CheckAligned(env, new_len, r.page, "length");
+  if (r.pins.load() > 0)
+    throw SystemError(env, -EBUSY, "mremap", {nullptr, "native threads are using this mapping"});
+  DetachBuffer();
+  void* out = nullptr;
+  int rc = sys::remap(&out, reinterpret_cast<void*>(r.addr), r.length, new_len, may_move ? MREMAP_MAYMOVE : 0, nullptr);
+  if (rc) ThrowSystemError(env, rc, "mremap", {r.path.empty() ? nullptr : r.path.c_str()});
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (new_len < r.length) {
+      r.prot.erase(r.prot.lower_bound(new_len), r.prot.end());
+    } else if (new_len > r.length) {
+      // The kernel extends the last VMA with its protection.
+      int last = std::prev(r.prot.end())->second;
+      (void)last;
+    }
+  }
+  r.addr = reinterpret_cast<uint64_t>(out);
+  r.length = new_len;
+  return Napi::BigInt::New(env, r.addr);
+}
+
+Napi::Value Mapping::Fallocate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Region& r = live(env);
+  int64_t mode = ToI64(info[0], "mode");
+  uint64_t off = ToU64(info[1], "offset"), len = ToU64(info[2], "length");
+  if (r.fd < 0) throw StateError(env, "ERR_PAGEMIRROR_NO_FILE", "anonymous memory has no file to fallocate");
+  if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  int rc = sys::allocate(r.fd, static_cast<int>(mode), static_cast<off_t>(off), static_cast<off_t>(len));
+  if (rc) ThrowSystemError(env, rc, "fallocate", {r.path.empty() ? nullptr : r.path.c_str()});
+  return env.Undefined();
+}
+
+Napi::Value Mapping::Truncate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Region& r = live(env);
+  uint64_t len = ToU64(info[0], "length");
+  if (r.fd < 0) throw StateError(env, "ERR_PAGEMIRROR_NO_FILE", "anonymous memory has no file to truncate");
+  int rc = sys::truncate_fd(r.fd, len);
+  if (rc) ThrowSystemError(env, rc, "ftruncate", {r.path.empty() ? nullptr : r.path.c_str()});
+  return env.Undefined();
+}
+
+Napi::Value Mapping::Residency(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
+  uint64_t addr = Range(env, off, len);
+  const uint64_t base = sys::page_size();
+  Napi::Uint8Array out = Napi::Uint8Array::New(env, (len + base - 1) / base);
+  int rc = sys::residency(reinterpret_cast<void*>(addr), len, out.Data());
+  if (rc) ThrowSystemError(env, rc, "mincore");
+  return out;
+}
+
+Napi::Value Mapping::Cachestat(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Region& r = live(env);
+  if (r.fd < 0) throw StateError(env, "ERR_PAGEMIRROR_NO_FILE", "anonymous memory has no page cache");
+  uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
+  sys::CacheStat cs{};
+  int rc = sys::cachestat(r.fd, off, len, &cs);
+  if (rc) ThrowSystemError(env, rc, "cachestat", {r.path.empty() ? nullptr : r.path.c_str()});
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("cache", static_cast<double>(cs.cache));
+  o.Set("dirty", static_cast<double>(cs.dirty));
+  o.Set("writeback", static_cast<double>(cs.writeback));
+  o.Set("evicted", static_cast<double>(cs.evicted));
+  o.Set("recentlyEvicted", static_cast<double>(cs.recently_evicted));
+  return o;
+}
+
+Napi::Value Mapping::Pagemap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
+  uint64_t addr = Range(env, off, len, false);
+  const uint64_t base = sys::page_size();
+  CheckAligned(env, off, base, "offset");
+  size_t n = (len + base - 1) / base;
+  Napi::BigUint64Array out = Napi::BigUint64Array::New(env, n);
+  int rc = sys::pagemap_read(addr, n, out.Data());
+  if (rc) ThrowSystemError(env, rc, "pread", {"/proc/self/pagemap"});
+  return out;
+}
+
+Napi::Value Mapping::Statx(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Region& r = live(env);
+  if (r.fd < 0) throw StateError(env, "ERR_PAGEMIRROR_NO_FILE", "anonymous memory has no file");
+  sys::StatxInfo sx;
+  int rc = sys::statx_fd(r.fd, &sx);
+  if (rc) ThrowSystemError(env, rc, "statx", {r.path.empty() ? nullptr : r.path.c_str()});
+  return StatxToObject(env, sx);
+}
+
+// A synchronous access from the main thread is allowed on registered memory only when it cannot
+// fault: every page present (and, for a write, not write-protected by uffd). Racing changes by
+// other threads remain possible; the threading rule in DESIGN.md says to use read()/write() then.
+void Mapping::CheckNoFault(Napi::Env env, uint64_t off, uint64_t len, bool write) {
+  Region& r = *region_;
+  const int need = write ? PROT_WRITE : PROT_READ;
+  if (!(r.prot_over(off, len) & need))
+    throw SystemError(env, -EACCES, write ? "write" : "read",
+                      {r.path.empty() ? nullptr : r.path.c_str(),
+                       write ? "the range is not writable (mprotect/map prot)" : "the range is not readable"});
+  if (r.registered.load() == 0 || len == 0) return;
+  const uint64_t base = sys::page_size();
+  const uint64_t first = (r.addr + off) & ~(base - 1);
+  const uint64_t end = r.addr + off + len;
+  size_t n = (end - first + base - 1) / base;
+  std::vector<uint64_t> pm(n);
+  int rc = sys::pagemap_read(first, n, pm.data());
+  if (rc) ThrowSystemError(env, rc, "pread", {"/proc/self/pagemap"});
+  for (size_t i = 0; i < n; i++) {
+    bool present = pm[i] >> 63 & 1;
+    bool uffd_wp = pm[i] >> 57 & 1;
+    if (!present || (write && uffd_wp))
+      throw StateError(env, "ERR_PAGEMIRROR_WOULD_FAULT",
+                       std::string("page at offset ") + std::to_string(first + i * base - r.addr) +
+                           (present ? " is write-protected" : " is not present") +
+                           " in a userfaultfd-registered mapping: a synchronous access would sleep on the thread "
+                           "that must resolve the fault; use the asynchronous read()/write()");
+  }
+}
+
+Napi::Value Mapping::ReadInto(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[0], "offset");
+  if (info.Length() < 2 || !info[1].IsTypedArray())
+    throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "target must be a Uint8Array");
+  Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
+  uint64_t len = ta.ByteLength();
+  uint64_t addr = Range(env, off, len, false);
+  CheckNoFault(env, off, len, false);
+  uint8_t* dst = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+  uint64_t bad = 0;
+  if (sys::guarded_copy(dst, reinterpret_cast<void*>(addr), len, &bad))
+    ThrowSystemError(env, -EFAULT, "read", {region_->path.empty() ? nullptr : region_->path.c_str(),
+                                            "SIGBUS while reading: the page has no backing (file truncated, "
+                                            "poisoned, or hugetlb pool exhausted)",
+                                            -1, bad});
+  return Napi::Number::New(env, static_cast<double>(len));
+}
+
+Napi::Value Mapping::WriteFrom(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[0], "offset");
+  if (info.Length() < 2 || !info[1].IsTypedArray())
+    throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "source must be a Uint8Array");
+  Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
+  uint64_t len = ta.ByteLength();
+  uint64_t addr = Range(env, off, len, false);
+  CheckNoFault(env, off, len, true);
+  const uint8_t* src = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+  uint64_t bad = 0;
+  if (sys::guarded_copy(reinterpret_cast<void*>(addr), src, len, &bad))
+    ThrowSystemError(env, -EFAULT, "write", {region_->path.empty() ? nullptr : region_->path.c_str(),
+                                             "SIGBUS while writing: the page has no backing (file truncated, "
+                                             "poisoned, or hugetlb pool exhausted)",
+                                             -1, bad});
+  return Napi::Number::New(env, static_cast<double>(len));
+}
+
+Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Region& r = *region_;
+  if (r.closed.load()) return env.Undefined();  // close is idempotent
+  if (r.pins.load() > 0)
+    throw SystemError(env, -EBUSY, "munmap",
+                      {nullptr, "native threads or fault rules are using this mapping: wait for access jobs, remove "
+                                "rules, or close the userfaultfd first"});
+  DetachBuffer();
+  r.unmap_now();
+  if (r.fd >= 0) {
+    sys::close_fd(r.fd);
+    r.fd = -1;
+  }
+  return env.Undefined();
+}
+
+// ---- the factory -------------------------------------------------------------------------------
+
+static uint64_t HugePageSizeFlag(Napi::Env env, uint64_t size) {
+  if (size == 0) return 0;
+  int shift = __builtin_ctzll(size);
+  if ((1ull << shift) != size)
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "hugePageSize must be a power of two");
+  return static_cast<uint64_t>(shift) << MAP_HUGE_SHIFT;
+}
+
+static uint64_t DefaultHugePageSize() {
+  FILE* f = fopen("/proc/meminfo", "r");
+  if (!f) return 2u << 20;
+  char line[256];
+  uint64_t kb = 2048;
+  while (fgets(line, sizeof line, f))
+    if (sscanf(line, "Hugepagesize: %lu kB", &kb) == 1) break;
+  fclose(f);
+  return kb * 1024;
+}
+
+Napi::Value Mapping::Map(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = ArgObject(info, 0, "options");
+  std::string kind = OptString(o, "kind", "anonymous");
+  uint64_t length = OptU64(o, "length", 0);
+  int prot = static_cast<int>(OptU64(o, "prot", PROT_READ | PROT_WRITE));
+  bool shared = OptBool(o, "shared", kind != "anonymous");
+  bool populate = OptBool(o, "populate");
+  bool huge = OptBool(o, "hugetlb");
+  bool want_sync = OptBool(o, "sync");
+  bool noreserve = OptBool(o, "noReserve");
+  uint64_t huge_size = huge ? OptU64(o, "hugePageSize", 0) : 0;
+  uint64_t offset = OptU64(o, "offset", 0);
+
+  auto r = std::make_shared<Region>();
+  r->shared = shared;
+  r->hugetlb = huge;
+  r->page = huge ? (huge_size ? huge_size : DefaultHugePageSize()) : sys::page_size();
+  r->file_offset = offset;
+  int flags = shared ? MAP_SHARED : MAP_PRIVATE;
+  if (populate) flags |= MAP_POPULATE;
+  if (noreserve) flags |= MAP_NORESERVE;
+  const char* syscall = "mmap";
+
+  if (kind == "anonymous") {
+    r->kind = RegionKind::kAnonymous;
+    flags |= MAP_ANONYMOUS;
+    if (huge) flags |= MAP_HUGETLB | static_cast<int>(HugePageSizeFlag(env, huge_size));
+  } else if (kind == "memfd") {
+    r->kind = RegionKind::kMemfd;
+    r->name = OptString(o, "name", "pagemirror");
+    unsigned mflags = MFD_CLOEXEC | MFD_ALLOW_SEALING;
+    if (huge) mflags = MFD_CLOEXEC | MFD_HUGETLB | static_cast<unsigned>(HugePageSizeFlag(env, huge_size));
+    int rc = sys::memfd(&r->fd, r->name.c_str(), mflags);
+    if (rc) ThrowSystemError(env, rc, "memfd_create");
+    if (length) {
+      uint64_t size_needed = offset + length;
+      rc = sys::truncate_fd(r->fd, size_needed);
+      if (rc) ThrowSystemError(env, rc, "ftruncate", {nullptr, huge ? "no huge pages reserved? see /proc/sys/vm/nr_hugepages" : nullptr});
+    }
+  } else if (kind == "file") {
+    r->kind = RegionKind::kFile;
+    r->path = OptString(o, "path");
+    Napi::Value fdv = o.Get("fd");
+    if (!fdv.IsUndefined() && !fdv.IsNull()) {
+      int64_t fd = ToI64(fdv, "fd");
+      int dup = fcntl(static_cast<int>(fd), F_DUPFD_CLOEXEC, 0);  // own our descriptor once
+      if (dup < 0) ThrowSystemError(env, -errno, "fcntl", {r->path.empty() ? nullptr : r->path.c_str()});
+      r->fd = dup;
+    } else {
+      if (r->path.empty()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "a file mapping needs path or fd");
+      bool writable = (prot & PROT_WRITE) && shared;
+      int oflags = writable ? O_RDWR : O_RDONLY;
+      if (OptBool(o, "create")) oflags = O_RDWR | O_CREAT;
+      int rc = sys::open_file(&r->fd, r->path.c_str(), oflags, static_cast<mode_t>(OptU64(o, "mode", 0600)));
+      if (rc) ThrowSystemError(env, rc, "open", {r->path.c_str()});
+    }
+    uint64_t size = 0;
+    int rc = sys::file_size(r->fd, &size);
+    if (rc) ThrowSystemError(env, rc, "fstat", {r->path.empty() ? nullptr : r->path.c_str()});
+    if (OptBool(o, "create") && length && size < offset + length) {
+      rc = sys::truncate_fd(r->fd, offset + length);
+      if (rc) ThrowSystemError(env, rc, "ftruncate", {r->path.c_str()});
+      size = offset + length;
+    }
+    if (!length) {
+      if (size <= offset)
+        throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "the file is empty past offset: give a length");
+      length = (size - offset + r->page - 1) / r->page * r->page;
+    }
+    if (want_sync) flags = (flags & ~MAP_SHARED) | MAP_SHARED_VALIDATE | MAP_SYNC;
+  } else {
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "kind must be 'anonymous', 'memfd' or 'file'");
+  }
+  if (want_sync && kind != "file")
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "sync (MAP_SYNC) applies to file mappings only");
+  if (length == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  length = (length + r->page - 1) / r->page * r->page;
+  CheckAligned(env, offset, sys::page_size(), "offset");
+  if (huge) CheckAligned(env, offset, r->page, "offset");
+
+  void* addr = nullptr;
+  int rc = sys::map(&addr, nullptr, length, prot, flags, r->fd, static_cast<off_t>(offset));
+  if (rc) {
+    const char* hint = nullptr;
+    if (huge && rc == -ENOMEM) hint = "no huge pages free: reserve some with echo N > /proc/sys/vm/nr_hugepages";
+    else if (want_sync && rc == -EOPNOTSUPP) hint = "MAP_SYNC needs a DAX file system";
+    else if (huge && rc == -EINVAL) hint = "this huge page size is not supported here";
+    ThrowSystemError(env, rc, syscall, {r->path.empty() ? nullptr : r->path.c_str(), hint});
+  }
+  r->addr = reinterpret_cast<uint64_t>(addr);
+  r->length = length;
+  r->prot[0] = prot;
+
+  AddonData* data = env.GetInstanceData<AddonData>();
+  std::shared_ptr<Region> holder = r;
+  return data->mapping_ctor.Value().New({Napi::External<std::shared_ptr<Region>>::New(env, &holder)});
+}
+
+}  // namespace pm

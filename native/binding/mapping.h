@@ -1,0 +1,54 @@
+// Mapping: one mmap()ed region, owned once. See region.h for the lifetime rules.
+#pragma once
+
+#include <napi.h>
+
+#include <memory>
+
+#include "region.h"
+
+namespace pm {
+
+class Mapping : public Napi::ObjectWrap<Mapping> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  // The native factory: map({kind, length, prot, shared, populate, hugetlb, hugePageSize, sync,
+  // path, fd, offset, name, create, mode}).
+  static Napi::Value Map(const Napi::CallbackInfo& info);
+  static Mapping* Unwrap(Napi::Value v);  // throws TypeError when v is not a live Mapping
+
+  explicit Mapping(const Napi::CallbackInfo& info);
+  ~Mapping() override;
+
+  std::shared_ptr<Region> region() const { return region_; }
+  Region& live(Napi::Env env);      // throws ERR_PAGEMIRROR_CLOSED after close()
+  void DetachBuffer();             // before anything that makes JS access unsafe
+  // Checks [off, off+len) lies inside and returns the absolute address.
+  uint64_t Range(Napi::Env env, uint64_t off, uint64_t len, bool page_aligned = true);
+
+ private:
+  Napi::Value Address(const Napi::CallbackInfo& info);
+  Napi::Value Length(const Napi::CallbackInfo& info);
+  Napi::Value Info(const Napi::CallbackInfo& info);
+  Napi::Value Buffer(const Napi::CallbackInfo& info);
+  Napi::Value Protect(const Napi::CallbackInfo& info);
+  Napi::Value Advise(const Napi::CallbackInfo& info);
+  Napi::Value Sync(const Napi::CallbackInfo& info);
+  Napi::Value Remap(const Napi::CallbackInfo& info);
+  Napi::Value Fallocate(const Napi::CallbackInfo& info);
+  Napi::Value Truncate(const Napi::CallbackInfo& info);
+  Napi::Value Residency(const Napi::CallbackInfo& info);
+  Napi::Value Cachestat(const Napi::CallbackInfo& info);
+  Napi::Value Pagemap(const Napi::CallbackInfo& info);
+  Napi::Value Statx(const Napi::CallbackInfo& info);
+  Napi::Value ReadInto(const Napi::CallbackInfo& info);
+  Napi::Value WriteFrom(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+
+  void CheckNoFault(Napi::Env env, uint64_t off, uint64_t len, bool write);
+
+  std::shared_ptr<Region> region_;
+  Napi::Reference<Napi::ArrayBuffer> buffer_;  // weak: the one ArrayBuffer over this memory
+};
+
+}  // namespace pm

@@ -1,0 +1,60 @@
+// A Region is one mapping's memory, owned once. The Mapping object, the ArrayBuffer handed to
+// JavaScript and nothing else hold it; the memory is unmapped by Mapping.close() or, if the user
+// never closes, when the last holder is collected. Native users that must not see the memory
+// vanish (access jobs, fault rules that copy from it) take a pin: close() refuses while pinned.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace pm {
+
+enum class RegionKind { kAnonymous, kMemfd, kFile };
+
+struct Region {
+  uint64_t addr = 0;
+  uint64_t length = 0;
+  uint64_t page = 4096;        // the mapping's page size (2 MiB or 1 GiB for hugetlb)
+  RegionKind kind = RegionKind::kAnonymous;
+  bool shared = false;
+  bool hugetlb = false;
+  int fd = -1;                 // owned; -1 for anonymous memory
+  uint64_t file_offset = 0;
+  std::string path;            // for file mappings: the path as given (errors name it)
+  std::string name;            // memfd name
+
+  std::atomic<bool> closed{false};
+  std::atomic<int> pins{0};         // access jobs and fault rules using this memory
+  std::atomic<int> registered{0};   // userfaultfd registrations covering part of it
+
+  // Protection by segment: key = segment start offset, value = prot; a segment runs to the next
+  // key. Few entries in practice (one per protect() boundary).
+  std::mutex mu;
+  std::map<uint64_t, int> prot;
+
+  ~Region();
+  void unmap_now();  // idempotent
+  // The intersection of the protections over [off, off + len).
+  int prot_over(uint64_t off, uint64_t len);
+  void set_prot(uint64_t off, uint64_t len, int p);
+  bool contains(uint64_t off, uint64_t len) const { return off <= length && len <= length - off; }
+};
+
+// RAII pin: keeps close() and shrinking operations away while native threads use the memory.
+class RegionPin {
+ public:
+  explicit RegionPin(std::shared_ptr<Region> r) : r_(std::move(r)) { r_->pins.fetch_add(1); }
+  ~RegionPin() { if (r_) r_->pins.fetch_sub(1); }
+  RegionPin(RegionPin&& o) noexcept : r_(std::move(o.r_)) {}
+  RegionPin(const RegionPin&) = delete;
+  RegionPin& operator=(const RegionPin&) = delete;
+  Region* get() const { return r_.get(); }
+ private:
+  std::shared_ptr<Region> r_;
+};
+
+}  // namespace pm

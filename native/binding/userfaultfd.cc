@@ -1,0 +1,577 @@
+#include "userfaultfd.h"
+
+#include <cerrno>
+#include <unistd.h>
+
+#include <string>
+
+#include "../sys/mem.h"
+#include "../sys/uapi.h"
+#include "../sys/uffd.h"
+#include "addon.h"
+#include "args.h"
+#include "errors.h"
+#include "mapping.h"
+
+namespace pm {
+
+namespace {
+
+struct Batch {
+  std::vector<sys::FaultMsg> faults;
+  std::vector<sys::EventMsg> events;
+};
+
+const char* EventName(sys::EventKind k) {
+  switch (k) {
+    case sys::EventKind::kFork: return "fork";
+    case sys::EventKind::kRemap: return "remap";
+    case sys::EventKind::kRemove: return "remove";
+    case sys::EventKind::kUnmap: return "unmap";
+  }
+  return "unknown";
+}
+
+// Runs on the JavaScript thread: one call per batch, never one per fault.
+void DeliverBatch(Napi::Env env, Napi::Function callback, Batch* batch) {
+  std::unique_ptr<Batch> owned(batch);
+  if (env == nullptr || callback.IsEmpty()) return;
+  const size_t n = batch->faults.size();
+  Napi::BigUint64Array addresses = Napi::BigUint64Array::New(env, n);
+  Napi::Uint32Array flags = Napi::Uint32Array::New(env, n);
+  Napi::Uint32Array tids = Napi::Uint32Array::New(env, n);
+  for (size_t i = 0; i < n; i++) {
+    addresses[i] = batch->faults[i].address;
+    flags[i] = batch->faults[i].flags;
+    tids[i] = batch->faults[i].tid;
+  }
+  Napi::Array events = Napi::Array::New(env, batch->events.size());
+  for (size_t i = 0; i < batch->events.size(); i++) {
+    const sys::EventMsg& e = batch->events[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("type", EventName(e.kind));
+    switch (e.kind) {
+      case sys::EventKind::kFork:
+        o.Set("fd", static_cast<double>(e.a));
+        break;
+      case sys::EventKind::kRemap:
+        o.Set("from", Napi::BigInt::New(env, e.a));
+        o.Set("to", Napi::BigInt::New(env, e.b));
+        o.Set("length", static_cast<double>(e.c));
+        break;
+      case sys::EventKind::kRemove:
+      case sys::EventKind::kUnmap:
+        o.Set("start", Napi::BigInt::New(env, e.a));
+        o.Set("end", Napi::BigInt::New(env, e.b));
+        break;
+    }
+    events.Set(static_cast<uint32_t>(i), o);
+  }
+  Napi::Object arg = Napi::Object::New(env);
+  arg.Set("addresses", addresses);
+  arg.Set("flags", flags);
+  arg.Set("tids", tids);
+  arg.Set("events", events);
+  callback.Call({arg});
+}
+
+uint64_t RuleKinds(Napi::Env env, const std::string& action) {
+  if (action == "copy" || action == "zero" || action == "move" || action == "poison") return sys::kFaultMissing;
+  if (action == "unprotect") return sys::kFaultWp;
+  if (action == "continue") return sys::kFaultMinor;
+  throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE",
+                       "action must be one of copy, zero, move, poison, unprotect, continue");
+}
+
+}  // namespace
+
+Napi::Function Userfaultfd::Init(Napi::Env env) {
+  return DefineClass(env, "Userfaultfd",
+                     {
+                         InstanceMethod<&Userfaultfd::Info>("info"),
+                         InstanceMethod<&Userfaultfd::Api>("api"),
+                         InstanceMethod<&Userfaultfd::Register>("register"),
+                         InstanceMethod<&Userfaultfd::Unregister>("unregister"),
+                         InstanceMethod<&Userfaultfd::Copy>("copy"),
+                         InstanceMethod<&Userfaultfd::Zeropage>("zeropage"),
+                         InstanceMethod<&Userfaultfd::Continue>("continue"),
+                         InstanceMethod<&Userfaultfd::Move>("move"),
+                         InstanceMethod<&Userfaultfd::Poison>("poison"),
+                         InstanceMethod<&Userfaultfd::WriteProtect>("writeProtect"),
+                         InstanceMethod<&Userfaultfd::Wake>("wake"),
+                         InstanceMethod<&Userfaultfd::Serve>("serve"),
+                         InstanceMethod<&Userfaultfd::SetRules>("setRules"),
+                         InstanceMethod<&Userfaultfd::Stats>("stats"),
+                         InstanceMethod<&Userfaultfd::Outstanding>("outstanding"),
+                         InstanceMethod<&Userfaultfd::Ref>("ref"),
+                         InstanceMethod<&Userfaultfd::Unref>("unref"),
+                         InstanceMethod<&Userfaultfd::Close>("close"),
+                     });
+}
+
+Userfaultfd::Userfaultfd(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Userfaultfd>(info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsExternal())
+    throw CodedTypeError(env, "ERR_ILLEGAL_CONSTRUCTOR", "use openUserfaultfd() to create a Userfaultfd");
+  auto* r = info[0].As<Napi::External<sys::UffdOpenResult>>().Data();
+  fd_ = r->fd;
+  user_mode_only_ = r->user_mode_only;
+  opened_by_ = static_cast<int>(r->opened_by);
+  device_error_ = r->device_error;
+  syscall_error_ = r->syscall_error;
+  if (info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value()) opened_by_ = 2;
+  data_ = env.GetInstanceData<AddonData>();
+  std::lock_guard<std::mutex> lock(data_->mu);
+  data_->uffds.insert(this);
+}
+
+Userfaultfd::~Userfaultfd() {
+  {
+    std::lock_guard<std::mutex> lock(data_->mu);
+    data_->uffds.erase(this);
+  }
+  Shutdown();
+}
+
+void Userfaultfd::Shutdown() { CloseWith(Outcome::kWake); }
+
+int Userfaultfd::live_fd(Napi::Env env) {
+  if (fd_ < 0) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the userfaultfd is closed");
+  return fd_;
+}
+
+Napi::Value Userfaultfd::Open(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = info.Length() > 0 && info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
+  bool nonblocking = OptBool(o, "nonBlocking", true);
+  bool umo = OptBool(o, "userModeOnly", false);
+  sys::UffdOpenResult r;
+  int rc = sys::uffd_open(nonblocking, umo, &r);
+  if (rc) {
+    std::string hint =
+        "/dev/userfaultfd: " + std::string(ErrnoName(-r.device_error)) +
+        "; userfaultfd(2): " + std::string(ErrnoName(-r.syscall_error)) +
+        ". Unprivileged use needs one of: read-write access to /dev/userfaultfd, sysctl "
+        "vm.unprivileged_userfaultfd=1, or CAP_SYS_PTRACE";
+    ThrowSystemError(env, rc, "userfaultfd", {nullptr, hint.c_str()});
+  }
+  AddonData* data = env.GetInstanceData<AddonData>();
+  return data->uffd_ctor.Value().New({Napi::External<sys::UffdOpenResult>::New(env, &r)});
+}
+
+// Wraps a userfaultfd this process received (a FORK event's child descriptor). UFFDIO_API was
+// negotiated by the parent's descriptor; the child's inherits its features.
+Napi::Value Userfaultfd::Adopt(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  sys::UffdOpenResult r;
+  r.fd = static_cast<int>(ToI64(info[0], "fd"));
+  if (r.fd < 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "fd must be >= 0");
+  AddonData* data = env.GetInstanceData<AddonData>();
+  Napi::Object obj = data->uffd_ctor.Value().New({Napi::External<sys::UffdOpenResult>::New(env, &r),
+                                                  Napi::Boolean::New(env, true)});
+  Userfaultfd* self = Napi::ObjectWrap<Userfaultfd>::Unwrap(obj);
+  self->api_done_ = true;
+  if (info.Length() > 1) self->features_ = ToU64(info[1], "features");
+  return obj;
+}
+
+Napi::Value Userfaultfd::Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("fd", fd_);
+  o.Set("features", Napi::BigInt::New(env, features_));
+  o.Set("ioctls", Napi::BigInt::New(env, ioctls_));
+  o.Set("negotiated", api_done_);
+  o.Set("userModeOnly", user_mode_only_);
+  o.Set("openedBy", opened_by_ == 0 ? "device" : opened_by_ == 1 ? "syscall" : "adopted");
+  o.Set("deviceError", device_error_ ? ErrnoName(-device_error_) : "");
+  o.Set("syscallError", syscall_error_ ? ErrnoName(-syscall_error_) : "");
+  o.Set("serving", service_ && service_->running());
+  return o;
+}
+
+// UFFDIO_API: asks for `features`; with probe=true asks for none first, which reports everything
+// the kernel offers (and spends this descriptor's one negotiation).
+Napi::Value Userfaultfd::Api(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  uint64_t want = ToU64(info[0], "features");
+  if (api_done_)
+    throw SystemError(env, -EINVAL, "ioctl(UFFDIO_API)", {nullptr, "features are negotiated once per userfaultfd"});
+  uint64_t got = 0, ioctls = 0;
+  int rc = sys::uffd_api(fd, want, &got, &ioctls);
+  if (rc) {
+    const char* hint = rc == -EINVAL ? "the kernel lacks a requested feature" :
+                       rc == -EPERM ? "EVENT_FORK needs CAP_SYS_PTRACE for a user-mode-only userfaultfd" : nullptr;
+    ThrowSystemError(env, rc, "ioctl(UFFDIO_API)", {nullptr, hint});
+  }
+  api_done_ = true;
+  features_ = got;
+  ioctls_ = ioctls;
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("features", Napi::BigInt::New(env, got));
+  o.Set("ioctls", Napi::BigInt::New(env, ioctls));
+  return o;
+}
+
+uint64_t Userfaultfd::Target(const Napi::CallbackInfo& info, size_t i, uint64_t* len, bool* was_mapping) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[i + 1], "offset");
+  *len = ToU64(info[i + 2], "length");
+  if (*len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  if (info[i].IsBigInt()) {
+    // A raw address: for descriptors of another process (a forked child), whose layout is not
+    // ours to check. The kernel validates it.
+    uint64_t base = ToU64(info[i], "address");
+    CheckAligned(env, base + off, sys::page_size(), "address");
+    CheckAligned(env, *len, sys::page_size(), "length");
+    if (was_mapping) *was_mapping = false;
+    return base + off;
+  }
+  Mapping* m = Mapping::Unwrap(info[i]);
+  if (was_mapping) *was_mapping = true;
+  return m->Range(env, off, *len);
+}
+
+Napi::Value Userfaultfd::Register(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  if (!api_done_)
+    throw StateError(env, "ERR_PAGEMIRROR_NOT_NEGOTIATED", "negotiate features (api) before registering");
+  Mapping* m = Mapping::Unwrap(info[0]);
+  uint64_t len = 0;
+  uint64_t start = Target(info, 0, &len);
+  uint64_t mode = ToU64(info[3], "mode");
+  // JavaScript must not touch this memory any more (a fault would sleep on the main thread).
+  m->DetachBuffer();
+  uint64_t ioctls = 0;
+  int rc = sys::uffd_register(fd, start, len, mode, &ioctls);
+  if (rc) {
+    const char* hint = nullptr;
+    if (rc == -EINVAL) hint = "this memory does not support that mode (MINOR needs shmem or hugetlbfs, WP on "
+                              "shmem needs WP_HUGETLBFS_SHMEM) or the range is not aligned";
+    else if (rc == -EBUSY) hint = "the range is registered with another userfaultfd";
+    ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
+  }
+  m->region()->registered.fetch_add(1);
+  registrations_.push_back({m->region(), start, len});
+  return Napi::BigInt::New(env, ioctls);
+}
+
+Napi::Value Userfaultfd::Unregister(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  uint64_t len = 0;
+  uint64_t start = Target(info, 0, &len);
+  int rc = sys::uffd_unregister(fd, start, len);
+  if (rc) ThrowSystemError(env, rc, "ioctl(UFFDIO_UNREGISTER)");
+  for (auto it = registrations_.begin(); it != registrations_.end();) {
+    if (it->start >= start && it->start + it->len <= start + len) {
+      if (auto r = it->region.lock()) r->registered.fetch_sub(1);
+      it = registrations_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return env.Undefined();
+}
+
+// Resolve ioctls report {bytes, exists}: EEXIST means another thread's fault resolved the page
+// first, which the kernel documents as success for the caller. Any other error throws, carrying
+// the partial progress in err.bytes so the caller can retry from there (EAGAIN: an event is
+// unread; the service thread reads it, then a retry succeeds).
+Napi::Value Userfaultfd::ResolveResult(Napi::Env env, int rc, int64_t done, uint64_t start, uint64_t len,
+                                       const char* name) {
+  if (service_) service_->resolved(start, rc == 0 ? len : static_cast<uint64_t>(done));
+  if (rc && rc != -EEXIST) {
+    const char* hint = nullptr;
+    if (rc == -EAGAIN) hint = "an event is unread or the address space is changing; retry after reading it";
+    else if (rc == -ENOENT) hint = "the mapping changed or the source has a hole";
+    else if (rc == -ESRCH) hint = "the faulting process has exited";
+    ThrowSystemError(env, rc, name, {nullptr, hint, done, start});
+  }
+  if (rc == -EEXIST) sys::uffd_wake(fd_, start, len);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("bytes", static_cast<double>(rc == 0 ? static_cast<int64_t>(len) : done));
+  o.Set("exists", rc == -EEXIST);
+  return o;
+}
+
+// copy(dst: Mapping|address, offset, length, src: Mapping|TypedArray|address, srcOffset, mode)
+Napi::Value Userfaultfd::Copy(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  uint64_t len = 0;
+  uint64_t dst = Target(info, 0, &len);
+  uint64_t src_off = ToU64(info[4], "sourceOffset");
+  uint64_t mode = ToU64(info[5], "mode");
+  uint64_t src = 0;
+  if (info[3].IsTypedArray()) {
+    Napi::TypedArray ta = info[3].As<Napi::TypedArray>();
+    if (src_off > ta.ByteLength() || len > ta.ByteLength() - src_off)
+      throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "the source is shorter than length");
+    src = reinterpret_cast<uint64_t>(ta.ArrayBuffer().Data()) + ta.ByteOffset() + src_off;
+  } else if (info[3].IsBigInt()) {
+    src = ToU64(info[3], "source") + src_off;
+  } else {
+    Mapping* sm = Mapping::Unwrap(info[3]);
+    src = sm->Range(env, src_off, len, false);
+  }
+  int64_t done = 0;
+  int rc = sys::uffd_copy(fd, dst, src, len, mode, &done);
+  return ResolveResult(env, rc, done, dst, len, "ioctl(UFFDIO_COPY)");
+}
+
+Napi::Value Userfaultfd::Zeropage(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  uint64_t len = 0;
+  uint64_t start = Target(info, 0, &len);
+  uint64_t mode = ToU64(info[3], "mode");
+  int64_t done = 0;
+  int rc = sys::uffd_zeropage(fd, start, len, mode, &done);
+  return ResolveResult(env, rc, done, start, len, "ioctl(UFFDIO_ZEROPAGE)");
+}
+
+Napi::Value Userfaultfd::Continue(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  uint64_t len = 0;
+  uint64_t start = Target(info, 0, &len);
+  uint64_t mode = ToU64(info[3], "mode");
+  int64_t done = 0;
+  int rc = sys::uffd_continue(fd, start, len, mode, &done);
+  return ResolveResult(env, rc, done, start, len, "ioctl(UFFDIO_CONTINUE)");
+}
+
+// move(dst, offset, length, src: Mapping|address, srcOffset, mode)
+Napi::Value Userfaultfd::Move(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  uint64_t len = 0;
+  uint64_t dst = Target(info, 0, &len);
+  uint64_t src_off = ToU64(info[4], "sourceOffset");
+  uint64_t mode = ToU64(info[5], "mode");
+  uint64_t src;
+  if (info[3].IsBigInt()) {
+    src = ToU64(info[3], "source") + src_off;
+    CheckAligned(env, src, sys::page_size(), "source");
+  } else {
+    src = Mapping::Unwrap(info[3])->Range(env, src_off, len);
+  }
+  int64_t done = 0;
+  int rc = sys::uffd_move(fd, dst, src, len, mode, &done);
+  return ResolveResult(env, rc, done, dst, len, "ioctl(UFFDIO_MOVE)");
+}
+
+Napi::Value Userfaultfd::Poison(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  uint64_t len = 0;
+  uint64_t start = Target(info, 0, &len);
+  uint64_t mode = ToU64(info[3], "mode");
+  int64_t done = 0;
+  int rc = sys::uffd_poison(fd, start, len, mode, &done);
+  return ResolveResult(env, rc, done, start, len, "ioctl(UFFDIO_POISON)");
+}
+
+Napi::Value Userfaultfd::WriteProtect(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  uint64_t len = 0;
+  uint64_t start = Target(info, 0, &len);
+  uint64_t mode = ToU64(info[3], "mode");
+  int rc = sys::uffd_writeprotect(fd, start, len, mode);
+  if (rc) ThrowSystemError(env, rc, "ioctl(UFFDIO_WRITEPROTECT)", {nullptr, nullptr, -1, start});
+  if (!(mode & UFFDIO_WRITEPROTECT_MODE_WP) && service_) service_->resolved(start, len);
+  return env.Undefined();
+}
+
+Napi::Value Userfaultfd::Wake(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  uint64_t len = 0;
+  uint64_t start = Target(info, 0, &len);
+  int rc = sys::uffd_wake(fd, start, len);
+  if (rc) ThrowSystemError(env, rc, "ioctl(UFFDIO_WAKE)");
+  return env.Undefined();
+}
+
+// serve(callback, maxBatch): starts the service thread. The callback receives batches.
+Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  if (!api_done_) throw StateError(env, "ERR_PAGEMIRROR_NOT_NEGOTIATED", "negotiate features (api) before serving");
+  if (service_ && service_->running()) throw StateError(env, "ERR_PAGEMIRROR_SERVING", "already serving");
+  if (info.Length() < 1 || !info[0].IsFunction())
+    throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "callback must be a function");
+  unsigned max_batch = static_cast<unsigned>(info.Length() > 1 ? ToU64(info[1], "maxBatch") : 64);
+  tsfn_ = Napi::ThreadSafeFunction::New(env, info[0].As<Napi::Function>(), "pagemirror-faults", 0, 1);
+  tsfn_live_ = true;
+  if (!self_ref_) {
+    Napi::ObjectWrap<Userfaultfd>::Ref();
+    self_ref_ = true;
+  }
+  if (!service_) service_ = std::make_unique<sys::FaultService>(fd, sys::page_size());
+  int rc = service_->start(this, max_batch);
+  if (rc) {
+    tsfn_.Release();
+    tsfn_live_ = false;
+    ThrowSystemError(env, rc, "pthread_create");
+  }
+  return env.Undefined();
+}
+
+void Userfaultfd::on_batch(std::vector<sys::FaultMsg>&& faults, std::vector<sys::EventMsg>&& events) {
+  auto* batch = new Batch{std::move(faults), std::move(events)};
+  if (!tsfn_live_ || tsfn_.NonBlockingCall(batch, DeliverBatch) != napi_ok) delete batch;
+}
+
+// setRules([{mapping|address, offset, length, action, source?, sourceOffset?, granule?, mode?}])
+Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  live_fd(env);
+  if (info.Length() < 1 || !info[0].IsArray()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "rules must be an array");
+  Napi::Array arr = info[0].As<Napi::Array>();
+  std::vector<sys::Rule> rules;
+  std::vector<RegionPin> pins;
+  for (uint32_t i = 0; i < arr.Length(); i++) {
+    if (!arr.Get(i).IsObject()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "each rule must be an object");
+    Napi::Object o = arr.Get(i).As<Napi::Object>();
+    sys::Rule r;
+    uint64_t off = OptU64(o, "offset", 0);
+    Napi::Value target = o.Get("mapping");
+    uint64_t len;
+    if (target.IsBigInt()) {
+      r.start = ToU64(target, "mapping") + off;
+      len = OptU64(o, "length", 0);
+      CheckAligned(env, r.start, sys::page_size(), "address");
+    } else {
+      Mapping* m = Mapping::Unwrap(target);
+      len = OptU64(o, "length", m->region()->length - std::min(off, m->region()->length));
+      r.start = m->Range(env, off, len);
+    }
+    if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "rule length must be > 0");
+    r.end = r.start + len;
+    std::string action = OptString(o, "action");
+    r.kinds = static_cast<uint32_t>(RuleKinds(env, action));
+    r.action = action == "copy" ? sys::RuleAction::kCopy : action == "zero" ? sys::RuleAction::kZero
+             : action == "move" ? sys::RuleAction::kMove : action == "poison" ? sys::RuleAction::kPoison
+             : action == "unprotect" ? sys::RuleAction::kUnprotect : sys::RuleAction::kContinue;
+    r.granule = OptU64(o, "granule", 0);
+    if (r.granule && (r.granule & (r.granule - 1)))
+      throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "granule must be a power of two");
+    r.mode = OptU64(o, "mode", 0);
+    if (r.action == sys::RuleAction::kCopy || r.action == sys::RuleAction::kMove) {
+      Napi::Value src = o.Get("source");
+      uint64_t soff = OptU64(o, "sourceOffset", 0);
+      if (src.IsUndefined()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", action + " rules need a source Mapping");
+      Mapping* sm = Mapping::Unwrap(src);
+      r.source = sm->Range(env, soff, len, r.action == sys::RuleAction::kMove);
+      pins.emplace_back(sm->region());
+    }
+    rules.push_back(r);
+  }
+  if (!service_) service_ = std::make_unique<sys::FaultService>(fd_, sys::page_size());
+  service_->set_rules(std::move(rules));
+  // Swap pins after the service sees the new rules, so no source is unpinned while in use...
+  // the service takes a snapshot per batch; a batch in flight holds the old snapshot only for the
+  // duration of its ioctls, which copy from memory the kernel validates (EFAULT, never a crash).
+  rule_pins_ = std::move(pins);
+  return env.Undefined();
+}
+
+Napi::Value Userfaultfd::Stats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  sys::ServiceStats s = service_ ? service_->stats() : sys::ServiceStats{};
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("reads", static_cast<double>(s.reads));
+  o.Set("messages", static_cast<double>(s.messages));
+  o.Set("faults", static_cast<double>(s.faults));
+  o.Set("fastResolved", static_cast<double>(s.fast_resolved));
+  o.Set("fastPages", static_cast<double>(s.fast_pages));
+  o.Set("forwarded", static_cast<double>(s.forwarded));
+  o.Set("events", static_cast<double>(s.events));
+  o.Set("batches", static_cast<double>(s.batches));
+  o.Set("maxBatch", static_cast<double>(s.max_batch));
+  o.Set("eexist", static_cast<double>(s.eexist));
+  o.Set("eagain", static_cast<double>(s.eagain));
+  o.Set("errors", static_cast<double>(s.errors));
+  o.Set("serviceNs", static_cast<double>(s.service_ns));
+  return o;
+}
+
+Napi::Value Userfaultfd::Outstanding(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<sys::FaultMsg> out = service_ ? service_->outstanding() : std::vector<sys::FaultMsg>{};
+  Napi::BigUint64Array a = Napi::BigUint64Array::New(env, out.size());
+  for (size_t i = 0; i < out.size(); i++) a[i] = out[i].address;
+  return a;
+}
+
+Napi::Value Userfaultfd::Ref(const Napi::CallbackInfo& info) {
+  if (tsfn_live_) tsfn_.Ref(info.Env());
+  return info.Env().Undefined();
+}
+
+Napi::Value Userfaultfd::Unref(const Napi::CallbackInfo& info) {
+  if (tsfn_live_) tsfn_.Unref(info.Env());
+  return info.Env().Undefined();
+}
+
+void Userfaultfd::StopService() {
+  if (service_) service_->stop();
+  if (tsfn_live_) {
+    tsfn_live_ = false;
+    tsfn_.Release();
+  }
+}
+
+// Every thread asleep on this descriptor wakes. With kWake the kernel retries each fault as if
+// nothing were registered (zero-fill for anonymous memory, the file's page for shmem); kZero and
+// kSigbus first resolve every fault still queued or handed to JavaScript and not resolved.
+void Userfaultfd::CloseWith(Outcome outcome) {
+  if (fd_ < 0) return;
+  StopService();
+  if (outcome != Outcome::kWake && service_) {
+    std::vector<sys::FaultMsg> pending = service_->outstanding();
+    std::vector<sys::FaultMsg> queued = service_->drain();
+    pending.insert(pending.end(), queued.begin(), queued.end());
+    const uint64_t page = sys::page_size();
+    for (const sys::FaultMsg& f : pending) {
+      uint64_t a = f.address & ~(page - 1);
+      int64_t done;
+      if (outcome == Outcome::kSigbus) sys::uffd_poison(fd_, a, page, 0, &done);
+      else if (f.flags & UFFD_PAGEFAULT_FLAG_WP) sys::uffd_writeprotect(fd_, a, page, 0);
+      else if (f.flags & UFFD_PAGEFAULT_FLAG_MINOR) sys::uffd_continue(fd_, a, page, 0, &done);
+      else sys::uffd_zeropage(fd_, a, page, 0, &done);
+    }
+  }
+  service_.reset();
+  rule_pins_.clear();
+  for (auto& reg : registrations_)
+    if (auto r = reg.region.lock()) r->registered.fetch_sub(1);
+  registrations_.clear();
+  sys::close_fd(fd_);
+  fd_ = -1;
+}
+
+Napi::Value Userfaultfd::Close(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string how = info.Length() > 0 && info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "wake";
+  Outcome o;
+  if (how == "wake") o = Outcome::kWake;
+  else if (how == "zero") o = Outcome::kZero;
+  else if (how == "sigbus") o = Outcome::kSigbus;
+  else throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "outcome must be 'wake', 'zero' or 'sigbus'");
+  if (o == Outcome::kSigbus && !(features_ & UFFD_FEATURE_POISON) && fd_ >= 0)
+    throw StateError(env, "ERR_PAGEMIRROR_FEATURE", "close('sigbus') needs the POISON feature negotiated");
+  CloseWith(o);
+  if (self_ref_) {
+    self_ref_ = false;
+    Napi::ObjectWrap<Userfaultfd>::Unref();
+  }
+  return env.Undefined();
+}
+
+}  // namespace pm

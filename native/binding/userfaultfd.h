@@ -1,0 +1,81 @@
+// Userfaultfd: one userfaultfd, its feature negotiation, registration, the resolve ioctls, and the
+// fault service that reads faults on a native thread and hands JavaScript batches.
+#pragma once
+
+#include <napi.h>
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "../sys/fault_service.h"
+#include "region.h"
+
+namespace pm {
+
+struct AddonData;
+
+class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  static Napi::Value Open(const Napi::CallbackInfo& info);
+  static Napi::Value Adopt(const Napi::CallbackInfo& info);
+
+  explicit Userfaultfd(const Napi::CallbackInfo& info);
+  ~Userfaultfd() override;
+
+  // Environment teardown: stop the service, apply the default close outcome.
+  void Shutdown();
+
+  void on_batch(std::vector<sys::FaultMsg>&& faults, std::vector<sys::EventMsg>&& events) override;
+
+ private:
+  struct Registration {
+    std::weak_ptr<Region> region;
+    uint64_t start, len;
+  };
+
+  Napi::Value Info(const Napi::CallbackInfo& info);
+  Napi::Value Api(const Napi::CallbackInfo& info);
+  Napi::Value Register(const Napi::CallbackInfo& info);
+  Napi::Value Unregister(const Napi::CallbackInfo& info);
+  Napi::Value Copy(const Napi::CallbackInfo& info);
+  Napi::Value Zeropage(const Napi::CallbackInfo& info);
+  Napi::Value Continue(const Napi::CallbackInfo& info);
+  Napi::Value Move(const Napi::CallbackInfo& info);
+  Napi::Value Poison(const Napi::CallbackInfo& info);
+  Napi::Value WriteProtect(const Napi::CallbackInfo& info);
+  Napi::Value Wake(const Napi::CallbackInfo& info);
+  Napi::Value Serve(const Napi::CallbackInfo& info);
+  Napi::Value SetRules(const Napi::CallbackInfo& info);
+  Napi::Value Stats(const Napi::CallbackInfo& info);
+  Napi::Value Outstanding(const Napi::CallbackInfo& info);
+  Napi::Value Ref(const Napi::CallbackInfo& info);
+  Napi::Value Unref(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+
+  int live_fd(Napi::Env env);
+  // Resolves a (mapping|address, offset, length) triple at info[i..i+2] to an absolute range.
+  uint64_t Target(const Napi::CallbackInfo& info, size_t i, uint64_t* len, bool* was_mapping = nullptr);
+  Napi::Value ResolveResult(Napi::Env env, int rc, int64_t done, uint64_t start, uint64_t len, const char* name);
+  void StopService();
+  enum class Outcome { kWake, kZero, kSigbus };
+  void CloseWith(Outcome outcome);
+
+  int fd_ = -1;
+  bool api_done_ = false;
+  uint64_t features_ = 0, ioctls_ = 0;
+  bool user_mode_only_ = false;
+  int opened_by_ = 0;  // 0 device, 1 syscall, 2 adopted (a FORK event's child uffd)
+  int device_error_ = 0, syscall_error_ = 0;
+  std::vector<Registration> registrations_;
+  std::unique_ptr<sys::FaultService> service_;
+  std::vector<std::shared_ptr<Region>> rule_sources_;  // pinned while rules use them
+  std::vector<RegionPin> rule_pins_;
+  Napi::ThreadSafeFunction tsfn_;
+  bool tsfn_live_ = false;
+  bool self_ref_ = false;  // serving keeps this object alive: no fault is left to a collected handler
+  AddonData* data_ = nullptr;
+};
+
+}  // namespace pm

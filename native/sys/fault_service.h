@@ -1,0 +1,113 @@
+// The fault service: one native thread per userfaultfd that reads fault and event messages in
+// batches, resolves the faults a rule covers without entering JavaScript (the fast path), and
+// hands the rest, with every event, to a sink in batches. No Node-API here.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace pm::sys {
+
+// Fault kinds, as a bit mask (a rule serves the kinds it names).
+enum FaultKind : uint32_t { kFaultMissing = 1, kFaultWp = 2, kFaultMinor = 4 };
+
+struct FaultMsg {
+  uint64_t address;  // page-aligned unless UFFD_FEATURE_EXACT_ADDRESS
+  uint32_t flags;    // UFFD_PAGEFAULT_FLAG_WRITE | _WP | _MINOR
+  uint32_t tid;      // faulting thread (UFFD_FEATURE_THREAD_ID), else 0
+};
+
+enum class EventKind : uint32_t { kFork = 1, kRemap = 2, kRemove = 3, kUnmap = 4 };
+struct EventMsg {
+  EventKind kind;
+  uint64_t a, b, c;  // FORK: child uffd fd; REMAP: from, to, len; REMOVE/UNMAP: start, end
+};
+
+enum class RuleAction : uint32_t { kCopy, kZero, kUnprotect, kContinue, kMove, kPoison };
+
+struct Rule {
+  uint64_t start = 0, end = 0;  // the range served (page aligned)
+  uint32_t kinds = kFaultMissing;
+  RuleAction action = RuleAction::kZero;
+  uint64_t source = 0;  // copy/move: the source address that corresponds to start
+  uint64_t granule = 0; // fault-around: resolve the aligned block of this size (0 = one page)
+  uint64_t mode = 0;    // ioctl mode bits (COPY_MODE_WP, CONTINUE_MODE_WP, MOVE_ALLOW_SRC_HOLES)
+  std::shared_ptr<void> keep;  // keeps the source mapping's owner alive while the rule exists
+};
+
+struct ServiceStats {
+  uint64_t reads = 0;          // read(2) calls that returned messages
+  uint64_t messages = 0;
+  uint64_t faults = 0;
+  uint64_t fast_resolved = 0;  // faults resolved natively
+  uint64_t fast_pages = 0;     // pages installed by the fast path (fault-around counts)
+  uint64_t forwarded = 0;      // faults handed to the sink
+  uint64_t events = 0;
+  uint64_t batches = 0;        // sink calls
+  uint64_t max_batch = 0;      // most messages in one read
+  uint64_t eexist = 0;         // resolves that found the page present (a race, treated as success)
+  uint64_t eagain = 0;         // resolves retried because an event was unread
+  uint64_t errors = 0;         // fast-path resolves that failed and were forwarded instead
+  uint64_t service_ns = 0;     // time spent resolving on the fast path
+};
+
+class FaultSink {
+ public:
+  virtual ~FaultSink() = default;
+  // Called on the service thread. Ownership of the vectors passes to the sink.
+  virtual void on_batch(std::vector<FaultMsg>&& faults, std::vector<EventMsg>&& events) = 0;
+};
+
+class FaultService {
+ public:
+  FaultService(int uffd, uint64_t page_size);
+  ~FaultService();
+  FaultService(const FaultService&) = delete;
+  FaultService& operator=(const FaultService&) = delete;
+
+  // Errors: -errno from eventfd/pthread creation. max_batch bounds messages per read(2).
+  int start(FaultSink* sink, unsigned max_batch);
+  // Stops and joins the thread. Messages still queued in the kernel stay there (close wakes them).
+  void stop();
+  bool running() const { return running_.load(); }
+
+  void set_rules(std::vector<Rule> rules);
+  ServiceStats stats() const;
+
+  // Faults handed to JavaScript and not yet seen resolved: close() uses them to apply the caller's
+  // chosen outcome. The binding calls resolved() after each resolve ioctl it performs.
+  void resolved(uint64_t start, uint64_t len);
+  std::vector<FaultMsg> outstanding();
+  // Reads whatever the kernel still has queued without blocking (close() path); pagefaults are
+  // returned, events dropped.
+  std::vector<FaultMsg> drain();
+
+ private:
+  void loop();
+  bool resolve_fast(const Rule& rule, const FaultMsg& msg, int* err);
+  std::shared_ptr<const std::vector<Rule>> rules_snapshot() const;
+
+  const int uffd_;
+  const uint64_t page_;
+  int stop_fd_ = -1;
+  unsigned max_batch_ = 64;
+  FaultSink* sink_ = nullptr;
+  std::thread thread_;
+  std::atomic<bool> running_{false};
+
+  mutable std::mutex rules_mu_;
+  std::shared_ptr<const std::vector<Rule>> rules_;
+
+  mutable std::mutex stats_mu_;
+  ServiceStats stats_;
+
+  std::mutex outstanding_mu_;
+  std::unordered_map<uint64_t, FaultMsg> outstanding_;  // page -> the fault
+};
+
+}  // namespace pm::sys

@@ -1,0 +1,159 @@
+#include "uffd.h"
+
+#include <cerrno>
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "uapi.h"
+
+namespace pm::sys {
+
+namespace {
+
+int try_device(int flags) {
+  int dev = ::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+  if (dev < 0) return -errno;
+  int fd = ::ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+  int err = fd < 0 ? -errno : 0;
+  ::close(dev);
+  return fd < 0 ? err : fd;
+}
+
+int try_syscall(int flags) {
+  long fd = ::syscall(SYS_userfaultfd, flags);
+  return fd < 0 ? -errno : static_cast<int>(fd);
+}
+
+// A resolve ioctl: on failure the kernel stores partial progress (>0) or -errno in the result
+// field. Report progress separately so callers can retry from where it stopped.
+template <typename Arg>
+int resolve(int fd, unsigned long request, Arg* arg, __s64* field, int64_t* done) {
+  *field = 0;
+  int rc = ::ioctl(fd, request, arg);
+  int err = rc == 0 ? 0 : -errno;
+  if (done) *done = *field > 0 ? *field : 0;
+  return err;
+}
+
+}  // namespace
+
+int uffd_open(bool nonblocking, bool force_user_mode_only, UffdOpenResult* out) {
+  const int base = O_CLOEXEC | (nonblocking ? O_NONBLOCK : 0);
+  *out = UffdOpenResult{};
+  int fd;
+  if (!force_user_mode_only) {
+    fd = try_device(base);
+    if (fd >= 0) {
+      out->fd = fd;
+      out->opened_by = UffdOpenedBy::kDevice;
+      return 0;
+    }
+    out->device_error = fd;
+    fd = try_syscall(base);
+    if (fd >= 0) {
+      out->fd = fd;
+      out->opened_by = UffdOpenedBy::kSyscall;
+      return 0;
+    }
+    out->syscall_error = fd;
+  }
+  // The kernel-fault variants were refused (vm.unprivileged_userfaultfd=0 and no access to the
+  // device node). User-mode-only faults are still allowed to anyone.
+  fd = try_device(base | UFFD_USER_MODE_ONLY);
+  if (fd >= 0) {
+    out->fd = fd;
+    out->opened_by = UffdOpenedBy::kDevice;
+    out->user_mode_only = true;
+    return 0;
+  }
+  if (!out->device_error) out->device_error = fd;
+  fd = try_syscall(base | UFFD_USER_MODE_ONLY);
+  if (fd >= 0) {
+    out->fd = fd;
+    out->opened_by = UffdOpenedBy::kSyscall;
+    out->user_mode_only = true;
+    return 0;
+  }
+  if (!out->syscall_error) out->syscall_error = fd;
+  return fd;
+}
+
+int uffd_api(int fd, uint64_t features, uint64_t* out_features, uint64_t* out_ioctls) {
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = features;
+  if (::ioctl(fd, UFFDIO_API, &api) != 0) return -errno;
+  if (out_features) *out_features = api.features;
+  if (out_ioctls) *out_ioctls = api.ioctls;
+  return 0;
+}
+
+int uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t* out_ioctls) {
+  uffdio_register reg{};
+  reg.range.start = start;
+  reg.range.len = len;
+  reg.mode = mode;
+  if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) return -errno;
+  if (out_ioctls) *out_ioctls = reg.ioctls;
+  return 0;
+}
+
+int uffd_unregister(int fd, uint64_t start, uint64_t len) {
+  uffdio_range range{start, len};
+  return ::ioctl(fd, UFFDIO_UNREGISTER, &range) == 0 ? 0 : -errno;
+}
+
+int uffd_wake(int fd, uint64_t start, uint64_t len) {
+  uffdio_range range{start, len};
+  return ::ioctl(fd, UFFDIO_WAKE, &range) == 0 ? 0 : -errno;
+}
+
+int uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t* done) {
+  uffdio_copy arg{};
+  arg.dst = dst;
+  arg.src = src;
+  arg.len = len;
+  arg.mode = mode;
+  return resolve(fd, UFFDIO_COPY, &arg, &arg.copy, done);
+}
+
+int uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done) {
+  uffdio_zeropage arg{};
+  arg.range = {start, len};
+  arg.mode = mode;
+  return resolve(fd, UFFDIO_ZEROPAGE, &arg, &arg.zeropage, done);
+}
+
+int uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done) {
+  uffdio_continue arg{};
+  arg.range = {start, len};
+  arg.mode = mode;
+  return resolve(fd, UFFDIO_CONTINUE, &arg, &arg.mapped, done);
+}
+
+int uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t* done) {
+  uffdio_move arg{};
+  arg.dst = dst;
+  arg.src = src;
+  arg.len = len;
+  arg.mode = mode;
+  return resolve(fd, UFFDIO_MOVE, &arg, &arg.move, done);
+}
+
+int uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done) {
+  uffdio_poison arg{};
+  arg.range = {start, len};
+  arg.mode = mode;
+  return resolve(fd, UFFDIO_POISON, &arg, &arg.updated, done);
+}
+
+int uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode) {
+  uffdio_writeprotect arg{};
+  arg.range = {start, len};
+  arg.mode = mode;
+  return ::ioctl(fd, UFFDIO_WRITEPROTECT, &arg) == 0 ? 0 : -errno;
+}
+
+}  // namespace pm::sys

@@ -1,0 +1,49 @@
+// Plain wrappers over userfaultfd(2) and its ioctls. Return 0 or -errno; the resolve ioctls also
+// report partial progress in bytes through *done (the kernel's copy/zeropage/mapped/move/updated
+// field), because EAGAIN and ENOENT can arrive after part of the range was resolved.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pm::sys {
+
+enum class UffdOpenedBy { kDevice = 0, kSyscall = 1 };
+
+struct UffdOpenResult {
+  int fd = -1;
+  UffdOpenedBy opened_by = UffdOpenedBy::kDevice;
+  bool user_mode_only = false;
+  // Why each earlier attempt failed (-errno), so a final EPERM can explain the whole path.
+  int device_error = 0;
+  int syscall_error = 0;
+};
+
+// Opens a userfaultfd: /dev/userfaultfd first (works for non-root when the node's mode allows,
+// whatever vm.unprivileged_userfaultfd says), then the syscall, then the syscall with
+// UFFD_USER_MODE_ONLY (what vm.unprivileged_userfaultfd=0 still allows unprivileged callers).
+// force_user_mode_only skips straight to the user-mode-only variants.
+// Errors: the last attempt's -errno (-EPERM typically), with every attempt in *out.
+int uffd_open(bool nonblocking, bool force_user_mode_only, UffdOpenResult* out);
+
+// UFFDIO_API. Errors: -EINVAL (a feature the kernel lacks, or API already negotiated on this fd),
+// -EPERM (UFFD_FEATURE_EVENT_FORK without CAP_SYS_PTRACE in user-mode-only contexts).
+int uffd_api(int fd, uint64_t features, uint64_t* out_features, uint64_t* out_ioctls);
+// Errors: -EINVAL (mode unsupported for this memory, e.g. MINOR on anonymous memory, or
+// unaligned), -EBUSY (range registered with another uffd), -ENOMEM, -EPERM.
+int uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t* out_ioctls);
+int uffd_unregister(int fd, uint64_t start, uint64_t len);
+int uffd_wake(int fd, uint64_t start, uint64_t len);
+// Errors for the resolvers: -EEXIST (already present: another thread won the race), -EAGAIN
+// (an event is unread, or the mm is changing: *done says how far it got), -ENOENT (layout
+// changed / source hole for MOVE), -ESRCH (the process is gone), -EFAULT, -EINVAL, -ENOMEM,
+// -EBUSY (MOVE on a page shared after fork).
+int uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t* done);
+int uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done);
+int uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done);
+int uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t* done);
+int uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done);
+// UFFDIO_WRITEPROTECT: mode UFFDIO_WRITEPROTECT_MODE_WP protects; 0 unprotects and wakes.
+int uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+
+}  // namespace pm::sys
