@@ -198,3 +198,56 @@ Napi::Value ForkRun(const Napi::CallbackInfo& info) {
 }
 
 }  // namespace pm
+
+namespace pm {
+
+// copyAsync(mapping, offset, typedArray, toMapping) -> Promise<bytes>: the library's read()/write()
+// for registered memory. The copy runs on a native thread, so a fault it takes is resolved by the
+// fault service (or a JavaScript handler) while the main thread stays free.
+namespace {
+struct CopyState {
+  uint64_t mapping_addr;
+  uint8_t* data;
+  size_t len;
+  bool to_mapping;
+  RegionPin pin;
+  Napi::Reference<Napi::Value> keep;  // the typed array, alive until completion
+  int rc = 0;
+  uint64_t bad = 0;
+};
+}  // namespace
+
+Napi::Value CopyAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = Mapping::Unwrap(info[0]);
+  uint64_t off = ToU64(info[1], "offset");
+  if (info.Length() < 3 || !info[2].IsTypedArray())
+    throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "data must be a Uint8Array");
+  Napi::TypedArray ta = info[2].As<Napi::TypedArray>();
+  bool to_mapping = info.Length() > 3 && info[3].ToBoolean().Value();
+  uint64_t len = ta.ByteLength();
+  uint64_t addr = m->Range(env, off, len, false);
+  int prot = m->region()->prot_over(off, len);
+  if (!(prot & (to_mapping ? PROT_WRITE : PROT_READ)))
+    ThrowSystemError(env, -EACCES, to_mapping ? "write" : "read",
+                     {m->region()->path.empty() ? nullptr : m->region()->path.c_str(),
+                      to_mapping ? "the range is not writable" : "the range is not readable"});
+  auto state = std::unique_ptr<CopyState>(new CopyState{
+      addr, static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), len, to_mapping,
+      RegionPin(m->region()), Napi::Persistent(static_cast<Napi::Value>(ta))});
+  return NativeJob<CopyState>::Start(
+      env, std::move(state),
+      [](CopyState& s) {
+        void* mp = reinterpret_cast<void*>(s.mapping_addr);
+        s.rc = s.to_mapping ? sys::guarded_copy(mp, s.data, s.len, &s.bad) : sys::guarded_copy(s.data, mp, s.len, &s.bad);
+      },
+      [](Napi::Env env, CopyState& s) -> Napi::Value {
+        if (s.rc)
+          ThrowSystemError(env, s.rc, s.to_mapping ? "write" : "read",
+                           {nullptr, "SIGBUS: the page has no backing (file truncated, poisoned, or hugetlb pool exhausted)",
+                            -1, s.bad});
+        return Napi::Number::New(env, static_cast<double>(s.len));
+      });
+}
+
+}  // namespace pm

@@ -206,10 +206,12 @@ Napi::Value Userfaultfd::Api(const Napi::CallbackInfo& info) {
     ThrowSystemError(env, rc, "ioctl(UFFDIO_API)", {nullptr, hint});
   }
   api_done_ = true;
-  features_ = got;
+  // The kernel answers with every feature it has; this descriptor enabled what was asked for.
+  features_ = want;
   ioctls_ = ioctls;
   Napi::Object o = Napi::Object::New(env);
-  o.Set("features", Napi::BigInt::New(env, got));
+  o.Set("features", Napi::BigInt::New(env, want));
+  o.Set("offered", Napi::BigInt::New(env, got));
   o.Set("ioctls", Napi::BigInt::New(env, ioctls));
   return o;
 }

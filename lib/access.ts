@@ -1,0 +1,104 @@
+// Access kernels on native threads: how tests, benchmarks and the engine touch registered memory
+// without ever faulting on the JavaScript thread.
+import { native, type NativeAccessResult, type NativeForkResult } from './native.js';
+import { Mapping } from './mapping.js';
+import { checkInteger, checkOneOf, typeError } from './errors.js';
+
+export type AccessOp = 'read' | 'write' | 'rmw' | 'verify';
+export type AccessPattern = 'sequential' | 'strided' | 'random';
+
+export interface AccessOptions {
+  /** Byte offset into the mapping. Default 0. */
+  offset?: number;
+  /** Bytes; default to the end. */
+  length?: number;
+  /**
+   * read: sum the words. write: store seed + word index. rmw: increment. verify: read and count
+   * words that differ from seed + word index (what a write with the same seed stored).
+   * Default 'read'.
+   */
+  op?: AccessOp;
+  /** Default 'sequential'. */
+  pattern?: AccessPattern;
+  /** Sequential: bytes between touched words. Default the base page size (one word per page). */
+  unit?: number;
+  /** Strided: bytes between consecutive accesses, wrapping around. Default `unit`. */
+  stride?: number;
+  /** Accesses in all. Default length / unit. */
+  ops?: number;
+  /** Random-pattern seed and write/verify value base. Default 1. */
+  seed?: number;
+  /** Threads sharing the accesses (contiguous shares). Default 1. */
+  threads?: number;
+  /** Record each access's latency (ns). Default false. */
+  latency?: boolean;
+  /** Start all threads together, so their faults arrive at once. Default true. */
+  barrier?: boolean;
+}
+
+export interface AccessResult {
+  ops: number;
+  /** Wrapping 64-bit sum of words read (read/rmw/verify) or written (write). */
+  checksum: bigint;
+  /** verify: words that did not hold seed + word index. */
+  mismatches: number;
+  firstMismatch?: number;
+  elapsedNs: number;
+  /** Set when an access hit SIGBUS (poisoned page, truncated file...): that thread stopped there. */
+  signal?: 'SIGBUS';
+  signalAddress?: bigint;
+  latencyNs?: Uint32Array;
+}
+
+function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<string, unknown>] {
+  if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+  const offset = checkInteger('offset', o.offset ?? 0);
+  const length = checkInteger('length', o.length ?? mapping.length - offset, 8);
+  return [
+    offset,
+    length,
+    {
+      op: checkOneOf('op', o.op ?? 'read', ['read', 'write', 'rmw', 'verify'] as const),
+      pattern: checkOneOf('pattern', o.pattern ?? 'sequential', ['sequential', 'strided', 'random'] as const),
+      unit: o.unit === undefined ? undefined : checkInteger('unit', o.unit, 8),
+      stride: o.stride === undefined ? undefined : checkInteger('stride', o.stride),
+      ops: o.ops === undefined ? undefined : checkInteger('ops', o.ops),
+      seed: o.seed === undefined ? undefined : checkInteger('seed', o.seed),
+      threads: checkInteger('threads', o.threads ?? 1, 1, 1024),
+      latency: o.latency ?? false,
+      barrier: o.barrier ?? true,
+    },
+  ];
+}
+
+/**
+ * Runs an access kernel on native threads and resolves when every thread is done. Faults they take
+ * are served meanwhile (the JavaScript thread stays free). Errors: EACCES before starting when the
+ * protection forbids the access (it would SIGSEGV); a SIGBUS is reported in the result.
+ */
+export function access(mapping: Mapping, options: AccessOptions = {}): Promise<AccessResult> {
+  const [offset, length, s] = spec(mapping, options);
+  return native.runAccess(mapping.native, offset, length, s) as Promise<NativeAccessResult>;
+}
+
+export interface ForkResult {
+  pid: number;
+  exitCode?: number;
+  termSignal?: string;
+  ops?: number;
+  checksum?: bigint;
+  mismatches?: number;
+  signal?: 'SIGBUS';
+  signalAddress?: bigint;
+}
+
+/**
+ * fork()s; the child runs one access kernel on one thread (Node cannot run JavaScript in a forked
+ * child), reports through a pipe and exits. The fork happens on a native thread, because with the
+ * eventFork feature fork() sleeps until the handler reads the event.
+ */
+export function forkAccess(mapping: Mapping, options: AccessOptions & { delayMs?: number } = {}): Promise<ForkResult> {
+  const [offset, length, s] = spec(mapping, options);
+  s.delayMs = checkInteger('delayMs', options.delayMs ?? 0);
+  return native.forkRun(mapping.native, offset, length, s) as Promise<NativeForkResult>;
+}

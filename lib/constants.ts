@@ -1,0 +1,131 @@
+// Names for the kernel's bits, so users write 'wp' and 'minorShmem' rather than 1 << 10.
+import { K } from './native.js';
+
+export const Prot = { none: K.PROT_NONE!, read: K.PROT_READ!, write: K.PROT_WRITE!, exec: K.PROT_EXEC! } as const;
+
+/** A protection: a PROT_* number or a string of 'r', 'w', 'x' ('' or 'none' for PROT_NONE). */
+export type Protection = number | string;
+
+export function parseProt(p: Protection): number {
+  if (typeof p === 'number') return p;
+  if (p === 'none' || p === '') return 0;
+  let v = 0;
+  for (const ch of p) {
+    if (ch === 'r') v |= K.PROT_READ!;
+    else if (ch === 'w') v |= K.PROT_WRITE!;
+    else if (ch === 'x') v |= K.PROT_EXEC!;
+    else if (ch !== '-') throw new TypeError(`protection ${JSON.stringify(p)}: use r, w, x`);
+  }
+  return v;
+}
+
+export const ADVICE = {
+  normal: K.MADV_NORMAL!,
+  random: K.MADV_RANDOM!,
+  sequential: K.MADV_SEQUENTIAL!,
+  willneed: K.MADV_WILLNEED!,
+  dontneed: K.MADV_DONTNEED!,
+  free: K.MADV_FREE!,
+  remove: K.MADV_REMOVE!,
+  dontfork: K.MADV_DONTFORK!,
+  dofork: K.MADV_DOFORK!,
+  hugepage: K.MADV_HUGEPAGE!,
+  nohugepage: K.MADV_NOHUGEPAGE!,
+  cold: K.MADV_COLD!,
+  pageout: K.MADV_PAGEOUT!,
+  populateRead: K.MADV_POPULATE_READ!,
+  populateWrite: K.MADV_POPULATE_WRITE!,
+  collapse: K.MADV_COLLAPSE!,
+} as const;
+export type Advice = keyof typeof ADVICE;
+
+/** userfaultfd features by name (UFFD_FEATURE_*). */
+export const FEATURES = {
+  pagefaultFlagWp: K.UFFD_FEATURE_PAGEFAULT_FLAG_WP!,
+  eventFork: K.UFFD_FEATURE_EVENT_FORK!,
+  eventRemap: K.UFFD_FEATURE_EVENT_REMAP!,
+  eventRemove: K.UFFD_FEATURE_EVENT_REMOVE!,
+  missingHugetlbfs: K.UFFD_FEATURE_MISSING_HUGETLBFS!,
+  missingShmem: K.UFFD_FEATURE_MISSING_SHMEM!,
+  eventUnmap: K.UFFD_FEATURE_EVENT_UNMAP!,
+  sigbus: K.UFFD_FEATURE_SIGBUS!,
+  threadId: K.UFFD_FEATURE_THREAD_ID!,
+  minorHugetlbfs: K.UFFD_FEATURE_MINOR_HUGETLBFS!,
+  minorShmem: K.UFFD_FEATURE_MINOR_SHMEM!,
+  exactAddress: K.UFFD_FEATURE_EXACT_ADDRESS!,
+  wpHugetlbfsShmem: K.UFFD_FEATURE_WP_HUGETLBFS_SHMEM!,
+  wpUnpopulated: K.UFFD_FEATURE_WP_UNPOPULATED!,
+  poison: K.UFFD_FEATURE_POISON!,
+  wpAsync: K.UFFD_FEATURE_WP_ASYNC!,
+  move: K.UFFD_FEATURE_MOVE!,
+} as const;
+export type FeatureName = keyof typeof FEATURES;
+
+/** Features that change what faults mean or make the kernel wait for the handler; opt-in only. */
+export const OPT_IN_FEATURES: readonly FeatureName[] = [
+  'sigbus',
+  'wpAsync',
+  'eventFork',
+  'eventRemap',
+  'eventRemove',
+  'eventUnmap',
+];
+export const EVENT_FEATURES: readonly FeatureName[] = ['eventFork', 'eventRemap', 'eventRemove', 'eventUnmap'];
+
+/** userfaultfd ioctls by name (bit numbers in the masks UFFDIO_API and UFFDIO_REGISTER return). */
+export const IOCTLS = {
+  register: K._UFFDIO_REGISTER!,
+  unregister: K._UFFDIO_UNREGISTER!,
+  wake: K._UFFDIO_WAKE!,
+  copy: K._UFFDIO_COPY!,
+  zeropage: K._UFFDIO_ZEROPAGE!,
+  move: K._UFFDIO_MOVE!,
+  writeProtect: K._UFFDIO_WRITEPROTECT!,
+  continue: K._UFFDIO_CONTINUE!,
+  poison: K._UFFDIO_POISON!,
+  api: K._UFFDIO_API!,
+} as const;
+export type IoctlName = keyof typeof IOCTLS;
+
+export const REGISTER_MODES = {
+  missing: K.UFFDIO_REGISTER_MODE_MISSING!,
+  wp: K.UFFDIO_REGISTER_MODE_WP!,
+  minor: K.UFFDIO_REGISTER_MODE_MINOR!,
+} as const;
+export type RegisterMode = keyof typeof REGISTER_MODES;
+
+export function featureNames(mask: bigint): FeatureName[] {
+  return (Object.keys(FEATURES) as FeatureName[]).filter((n) => (mask & BigInt(FEATURES[n])) !== 0n);
+}
+
+export function ioctlNames(mask: bigint): IoctlName[] {
+  return (Object.keys(IOCTLS) as IoctlName[]).filter((n) => (mask >> BigInt(IOCTLS[n])) & 1n);
+}
+
+/** PAGEMAP_SCAN categories. */
+export const PAGE_IS = {
+  wpAllowed: K.PAGE_IS_WPALLOWED!,
+  written: K.PAGE_IS_WRITTEN!,
+  file: K.PAGE_IS_FILE!,
+  present: K.PAGE_IS_PRESENT!,
+  swapped: K.PAGE_IS_SWAPPED!,
+  pfnZero: K.PAGE_IS_PFNZERO!,
+  huge: K.PAGE_IS_HUGE!,
+  softDirty: K.PAGE_IS_SOFT_DIRTY!,
+  guard: K.PAGE_IS_GUARD!,
+} as const;
+export type PageCategory = keyof typeof PAGE_IS;
+
+export function categoryMask(names: readonly PageCategory[] | undefined): number {
+  let m = 0;
+  for (const n of names ?? []) {
+    const bit = PAGE_IS[n];
+    if (bit === undefined) throw new TypeError(`unknown page category ${String(n)}`);
+    m |= bit;
+  }
+  return m;
+}
+
+export function categoryNames(mask: number): PageCategory[] {
+  return (Object.keys(PAGE_IS) as PageCategory[]).filter((n) => (mask & PAGE_IS[n]) !== 0);
+}

@@ -1,0 +1,71 @@
+// Errors: kernel failures arrive from the addon as Errors with Node's system-error fields; misuse
+// is caught here, before any system call, as TypeError/RangeError with Node's ERR_* codes.
+
+/** The shape of a kernel error, as Node's own fs errors have it. */
+export interface SystemError extends Error {
+  /** e.g. 'ENOENT', 'EEXIST', 'EAGAIN'. */
+  code: string;
+  /** Negative errno, as libuv reports it (-2 for ENOENT). */
+  errno: number;
+  /** The system call or ioctl, e.g. 'mmap', 'ioctl(UFFDIO_COPY)'. */
+  syscall: string;
+  path?: string;
+  /** Partial progress of a resolve ioctl before it failed, in bytes. */
+  bytes?: number;
+  /** The address concerned, when there is one. */
+  address?: bigint;
+}
+
+/** True for errors that came from the kernel (they carry errno and syscall). */
+export function isSystemError(err: unknown): err is SystemError {
+  return (
+    err instanceof Error &&
+    typeof (err as Partial<SystemError>).errno === 'number' &&
+    typeof (err as Partial<SystemError>).syscall === 'string'
+  );
+}
+
+type Coded<E extends Error> = E & { code: string };
+
+export function typeError(code: string, message: string): Coded<TypeError> {
+  const err = new TypeError(message) as Coded<TypeError>;
+  err.code = code;
+  return err;
+}
+
+export function rangeError(code: string, message: string): Coded<RangeError> {
+  const err = new RangeError(message) as Coded<RangeError>;
+  err.code = code;
+  return err;
+}
+
+/** An error for a state that is not a kernel error (closed object, feature not negotiated...). */
+export function stateError(code: string, message: string): Coded<Error> {
+  const err = new Error(message) as Coded<Error>;
+  err.code = code;
+  return err;
+}
+
+export function checkInteger(name: string, value: unknown, min = 0, max = Number.MAX_SAFE_INTEGER): number {
+  if (typeof value !== 'number') throw typeError('ERR_INVALID_ARG_TYPE', `${name} must be a number, got ${typeof value}`);
+  if (!Number.isSafeInteger(value) || value < min || value > max)
+    throw rangeError('ERR_OUT_OF_RANGE', `${name} must be an integer in [${min}, ${max}], got ${value}`);
+  return value;
+}
+
+export function checkAligned(name: string, value: number, page: number): number {
+  if (value % page !== 0)
+    throw rangeError('ERR_PAGEMIRROR_UNALIGNED', `${name} (${value}) is not a multiple of the page size ${page}`);
+  return value;
+}
+
+export function checkOneOf<T extends string>(name: string, value: unknown, allowed: readonly T[]): T {
+  if (typeof value !== 'string' || !(allowed as readonly string[]).includes(value))
+    throw typeError('ERR_INVALID_ARG_VALUE', `${name} must be one of ${allowed.join(', ')}, got ${String(value)}`);
+  return value as T;
+}
+
+export function checkBytes(name: string, value: unknown): Uint8Array {
+  if (!(value instanceof Uint8Array)) throw typeError('ERR_INVALID_ARG_TYPE', `${name} must be a Uint8Array or Buffer`);
+  return value;
+}

@@ -1,0 +1,13 @@
+export { Mapping, mapAnonymous, mapMemfd, mapFile, decodePagemapEntry } from './mapping.js';
+export type { MapOptions, AnonymousOptions, MemfdOptions, FileOptions, RangeOptions, PageFlags, ScanOptions, ScanRegion, MappingKind } from './mapping.js';
+export { Userfaultfd, Fault } from './uffd.js';
+export type { OpenOptions, RegisterOptions, Registration, FaultKind, UffdEvent, ServeOptions, Rule, RuleAction, ResolveOptions, ResolveResult, CloseOutcome, ServiceStats } from './uffd.js';
+export { access, forkAccess } from './access.js';
+export type { AccessOptions, AccessResult, AccessOp, AccessPattern, ForkResult } from './access.js';
+export { probe, formatProbe } from './probe.js';
+export type { Probe, Capability, UffdProbe, FsProbe } from './probe.js';
+export { isSystemError } from './errors.js';
+export type { SystemError } from './errors.js';
+export { Prot, ADVICE, FEATURES, IOCTLS, REGISTER_MODES, PAGE_IS, parseProt, featureNames, ioctlNames } from './constants.js';
+export type { Protection, Advice, FeatureName, IoctlName, RegisterMode, PageCategory } from './constants.js';
+export { native as _native } from './native.js';

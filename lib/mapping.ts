@@ -1,0 +1,372 @@
+// Mapping: one mmap()ed region, owned once. close() unmaps it and detaches the ArrayBuffer handed
+// out by `bytes`, so no view can reach unmapped memory.
+import { native, K, type NativeMapping, type NativeMappingInfo, type CacheStat, type StatxResult } from './native.js';
+import { ADVICE, type Advice, parseProt, type Protection, categoryMask, categoryNames, type PageCategory } from './constants.js';
+import { checkBytes, checkInteger, checkOneOf, typeError } from './errors.js';
+
+export interface MapOptions {
+  /** Protection; default 'rw'. */
+  prot?: Protection;
+  /** Pre-fault every page (MAP_POPULATE). Default false. */
+  populate?: boolean;
+  /** MAP_NORESERVE. Default false. */
+  noReserve?: boolean;
+}
+
+export interface AnonymousOptions extends MapOptions {
+  /** MAP_SHARED (shmem-backed: survives fork shared, supports MINOR faults). Default false. */
+  shared?: boolean;
+  /** Back with hugetlb pages (needs pages reserved in /proc/sys/vm/nr_hugepages). Default false. */
+  hugetlb?: boolean;
+  /** Huge page size in bytes (2 MiB, 1 GiB); default the system's default huge page size. */
+  hugePageSize?: number;
+}
+
+export interface MemfdOptions extends MapOptions {
+  /** Name shown in /proc/self/maps. Default 'pagemirror'. */
+  name?: string;
+  hugetlb?: boolean;
+  hugePageSize?: number;
+}
+
+export interface FileOptions extends MapOptions {
+  /** Bytes to map; default the file's size past `offset`, rounded up to pages. */
+  length?: number;
+  /** File offset, page aligned. Default 0. */
+  offset?: number;
+  /** MAP_SHARED (writes reach the file) or MAP_PRIVATE (copy on write). Default true. */
+  shared?: boolean;
+  /** MAP_SYNC | MAP_SHARED_VALIDATE: only on DAX file systems (EOPNOTSUPP elsewhere). Default false. */
+  sync?: boolean;
+  /** Create the file (and extend it to offset + length) if needed. Default false. */
+  create?: boolean;
+  /** Mode for a created file. Default 0o600. */
+  mode?: number;
+}
+
+export interface RangeOptions {
+  /** Byte offset into the mapping. Default 0. */
+  offset?: number;
+  /** Bytes; default to the end of the mapping. */
+  length?: number;
+}
+
+/** What /proc/self/pagemap says about one page. */
+export interface PageFlags {
+  present: boolean;
+  swapped: boolean;
+  /** File-backed or shared anonymous page. */
+  fileOrShared: boolean;
+  /** Write-protected by userfaultfd. */
+  uffdWp: boolean;
+  /** Mapped by this process only. */
+  exclusive: boolean;
+  softDirty: boolean;
+  /** Page frame number (0 unless CAP_SYS_ADMIN). */
+  pfn: bigint;
+}
+
+export function decodePagemapEntry(e: bigint): PageFlags {
+  return {
+    present: ((e >> 63n) & 1n) === 1n,
+    swapped: ((e >> 62n) & 1n) === 1n,
+    fileOrShared: ((e >> 61n) & 1n) === 1n,
+    uffdWp: ((e >> 57n) & 1n) === 1n,
+    exclusive: ((e >> 56n) & 1n) === 1n,
+    softDirty: ((e >> 55n) & 1n) === 1n,
+    pfn: e & ((1n << 55n) - 1n),
+  };
+}
+
+export interface ScanOptions extends RangeOptions {
+  /** Pages must have all of these. */
+  require?: PageCategory[];
+  /** Pages must lack all of these. */
+  exclude?: PageCategory[];
+  /** Pages must have at least one of these. */
+  anyOf?: PageCategory[];
+  /** Categories reported per region. Default: all. */
+  report?: PageCategory[];
+  /** Write-protect the matching pages in the same walk (PM_SCAN_WP_MATCHING): the dirty-tracking reset. */
+  writeProtect?: boolean;
+  /** Fail with EPERM unless the range is registered with WP_ASYNC (PM_SCAN_CHECK_WPASYNC). */
+  checkWpAsync?: boolean;
+  /** Stop after this many matching pages. Default: no limit. */
+  maxPages?: number;
+  /** Stop after this many regions. Default 1024. */
+  maxRegions?: number;
+}
+
+export interface ScanRegion {
+  offset: number;
+  length: number;
+  categories: PageCategory[];
+}
+
+export type MappingKind = 'anonymous' | 'memfd' | 'file';
+
+export class Mapping {
+  /** @internal */
+  readonly native: NativeMapping;
+  readonly kind: MappingKind;
+  readonly pageSize: number;
+  readonly shared: boolean;
+  readonly hugetlb: boolean;
+  readonly path: string | undefined;
+  #info: NativeMappingInfo;
+
+  /** @internal use mapAnonymous(), mapMemfd() or mapFile(). */
+  constructor(n: NativeMapping) {
+    this.native = n;
+    this.#info = n.info();
+    this.kind = this.#info.kind;
+    this.pageSize = this.#info.pageSize;
+    this.shared = this.#info.shared;
+    this.hugetlb = this.#info.hugetlb;
+    this.path = this.#info.path;
+  }
+
+  /** Start address (changes after remap() with mayMove). */
+  get address(): bigint {
+    return this.native.address;
+  }
+  get length(): number {
+    return this.native.length;
+  }
+  /** The owned file descriptor (memfd or file), -1 for anonymous memory and after close(). */
+  get fd(): number {
+    return this.native.info().fd;
+  }
+  get closed(): boolean {
+    return this.native.info().closed;
+  }
+  /** Whether part of the mapping is registered with a userfaultfd. */
+  get registered(): boolean {
+    return this.native.info().registered;
+  }
+  /** Protection segments as the library set them. */
+  get protection(): { offset: number; length: number; prot: number }[] {
+    return this.native.info().protection;
+  }
+
+  /**
+   * A Uint8Array over the whole mapping. Refused (ERR_PAGEMIRROR_NOT_WRITABLE,
+   * ERR_PAGEMIRROR_REGISTERED) while a JavaScript access could kill or hang the process; detached by
+   * close(), remap(), register() and any protect() that takes read or write away.
+   */
+  get bytes(): Uint8Array {
+    return new Uint8Array(this.native.buffer());
+  }
+
+  #range(o: RangeOptions | undefined): [number, number] {
+    const offset = checkInteger('offset', o?.offset ?? 0);
+    const length = checkInteger('length', o?.length ?? Math.max(0, this.length - offset));
+    return [offset, length];
+  }
+
+  /** mprotect. Errors: EACCES (file opened read-only), ENOMEM, EBUSY (native threads use the range). */
+  protect(prot: Protection, range?: RangeOptions): void {
+    const [o, l] = this.#range(range);
+    this.native.protect(o, l, parseProt(prot));
+  }
+
+  /** madvise. Errors: EINVAL (advice unsupported for this memory), EAGAIN, ENOMEM, EPERM, EFAULT. */
+  advise(advice: Advice, range?: RangeOptions): void {
+    const a = checkOneOf('advice', advice, Object.keys(ADVICE) as Advice[]);
+    const [o, l] = this.#range(range);
+    this.native.advise(o, l, ADVICE[a]);
+  }
+
+  /** msync. Default MS_SYNC. Errors: EBUSY (MS_INVALIDATE on locked pages), ENOMEM. */
+  sync(range?: RangeOptions & { async?: boolean; invalidate?: boolean }): void {
+    const [o, l] = this.#range(range);
+    let flags = range?.async ? K.MS_ASYNC! : K.MS_SYNC!;
+    if (range?.invalidate) flags |= K.MS_INVALIDATE!;
+    this.native.sync(o, l, flags);
+  }
+
+  /** mremap the whole mapping to `length`; returns the (possibly new) address. */
+  remap(length: number, options?: { mayMove?: boolean }): bigint {
+    return this.native.remap(checkInteger('length', length, 1), options?.mayMove ?? true);
+  }
+
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE) on the backing file: frees the pages of a file range. */
+  punchHole(fileOffset: number, length: number): void {
+    this.native.fallocate(K.FALLOC_FL_PUNCH_HOLE! | K.FALLOC_FL_KEEP_SIZE!, checkInteger('fileOffset', fileOffset), checkInteger('length', length, 1));
+  }
+
+  /** fallocate: reserve blocks for a file range (keepSize: do not extend the file). */
+  allocate(fileOffset: number, length: number, options?: { keepSize?: boolean; zero?: boolean }): void {
+    let mode = options?.keepSize ? K.FALLOC_FL_KEEP_SIZE! : 0;
+    if (options?.zero) mode |= K.FALLOC_FL_ZERO_RANGE!;
+    this.native.fallocate(mode, checkInteger('fileOffset', fileOffset), checkInteger('length', length, 1));
+  }
+
+  /** ftruncate the backing file (pages past the end then SIGBUS on access). */
+  truncateFile(length: number): void {
+    this.native.truncate(checkInteger('length', length));
+  }
+
+  /** mincore: one entry per base page, true if resident. */
+  residency(range?: RangeOptions): boolean[] {
+    const [o, l] = this.#range(range);
+    return Array.from(this.native.residency(o, l), (b) => (b & 1) === 1);
+  }
+
+  /** cachestat(2) over a file range (6.5+; ENOSYS elsewhere). Default: the mapped range. */
+  cachestat(range?: { fileOffset?: number; length?: number }): CacheStat {
+    const off = checkInteger('fileOffset', range?.fileOffset ?? this.#info.fileOffset);
+    const len = checkInteger('length', range?.length ?? this.length);
+    return this.native.cachestat(off, len);
+  }
+
+  /** Per-page flags from /proc/self/pagemap. */
+  pagemap(range?: RangeOptions): PageFlags[] {
+    const [o, l] = this.#range(range);
+    return Array.from(this.native.pagemap(o, l), decodePagemapEntry);
+  }
+
+  /** Raw /proc/self/pagemap entries. */
+  pagemapRaw(range?: RangeOptions): BigUint64Array {
+    const [o, l] = this.#range(range);
+    return this.native.pagemap(o, l);
+  }
+
+  /** PAGEMAP_SCAN (6.7+): regions of pages matching the categories; optionally write-protect them. */
+  scan(options: ScanOptions = {}): { regions: ScanRegion[]; walkEnd: number } {
+    const [o, l] = this.#range(options);
+    const req = categoryMask(options.require);
+    const exc = categoryMask(options.exclude);
+    const any = categoryMask(options.anyOf);
+    const r = native.pagemapScan(this.native, o, l, {
+      flags: (options.writeProtect ? K.PM_SCAN_WP_MATCHING! : 0) | (options.checkWpAsync ? K.PM_SCAN_CHECK_WPASYNC! : 0),
+      categoryMask: req | exc,
+      categoryInverted: exc,
+      anyOf: any,
+      returnMask: options.report ? categoryMask(options.report) : 0x1ff,
+      maxPages: options.maxPages ?? 0,
+      maxRegions: options.maxRegions ?? 1024,
+    });
+    return {
+      regions: r.regions.map((x) => ({ offset: x.offset, length: x.length, categories: categoryNames(x.categories) })),
+      walkEnd: r.walkEnd,
+    };
+  }
+
+  /** statx of the backing file (dax: STATX_ATTR_DAX). */
+  statx(): StatxResult {
+    return this.native.statx();
+  }
+
+  /**
+   * Copies bytes out on this thread. On registered memory it first checks (pagemap) that no page
+   * would fault, and throws ERR_PAGEMIRROR_WOULD_FAULT otherwise: use read().
+   */
+  readSync(offset: number, length: number): Buffer {
+    const out = Buffer.alloc(checkInteger('length', length));
+    this.native.readInto(checkInteger('offset', offset), out);
+    return out;
+  }
+
+  /** Copies bytes in on this thread; EACCES on read-only ranges; see readSync() for registered memory. */
+  writeSync(offset: number, data: Uint8Array): number {
+    return this.native.writeFrom(checkInteger('offset', offset), checkBytes('data', data));
+  }
+
+  /** Copies bytes out on a native thread: safe on registered memory (the fault is served meanwhile). */
+  async read(offset: number, length: number): Promise<Buffer> {
+    const out = Buffer.alloc(checkInteger('length', length));
+    await native.copyAsync(this.native, checkInteger('offset', offset), out, false);
+    return out;
+  }
+
+  /** Copies bytes in on a native thread. */
+  write(offset: number, data: Uint8Array): Promise<number> {
+    return native.copyAsync(this.native, checkInteger('offset', offset), checkBytes('data', data), true);
+  }
+
+  /**
+   * Maps the same memfd or file again (a second view of the same pages: how MINOR faults are
+   * resolved, by writing the page cache through an unregistered alias and then UFFDIO_CONTINUE).
+   */
+  alias(options?: { prot?: Protection; offset?: number; length?: number }): Mapping {
+    const fd = this.fd;
+    if (fd < 0) throw typeError('ERR_INVALID_ARG_VALUE', 'only memfd and file mappings can be aliased');
+    return new Mapping(
+      native.map({
+        kind: 'file',
+        fd,
+        path: this.path,
+        shared: true,
+        prot: parseProt(options?.prot ?? 'rw'),
+        offset: options?.offset ?? this.#info.fileOffset,
+        length: options?.length ?? this.length,
+        hugetlb: this.hugetlb,
+      }),
+    );
+  }
+
+  /** munmap and close the owned descriptor. Idempotent. EBUSY while native threads or rules use it. */
+  close(): void {
+    this.native.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/** Anonymous memory (private by default). */
+export function mapAnonymous(length: number, options: AnonymousOptions = {}): Mapping {
+  return new Mapping(
+    native.map({
+      kind: 'anonymous',
+      length: checkInteger('length', length, 1),
+      prot: parseProt(options.prot ?? 'rw'),
+      shared: options.shared ?? false,
+      populate: options.populate ?? false,
+      noReserve: options.noReserve ?? false,
+      hugetlb: options.hugetlb ?? false,
+      hugePageSize: options.hugePageSize ?? 0,
+    }),
+  );
+}
+
+/** A fresh memfd (shmem, or hugetlbfs with hugetlb), sized to `length` and mapped shared. */
+export function mapMemfd(length: number, options: MemfdOptions = {}): Mapping {
+  return new Mapping(
+    native.map({
+      kind: 'memfd',
+      length: checkInteger('length', length, 1),
+      name: options.name ?? 'pagemirror',
+      prot: parseProt(options.prot ?? 'rw'),
+      shared: true,
+      populate: options.populate ?? false,
+      noReserve: options.noReserve ?? false,
+      hugetlb: options.hugetlb ?? false,
+      hugePageSize: options.hugePageSize ?? 0,
+    }),
+  );
+}
+
+/** A file by path or by descriptor (which is duplicated: the mapping owns its own). */
+export function mapFile(file: string | { fd: number; path?: string }, options: FileOptions = {}): Mapping {
+  const byFd = typeof file === 'object' && file !== null;
+  if (!byFd && typeof file !== 'string') throw typeError('ERR_INVALID_ARG_TYPE', 'file must be a path or { fd }');
+  return new Mapping(
+    native.map({
+      kind: 'file',
+      path: byFd ? file.path : file,
+      fd: byFd ? checkInteger('fd', file.fd) : undefined,
+      length: options.length === undefined ? 0 : checkInteger('length', options.length, 1),
+      offset: checkInteger('offset', options.offset ?? 0),
+      prot: parseProt(options.prot ?? 'rw'),
+      shared: options.shared ?? true,
+      populate: options.populate ?? false,
+      noReserve: options.noReserve ?? false,
+      sync: options.sync ?? false,
+      create: options.create ?? false,
+      mode: options.mode ?? 0o600,
+    }),
+  );
+}

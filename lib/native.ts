@@ -1,0 +1,238 @@
+// The compiled addon, typed. Everything below this file is thin: it validates, names things and
+// forwards. The addon is built by `npm install` (node-gyp) into build/Release.
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const require = createRequire(import.meta.url);
+
+export interface NativeMapping {
+  readonly address: bigint;
+  readonly length: number;
+  info(): NativeMappingInfo;
+  buffer(): ArrayBuffer;
+  protect(offset: number, length: number, prot: number): void;
+  advise(offset: number, length: number, advice: number): void;
+  sync(offset: number, length: number, flags: number): void;
+  remap(length: number, mayMove: boolean): bigint;
+  fallocate(mode: number, offset: number, length: number): void;
+  truncate(length: number): void;
+  residency(offset: number, length: number): Uint8Array;
+  cachestat(offset: number, length: number): CacheStat;
+  pagemap(offset: number, length: number): BigUint64Array;
+  statx(): StatxResult;
+  readInto(offset: number, target: Uint8Array): number;
+  writeFrom(offset: number, source: Uint8Array): number;
+  close(): void;
+}
+
+export interface NativeMappingInfo {
+  kind: 'anonymous' | 'memfd' | 'file';
+  address: bigint;
+  length: number;
+  pageSize: number;
+  shared: boolean;
+  hugetlb: boolean;
+  fd: number;
+  fileOffset: number;
+  path?: string;
+  name?: string;
+  closed: boolean;
+  registered: boolean;
+  pins: number;
+  protection: { offset: number; length: number; prot: number }[];
+}
+
+export interface CacheStat {
+  cache: number;
+  dirty: number;
+  writeback: number;
+  evicted: number;
+  recentlyEvicted: number;
+}
+
+export interface StatxResult {
+  size: number;
+  blocks: number;
+  blksize: number;
+  mode: number;
+  attributes: bigint;
+  attributesMask: bigint;
+  dax: boolean;
+  devMajor: number;
+  devMinor: number;
+}
+
+export interface NativeBatch {
+  addresses: BigUint64Array;
+  flags: Uint32Array;
+  tids: Uint32Array;
+  events: NativeEvent[];
+}
+
+export type NativeEvent =
+  | { type: 'fork'; fd: number }
+  | { type: 'remap'; from: bigint; to: bigint; length: number }
+  | { type: 'remove'; start: bigint; end: bigint }
+  | { type: 'unmap'; start: bigint; end: bigint };
+
+export interface NativeStats {
+  reads: number;
+  messages: number;
+  faults: number;
+  fastResolved: number;
+  fastPages: number;
+  forwarded: number;
+  events: number;
+  batches: number;
+  maxBatch: number;
+  eexist: number;
+  eagain: number;
+  errors: number;
+  serviceNs: number;
+}
+
+export interface NativeRule {
+  mapping: NativeMapping | bigint;
+  offset?: number;
+  length?: number;
+  action: 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue';
+  source?: NativeMapping;
+  sourceOffset?: number;
+  granule?: number;
+  mode?: number;
+}
+
+type Target = NativeMapping | bigint;
+export interface ResolveResult {
+  /** Bytes resolved by this call. */
+  bytes: number;
+  /** The kernel found a page already present (another thread's fault won the race): success. */
+  exists: boolean;
+}
+
+export interface NativeUserfaultfd {
+  info(): {
+    fd: number;
+    features: bigint;
+    ioctls: bigint;
+    negotiated: boolean;
+    userModeOnly: boolean;
+    openedBy: 'device' | 'syscall' | 'adopted';
+    deviceError: string;
+    syscallError: string;
+    serving: boolean;
+  };
+  api(features: bigint): { features: bigint; ioctls: bigint };
+  register(m: NativeMapping, offset: number, length: number, mode: number): bigint;
+  unregister(m: Target, offset: number, length: number): void;
+  copy(dst: Target, offset: number, length: number, src: NativeMapping | Uint8Array | bigint, srcOffset: number, mode: number): ResolveResult;
+  zeropage(dst: Target, offset: number, length: number, mode: number): ResolveResult;
+  continue(dst: Target, offset: number, length: number, mode: number): ResolveResult;
+  move(dst: Target, offset: number, length: number, src: NativeMapping | bigint, srcOffset: number, mode: number): ResolveResult;
+  poison(dst: Target, offset: number, length: number, mode: number): ResolveResult;
+  writeProtect(dst: Target, offset: number, length: number, mode: number): void;
+  wake(dst: Target, offset: number, length: number): void;
+  serve(callback: (batch: NativeBatch) => void, maxBatch: number): void;
+  setRules(rules: NativeRule[]): void;
+  stats(): NativeStats;
+  outstanding(): BigUint64Array;
+  ref(): void;
+  unref(): void;
+  close(outcome: 'wake' | 'zero' | 'sigbus'): void;
+}
+
+export interface NativeAccessOptions {
+  op?: 'read' | 'write' | 'rmw' | 'verify';
+  pattern?: 'sequential' | 'strided' | 'random';
+  unit?: number;
+  stride?: number;
+  ops?: number;
+  seed?: number;
+  threads?: number;
+  latency?: boolean;
+  barrier?: boolean;
+  delayMs?: number;
+}
+
+export interface NativeAccessResult {
+  ops: number;
+  checksum: bigint;
+  mismatches: number;
+  firstMismatch?: number;
+  elapsedNs: number;
+  signal?: 'SIGBUS';
+  signalAddress?: bigint;
+  latencyNs?: Uint32Array;
+}
+
+export interface NativeForkResult {
+  pid: number;
+  exitCode?: number;
+  termSignal?: string;
+  ops?: number;
+  checksum?: bigint;
+  mismatches?: number;
+  signal?: 'SIGBUS';
+  signalAddress?: bigint;
+}
+
+export interface NativeUffdProbe {
+  available: boolean;
+  error?: string;
+  deviceError: string;
+  syscallError: string;
+  openedBy?: 'device' | 'syscall';
+  userModeOnly?: boolean;
+  apiError?: string;
+  features?: bigint;
+  ioctls?: bigint;
+  register?: Record<string, Record<string, bigint | string>>;
+}
+
+export interface NativeAddon {
+  map(options: Record<string, unknown>): NativeMapping;
+  openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean }): NativeUserfaultfd;
+  adoptUserfaultfd(fd: number, features: bigint): NativeUserfaultfd;
+  runAccess(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeAccessResult>;
+  forkRun(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeForkResult>;
+  copyAsync(m: NativeMapping, offset: number, data: Uint8Array, toMapping: boolean): Promise<number>;
+  pagemapScan(
+    m: NativeMapping,
+    offset: number,
+    length: number,
+    options: Record<string, number>,
+  ): { regions: { offset: number; length: number; categories: number }[]; walkEnd: number };
+  statx(path: string): StatxResult;
+  fsType(path: string): number;
+  uname(): { sysname: string; release: string; version: string; machine: string; pageSize: number };
+  probeUffd(userModeOnly: boolean): NativeUffdProbe;
+  constants: Record<string, number>;
+}
+
+function load(): NativeAddon {
+  const candidates = [
+    path.join(here, '..', 'build', 'Release', 'pagemirror.node'),
+    path.join(here, '..', 'build', 'Debug', 'pagemirror.node'),
+  ];
+  let last: unknown;
+  for (const file of candidates) {
+    try {
+      return require(file) as NativeAddon;
+    } catch (err) {
+      last = err;
+      if ((err as NodeJS.ErrnoException).code !== 'MODULE_NOT_FOUND') throw err;
+    }
+  }
+  const err = new Error(
+    'pagemirror: the native addon is not built (build/Release/pagemirror.node). Run `npm install` ' +
+      '(or `npx node-gyp rebuild`); it needs python3, make and a C++17 compiler.',
+  ) as Error & { code: string; cause: unknown };
+  err.code = 'ERR_PAGEMIRROR_NOT_BUILT';
+  err.cause = last;
+  throw err;
+}
+
+export const native: NativeAddon = load();
+export const K = native.constants;

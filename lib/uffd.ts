@@ -1,0 +1,518 @@
+// Userfaultfd: open, negotiate, register, resolve, and serve faults in batches.
+//
+// The threading rule (DESIGN.md): the JavaScript thread never touches registered memory itself.
+// Faults are read by a native service thread; those a rule covers are resolved there without
+// entering JavaScript (the fast path), the rest reach `onFaults` in batches.
+import { native, K, type NativeUserfaultfd, type NativeBatch, type NativeRule, type NativeStats, type ResolveResult } from './native.js';
+import {
+  FEATURES,
+  OPT_IN_FEATURES,
+  EVENT_FEATURES,
+  REGISTER_MODES,
+  featureNames,
+  ioctlNames,
+  type FeatureName,
+  type IoctlName,
+  type RegisterMode,
+} from './constants.js';
+import { Mapping } from './mapping.js';
+import { checkInteger, checkOneOf, stateError, typeError } from './errors.js';
+
+export type { ResolveResult } from './native.js';
+
+export interface OpenOptions {
+  /**
+   * Features to negotiate. 'default' (the default): every feature the kernel offers except those
+   * that change what a fault means or make the kernel wait on the handler (sigbus, wpAsync and the
+   * four events), which must be named. 'all': everything offered.
+   */
+  features?: 'default' | 'all' | FeatureName[];
+  /** Open a user-mode-only userfaultfd even when a full one is allowed. Default false. */
+  userModeOnly?: boolean;
+}
+
+export interface RegisterOptions {
+  offset?: number;
+  length?: number;
+  /** Default ['missing']. */
+  modes?: RegisterMode[];
+}
+
+export interface Registration {
+  mapping: Mapping;
+  offset: number;
+  length: number;
+  modes: RegisterMode[];
+  /** Ioctls the kernel allows on this range (not every ioctl works on every memory kind). */
+  ioctls: Set<IoctlName>;
+}
+
+export type FaultKind = 'missing' | 'wp' | 'minor';
+
+/** One page fault as the kernel reported it. */
+export class Fault {
+  constructor(
+    /** Faulting address (page aligned unless the exactAddress feature is on). */
+    readonly address: bigint,
+    /** UFFD_PAGEFAULT_FLAG_* bits. */
+    readonly flags: number,
+    /** Faulting thread id (threadId feature), else 0. */
+    readonly tid: number,
+    /** The registered mapping the address lies in (undefined for an adopted child's descriptor). */
+    readonly mapping: Mapping | undefined,
+    /** Byte offset of the page within `mapping`. */
+    readonly offset: number,
+  ) {}
+  get write(): boolean {
+    return (this.flags & K.UFFD_PAGEFAULT_FLAG_WRITE!) !== 0;
+  }
+  get kind(): FaultKind {
+    if (this.flags & K.UFFD_PAGEFAULT_FLAG_MINOR!) return 'minor';
+    if (this.flags & K.UFFD_PAGEFAULT_FLAG_WP!) return 'wp';
+    return 'missing';
+  }
+}
+
+export type UffdEvent =
+  | { type: 'fork'; fd: number; /** Take ownership of the child's userfaultfd (else it is closed, which wakes the child's faults). */ adopt(): Userfaultfd }
+  | { type: 'remap'; from: bigint; to: bigint; length: number }
+  | { type: 'remove'; start: bigint; end: bigint }
+  | { type: 'unmap'; start: bigint; end: bigint };
+
+export interface ServeOptions {
+  /** Faults that no rule resolved, one call per batch. May be async: faults stay asleep until resolved. */
+  onFaults?: (faults: Fault[], uffd: Userfaultfd) => void | Promise<void>;
+  /** Events (fork, remap, remove, unmap) in the order the kernel queued them. */
+  onEvents?: (events: UffdEvent[], uffd: Userfaultfd) => void;
+  /**
+   * A handler that throws (or rejects) must not leave threads asleep: its batch is resolved with
+   * the fallback (zero-fill missing faults, un-protect WP faults, continue minor faults), and the
+   * error goes here. Default: the error is reported with process.emitWarning.
+   */
+  onError?: (err: unknown, faults: Fault[]) => void;
+  /** Most messages read per read(2). Default 64. */
+  maxBatch?: number;
+}
+
+export type RuleAction = 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue';
+
+/** A fast-path rule: faults of the right kind in the range are resolved natively, never in JS. */
+export interface Rule {
+  mapping: Mapping;
+  offset?: number;
+  length?: number;
+  /**
+   * copy: UFFDIO_COPY from `source` (missing faults). zero: UFFDIO_ZEROPAGE (missing). move:
+   * UFFDIO_MOVE from `source` (missing, private anonymous). poison: UFFDIO_POISON (missing; later
+   * accesses SIGBUS). unprotect: clear uffd-wp (WP faults). continue: UFFDIO_CONTINUE (minor).
+   */
+  action: RuleAction;
+  source?: Mapping;
+  sourceOffset?: number;
+  /** Fault-around: resolve the aligned block of this many bytes around the fault. Default one page. */
+  granule?: number;
+  /** copy/continue: install pages write-protected (MODE_WP). */
+  wp?: boolean;
+  /** move: tolerate holes in the source (ALLOW_SRC_HOLES). */
+  allowSrcHoles?: boolean;
+}
+
+export interface ResolveOptions {
+  /** Do not wake the faulting threads (resolve several ranges, then wake() once). */
+  dontWake?: boolean;
+}
+
+export type CloseOutcome = 'wake' | 'zero' | 'sigbus';
+
+export type ServiceStats = NativeStats;
+
+type Target = Mapping | bigint;
+
+export class Userfaultfd {
+  readonly #n: NativeUserfaultfd;
+  #features = 0n;
+  #registrations: Registration[] = [];
+  #rules: Rule[] = [];
+  #serving = false;
+  #options: ServeOptions = {};
+  #closed = false;
+
+  private constructor(n: NativeUserfaultfd) {
+    this.#n = n;
+  }
+
+  /**
+   * Opens a userfaultfd and negotiates features. Tries /dev/userfaultfd, then userfaultfd(2), then
+   * the user-mode-only variants (all that vm.unprivileged_userfaultfd=0 allows an unprivileged
+   * user). Errors: EPERM with a message that names each attempt and the three ways to get access;
+   * EINVAL when a requested feature is missing.
+   */
+  static open(options: OpenOptions = {}): Userfaultfd {
+    const n = native.openUserfaultfd({ userModeOnly: options.userModeOnly ?? false });
+    const u = new Userfaultfd(n);
+    try {
+      u.#negotiate(options.features ?? 'default');
+    } catch (err) {
+      n.close('wake');
+      throw err;
+    }
+    return u;
+  }
+
+  /** Wraps a descriptor this process received from a FORK event (see UffdEvent.adopt()). */
+  static adopt(fd: number, features: bigint): Userfaultfd {
+    const u = new Userfaultfd(native.adoptUserfaultfd(checkInteger('fd', fd), features));
+    u.#features = features;
+    return u;
+  }
+
+  #negotiate(features: 'default' | 'all' | FeatureName[]): void {
+    let want = 0n;
+    if (features === 'default' || features === 'all') {
+      // What the kernel offers is known only after UFFDIO_API, which can be called once per fd:
+      // ask the process-wide probe (it used a throw-away descriptor).
+      const offered = offeredFeatures(this.#n.info().userModeOnly);
+      for (const name of featureNames(offered)) {
+        if (features === 'default' && OPT_IN_FEATURES.includes(name)) continue;
+        want |= BigInt(FEATURES[name]);
+      }
+    } else {
+      if (!Array.isArray(features)) throw typeError('ERR_INVALID_ARG_TYPE', 'features must be an array of names');
+      for (const name of features) want |= BigInt(FEATURES[checkOneOf('feature', name, Object.keys(FEATURES) as FeatureName[])]);
+    }
+    // UFFDIO_API answers with every feature the kernel has; what this descriptor enabled is what
+    // was asked for (the call fails with EINVAL if any of it is missing).
+    this.#n.api(want);
+    this.#features = want;
+  }
+
+  get fd(): number {
+    return this.#n.info().fd;
+  }
+  /** Negotiated features. */
+  get features(): Set<FeatureName> {
+    return new Set(featureNames(this.#features));
+  }
+  get featureMask(): bigint {
+    return this.#features;
+  }
+  has(feature: FeatureName): boolean {
+    return (this.#features & BigInt(FEATURES[feature])) !== 0n;
+  }
+  /** How the descriptor was obtained, and whether faults raised inside the kernel are excluded. */
+  get openedBy(): 'device' | 'syscall' | 'adopted' {
+    return this.#n.info().openedBy;
+  }
+  get userModeOnly(): boolean {
+    return this.#n.info().userModeOnly;
+  }
+  get registrations(): readonly Registration[] {
+    return this.#registrations;
+  }
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  #live(): void {
+    if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the userfaultfd is closed');
+  }
+
+  /**
+   * UFFDIO_REGISTER. Errors: EINVAL (mode unsupported for this memory: MINOR needs shmem or
+   * hugetlbfs), EBUSY (registered with another userfaultfd), ENOMEM (too many ranges).
+   * With event features negotiated, serve() must run first: the kernel makes munmap/madvise/fork
+   * wait until the event is read, and only the service thread reads it.
+   */
+  register(mapping: Mapping, options: RegisterOptions = {}): Registration {
+    this.#live();
+    if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+    if (!this.#serving && EVENT_FEATURES.some((f) => this.has(f)))
+      throw stateError(
+        'ERR_PAGEMIRROR_NOT_SERVING',
+        'event features are negotiated: call serve() before register(), or munmap/madvise/fork would wait forever for the event to be read',
+      );
+    const offset = checkInteger('offset', options.offset ?? 0);
+    const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
+    const modes = options.modes ?? ['missing'];
+    if (!Array.isArray(modes) || modes.length === 0) throw typeError('ERR_INVALID_ARG_VALUE', 'modes must name at least one mode');
+    let mode = 0;
+    for (const m of modes) mode |= REGISTER_MODES[checkOneOf('mode', m, Object.keys(REGISTER_MODES) as RegisterMode[])];
+    const ioctls = this.#n.register(mapping.native, offset, length, mode);
+    const reg: Registration = { mapping, offset, length, modes: [...modes], ioctls: new Set(ioctlNames(ioctls)) };
+    this.#registrations.push(reg);
+    return reg;
+  }
+
+  unregister(mapping: Mapping, options: { offset?: number; length?: number } = {}): void {
+    this.#live();
+    const offset = checkInteger('offset', options.offset ?? 0);
+    const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
+    this.#n.unregister(mapping.native, offset, length);
+    this.#registrations = this.#registrations.filter(
+      (r) => !(r.mapping === mapping && r.offset >= offset && r.offset + r.length <= offset + length),
+    );
+  }
+
+  #t(target: Target): Mapping['native'] | bigint {
+    if (target instanceof Mapping) return target.native;
+    if (typeof target === 'bigint') return target;
+    throw typeError('ERR_INVALID_ARG_TYPE', 'target must be a Mapping or a bigint address');
+  }
+
+  /**
+   * UFFDIO_COPY: atomically installs `length` bytes from `source` and wakes the faulters.
+   * Returns {bytes, exists}; exists=true (EEXIST) means another thread's fault already resolved a
+   * page: success. Other errors throw with err.bytes = partial progress: EAGAIN (an event is
+   * unread: retry), ENOENT (the mapping changed), ESRCH (the process exited), EFAULT.
+   */
+  copy(target: Target, offset: number, length: number, source: Mapping | Uint8Array | bigint, options: ResolveOptions & { sourceOffset?: number; wp?: boolean } = {}): ResolveResult {
+    this.#live();
+    let mode = options.dontWake ? K.UFFDIO_COPY_MODE_DONTWAKE! : 0;
+    if (options.wp) mode |= K.UFFDIO_COPY_MODE_WP!;
+    const src = source instanceof Mapping ? source.native : source;
+    return this.#n.copy(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), src, checkInteger('sourceOffset', options.sourceOffset ?? 0), mode);
+  }
+
+  /** UFFDIO_ZEROPAGE: maps the zero page (anonymous) or a zeroed page (shmem). Errors as copy(). */
+  zeropage(target: Target, offset: number, length: number, options: ResolveOptions = {}): ResolveResult {
+    this.#live();
+    return this.#n.zeropage(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), options.dontWake ? K.UFFDIO_ZEROPAGE_MODE_DONTWAKE! : 0);
+  }
+
+  /** UFFDIO_CONTINUE: maps the page already in the page cache (MINOR faults). Errors as copy(). */
+  continue(target: Target, offset: number, length: number, options: ResolveOptions & { wp?: boolean } = {}): ResolveResult {
+    this.#live();
+    let mode = options.dontWake ? K.UFFDIO_CONTINUE_MODE_DONTWAKE! : 0;
+    if (options.wp) mode |= K.UFFDIO_CONTINUE_MODE_WP!;
+    return this.#n.continue(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), mode);
+  }
+
+  /**
+   * UFFDIO_MOVE: moves pages (no copy) from a private anonymous source; the source becomes a hole.
+   * Errors as copy(), plus EBUSY (source page shared after fork), ENOENT (source hole without
+   * allowSrcHoles).
+   */
+  move(target: Target, offset: number, length: number, source: Mapping | bigint, options: ResolveOptions & { sourceOffset?: number; allowSrcHoles?: boolean } = {}): ResolveResult {
+    this.#live();
+    let mode = options.dontWake ? K.UFFDIO_MOVE_MODE_DONTWAKE! : 0;
+    if (options.allowSrcHoles) mode |= K.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES!;
+    const src = source instanceof Mapping ? source.native : source;
+    return this.#n.move(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), src, checkInteger('sourceOffset', options.sourceOffset ?? 0), mode);
+  }
+
+  /** UFFDIO_POISON: resolves with a poison marker; every later access gets SIGBUS. */
+  poison(target: Target, offset: number, length: number, options: ResolveOptions = {}): ResolveResult {
+    this.#live();
+    return this.#n.poison(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), options.dontWake ? K.UFFDIO_POISON_MODE_DONTWAKE! : 0);
+  }
+
+  /** UFFDIO_WRITEPROTECT with MODE_WP: CPU writes to the range now raise WP faults. */
+  writeProtect(target: Target, offset: number, length: number): void {
+    this.#live();
+    this.#n.writeProtect(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), K.UFFDIO_WRITEPROTECT_MODE_WP!);
+  }
+
+  /** UFFDIO_WRITEPROTECT without MODE_WP: lifts write protection and wakes WP faulters. */
+  unprotect(target: Target, offset: number, length: number, options: ResolveOptions = {}): void {
+    this.#live();
+    this.#n.writeProtect(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), options.dontWake ? K.UFFDIO_WRITEPROTECT_MODE_DONTWAKE! : 0);
+  }
+
+  /** UFFDIO_WAKE: wakes threads waiting on the range (after DONTWAKE resolves). */
+  wake(target: Target, offset: number, length: number): void {
+    this.#live();
+    this.#n.wake(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1));
+  }
+
+  /** Starts the native service thread. Faults no rule covers go to onFaults, in batches. */
+  serve(options: ServeOptions = {}): this {
+    this.#live();
+    if (this.#serving) throw stateError('ERR_PAGEMIRROR_SERVING', 'already serving');
+    this.#options = options;
+    const maxBatch = checkInteger('maxBatch', options.maxBatch ?? 64, 1, 4096);
+    this.#n.serve((batch) => this.#dispatch(batch), maxBatch);
+    this.#serving = true;
+    return this;
+  }
+
+  /** Lets the process exit while serving (the service keeps it alive by default). */
+  unref(): this {
+    this.#n.unref();
+    return this;
+  }
+  ref(): this {
+    this.#n.ref();
+    return this;
+  }
+
+  #locate(address: bigint): [Mapping | undefined, number] {
+    for (const r of this.#registrations) {
+      const start = r.mapping.address;
+      if (address >= start + BigInt(r.offset) && address < start + BigInt(r.offset + r.length))
+        return [r.mapping, Number(address - start)];
+    }
+    return [undefined, 0];
+  }
+
+  #dispatch(batch: NativeBatch): void {
+    if (batch.events.length) this.#dispatchEvents(batch);
+    const n = batch.addresses.length;
+    if (n === 0) return;
+    const faults: Fault[] = new Array(n);
+    for (let i = 0; i < n; i++) {
+      const a = batch.addresses[i]!;
+      const [m, off] = this.#locate(a);
+      faults[i] = new Fault(a, batch.flags[i]!, batch.tids[i]!, m, off);
+    }
+    const handler = this.#options.onFaults;
+    if (!handler) return this.#fallback(new Error('no onFaults handler: faults resolved by the fallback'), faults);
+    try {
+      const r = handler(faults, this);
+      if (r && typeof (r as Promise<void>).then === 'function')
+        (r as Promise<void>).then(undefined, (err: unknown) => this.#fallback(err, faults));
+    } catch (err) {
+      this.#fallback(err, faults);
+    }
+  }
+
+  #dispatchEvents(batch: NativeBatch): void {
+    const events: UffdEvent[] = batch.events.map((e) => {
+      if (e.type !== 'fork') return e;
+      let adopted: Userfaultfd | undefined;
+      return {
+        type: 'fork',
+        fd: e.fd,
+        adopt: () => (adopted ??= Userfaultfd.adopt(e.fd, this.#features)),
+        get adopted() {
+          return adopted;
+        },
+      } as UffdEvent & { adopted?: Userfaultfd };
+    });
+    try {
+      this.#options.onEvents?.(events, this);
+    } catch (err) {
+      this.#report(err, []);
+    }
+    // A child's descriptor nobody took is closed: the kernel then wakes its faults (they proceed as
+    // unregistered memory) instead of leaving the child asleep.
+    for (const e of events) {
+      if (e.type === 'fork' && !(e as { adopted?: Userfaultfd }).adopted) Userfaultfd.adopt(e.fd, this.#features).close();
+    }
+  }
+
+  #report(err: unknown, faults: Fault[]): void {
+    if (this.#options.onError) this.#options.onError(err, faults);
+    else process.emitWarning(`pagemirror: fault handler failed (${faults.length} faults resolved by fallback): ${String(err)}`);
+  }
+
+  #fallback(err: unknown, faults: Fault[]): void {
+    if (this.#closed) return;
+    for (const f of faults) {
+      const page = f.mapping?.pageSize ?? BASE_PAGE;
+      const addr = f.address & ~BigInt(page - 1);
+      try {
+        if (f.kind === 'wp') this.#n.writeProtect(addr, 0, page, 0);
+        else if (f.kind === 'minor') this.#n.continue(addr, 0, page, 0);
+        else this.#n.zeropage(addr, 0, page, 0);
+      } catch {
+        // The page may be gone (unmapped) or resolved meanwhile; wake whatever still waits.
+        try {
+          this.#n.wake(addr, 0, page);
+        } catch {
+          /* closed */
+        }
+      }
+    }
+    this.#report(err, faults);
+  }
+
+  /** Adds a fast-path rule; returns it (pass it to removeRule()). */
+  addRule(rule: Rule): Rule {
+    this.#live();
+    if (!(rule?.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'rule.mapping must be a Mapping');
+    checkOneOf('action', rule.action, ['copy', 'zero', 'move', 'poison', 'unprotect', 'continue'] as const);
+    if (rule.granule !== undefined) checkInteger('granule', rule.granule, 1);
+    const next = [...this.#rules, rule];
+    this.#n.setRules(next.map(toNativeRule));
+    this.#rules = next;
+    return rule;
+  }
+
+  removeRule(rule: Rule): void {
+    this.#live();
+    const next = this.#rules.filter((r) => r !== rule);
+    this.#n.setRules(next.map(toNativeRule));
+    this.#rules = next;
+  }
+
+  clearRules(): void {
+    this.#live();
+    this.#n.setRules([]);
+    this.#rules = [];
+  }
+
+  get rules(): readonly Rule[] {
+    return this.#rules;
+  }
+
+  /** Counters of the service thread. */
+  stats(): ServiceStats {
+    return this.#n.stats();
+  }
+
+  /** Faults handed to onFaults and not yet seen resolved through this object. */
+  outstanding(): bigint[] {
+    return Array.from(this.#n.outstanding());
+  }
+
+  /**
+   * Stops the service and closes the descriptor; every thread asleep on it wakes. 'wake' (default):
+   * the kernel retries each fault as unregistered memory (zero-fill for anonymous memory, the file's
+   * page for shmem). 'zero': faults read but unresolved are zero-filled / un-protected / continued
+   * first. 'sigbus': they are poisoned, so the faulting accesses get SIGBUS (needs 'poison').
+   */
+  close(outcome: CloseOutcome = 'wake'): void {
+    if (this.#closed) return;
+    checkOneOf('outcome', outcome, ['wake', 'zero', 'sigbus'] as const);
+    this.#n.close(outcome);
+    this.#closed = true;
+    this.#serving = false;
+    this.#registrations = [];
+    this.#rules = [];
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+const BASE_PAGE = native.uname().pageSize;
+const offered = new Map<boolean, bigint>();
+/** Features the kernel offers, learnt once per process on a throw-away descriptor. */
+function offeredFeatures(userModeOnly: boolean): bigint {
+  let f = offered.get(userModeOnly);
+  if (f === undefined) {
+    f = native.probeUffd(userModeOnly).features ?? 0n;
+    offered.set(userModeOnly, f);
+  }
+  return f;
+}
+
+function toNativeRule(r: Rule): NativeRule {
+  let mode = 0;
+  if (r.wp && r.action === 'copy') mode |= K.UFFDIO_COPY_MODE_WP!;
+  if (r.wp && r.action === 'continue') mode |= K.UFFDIO_CONTINUE_MODE_WP!;
+  if (r.allowSrcHoles && r.action === 'move') mode |= K.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES!;
+  if ((r.action === 'copy' || r.action === 'move') && !(r.source instanceof Mapping))
+    throw typeError('ERR_INVALID_ARG_TYPE', `a ${r.action} rule needs a source Mapping`);
+  return {
+    mapping: r.mapping.native,
+    offset: r.offset ?? 0,
+    length: r.length,
+    action: r.action,
+    source: r.source?.native,
+    sourceOffset: r.sourceOffset ?? 0,
+    granule: r.granule ?? 0,
+    mode,
+  };
+}

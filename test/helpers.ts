@@ -1,0 +1,41 @@
+// Shared test helpers: the probe (skips cite it), page size, and a bounded wait.
+import { probe, type Capability } from '../lib/index.js';
+
+export const P = probe();
+export const PAGE = P.pageSize;
+
+/** Skips the running test, visibly, with the probe's reason, when a capability is absent. */
+export function requireCap(ctx: { skip: (note?: string) => void }, cap: Capability, what: string): void {
+  if (!cap.ok) ctx.skip(`${what}: ${cap.reason ?? 'not available'}`);
+}
+
+/** Resolves when pred() holds; rejects after ms (a hung fault must fail the test, not hang it). */
+export async function waitFor(pred: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
+  const end = Date.now() + ms;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
+
+/** A promise that rejects after ms: race it against anything that could hang. */
+export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let t: NodeJS.Timeout;
+  return Promise.race([
+    p.finally(() => clearTimeout(t)),
+    new Promise<T>((_, rej) => {
+      t = setTimeout(() => rej(new Error(`${what} did not finish within ${ms} ms`)), ms);
+    }),
+  ]);
+}
+
+/** The value a write access with this seed stores at byte offset `off` (seed + word index). */
+export function written(seed: number, off: number): bigint {
+  return BigInt(seed) + BigInt(off / 8);
+}
+
+export function fillPattern(buf: Uint8Array, seed: number): Uint8Array {
+  const w = new BigUint64Array(buf.buffer, buf.byteOffset, buf.byteLength / 8);
+  for (let i = 0; i < w.length; i++) w[i] = BigInt(seed) + BigInt(i);
+  return buf;
+}
