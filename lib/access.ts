@@ -76,7 +76,7 @@ function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<strin
  * are served meanwhile (the JavaScript thread stays free). Errors: EACCES before starting when the
  * protection forbids the access (it would SIGSEGV); a SIGBUS is reported in the result.
  */
-export function access(mapping: Mapping, options: AccessOptions = {}): Promise<AccessResult> {
+export async function access(mapping: Mapping, options: AccessOptions = {}): Promise<AccessResult> {
   const [offset, length, s] = spec(mapping, options);
   return native.runAccess(mapping.native, offset, length, s) as Promise<NativeAccessResult>;
 }
@@ -97,7 +97,7 @@ export interface ForkResult {
  * child), reports through a pipe and exits. The fork happens on a native thread, because with the
  * eventFork feature fork() sleeps until the handler reads the event.
  */
-export function forkAccess(mapping: Mapping, options: AccessOptions & { delayMs?: number } = {}): Promise<ForkResult> {
+export async function forkAccess(mapping: Mapping, options: AccessOptions & { delayMs?: number } = {}): Promise<ForkResult> {
   const [offset, length, s] = spec(mapping, options);
   s.delayMs = checkInteger('delayMs', options.delayMs ?? 0);
   return native.forkRun(mapping.native, offset, length, s) as Promise<NativeForkResult>;

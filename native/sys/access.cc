@@ -25,7 +25,9 @@ namespace {
 // Only threads inside a guarded region jump out; any other SIGBUS gets the previous disposition
 // (for Node: the default, which kills the process as it always would). SIGSEGV is deliberately
 // not touched: Node's WebAssembly trap handler owns it.
-thread_local sigjmp_buf* tl_jump = nullptr;
+// volatile: the stores around a memcpy would otherwise be dead-store eliminated (the compiler
+// cannot see that a signal handler reads them).
+thread_local sigjmp_buf* volatile tl_jump = nullptr;
 thread_local volatile uint64_t tl_bad_addr = 0;
 struct sigaction g_previous_bus;
 std::once_flag g_install_once;
