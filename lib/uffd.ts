@@ -52,7 +52,7 @@ export type FaultKind = 'missing' | 'wp' | 'minor';
 /** One page fault as the kernel reported it. */
 export class Fault {
   constructor(
-    /** Faulting address (page aligned unless the exactAddress feature is on). */
+    /** Faulting address (exact with the exactAddress feature, else page aligned). */
     readonly address: bigint,
     /** UFFD_PAGEFAULT_FLAG_* bits. */
     readonly flags: number,
@@ -60,7 +60,7 @@ export class Fault {
     readonly tid: number,
     /** The registered mapping the address lies in (undefined for an adopted child's descriptor). */
     readonly mapping: Mapping | undefined,
-    /** Byte offset of the page within `mapping`. */
+    /** Byte offset within `mapping` of the page that faulted (page aligned: ready for copy/zeropage). */
     readonly offset: number,
   ) {}
   get write(): boolean {
@@ -349,7 +349,7 @@ export class Userfaultfd {
     for (const r of this.#registrations) {
       const start = r.mapping.address;
       if (address >= start + BigInt(r.offset) && address < start + BigInt(r.offset + r.length))
-        return [r.mapping, Number(address - start)];
+        return [r.mapping, Number((address - start) & ~BigInt(r.mapping.pageSize - 1))];
     }
     return [undefined, 0];
   }
