@@ -89,7 +89,11 @@ export interface ScanOptions extends RangeOptions {
   report?: PageCategory[];
   /** Write-protect the matching pages in the same walk (PM_SCAN_WP_MATCHING): the dirty-tracking reset. */
   writeProtect?: boolean;
-  /** Fail with EPERM unless the range is registered with WP_ASYNC (PM_SCAN_CHECK_WPASYNC). */
+  /**
+   * Fail with EPERM unless the range is registered with WP_ASYNC (PM_SCAN_CHECK_WPASYNC). Default:
+   * on when writeProtect is, because the kernel silently skips memory it cannot protect and a
+   * dirty tracker would then miss every write.
+   */
   checkWpAsync?: boolean;
   /** Stop after this many matching pages. Default: no limit. */
   maxPages?: number;
@@ -239,7 +243,9 @@ export class Mapping {
     const exc = categoryMask(options.exclude);
     const any = categoryMask(options.anyOf);
     const r = native.pagemapScan(this.native, o, l, {
-      flags: (options.writeProtect ? K.PM_SCAN_WP_MATCHING! : 0) | (options.checkWpAsync ? K.PM_SCAN_CHECK_WPASYNC! : 0),
+      flags:
+        (options.writeProtect ? K.PM_SCAN_WP_MATCHING! : 0) |
+        ((options.checkWpAsync ?? options.writeProtect) ? K.PM_SCAN_CHECK_WPASYNC! : 0),
       categoryMask: req | exc,
       categoryInverted: exc,
       anyOf: any,

@@ -134,6 +134,16 @@ export interface NativeUserfaultfd {
   poison(dst: Target, offset: number, length: number, mode: number): ResolveResult;
   writeProtect(dst: Target, offset: number, length: number, mode: number): void;
   wake(dst: Target, offset: number, length: number): void;
+  resolveMany(
+    action: 'copy' | 'zeropage' | 'continue' | 'move' | 'unprotect' | 'poison',
+    dst: Target,
+    offsets: Float64Array,
+    length: number,
+    src: NativeMapping | Uint8Array | undefined,
+    srcOffsets: Float64Array | undefined,
+    mode: number,
+    replay: boolean,
+  ): { bytes: number; exists: number };
   serve(callback: (batch: NativeBatch) => void, maxBatch: number): void;
   setRules(rules: NativeRule[]): void;
   stats(): NativeStats;
@@ -208,6 +218,8 @@ export interface NativeAddon {
   fsType(path: string): number;
   uname(): { sysname: string; release: string; version: string; machine: string; pageSize: number };
   probeUffd(userModeOnly: boolean): NativeUffdProbe;
+  setAffinity(cpus: number[]): void;
+  getAffinity(): number[];
   constants: Record<string, number>;
 }
 

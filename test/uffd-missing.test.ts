@@ -221,7 +221,8 @@ describe('MISSING faults', () => {
       expect(r.ops).toBe(N);
       expect(sizes.reduce((a, b) => a + b, 0)).toBe(N);
       expect(sizes.length).toBeLessThan(N); // batching happened
-      expect(uffd.stats().batches).toBe(sizes.length);
+      // The service may hand over more often than JavaScript runs: queued hand-overs coalesce.
+      expect(uffd.stats().batches).toBeGreaterThanOrEqual(sizes.length);
     } finally {
       uffd.close();
       dst.close();

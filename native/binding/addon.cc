@@ -20,6 +20,8 @@ Napi::Value StatxPath(const Napi::CallbackInfo& info);
 Napi::Value FsType(const Napi::CallbackInfo& info);
 Napi::Value Uname(const Napi::CallbackInfo& info);
 Napi::Value ProbeUffd(const Napi::CallbackInfo& info);
+Napi::Value SetAffinity(const Napi::CallbackInfo& info);
+Napi::Value GetAffinity(const Napi::CallbackInfo& info);
 
 namespace {
 
@@ -90,6 +92,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fsType", Napi::Function::New(env, FsType, "fsType"));
   exports.Set("uname", Napi::Function::New(env, Uname, "uname"));
   exports.Set("probeUffd", Napi::Function::New(env, ProbeUffd, "probeUffd"));
+  exports.Set("setAffinity", Napi::Function::New(env, SetAffinity, "setAffinity"));
+  exports.Set("getAffinity", Napi::Function::New(env, GetAffinity, "getAffinity"));
   exports.Set("constants", Constants(env));
   return exports;
 }

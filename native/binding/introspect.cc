@@ -3,6 +3,7 @@
 #include <napi.h>
 
 #include <cerrno>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/utsname.h>
 #include <unistd.h>
@@ -60,7 +61,8 @@ Napi::Value PagemapScan(const Napi::CallbackInfo& info) {
   long n = sys::pagemap_scan(req, &regions, &walk_end);
   if (n < 0) {
     const char* hint = n == -ENOTTY ? "the kernel lacks PAGEMAP_SCAN (6.7+)" :
-                       n == -EINVAL ? "bad masks, or WP matching on memory not registered for uffd-wp with WP_ASYNC" : nullptr;
+                       n == -EINVAL ? "bad category masks or flags" :
+                       n == -EPERM ? "checkWpAsync: the range is not registered for uffd-wp with WP_ASYNC" : nullptr;
     ThrowSystemError(env, static_cast<int>(n), "ioctl(PAGEMAP_SCAN)", {"/proc/self/pagemap", hint});
   }
   Napi::Array arr = Napi::Array::New(env, regions.size());
@@ -109,6 +111,35 @@ Napi::Value Uname(const Napi::CallbackInfo& info) {
   o.Set("machine", u.machine);
   o.Set("pageSize", static_cast<double>(sys::page_size()));
   return o;
+}
+
+// setAffinity([cpu...]): pins the calling thread; threads it creates afterwards (the fault service,
+// access threads) inherit the mask. Benchmarks pin so that handler and faulter share a CPU the way
+// the C baseline is run, instead of measuring the scheduler's placement luck.
+Napi::Value SetAffinity(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArray()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "cpus must be an array");
+  Napi::Array a = info[0].As<Napi::Array>();
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    uint64_t c = ToU64(a.Get(i), "cpu");
+    if (c >= CPU_SETSIZE) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "cpu out of range");
+    CPU_SET(static_cast<int>(c), &set);
+  }
+  if (::sched_setaffinity(0, sizeof set, &set) != 0) ThrowSystemError(env, -errno, "sched_setaffinity");
+  return env.Undefined();
+}
+
+Napi::Value GetAffinity(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cpu_set_t set;
+  if (::sched_getaffinity(0, sizeof set, &set) != 0) ThrowSystemError(env, -errno, "sched_getaffinity");
+  Napi::Array a = Napi::Array::New(env);
+  uint32_t n = 0;
+  for (int c = 0; c < CPU_SETSIZE; c++)
+    if (CPU_ISSET(c, &set)) a.Set(n++, c);
+  return a;
 }
 
 // probeUffd(): opens a throw-away userfaultfd, asks UFFDIO_API for nothing (which reports every

@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <unistd.h>
 
+#include <algorithm>
 #include <string>
 
 #include "../sys/mem.h"
@@ -99,6 +100,7 @@ Napi::Function Userfaultfd::Init(Napi::Env env) {
                          InstanceMethod<&Userfaultfd::Poison>("poison"),
                          InstanceMethod<&Userfaultfd::WriteProtect>("writeProtect"),
                          InstanceMethod<&Userfaultfd::Wake>("wake"),
+                         InstanceMethod<&Userfaultfd::ResolveMany>("resolveMany"),
                          InstanceMethod<&Userfaultfd::Serve>("serve"),
                          InstanceMethod<&Userfaultfd::SetRules>("setRules"),
                          InstanceMethod<&Userfaultfd::Stats>("stats"),
@@ -399,6 +401,132 @@ Napi::Value Userfaultfd::Wake(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// resolveMany(action, target, offsets: Float64Array, length, source?, sourceOffsets?, mode)
+// -> {bytes, exists}: a fault batch resolved in one call, as a driver services its fault buffer.
+// Each item is [offset, offset + length) of target; copy/move read from source at the matching
+// sourceOffsets entry (or the same offset). EEXIST counts as success (`exists`); any other error
+// stops the loop and throws with err.bytes (bytes resolved so far) and err.index (the item).
+Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = live_fd(env);
+  std::string action = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+  enum { kCopy, kZero, kContinue, kMove, kUnprotect, kPoison } act;
+  if (action == "copy") act = kCopy;
+  else if (action == "zeropage") act = kZero;
+  else if (action == "continue") act = kContinue;
+  else if (action == "move") act = kMove;
+  else if (action == "unprotect") act = kUnprotect;
+  else if (action == "poison") act = kPoison;
+  else throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "action must be copy, zeropage, continue, move, unprotect or poison");
+  if (info.Length() < 3 || !info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+    throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "offsets must be a Float64Array");
+  Napi::Float64Array offsets = info[2].As<Napi::Float64Array>();
+  const uint64_t len = ToU64(info[3], "length");
+  const uint64_t mode = ToU64(info[6], "mode");
+  const uint64_t page = sys::page_size();
+  if (len == 0 || len % page) throw CodedRangeError(env, "ERR_PAGEMIRROR_UNALIGNED", "length must be a positive multiple of the page size");
+  uint64_t base, limit;
+  if (info[1].IsBigInt()) {
+    base = ToU64(info[1], "address");
+    limit = UINT64_MAX;
+  } else {
+    Mapping* m = Mapping::Unwrap(info[1]);
+    base = m->live(env).addr;
+    limit = m->region()->length;
+  }
+  uint64_t src_base = 0, src_limit = 0;
+  if (act == kCopy || act == kMove) {
+    if (info[4].IsTypedArray() && act == kCopy) {
+      Napi::TypedArray ta = info[4].As<Napi::TypedArray>();
+      src_base = reinterpret_cast<uint64_t>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+      src_limit = ta.ByteLength();
+    } else {
+      Mapping* sm = Mapping::Unwrap(info[4]);
+      src_base = sm->live(env).addr;
+      src_limit = sm->region()->length;
+    }
+  }
+  const bool has_src_offsets = info[5].IsTypedArray();
+  Napi::Float64Array src_offsets = has_src_offsets ? info[5].As<Napi::Float64Array>() : Napi::Float64Array();
+  if (has_src_offsets && src_offsets.ElementLength() != offsets.ElementLength())
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "sourceOffsets must have one entry per offset");
+  // Validate everything before the first ioctl: a batch is resolved whole or fails untouched.
+  const size_t n = offsets.ElementLength();
+  for (size_t i = 0; i < n; i++) {
+    double o = offsets[i];
+    if (!(o >= 0) || static_cast<uint64_t>(o) % page || static_cast<uint64_t>(o) > limit || len > limit - static_cast<uint64_t>(o))
+      throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "offsets[" + std::to_string(i) + "] is unaligned or outside the target");
+    if (act == kCopy || act == kMove) {
+      double so = has_src_offsets ? src_offsets[i] : o;
+      if (!(so >= 0) || static_cast<uint64_t>(so) > src_limit || len > src_limit - static_cast<uint64_t>(so))
+        throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "sourceOffsets[" + std::to_string(i) + "] is outside the source");
+    }
+  }
+  // replay: resolve everything without waking, then wake each resolved run once, so the faulting
+  // threads restart together after the batch (the device-fault "replay") instead of preempting the
+  // handler one by one.
+  const bool replay = info.Length() > 7 && info[7].ToBoolean().Value();
+  uint64_t resolve_mode = mode;
+  if (replay) resolve_mode |= act == kUnprotect ? UFFDIO_WRITEPROTECT_MODE_DONTWAKE : UFFDIO_COPY_MODE_DONTWAKE;
+  std::vector<uint64_t> woken;
+  if (replay) woken.reserve(n);
+  uint64_t bytes = 0, exists = 0;
+  struct Waker {
+    int fd;
+    uint64_t len;
+    std::vector<uint64_t>* starts;
+    bool on;
+    // Wake what was resolved so far even when a later item fails: nobody is left asleep.
+    ~Waker() {
+      if (!on || starts->empty()) return;
+      std::sort(starts->begin(), starts->end());
+      uint64_t run_start = (*starts)[0], run_end = run_start + len;
+      for (size_t k = 1; k < starts->size(); k++) {
+        if ((*starts)[k] <= run_end) {
+          run_end = std::max(run_end, (*starts)[k] + len);
+          continue;
+        }
+        sys::uffd_wake(fd, run_start, run_end - run_start);
+        run_start = (*starts)[k];
+        run_end = run_start + len;
+      }
+      sys::uffd_wake(fd, run_start, run_end - run_start);
+    }
+  } waker{fd, len, &woken, replay};
+  for (size_t i = 0; i < n; i++) {
+    const uint64_t dst = base + static_cast<uint64_t>(offsets[i]);
+    const uint64_t src = src_base + static_cast<uint64_t>(has_src_offsets ? src_offsets[i] : offsets[i]);
+    int64_t done = 0;
+    int rc;
+    switch (act) {
+      case kCopy: rc = sys::uffd_copy(fd, dst, src, len, resolve_mode, &done); break;
+      case kZero: rc = sys::uffd_zeropage(fd, dst, len, resolve_mode, &done); break;
+      case kContinue: rc = sys::uffd_continue(fd, dst, len, resolve_mode, &done); break;
+      case kMove: rc = sys::uffd_move(fd, dst, src, len, resolve_mode, &done); break;
+      case kPoison: rc = sys::uffd_poison(fd, dst, len, resolve_mode, &done); break;
+      case kUnprotect: rc = sys::uffd_writeprotect(fd, dst, len, resolve_mode); done = rc ? 0 : len; break;
+    }
+    if (service_) service_->resolved(dst, rc == 0 ? len : static_cast<uint64_t>(done));
+    if (replay && (rc == 0 || rc == -EEXIST)) woken.push_back(dst);
+    if (rc == -EEXIST) {
+      exists++;
+      if (!replay && !(mode & UFFDIO_COPY_MODE_DONTWAKE)) sys::uffd_wake(fd, dst, len);
+      bytes += static_cast<uint64_t>(done);
+      continue;
+    }
+    if (rc) {
+      Napi::Error err = SystemError(env, rc, "ioctl(resolveMany)", {nullptr, nullptr, static_cast<int64_t>(bytes + done), dst});
+      err.Value().Set("index", static_cast<double>(i));
+      throw err;
+    }
+    bytes += len;
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("bytes", static_cast<double>(bytes));
+  o.Set("exists", static_cast<double>(exists));
+  return o;
+}
+
 // serve(callback, maxBatch): starts the service thread. The callback receives batches.
 Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -425,8 +553,28 @@ Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
 }
 
 void Userfaultfd::on_batch(std::vector<sys::FaultMsg>&& faults, std::vector<sys::EventMsg>&& events) {
-  auto* batch = new Batch{std::move(faults), std::move(events)};
-  if (!tsfn_live_ || tsfn_.NonBlockingCall(batch, DeliverBatch) != napi_ok) delete batch;
+  std::shared_ptr<Pending> p = pending_;
+  {
+    std::lock_guard<std::mutex> lock(p->mu);
+    p->faults.insert(p->faults.end(), faults.begin(), faults.end());
+    p->events.insert(p->events.end(), events.begin(), events.end());
+    if (p->queued) return;  // the queued delivery will take these too
+    p->queued = true;
+  }
+  auto deliver = [p](Napi::Env env, Napi::Function callback) {
+    auto* batch = new Batch();
+    {
+      std::lock_guard<std::mutex> lock(p->mu);
+      batch->faults.swap(p->faults);
+      batch->events.swap(p->events);
+      p->queued = false;
+    }
+    DeliverBatch(env, callback, batch);
+  };
+  if (!tsfn_live_ || tsfn_.NonBlockingCall(deliver) != napi_ok) {
+    std::lock_guard<std::mutex> lock(p->mu);
+    p->queued = false;
+  }
 }
 
 // setRules([{mapping|address, offset, length, action, source?, sourceOffset?, granule?, mode?}])

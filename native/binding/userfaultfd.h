@@ -46,6 +46,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   Napi::Value Poison(const Napi::CallbackInfo& info);
   Napi::Value WriteProtect(const Napi::CallbackInfo& info);
   Napi::Value Wake(const Napi::CallbackInfo& info);
+  Napi::Value ResolveMany(const Napi::CallbackInfo& info);
   Napi::Value Serve(const Napi::CallbackInfo& info);
   Napi::Value SetRules(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
@@ -72,6 +73,16 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   std::unique_ptr<sys::FaultService> service_;
   std::vector<std::shared_ptr<Region>> rule_sources_;  // pinned while rules use them
   std::vector<RegionPin> rule_pins_;
+  // Faults waiting for the JavaScript thread. While one delivery is queued, later faults join it
+  // instead of queueing another call: under load batches grow by themselves, and an idle handler
+  // still gets each fault at once.
+  struct Pending {
+    std::mutex mu;
+    std::vector<sys::FaultMsg> faults;
+    std::vector<sys::EventMsg> events;
+    bool queued = false;
+  };
+  std::shared_ptr<Pending> pending_ = std::make_shared<Pending>();
   Napi::ThreadSafeFunction tsfn_;
   bool tsfn_live_ = false;
   bool self_ref_ = false;  // serving keeps this object alive: no fault is left to a collected handler

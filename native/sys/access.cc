@@ -66,12 +66,16 @@ inline uint64_t xorshift(uint64_t& s) {
 struct Shared {
   const AccessSpec* spec;
   uint64_t nwords;
-  std::atomic<unsigned> ready{0};
-  std::atomic<bool> go{false};
-  std::atomic<uint64_t> start_ns{0};
+  // A sleeping barrier (threads + the coordinator): spinning threads would steal the CPU from the
+  // fault handler they are about to wait for, which on a small machine is the whole measurement.
+  pthread_barrier_t barrier;
+  // Threads also wait for each other before exiting: an early thread's exit (stack unmapping,
+  // TLB shootdown, mmap_lock) would otherwise land inside the others' timed accesses.
+  pthread_barrier_t done;
 };
 
 struct ThreadOut {
+  uint64_t start_ns = 0;
   uint64_t ops = 0, checksum = 0, mismatches = 0, first_mismatch = UINT64_MAX, end_ns = 0;
   int signal = 0;
   uint64_t signal_addr = 0;
@@ -161,11 +165,10 @@ void worker(Shared* sh, unsigned index, ThreadOut* out) {
   const uint64_t first = s.ops * index / s.threads;
   const uint64_t last = s.ops * (index + 1) / s.threads;
   if (s.latency) out->latency.reserve(last - first);
-  if (s.barrier && s.threads > 1) {
-    sh->ready.fetch_add(1);
-    while (!sh->go.load(std::memory_order_acquire)) std::this_thread::yield();
-  }
+  if (s.barrier) pthread_barrier_wait(&sh->barrier);
+  out->start_ns = now_ns();
   run_range(s, sh->nwords, first, last, s.seed * 0x9E3779B97F4A7C15ull + index + 1, out);
+  if (s.barrier) pthread_barrier_wait(&sh->done);
 }
 
 }  // namespace
@@ -182,14 +185,23 @@ void run_access(const AccessSpec& spec_in, AccessResult* out) {
   std::vector<ThreadOut> outs(spec.threads);
   std::vector<std::thread> threads;
   threads.reserve(spec.threads);
+  if (spec.barrier) {
+    pthread_barrier_init(&sh.barrier, nullptr, spec.threads + 1);
+    pthread_barrier_init(&sh.done, nullptr, spec.threads);
+  }
   uint64_t start = now_ns();
   for (unsigned t = 0; t < spec.threads; t++) threads.emplace_back(worker, &sh, t, &outs[t]);
-  if (spec.barrier && spec.threads > 1) {
-    while (sh.ready.load() < spec.threads) std::this_thread::yield();
-    start = now_ns();
-    sh.go.store(true, std::memory_order_release);
-  }
+  // Even one thread waits at the barrier, so elapsed time excludes thread creation.
+  if (spec.barrier) pthread_barrier_wait(&sh.barrier);
   for (auto& th : threads) th.join();
+  // Elapsed runs from the first thread's start to the last one's end, as each thread saw them: the
+  // coordinator may well be scheduled after the workers have finished.
+  start = UINT64_MAX;
+  for (auto& o : outs) start = std::min(start, o.start_ns);
+  if (spec.barrier) {
+    pthread_barrier_destroy(&sh.barrier);
+    pthread_barrier_destroy(&sh.done);
+  }
   uint64_t end = start;
   *out = AccessResult{};
   for (auto& o : outs) {

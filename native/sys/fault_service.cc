@@ -125,7 +125,7 @@ std::vector<FaultMsg> FaultService::drain() {
 // Resolves one fault by the rule. Fault-around resolves the aligned block of rule.granule bytes
 // around the fault, clamped to the rule's range; pages of the block that are already present make
 // the kernel stop with EEXIST, and then the faulting page alone is resolved.
-bool FaultService::resolve_fast(const Rule& rule, const FaultMsg& msg, int* err) {
+bool FaultService::resolve_fast(const Rule& rule, const FaultMsg& msg, int* err, uint64_t* pages) {
   const uint64_t page_addr = msg.address & ~(page_ - 1);
   uint64_t start = page_addr, len = page_;
   if (rule.granule > page_) {
@@ -162,21 +162,19 @@ bool FaultService::resolve_fast(const Rule& rule, const FaultMsg& msg, int* err)
   if (rc == -EEXIST) {
     // Someone else installed the page without waking us; make sure the faulter runs on.
     uffd_wake(uffd_, page_addr, page_);
-    rc = 0;
     *err = -EEXIST;
+    *pages = 0;
     return true;
   }
   *err = rc;
-  if (rc == 0) {
-    std::lock_guard<std::mutex> lock(stats_mu_);
-    stats_.fast_pages += len / page_;
-  }
+  if (rc == 0) *pages = len / page_;
   return rc == 0;
 }
 
 void FaultService::loop() {
   std::vector<uffd_msg> msgs(max_batch_);
-  std::vector<FaultMsg> retry;
+  std::vector<FaultMsg> retry, work;
+  work.reserve(max_batch_);
   pollfd fds[2] = {{uffd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
   for (;;) {
     // With faults waiting for an unread event (EAGAIN), do not sleep: the event is already queued.
@@ -188,7 +186,7 @@ void FaultService::loop() {
     std::vector<FaultMsg> forward;
     std::vector<EventMsg> events;
     ServiceStats delta;
-    std::vector<FaultMsg> work;
+    work.clear();
     work.swap(retry);
 
     if (fds[0].revents & POLLIN) {
@@ -234,8 +232,10 @@ void FaultService::loop() {
         const Rule* rule = rules->empty() ? nullptr : find_rule(*rules, f.address, kind_of(f.flags));
         if (rule) {
           int err = 0;
-          if (resolve_fast(*rule, f, &err)) {
+          uint64_t pages = 0;
+          if (resolve_fast(*rule, f, &err, &pages)) {
             delta.fast_resolved++;
+            delta.fast_pages += pages;
             if (err == -EEXIST) delta.eexist++;
             continue;
           }
@@ -256,23 +256,27 @@ void FaultService::loop() {
       for (const FaultMsg& f : forward) outstanding_[f.address & ~(page_ - 1)] = f;
     }
     delta.forwarded = forward.size();
-    if (!forward.empty() || !events.empty()) {
-      delta.batches = 1;
-      if (sink_) sink_->on_batch(std::move(forward), std::move(events));
+    const bool deliver = !forward.empty() || !events.empty();
+    if (deliver) delta.batches = 1;
+    {
+      // Publish the counts before handing the batch over: JavaScript may resolve the faults, the
+      // accesses finish and stats() be read before this thread runs again.
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      stats_.reads += delta.reads;
+      stats_.messages += delta.messages;
+      stats_.faults += delta.faults;
+      stats_.fast_resolved += delta.fast_resolved;
+      stats_.fast_pages += delta.fast_pages;
+      stats_.forwarded += delta.forwarded;
+      stats_.events += delta.events;
+      stats_.batches += delta.batches;
+      stats_.max_batch = std::max(stats_.max_batch, delta.max_batch);
+      stats_.eexist += delta.eexist;
+      stats_.eagain += delta.eagain;
+      stats_.errors += delta.errors;
+      stats_.service_ns += delta.service_ns;
     }
-    std::lock_guard<std::mutex> lock(stats_mu_);
-    stats_.reads += delta.reads;
-    stats_.messages += delta.messages;
-    stats_.faults += delta.faults;
-    stats_.fast_resolved += delta.fast_resolved;
-    stats_.forwarded += delta.forwarded;
-    stats_.events += delta.events;
-    stats_.batches += delta.batches;
-    stats_.max_batch = std::max(stats_.max_batch, delta.max_batch);
-    stats_.eexist += delta.eexist;
-    stats_.eagain += delta.eagain;
-    stats_.errors += delta.errors;
-    stats_.service_ns += delta.service_ns;
+    if (deliver && sink_) sink_->on_batch(std::move(forward), std::move(events));
   }
 }
 

@@ -89,7 +89,7 @@ class FaultService {
 
  private:
   void loop();
-  bool resolve_fast(const Rule& rule, const FaultMsg& msg, int* err);
+  bool resolve_fast(const Rule& rule, const FaultMsg& msg, int* err, uint64_t* pages);
   std::shared_ptr<const std::vector<Rule>> rules_snapshot() const;
 
   const int uffd_;

@@ -1,0 +1,26 @@
+// Progress on stderr for long runs: a single rewritten line on a terminal, plain lines otherwise.
+export class Progress {
+  #done = 0;
+  readonly #tty = process.stderr.isTTY === true;
+  constructor(
+    readonly total: number,
+    readonly label: string,
+    readonly quiet = false,
+  ) {}
+
+  step(what: string): void {
+    this.#done++;
+    if (this.quiet) return;
+    const pct = Math.round((100 * this.#done) / this.total);
+    const width = 24;
+    const filled = Math.round((width * this.#done) / this.total);
+    const bar = '#'.repeat(filled) + '.'.repeat(width - filled);
+    const line = `${this.label} [${bar}] ${String(pct).padStart(3)}% ${what}`;
+    if (this.#tty) process.stderr.write(`\r\x1b[K${line}`);
+    else process.stderr.write(line + '\n');
+  }
+
+  end(): void {
+    if (!this.quiet && this.#tty) process.stderr.write('\n');
+  }
+}
