@@ -1,6 +1,34 @@
 #!/usr/bin/env node
 // pagemirror command line: probe, demo (the README's main job), bench (the benchmark suites).
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { probe, formatProbe } from './probe.js';
+
+function version(): string {
+  const pkg = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'package.json');
+  try {
+    return (JSON.parse(fs.readFileSync(pkg, 'utf8')) as { version: string }).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+function option(rest: string[], name: string): string | undefined {
+  const i = rest.indexOf(name);
+  if (i < 0) return undefined;
+  const v = rest[i + 1];
+  if (v === undefined || v.startsWith('--')) throw Object.assign(new Error(`${name} needs a value`), { code: 'ERR_USAGE' });
+  return v;
+}
+
+function intOption(rest: string[], name: string): number | undefined {
+  const v = option(rest, name);
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n <= 0) throw Object.assign(new Error(`${name} must be a positive integer, got ${v}`), { code: 'ERR_USAGE' });
+  return n;
+}
 
 const USAGE = `usage: pagemirror <command> [options]
 
@@ -10,6 +38,11 @@ commands:
   demo [--json]      real faults on built-in defaults (anonymous memory, memfd): each fault kind
                      resolved by the native fast path and by a TypeScript batch handler, timed
                      against the plain C baseline
+  bench [suite...]   benchmarks against the plain C baseline, in one run; writes JSON (raw
+                     samples + environment) and an HTML report with SVG plots to --out
+                     suites: faults (default: all)
+                     --pages N (per repetition, default 4096)  --reps N (default 7)
+                     --out DIR (default ./results)  --no-pin (do not pin to one CPU)  --quiet
   help               this text
 `;
 
@@ -28,7 +61,26 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'demo': {
       const { runDemo } = await import('./demo.js');
-      return runDemo({ json });
+      return runDemo({ json, version: version() });
+    }
+    case 'bench': {
+      const { runBench, SUITES } = await import('./bench/cli.js');
+      const valued = new Set(['--pages', '--reps', '--out']);
+      const names = rest.filter((a, i) => !a.startsWith('--') && !valued.has(rest[i - 1] ?? ''));
+      for (const n of names)
+        if (!(SUITES as readonly string[]).includes(n))
+          throw Object.assign(new Error(`unknown suite '${n}' (suites: ${SUITES.join(', ')})`), { code: 'ERR_USAGE' });
+      const r = await runBench({
+        suites: (names.length ? names : [...SUITES]) as (typeof SUITES)[number][],
+        out: option(rest, '--out') ?? 'results',
+        pages: intOption(rest, '--pages'),
+        reps: intOption(rest, '--reps'),
+        pin: !rest.includes('--no-pin'),
+        quiet: rest.includes('--quiet'),
+        version: version(),
+      });
+      process.stdout.write(r.summary + '\n\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n');
+      return r.ok ? 0 : 3;
     }
     case 'help':
     case '--help':

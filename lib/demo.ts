@@ -1,1 +1,18 @@
-export async function runDemo(_o: { json: boolean }): Promise<number> { return 0; }
+// `pagemirror demo` (npm start): the main job on built-in defaults. It needs no set-up: anonymous
+// memory and a memfd on this machine's tmpfs. It prints what the kernel offers, then measures each
+// fault kind through the native fast path and a TypeScript batch handler against the plain C
+// baseline, and writes the report (JSON + HTML with plots) under ./results.
+import { probe, formatProbe } from './probe.js';
+import { runBench } from './bench/cli.js';
+
+export async function runDemo(o: { json: boolean; version: string }): Promise<number> {
+  const p = probe();
+  if (!o.json) process.stdout.write(formatProbe(p) + '\n\n');
+  if (!p.experiments.uffd.ok) {
+    process.stderr.write(`pagemirror: userfaultfd is not available here, so no fault can be measured: ${p.experiments.uffd.reason}\n`);
+    return 1;
+  }
+  const r = await runBench({ suites: ['faults'], out: 'results', pages: 1024, reps: 5, pin: true, quiet: o.json, version: o.version });
+  process.stdout.write(o.json ? JSON.stringify({ files: r.files, ok: r.ok }) + '\n' : r.summary + '\n\nreport:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n');
+  return 0;
+}

@@ -93,11 +93,14 @@ function rule(action: Rule['action'], granule?: number) {
   };
 }
 
+/** The TypeScript batch handler: the whole batch resolved in one call, then replayed together. */
 function tsCopy(u: Userfaultfd, t: Mapping, others: Mapping[]): void {
   const src = others[0]!;
   u.serve({
     onFaults(faults) {
-      for (const f of faults) u.copy(t, f.offset, PAGE, src, { sourceOffset: f.offset });
+      const offsets = new Float64Array(faults.length);
+      for (let i = 0; i < faults.length; i++) offsets[i] = faults[i]!.offset;
+      u.resolveMany('copy', t, offsets, { source: src });
     },
   });
 }

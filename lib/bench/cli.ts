@@ -1,0 +1,82 @@
+// `pagemirror bench [suite...]`: runs suites, shows progress, writes JSON + HTML, prints a summary.
+import path from 'node:path';
+import { runFaults, type Comparison } from './faults.js';
+import { benchEnv } from './env.js';
+import { barChartSvg, textTable, writeReport, type Table } from './report.js';
+
+export const SUITES = ['faults'] as const;
+export type Suite = (typeof SUITES)[number];
+
+export interface BenchOptions {
+  suites: Suite[];
+  out: string;
+  pages?: number;
+  reps?: number;
+  pin?: boolean;
+  quiet?: boolean;
+  version: string;
+}
+
+export function faultsTable(rows: Comparison[]): Table {
+  return {
+    columns: ['scenario', 'path', 'addon ns/page (median)', 'min', 'max', 'C ns/page (median)', 'ratio', 'target', 'verdict'],
+    rows: rows.map((r) => [
+      r.scenario,
+      r.path,
+      r.skipped && !r.addon.n ? 'skipped' : r.addon.median.toFixed(0),
+      r.addon.n ? r.addon.min.toFixed(0) : '-',
+      r.addon.n ? r.addon.max.toFixed(0) : '-',
+      r.c ? r.c.median.toFixed(0) : '-',
+      r.ratio === null ? '-' : r.ratio.toFixed(2) + 'x',
+      r.target === null ? '-' : `<= ${r.target}x`,
+      r.pass === null ? (r.skipped ? `skipped: ${r.skipped}` : 'reported') : r.pass ? 'pass' : 'FAIL',
+    ]),
+  };
+}
+
+export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: boolean; summary: string }> {
+  const files: string[] = [];
+  const summary: string[] = [];
+  let ok = true;
+  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+  for (const suite of o.suites) {
+    if (suite === 'faults') {
+      const pin = o.pin ?? true;
+      const env = benchEnv(pin, o.version);
+      const rows = await runFaults({ pages: o.pages, reps: o.reps, pin, quiet: o.quiet });
+      const table = faultsTable(rows);
+      const measured = rows.filter((r) => r.addon.n > 0);
+      const svg = barChartSvg(
+        'Fault round trip per page: addon vs plain C (median, min-max)',
+        'ns per page',
+        measured.map((r) => ({
+          label: `${r.scenario} (${r.path})`,
+          bars: [
+            { series: 'pagemirror', value: r.addon.median, min: r.addon.min, max: r.addon.max },
+            ...(r.c ? [{ series: 'plain C baseline', value: r.c.median, min: r.c.min, max: r.c.max }] : []),
+          ],
+        })),
+      );
+      const ratioSvg = barChartSvg(
+        'Ratio to the C baseline (lower is better; targets 1.2x native, 2x TypeScript batch)',
+        'ratio',
+        measured.filter((r) => r.ratio !== null).map((r) => ({ label: `${r.scenario} (${r.path})`, bars: [{ series: 'addon / C', value: r.ratio! }] })),
+      );
+      const written = writeReport(path.resolve(o.out), `faults-${stamp}`, env, rows, [
+        {
+          title: 'Faults: cost per fault kind',
+          text:
+            `Each repetition maps fresh memory, registers it and times only the faulting accesses (native threads). ` +
+            `The C baseline ran in the same run${pin ? ', pinned to the same CPU' : ''}. ${o.reps ?? 7} repetitions, ${o.pages ?? 4096} pages each.`,
+          svg: [svg, ratioSvg],
+          table,
+        },
+      ]);
+      files.push(written.json, written.html);
+      ok &&= rows.every((r) => r.pass !== false);
+      summary.push(`faults (kernel ${env.kernel}, ${env.cpu}, node ${env.node}, page ${env.pageSize} B${pin ? ', pinned to one CPU' : ''})`);
+      summary.push(textTable(table));
+    }
+  }
+  return { files, ok, summary: summary.join('\n') };
+}

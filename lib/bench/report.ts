@@ -1,0 +1,132 @@
+// Reports: JSON for machines (every raw sample and the environment) and a self-contained HTML page
+// with inline SVG plots for people (opens offline: no scripts, no network).
+import fs from 'node:fs';
+import path from 'node:path';
+import type { BenchEnv } from './env.js';
+
+export interface Bar {
+  series: string;
+  value: number;
+  min?: number;
+  max?: number;
+}
+export interface BarGroup {
+  label: string;
+  bars: Bar[];
+}
+
+const COLORS = ['#3366cc', '#dc3912', '#ff9900', '#109618', '#990099', '#0099c6'];
+
+function esc(s: string): string {
+  return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
+}
+
+/** Grouped bars with min-max whiskers; log scale when the values span more than 30x. */
+export function barChartSvg(title: string, unit: string, groups: BarGroup[]): string {
+  const series = [...new Set(groups.flatMap((g) => g.bars.map((b) => b.series)))];
+  const values = groups.flatMap((g) => g.bars.flatMap((b) => [b.value, b.max ?? b.value])).filter((v) => v > 0);
+  const maxV = Math.max(...values, 1);
+  const minV = Math.min(...values, maxV);
+  const log = maxV / minV > 30;
+  const W = 860,
+    H = 360,
+    left = 70,
+    right = 20,
+    top = 40,
+    bottom = 90;
+  const plotW = W - left - right,
+    plotH = H - top - bottom;
+  const lo = log ? Math.pow(10, Math.floor(Math.log10(minV))) : 0;
+  const hi = log ? Math.pow(10, Math.ceil(Math.log10(maxV))) : maxV * 1.1;
+  const y = (v: number) =>
+    top + plotH - (log ? (Math.log10(Math.max(v, lo)) - Math.log10(lo)) / (Math.log10(hi) - Math.log10(lo)) : (v - lo) / (hi - lo)) * plotH;
+  const gw = plotW / Math.max(groups.length, 1);
+  const bw = Math.min(28, (gw * 0.8) / Math.max(series.length, 1));
+  const out: string[] = [];
+  out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`);
+  out.push(`<text x="${W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">${esc(title)}</text>`);
+  const ticks = log
+    ? Array.from({ length: Math.round(Math.log10(hi / lo)) + 1 }, (_, i) => lo * Math.pow(10, i))
+    : Array.from({ length: 6 }, (_, i) => (hi * i) / 5);
+  for (const t of ticks) {
+    out.push(`<line x1="${left}" x2="${W - right}" y1="${y(t)}" y2="${y(t)}" stroke="#ddd"/>`);
+    out.push(`<text x="${left - 6}" y="${y(t) + 4}" text-anchor="end">${t >= 100 ? t.toFixed(0) : t.toPrecision(2)}</text>`);
+  }
+  out.push(`<text x="14" y="${top + plotH / 2}" transform="rotate(-90 14 ${top + plotH / 2})" text-anchor="middle">${esc(unit)}${log ? ' (log)' : ''}</text>`);
+  groups.forEach((g, gi) => {
+    const x0 = left + gi * gw + (gw - bw * series.length) / 2;
+    g.bars.forEach((b) => {
+      const si = series.indexOf(b.series);
+      const x = x0 + si * bw;
+      const yv = y(b.value);
+      out.push(`<rect x="${x}" y="${yv}" width="${bw - 2}" height="${top + plotH - yv}" fill="${COLORS[si % COLORS.length]}"><title>${esc(`${g.label} ${b.series}: ${b.value.toFixed(1)} ${unit}`)}</title></rect>`);
+      if (b.min !== undefined && b.max !== undefined) {
+        const cx = x + (bw - 2) / 2;
+        out.push(`<line x1="${cx}" x2="${cx}" y1="${y(b.min)}" y2="${y(b.max)}" stroke="#000"/>`);
+        out.push(`<line x1="${cx - 3}" x2="${cx + 3}" y1="${y(b.max)}" y2="${y(b.max)}" stroke="#000"/>`);
+        out.push(`<line x1="${cx - 3}" x2="${cx + 3}" y1="${y(b.min)}" y2="${y(b.min)}" stroke="#000"/>`);
+      }
+    });
+    const lx = left + gi * gw + gw / 2;
+    out.push(`<text x="${lx}" y="${top + plotH + 14}" text-anchor="end" transform="rotate(-30 ${lx} ${top + plotH + 14})">${esc(g.label)}</text>`);
+  });
+  series.forEach((s, si) => {
+    const lx = left + si * 170;
+    out.push(`<rect x="${lx}" y="${H - 18}" width="12" height="12" fill="${COLORS[si % COLORS.length]}"/>`);
+    out.push(`<text x="${lx + 16}" y="${H - 8}">${esc(s)}</text>`);
+  });
+  out.push('</svg>');
+  return out.join('\n');
+}
+
+export interface Table {
+  columns: string[];
+  rows: (string | number)[][];
+}
+
+export function htmlTable(t: Table): string {
+  const head = t.columns.map((c) => `<th>${esc(c)}</th>`).join('');
+  const body = t.rows.map((r) => `<tr>${r.map((c) => `<td>${esc(String(c))}</td>`).join('')}</tr>`).join('\n');
+  return `<table><thead><tr>${head}</tr></thead><tbody>${body}</tbody></table>`;
+}
+
+export function textTable(t: Table): string {
+  const cells = [t.columns, ...t.rows.map((r) => r.map(String))];
+  const widths = t.columns.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
+  return cells.map((r) => r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ')).join('\n');
+}
+
+export interface Section {
+  title: string;
+  text?: string;
+  svg?: string[];
+  table?: Table;
+}
+
+export function writeReport(dir: string, name: string, env: BenchEnv, data: unknown, sections: Section[]): { json: string; html: string } {
+  fs.mkdirSync(dir, { recursive: true });
+  const json = path.join(dir, `${name}.json`);
+  const html = path.join(dir, `${name}.html`);
+  fs.writeFileSync(json, JSON.stringify({ env, data }, (_k, v) => (typeof v === 'bigint' ? v.toString() : v), 2) + '\n');
+  const envRows = Object.entries(env).map(([k, v]) => [k, typeof v === 'object' ? JSON.stringify(v) : String(v)]);
+  const page = `<!doctype html>
+<html><head><meta charset="utf-8"><title>pagemirror: ${esc(name)}</title>
+<style>
+body { font-family: sans-serif; max-width: 960px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+.pass { color: #109618; } .fail { color: #dc3912; }
+</style></head><body>
+<h1>pagemirror: ${esc(name)}</h1>
+${sections
+  .map((s) => `<h2>${esc(s.title)}</h2>\n${s.text ? `<p>${esc(s.text)}</p>` : ''}\n${(s.svg ?? []).join('\n')}\n${s.table ? htmlTable(s.table) : ''}`)
+  .join('\n')}
+<h2>Environment</h2>
+${htmlTable({ columns: ['', ''], rows: envRows })}
+<p>Raw samples: <code>${esc(path.basename(json))}</code></p>
+</body></html>
+`;
+  fs.writeFileSync(html, page);
+  return { json, html };
+}
