@@ -196,6 +196,8 @@ export interface NativeUffdProbe {
   openedBy?: 'device' | 'syscall';
   userModeOnly?: boolean;
   apiError?: string;
+  /** Asking for EVENT_FORK failed with this (EPERM: user-mode-only without CAP_SYS_PTRACE). */
+  eventForkError?: string;
   features?: bigint;
   ioctls?: bigint;
   register?: Record<string, Record<string, bigint | string>>;

@@ -20,6 +20,8 @@ export interface UffdProbe extends Capability {
   syscallError?: string;
   features: FeatureName[];
   ioctls: IoctlName[];
+  /** Features the kernel lists but refuses to this caller, with the errno. */
+  refused: Partial<Record<FeatureName, string>>;
   /** Per memory kind and mode: the ioctls allowed after UFFDIO_REGISTER, or the errno it failed with. */
   register: Record<string, Record<string, IoctlName[] | string>>;
 }
@@ -98,6 +100,7 @@ function uffdProbe(userModeOnly: boolean): UffdProbe {
     syscallError: p.syscallError || undefined,
     features: featureNames(p.features ?? 0n),
     ioctls: ioctlNames(p.ioctls ?? 0n),
+    refused: p.eventForkError ? { eventFork: p.eventForkError } : {},
     register,
   };
 }
@@ -254,7 +257,10 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
       move: need(uffd.ok && has('move'), 'the kernel lacks UFFDIO_MOVE (6.8+)'),
       poison: need(uffd.ok && has('poison'), 'the kernel lacks UFFDIO_POISON (6.6+)'),
       wpAsync: need(uffd.ok && has('wpAsync') && pagemapScan.ok, 'needs UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN (6.7+)'),
-      events: need(uffd.ok && has('eventFork') && has('eventRemap') && has('eventRemove') && has('eventUnmap'), uffd.userModeOnly ? 'EVENT_FORK needs CAP_SYS_PTRACE with a user-mode-only descriptor' : 'the kernel lacks uffd events'),
+      events: need(
+        uffd.ok && has('eventFork') && !uffd.refused.eventFork && has('eventRemap') && has('eventRemove') && has('eventUnmap'),
+        uffd.refused.eventFork ? `EVENT_FORK refused (${uffd.refused.eventFork}): a user-mode-only descriptor needs CAP_SYS_PTRACE for it` : 'the kernel lacks uffd events',
+      ),
       tmpfs: need(tmpfs?.type === 'tmpfs', '/dev/shm is not a tmpfs here'),
       ext4: ext4 ? { ok: true, reason: `ext4 at ${ext4.path}` } : { ok: false, reason: `no ext4 among ${filesystems.map((f) => `${f.path} (${f.type})`).join(', ')}; tests may loop-mount an image as root` },
       dax,
@@ -277,6 +283,7 @@ export function formatProbe(p: Probe): string {
   lines.push(`userfaultfd   ${p.uffd.ok ? `opened via ${p.uffd.openedBy}${p.uffd.userModeOnly ? ' (user-mode-only)' : ''}` : 'unavailable: ' + p.uffd.reason}`);
   lines.push(`  features    ${p.uffd.features.join(' ') || '-'}`);
   lines.push(`  ioctls      ${p.uffd.ioctls.join(' ') || '-'}`);
+  for (const [f, e] of Object.entries(p.uffd.refused)) lines.push(`  refused     ${f}: ${e}`);
   for (const [kind, modes] of Object.entries(p.uffd.register)) {
     const parts = Object.entries(modes).map(([m, v]) => `${m}: ${Array.isArray(v) ? v.join(',') : v}`);
     lines.push(`  ${kind.padEnd(16)} ${parts.join('  |  ')}`);

@@ -170,6 +170,16 @@ Napi::Value ProbeUffd(const Napi::CallbackInfo& info) {
   }
   out.Set("features", Napi::BigInt::New(env, features));
   out.Set("ioctls", Napi::BigInt::New(env, ioctls));
+  // UFFDIO_API(0) lists EVENT_FORK even where asking for it is refused (user-mode-only without
+  // CAP_SYS_PTRACE): ask for real on a second descriptor.
+  if (features & UFFD_FEATURE_EVENT_FORK) {
+    sys::UffdOpenResult f;
+    if (sys::uffd_open(true, umo, &f) == 0) {
+      int err = sys::uffd_api(f.fd, UFFD_FEATURE_EVENT_FORK, nullptr, nullptr);
+      if (err) out.Set("eventForkError", ErrnoName(-err));
+      sys::close_fd(f.fd);
+    }
+  }
 
   const uint64_t page = sys::page_size();
   struct Kind {

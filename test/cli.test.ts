@@ -1,0 +1,81 @@
+// The command line (from dist/, compiled by test/global-setup.ts) and the benchmark's smoke run: results are produced and well formed (speed is
+// the benchmark's business, never a test's).
+import { describe, it, expect } from 'vitest';
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { P, requireCap } from './helpers.js';
+
+const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
+const cli = path.join(root, 'dist', 'cli.js');
+
+describe('pagemirror probe', () => {
+  it('prints the probe for a person', () => {
+    const out = execFileSync(process.execPath, [cli, 'probe'], { encoding: 'utf8', timeout: 30_000 });
+    expect(out).toMatch(/^kernel\s+\S+/m);
+    expect(out).toMatch(/^userfaultfd\s+/m);
+    expect(out).toMatch(/^experiments$/m);
+    expect(out).toContain(`page size ${P.pageSize}`);
+  });
+
+  it('--json is the probe object', () => {
+    const out = execFileSync(process.execPath, [cli, 'probe', '--json'], { encoding: 'utf8', timeout: 30_000 });
+    const j = JSON.parse(out);
+    expect(j.kernel.release).toBe(P.kernel.release);
+    expect(j.pageSize).toBe(P.pageSize);
+    expect(j.uffd.features).toEqual(P.uffd.features);
+    expect(Object.keys(j.experiments)).toEqual(expect.arrayContaining(['uffd', 'wp', 'minor', 'tmpfs', 'ext4', 'dax', 'hugetlb']));
+    for (const c of Object.values(j.experiments) as { ok: boolean; reason?: string }[]) if (!c.ok) expect(c.reason).toBeTruthy();
+  });
+
+  it('an unknown command exits 2 with usage', () => {
+    const r = spawnSync(process.execPath, [cli, 'bogus'], { encoding: 'utf8', timeout: 30_000 });
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/unknown command 'bogus'/);
+    expect(r.stderr).toMatch(/usage: pagemirror/);
+  });
+
+  it('bad bench options are usage errors, not crashes', () => {
+    const r = spawnSync(process.execPath, [cli, 'bench', 'nosuchsuite'], { encoding: 'utf8', timeout: 30_000 });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/unknown suite 'nosuchsuite'/);
+    const r2 = spawnSync(process.execPath, [cli, 'bench', '--reps', 'x'], { encoding: 'utf8', timeout: 30_000 });
+    expect(r2.stderr).toMatch(/--reps must be a positive integer/);
+  });
+});
+
+describe('pagemirror bench (smoke size)', () => {
+  it('faults: writes JSON with every sample and the environment, and an HTML report with SVG', (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    const out = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-bench-'));
+    try {
+      const r = spawnSync(process.execPath, [cli, 'bench', 'faults', '--pages', '64', '--reps', '2', '--out', out, '--quiet'], {
+        encoding: 'utf8',
+        timeout: 120_000,
+      });
+      expect([0, 3]).toContain(r.status); // 3: a target missed at smoke size; the output is what is checked
+      const files = fs.readdirSync(out);
+      const json = files.find((f) => f.endsWith('.json'))!;
+      const html = files.find((f) => f.endsWith('.html'))!;
+      expect(json && html).toBeTruthy();
+      const data = JSON.parse(fs.readFileSync(path.join(out, json), 'utf8'));
+      for (const k of ['kernel', 'cpu', 'node', 'pageSize', 'pinned']) expect(data.env).toHaveProperty(k);
+      expect(data.data.length).toBeGreaterThanOrEqual(8);
+      for (const row of data.data) {
+        if (row.skipped) continue;
+        expect(row.addon.samples).toHaveLength(2);
+        expect(row.addon.samples.every((x: number) => x > 0)).toBe(true);
+        expect(row.c.samples).toHaveLength(2);
+        expect(row.ratio).toBeGreaterThan(0);
+      }
+      const page = fs.readFileSync(path.join(out, html), 'utf8');
+      expect(page).toContain('<svg');
+      expect(page).not.toMatch(/<script|https?:\/\/(?!www\.w3\.org)/); // opens offline
+      expect(r.stdout).toMatch(/missing-copy/);
+    } finally {
+      fs.rmSync(out, { recursive: true, force: true });
+    }
+  }, 180_000);
+});
