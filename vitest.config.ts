@@ -10,6 +10,7 @@ export default defineConfig({
     testTimeout: 20_000,
     hookTimeout: 20_000,
     teardownTimeout: 10_000,
-    reporters: ['default'],
+    // verbose: every test is listed, and a skipped one shows the probe's reason.
+    reporters: ['verbose'],
   },
 });
