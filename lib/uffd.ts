@@ -396,6 +396,14 @@ export class Userfaultfd {
     return this;
   }
 
+  #registrationAt(address: bigint): Registration | undefined {
+    for (const r of this.#registrations) {
+      const start = r.mapping.address + BigInt(r.offset);
+      if (address >= start && address < start + BigInt(r.length)) return r;
+    }
+    return undefined;
+  }
+
   #locate(address: bigint): [Mapping | undefined, number] {
     for (const r of this.#registrations) {
       const start = r.mapping.address;
@@ -464,6 +472,9 @@ export class Userfaultfd {
       try {
         if (f.kind === 'wp') this.#n.writeProtect(addr, 0, page, 0);
         else if (f.kind === 'minor') this.#n.continue(addr, 0, page, 0);
+        else if (this.#registrationAt(addr)?.modes.includes('wp'))
+          // ZEROPAGE has no WP mode: a zero page copied in write-protected keeps dirty tracking exact.
+          this.#n.copy(addr, 0, page, new Uint8Array(page), 0, K.UFFDIO_COPY_MODE_WP!);
         else this.#n.zeropage(addr, 0, page, 0);
       } catch {
         // The page may be gone (unmapped) or resolved meanwhile; wake whatever still waits.

@@ -21,9 +21,9 @@ async function teardown(uffd: Userfaultfd | undefined, jobs: Promise<unknown>[],
 }
 
 /**
- * The service thread publishes its counters after it has handed a batch over (so after the faulter
- * may have run on): wait for them to land, then assert exact values. The lag itself is a bug,
- * exposed by the last test in uffd-wp.test.ts.
+ * Reads stats() once the counters reach n (bounded), then the test asserts exact values. The service
+ * thread now publishes its counts before handing a batch over (the last test in this file checks
+ * that directly); the bounded wait only keeps a regression from reading as an unrelated failure.
  */
 async function statsAt(uffd: Userfaultfd, key: 'faults' | 'fastResolved' | 'forwarded', n: number) {
   await waitFor(() => uffd.stats()[key] >= n, 2_000, `stats().${key} >= ${n}`).catch(() => undefined);
@@ -405,6 +405,31 @@ describe('uffd-wp', () => {
       expect(stale.length, `${stale.length} of ${T} reads of stats() lagged behind a completed access, e.g. ${stale.slice(0, 3).join('; ')}`).toBe(0);
     } finally {
       await Promise.all(spinners.map((w) => w.terminate()));
+      await teardown(uffd, jobs, m);
+    }
+  });
+
+  it('a throwing handler on a missing+wp range: the fallback installs the page write-protected', async (ctx) => {
+    requireCap(ctx, P.experiments.wp, 'uffd-wp');
+    const m = mapAnonymous(PAGE);
+    const uffd = Userfaultfd.open();
+    const errors: unknown[] = [];
+    const jobs: Promise<unknown>[] = [];
+    try {
+      uffd.register(m, { modes: ['missing', 'wp'] });
+      uffd.serve({
+        onFaults() {
+          throw new Error('handler bug');
+        },
+        onError: (err) => void errors.push(err),
+      });
+      jobs.push(access(m, { op: 'read' }));
+      const r = (await within(jobs[0]!, 5_000, 'read through the fallback')) as { checksum: bigint };
+      expect(r.checksum).toBe(0n);
+      expect(errors).toHaveLength(1);
+      // The fallback's zero page is write-protected: dirty tracking still sees the next write.
+      expect(m.pagemap()[0]).toMatchObject({ present: true, uffdWp: true });
+    } finally {
       await teardown(uffd, jobs, m);
     }
   });

@@ -258,7 +258,7 @@ Napi::Value Userfaultfd::Register(const Napi::CallbackInfo& info) {
     ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
   }
   m->region()->registered.fetch_add(1);
-  registrations_.push_back({m->region(), start, len});
+  registrations_.push_back({m->region(), start, len, mode});
   return Napi::BigInt::New(env, ioctls);
 }
 
@@ -680,6 +680,12 @@ void Userfaultfd::StopService() {
 // Every thread asleep on this descriptor wakes. With kWake the kernel retries each fault as if
 // nothing were registered (zero-fill for anonymous memory, the file's page for shmem); kZero and
 // kSigbus first resolve every fault still queued or handed to JavaScript and not resolved.
+bool Userfaultfd::WpRegistered(uint64_t addr) const {
+  for (const Registration& r : registrations_)
+    if (addr >= r.start && addr < r.start + r.len && (r.mode & UFFDIO_REGISTER_MODE_WP)) return true;
+  return false;
+}
+
 void Userfaultfd::CloseWith(Outcome outcome) {
   if (fd_ < 0) return;
   StopService();
@@ -688,12 +694,16 @@ void Userfaultfd::CloseWith(Outcome outcome) {
     std::vector<sys::FaultMsg> queued = service_->drain();
     pending.insert(pending.end(), queued.begin(), queued.end());
     const uint64_t page = sys::page_size();
+    // A missing fault in a range also registered for WP must come back write-protected (ZEROPAGE
+    // has no WP mode), or a dirty tracker would miss the next write: copy a zero page with WP.
+    std::vector<char> zeros(page, 0);
     for (const sys::FaultMsg& f : pending) {
       uint64_t a = f.address & ~(page - 1);
       int64_t done;
       if (outcome == Outcome::kSigbus) sys::uffd_poison(fd_, a, page, 0, &done);
       else if (f.flags & UFFD_PAGEFAULT_FLAG_WP) sys::uffd_writeprotect(fd_, a, page, 0);
       else if (f.flags & UFFD_PAGEFAULT_FLAG_MINOR) sys::uffd_continue(fd_, a, page, 0, &done);
+      else if (WpRegistered(a)) sys::uffd_copy(fd_, a, reinterpret_cast<uint64_t>(zeros.data()), page, UFFDIO_COPY_MODE_WP, &done);
       else sys::uffd_zeropage(fd_, a, page, 0, &done);
     }
   }

@@ -32,7 +32,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
  private:
   struct Registration {
     std::weak_ptr<Region> region;
-    uint64_t start, len;
+    uint64_t start, len, mode;
   };
 
   Napi::Value Info(const Napi::CallbackInfo& info);
@@ -62,6 +62,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   void StopService();
   enum class Outcome { kWake, kZero, kSigbus };
   void CloseWith(Outcome outcome);
+  bool WpRegistered(uint64_t addr) const;
 
   int fd_ = -1;
   bool api_done_ = false;
