@@ -21,6 +21,13 @@ function esc(s: string): string {
   return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
 }
 
+/** 1, 2 or 5 times a power of ten: axis steps a person can read. */
+function niceStep(raw: number): number {
+  const p = Math.pow(10, Math.floor(Math.log10(raw)));
+  const m = raw / p;
+  return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 5 ? 5 : 10) * p;
+}
+
 /** Grouped bars with min-max whiskers; log scale when the values span more than 30x. */
 export function barChartSvg(title: string, unit: string, groups: BarGroup[]): string {
   const series = [...new Set(groups.flatMap((g) => g.bars.map((b) => b.series)))];
@@ -33,11 +40,12 @@ export function barChartSvg(title: string, unit: string, groups: BarGroup[]): st
     left = 70,
     right = 20,
     top = 40,
-    bottom = 90;
+    bottom = 110;
   const plotW = W - left - right,
     plotH = H - top - bottom;
+  const step = niceStep(maxV * 1.1 / 5);
   const lo = log ? Math.pow(10, Math.floor(Math.log10(minV))) : 0;
-  const hi = log ? Math.pow(10, Math.ceil(Math.log10(maxV))) : maxV * 1.1;
+  const hi = log ? Math.pow(10, Math.ceil(Math.log10(maxV))) : Math.ceil((maxV * 1.1) / step) * step;
   const y = (v: number) =>
     top + plotH - (log ? (Math.log10(Math.max(v, lo)) - Math.log10(lo)) / (Math.log10(hi) - Math.log10(lo)) : (v - lo) / (hi - lo)) * plotH;
   const gw = plotW / Math.max(groups.length, 1);
@@ -47,10 +55,10 @@ export function barChartSvg(title: string, unit: string, groups: BarGroup[]): st
   out.push(`<text x="${W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">${esc(title)}</text>`);
   const ticks = log
     ? Array.from({ length: Math.round(Math.log10(hi / lo)) + 1 }, (_, i) => lo * Math.pow(10, i))
-    : Array.from({ length: 6 }, (_, i) => (hi * i) / 5);
+    : Array.from({ length: Math.round(hi / step) + 1 }, (_, i) => i * step);
   for (const t of ticks) {
     out.push(`<line x1="${left}" x2="${W - right}" y1="${y(t)}" y2="${y(t)}" stroke="#ddd"/>`);
-    out.push(`<text x="${left - 6}" y="${y(t) + 4}" text-anchor="end">${t >= 100 ? t.toFixed(0) : t.toPrecision(2)}</text>`);
+    out.push(`<text x="${left - 6}" y="${y(t) + 4}" text-anchor="end">${t >= 100 || t === 0 ? t.toFixed(0) : t.toPrecision(2)}</text>`);
   }
   out.push(`<text x="14" y="${top + plotH / 2}" transform="rotate(-90 14 ${top + plotH / 2})" text-anchor="middle">${esc(unit)}${log ? ' (log)' : ''}</text>`);
   groups.forEach((g, gi) => {
@@ -68,7 +76,7 @@ export function barChartSvg(title: string, unit: string, groups: BarGroup[]): st
       }
     });
     const lx = left + gi * gw + gw / 2;
-    out.push(`<text x="${lx}" y="${top + plotH + 14}" text-anchor="end" transform="rotate(-30 ${lx} ${top + plotH + 14})">${esc(g.label)}</text>`);
+    out.push(`<text x="${lx}" y="${top + plotH + 14}" text-anchor="end" transform="rotate(-40 ${lx} ${top + plotH + 14})">${esc(g.label)}</text>`);
   });
   series.forEach((s, si) => {
     const lx = left + si * 170;
