@@ -1,0 +1,80 @@
+// hugetlb: real huge pages. As root with none reserved, the test reserves a few for its own run and
+// gives them back; otherwise it uses what is free, or skips saying why.
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import fs from 'node:fs';
+import { mapAnonymous, mapMemfd, Userfaultfd, access, probe } from '../lib/index.js';
+import { P, within, fillPattern } from './helpers.js';
+
+const NR = '/proc/sys/vm/nr_hugepages';
+const HUGE = P.hugetlb.defaultSize || 2 << 20;
+let restore: string | undefined;
+let free = 0;
+let why = '';
+
+beforeAll(() => {
+  free = P.hugetlb.free;
+  if (free >= 4) return;
+  if (P.euid !== 0) {
+    why = `only ${free} free hugetlb pages and not root: echo 4 > ${NR}`;
+    return;
+  }
+  try {
+    restore = fs.readFileSync(NR, 'utf8').trim();
+    fs.writeFileSync(NR, String(Number(restore) + 4));
+    free = probe({ refresh: true }).hugetlb.free;
+    if (free < 4) why = `asked the kernel for 4 more huge pages, got ${free} free (memory too fragmented?)`;
+  } catch (err) {
+    why = `cannot reserve huge pages: ${(err as Error).message}`;
+  }
+});
+
+afterAll(() => {
+  if (restore !== undefined) fs.writeFileSync(NR, restore);
+});
+
+describe('hugetlb', () => {
+  it('anonymous hugetlb mapping: huge page size, written and read back', async (ctx) => {
+    if (free < 1) ctx.skip(why);
+    const m = mapAnonymous(HUGE, { hugetlb: true });
+    try {
+      expect(m.pageSize).toBe(HUGE);
+      expect(m.hugetlb).toBe(true);
+      await access(m, { op: 'write', seed: 4 });
+      expect((await access(m, { op: 'verify', seed: 4 })).mismatches).toBe(0);
+      expect(() => m.protect('r', { offset: 4096, length: 4096 })).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_UNALIGNED' }));
+    } finally {
+      m.close();
+    }
+  });
+
+  it('MISSING faults on hugetlb memory resolved by a copy rule, one fault per huge page', async (ctx) => {
+    if (free < 2) ctx.skip(why);
+    const dst = mapAnonymous(HUGE, { hugetlb: true });
+    const src = mapAnonymous(HUGE);
+    fillPattern(src.bytes, 21);
+    const uffd = Userfaultfd.open();
+    try {
+      uffd.register(dst);
+      uffd.addRule({ mapping: dst, action: 'copy', source: src, granule: HUGE });
+      uffd.serve();
+      const r = await within(access(dst, { op: 'verify', seed: 21, unit: 4096 }), 10_000, 'hugetlb verify');
+      expect(r.mismatches).toBe(0);
+      expect(uffd.stats().faults).toBe(1);
+    } finally {
+      uffd.close();
+      dst.close();
+      src.close();
+    }
+  });
+
+  it('a hugetlb memfd takes huge pages from the pool', (ctx) => {
+    if (free < 1) ctx.skip(why);
+    const before = probe({ refresh: true }).hugetlb.free;
+    const m = mapMemfd(HUGE, { hugetlb: true, populate: true });
+    try {
+      expect(probe({ refresh: true }).hugetlb.free).toBe(before - 1);
+    } finally {
+      m.close();
+    }
+  });
+});
