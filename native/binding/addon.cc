@@ -7,6 +7,7 @@
 
 #include "../sys/uapi.h"
 #include "addon.h"
+#include "device.h"
 #include "mapping.h"
 #include "userfaultfd.h"
 
@@ -79,6 +80,13 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   data->mapping_ctor = Napi::Persistent(mapping);
   Napi::Function uffd = Userfaultfd::Init(env);
   data->uffd_ctor = Napi::Persistent(uffd);
+  Napi::Function device = DeviceWrap::Init(env);
+  data->device_ctor = Napi::Persistent(device);
+  Napi::Function mirror = MirrorWrap::Init(env);
+  data->mirror_ctor = Napi::Persistent(mirror);
+  exports.Set("Device", device);
+  exports.Set("Mirror", mirror);
+  exports.Set("createDevice", Napi::Function::New(env, DeviceWrap::Create, "createDevice"));
   exports.Set("Mapping", mapping);
   exports.Set("Userfaultfd", uffd);
   exports.Set("map", Napi::Function::New(env, Mapping::Map, "map"));

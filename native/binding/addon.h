@@ -16,6 +16,8 @@ class Userfaultfd;
 struct AddonData {
   Napi::FunctionReference mapping_ctor;
   Napi::FunctionReference uffd_ctor;
+  Napi::FunctionReference device_ctor;
+  Napi::FunctionReference mirror_ctor;
   // Open userfaultfds: closed by the environment's cleanup hook so no thread stays asleep on a
   // fault after the environment goes away.
   std::mutex mu;

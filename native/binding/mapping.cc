@@ -7,6 +7,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,6 +23,46 @@
 namespace pm {
 
 // ---- Region ------------------------------------------------------------------------------------
+
+const char* InvalidateCauseName(InvalidateCause c) {
+  switch (c) {
+    case InvalidateCause::kUnmap: return "unmap";
+    case InvalidateCause::kRemap: return "remap";
+    case InvalidateCause::kProtect: return "protect";
+    case InvalidateCause::kDiscard: return "discard";
+    case InvalidateCause::kTruncate: return "truncate";
+    case InvalidateCause::kWriteback: return "writeback";
+    case InvalidateCause::kUffdEvent: return "uffd-event";
+    case InvalidateCause::kFork: return "fork";
+    case InvalidateCause::kCpuWrite: return "cpu-write";
+    case InvalidateCause::kCpuAccess: return "cpu-access";
+    case InvalidateCause::kRelease: return "release";
+  }
+  return "unknown";
+}
+
+void Region::add_notifier(RangeNotifier* n) {
+  std::lock_guard<std::mutex> lock(notifiers_mu);
+  notifiers.push_back(n);
+}
+
+void Region::remove_notifier(RangeNotifier* n) {
+  std::lock_guard<std::mutex> lock(notifiers_mu);
+  notifiers.erase(std::remove(notifiers.begin(), notifiers.end(), n), notifiers.end());
+}
+
+Region::Invalidation::Invalidation(Region* r, uint64_t off, uint64_t len, InvalidateCause cause)
+    : start_(r->addr + off), end_(r->addr + off + len) {
+  {
+    std::lock_guard<std::mutex> lock(r->notifiers_mu);
+    told_ = r->notifiers;
+  }
+  for (RangeNotifier* n : told_) n->invalidate_start(start_, end_, cause);
+}
+
+Region::Invalidation::~Invalidation() {
+  for (RangeNotifier* n : told_) n->invalidate_end(start_, end_);
+}
 
 Region::~Region() {
   unmap_now();
@@ -224,6 +266,7 @@ Napi::Value Mapping::Protect(const Napi::CallbackInfo& info) {
                       {nullptr, "native threads are using this mapping; taking permissions away now could kill "
                                 "them mid-access"});
   if ((prot & (PROT_READ | PROT_WRITE)) != (PROT_READ | PROT_WRITE)) DetachBuffer();
+  Region::Invalidation inv(&r, off, len, InvalidateCause::kProtect);
   int rc = sys::protect(reinterpret_cast<void*>(addr), len, static_cast<int>(prot));
   if (rc) ThrowSystemError(env, rc, "mprotect", {r.path.empty() ? nullptr : r.path.c_str()});
   r.set_prot(off, len, static_cast<int>(prot));
@@ -235,6 +278,10 @@ Napi::Value Mapping::Advise(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
   int64_t advice = ToI64(info[2], "advice");
   uint64_t addr = Range(env, off, len);
+  const bool discards = advice == MADV_DONTNEED || advice == MADV_REMOVE || advice == MADV_FREE ||
+                        advice == MADV_PAGEOUT || advice == MADV_COLLAPSE;
+  std::optional<Region::Invalidation> inv;
+  if (discards) inv.emplace(region_.get(), off, len, InvalidateCause::kDiscard);
   int rc = sys::advise(reinterpret_cast<void*>(addr), len, static_cast<int>(advice));
   if (rc) ThrowSystemError(env, rc, "madvise", {region_->path.empty() ? nullptr : region_->path.c_str()});
   return env.Undefined();
@@ -245,6 +292,9 @@ Napi::Value Mapping::Sync(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
   int64_t flags = ToI64(info[2], "flags");
   uint64_t addr = Range(env, off, len);
+  // Writeback cleaning write-protects the pages (page_mkclean): device write access goes with it.
+  std::optional<Region::Invalidation> inv;
+  if (region_->shared && region_->kind != RegionKind::kAnonymous) inv.emplace(region_.get(), off, len, InvalidateCause::kWriteback);
   int rc = sys::sync(reinterpret_cast<void*>(addr), len, static_cast<int>(flags));
   if (rc) ThrowSystemError(env, rc, "msync", {region_->path.empty() ? nullptr : region_->path.c_str()});
   return env.Undefined();
@@ -261,6 +311,7 @@ Napi::Value Mapping::Remap(const Napi::CallbackInfo& info) {
   if (r.pins.load() > 0)
     throw SystemError(env, -EBUSY, "mremap", {nullptr, "native threads are using this mapping"});
   DetachBuffer();
+  std::optional<Region::Invalidation> inv(std::in_place, &r, 0, r.length, InvalidateCause::kRemap);
   void* out = nullptr;
   int rc = sys::remap(&out, reinterpret_cast<void*>(r.addr), r.length, new_len, may_move ? MREMAP_MAYMOVE : 0, nullptr);
   if (rc) ThrowSystemError(env, rc, "mremap", {r.path.empty() ? nullptr : r.path.c_str()});
@@ -286,6 +337,8 @@ Napi::Value Mapping::Fallocate(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[1], "offset"), len = ToU64(info[2], "length");
   if (r.fd < 0) throw StateError(env, "ERR_PAGEMIRROR_NO_FILE", "anonymous memory has no file to fallocate");
   if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  std::optional<Region::Invalidation> inv;
+  if (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) FileRangeInvalidation(&inv, off, len, InvalidateCause::kTruncate);
   int rc = sys::allocate(r.fd, static_cast<int>(mode), static_cast<off_t>(off), static_cast<off_t>(len));
   if (rc) ThrowSystemError(env, rc, "fallocate", {r.path.empty() ? nullptr : r.path.c_str()});
   return env.Undefined();
@@ -296,6 +349,8 @@ Napi::Value Mapping::Truncate(const Napi::CallbackInfo& info) {
   Region& r = live(env);
   uint64_t len = ToU64(info[0], "length");
   if (r.fd < 0) throw StateError(env, "ERR_PAGEMIRROR_NO_FILE", "anonymous memory has no file to truncate");
+  std::optional<Region::Invalidation> inv;
+  FileRangeInvalidation(&inv, len, UINT64_MAX - len, InvalidateCause::kTruncate);
   int rc = sys::truncate_fd(r.fd, len);
   if (rc) ThrowSystemError(env, rc, "ftruncate", {r.path.empty() ? nullptr : r.path.c_str()});
   return env.Undefined();
@@ -350,6 +405,19 @@ Napi::Value Mapping::Statx(const Napi::CallbackInfo& info) {
   int rc = sys::statx_fd(r.fd, &sx);
   if (rc) ThrowSystemError(env, rc, "statx", {r.path.empty() ? nullptr : r.path.c_str()});
   return StatxToObject(env, sx);
+}
+
+// A file range [file_off, file_off + len) as it appears in this mapping, invalidated.
+void Mapping::FileRangeInvalidation(std::optional<Region::Invalidation>* inv, uint64_t file_off, uint64_t len,
+                                    InvalidateCause cause) {
+  Region& r = *region_;
+  const uint64_t map_start = r.file_offset, map_end = r.file_offset + r.length;
+  const uint64_t end = len > UINT64_MAX - file_off ? UINT64_MAX : file_off + len;
+  const uint64_t s = std::max(file_off, map_start), e = std::min(end, map_end);
+  if (s >= e) return;
+  const uint64_t first = (s - map_start) & ~(r.page - 1);
+  const uint64_t last = ((e - map_start) + r.page - 1) & ~(r.page - 1);
+  inv->emplace(&r, first, std::min(last, r.length) - first, cause);
 }
 
 // A synchronous access from the main thread is allowed on registered memory only when it cannot
@@ -429,7 +497,10 @@ Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {
                       {nullptr, "native threads or fault rules are using this mapping: wait for access jobs, remove "
                                 "rules, or close the userfaultfd first"});
   DetachBuffer();
-  r.unmap_now();
+  {
+    Region::Invalidation inv(&r, 0, r.length, InvalidateCause::kUnmap);
+    r.unmap_now();
+  }
   if (r.fd >= 0) {
     sys::close_fd(r.fd);
     r.fd = -1;

@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <memory>
+#include <optional>
 
 #include "region.h"
 
@@ -46,6 +47,8 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   void CheckNoFault(Napi::Env env, uint64_t off, uint64_t len, bool write);
+  void FileRangeInvalidation(std::optional<Region::Invalidation>* inv, uint64_t file_off, uint64_t len,
+                             InvalidateCause cause);
 
   std::shared_ptr<Region> region_;
   Napi::Reference<Napi::ArrayBuffer> buffer_;  // weak: the one ArrayBuffer over this memory

@@ -10,8 +10,38 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace pm {
+
+// Why device mappings of a range are being invalidated (the mmu notifier's event).
+enum class InvalidateCause : uint32_t {
+  kUnmap,        // munmap (Mapping.close)
+  kRemap,        // mremap
+  kProtect,      // mprotect
+  kDiscard,      // madvise DONTNEED/REMOVE/FREE/PAGEOUT: the pages' contents may go
+  kTruncate,     // ftruncate / fallocate punch hole on the backing file
+  kWriteback,    // msync: writeback cleaning write-protects the pages
+  kUffdEvent,    // an UNMAP/REMAP/REMOVE event the library observed after the fact
+  kFork,         // fork: private pages become copy-on-write
+  kCpuWrite,     // a CPU write fault on a page a device holds writable
+  kCpuAccess,    // any CPU access to a page a device holds exclusively or in its memory
+  kRelease,      // the device released its memory
+};
+
+const char* InvalidateCauseName(InvalidateCause c);
+
+// Something that mirrors part of a Region (a device page table) and must drop its entries before
+// the CPU side changes: the user-space mmu notifier.
+class RangeNotifier {
+ public:
+  virtual ~RangeNotifier() = default;
+  // invalidate_range_start: [start, end) in absolute addresses. Returns only when every entry for
+  // the range is gone and no device access to it is in flight; until the matching end() no range
+  // fault may program entries (the sequence-count protocol).
+  virtual void invalidate_start(uint64_t start, uint64_t end, InvalidateCause cause) = 0;
+  virtual void invalidate_end(uint64_t start, uint64_t end) = 0;
+};
 
 enum class RegionKind { kAnonymous, kMemfd, kFile };
 
@@ -35,6 +65,24 @@ struct Region {
   // key. Few entries in practice (one per protect() boundary).
   std::mutex mu;
   std::map<uint64_t, int> prot;
+
+  // Mirrors of this memory, told before every CPU-side change the library makes.
+  std::mutex notifiers_mu;
+  std::vector<RangeNotifier*> notifiers;
+  void add_notifier(RangeNotifier* n);
+  void remove_notifier(RangeNotifier* n);
+  // Invalidates [addr + off, addr + off + len) in every mirror until the returned scope ends (after
+  // the CPU-side change). No-op without mirrors.
+  class Invalidation {
+   public:
+    Invalidation(Region* r, uint64_t off, uint64_t len, InvalidateCause cause);
+    ~Invalidation();
+    Invalidation(const Invalidation&) = delete;
+    Invalidation& operator=(const Invalidation&) = delete;
+   private:
+    std::vector<RangeNotifier*> told_;
+    uint64_t start_, end_;
+  };
 
   ~Region();
   void unmap_now();  // idempotent

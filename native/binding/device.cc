@@ -1,0 +1,313 @@
+#include "device.h"
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "../sys/mem.h"
+#include "addon.h"
+#include "args.h"
+#include "errors.h"
+#include "job.h"
+#include "mapping.h"
+
+namespace pm {
+
+// ---- Device ------------------------------------------------------------------------------------
+
+Napi::Function DeviceWrap::Init(Napi::Env env) {
+  return DefineClass(env, "Device",
+                     {
+                         InstanceMethod<&DeviceWrap::Mirror>("mirror"),
+                         InstanceMethod<&DeviceWrap::Counters>("counters"),
+                         InstanceMethod<&DeviceWrap::Memory>("memory"),
+                         InstanceMethod<&DeviceWrap::Close>("close"),
+                     });
+}
+
+DeviceWrap::DeviceWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceWrap>(info) {
+  if (info.Length() < 1 || !info[0].IsExternal())
+    throw CodedTypeError(info.Env(), "ERR_ILLEGAL_CONSTRUCTOR", "use createDevice()");
+  device_ = *info[0].As<Napi::External<std::shared_ptr<engine::Device>>>().Data();
+}
+
+DeviceWrap::~DeviceWrap() {
+  if (device_) device_->close();
+}
+
+std::shared_ptr<engine::Device> DeviceWrap::device(Napi::Env env) {
+  if (closed_) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the device is closed");
+  return device_;
+}
+
+// createDevice({name, memory, faultBatch, faultAround, timeoutMs})
+Napi::Value DeviceWrap::Create(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = ArgObject(info, 0, "options");
+  engine::DeviceConfig c;
+  c.name = OptString(o, "name", "device");
+  c.page = sys::page_size();
+  c.memory = OptU64(o, "memory", 64ull << 20);
+  c.fault_batch = static_cast<unsigned>(OptU64(o, "faultBatch", 32));
+  c.fault_around = OptU64(o, "faultAround", c.page);
+  c.timeout_ms = static_cast<int>(OptU64(o, "timeoutMs", 1000));
+  if (c.memory < c.page || c.memory % c.page)
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "memory must be a positive multiple of the page size");
+  if (c.fault_batch == 0 || c.fault_batch > 65536) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "faultBatch must be 1..65536");
+  if (c.fault_around < c.page || (c.fault_around & (c.fault_around - 1)))
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "faultAround must be a power of two of at least one page");
+  auto dev = std::make_shared<engine::Device>(c);
+  int rc = dev->init();
+  if (rc) ThrowSystemError(env, rc, "mmap", {nullptr, "allocating device memory"});
+  AddonData* data = env.GetInstanceData<AddonData>();
+  return data->device_ctor.Value().New({Napi::External<std::shared_ptr<engine::Device>>::New(env, &dev)});
+}
+
+// mirror(mapping, offset, length) -> Mirror
+Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto dev = device(env);
+  Mapping* m = Mapping::Unwrap(info[0]);
+  uint64_t off = ToU64(info[1], "offset"), len = ToU64(info[2], "length");
+  if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  m->Range(env, off, len);
+  if (m->region()->page != dev->config().page)
+    throw StateError(env, "ERR_PAGEMIRROR_UNSUPPORTED", "mirroring hugetlb mappings is not supported yet");
+  auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
+  AddonData* data = env.GetInstanceData<AddonData>();
+  return data->mirror_ctor.Value().New({Napi::External<std::shared_ptr<engine::Device>>::New(env, &dev),
+                                        Napi::External<std::shared_ptr<engine::Mirror>>::New(env, &mirror)});
+}
+
+Napi::Value DeviceWrap::Counters(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  engine::DeviceCounters& c = device_->counters();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("faultRounds", static_cast<double>(c.fault_rounds.load()));
+  o.Set("faultRequests", static_cast<double>(c.fault_requests.load()));
+  o.Set("faultedPages", static_cast<double>(c.faulted_pages.load()));
+  o.Set("maxBatch", static_cast<double>(c.max_batch.load()));
+  o.Set("serviceNs", static_cast<double>(c.service_ns.load()));
+  o.Set("invalidatedPages", static_cast<double>(c.invalidated_pages.load()));
+  Napi::Object inv = Napi::Object::New(env);
+  for (unsigned i = 0; i < 11; i++) {
+    uint64_t n = c.invalidations[i].load();
+    if (n) inv.Set(InvalidateCauseName(static_cast<InvalidateCause>(i)), static_cast<double>(n));
+  }
+  o.Set("invalidations", inv);
+  return o;
+}
+
+Napi::Value DeviceWrap::Memory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("pageSize", static_cast<double>(device_->config().page));
+  o.Set("slots", static_cast<double>(device_->slots_total()));
+  o.Set("used", static_cast<double>(device_->slots_used()));
+  return o;
+}
+
+Napi::Value DeviceWrap::Close(const Napi::CallbackInfo& info) {
+  if (!closed_) {
+    closed_ = true;
+    device_->close();
+  }
+  return info.Env().Undefined();
+}
+
+// ---- Mirror ------------------------------------------------------------------------------------
+
+Napi::Function MirrorWrap::Init(Napi::Env env) {
+  return DefineClass(env, "Mirror",
+                     {
+                         InstanceMethod<&MirrorWrap::Run>("run"),
+                         InstanceMethod<&MirrorWrap::Read>("read"),
+                         InstanceMethod<&MirrorWrap::Write>("write"),
+                         InstanceMethod<&MirrorWrap::Entries>("entries"),
+                         InstanceMethod<&MirrorWrap::Info>("info"),
+                         InstanceMethod<&MirrorWrap::Close>("close"),
+                     });
+}
+
+MirrorWrap::MirrorWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MirrorWrap>(info) {
+  if (info.Length() < 2 || !info[0].IsExternal() || !info[1].IsExternal())
+    throw CodedTypeError(info.Env(), "ERR_ILLEGAL_CONSTRUCTOR", "use device.mirror()");
+  device_ = *info[0].As<Napi::External<std::shared_ptr<engine::Device>>>().Data();
+  mirror_ = *info[1].As<Napi::External<std::shared_ptr<engine::Mirror>>>().Data();
+}
+
+MirrorWrap::~MirrorWrap() {
+  if (mirror_) mirror_->detach();
+}
+
+std::shared_ptr<engine::Mirror> MirrorWrap::live(Napi::Env env) {
+  if (!mirror_) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the mirror is closed");
+  return mirror_;
+}
+
+namespace {
+
+struct KernelJob {
+  std::shared_ptr<engine::Device> device;
+  // No region pin: device threads reach host memory only through valid entries, and every
+  // CPU-side change (munmap included) clears entries and waits for accesses in flight first.
+  std::shared_ptr<engine::Mirror> mirror;
+  engine::KernelSpec spec;
+  engine::KernelResult result;
+  std::vector<uint8_t> buffer;  // copyOut/copyIn staging: nothing reaches the caller on error
+};
+
+engine::KernelOp ParseKernelOp(Napi::Env env, const std::string& s) {
+  if (s == "read") return engine::KernelOp::kRead;
+  if (s == "write") return engine::KernelOp::kWrite;
+  if (s == "atomic") return engine::KernelOp::kAtomicInc;
+  if (s == "verify") return engine::KernelOp::kVerify;
+  throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "op must be 'read', 'write', 'atomic' or 'verify'");
+}
+
+void CheckPages(Napi::Env env, engine::Mirror& m, uint64_t first, uint64_t n) {
+  if (n == 0) throw SystemError(env, -EINVAL, "device", {nullptr, "npages must be > 0"});
+  if (first > m.npages() || n > m.npages() - first)
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "pages [" + std::to_string(first) + ", +" + std::to_string(n) +
+                                                       ") lie outside the mirror of " + std::to_string(m.npages()) + " pages");
+}
+
+Napi::Object ResultObject(Napi::Env env, const engine::KernelResult& r) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ops", static_cast<double>(r.ops));
+  o.Set("checksum", Napi::BigInt::New(env, r.checksum));
+  o.Set("mismatches", static_cast<double>(r.mismatches));
+  o.Set("faults", static_cast<double>(r.faults));
+  o.Set("cpages", static_cast<double>(r.cpages));
+  o.Set("elapsedNs", static_cast<double>(r.elapsed_ns));
+  return o;
+}
+
+Napi::Value Start(Napi::Env env, std::unique_ptr<KernelJob> job, bool copy_out) {
+  return NativeJob<KernelJob>::Start(
+      env, std::move(job), [](KernelJob& j) { j.device->run(j.spec, &j.result); },
+      [copy_out](Napi::Env env, KernelJob& j) -> Napi::Value {
+        if (j.result.error) {
+          const char* hint = j.result.error == -EPERM ? "the range is not writable"
+                             : j.result.error == -EFAULT ? "no mapping, PROT_NONE, or the mirror is gone"
+                             : j.result.error == -EBUSY ? "invalidations kept racing the range fault past the timeout"
+                             : j.result.error == -ENODEV ? "the device was closed" : nullptr;
+          Napi::Error err = SystemError(env, j.result.error, "device fault", {nullptr, hint});
+          err.Value().Set("page", static_cast<double>(j.result.error_page));
+          err.Value().Set("faults", static_cast<double>(j.result.faults));
+          throw err;
+        }
+        Napi::Object o = ResultObject(env, j.result);
+        if (copy_out) o.Set("data", Napi::Buffer<uint8_t>::Copy(env, j.buffer.data(), j.buffer.size()));
+        return o;
+      });
+}
+
+}  // namespace
+
+// run({offset, npages, op, pattern, unit, stride, ops, seed, threads}) -> Promise<result>
+Napi::Value MirrorWrap::Run(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  Napi::Object o = ArgObject(info, 0, "kernel");
+  const uint64_t page = m->page();
+  uint64_t off = OptU64(o, "offset", 0);
+  CheckAligned(env, off, page, "offset");
+  uint64_t n = OptU64(o, "npages", m->npages() - std::min(m->npages(), off / page));
+  CheckPages(env, *m, off / page, n);
+  auto job = std::unique_ptr<KernelJob>(new KernelJob{device_, m, {}, {}, {}});
+  engine::KernelSpec& s = job->spec;
+  s.mirror = m.get();
+  s.first = off / page;
+  s.npages = n;
+  s.op = ParseKernelOp(env, OptString(o, "op", "read"));
+  std::string pat = OptString(o, "pattern", "sequential");
+  s.pattern = pat == "sequential" ? sys::AccessPattern::kSequential : pat == "strided" ? sys::AccessPattern::kStrided
+            : pat == "random" ? sys::AccessPattern::kRandom
+            : throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "pattern must be 'sequential', 'strided' or 'random'");
+  s.unit = OptU64(o, "unit", page);
+  s.stride = OptU64(o, "stride", 0);
+  s.ops = OptU64(o, "ops", 0);
+  s.seed = OptU64(o, "seed", 1);
+  s.threads = static_cast<unsigned>(OptU64(o, "threads", 1));
+  if (s.unit < 8 || s.unit % 8 || s.stride % 8) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "unit and stride must be multiples of 8");
+  if (s.threads == 0 || s.threads > 1024) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "threads must be 1..1024");
+  return Start(env, std::move(job), false);
+}
+
+// read(offset, npages) -> Promise<{data, cpages, faults}>: the device reads the range through its
+// page table; a miss faults everything from that page to the end of the range in one round.
+Napi::Value MirrorWrap::Read(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
+  CheckAligned(env, off, m->page(), "offset");
+  CheckPages(env, *m, off / m->page(), n);
+  auto job = std::unique_ptr<KernelJob>(new KernelJob{device_, m, {}, {}, {}});
+  job->buffer.resize(n * m->page());
+  job->spec = engine::KernelSpec{m.get(), off / m->page(), n, engine::KernelOp::kCopyOut};
+  job->spec.buffer = job->buffer.data();
+  job->spec.fault_to_end = true;
+  return Start(env, std::move(job), true);
+}
+
+// write(offset, data) -> Promise<{cpages, faults}>
+Napi::Value MirrorWrap::Write(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  uint64_t off = ToU64(info[0], "offset");
+  if (info.Length() < 2 || !info[1].IsTypedArray()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "data must be a Uint8Array");
+  Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
+  CheckAligned(env, off, m->page(), "offset");
+  CheckAligned(env, ta.ByteLength(), m->page(), "data length");
+  uint64_t n = ta.ByteLength() / m->page();
+  CheckPages(env, *m, off / m->page(), n);
+  auto job = std::unique_ptr<KernelJob>(new KernelJob{device_, m, {}, {}, {}});
+  const uint8_t* src = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+  job->buffer.assign(src, src + ta.ByteLength());
+  job->spec = engine::KernelSpec{m.get(), off / m->page(), n, engine::KernelOp::kCopyIn};
+  job->spec.buffer = job->buffer.data();
+  job->spec.fault_to_end = true;
+  return Start(env, std::move(job), false);
+}
+
+Napi::Value MirrorWrap::Entries(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  uint64_t first = ToU64(info[0], "page"), n = ToU64(info[1], "npages");
+  CheckPages(env, *m, first, n);
+  Napi::BigUint64Array out = Napi::BigUint64Array::New(env, n);
+  for (uint64_t i = 0; i < n; i++) out[i] = m->entry(first + i);
+  return out;
+}
+
+Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  if (!mirror_) {
+    o.Set("closed", true);
+    return o;
+  }
+  const engine::MirrorStats& s = mirror_->stats();
+  o.Set("closed", false);
+  o.Set("dead", mirror_->dead());
+  o.Set("address", Napi::BigInt::New(env, mirror_->start()));
+  o.Set("npages", static_cast<double>(mirror_->npages()));
+  o.Set("pageSize", static_cast<double>(mirror_->page()));
+  o.Set("tableBytes", static_cast<double>(mirror_->table_bytes()));
+  o.Set("invalidations", static_cast<double>(s.invalidations.load()));
+  o.Set("invalidatedPages", static_cast<double>(s.invalidated_pages.load()));
+  o.Set("rangeFaults", static_cast<double>(s.range_faults.load()));
+  o.Set("retries", static_cast<double>(s.retries.load()));
+  return o;
+}
+
+Napi::Value MirrorWrap::Close(const Napi::CallbackInfo& info) {
+  if (mirror_) {
+    mirror_->detach();
+    mirror_.reset();
+  }
+  return info.Env().Undefined();
+}
+
+}  // namespace pm

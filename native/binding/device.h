@@ -1,0 +1,48 @@
+// Device and Mirror objects for JavaScript: thin wrappers over native/engine.
+#pragma once
+
+#include <napi.h>
+
+#include <memory>
+
+#include "../engine/device.h"
+#include "../engine/mirror.h"
+
+namespace pm {
+
+class DeviceWrap : public Napi::ObjectWrap<DeviceWrap> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  static Napi::Value Create(const Napi::CallbackInfo& info);
+  explicit DeviceWrap(const Napi::CallbackInfo& info);
+  ~DeviceWrap() override;
+  std::shared_ptr<engine::Device> device(Napi::Env env);
+
+ private:
+  Napi::Value Mirror(const Napi::CallbackInfo& info);
+  Napi::Value Counters(const Napi::CallbackInfo& info);
+  Napi::Value Memory(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+  std::shared_ptr<engine::Device> device_;
+  bool closed_ = false;
+};
+
+class MirrorWrap : public Napi::ObjectWrap<MirrorWrap> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit MirrorWrap(const Napi::CallbackInfo& info);
+  ~MirrorWrap() override;
+
+ private:
+  std::shared_ptr<engine::Mirror> live(Napi::Env env);
+  Napi::Value Run(const Napi::CallbackInfo& info);
+  Napi::Value Read(const Napi::CallbackInfo& info);
+  Napi::Value Write(const Napi::CallbackInfo& info);
+  Napi::Value Entries(const Napi::CallbackInfo& info);
+  Napi::Value Info(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+  std::shared_ptr<engine::Device> device_;
+  std::shared_ptr<engine::Mirror> mirror_;
+};
+
+}  // namespace pm

@@ -1,0 +1,278 @@
+#include "device.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <sys/mman.h>
+
+#include "../sys/mem.h"
+
+namespace pm::engine {
+
+Device::Device(const DeviceConfig& config) : config_(config) {}
+
+Device::~Device() {
+  close();
+  if (pool_) sys::unmap(pool_, slots_ * config_.page);
+}
+
+int Device::init() {
+  slots_ = config_.memory / config_.page;
+  if (slots_ == 0) return -EINVAL;
+  void* p = nullptr;
+  // Real memory owned by the device: private anonymous, so pages can be moved in and out of it
+  // with UFFDIO_MOVE. Reserved lazily: a slot costs memory once used.
+  int rc = sys::map(&p, nullptr, slots_ * config_.page, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (rc) return rc;
+  pool_ = static_cast<uint8_t*>(p);
+  free_slots_.reserve(slots_);
+  for (uint64_t s = slots_; s > 0; s--) free_slots_.push_back(s - 1);
+  try {
+    service_ = std::thread(&Device::service, this);
+  } catch (...) {
+    return -EAGAIN;
+  }
+  return 0;
+}
+
+void Device::close() {
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  queue_cv_.notify_all();
+  if (service_.joinable()) service_.join();
+  // Nobody will service what is left: fail it so no device thread sleeps forever.
+  std::lock_guard<std::mutex> lock(queue_mu_);
+  for (Request* r : queue_) {
+    r->result = -ENODEV;
+    r->done = true;
+  }
+  queue_.clear();
+  done_cv_.notify_all();
+}
+
+bool Device::alloc_slot(uint64_t* slot) {
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  if (free_slots_.empty()) return false;
+  *slot = free_slots_.back();
+  free_slots_.pop_back();
+  return true;
+}
+
+void Device::free_slot(uint64_t slot) {
+  // Give the memory back too: a freed slot must not keep host RSS.
+  sys::advise(slot_address(slot), config_.page, MADV_DONTNEED);
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  free_slots_.push_back(slot);
+}
+
+uint64_t Device::slots_used() {
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  return slots_ - free_slots_.size();
+}
+
+int Device::fault(Mirror* m, uint64_t first, uint64_t last, bool write) {
+  Request r{m, first, last, write};
+  std::unique_lock<std::mutex> lock(queue_mu_);
+  if (stopping_) return -ENODEV;
+  queue_.push_back(&r);
+  counters_.fault_requests.fetch_add(1, std::memory_order_relaxed);
+  queue_cv_.notify_one();
+  done_cv_.wait(lock, [&] { return r.done; });
+  return r.result;
+}
+
+void Device::service() {
+  std::vector<Request*> batch;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(queue_mu_);
+      queue_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (stopping_) return;
+      while (!queue_.empty() && batch.size() < config_.fault_batch) {
+        batch.push_back(queue_.front());
+        queue_.pop_front();
+      }
+    }
+    const uint64_t t0 = sys::now_ns();
+    service_batch(batch);
+    counters_.service_ns.fetch_add(sys::now_ns() - t0, std::memory_order_relaxed);
+    counters_.fault_rounds.fetch_add(1, std::memory_order_relaxed);
+    uint64_t n = batch.size(), prev = counters_.max_batch.load();
+    while (n > prev && !counters_.max_batch.compare_exchange_weak(prev, n)) {
+    }
+    {
+      std::lock_guard<std::mutex> lock(queue_mu_);
+      for (Request* r : batch) r->done = true;
+    }
+    done_cv_.notify_all();  // replay
+    batch.clear();
+  }
+}
+
+// Dedupe and coalesce: each request grows to the fault-around granule (clamped to its mirror),
+// overlapping requests of one mirror merge into one range fault, and a merged range is faulted for
+// write if any request in it writes (upgrade). If the write fault is refused (a read-only range),
+// the read requests in it are faulted again on their own, so a writer's EPERM is not a reader's.
+void Device::service_batch(std::vector<Request*>& batch) {
+  const uint64_t granule = std::max<uint64_t>(1, config_.fault_around / config_.page);
+  std::sort(batch.begin(), batch.end(), [](const Request* a, const Request* b) {
+    return a->mirror != b->mirror ? a->mirror < b->mirror : a->first < b->first;
+  });
+  struct Run {
+    Mirror* m;
+    uint64_t first, last;
+    bool write;
+    size_t begin, end;  // requests [begin, end) of the batch
+  };
+  std::vector<Run> runs;
+  for (size_t i = 0; i < batch.size(); i++) {
+    Request* r = batch[i];
+    const uint64_t n = r->mirror->npages();
+    uint64_t first = r->first / granule * granule;
+    uint64_t last = std::min(n, std::max(r->last, (r->first / granule + 1) * granule));
+    if (!runs.empty() && runs.back().m == r->mirror && first <= runs.back().last) {
+      runs.back().last = std::max(runs.back().last, last);
+      runs.back().write |= r->write;
+      runs.back().end = i + 1;
+    } else {
+      runs.push_back({r->mirror, first, last, r->write, i, i + 1});
+    }
+  }
+  for (const Run& run : runs) {
+    int rc = run.m->range_fault(run.first, run.last, run.write, config_.timeout_ms);
+    if (rc == 0) counters_.faulted_pages.fetch_add(run.last - run.first, std::memory_order_relaxed);
+    for (size_t i = run.begin; i < run.end; i++) {
+      Request* r = batch[i];
+      r->result = rc;
+      if (rc == -EPERM && run.write && !r->write) r->result = run.m->range_fault(r->first, r->last, false, config_.timeout_ms);
+    }
+  }
+}
+
+void Device::on_invalidate(Mirror*, uint64_t, uint64_t, InvalidateCause cause, uint64_t cleared) {
+  counters_.invalidations[static_cast<unsigned>(cause)].fetch_add(1, std::memory_order_relaxed);
+  counters_.invalidated_pages.fetch_add(cleared, std::memory_order_relaxed);
+}
+
+namespace {
+
+inline uint64_t xorshift(uint64_t& s) {
+  s ^= s << 13;
+  s ^= s >> 7;
+  s ^= s << 17;
+  return s;
+}
+
+}  // namespace
+
+// One thread's share of a kernel. Accesses go through the mirror: pin the page, access, unpin; a
+// miss posts a fault and stalls until the service replays it.
+void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op, unsigned index, KernelResult* out) {
+  Mirror* m = s.mirror;
+  const uint64_t page = m->page();
+  const uint64_t bytes = s.npages * page;
+  const uint64_t words = bytes / 8;
+  uint64_t rng = s.seed * 0x9E3779B97F4A7C15ull + index + 1;
+  const bool copy = s.op == KernelOp::kCopyOut || s.op == KernelOp::kCopyIn;
+  const bool writes = s.op == KernelOp::kWrite || s.op == KernelOp::kAtomicInc || s.op == KernelOp::kCopyIn;
+  for (uint64_t k = first_op; k < last_op; k++) {
+    uint64_t off;  // byte offset within the kernel's range
+    if (copy) {
+      off = k * page;
+    } else {
+      switch (s.pattern) {
+        case sys::AccessPattern::kSequential: off = (k * s.unit) % bytes & ~7ull; break;
+        case sys::AccessPattern::kStrided: off = (k * (s.stride ? s.stride : s.unit)) % bytes & ~7ull; break;
+        default: off = (xorshift(rng) % words) * 8; break;
+      }
+    }
+    const uint64_t i = s.first + off / page;
+    void* p;
+    uint64_t tries = 0;
+    while ((p = m->pin(i, writes)) == nullptr) {
+      const uint64_t last = s.fault_to_end ? s.first + s.npages : i + 1;
+      int rc = fault(m, i, last, writes);
+      out->faults++;
+      if (rc) {
+        out->error = rc;
+        out->error_page = i;
+        return;
+      }
+      // Replayed, but an invalidation may have raced the replay: fault again, boundedly.
+      if (++tries > 1000) {
+        out->error = -EBUSY;
+        out->error_page = i;
+        return;
+      }
+    }
+    uint8_t* base = static_cast<uint8_t*>(p);
+    const uint64_t in_page = off % page;
+    switch (s.op) {
+      case KernelOp::kRead: out->checksum += *reinterpret_cast<volatile uint64_t*>(base + in_page); break;
+      case KernelOp::kWrite: {
+        uint64_t v = s.seed + off / 8;
+        *reinterpret_cast<volatile uint64_t*>(base + in_page) = v;
+        out->checksum += v;
+        break;
+      }
+      case KernelOp::kAtomicInc:
+        out->checksum += __atomic_add_fetch(reinterpret_cast<uint64_t*>(base + in_page), 1, __ATOMIC_SEQ_CST);
+        break;
+      case KernelOp::kVerify: {
+        uint64_t v = *reinterpret_cast<volatile uint64_t*>(base + in_page);
+        out->checksum += v;
+        if (v != s.seed + off / 8) out->mismatches++;
+        break;
+      }
+      case KernelOp::kCopyOut:
+        std::memcpy(s.buffer + off, base, page);
+        out->cpages++;
+        break;
+      case KernelOp::kCopyIn:
+        std::memcpy(base, s.buffer + off, page);
+        out->cpages++;
+        break;
+    }
+    if (writes) m->mark_dirty(i);
+    m->unpin(i);
+    out->ops++;
+  }
+}
+
+void Device::run(const KernelSpec& spec_in, KernelResult* out) {
+  KernelSpec spec = spec_in;
+  if (spec.threads == 0) spec.threads = 1;
+  if (spec.unit < 8) spec.unit = 8;
+  const bool copy = spec.op == KernelOp::kCopyOut || spec.op == KernelOp::kCopyIn;
+  const uint64_t total = copy ? spec.npages : (spec.ops ? spec.ops : spec.npages * spec.mirror->page() / spec.unit);
+  std::vector<KernelResult> parts(spec.threads);
+  const uint64_t t0 = sys::now_ns();
+  if (spec.threads == 1) {
+    run_share(spec, 0, total, 0, &parts[0]);
+  } else {
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < spec.threads; t++)
+      threads.emplace_back(&Device::run_share, this, std::cref(spec), total * t / spec.threads,
+                           total * (t + 1) / spec.threads, t, &parts[t]);
+    for (auto& th : threads) th.join();
+  }
+  *out = KernelResult{};
+  out->elapsed_ns = sys::now_ns() - t0;
+  for (const KernelResult& p : parts) {
+    out->ops += p.ops;
+    out->checksum += p.checksum;
+    out->mismatches += p.mismatches;
+    out->faults += p.faults;
+    out->cpages += p.cpages;
+    if (p.error && !out->error) {
+      out->error = p.error;
+      out->error_page = p.error_page;
+    }
+  }
+}
+
+}  // namespace pm::engine

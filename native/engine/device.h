@@ -1,0 +1,119 @@
+// Device: an emulated GPU/NIC/FPGA. It owns real memory (a private anonymous pool of page-sized
+// slots), mirrors ranges of the process through its own page tables (Mirror), and runs access
+// kernels on native device threads. A device thread that misses posts a fault to the fault buffer
+// and stalls; one service thread takes faults in batches (dedupe, upgrade read to write, coalesce to
+// the fault-around granule), runs the range faults, and replays the stalled threads.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../sys/access.h"
+#include "mirror.h"
+
+namespace pm::engine {
+
+struct DeviceConfig {
+  std::string name = "device";
+  uint64_t memory = 64ull << 20;  // bytes of device memory
+  uint64_t page = 4096;
+  unsigned fault_batch = 32;      // faults serviced per round (the kernel's test device: 32 pages)
+  uint64_t fault_around = 0;      // bytes; 0 = one page
+  int timeout_ms = 1000;          // range-fault retry budget, then EBUSY (as hmm_range_fault)
+};
+
+struct DeviceCounters {
+  std::atomic<uint64_t> fault_rounds{0};   // service rounds (batches)
+  std::atomic<uint64_t> fault_requests{0}; // faults posted by device threads
+  std::atomic<uint64_t> faulted_pages{0};  // pages made present by range faults
+  std::atomic<uint64_t> max_batch{0};
+  std::atomic<uint64_t> service_ns{0};
+  std::atomic<uint64_t> invalidations[11] = {};  // by InvalidateCause
+  std::atomic<uint64_t> invalidated_pages{0};
+};
+
+enum class KernelOp { kRead, kWrite, kAtomicInc, kVerify, kCopyOut, kCopyIn };
+
+struct KernelSpec {
+  Mirror* mirror = nullptr;
+  uint64_t first = 0, npages = 0;   // the page range the kernel covers
+  KernelOp op = KernelOp::kRead;
+  sys::AccessPattern pattern = sys::AccessPattern::kSequential;
+  uint64_t unit = 8;                // bytes between words, sequential
+  uint64_t stride = 0;
+  uint64_t ops = 0;                 // 0 = one per unit over the range
+  uint64_t seed = 1;
+  unsigned threads = 1;
+  uint8_t* buffer = nullptr;        // copyOut/copyIn: npages * page bytes
+  bool fault_to_end = false;        // a miss faults from the page to the end of the range in one round
+};
+
+struct KernelResult {
+  uint64_t ops = 0, checksum = 0, mismatches = 0;
+  uint64_t faults = 0;  // fault rounds this kernel waited for
+  uint64_t cpages = 0;  // pages copied (copyOut/copyIn)
+  int error = 0;        // -errno of a failed range fault: EPERM, EFAULT, EBUSY
+  uint64_t error_page = 0;
+  uint64_t elapsed_ns = 0;
+};
+
+class Device {
+ public:
+  explicit Device(const DeviceConfig& config);
+  ~Device();
+  int init();     // maps the memory pool and starts the service thread; -errno on failure
+  void close();   // stops the service; faults still queued fail with -ENODEV
+  const DeviceConfig& config() const { return config_; }
+  DeviceCounters& counters() { return counters_; }
+
+  // Device memory.
+  void* slot_address(uint64_t slot) const { return pool_ + slot * config_.page; }
+  bool alloc_slot(uint64_t* slot);
+  void free_slot(uint64_t slot);
+  uint64_t slots_total() const { return slots_; }
+  uint64_t slots_used();
+
+  // Posts a fault for [first, last) of m and sleeps until it is serviced. Returns the range fault's
+  // result (0, -EPERM, -EFAULT, -EBUSY) or -ENODEV if the device closed.
+  int fault(Mirror* m, uint64_t first, uint64_t last, bool write);
+
+  // Runs a kernel on spec.threads device threads and waits for them (call from a native thread).
+  void run(const KernelSpec& spec, KernelResult* out);
+
+  void on_invalidate(Mirror* m, uint64_t first, uint64_t last, InvalidateCause cause, uint64_t cleared);
+
+ private:
+  struct Request {
+    Mirror* mirror;
+    uint64_t first, last;
+    bool write;
+    int result = 0;
+    bool done = false;
+  };
+  void service();
+  void service_batch(std::vector<Request*>& batch);
+  void run_share(const KernelSpec& spec, uint64_t first_op, uint64_t last_op, unsigned index, KernelResult* out);
+
+  DeviceConfig config_;
+  uint8_t* pool_ = nullptr;
+  uint64_t slots_ = 0;
+  std::mutex slot_mu_;
+  std::vector<uint64_t> free_slots_;
+
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;  // the service waits for requests
+  std::condition_variable done_cv_;   // device threads wait for their replay
+  std::deque<Request*> queue_;
+  bool stopping_ = false;
+  std::thread service_;
+  DeviceCounters counters_;
+};
+
+}  // namespace pm::engine
