@@ -203,7 +203,55 @@ export interface NativeUffdProbe {
   register?: Record<string, Record<string, bigint | string>>;
 }
 
+export interface NativeDeviceCounters {
+  faultRounds: number;
+  faultRequests: number;
+  faultedPages: number;
+  maxBatch: number;
+  serviceNs: number;
+  invalidatedPages: number;
+  invalidations: Record<string, number>;
+}
+
+export interface NativeKernelResult {
+  ops: number;
+  checksum: bigint;
+  mismatches: number;
+  faults: number;
+  cpages: number;
+  elapsedNs: number;
+  data?: Buffer;
+}
+
+export interface NativeMirror {
+  run(kernel: Record<string, unknown>): Promise<NativeKernelResult>;
+  read(offset: number, npages: number): Promise<NativeKernelResult & { data: Buffer }>;
+  write(offset: number, data: Uint8Array): Promise<NativeKernelResult>;
+  entries(page: number, npages: number): BigUint64Array;
+  info(): {
+    closed: boolean;
+    dead?: boolean;
+    address?: bigint;
+    npages?: number;
+    pageSize?: number;
+    tableBytes?: number;
+    invalidations?: number;
+    invalidatedPages?: number;
+    rangeFaults?: number;
+    retries?: number;
+  };
+  close(): void;
+}
+
+export interface NativeDevice {
+  mirror(m: NativeMapping, offset: number, length: number): NativeMirror;
+  counters(): NativeDeviceCounters;
+  memory(): { pageSize: number; slots: number; used: number };
+  close(): void;
+}
+
 export interface NativeAddon {
+  createDevice(options: Record<string, unknown>): NativeDevice;
   map(options: Record<string, unknown>): NativeMapping;
   openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean }): NativeUserfaultfd;
   adoptUserfaultfd(fd: number, features: bigint): NativeUserfaultfd;

@@ -1,0 +1,188 @@
+// Devices and mirrors: HMM in user space. A Device is an emulated GPU/NIC/FPGA with its own memory
+// and native device threads; a Mirror is its page table over a range of a Mapping. Device accesses
+// go through the mirror; a miss is a device page fault, serviced in batches and replayed.
+import { native, type NativeDevice, type NativeMirror, type NativeDeviceCounters } from './native.js';
+import { Mapping } from './mapping.js';
+import { checkInteger, checkOneOf, checkBytes, stateError, typeError } from './errors.js';
+
+const PAGE = native.uname().pageSize;
+
+export interface DeviceOptions {
+  /** Shown in counters and traces. Default 'device'. */
+  name?: string;
+  /** Device memory in bytes (a pool of page slots; real memory, committed as used). Default 64 MiB. */
+  memory?: number;
+  /** Faults serviced per round. Default 32 (the kernel's test device). */
+  faultBatch?: number;
+  /** Fault-around granule in bytes: a miss faults the aligned block around it. Default one page. */
+  faultAround?: number;
+  /** How long a range fault retries while invalidations race it, then EBUSY. Default 1000 ms. */
+  timeoutMs?: number;
+}
+
+/** One mirror entry, decoded. */
+export interface MirrorEntry {
+  valid: boolean;
+  write: boolean;
+  atomic: boolean;
+  dirty: boolean;
+  onDevice: boolean;
+  slot: number;
+}
+
+export function decodeEntry(e: bigint): MirrorEntry {
+  return {
+    valid: (e & 1n) !== 0n,
+    write: (e & 2n) !== 0n,
+    atomic: (e & 4n) !== 0n,
+    dirty: (e & 8n) !== 0n,
+    onDevice: (e & 16n) !== 0n,
+    slot: Number(e >> 20n),
+  };
+}
+
+export type KernelOp = 'read' | 'write' | 'atomic' | 'verify';
+
+export interface KernelOptions {
+  /** Byte offset into the mirror (page aligned). Default 0. */
+  offset?: number;
+  /** Pages covered. Default to the end of the mirror. */
+  npages?: number;
+  /** read: sum words; write: store seed + word index; atomic: atomic increment; verify: count words that differ from seed + word index. Default 'read'. */
+  op?: KernelOp;
+  pattern?: 'sequential' | 'strided' | 'random';
+  /** Sequential: bytes between touched words. Default one page. */
+  unit?: number;
+  stride?: number;
+  /** Accesses in all. Default npages * pageSize / unit. */
+  ops?: number;
+  seed?: number;
+  /** Device threads. Default 1. */
+  threads?: number;
+}
+
+export interface KernelResult {
+  ops: number;
+  checksum: bigint;
+  mismatches: number;
+  /** Fault rounds the kernel's threads waited for (the kernel device's `faults`). */
+  faults: number;
+  /** Pages copied (read/write), the kernel device's `cpages`. */
+  cpages: number;
+  elapsedNs: number;
+}
+
+export type DeviceCounters = NativeDeviceCounters;
+
+export class Mirror {
+  readonly #n: NativeMirror;
+  readonly mapping: Mapping;
+  readonly device: Device;
+  readonly offset: number;
+  readonly length: number;
+
+  /** @internal use device.mirror() */
+  constructor(n: NativeMirror, device: Device, mapping: Mapping, offset: number, length: number) {
+    this.#n = n;
+    this.device = device;
+    this.mapping = mapping;
+    this.offset = offset;
+    this.length = length;
+  }
+
+  get npages(): number {
+    return this.length / PAGE;
+  }
+
+  /**
+   * The device reads [offset, offset + npages pages) through its page table into a new buffer. A
+   * miss faults in everything from that page to the end of the range in one round. On error nothing
+   * is copied out. Errors: EFAULT (no mapping or PROT_NONE), EBUSY (invalidations kept racing),
+   * ENODEV (device closed); EINVAL for npages 0.
+   */
+  async read(offset: number, npages: number): Promise<KernelResult & { data: Buffer }> {
+    return this.#n.read(checkInteger('offset', offset), checkInteger('npages', npages));
+  }
+
+  /** The device writes data (whole pages) at offset. EPERM if the range is not writable. */
+  async write(offset: number, data: Uint8Array): Promise<KernelResult> {
+    return this.#n.write(checkInteger('offset', offset), checkBytes('data', data));
+  }
+
+  /** Runs an access kernel on device threads through the mirror. */
+  async run(kernel: KernelOptions = {}): Promise<KernelResult> {
+    const k: Record<string, unknown> = { ...kernel };
+    k.op = checkOneOf('op', kernel.op ?? 'read', ['read', 'write', 'atomic', 'verify'] as const);
+    if (kernel.pattern !== undefined) checkOneOf('pattern', kernel.pattern, ['sequential', 'strided', 'random'] as const);
+    return this.#n.run(k);
+  }
+
+  /** The mirror's entries for pages [page, page + npages). */
+  entries(page = 0, npages = this.npages - page): MirrorEntry[] {
+    return Array.from(this.#n.entries(checkInteger('page', page), checkInteger('npages', npages, 1)), decodeEntry);
+  }
+
+  /** Page-table size, invalidation and range-fault counts. */
+  info(): ReturnType<NativeMirror['info']> {
+    return this.#n.info();
+  }
+
+  /** Drops every entry (waiting for accesses in flight) and unhooks from the mapping. Idempotent. */
+  close(): void {
+    this.#n.close();
+  }
+}
+
+export class Device {
+  readonly #n: NativeDevice;
+  readonly name: string;
+  #closed = false;
+
+  private constructor(n: NativeDevice, name: string) {
+    this.#n = n;
+    this.name = name;
+  }
+
+  /** Creates a device and starts its fault service thread. */
+  static create(options: DeviceOptions = {}): Device {
+    const name = options.name ?? 'device';
+    return new Device(
+      native.createDevice({
+        name,
+        memory: checkInteger('memory', options.memory ?? 64 << 20, PAGE),
+        faultBatch: checkInteger('faultBatch', options.faultBatch ?? 32, 1, 65536),
+        faultAround: checkInteger('faultAround', options.faultAround ?? PAGE, PAGE),
+        timeoutMs: checkInteger('timeoutMs', options.timeoutMs ?? 1000, 1),
+      }),
+      name,
+    );
+  }
+
+  /** Mirrors [offset, offset + length) of a mapping (default: all of it) with this device's page table. */
+  mirror(mapping: Mapping, options: { offset?: number; length?: number } = {}): Mirror {
+    if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
+    if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+    const offset = checkInteger('offset', options.offset ?? 0);
+    const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
+    return new Mirror(this.#n.mirror(mapping.native, offset, length), this, mapping, offset, length);
+  }
+
+  counters(): DeviceCounters {
+    return this.#n.counters();
+  }
+
+  /** Device memory: slots (pages) in all and in use. */
+  memory(): { pageSize: number; slots: number; used: number } {
+    return this.#n.memory();
+  }
+
+  /** Stops the fault service; threads still waiting for a fault fail with ENODEV. Idempotent. */
+  close(): void {
+    this.#closed = true;
+    this.#n.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
