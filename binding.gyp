@@ -10,6 +10,7 @@
         "native/sys/fault_service.cc",
         "native/engine/mirror.cc",
         "native/engine/device.cc",
+        "native/engine/engine.cc",
         "native/binding/errors.cc",
         "native/binding/mapping.cc",
         "native/binding/userfaultfd.cc",

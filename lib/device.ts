@@ -1,7 +1,7 @@
 // Devices and mirrors: HMM in user space. A Device is an emulated GPU/NIC/FPGA with its own memory
 // and native device threads; a Mirror is its page table over a range of a Mapping. Device accesses
 // go through the mirror; a miss is a device page fault, serviced in batches and replayed.
-import { native, type NativeDevice, type NativeMirror, type NativeDeviceCounters } from './native.js';
+import { native, type NativeDevice, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult } from './native.js';
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, checkBytes, stateError, typeError } from './errors.js';
 
@@ -74,6 +74,37 @@ export interface KernelResult {
 
 export type DeviceCounters = NativeDeviceCounters;
 
+/** Why a page did not move to device memory. */
+export type SkipReason = 'shared' | 'file-backed' | 'dax' | 'other-device' | 'device-memory-full' | 'pinned' | 'error';
+
+export interface MigrateResult extends NativeMigrateResult {
+  /** Pages on this device afterwards (the kernel device's cpages), not only those moved now. */
+  cpages: number;
+  /** Pages whose data moved now: byMove (UFFDIO_MOVE, no copy) + byCopy + zeroFilled (never touched). */
+  moved: number;
+  /** Every page that did not move, with the reason: never silently. */
+  skipped: { offset: number; reason: SkipReason }[];
+}
+
+/**
+ * The kernel test device's snapshot encoding (HMM_DMIRROR_PROT_*): one byte per page. ERROR: no
+ * mapping or PROT_NONE; NONE: not present (or in another device's memory); otherwise a base or'ed
+ * with READ/WRITE and PMD for huge mappings.
+ */
+export const SNAPSHOT = {
+  ERROR: 0xff,
+  NONE: 0x00,
+  READ: 0x01,
+  WRITE: 0x02,
+  PMD: 0x04,
+  PUD: 0x08,
+  ZERO: 0x10,
+  DEV_PRIVATE_LOCAL: 0x20,
+  DEV_PRIVATE_REMOTE: 0x30,
+  DEV_COHERENT_LOCAL: 0x40,
+  DEV_COHERENT_REMOTE: 0x50,
+} as const;
+
 export class Mirror {
   readonly #n: NativeMirror;
   readonly mapping: Mapping;
@@ -120,6 +151,28 @@ export class Mirror {
   /** The mirror's entries for pages [page, page + npages). */
   entries(page = 0, npages = this.npages - page): MirrorEntry[] {
     return Array.from(this.#n.entries(checkInteger('page', page), checkInteger('npages', npages, 1)), decodeEntry);
+  }
+
+  /**
+   * migrate_vma to device memory: each page's data moves (UFFDIO_MOVE where it applies, else a
+   * copy under write protection) into a device slot and the CPU mapping is zapped; a later CPU
+   * touch faults and migrates it back. Only private anonymous pages move (and, in a private file
+   * mapping, pages already copied on write); the others are listed in `skipped` with the reason.
+   * Errors: EINVAL (a page with no access, hugetlb), ENOENT (nothing on the device afterwards;
+   * err.skipped says why), EBUSY (the range is registered with another userfaultfd).
+   */
+  async migrateToDevice(offset: number, npages: number, options: { useMove?: boolean } = {}): Promise<MigrateResult> {
+    return (await this.#n.migrateToDevice(checkInteger('offset', offset), checkInteger('npages', npages), options.useMove ?? true)) as MigrateResult;
+  }
+
+  /** Moves this device's pages in the range back to host memory. cpages: pages actually moved. */
+  async migrateToHost(offset: number, npages: number): Promise<{ cpages: number; elapsedNs: number }> {
+    return this.#n.migrateToHost(checkInteger('offset', offset), checkInteger('npages', npages));
+  }
+
+  /** The CPU-side state of each page (see SNAPSHOT), without faulting anything. */
+  snapshot(offset = 0, npages = this.npages - offset / PAGE): Uint8Array {
+    return this.#n.snapshot(checkInteger('offset', offset), checkInteger('npages', npages));
   }
 
   /** Page-table size, invalidation and range-fault counts. */
@@ -169,6 +222,11 @@ export class Device {
 
   counters(): DeviceCounters {
     return this.#n.counters();
+  }
+
+  /** Evicts all of this device's memory back to the host (the kernel device's release). Returns pages moved. */
+  release(): Promise<number> {
+    return this.#n.release();
   }
 
   /** Device memory: slots (pages) in all and in use. */

@@ -228,6 +228,9 @@ export interface NativeMirror {
   read(offset: number, npages: number): Promise<NativeKernelResult & { data: Buffer }>;
   write(offset: number, data: Uint8Array): Promise<NativeKernelResult>;
   entries(page: number, npages: number): BigUint64Array;
+  migrateToDevice(offset: number, npages: number, useMove: boolean): Promise<NativeMigrateResult>;
+  migrateToHost(offset: number, npages: number): Promise<{ cpages: number; elapsedNs: number }>;
+  snapshot(offset: number, npages: number): Uint8Array;
   info(): {
     closed: boolean;
     dead?: boolean;
@@ -243,7 +246,18 @@ export interface NativeMirror {
   close(): void;
 }
 
+export interface NativeMigrateResult {
+  cpages: number;
+  moved: number;
+  byMove: number;
+  byCopy: number;
+  zeroFilled: number;
+  elapsedNs: number;
+  skipped: { offset: number; reason: string }[];
+}
+
 export interface NativeDevice {
+  release(): Promise<number>;
   mirror(m: NativeMapping, offset: number, length: number): NativeMirror;
   counters(): NativeDeviceCounters;
   memory(): { pageSize: number; slots: number; used: number };

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../sys/access.h"
 #include "../sys/mem.h"
 #include "addon.h"
 #include "args.h"
@@ -21,6 +22,7 @@ Napi::Function DeviceWrap::Init(Napi::Env env) {
                          InstanceMethod<&DeviceWrap::Mirror>("mirror"),
                          InstanceMethod<&DeviceWrap::Counters>("counters"),
                          InstanceMethod<&DeviceWrap::Memory>("memory"),
+                         InstanceMethod<&DeviceWrap::Release>("release"),
                          InstanceMethod<&DeviceWrap::Close>("close"),
                      });
 }
@@ -107,6 +109,18 @@ Napi::Value DeviceWrap::Memory(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// release() -> Promise<pages>: every page of this device's memory goes back to the host.
+Napi::Value DeviceWrap::Release(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  struct State {
+    std::shared_ptr<engine::Device> dev;
+    uint64_t pages = 0;
+  };
+  return NativeJob<State>::Start(
+      env, std::unique_ptr<State>(new State{device(env)}), [](State& s) { s.pages = s.dev->release(); },
+      [](Napi::Env env, State& s) -> Napi::Value { return Napi::Number::New(env, static_cast<double>(s.pages)); });
+}
+
 Napi::Value DeviceWrap::Close(const Napi::CallbackInfo& info) {
   if (!closed_) {
     closed_ = true;
@@ -124,6 +138,9 @@ Napi::Function MirrorWrap::Init(Napi::Env env) {
                          InstanceMethod<&MirrorWrap::Read>("read"),
                          InstanceMethod<&MirrorWrap::Write>("write"),
                          InstanceMethod<&MirrorWrap::Entries>("entries"),
+                         InstanceMethod<&MirrorWrap::MigrateToDevice>("migrateToDevice"),
+                         InstanceMethod<&MirrorWrap::MigrateToHost>("migrateToHost"),
+                         InstanceMethod<&MirrorWrap::Snapshot>("snapshot"),
                          InstanceMethod<&MirrorWrap::Info>("info"),
                          InstanceMethod<&MirrorWrap::Close>("close"),
                      });
@@ -278,6 +295,116 @@ Napi::Value MirrorWrap::Entries(const Napi::CallbackInfo& info) {
   CheckPages(env, *m, first, n);
   Napi::BigUint64Array out = Napi::BigUint64Array::New(env, n);
   for (uint64_t i = 0; i < n; i++) out[i] = m->entry(first + i);
+  return out;
+}
+
+namespace {
+
+const char* SkipName(engine::Mirror::Skip s) {
+  switch (s) {
+    case engine::Mirror::Skip::kShared: return "shared";
+    case engine::Mirror::Skip::kFileBacked: return "file-backed";
+    case engine::Mirror::Skip::kDax: return "dax";
+    case engine::Mirror::Skip::kOtherDevice: return "other-device";
+    case engine::Mirror::Skip::kNoMemory: return "device-memory-full";
+    case engine::Mirror::Skip::kPinned: return "pinned";
+    case engine::Mirror::Skip::kError: return "error";
+    case engine::Mirror::Skip::kNone: return "none";
+  }
+  return "unknown";
+}
+
+struct MigrateJob {
+  std::shared_ptr<engine::Device> device;
+  std::shared_ptr<engine::Mirror> mirror;
+  uint64_t first, last;
+  bool use_move;
+  engine::Mirror::MigrateResult result;
+  uint64_t back = 0;
+  uint64_t elapsed_ns = 0;
+};
+
+}  // namespace
+
+// migrateToDevice(offset, npages, useMove) -> Promise<{cpages, moved, byMove, byCopy, zeroFilled,
+// skipped: [{offset, reason}]}>. Errors: EINVAL (no access, hugetlb), ENOENT (nothing is on the
+// device afterwards), EBUSY (the range is registered with another userfaultfd).
+Napi::Value MirrorWrap::MigrateToDevice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
+  CheckAligned(env, off, m->page(), "offset");
+  CheckPages(env, *m, off / m->page(), n);
+  bool use_move = info.Length() < 3 || info[2].ToBoolean().Value();
+  auto job = std::unique_ptr<MigrateJob>(new MigrateJob{device_, m, off / m->page(), off / m->page() + n, use_move, {}});
+  return NativeJob<MigrateJob>::Start(
+      env, std::move(job),
+      [](MigrateJob& j) {
+        uint64_t t0 = sys::now_ns();
+        j.mirror->migrate_to_device(j.first, j.last, j.use_move, &j.result);
+        j.elapsed_ns = sys::now_ns() - t0;
+      },
+      [](Napi::Env env, MigrateJob& j) -> Napi::Value {
+        const auto& r = j.result;
+        Napi::Array skipped = Napi::Array::New(env, r.skipped.size());
+        for (size_t i = 0; i < r.skipped.size(); i++) {
+          Napi::Object o = Napi::Object::New(env);
+          o.Set("offset", static_cast<double>((r.skipped[i].first - j.first) * j.mirror->page()));
+          o.Set("reason", SkipName(r.skipped[i].second));
+          skipped.Set(static_cast<uint32_t>(i), o);
+        }
+        if (r.error) {
+          const char* hint = r.error == -EINVAL ? "a page in the range has no access (PROT_NONE) or is hugetlb"
+                             : r.error == -ENOENT ? "no page of the range could move (see err.skipped)"
+                             : r.error == -EBUSY ? "the range is registered with another userfaultfd"
+                             : nullptr;
+          Napi::Error err = SystemError(env, r.error, "migrate", {nullptr, hint});
+          err.Value().Set("skipped", skipped);
+          throw err;
+        }
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("cpages", static_cast<double>(r.resident));
+        o.Set("moved", static_cast<double>(r.moved));
+        o.Set("byMove", static_cast<double>(r.moved_by_move));
+        o.Set("byCopy", static_cast<double>(r.moved_by_copy));
+        o.Set("zeroFilled", static_cast<double>(r.zero_filled));
+        o.Set("elapsedNs", static_cast<double>(j.elapsed_ns));
+        o.Set("skipped", skipped);
+        return o;
+      });
+}
+
+// migrateToHost(offset, npages) -> Promise<{cpages}>: pages actually moved back.
+Napi::Value MirrorWrap::MigrateToHost(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
+  CheckAligned(env, off, m->page(), "offset");
+  CheckPages(env, *m, off / m->page(), n);
+  auto job = std::unique_ptr<MigrateJob>(new MigrateJob{device_, m, off / m->page(), off / m->page() + n, true, {}});
+  return NativeJob<MigrateJob>::Start(
+      env, std::move(job),
+      [](MigrateJob& j) {
+        uint64_t t0 = sys::now_ns();
+        j.back = j.mirror->migrate_to_host(j.first, j.last);
+        j.elapsed_ns = sys::now_ns() - t0;
+      },
+      [](Napi::Env env, MigrateJob& j) -> Napi::Value {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("cpages", static_cast<double>(j.back));
+        o.Set("elapsedNs", static_cast<double>(j.elapsed_ns));
+        return o;
+      });
+}
+
+Napi::Value MirrorWrap::Snapshot(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
+  CheckAligned(env, off, m->page(), "offset");
+  CheckPages(env, *m, off / m->page(), n);
+  Napi::Uint8Array out = Napi::Uint8Array::New(env, n);
+  m->snapshot(off / m->page(), off / m->page() + n, out.Data());
   return out;
 }
 

@@ -22,6 +22,7 @@ class DeviceWrap : public Napi::ObjectWrap<DeviceWrap> {
   Napi::Value Mirror(const Napi::CallbackInfo& info);
   Napi::Value Counters(const Napi::CallbackInfo& info);
   Napi::Value Memory(const Napi::CallbackInfo& info);
+  Napi::Value Release(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::Device> device_;
   bool closed_ = false;
@@ -39,6 +40,9 @@ class MirrorWrap : public Napi::ObjectWrap<MirrorWrap> {
   Napi::Value Read(const Napi::CallbackInfo& info);
   Napi::Value Write(const Napi::CallbackInfo& info);
   Napi::Value Entries(const Napi::CallbackInfo& info);
+  Napi::Value MigrateToDevice(const Napi::CallbackInfo& info);
+  Napi::Value MigrateToHost(const Napi::CallbackInfo& info);
+  Napi::Value Snapshot(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::Device> device_;

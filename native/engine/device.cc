@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 
 #include "../sys/mem.h"
+#include "engine.h"
 
 namespace pm::engine {
 
@@ -13,6 +14,7 @@ Device::Device(const DeviceConfig& config) : config_(config) {}
 
 Device::~Device() {
   close();
+  if (pool_registered_) Engine::get().unregister_range(reinterpret_cast<uint64_t>(pool_), slots_ * config_.page);
   if (pool_) sys::unmap(pool_, slots_ * config_.page);
 }
 
@@ -67,6 +69,14 @@ void Device::free_slot(uint64_t slot) {
   sys::advise(slot_address(slot), config_.page, MADV_DONTNEED);
   std::lock_guard<std::mutex> lock(slot_mu_);
   free_slots_.push_back(slot);
+}
+
+int Device::register_pool() {
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  if (pool_registered_) return 0;
+  int rc = Engine::get().register_range(reinterpret_cast<uint64_t>(pool_), slots_ * config_.page);
+  if (rc == 0) pool_registered_ = true;
+  return rc;
 }
 
 uint64_t Device::slots_used() {
@@ -151,6 +161,27 @@ void Device::service_batch(std::vector<Request*>& batch) {
       if (rc == -EPERM && run.write && !r->write) r->result = run.m->range_fault(r->first, r->last, false, config_.timeout_ms);
     }
   }
+}
+
+void Device::add_mirror(Mirror* m) {
+  std::lock_guard<std::mutex> lock(mirrors_mu_);
+  mirrors_.push_back(m);
+}
+
+void Device::remove_mirror(Mirror* m) {
+  std::lock_guard<std::mutex> lock(mirrors_mu_);
+  mirrors_.erase(std::remove(mirrors_.begin(), mirrors_.end(), m), mirrors_.end());
+}
+
+uint64_t Device::release() {
+  std::vector<Mirror*> ms;
+  {
+    std::lock_guard<std::mutex> lock(mirrors_mu_);
+    ms = mirrors_;
+  }
+  uint64_t n = 0;
+  for (Mirror* m : ms) n += m->migrate_to_host(0, m->npages());
+  return n;
 }
 
 void Device::on_invalidate(Mirror*, uint64_t, uint64_t, InvalidateCause cause, uint64_t cleared) {

@@ -79,6 +79,9 @@ class Device {
   void free_slot(uint64_t slot);
   uint64_t slots_total() const { return slots_; }
   uint64_t slots_used();
+  // Registers the pool with the engine's userfaultfd (once): UFFDIO_MOVE needs its destination
+  // registered, and slots are filled with the resolve ioctls.
+  int register_pool();
 
   // Posts a fault for [first, last) of m and sleeps until it is serviced. Returns the range fault's
   // result (0, -EPERM, -EFAULT, -EBUSY) or -ENODEV if the device closed.
@@ -86,6 +89,11 @@ class Device {
 
   // Runs a kernel on spec.threads device threads and waits for them (call from a native thread).
   void run(const KernelSpec& spec, KernelResult* out);
+
+  void add_mirror(Mirror* m);
+  void remove_mirror(Mirror* m);
+  // Evicts all of this device's memory back to the host (the kernel device's release). Returns pages.
+  uint64_t release();
 
   void on_invalidate(Mirror* m, uint64_t first, uint64_t last, InvalidateCause cause, uint64_t cleared);
 
@@ -106,6 +114,9 @@ class Device {
   uint64_t slots_ = 0;
   std::mutex slot_mu_;
   std::vector<uint64_t> free_slots_;
+  bool pool_registered_ = false;
+  std::mutex mirrors_mu_;
+  std::vector<Mirror*> mirrors_;
 
   std::mutex queue_mu_;
   std::condition_variable queue_cv_;  // the service waits for requests

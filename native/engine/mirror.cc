@@ -9,6 +9,11 @@
 #include "../sys/mem.h"
 #include "../sys/uapi.h"
 #include "device.h"
+#include "engine.h"
+#include "../sys/pagemap.h"
+#include "../sys/uffd.h"
+#include <cstring>
+#include <vector>
 
 namespace pm::engine {
 
@@ -23,6 +28,7 @@ Mirror::Mirror(Device* device, std::shared_ptr<Region> region, uint64_t offset, 
       inflight_(new std::atomic<uint32_t>[(npages_ >> kBlockShift) + 1]()) {
   region_->add_notifier(this);
   attached_ = true;
+  device_->add_mirror(this);
 }
 
 Mirror::~Mirror() { detach(); }
@@ -30,7 +36,15 @@ Mirror::~Mirror() { detach(); }
 void Mirror::detach() {
   if (!attached_) return;
   attached_ = false;
+  device_->remove_mirror(this);
   region_->remove_notifier(this);
+  if (engine_registered_) {
+    // Device-resident pages come home first: closing a mirror must not lose data.
+    migrate_to_host(0, npages_);
+    Engine::get().remove_mirror(this);
+    Engine::get().unregister_range(start_, npages_ * page_);
+    region_->registered.fetch_sub(1);
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     dead_.store(true, std::memory_order_release);
@@ -80,6 +94,7 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
   const uint64_t s = std::max(start, start_), e = std::min(end, start_ + npages_ * page_);
   if (s >= e) return;
   const uint64_t first = (s - start_) / page_, last = (e - start_ + page_ - 1) / page_;
+  change_mu_.lock();  // released by invalidate_end(), on this thread (Region::Invalidation's scope)
   {
     std::lock_guard<std::mutex> lock(mu_);
     active_++;
@@ -110,10 +125,13 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
 void Mirror::invalidate_end(uint64_t start, uint64_t end) {
   const uint64_t s = std::max(start, start_), e = std::min(end, start_ + npages_ * page_);
   if (s >= e) return;
-  std::lock_guard<std::mutex> lock(mu_);
-  active_--;
-  gen_++;
-  idle_.notify_all();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_--;
+    gen_++;
+    idle_.notify_all();
+  }
+  change_mu_.unlock();
 }
 
 // One attempt of a range fault: 0 done, 1 raced (retry), or -errno.
@@ -165,6 +183,258 @@ int Mirror::range_fault(uint64_t first, uint64_t last, bool write, int timeout_m
     if (rc <= 0) return rc;
     stats_.retries.fetch_add(1, std::memory_order_relaxed);
     if (std::chrono::steady_clock::now() > deadline) return -EBUSY;
+  }
+}
+
+
+int Mirror::ensure_engine() {
+  if (engine_registered_) return 0;
+  Engine& e = Engine::get();
+  int rc = e.ensure();
+  if (rc) return rc;
+  rc = device_->register_pool();
+  if (rc) return rc;
+  rc = e.register_range(start_, npages_ * page_);
+  if (rc) return rc;
+  e.add_mirror(this);
+  region_->registered.fetch_add(1);
+  engine_registered_ = true;
+  return 0;
+}
+
+void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out) {
+  *out = MigrateResult{};
+  if (dead() || region_->closed.load()) {
+    out->error = -EFAULT;
+    return;
+  }
+  if (region_->hugetlb) {
+    out->error = -EINVAL;
+    return;
+  }
+  const uint64_t off = offset_ + first * page_, len = (last - first) * page_;
+  // The kernel refuses a range with no access at all.
+  if (!(region_->prot_over(off, len) & PROT_READ)) {
+    out->error = -EINVAL;
+    return;
+  }
+  if (int rc = ensure_engine()) {
+    out->error = rc;
+    return;
+  }
+  std::vector<uint64_t> pm(last - first);
+  if (int rc = sys::pagemap_read(start_ + first * page_, last - first, pm.data())) {
+    out->error = rc;
+    return;
+  }
+  const bool shared = region_->shared;
+  const bool file = region_->kind == RegionKind::kFile || region_->kind == RegionKind::kMemfd;
+  std::lock_guard<std::mutex> change(change_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_++;
+    gen_++;
+  }
+  const int fd = Engine::get().fd();
+  for (uint64_t i = first; i < last; i++) {
+    const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+    if (e & kOnDevice) {
+      out->resident++;
+      continue;
+    }
+    const uint64_t entry = pm[i - first];
+    const bool present = entry >> 63 & 1, shared_page = entry >> 61 & 1;
+    if (shared) {
+      out->skipped.push_back({i, Skip::kShared});
+      continue;
+    }
+    if (file && (!present || shared_page)) {
+      // A private file mapping: only pages copied on write are anonymous and can move.
+      out->skipped.push_back({i, Skip::kFileBacked});
+      continue;
+    }
+    if (Engine::get().owned_by_other(this, start_ + i * page_)) {
+      out->skipped.push_back({i, Skip::kOtherDevice});
+      continue;
+    }
+    uint64_t slot;
+    if (!device_->alloc_slot(&slot)) {
+      out->skipped.push_back({i, Skip::kNoMemory});
+      continue;
+    }
+    // Other devices' entries for this page go (they will fault and pull it back); ours is cleared
+    // and our accesses in flight drained before the data leaves the host page.
+    Engine::get().invalidate_others(this, start_ + i * page_);
+    pt_[i].store(0, std::memory_order_seq_cst);
+    wait_inflight(i, i + 1);
+    void* dst = device_->slot_address(slot);
+    const uint64_t host = start_ + i * page_;
+    // The pool is registered with the engine's userfaultfd (UFFDIO_MOVE needs that of its
+    // destination), so slots are filled with the resolve ioctls, never by touching them.
+    const uint64_t slot_addr = reinterpret_cast<uint64_t>(dst);
+    int64_t done = 0;
+    bool ok = false;
+    if (!present) {
+      // Never touched: a zero device page, and the CPU side stays a hole.
+      ok = sys::uffd_zeropage(fd, slot_addr, page_, UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done) == 0;
+      if (ok) out->zero_filled++;
+    } else if (use_move && Engine::get().has_move()) {
+      ok = sys::uffd_move(fd, slot_addr, host, page_, UFFDIO_MOVE_MODE_DONTWAKE, &done) == 0;
+      if (ok) out->moved_by_move++;
+    }
+    if (!ok && present) {
+      // The copy path (or MOVE refused: a page shared after fork): write-protect the host page so
+      // no CPU write slips between the copy and the zap; a writer waits in the engine until the
+      // page is gone, then its retried access pulls the page back.
+      sys::uffd_writeprotect(fd, host, page_, UFFDIO_WRITEPROTECT_MODE_WP);
+      ok = sys::uffd_copy(fd, slot_addr, host, page_, UFFDIO_COPY_MODE_DONTWAKE, &done) == 0;
+      if (ok) {
+        sys::advise(reinterpret_cast<void*>(host), page_, MADV_DONTNEED);
+        out->moved_by_copy++;
+      }
+    }
+    if (!ok) {
+      device_->free_slot(slot);
+      out->skipped.push_back({i, Skip::kError});
+      continue;
+    }
+    const uint64_t keep_write = (region_->prot_over(offset_ + i * page_, page_) & PROT_WRITE) ? static_cast<uint64_t>(kWrite) : 0ull;
+    pt_[i].store((slot << kSlotShift) | kOnDevice | kValid | keep_write | (e & kDirty), std::memory_order_release);
+    out->moved++;
+    out->resident++;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_--;
+    gen_++;
+    idle_.notify_all();
+  }
+  // A CPU writer that waited on the copy path's write protection is woken to fault again.
+  sys::uffd_wake(fd, start_ + first * page_, (last - first) * page_);
+  if (out->resident == 0 && out->error == 0) out->error = -ENOENT;
+}
+
+// Puts page i's data back at its host address (MOVE from the slot, else COPY), frees the slot and
+// leaves a valid host entry. Caller holds change_mu_. wake: also wake CPU faulters on the page.
+bool Mirror::move_back(uint64_t i, uint64_t e, bool wake) {
+  const int fd = Engine::get().fd();
+  const uint64_t slot = e >> kSlotShift;
+  const uint64_t host = start_ + i * page_;
+  pt_[i].store(0, std::memory_order_seq_cst);
+  wait_inflight(i, i + 1);
+  void* src = device_->slot_address(slot);
+  int64_t done = 0;
+  const uint64_t mode = wake ? 0 : UFFDIO_MOVE_MODE_DONTWAKE;
+  int rc = -EOPNOTSUPP;
+  if (Engine::get().has_move()) rc = sys::uffd_move(fd, host, reinterpret_cast<uint64_t>(src), page_, mode, &done);
+  if (rc) rc = sys::uffd_copy(fd, host, reinterpret_cast<uint64_t>(src), page_, wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE, &done);
+  if (rc == -EEXIST) {
+    // The host page is present although the device owned the data (something mapped it behind the
+    // library's back): the device copy is the newer data.
+    std::memcpy(reinterpret_cast<void*>(host), src, page_);
+    rc = 0;
+    if (wake) sys::uffd_wake(fd, host, page_);
+  }
+  device_->free_slot(slot);
+  const uint64_t keep = e & kWrite;
+  pt_[i].store(rc == 0 ? (kValid | keep | (e & kDirty)) : 0, std::memory_order_release);
+  return rc == 0;
+}
+
+uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last) {
+  if (!engine_registered_) return 0;
+  std::lock_guard<std::mutex> change(change_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_++;
+    gen_++;
+  }
+  uint64_t moved = 0;
+  for (uint64_t i = first; i < last; i++) {
+    uint64_t e = pt_[i].load(std::memory_order_relaxed);
+    if ((e & kOnDevice) && move_back(i, e, true)) moved++;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_--;
+    gen_++;
+    idle_.notify_all();
+  }
+  return moved;
+}
+
+bool Mirror::cpu_fault(uint64_t i) {
+  // Caller (the engine) holds change_mu_.
+  uint64_t e = pt_[i].load(std::memory_order_acquire);
+  if (!(e & kOnDevice)) return false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_++;
+    gen_++;
+  }
+  move_back(i, e, true);
+  // The CPU took the page back: this device's entry goes (it will fault and find the host page).
+  pt_[i].store(0, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_--;
+    gen_++;
+    idle_.notify_all();
+  }
+  device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, 1);
+  return true;
+}
+
+void Mirror::drop_entry(uint64_t i) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    gen_++;  // a range fault of ours in progress must not program a stale entry
+  }
+  uint64_t old = pt_[i].load(std::memory_order_relaxed);
+  if (old & kOnDevice) return;
+  pt_[i].store(0, std::memory_order_seq_cst);
+  wait_inflight(i, i + 1);
+  if (old & kValid) device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, 1);
+}
+
+void Mirror::snapshot(uint64_t first, uint64_t last, uint8_t* out) {
+  std::vector<uint64_t> pm(last - first);
+  const bool have_pm = sys::pagemap_read(start_ + first * page_, last - first, pm.data()) == 0;
+  // The zero page is not visible in /proc/self/pagemap without CAP_SYS_ADMIN: ask PAGEMAP_SCAN.
+  std::vector<bool> zero(last - first, false), huge(last - first, false);
+  sys::ScanRequest req;
+  req.start = start_ + first * page_;
+  req.end = start_ + last * page_;
+  req.category_anyof_mask = PAGE_IS_PFNZERO | PAGE_IS_HUGE;
+  req.return_mask = PAGE_IS_PFNZERO | PAGE_IS_HUGE;
+  req.max_regions = 4096;
+  std::vector<sys::ScanRegion> regions;
+  if (sys::pagemap_scan(req, &regions, nullptr) > 0) {
+    for (const auto& r : regions)
+      for (uint64_t a = r.start; a < r.end; a += page_) {
+        uint64_t k = (a - req.start) / page_;
+        if (r.categories & PAGE_IS_PFNZERO) zero[k] = true;
+        if (r.categories & PAGE_IS_HUGE) huge[k] = true;
+      }
+  }
+  for (uint64_t i = first; i < last; i++) {
+    const uint64_t k = i - first;
+    const int prot = region_->prot_over(offset_ + i * page_, page_);
+    const uint64_t e = pt_[i].load(std::memory_order_acquire);
+    uint8_t b;
+    if (region_->closed.load() || !(prot & PROT_READ)) {
+      b = 0xFF;  // ERROR
+    } else if (e & kOnDevice) {
+      b = 0x20 | ((prot & PROT_WRITE) ? 0x02 : 0x01);  // DEV_PRIVATE_LOCAL
+    } else if (!have_pm || !(pm[k] >> 63 & 1)) {
+      b = 0x00;  // NONE: not present, or in another device's memory (not ours to describe)
+    } else if (zero[k]) {
+      b = 0x10 | 0x01;  // ZERO | READ
+    } else {
+      b = (prot & PROT_WRITE) ? 0x02 : 0x01;
+      if (huge[k]) b |= 0x04;
+    }
+    out[k] = b;
   }
 }
 

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "../binding/region.h"
 
@@ -69,6 +71,34 @@ class Mirror : public RangeNotifier {
   void invalidate_start(uint64_t start, uint64_t end, InvalidateCause cause) override;
   void invalidate_end(uint64_t start, uint64_t end) override;
 
+  // Why a page did not move. kNone: it moved (or was already on this device).
+  enum class Skip : uint8_t { kNone, kShared, kFileBacked, kDax, kOtherDevice, kNoMemory, kPinned, kError };
+  struct MigrateResult {
+    uint64_t moved = 0;      // pages whose data moved into device memory
+    uint64_t resident = 0;   // pages on this device afterwards (the kernel device's cpages)
+    uint64_t moved_by_move = 0, moved_by_copy = 0, zero_filled = 0;
+    std::vector<std::pair<uint64_t, Skip>> skipped;  // page index, reason
+    int error = 0;           // -EINVAL: a page with no access (PROT_NONE) or hugetlb; -ENOENT: nothing moved
+  };
+  // migrate_vma to device-private memory: data moved (UFFDIO_MOVE) or copied into device slots, the
+  // CPU mapping zapped; later CPU touches fault and migrate back. use_move: try UFFDIO_MOVE first.
+  void migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out);
+  // Moves this device's pages in [first, last) back to host memory; returns pages moved.
+  uint64_t migrate_to_host(uint64_t first, uint64_t last);
+  // The engine's CPU-fault path: if page i is in this device's memory, bring it back and wake the
+  // faulter. Returns true if it was (the fault is resolved), false if not this mirror's page.
+  bool cpu_fault(uint64_t i);
+  // Serialises with migrations and invalidations of this mirror (the engine's fault handler takes
+  // it before deciding what a CPU fault on a mirrored page means).
+  std::mutex& change_mutex() { return change_mu_; }
+  bool covers(uint64_t addr) const { return addr >= start_ && addr < start_ + npages_ * page_; }
+  uint64_t index_of(uint64_t addr) const { return (addr - start_) / page_; }
+
+  // The kernel test device's snapshot encoding, one byte per page, without faulting anything.
+  void snapshot(uint64_t first, uint64_t last, uint8_t* out);
+  // Another device takes page i: drop our entry (not device-resident) and drain our accesses.
+  void drop_entry(uint64_t i);
+
  private:
   void wait_inflight(uint64_t first, uint64_t last);
   int fault_once(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline);
@@ -87,6 +117,12 @@ class Mirror : public RangeNotifier {
   std::condition_variable idle_;
   std::atomic<bool> dead_{false};
   bool attached_ = false;
+  // Held from invalidate_start to invalidate_end, for a whole migration, and by the engine while it
+  // resolves a CPU fault on this mirror: these three must not interleave on one page.
+  std::mutex change_mu_;
+  bool engine_registered_ = false;
+  int ensure_engine();
+  bool move_back(uint64_t i, uint64_t entry, bool wake);
   MirrorStats stats_;
 };
 

@@ -1,0 +1,146 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cerrno>
+
+#include "../sys/mem.h"
+#include "../sys/uapi.h"
+#include "../sys/uffd.h"
+#include "mirror.h"
+
+namespace pm::engine {
+
+Engine& Engine::get() {
+  static Engine* e = new Engine();  // deliberately never destroyed: its thread lives until exit
+  return *e;
+}
+
+int Engine::ensure() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (fd_ >= 0) return 0;
+  if (open_error_) return open_error_;
+  sys::UffdOpenResult r;
+  int rc = sys::uffd_open(true, false, &r);
+  if (rc) return open_error_ = rc;
+  uint64_t offered = 0;
+  // The first UFFDIO_API asks for nothing to learn what there is; a descriptor negotiates once,
+  // so the real one is a second descriptor.
+  rc = sys::uffd_api(r.fd, 0, &offered, nullptr);
+  sys::close_fd(r.fd);
+  if (rc) return open_error_ = rc;
+  if (!(offered & UFFD_FEATURE_PAGEFAULT_FLAG_WP)) return open_error_ = -EOPNOTSUPP;
+  uint64_t want = UFFD_FEATURE_PAGEFAULT_FLAG_WP | (offered & (UFFD_FEATURE_MOVE | UFFD_FEATURE_MISSING_SHMEM |
+                                                               UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
+  rc = sys::uffd_open(true, false, &r);
+  if (rc) return open_error_ = rc;
+  rc = sys::uffd_api(r.fd, want, nullptr, nullptr);
+  if (rc) {
+    sys::close_fd(r.fd);
+    return open_error_ = rc;
+  }
+  has_move_ = (want & UFFD_FEATURE_MOVE) != 0;
+  service_ = std::make_unique<sys::FaultService>(r.fd, sys::page_size());
+  rc = service_->start(this, 64);
+  if (rc) {
+    service_.reset();
+    sys::close_fd(r.fd);
+    return open_error_ = rc;
+  }
+  fd_ = r.fd;
+  return 0;
+}
+
+int Engine::register_range(uint64_t start, uint64_t len) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const Range& r : registered_)
+    if (r.start == start && r.len == len) {
+      registered_.push_back(r);  // counted: one entry per user
+      return 0;
+    }
+  int rc = sys::uffd_register(fd_, start, len, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP, nullptr);
+  if (rc) return rc;
+  registered_.push_back({start, len});
+  return 0;
+}
+
+void Engine::unregister_range(uint64_t start, uint64_t len) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = std::find_if(registered_.begin(), registered_.end(),
+                         [&](const Range& r) { return r.start == start && r.len == len; });
+  if (it == registered_.end()) return;
+  registered_.erase(it);
+  for (const Range& r : registered_)
+    if (r.start == start && r.len == len) return;  // another user still needs it
+  sys::uffd_unregister(fd_, start, len);  // ENOMEM/EINVAL once unmapped: nothing left to undo
+}
+
+void Engine::add_mirror(Mirror* m) {
+  std::lock_guard<std::mutex> lock(mu_);
+  mirrors_.push_back(m);
+}
+
+void Engine::remove_mirror(Mirror* m) {
+  std::lock_guard<std::mutex> lock(mu_);
+  mirrors_.erase(std::remove(mirrors_.begin(), mirrors_.end(), m), mirrors_.end());
+}
+
+bool Engine::owned_by_other(Mirror* self, uint64_t addr) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Mirror* m : mirrors_)
+    if (m != self && m->covers(addr) && (m->entry(m->index_of(addr)) & kOnDevice)) return true;
+  return false;
+}
+
+void Engine::invalidate_others(Mirror* self, uint64_t addr) {
+  std::vector<Mirror*> others;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Mirror* m : mirrors_)
+      if (m != self && m->covers(addr)) others.push_back(m);
+  }
+  for (Mirror* m : others) m->drop_entry(m->index_of(addr));
+}
+
+EngineCounters Engine::counters() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return counters_;
+}
+
+void Engine::on_batch(std::vector<sys::FaultMsg>&& faults, std::vector<sys::EventMsg>&&) {
+  for (const sys::FaultMsg& f : faults) handle(f);
+}
+
+// A CPU fault on a range the engine registered. The owner of a device-resident page brings it
+// back (that wakes the faulter); otherwise it is an ordinary first touch (a zero page) or a write
+// that met the copy path's write protection after the page had already gone (un-protect).
+void Engine::handle(const sys::FaultMsg& f) {
+  const uint64_t page = f.address & ~(sys::page_size() - 1);
+  std::vector<Mirror*> covering;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_.cpu_faults++;
+    for (Mirror* m : mirrors_)
+      if (m->covers(page)) covering.push_back(m);
+  }
+  for (Mirror* m : covering) {
+    std::lock_guard<std::mutex> change(m->change_mutex());
+    if (m->cpu_fault(m->index_of(page))) {
+      std::lock_guard<std::mutex> lock(mu_);
+      counters_.migrated_back++;
+      return;
+    }
+  }
+  int64_t done = 0;
+  if (f.flags & UFFD_PAGEFAULT_FLAG_WP) {
+    sys::uffd_writeprotect(fd_, page, sys::page_size(), 0);
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_.wp_resolved++;
+    return;
+  }
+  int rc = sys::uffd_zeropage(fd_, page, sys::page_size(), 0, &done);
+  if (rc == -EEXIST) sys::uffd_wake(fd_, page, sys::page_size());
+  std::lock_guard<std::mutex> lock(mu_);
+  counters_.zero_filled++;
+}
+
+}  // namespace pm::engine

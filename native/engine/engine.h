@@ -1,0 +1,68 @@
+// Engine: the process-wide side of migration. One userfaultfd registers every range whose pages a
+// device has taken (and the device memory pools, the destination of UFFDIO_MOVE); its service
+// thread resolves the CPU faults natively: a CPU touch on a device-resident page migrates it back
+// (the device-private page fault), any other missing page gets a zero page, a write-protect fault
+// raised while a page is being copied waits for the copy and goes on.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "../sys/fault_service.h"
+
+namespace pm::engine {
+
+class Mirror;
+
+struct EngineCounters {
+  uint64_t cpu_faults = 0;       // CPU faults on ranges the engine registered
+  uint64_t migrated_back = 0;    // pages a CPU fault brought back from device memory
+  uint64_t zero_filled = 0;
+  uint64_t wp_resolved = 0;
+};
+
+class Engine : public sys::FaultSink {
+ public:
+  // The one engine of this process (never destroyed: its thread runs until exit).
+  static Engine& get();
+
+  // Opens the userfaultfd and starts the service on first use. Errors: those of userfaultfd(2)
+  // and UFFDIO_API; -EOPNOTSUPP when the kernel lacks UFFDIO_MOVE and write protection.
+  int ensure();
+  int fd() const { return fd_; }
+  bool has_move() const { return has_move_; }
+  // UFFDIO_REGISTER (MISSING | WP) of [start, start + len), once per range. -EBUSY: the range is
+  // registered with another userfaultfd (the user's own).
+  int register_range(uint64_t start, uint64_t len);
+  void unregister_range(uint64_t start, uint64_t len);
+
+  void add_mirror(Mirror* m);
+  void remove_mirror(Mirror* m);
+  // Whether a mirror other than self holds addr's data in its device memory.
+  bool owned_by_other(Mirror* self, uint64_t addr);
+  // Drops every other mirror's entry for addr (a migration is taking the page).
+  void invalidate_others(Mirror* self, uint64_t addr);
+  EngineCounters counters();
+
+  void on_batch(std::vector<sys::FaultMsg>&& faults, std::vector<sys::EventMsg>&& events) override;
+
+ private:
+  Engine() = default;
+  void handle(const sys::FaultMsg& f);
+
+  std::mutex mu_;
+  int fd_ = -1;
+  bool has_move_ = false;
+  int open_error_ = 0;
+  std::unique_ptr<sys::FaultService> service_;
+  std::vector<Mirror*> mirrors_;
+  struct Range {
+    uint64_t start, len;
+  };
+  std::vector<Range> registered_;
+  EngineCounters counters_;
+};
+
+}  // namespace pm::engine
