@@ -218,6 +218,14 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     out->error = -EINVAL;
     return;
   }
+  if (region_->kind != RegionKind::kAnonymous && !region_->shared) {
+    // A private file mapping: in the kernel, pages already copied on write can move. In user space
+    // the CPU side must fault when it touches a moved page, and userfaultfd cannot register a
+    // private file mapping (EINVAL), so the hole would silently read the file again: refuse.
+    for (uint64_t i = first; i < last; i++) out->skipped.push_back({i, Skip::kFileBacked});
+    out->error = -ENOENT;
+    return;
+  }
   if (int rc = ensure_engine()) {
     out->error = rc;
     return;
