@@ -165,6 +165,25 @@ export class Mirror {
     return (await this.#n.migrateToDevice(checkInteger('offset', offset), checkInteger('npages', npages), options.useMove ?? true)) as MigrateResult;
   }
 
+  /**
+   * make_device_exclusive: the device takes atomic access to the range; any CPU access (read or
+   * write) revokes it, through a real fault. cpages: pages held exclusively afterwards. Errors as
+   * migrateToDevice (only private anonymous memory can be taken).
+   */
+  async exclusive(offset: number, npages: number): Promise<MigrateResult> {
+    return (await this.#n.migrateToDevice(checkInteger('offset', offset), checkInteger('npages', npages), true, true)) as MigrateResult;
+  }
+
+  /** The kernel device's checkExclusive: EPERM if any page of the range is still held exclusively. */
+  checkExclusive(offset: number, npages: number): void {
+    const n = this.#n.exclusiveCount(checkInteger('offset', offset), checkInteger('npages', npages));
+    if (n > 0) {
+      const err = new Error(`EPERM: ${n} pages are still held exclusively by the device`) as Error & Record<string, unknown>;
+      Object.assign(err, { code: 'EPERM', errno: -1, syscall: 'checkExclusive', pages: n });
+      throw err;
+    }
+  }
+
   /** Moves this device's pages in the range back to host memory. cpages: pages actually moved. */
   async migrateToHost(offset: number, npages: number): Promise<{ cpages: number; elapsedNs: number }> {
     return this.#n.migrateToHost(checkInteger('offset', offset), checkInteger('npages', npages));

@@ -4,7 +4,7 @@ import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { mapAnonymous, mapFile, Device, access, SNAPSHOT as S, type Mapping } from '../lib/index.js';
+import { mapAnonymous, mapFile, Device, access, forkAccess, SNAPSHOT as S, type Mapping } from '../lib/index.js';
 import { P, PAGE, within, requireCap } from './helpers.js';
 
 const NPAGES = 1024;
@@ -279,4 +279,105 @@ describe('migration (hmm-tests)', () => {
         m.close();
       }
     }), 30_000);
+});
+
+describe('exclusive access and fork (hmm-tests)', () => {
+  it('exclusive: a CPU increment of every page revokes it; checkExclusive then passes', () =>
+    withDevices(1, async (dev) => {
+      const m = mapAnonymous(64 * PAGE);
+      try {
+        fillPages(m, ID);
+        const mir = dev.mirror(m);
+        const r = await mir.exclusive(0, 64);
+        expect(r.cpages).toBe(64);
+        expect(() => mir.checkExclusive(0, 64)).toThrow(expect.objectContaining({ code: 'EPERM', pages: 64 }));
+        await within(access(m, { op: 'rmw' }), 10_000, 'CPU increments'); // p[i]++ on the CPU
+        expect(() => mir.checkExclusive(0, 64)).not.toThrow();
+        const words = new BigUint64Array(m.bytes.buffer);
+        for (let i = 0; i < 64; i++) expect(words[(i * PAGE) / 8]).toBe(BigInt(i + 1));
+        mir.close();
+      } finally {
+        m.close();
+      }
+    }));
+
+  it('exclusive_mprotect: exclusive, then read-only: a device write is EPERM', () =>
+    withDevices(1, async (dev) => {
+      const m = mapAnonymous(16 * PAGE);
+      try {
+        fillPages(m, ID);
+        const mir = dev.mirror(m);
+        await mir.exclusive(0, 16);
+        m.protect('r');
+        expect(() => mir.checkExclusive(0, 16)).not.toThrow(); // mprotect revoked exclusivity
+        await expect(mir.write(0, Buffer.alloc(16 * PAGE, 1))).rejects.toMatchObject({ code: 'EPERM' });
+        expect((await mir.read(0, 16)).data.readBigUInt64LE(3 * PAGE)).toBe(3n); // data intact
+        mir.close();
+      } finally {
+        m.close();
+      }
+    }));
+
+  for (const migrated of [false, true]) {
+    it(`anon_write_child${migrated ? ' (migrated first)' : ''}: the child sees its own writes, the parent keeps its data`, () =>
+      withDevices(1, async (dev) => {
+        const m = mapAnonymous(64 * PAGE);
+        try {
+          await access(m, { op: 'write', seed: 100 });
+          const mir = dev.mirror(m);
+          await mir.write(0, m.readSync(0, 64 * PAGE)); // the device holds write access to every page
+          if (migrated) await mir.migrateToDevice(0, 64);
+          // Node cannot run JavaScript in a forked child: the child runs a native kernel that
+          // writes, then verifies its own writes.
+          const child = await within(forkAccess(m, { op: 'write', seed: 200 }), 10_000, 'child');
+          expect(child.exitCode).toBe(0);
+          expect(mir.entries().some((e) => e.valid && e.write && !e.onDevice)).toBe(false); // fork revoked write access
+          expect((await access(m, { op: 'verify', seed: 100 })).mismatches).toBe(0); // parent unchanged
+          const w = await mir.write(0, Buffer.alloc(64 * PAGE, 9)); // the device writes again: copy on write in the parent
+          expect(w.faults).toBe(1);
+          mir.close();
+        } finally {
+          m.close();
+        }
+      }));
+  }
+
+  it('anon_write_child_shared: the child writes shared memory, the parent (and its device) see it', () =>
+    withDevices(1, async (dev) => {
+      const m = mapAnonymous(16 * PAGE, { shared: true });
+      try {
+        await access(m, { op: 'write', seed: 1 });
+        const mir = dev.mirror(m);
+        await mir.read(0, 16);
+        const child = await forkAccess(m, { op: 'write', seed: 7 });
+        expect(child.exitCode).toBe(0);
+        expect((await access(m, { op: 'verify', seed: 7 })).mismatches).toBe(0);
+        const rd = await mir.read(0, 16);
+        expect(rd.data.readBigUInt64LE(2 * PAGE)).toBe(7n + BigInt((2 * PAGE) / 8));
+        mir.close();
+      } finally {
+        m.close();
+      }
+    }));
+
+  it('cow_in_device: pages in device memory at fork come home; the parent writes them all: WRITE', (ctx) =>
+    withDevices(1, async (dev) => {
+      requireCap(ctx, P.pagemapScan, 'PAGEMAP_SCAN');
+      const m = mapAnonymous(4 * PAGE);
+      try {
+        fillPages(m, ID);
+        const mir = dev.mirror(m);
+        expect((await mir.migrateToDevice(0, 4)).cpages).toBe(4);
+        const child = forkAccess(m, { op: 'read', delayMs: 200 }); // the child lingers meanwhile
+        await new Promise((r) => setTimeout(r, 50));
+        await access(m, { op: 'rmw' }); // the parent writes every page
+        const c = await within(child, 10_000, 'child');
+        expect(c.exitCode).toBe(0);
+        expect(c.checksum).toBe(sum(0, 4, ID)); // the child saw the data as it was at fork
+        expect(Array.from(mir.snapshot(0, 4))).toEqual([S.WRITE, S.WRITE, S.WRITE, S.WRITE]);
+        mir.close();
+      } finally {
+        m.close();
+      }
+    }));
 });

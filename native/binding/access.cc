@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "../sys/access.h"
+#include "../engine/engine.h"
 #include "../sys/mem.h"
 #include "args.h"
 #include "errors.h"
@@ -151,6 +152,8 @@ Napi::Value ForkRun(const Napi::CallbackInfo& info) {
   return NativeJob<ForkState>::Start(
       env, std::move(state),
       [](ForkState& s) {
+        // Mirrors first: device-resident pages home, device write access to private pages gone.
+        engine::Engine::get().before_fork();
         int p[2];
         if (::pipe2(p, O_CLOEXEC) != 0) {
           s.fork_errno = errno;

@@ -141,6 +141,7 @@ Napi::Function MirrorWrap::Init(Napi::Env env) {
                          InstanceMethod<&MirrorWrap::MigrateToDevice>("migrateToDevice"),
                          InstanceMethod<&MirrorWrap::MigrateToHost>("migrateToHost"),
                          InstanceMethod<&MirrorWrap::Snapshot>("snapshot"),
+                         InstanceMethod<&MirrorWrap::Exclusive>("exclusiveCount"),
                          InstanceMethod<&MirrorWrap::Info>("info"),
                          InstanceMethod<&MirrorWrap::Close>("close"),
                      });
@@ -320,6 +321,7 @@ struct MigrateJob {
   uint64_t first, last;
   bool use_move;
   engine::Mirror::MigrateResult result;
+  bool atomic = false;
   uint64_t back = 0;
   uint64_t elapsed_ns = 0;
 };
@@ -337,11 +339,12 @@ Napi::Value MirrorWrap::MigrateToDevice(const Napi::CallbackInfo& info) {
   CheckPages(env, *m, off / m->page(), n);
   bool use_move = info.Length() < 3 || info[2].ToBoolean().Value();
   auto job = std::unique_ptr<MigrateJob>(new MigrateJob{device_, m, off / m->page(), off / m->page() + n, use_move, {}});
+  job->atomic = info.Length() > 3 && info[3].ToBoolean().Value();
   return NativeJob<MigrateJob>::Start(
       env, std::move(job),
       [](MigrateJob& j) {
         uint64_t t0 = sys::now_ns();
-        j.mirror->migrate_to_device(j.first, j.last, j.use_move, &j.result);
+        j.mirror->migrate_to_device(j.first, j.last, j.use_move, &j.result, j.atomic);
         j.elapsed_ns = sys::now_ns() - t0;
       },
       [](Napi::Env env, MigrateJob& j) -> Napi::Value {
@@ -406,6 +409,16 @@ Napi::Value MirrorWrap::Snapshot(const Napi::CallbackInfo& info) {
   Napi::Uint8Array out = Napi::Uint8Array::New(env, n);
   m->snapshot(off / m->page(), off / m->page() + n, out.Data());
   return out;
+}
+
+// exclusiveCount(offset, npages): pages still held exclusively (checkExclusive is EPERM if > 0).
+Napi::Value MirrorWrap::Exclusive(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
+  CheckAligned(env, off, m->page(), "offset");
+  CheckPages(env, *m, off / m->page(), n);
+  return Napi::Number::New(env, static_cast<double>(m->count_exclusive(off / m->page(), off / m->page() + n)));
 }
 
 Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {

@@ -43,6 +43,7 @@ class MirrorWrap : public Napi::ObjectWrap<MirrorWrap> {
   Napi::Value MigrateToDevice(const Napi::CallbackInfo& info);
   Napi::Value MigrateToHost(const Napi::CallbackInfo& info);
   Napi::Value Snapshot(const Napi::CallbackInfo& info);
+  Napi::Value Exclusive(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::Device> device_;

@@ -84,6 +84,32 @@ void Engine::remove_mirror(Mirror* m) {
   mirrors_.erase(std::remove(mirrors_.begin(), mirrors_.end(), m), mirrors_.end());
 }
 
+void Engine::track(Mirror* m) {
+  std::lock_guard<std::mutex> lock(mu_);
+  all_.push_back(m);
+}
+
+void Engine::untrack(Mirror* m) {
+  std::lock_guard<std::mutex> lock(mu_);
+  all_.erase(std::remove(all_.begin(), all_.end(), m), all_.end());
+}
+
+void Engine::before_fork() {
+  std::vector<Mirror*> all;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    all = all_;
+  }
+  for (Mirror* m : all) {
+    m->migrate_to_host(0, m->npages());
+    if (!m->region()->shared) {
+      const uint64_t len = m->npages() * m->page();
+      m->invalidate_start(m->start(), m->start() + len, InvalidateCause::kFork);
+      m->invalidate_end(m->start(), m->start() + len);
+    }
+  }
+}
+
 bool Engine::owned_by_other(Mirror* self, uint64_t addr) {
   std::lock_guard<std::mutex> lock(mu_);
   for (Mirror* m : mirrors_)

@@ -40,6 +40,13 @@ class Engine : public sys::FaultSink {
 
   void add_mirror(Mirror* m);
   void remove_mirror(Mirror* m);
+  // Every live mirror, registered or not (fork must reach them all).
+  void track(Mirror* m);
+  void untrack(Mirror* m);
+  // Before fork(): device-resident pages come home (a child must see the data; without EVENT_FORK
+  // the engine's registration does not follow it) and every mirror of private memory loses its
+  // entries (the pages become copy-on-write, so device write access must fault again).
+  void before_fork();
   // Whether a mirror other than self holds addr's data in its device memory.
   bool owned_by_other(Mirror* self, uint64_t addr);
   // Drops every other mirror's entry for addr (a migration is taking the page).
@@ -58,6 +65,7 @@ class Engine : public sys::FaultSink {
   int open_error_ = 0;
   std::unique_ptr<sys::FaultService> service_;
   std::vector<Mirror*> mirrors_;
+  std::vector<Mirror*> all_;
   struct Range {
     uint64_t start, len;
   };

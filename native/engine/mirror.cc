@@ -29,6 +29,7 @@ Mirror::Mirror(Device* device, std::shared_ptr<Region> region, uint64_t offset, 
   region_->add_notifier(this);
   attached_ = true;
   device_->add_mirror(this);
+  Engine::get().track(this);
 }
 
 Mirror::~Mirror() { detach(); }
@@ -36,6 +37,7 @@ Mirror::~Mirror() { detach(); }
 void Mirror::detach() {
   if (!attached_) return;
   attached_ = false;
+  Engine::get().untrack(this);
   device_->remove_mirror(this);
   region_->remove_notifier(this);
   if (engine_registered_) {
@@ -202,7 +204,7 @@ int Mirror::ensure_engine() {
   return 0;
 }
 
-void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out) {
+void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic) {
   *out = MigrateResult{};
   if (dead() || region_->closed.load()) {
     out->error = -EFAULT;
@@ -247,6 +249,7 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
   for (uint64_t i = first; i < last; i++) {
     const uint64_t e = pt_[i].load(std::memory_order_relaxed);
     if (e & kOnDevice) {
+      if (atomic) pt_[i].fetch_or(kAtomic | kValid, std::memory_order_release);
       out->resident++;
       continue;
     }
@@ -307,7 +310,9 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
       continue;
     }
     const uint64_t keep_write = (region_->prot_over(offset_ + i * page_, page_) & PROT_WRITE) ? static_cast<uint64_t>(kWrite) : 0ull;
-    pt_[i].store((slot << kSlotShift) | kOnDevice | kValid | keep_write | (e & kDirty), std::memory_order_release);
+    pt_[i].store((slot << kSlotShift) | kOnDevice | kValid | keep_write | (atomic ? static_cast<uint64_t>(kAtomic) : 0ull) |
+                     (e & kDirty),
+                 std::memory_order_release);
     out->moved++;
     out->resident++;
   }
@@ -391,6 +396,13 @@ bool Mirror::cpu_fault(uint64_t i) {
   }
   device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, 1);
   return true;
+}
+
+uint64_t Mirror::count_exclusive(uint64_t first, uint64_t last) const {
+  uint64_t n = 0;
+  for (uint64_t i = first; i < last; i++)
+    if (pt_[i].load(std::memory_order_acquire) & kAtomic) n++;
+  return n;
 }
 
 void Mirror::drop_entry(uint64_t i) {

@@ -82,7 +82,11 @@ class Mirror : public RangeNotifier {
   };
   // migrate_vma to device-private memory: data moved (UFFDIO_MOVE) or copied into device slots, the
   // CPU mapping zapped; later CPU touches fault and migrate back. use_move: try UFFDIO_MOVE first.
-  void migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out);
+  // atomic: make_device_exclusive. The page also leaves the CPU mapping (so any CPU access faults
+  // and revokes it) and the entry carries kAtomic until then.
+  void migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic = false);
+  // Pages in [first, last) still held exclusively.
+  uint64_t count_exclusive(uint64_t first, uint64_t last) const;
   // Moves this device's pages in [first, last) back to host memory; returns pages moved.
   uint64_t migrate_to_host(uint64_t first, uint64_t last);
   // The engine's CPU-fault path: if page i is in this device's memory, bring it back and wake the
