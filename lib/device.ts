@@ -1,7 +1,7 @@
 // Devices and mirrors: HMM in user space. A Device is an emulated GPU/NIC/FPGA with its own memory
 // and native device threads; a Mirror is its page table over a range of a Mapping. Device accesses
 // go through the mirror; a miss is a device page fault, serviced in batches and replayed.
-import { native, type NativeDevice, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult } from './native.js';
+import { native, type NativeDevice, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult, type NativeTraceEvent } from './native.js';
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, checkBytes, stateError, typeError } from './errors.js';
 
@@ -18,7 +18,19 @@ export interface DeviceOptions {
   faultAround?: number;
   /** How long a range fault retries while invalidations race it, then EBUSY. Default 1000 ms. */
   timeoutMs?: number;
+  /** Record a trace of events (fault batches, migrations with their trigger, invalidations with their cause). Default false. */
+  trace?: boolean;
+  /** Trace ring size in events; the oldest are dropped (and counted) past it. Default 65536. */
+  traceCapacity?: number;
 }
+
+/**
+ * One trace event. fault-batch: a service round (faults taken, pages faulted, time). migrate-*:
+ * pages moved and why (explicit, device-fault, cpu-fault, prefetch, eviction, release, fork).
+ * invalidate: entries cleared and the cause (protect, discard, unmap, remap, truncate,
+ * writeback, fork, cpu-access...). tNs is CLOCK_MONOTONIC; offset is within the mirror's mapping range.
+ */
+export type TraceEvent = NativeTraceEvent & { device: string };
 
 /** One mirror entry, decoded. */
 export interface MirrorEntry {
@@ -225,6 +237,8 @@ export class Device {
         faultBatch: checkInteger('faultBatch', options.faultBatch ?? 32, 1, 65536),
         faultAround: checkInteger('faultAround', options.faultAround ?? PAGE, PAGE),
         timeoutMs: checkInteger('timeoutMs', options.timeoutMs ?? 1000, 1),
+        trace: options.trace ?? false,
+        traceCapacity: checkInteger('traceCapacity', options.traceCapacity ?? 1 << 16, 1, 1 << 24),
       }),
       name,
     );
@@ -246,6 +260,20 @@ export class Device {
   /** Evicts all of this device's memory back to the host (the kernel device's release). Returns pages moved. */
   release(): Promise<number> {
     return this.#n.release();
+  }
+
+  /** The trace events recorded since the last call (needs `trace: true`), and how many were dropped. */
+  drainTrace(): { events: TraceEvent[]; dropped: number } {
+    const t = this.#n.drainTrace();
+    return { events: t.events.map((e) => ({ device: this.name, ...e })), dropped: t.dropped };
+  }
+
+  /** drainTrace() as JSON lines (one event per line; addresses as strings), for a stream or a file. */
+  drainTraceLines(): string {
+    const { events, dropped } = this.drainTrace();
+    const lines = events.map((e) => JSON.stringify(e, (_k, v) => (typeof v === 'bigint' ? '0x' + v.toString(16) : v)));
+    if (dropped) lines.push(JSON.stringify({ device: this.name, type: 'dropped', events: dropped }));
+    return lines.length ? lines.join('\n') + '\n' : '';
   }
 
   /** Device memory: slots (pages) in all and in use. */

@@ -12,4 +12,4 @@ export { Prot, ADVICE, FEATURES, IOCTLS, REGISTER_MODES, PAGE_IS, parseProt, fea
 export type { Protection, Advice, FeatureName, IoctlName, RegisterMode, PageCategory } from './constants.js';
 export { native as _native } from './native.js';
 export { Device, Mirror, decodeEntry, SNAPSHOT } from './device.js';
-export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason } from './device.js';
+export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason, TraceEvent } from './device.js';

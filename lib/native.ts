@@ -211,7 +211,14 @@ export interface NativeDeviceCounters {
   serviceNs: number;
   invalidatedPages: number;
   invalidations: Record<string, number>;
+  migratedToDevice: Record<string, number>;
+  migratedToHost: Record<string, number>;
 }
+
+export type NativeTraceEvent =
+  | { type: 'fault-batch'; tNs: number; mirror: bigint; faults: number; pages: number; serviceNs: number }
+  | { type: 'migrate-to-device' | 'migrate-to-host'; tNs: number; mirror: bigint; offset: number; pages: number; bytes: number; trigger: string }
+  | { type: 'invalidate'; tNs: number; mirror: bigint; offset: number; pages: number; cause: string };
 
 export interface NativeKernelResult {
   ops: number;
@@ -259,6 +266,7 @@ export interface NativeMigrateResult {
 
 export interface NativeDevice {
   release(): Promise<number>;
+  drainTrace(): { events: NativeTraceEvent[]; dropped: number };
   mirror(m: NativeMapping, offset: number, length: number): NativeMirror;
   counters(): NativeDeviceCounters;
   memory(): { pageSize: number; slots: number; used: number };

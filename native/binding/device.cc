@@ -23,6 +23,7 @@ Napi::Function DeviceWrap::Init(Napi::Env env) {
                          InstanceMethod<&DeviceWrap::Counters>("counters"),
                          InstanceMethod<&DeviceWrap::Memory>("memory"),
                          InstanceMethod<&DeviceWrap::Release>("release"),
+                         InstanceMethod<&DeviceWrap::DrainTrace>("drainTrace"),
                          InstanceMethod<&DeviceWrap::Close>("close"),
                      });
 }
@@ -53,6 +54,9 @@ Napi::Value DeviceWrap::Create(const Napi::CallbackInfo& info) {
   c.fault_batch = static_cast<unsigned>(OptU64(o, "faultBatch", 32));
   c.fault_around = OptU64(o, "faultAround", c.page);
   c.timeout_ms = static_cast<int>(OptU64(o, "timeoutMs", 1000));
+  c.trace = OptBool(o, "trace", false);
+  c.trace_capacity = OptU64(o, "traceCapacity", 1 << 16);
+  if (c.trace_capacity == 0 || c.trace_capacity > (1u << 24)) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "traceCapacity must be 1..16777216");
   if (c.memory < c.page || c.memory % c.page)
     throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "memory must be a positive multiple of the page size");
   if (c.fault_batch == 0 || c.fault_batch > 65536) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "faultBatch must be 1..65536");
@@ -97,7 +101,57 @@ Napi::Value DeviceWrap::Counters(const Napi::CallbackInfo& info) {
     if (n) inv.Set(InvalidateCauseName(static_cast<InvalidateCause>(i)), static_cast<double>(n));
   }
   o.Set("invalidations", inv);
+  Napi::Object to_dev = Napi::Object::New(env), to_host = Napi::Object::New(env);
+  for (unsigned i = 0; i < static_cast<unsigned>(engine::Trigger::kCount); i++) {
+    const char* name = engine::TriggerName(static_cast<engine::Trigger>(i));
+    if (uint64_t n = c.to_device[i].load()) to_dev.Set(name, static_cast<double>(n));
+    if (uint64_t n = c.to_host[i].load()) to_host.Set(name, static_cast<double>(n));
+  }
+  o.Set("migratedToDevice", to_dev);
+  o.Set("migratedToHost", to_host);
   return o;
+}
+
+// drainTrace() -> {events: [...], dropped}: the events recorded since the last call.
+Napi::Value DeviceWrap::DrainTrace(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t dropped = 0;
+  std::vector<engine::TraceEvent> ev = device_->drain_trace(&dropped);
+  const uint64_t page = device_->config().page;
+  Napi::Array arr = Napi::Array::New(env, ev.size());
+  for (size_t i = 0; i < ev.size(); i++) {
+    const engine::TraceEvent& e = ev[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("tNs", static_cast<double>(e.t_ns));
+    o.Set("mirror", Napi::BigInt::New(env, e.mirror));
+    switch (e.kind) {
+      case engine::TraceKind::kFaultBatch:
+        o.Set("type", "fault-batch");
+        o.Set("faults", static_cast<double>(e.a));
+        o.Set("pages", static_cast<double>(e.b));
+        o.Set("serviceNs", static_cast<double>(e.c));
+        break;
+      case engine::TraceKind::kMigrateToDevice:
+      case engine::TraceKind::kMigrateToHost:
+        o.Set("type", e.kind == engine::TraceKind::kMigrateToDevice ? "migrate-to-device" : "migrate-to-host");
+        o.Set("offset", static_cast<double>(e.a * page));
+        o.Set("pages", static_cast<double>(e.b));
+        o.Set("bytes", static_cast<double>(e.b * page));
+        o.Set("trigger", engine::TriggerName(static_cast<engine::Trigger>(e.c)));
+        break;
+      case engine::TraceKind::kInvalidate:
+        o.Set("type", "invalidate");
+        o.Set("offset", static_cast<double>(e.a * page));
+        o.Set("pages", static_cast<double>(e.b));
+        o.Set("cause", InvalidateCauseName(static_cast<InvalidateCause>(e.c)));
+        break;
+    }
+    arr.Set(static_cast<uint32_t>(i), o);
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("events", arr);
+  out.Set("dropped", static_cast<double>(dropped));
+  return out;
 }
 
 Napi::Value DeviceWrap::Memory(const Napi::CallbackInfo& info) {

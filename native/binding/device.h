@@ -23,6 +23,7 @@ class DeviceWrap : public Napi::ObjectWrap<DeviceWrap> {
   Napi::Value Counters(const Napi::CallbackInfo& info);
   Napi::Value Memory(const Napi::CallbackInfo& info);
   Napi::Value Release(const Napi::CallbackInfo& info);
+  Napi::Value DrainTrace(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::Device> device_;
   bool closed_ = false;

@@ -10,7 +10,52 @@
 
 namespace pm::engine {
 
+const char* TriggerName(Trigger t) {
+  switch (t) {
+    case Trigger::kExplicit: return "explicit";
+    case Trigger::kDeviceFault: return "device-fault";
+    case Trigger::kCpuFault: return "cpu-fault";
+    case Trigger::kPrefetch: return "prefetch";
+    case Trigger::kEviction: return "eviction";
+    case Trigger::kRelease: return "release";
+    case Trigger::kFork: return "fork";
+    case Trigger::kCount: break;
+  }
+  return "unknown";
+}
+
 Device::Device(const DeviceConfig& config) : config_(config) {}
+
+void Device::trace(TraceKind kind, Mirror* m, uint64_t a, uint64_t b, uint64_t c) {
+  if (!config_.trace) return;
+  TraceEvent e{sys::now_ns(), kind, m ? m->start() : 0, a, b, c};
+  std::lock_guard<std::mutex> lock(trace_mu_);
+  if (trace_.size() < config_.trace_capacity) {
+    trace_.push_back(e);
+  } else {
+    trace_[trace_head_] = e;
+    trace_head_ = (trace_head_ + 1) % trace_.size();
+    trace_dropped_++;
+  }
+}
+
+std::vector<TraceEvent> Device::drain_trace(uint64_t* dropped) {
+  std::lock_guard<std::mutex> lock(trace_mu_);
+  std::vector<TraceEvent> out;
+  out.reserve(trace_.size());
+  for (size_t i = 0; i < trace_.size(); i++) out.push_back(trace_[(trace_head_ + i) % trace_.size()]);
+  trace_.clear();
+  trace_head_ = 0;
+  *dropped = trace_dropped_;
+  trace_dropped_ = 0;
+  return out;
+}
+
+void Device::on_migrate(Mirror* m, bool to_device, uint64_t first, uint64_t pages, Trigger trigger) {
+  if (!pages) return;
+  (to_device ? counters_.to_device : counters_.to_host)[static_cast<unsigned>(trigger)].fetch_add(pages, std::memory_order_relaxed);
+  trace(to_device ? TraceKind::kMigrateToDevice : TraceKind::kMigrateToHost, m, first, pages, static_cast<uint64_t>(trigger));
+}
 
 Device::~Device() {
   close();
@@ -108,8 +153,12 @@ void Device::service() {
       }
     }
     const uint64_t t0 = sys::now_ns();
+    const uint64_t pages0 = counters_.faulted_pages.load(std::memory_order_relaxed);
     service_batch(batch);
-    counters_.service_ns.fetch_add(sys::now_ns() - t0, std::memory_order_relaxed);
+    const uint64_t ns = sys::now_ns() - t0;
+    counters_.service_ns.fetch_add(ns, std::memory_order_relaxed);
+    trace(TraceKind::kFaultBatch, batch.empty() ? nullptr : batch.front()->mirror, batch.size(),
+          counters_.faulted_pages.load(std::memory_order_relaxed) - pages0, ns);
     counters_.fault_rounds.fetch_add(1, std::memory_order_relaxed);
     uint64_t n = batch.size(), prev = counters_.max_batch.load();
     while (n > prev && !counters_.max_batch.compare_exchange_weak(prev, n)) {
@@ -180,13 +229,14 @@ uint64_t Device::release() {
     ms = mirrors_;
   }
   uint64_t n = 0;
-  for (Mirror* m : ms) n += m->migrate_to_host(0, m->npages());
+  for (Mirror* m : ms) n += m->migrate_to_host(0, m->npages(), Trigger::kRelease);
   return n;
 }
 
-void Device::on_invalidate(Mirror*, uint64_t, uint64_t, InvalidateCause cause, uint64_t cleared) {
+void Device::on_invalidate(Mirror* m, uint64_t first, uint64_t, InvalidateCause cause, uint64_t cleared) {
   counters_.invalidations[static_cast<unsigned>(cause)].fetch_add(1, std::memory_order_relaxed);
   counters_.invalidated_pages.fetch_add(cleared, std::memory_order_relaxed);
+  trace(TraceKind::kInvalidate, m, first, cleared, static_cast<uint64_t>(cause));
 }
 
 namespace {

@@ -20,8 +20,22 @@
 
 namespace pm::engine {
 
+
+enum class TraceKind : uint32_t { kFaultBatch, kMigrateToDevice, kMigrateToHost, kInvalidate };
+
+// One trace event. a/b/c by kind: batch (requests, pages, service ns); migrate (first page,
+// pages, trigger); invalidate (first page, pages cleared, cause).
+struct TraceEvent {
+  uint64_t t_ns;
+  TraceKind kind;
+  uint64_t mirror;  // the mirror's start address
+  uint64_t a, b, c;
+};
+
 struct DeviceConfig {
   std::string name = "device";
+  bool trace = false;             // record a trace of events (bounded ring, oldest dropped)
+  size_t trace_capacity = 1 << 16;
   uint64_t memory = 64ull << 20;  // bytes of device memory
   uint64_t page = 4096;
   unsigned fault_batch = 32;      // faults serviced per round (the kernel's test device: 32 pages)
@@ -37,6 +51,8 @@ struct DeviceCounters {
   std::atomic<uint64_t> service_ns{0};
   std::atomic<uint64_t> invalidations[11] = {};  // by InvalidateCause
   std::atomic<uint64_t> invalidated_pages{0};
+  std::atomic<uint64_t> to_device[static_cast<unsigned>(Trigger::kCount)] = {};  // pages, by trigger
+  std::atomic<uint64_t> to_host[static_cast<unsigned>(Trigger::kCount)] = {};
 };
 
 enum class KernelOp { kRead, kWrite, kAtomicInc, kVerify, kCopyOut, kCopyIn };
@@ -95,6 +111,11 @@ class Device {
   // Evicts all of this device's memory back to the host (the kernel device's release). Returns pages.
   uint64_t release();
 
+  void on_migrate(Mirror* m, bool to_device, uint64_t first, uint64_t pages, Trigger trigger);
+  // Takes the trace recorded so far (and how many events were dropped since the last call).
+  std::vector<TraceEvent> drain_trace(uint64_t* dropped);
+  void trace(TraceKind kind, Mirror* m, uint64_t a, uint64_t b, uint64_t c);
+
   void on_invalidate(Mirror* m, uint64_t first, uint64_t last, InvalidateCause cause, uint64_t cleared);
 
  private:
@@ -115,6 +136,10 @@ class Device {
   std::mutex slot_mu_;
   std::vector<uint64_t> free_slots_;
   bool pool_registered_ = false;
+  std::mutex trace_mu_;
+  std::vector<TraceEvent> trace_;
+  size_t trace_head_ = 0;  // ring start once full
+  uint64_t trace_dropped_ = 0;
   std::mutex mirrors_mu_;
   std::vector<Mirror*> mirrors_;
 

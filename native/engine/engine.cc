@@ -6,6 +6,7 @@
 #include "../sys/mem.h"
 #include "../sys/uapi.h"
 #include "../sys/uffd.h"
+#include "device.h"
 #include "mirror.h"
 
 namespace pm::engine {
@@ -101,7 +102,7 @@ void Engine::before_fork() {
     all = all_;
   }
   for (Mirror* m : all) {
-    m->migrate_to_host(0, m->npages());
+    m->migrate_to_host(0, m->npages(), Trigger::kFork);
     if (!m->region()->shared) {
       const uint64_t len = m->npages() * m->page();
       m->invalidate_start(m->start(), m->start() + len, InvalidateCause::kFork);

@@ -42,7 +42,7 @@ void Mirror::detach() {
   region_->remove_notifier(this);
   if (engine_registered_) {
     // Device-resident pages come home first: closing a mirror must not lose data.
-    migrate_to_host(0, npages_);
+    migrate_to_host(0, npages_, Trigger::kRelease);
     Engine::get().remove_mirror(this);
     Engine::get().unregister_range(start_, npages_ * page_);
     region_->registered.fetch_sub(1);
@@ -204,7 +204,8 @@ int Mirror::ensure_engine() {
   return 0;
 }
 
-void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic) {
+void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic,
+                               Trigger trigger) {
   *out = MigrateResult{};
   if (dead() || region_->closed.load()) {
     out->error = -EFAULT;
@@ -322,6 +323,7 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     gen_++;
     idle_.notify_all();
   }
+  device_->on_migrate(this, true, first, out->moved, trigger);
   // A CPU writer that waited on the copy path's write protection is woken to fault again.
   sys::uffd_wake(fd, start_ + first * page_, (last - first) * page_);
   if (out->resident == 0 && out->error == 0) out->error = -ENOENT;
@@ -354,7 +356,7 @@ bool Mirror::move_back(uint64_t i, uint64_t e, bool wake) {
   return rc == 0;
 }
 
-uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last) {
+uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger) {
   if (!engine_registered_) return 0;
   std::lock_guard<std::mutex> change(change_mu_);
   {
@@ -373,6 +375,7 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last) {
     gen_++;
     idle_.notify_all();
   }
+  device_->on_migrate(this, false, first, moved, trigger);
   return moved;
 }
 
@@ -395,6 +398,7 @@ bool Mirror::cpu_fault(uint64_t i) {
     idle_.notify_all();
   }
   device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, 1);
+  device_->on_migrate(this, false, i, 1, Trigger::kCpuFault);
   return true;
 }
 

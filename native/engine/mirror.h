@@ -18,6 +18,10 @@ namespace pm::engine {
 
 class Device;
 
+// What moved a page (the trace's migration trigger).
+enum class Trigger : uint32_t { kExplicit, kDeviceFault, kCpuFault, kPrefetch, kEviction, kRelease, kFork, kCount };
+const char* TriggerName(Trigger t);
+
 // Entry bits. The slot (device memory page) sits above kSlotShift.
 enum : uint64_t {
   kValid = 1ull << 0,
@@ -84,11 +88,12 @@ class Mirror : public RangeNotifier {
   // CPU mapping zapped; later CPU touches fault and migrate back. use_move: try UFFDIO_MOVE first.
   // atomic: make_device_exclusive. The page also leaves the CPU mapping (so any CPU access faults
   // and revokes it) and the entry carries kAtomic until then.
-  void migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic = false);
+  void migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic = false,
+                         Trigger trigger = Trigger::kExplicit);
   // Pages in [first, last) still held exclusively.
   uint64_t count_exclusive(uint64_t first, uint64_t last) const;
   // Moves this device's pages in [first, last) back to host memory; returns pages moved.
-  uint64_t migrate_to_host(uint64_t first, uint64_t last);
+  uint64_t migrate_to_host(uint64_t first, uint64_t last, Trigger trigger = Trigger::kExplicit);
   // The engine's CPU-fault path: if page i is in this device's memory, bring it back and wake the
   // faulter. Returns true if it was (the fault is resolved), false if not this mirror's page.
   bool cpu_fault(uint64_t i);
