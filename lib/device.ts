@@ -18,6 +18,17 @@ export interface DeviceOptions {
   faultAround?: number;
   /** How long a range fault retries while invalidations race it, then EBUSY. Default 1000 ms. */
   timeoutMs?: number;
+  /**
+   * Where a device fault puts the data. 'host' (default): the device maps the host page (HMM
+   * mirroring). 'device': the faulted range first migrates into device memory, as unified-memory
+   * drivers do; what cannot move (shared, file-backed, full memory with eviction off) is mapped on
+   * the host.
+   */
+  placement?: 'host' | 'device';
+  /** When device memory is full: 'off' (default: the page stays on the host), 'fifo' (oldest allocation), 'lru' (second chance on the device's access bit). */
+  eviction?: 'off' | 'fifo' | 'lru';
+  /** With eviction on: after each migration, evict down to this fraction of device memory in use. Default 1 (only when full). */
+  watermark?: number;
   /** Record a trace of events (fault batches, migrations with their trigger, invalidations with their cause). Default false. */
   trace?: boolean;
   /** Trace ring size in events; the oldest are dropped (and counted) past it. Default 65536. */
@@ -237,6 +248,9 @@ export class Device {
         faultBatch: checkInteger('faultBatch', options.faultBatch ?? 32, 1, 65536),
         faultAround: checkInteger('faultAround', options.faultAround ?? PAGE, PAGE),
         timeoutMs: checkInteger('timeoutMs', options.timeoutMs ?? 1000, 1),
+        placement: checkOneOf('placement', options.placement ?? 'host', ['host', 'device'] as const),
+        eviction: checkOneOf('eviction', options.eviction ?? 'off', ['off', 'fifo', 'lru'] as const),
+        watermark: options.watermark ?? 1,
         trace: options.trace ?? false,
         traceCapacity: checkInteger('traceCapacity', options.traceCapacity ?? 1 << 16, 1, 1 << 24),
       }),

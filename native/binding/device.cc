@@ -54,6 +54,21 @@ Napi::Value DeviceWrap::Create(const Napi::CallbackInfo& info) {
   c.fault_batch = static_cast<unsigned>(OptU64(o, "faultBatch", 32));
   c.fault_around = OptU64(o, "faultAround", c.page);
   c.timeout_ms = static_cast<int>(OptU64(o, "timeoutMs", 1000));
+  std::string placement = OptString(o, "placement", "host");
+  if (placement == "host") c.placement = engine::DeviceConfig::Placement::kHost;
+  else if (placement == "device") c.placement = engine::DeviceConfig::Placement::kDevice;
+  else throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "placement must be 'host' or 'device'");
+  std::string eviction = OptString(o, "eviction", "off");
+  if (eviction == "off") c.eviction = engine::DeviceConfig::Eviction::kOff;
+  else if (eviction == "fifo") c.eviction = engine::DeviceConfig::Eviction::kFifo;
+  else if (eviction == "lru") c.eviction = engine::DeviceConfig::Eviction::kLru;
+  else throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "eviction must be 'off', 'fifo' or 'lru'");
+  Napi::Value wm = o.Get("watermark");
+  if (!wm.IsUndefined()) {
+    if (!wm.IsNumber()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "watermark must be a number");
+    c.watermark = wm.As<Napi::Number>().DoubleValue();
+    if (!(c.watermark > 0 && c.watermark <= 1)) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "watermark must be in (0, 1]");
+  }
   c.trace = OptBool(o, "trace", false);
   c.trace_capacity = OptU64(o, "traceCapacity", 1 << 16);
   if (c.trace_capacity == 0 || c.trace_capacity > (1u << 24)) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "traceCapacity must be 1..16777216");

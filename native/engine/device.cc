@@ -101,12 +101,59 @@ void Device::close() {
   done_cv_.notify_all();
 }
 
-bool Device::alloc_slot(uint64_t* slot) {
-  std::lock_guard<std::mutex> lock(slot_mu_);
-  if (free_slots_.empty()) return false;
-  *slot = free_slots_.back();
-  free_slots_.pop_back();
-  return true;
+bool Device::alloc_slot(uint64_t* slot, Mirror* holding, uint64_t page) {
+  for (int attempt = 0;; attempt++) {
+    {
+      std::lock_guard<std::mutex> lock(slot_mu_);
+      if (!free_slots_.empty()) {
+        *slot = free_slots_.back();
+        free_slots_.pop_back();
+        if (holding) resident_.push_back({holding, page, *slot});
+        return true;
+      }
+    }
+    if (config_.eviction == DeviceConfig::Eviction::kOff || attempt > 8 || !evict_one(holding)) return false;
+  }
+}
+
+// Picks a victim (FIFO: the oldest allocation; LRU: the oldest without its access bit, clearing
+// bits as it passes) and migrates it back to the host. Victims in a mirror that is busy changing
+// (another migration or invalidation holds it) are passed over, never waited for.
+bool Device::evict_one(Mirror* holding) {
+  for (size_t scanned = 0;; scanned++) {
+    Resident r;
+    {
+      std::lock_guard<std::mutex> lock(slot_mu_);
+      if (resident_.empty() || scanned > 2 * resident_.size() + 8) return false;
+      r = resident_.front();
+      resident_.pop_front();
+    }
+    const uint64_t e = r.mirror->entry(r.page);
+    if (!(e & kOnDevice) || (e >> kSlotShift) != r.slot) continue;  // stale: already gone
+    if (config_.eviction == DeviceConfig::Eviction::kLru && r.mirror->test_and_clear_accessed(r.page)) {
+      std::lock_guard<std::mutex> lock(slot_mu_);
+      resident_.push_back(r);  // second chance
+      continue;
+    }
+    if (r.mirror == holding) {
+      if (r.mirror->evict(r.page)) return true;
+      continue;
+    }
+    std::unique_lock<std::mutex> other(r.mirror->change_mutex(), std::try_to_lock);
+    if (!other.owns_lock()) {
+      std::lock_guard<std::mutex> lock(slot_mu_);
+      resident_.push_back(r);
+      continue;
+    }
+    if (r.mirror->evict(r.page)) return true;
+  }
+}
+
+void Device::enforce_watermark(Mirror* holding) {
+  if (config_.eviction == DeviceConfig::Eviction::kOff || config_.watermark >= 1.0) return;
+  const uint64_t limit = static_cast<uint64_t>(config_.watermark * static_cast<double>(slots_));
+  while (slots_used() > limit)
+    if (!evict_one(holding)) return;
 }
 
 void Device::free_slot(uint64_t slot) {
@@ -202,6 +249,12 @@ void Device::service_batch(std::vector<Request*>& batch) {
     }
   }
   for (const Run& run : runs) {
+    if (config_.placement == DeviceConfig::Placement::kDevice) {
+      // Unified-memory style: the faulted range moves into device memory first; what cannot move
+      // (shared, file-backed, memory full with eviction off) is mapped on the host as usual.
+      Mirror::MigrateResult mr;
+      run.m->migrate_to_device(run.first, run.last, true, &mr, false, Trigger::kDeviceFault);
+    }
     int rc = run.m->range_fault(run.first, run.last, run.write, config_.timeout_ms);
     if (rc == 0) counters_.faulted_pages.fetch_add(run.last - run.first, std::memory_order_relaxed);
     for (size_t i = run.begin; i < run.end; i++) {
@@ -218,8 +271,13 @@ void Device::add_mirror(Mirror* m) {
 }
 
 void Device::remove_mirror(Mirror* m) {
-  std::lock_guard<std::mutex> lock(mirrors_mu_);
-  mirrors_.erase(std::remove(mirrors_.begin(), mirrors_.end(), m), mirrors_.end());
+  {
+    std::lock_guard<std::mutex> lock(mirrors_mu_);
+    mirrors_.erase(std::remove(mirrors_.begin(), mirrors_.end(), m), mirrors_.end());
+  }
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  resident_.erase(std::remove_if(resident_.begin(), resident_.end(), [m](const Resident& r) { return r.mirror == m; }),
+                  resident_.end());
 }
 
 uint64_t Device::release() {

@@ -41,6 +41,13 @@ struct DeviceConfig {
   unsigned fault_batch = 32;      // faults serviced per round (the kernel's test device: 32 pages)
   uint64_t fault_around = 0;      // bytes; 0 = one page
   int timeout_ms = 1000;          // range-fault retry budget, then EBUSY (as hmm_range_fault)
+  // Where a device fault puts the data: kHost maps the host page (HMM mirroring); kDevice migrates
+  // the faulted range into device memory first (unified-memory drivers' default).
+  enum class Placement { kHost, kDevice } placement = Placement::kHost;
+  // Eviction when device memory is full: off (the page stays on the host, reported), FIFO (by
+  // allocation), or LRU (second chance on the device's access bit).
+  enum class Eviction { kOff, kFifo, kLru } eviction = Eviction::kOff;
+  double watermark = 1.0;         // after a migration, evict down to this fraction of memory in use
 };
 
 struct DeviceCounters {
@@ -91,7 +98,11 @@ class Device {
 
   // Device memory.
   void* slot_address(uint64_t slot) const { return pool_ + slot * config_.page; }
-  bool alloc_slot(uint64_t* slot);
+  // A free slot; with eviction on and memory full, evicts a victim first. `holding` is the mirror
+  // whose change mutex the caller holds (its pages may be evicted without locking again).
+  bool alloc_slot(uint64_t* slot, Mirror* holding = nullptr, uint64_t page = 0);
+  // Evicts until at most watermark * slots are in use.
+  void enforce_watermark(Mirror* holding);
   void free_slot(uint64_t slot);
   uint64_t slots_total() const { return slots_; }
   uint64_t slots_used();
@@ -136,6 +147,15 @@ class Device {
   std::mutex slot_mu_;
   std::vector<uint64_t> free_slots_;
   bool pool_registered_ = false;
+  // Device-resident pages in allocation order (the FIFO/LRU queue). Stale entries (pages freed by
+  // other paths) are skipped when met.
+  struct Resident {
+    Mirror* mirror;
+    uint64_t page;
+    uint64_t slot;
+  };
+  std::deque<Resident> resident_;
+  bool evict_one(Mirror* holding);
   std::mutex trace_mu_;
   std::vector<TraceEvent> trace_;
   size_t trace_head_ = 0;  // ring start once full

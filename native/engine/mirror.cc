@@ -69,7 +69,10 @@ void* Mirror::pin(uint64_t i, bool write) {
     b.fetch_sub(1, std::memory_order_release);
     return nullptr;
   }
-  if (e & kOnDevice) return device_->slot_address(e >> kSlotShift);
+  if (e & kOnDevice) {
+    if (!(e & kAccessed)) pt_[i].fetch_or(kAccessed, std::memory_order_relaxed);
+    return device_->slot_address(e >> kSlotShift);
+  }
   return reinterpret_cast<void*>(start_ + i * page_);
 }
 
@@ -270,7 +273,7 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
       continue;
     }
     uint64_t slot;
-    if (!device_->alloc_slot(&slot)) {
+    if (!device_->alloc_slot(&slot, this, i)) {
       out->skipped.push_back({i, Skip::kNoMemory});
       continue;
     }
@@ -324,6 +327,7 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     idle_.notify_all();
   }
   device_->on_migrate(this, true, first, out->moved, trigger);
+  device_->enforce_watermark(this);
   // A CPU writer that waited on the copy path's write protection is woken to fault again.
   sys::uffd_wake(fd, start_ + first * page_, (last - first) * page_);
   if (out->resident == 0 && out->error == 0) out->error = -ENOENT;
@@ -400,6 +404,25 @@ bool Mirror::cpu_fault(uint64_t i) {
   device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, 1);
   device_->on_migrate(this, false, i, 1, Trigger::kCpuFault);
   return true;
+}
+
+bool Mirror::evict(uint64_t i) {
+  const uint64_t e = pt_[i].load(std::memory_order_acquire);
+  if (!(e & kOnDevice)) return false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_++;
+    gen_++;
+  }
+  const bool ok = move_back(i, e, true);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_--;
+    gen_++;
+    idle_.notify_all();
+  }
+  if (ok) device_->on_migrate(this, false, i, 1, Trigger::kEviction);
+  return ok;
 }
 
 uint64_t Mirror::count_exclusive(uint64_t first, uint64_t last) const {

@@ -29,6 +29,7 @@ enum : uint64_t {
   kAtomic = 1ull << 2,   // exclusive: any CPU access revokes it
   kDirty = 1ull << 3,    // the device wrote through this entry
   kOnDevice = 1ull << 4, // the data lives in device memory (slot), not in the host page
+  kAccessed = 1ull << 5, // the device accessed the page since eviction last looked (LRU)
   kSlotShift = 20,
 };
 
@@ -105,6 +106,13 @@ class Mirror : public RangeNotifier {
 
   // The kernel test device's snapshot encoding, one byte per page, without faulting anything.
   void snapshot(uint64_t first, uint64_t last, uint8_t* out);
+  // Eviction: page i's data goes back to the host; the entry keeps mapping the host page. Caller
+  // holds change_mu_. Returns false if the page was not in device memory.
+  bool evict(uint64_t i);
+  // LRU: whether the device touched page i since the last call.
+  bool test_and_clear_accessed(uint64_t i) {
+    return pt_[i].fetch_and(~kAccessed, std::memory_order_relaxed) & kAccessed;
+  }
   // Another device takes page i: drop our entry (not device-resident) and drain our accesses.
   void drop_entry(uint64_t i);
 
