@@ -183,9 +183,16 @@ export class Mirror {
    * mapping, pages already copied on write); the others are listed in `skipped` with the reason.
    * Errors: EINVAL (a page with no access, hugetlb), ENOENT (nothing on the device afterwards;
    * err.skipped says why), EBUSY (the range is registered with another userfaultfd).
+   * granule (bytes, default 2 MiB): aligned chunks that can move whole go in one ioctl.
    */
-  async migrateToDevice(offset: number, npages: number, options: { useMove?: boolean } = {}): Promise<MigrateResult> {
-    return (await this.#n.migrateToDevice(checkInteger('offset', offset), checkInteger('npages', npages), options.useMove ?? true)) as MigrateResult;
+  async migrateToDevice(offset: number, npages: number, options: { useMove?: boolean; granule?: number } = {}): Promise<MigrateResult> {
+    return (await this.#n.migrateToDevice(
+      checkInteger('offset', offset),
+      checkInteger('npages', npages),
+      options.useMove ?? true,
+      false,
+      options.granule === undefined ? undefined : checkInteger('granule', options.granule, PAGE),
+    )) as MigrateResult;
   }
 
   /**

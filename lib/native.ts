@@ -235,7 +235,7 @@ export interface NativeMirror {
   read(offset: number, npages: number): Promise<NativeKernelResult & { data: Buffer }>;
   write(offset: number, data: Uint8Array): Promise<NativeKernelResult>;
   entries(page: number, npages: number): BigUint64Array;
-  migrateToDevice(offset: number, npages: number, useMove: boolean, atomic?: boolean): Promise<NativeMigrateResult>;
+  migrateToDevice(offset: number, npages: number, useMove: boolean, atomic?: boolean, granule?: number): Promise<NativeMigrateResult>;
   exclusiveCount(offset: number, npages: number): number;
   migrateToHost(offset: number, npages: number): Promise<{ cpages: number; elapsedNs: number }>;
   snapshot(offset: number, npages: number): Uint8Array;

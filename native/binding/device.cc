@@ -391,6 +391,7 @@ struct MigrateJob {
   bool use_move;
   engine::Mirror::MigrateResult result;
   bool atomic = false;
+  uint64_t granule_pages = 512;
   uint64_t back = 0;
   uint64_t elapsed_ns = 0;
 };
@@ -409,11 +410,17 @@ Napi::Value MirrorWrap::MigrateToDevice(const Napi::CallbackInfo& info) {
   bool use_move = info.Length() < 3 || info[2].ToBoolean().Value();
   auto job = std::unique_ptr<MigrateJob>(new MigrateJob{device_, m, off / m->page(), off / m->page() + n, use_move, {}});
   job->atomic = info.Length() > 3 && info[3].ToBoolean().Value();
+  if (info.Length() > 4 && !info[4].IsUndefined()) {
+    uint64_t g = ToU64(info[4], "granule");
+    if (g < m->page() || (g & (g - 1))) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "granule must be a power of two of at least one page");
+    job->granule_pages = g / m->page();
+  }
   return NativeJob<MigrateJob>::Start(
       env, std::move(job),
       [](MigrateJob& j) {
         uint64_t t0 = sys::now_ns();
-        j.mirror->migrate_to_device(j.first, j.last, j.use_move, &j.result, j.atomic);
+        j.mirror->migrate_to_device(j.first, j.last, j.use_move, &j.result, j.atomic, engine::Trigger::kExplicit,
+                                    j.granule_pages);
         j.elapsed_ns = sys::now_ns() - t0;
       },
       [](Napi::Env env, MigrateJob& j) -> Napi::Value {

@@ -73,8 +73,7 @@ int Device::init() {
                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (rc) return rc;
   pool_ = static_cast<uint8_t*>(p);
-  free_slots_.reserve(slots_);
-  for (uint64_t s = slots_; s > 0; s--) free_slots_.push_back(s - 1);
+  used_bits_.assign((slots_ + 63) / 64, 0);
   try {
     service_ = std::thread(&Device::service, this);
   } catch (...) {
@@ -105,9 +104,7 @@ bool Device::alloc_slot(uint64_t* slot, Mirror* holding, uint64_t page) {
   for (int attempt = 0;; attempt++) {
     {
       std::lock_guard<std::mutex> lock(slot_mu_);
-      if (!free_slots_.empty()) {
-        *slot = free_slots_.back();
-        free_slots_.pop_back();
+      if (take_run_locked(1, slot)) {
         if (holding) resident_.push_back({holding, page, *slot});
         return true;
       }
@@ -156,11 +153,50 @@ void Device::enforce_watermark(Mirror* holding) {
     if (!evict_one(holding)) return;
 }
 
-void Device::free_slot(uint64_t slot) {
-  // Give the memory back too: a freed slot must not keep host RSS.
-  sys::advise(slot_address(slot), config_.page, MADV_DONTNEED);
+bool Device::take_run_locked(uint64_t n, uint64_t* first) {
+  if (n == 0 || n > slots_ - used_count_) return false;
+  auto used = [&](uint64_t s) { return (used_bits_[s / 64] >> (s % 64)) & 1; };
+  // First fit from the cursor, wrapping once.
+  for (uint64_t scanned = 0, s = cursor_ % slots_; scanned < slots_;) {
+    if (s + n > slots_) {
+      scanned += slots_ - s;
+      s = 0;
+      continue;
+    }
+    if (used_bits_[s / 64] == ~0ull && s % 64 == 0) {
+      s += 64;
+      scanned += 64;
+      continue;
+    }
+    uint64_t k = 0;
+    while (k < n && !used(s + k)) k++;
+    if (k == n) {
+      for (uint64_t j = s; j < s + n; j++) used_bits_[j / 64] |= 1ull << (j % 64);
+      used_count_ += n;
+      cursor_ = s + n;
+      *first = s;
+      return true;
+    }
+    s += k + 1;
+    scanned += k + 1;
+  }
+  return false;
+}
+
+bool Device::alloc_run(uint64_t n, uint64_t* first, Mirror* holding, uint64_t page) {
   std::lock_guard<std::mutex> lock(slot_mu_);
-  free_slots_.push_back(slot);
+  if (!take_run_locked(n, first)) return false;
+  if (holding)
+    for (uint64_t k = 0; k < n; k++) resident_.push_back({holding, page + k, *first + k});
+  return true;
+}
+
+void Device::free_slot(uint64_t slot, bool zap) {
+  // Give the memory back too: a freed slot must not keep host RSS.
+  if (zap) sys::advise(slot_address(slot), config_.page, MADV_DONTNEED);
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  used_bits_[slot / 64] &= ~(1ull << (slot % 64));
+  used_count_--;
 }
 
 int Device::register_pool() {
@@ -173,7 +209,7 @@ int Device::register_pool() {
 
 uint64_t Device::slots_used() {
   std::lock_guard<std::mutex> lock(slot_mu_);
-  return slots_ - free_slots_.size();
+  return used_count_;
 }
 
 int Device::fault(Mirror* m, uint64_t first, uint64_t last, bool write) {

@@ -101,9 +101,12 @@ class Device {
   // A free slot; with eviction on and memory full, evicts a victim first. `holding` is the mirror
   // whose change mutex the caller holds (its pages may be evicted without locking again).
   bool alloc_slot(uint64_t* slot, Mirror* holding = nullptr, uint64_t page = 0);
+  // n contiguous slots (for one multi-page ioctl), without eviction; false if none are free.
+  bool alloc_run(uint64_t n, uint64_t* first, Mirror* holding, uint64_t page);
   // Evicts until at most watermark * slots are in use.
   void enforce_watermark(Mirror* holding);
-  void free_slot(uint64_t slot);
+  // zap: give the memory back (MADV_DONTNEED). Not needed after UFFDIO_MOVE took the page away.
+  void free_slot(uint64_t slot, bool zap = true);
   uint64_t slots_total() const { return slots_; }
   uint64_t slots_used();
   // Registers the pool with the engine's userfaultfd (once): UFFDIO_MOVE needs its destination
@@ -145,7 +148,12 @@ class Device {
   uint8_t* pool_ = nullptr;
   uint64_t slots_ = 0;
   std::mutex slot_mu_;
-  std::vector<uint64_t> free_slots_;
+  // Slot bitmap (1 = in use), scanned from a rotating cursor: runs of contiguous slots let a 64 KiB
+  // or 2 MiB migration be one ioctl.
+  std::vector<uint64_t> used_bits_;
+  uint64_t used_count_ = 0;
+  uint64_t cursor_ = 0;
+  bool take_run_locked(uint64_t n, uint64_t* first);
   bool pool_registered_ = false;
   // Device-resident pages in allocation order (the FIFO/LRU queue). Stale entries (pages freed by
   // other paths) are skipped when met.

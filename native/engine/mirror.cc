@@ -208,7 +208,7 @@ int Mirror::ensure_engine() {
 }
 
 void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic,
-                               Trigger trigger) {
+                               Trigger trigger, uint64_t granule_pages) {
   *out = MigrateResult{};
   if (dead() || region_->closed.load()) {
     out->error = -EFAULT;
@@ -241,84 +241,17 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     out->error = rc;
     return;
   }
-  const bool shared = region_->shared;
-  const bool file = region_->kind == RegionKind::kFile || region_->kind == RegionKind::kMemfd;
   std::lock_guard<std::mutex> change(change_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     active_++;
     gen_++;
   }
-  const int fd = Engine::get().fd();
-  for (uint64_t i = first; i < last; i++) {
-    const uint64_t e = pt_[i].load(std::memory_order_relaxed);
-    if (e & kOnDevice) {
-      if (atomic) pt_[i].fetch_or(kAtomic | kValid, std::memory_order_release);
-      out->resident++;
-      continue;
-    }
-    const uint64_t entry = pm[i - first];
-    const bool present = entry >> 63 & 1, shared_page = entry >> 61 & 1;
-    if (shared) {
-      out->skipped.push_back({i, Skip::kShared});
-      continue;
-    }
-    if (file && (!present || shared_page)) {
-      // A private file mapping: only pages copied on write are anonymous and can move.
-      out->skipped.push_back({i, Skip::kFileBacked});
-      continue;
-    }
-    if (Engine::get().owned_by_other(this, start_ + i * page_)) {
-      out->skipped.push_back({i, Skip::kOtherDevice});
-      continue;
-    }
-    uint64_t slot;
-    if (!device_->alloc_slot(&slot, this, i)) {
-      out->skipped.push_back({i, Skip::kNoMemory});
-      continue;
-    }
-    // Other devices' entries for this page go (they will fault and pull it back); ours is cleared
-    // and our accesses in flight drained before the data leaves the host page.
-    Engine::get().invalidate_others(this, start_ + i * page_);
-    pt_[i].store(0, std::memory_order_seq_cst);
-    wait_inflight(i, i + 1);
-    void* dst = device_->slot_address(slot);
-    const uint64_t host = start_ + i * page_;
-    // The pool is registered with the engine's userfaultfd (UFFDIO_MOVE needs that of its
-    // destination), so slots are filled with the resolve ioctls, never by touching them.
-    const uint64_t slot_addr = reinterpret_cast<uint64_t>(dst);
-    int64_t done = 0;
-    bool ok = false;
-    if (!present) {
-      // Never touched: a zero device page, and the CPU side stays a hole.
-      ok = sys::uffd_zeropage(fd, slot_addr, page_, UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done) == 0;
-      if (ok) out->zero_filled++;
-    } else if (use_move && Engine::get().has_move()) {
-      ok = sys::uffd_move(fd, slot_addr, host, page_, UFFDIO_MOVE_MODE_DONTWAKE, &done) == 0;
-      if (ok) out->moved_by_move++;
-    }
-    if (!ok && present) {
-      // The copy path (or MOVE refused: a page shared after fork): write-protect the host page so
-      // no CPU write slips between the copy and the zap; a writer waits in the engine until the
-      // page is gone, then its retried access pulls the page back.
-      sys::uffd_writeprotect(fd, host, page_, UFFDIO_WRITEPROTECT_MODE_WP);
-      ok = sys::uffd_copy(fd, slot_addr, host, page_, UFFDIO_COPY_MODE_DONTWAKE, &done) == 0;
-      if (ok) {
-        sys::advise(reinterpret_cast<void*>(host), page_, MADV_DONTNEED);
-        out->moved_by_copy++;
-      }
-    }
-    if (!ok) {
-      device_->free_slot(slot);
-      out->skipped.push_back({i, Skip::kError});
-      continue;
-    }
-    const uint64_t keep_write = (region_->prot_over(offset_ + i * page_, page_) & PROT_WRITE) ? static_cast<uint64_t>(kWrite) : 0ull;
-    pt_[i].store((slot << kSlotShift) | kOnDevice | kValid | keep_write | (atomic ? static_cast<uint64_t>(kAtomic) : 0ull) |
-                     (e & kDirty),
-                 std::memory_order_release);
-    out->moved++;
-    out->resident++;
+  const uint64_t g = std::max<uint64_t>(1, granule_pages);
+  for (uint64_t i = first; i < last;) {
+    const uint64_t chunk_end = std::min(last, (i / g + 1) * g);
+    if (chunk_end - i > 1) i += migrate_run(i, chunk_end, pm.data() + (i - first), use_move, atomic, out);
+    for (; i < chunk_end; i++) migrate_page(i, pm[i - first], use_move, atomic, out);
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -329,8 +262,120 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
   device_->on_migrate(this, true, first, out->moved, trigger);
   device_->enforce_watermark(this);
   // A CPU writer that waited on the copy path's write protection is woken to fault again.
-  sys::uffd_wake(fd, start_ + first * page_, (last - first) * page_);
+  sys::uffd_wake(Engine::get().fd(), start_ + first * page_, (last - first) * page_);
   if (out->resident == 0 && out->error == 0) out->error = -ENOENT;
+}
+
+// One page of a migration (caller holds change_mu_ and has raised active_).
+void Mirror::migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool atomic, MigrateResult* out) {
+  const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+  if (e & kOnDevice) {
+    if (atomic) pt_[i].fetch_or(kAtomic | kValid, std::memory_order_release);
+    out->resident++;
+    return;
+  }
+  if (region_->shared) {
+    out->skipped.push_back({i, Skip::kShared});
+    return;
+  }
+  const uint64_t host = start_ + i * page_;
+  if (Engine::get().owned_by_other(this, host)) {
+    out->skipped.push_back({i, Skip::kOtherDevice});
+    return;
+  }
+  uint64_t slot;
+  if (!device_->alloc_slot(&slot, this, i)) {
+    out->skipped.push_back({i, Skip::kNoMemory});
+    return;
+  }
+  // Other devices' entries for this page go (they will fault and pull it back); ours is cleared
+  // and our accesses in flight drained before the data leaves the host page.
+  Engine::get().invalidate_others(this, host);
+  pt_[i].store(0, std::memory_order_seq_cst);
+  wait_inflight(i, i + 1);
+  const bool present = pm_entry >> 63 & 1;
+  if (fill_slots(host, slot, 1, present, use_move, out) == 1) {
+    set_device_entry(i, slot, e, atomic);
+    out->moved++;
+    out->resident++;
+  } else {
+    device_->free_slot(slot);
+    out->skipped.push_back({i, Skip::kError});
+  }
+}
+
+// A whole aligned chunk in one ioctl, when it can be: every page movable, all present or all
+// never touched, and a run of contiguous slots free. Returns the pages it handled (0: none, the
+// caller goes page by page).
+uint64_t Mirror::migrate_run(uint64_t a, uint64_t b, const uint64_t* pm, bool use_move, bool atomic, MigrateResult* out) {
+  const uint64_t n = b - a;
+  if (region_->shared) return 0;
+  const bool present = pm[0] >> 63 & 1;
+  for (uint64_t k = 0; k < n; k++) {
+    if ((pt_[a + k].load(std::memory_order_relaxed) & kOnDevice) || (pm[k] >> 63 & 1) != present) return 0;
+    if (Engine::get().owned_by_other(this, start_ + (a + k) * page_)) return 0;
+  }
+  uint64_t slot;
+  if (!device_->alloc_run(n, &slot, this, a)) return 0;
+  std::vector<uint64_t> old(n);
+  for (uint64_t k = 0; k < n; k++) {
+    Engine::get().invalidate_others(this, start_ + (a + k) * page_);
+    old[k] = pt_[a + k].exchange(0, std::memory_order_seq_cst);
+  }
+  wait_inflight(a, b);
+  const uint64_t done = fill_slots(start_ + a * page_, slot, n, present, use_move, out);
+  for (uint64_t k = 0; k < n; k++) {
+    if (k < done) {
+      set_device_entry(a + k, slot + k, old[k], atomic);
+    } else {
+      device_->free_slot(slot + k);
+      pt_[a + k].store(old[k] & ~(kValid | kWrite | kAtomic), std::memory_order_release);  // refaults
+    }
+  }
+  out->moved += done;
+  out->resident += done;
+  return done;
+}
+
+// Moves n host pages at host into slots [slot, slot + n): UFFDIO_ZEROPAGE for never-touched pages,
+// UFFDIO_MOVE where allowed, else the copy path under write protection. The pool is registered
+// with the engine's userfaultfd, so slots are filled by these ioctls and never by touching them.
+// Returns the pages filled (a prefix).
+uint64_t Mirror::fill_slots(uint64_t host, uint64_t slot, uint64_t n, bool present, bool use_move, MigrateResult* out) {
+  const int fd = Engine::get().fd();
+  const uint64_t dst = reinterpret_cast<uint64_t>(device_->slot_address(slot));
+  const uint64_t len = n * page_;
+  int64_t done = 0;
+  if (!present) {
+    int rc = sys::uffd_zeropage(fd, dst, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done);
+    uint64_t pages = rc == 0 ? n : static_cast<uint64_t>(done) / page_;
+    out->zero_filled += pages;
+    return pages;
+  }
+  uint64_t moved = 0;
+  if (use_move && Engine::get().has_move()) {
+    int rc = sys::uffd_move(fd, dst, host, len, UFFDIO_MOVE_MODE_DONTWAKE, &done);
+    moved = rc == 0 ? n : static_cast<uint64_t>(done) / page_;
+    out->moved_by_move += moved;
+    if (moved == n) return n;
+  }
+  // The copy path for the rest (or MOVE refused: a page shared after fork). Write-protect first so
+  // no CPU write slips between the copy and the zap; a writer waits in the engine until the page
+  // is gone, then its retried access pulls the page back.
+  const uint64_t h = host + moved * page_, d = dst + moved * page_, l = len - moved * page_;
+  sys::uffd_writeprotect(fd, h, l, UFFDIO_WRITEPROTECT_MODE_WP);
+  int rc = sys::uffd_copy(fd, d, h, l, UFFDIO_COPY_MODE_DONTWAKE, &done);
+  const uint64_t copied = rc == 0 ? l / page_ : static_cast<uint64_t>(done) / page_;
+  if (copied) sys::advise(reinterpret_cast<void*>(h), copied * page_, MADV_DONTNEED);
+  if (copied < l / page_) sys::uffd_writeprotect(fd, h + copied * page_, l - copied * page_, 0);  // left on the host
+  out->moved_by_copy += copied;
+  return moved + copied;
+}
+
+void Mirror::set_device_entry(uint64_t i, uint64_t slot, uint64_t old, bool atomic) {
+  const uint64_t w = (region_->prot_over(offset_ + i * page_, page_) & PROT_WRITE) ? static_cast<uint64_t>(kWrite) : 0ull;
+  const uint64_t a = atomic ? static_cast<uint64_t>(kAtomic) : 0ull;
+  pt_[i].store((slot << kSlotShift) | kOnDevice | kValid | w | a | (old & kDirty), std::memory_order_release);
 }
 
 // Puts page i's data back at its host address (MOVE from the slot, else COPY), frees the slot and
@@ -346,6 +391,7 @@ bool Mirror::move_back(uint64_t i, uint64_t e, bool wake) {
   const uint64_t mode = wake ? 0 : UFFDIO_MOVE_MODE_DONTWAKE;
   int rc = -EOPNOTSUPP;
   if (Engine::get().has_move()) rc = sys::uffd_move(fd, host, reinterpret_cast<uint64_t>(src), page_, mode, &done);
+  const bool moved = rc == 0;  // the slot is a hole again: nothing to give back
   if (rc) rc = sys::uffd_copy(fd, host, reinterpret_cast<uint64_t>(src), page_, wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE, &done);
   if (rc == -EEXIST) {
     // The host page is present although the device owned the data (something mapped it behind the
@@ -354,10 +400,36 @@ bool Mirror::move_back(uint64_t i, uint64_t e, bool wake) {
     rc = 0;
     if (wake) sys::uffd_wake(fd, host, page_);
   }
-  device_->free_slot(slot);
+  device_->free_slot(slot, !moved);
   const uint64_t keep = e & kWrite;
   pt_[i].store(rc == 0 ? (kValid | keep | (e & kDirty)) : 0, std::memory_order_release);
   return rc == 0;
+}
+
+// Pages [a, b) sit in consecutive slots: one UFFDIO_MOVE brings them home. False (nothing done)
+// if the kernel refuses; the caller then goes page by page.
+bool Mirror::move_back_run(uint64_t a, uint64_t b) {
+  if (!Engine::get().has_move()) return false;
+  const uint64_t n = b - a;
+  std::vector<uint64_t> old(n);
+  for (uint64_t k = 0; k < n; k++) old[k] = pt_[a + k].exchange(0, std::memory_order_seq_cst);
+  wait_inflight(a, b);
+  const uint64_t slot = old[0] >> kSlotShift;
+  int64_t done = 0;
+  int rc = sys::uffd_move(Engine::get().fd(), start_ + a * page_, reinterpret_cast<uint64_t>(device_->slot_address(slot)),
+                          n * page_, 0, &done);
+  const uint64_t ok = rc == 0 ? n : static_cast<uint64_t>(done) / page_;
+  for (uint64_t k = 0; k < n; k++) {
+    if (k < ok) {
+      device_->free_slot(slot + k, false);
+      pt_[a + k].store(kValid | (old[k] & (kWrite | kDirty)), std::memory_order_release);
+    } else {
+      pt_[a + k].store(old[k], std::memory_order_release);  // still on the device; retried one by one
+    }
+  }
+  if (ok == n) return true;
+  for (uint64_t k = ok; k < n; k++) move_back(a + k, old[k], true);
+  return true;
 }
 
 uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger) {
@@ -369,9 +441,26 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
     gen_++;
   }
   uint64_t moved = 0;
-  for (uint64_t i = first; i < last; i++) {
-    uint64_t e = pt_[i].load(std::memory_order_relaxed);
-    if ((e & kOnDevice) && move_back(i, e, true)) moved++;
+  for (uint64_t i = first; i < last;) {
+    const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+    if (!(e & kOnDevice)) {
+      i++;
+      continue;
+    }
+    // A run of pages in consecutive slots goes home in one UFFDIO_MOVE.
+    uint64_t j = i + 1;
+    while (j < last && j - i < 512) {
+      const uint64_t f = pt_[j].load(std::memory_order_relaxed);
+      if (!(f & kOnDevice) || (f >> kSlotShift) != (e >> kSlotShift) + (j - i)) break;
+      j++;
+    }
+    if (j - i > 1 && move_back_run(i, j)) {
+      moved += j - i;
+      i = j;
+      continue;
+    }
+    if (move_back(i, e, true)) moved++;
+    i++;
   }
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -89,8 +89,10 @@ class Mirror : public RangeNotifier {
   // CPU mapping zapped; later CPU touches fault and migrate back. use_move: try UFFDIO_MOVE first.
   // atomic: make_device_exclusive. The page also leaves the CPU mapping (so any CPU access faults
   // and revokes it) and the entry carries kAtomic until then.
+  // granule_pages: pages moved per ioctl where a whole aligned chunk can move at once (64 KiB = 16,
+  // 2 MiB = 512); single pages otherwise.
   void migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic = false,
-                         Trigger trigger = Trigger::kExplicit);
+                         Trigger trigger = Trigger::kExplicit, uint64_t granule_pages = 512);
   // Pages in [first, last) still held exclusively.
   uint64_t count_exclusive(uint64_t first, uint64_t last) const;
   // Moves this device's pages in [first, last) back to host memory; returns pages moved.
@@ -140,6 +142,11 @@ class Mirror : public RangeNotifier {
   bool engine_registered_ = false;
   int ensure_engine();
   bool move_back(uint64_t i, uint64_t entry, bool wake);
+  bool move_back_run(uint64_t a, uint64_t b);
+  void migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool atomic, MigrateResult* out);
+  uint64_t migrate_run(uint64_t a, uint64_t b, const uint64_t* pm, bool use_move, bool atomic, MigrateResult* out);
+  uint64_t fill_slots(uint64_t host, uint64_t slot, uint64_t n, bool present, bool use_move, MigrateResult* out);
+  void set_device_entry(uint64_t i, uint64_t slot, uint64_t old, bool atomic);
   MirrorStats stats_;
 };
 
