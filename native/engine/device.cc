@@ -354,6 +354,9 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
   uint64_t rng = s.seed * 0x9E3779B97F4A7C15ull + index + 1;
   const bool copy = s.op == KernelOp::kCopyOut || s.op == KernelOp::kCopyIn;
   const bool writes = s.op == KernelOp::kWrite || s.op == KernelOp::kAtomicInc || s.op == KernelOp::kCopyIn;
+  constexpr uint64_t kNone = ~0ull;
+  uint64_t held = kNone;  // the page currently pinned
+  uint8_t* base = nullptr;
   for (uint64_t k = first_op; k < last_op; k++) {
     uint64_t off;  // byte offset within the kernel's range
     if (copy) {
@@ -366,25 +369,30 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
       }
     }
     const uint64_t i = s.first + off / page;
-    void* p;
-    uint64_t tries = 0;
-    while ((p = m->pin(i, writes)) == nullptr) {
-      const uint64_t last = s.fault_to_end ? s.first + s.npages : i + 1;
-      int rc = fault(m, i, last, writes);
-      out->faults++;
-      if (rc) {
-        out->error = rc;
-        out->error_page = i;
-        return;
+    // Consecutive accesses to one page keep it pinned: one pin per page, not per word.
+    if (i != held) {
+      if (held != kNone) m->unpin(held);
+      held = kNone;
+      uint64_t tries = 0;
+      while ((base = static_cast<uint8_t*>(m->pin(i, writes))) == nullptr) {
+        const uint64_t last = s.fault_to_end ? s.first + s.npages : i + 1;
+        int rc = fault(m, i, last, writes);
+        out->faults++;
+        if (rc) {
+          out->error = rc;
+          out->error_page = i;
+          return;
+        }
+        // Replayed, but an invalidation may have raced the replay: fault again, boundedly.
+        if (++tries > 1000) {
+          out->error = -EBUSY;
+          out->error_page = i;
+          return;
+        }
       }
-      // Replayed, but an invalidation may have raced the replay: fault again, boundedly.
-      if (++tries > 1000) {
-        out->error = -EBUSY;
-        out->error_page = i;
-        return;
-      }
+      held = i;
+      if (writes) m->mark_dirty(i);
     }
-    uint8_t* base = static_cast<uint8_t*>(p);
     const uint64_t in_page = off % page;
     switch (s.op) {
       case KernelOp::kRead: out->checksum += *reinterpret_cast<volatile uint64_t*>(base + in_page); break;
@@ -412,10 +420,9 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
         out->cpages++;
         break;
     }
-    if (writes) m->mark_dirty(i);
-    m->unpin(i);
     out->ops++;
   }
+  if (held != kNone) m->unpin(held);
 }
 
 void Device::run(const KernelSpec& spec_in, KernelResult* out) {

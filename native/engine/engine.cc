@@ -149,8 +149,15 @@ void Engine::handle(const sys::FaultMsg& f) {
     for (Mirror* m : mirrors_)
       if (m->covers(page)) covering.push_back(m);
   }
+  // Decide and resolve under every covering mirror's change mutex (in address order, so two
+  // handlers or a migration cannot deadlock): a migration or invalidation must not run between
+  // "nobody owns this page" and the zero-fill or un-protect that follows, or a write-protect
+  // lifted here could let a CPU write slip past a copy in progress.
+  std::sort(covering.begin(), covering.end());
+  std::vector<std::unique_lock<std::mutex>> locks;
+  locks.reserve(covering.size());
+  for (Mirror* m : covering) locks.emplace_back(m->change_mutex());
   for (Mirror* m : covering) {
-    std::lock_guard<std::mutex> change(m->change_mutex());
     if (m->cpu_fault(m->index_of(page))) {
       std::lock_guard<std::mutex> lock(mu_);
       counters_.migrated_back++;
