@@ -355,6 +355,7 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
   const bool copy = s.op == KernelOp::kCopyOut || s.op == KernelOp::kCopyIn;
   const bool writes = s.op == KernelOp::kWrite || s.op == KernelOp::kAtomicInc || s.op == KernelOp::kCopyIn;
   constexpr uint64_t kNone = ~0ull;
+  const unsigned page_shift = static_cast<unsigned>(__builtin_ctzll(page));
   uint64_t held = kNone;  // the page currently pinned
   uint8_t* base = nullptr;
   for (uint64_t k = first_op; k < last_op; k++) {
@@ -363,12 +364,17 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
       off = k * page;
     } else {
       switch (s.pattern) {
-        case sys::AccessPattern::kSequential: off = (k * s.unit) % bytes & ~7ull; break;
+        case sys::AccessPattern::kSequential:
+          // No division on the common path: a streaming kernel is bound by this arithmetic.
+          off = k * s.unit;
+          if (off >= bytes) off %= bytes;
+          off &= ~7ull;
+          break;
         case sys::AccessPattern::kStrided: off = (k * (s.stride ? s.stride : s.unit)) % bytes & ~7ull; break;
         default: off = (xorshift(rng) % words) * 8; break;
       }
     }
-    const uint64_t i = s.first + off / page;
+    const uint64_t i = s.first + (off >> page_shift);
     // Consecutive accesses to one page keep it pinned: one pin per page, not per word.
     if (i != held) {
       if (held != kNone) m->unpin(held);
@@ -393,7 +399,29 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
       held = i;
       if (writes) m->mark_dirty(i);
     }
-    const uint64_t in_page = off % page;
+    const uint64_t in_page = off & (page - 1);
+    // Streaming fast path: the rest of this page's words in one tight loop (vectorised loads).
+    if (s.pattern == sys::AccessPattern::kSequential && s.unit < page &&
+        (s.op == KernelOp::kRead || s.op == KernelOp::kWrite) && k * s.unit < bytes) {
+      const uint64_t room = (page - in_page + s.unit - 1) / s.unit;
+      const uint64_t n = std::min<uint64_t>(room, std::min(last_op - k, (bytes - k * s.unit + s.unit - 1) / s.unit));
+      const uint64_t stride = s.unit / 8;
+      uint64_t* w = reinterpret_cast<uint64_t*>(base + in_page);
+      uint64_t sum = 0;
+      if (s.op == KernelOp::kRead) {
+        for (uint64_t j = 0; j < n; j++) sum += w[j * stride];
+      } else {
+        const uint64_t v0 = s.seed + off / 8;
+        for (uint64_t j = 0; j < n; j++) {
+          w[j * stride] = v0 + j * stride;
+          sum += v0 + j * stride;
+        }
+      }
+      out->checksum += sum;
+      out->ops += n;
+      k += n - 1;
+      continue;
+    }
     switch (s.op) {
       case KernelOp::kRead: out->checksum += *reinterpret_cast<volatile uint64_t*>(base + in_page); break;
       case KernelOp::kWrite: {

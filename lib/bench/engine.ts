@@ -1,0 +1,153 @@
+// The engine suite: device bandwidth through batched device faults, migration bandwidth (copy and
+// UFFDIO_MOVE paths), and the CPU fault on a device-resident page, each against the plain C
+// baseline measured in the same run.
+import { mapAnonymous, type Mapping } from '../mapping.js';
+import { Device } from '../device.js';
+import { access } from '../access.js';
+import { native } from '../native.js';
+import { probe } from '../probe.js';
+import { summarize, type Summary } from './stats.js';
+import { runBaseline } from './baseline.js';
+import { Progress } from './progress.js';
+
+const PAGE = native.uname().pageSize;
+
+export interface EngineOptions {
+  /** Bytes per repetition for the bandwidth scenarios. Default 256 MiB. */
+  size?: number;
+  /** Pages for the CPU-fault scenario. Default 4096. */
+  pages?: number;
+  reps?: number;
+  pin?: boolean;
+  cpu?: number;
+  quiet?: boolean;
+}
+
+export interface EngineRow {
+  scenario: string;
+  metric: 'GB/s' | 'ns/page';
+  baseline: string;
+  addon: Summary & { samples: number[] };
+  c: (Summary & { samples: number[] }) | null;
+  /** For GB/s: addon / C (higher is better); for ns/page: addon / C (lower is better). */
+  ratio: number | null;
+  target: string | null;
+  pass: boolean | null;
+  skipped?: string;
+  note?: string;
+}
+
+function anon(bytes: number): Mapping {
+  const m = mapAnonymous(bytes, { noReserve: true });
+  m.advise('nohugepage');
+  return m;
+}
+
+async function deviceRead(size: number): Promise<number> {
+  const m = anon(size);
+  const dev = Device.create({ memory: PAGE * 16, faultAround: 2 << 20, faultBatch: 32 });
+  try {
+    const mir = dev.mirror(m);
+    // Every word of every page: a device streaming through memory it has never mirrored.
+    const r = await mir.run({ op: 'read', unit: 8 });
+    mir.close();
+    return size / r.elapsedNs; // bytes per ns = GB/s
+  } finally {
+    dev.close();
+    m.close();
+  }
+}
+
+async function migrateRoundTrip(size: number, useMove: boolean): Promise<number> {
+  const m = anon(size);
+  const dev = Device.create({ memory: size });
+  try {
+    m.advise('populateWrite');
+    const mir = dev.mirror(m);
+    const to = await mir.migrateToDevice(0, size / PAGE, { useMove, granule: 2 << 20 });
+    const back = await mir.migrateToHost(0, size / PAGE);
+    mir.close();
+    return (2 * size) / (to.elapsedNs + back.elapsedNs);
+  } finally {
+    dev.close();
+    m.close();
+  }
+}
+
+async function cpuFaultOnDevicePage(pages: number): Promise<number> {
+  const m = anon(pages * PAGE);
+  const dev = Device.create({ memory: pages * PAGE });
+  try {
+    m.advise('populateWrite');
+    const mir = dev.mirror(m);
+    await mir.migrateToDevice(0, pages, { granule: PAGE });
+    // One faulting CPU thread, one word per page: each access is a MISSING fault that the engine
+    // resolves by moving the page home.
+    const r = await access(m, { op: 'write', unit: PAGE });
+    mir.close();
+    return r.elapsedNs / pages;
+  } finally {
+    dev.close();
+    m.close();
+  }
+}
+
+function gbps(nsPerPage: number): number {
+  return PAGE / nsPerPage;
+}
+
+export async function runEngine(o: EngineOptions = {}): Promise<EngineRow[]> {
+  const size = o.size ?? 256 << 20;
+  const pages = o.pages ?? 4096;
+  const reps = o.reps ?? 7;
+  const pin = o.pin ?? true;
+  const cpu = o.cpu ?? 0;
+  const p = probe();
+  const before = native.getAffinity();
+  if (pin) native.setAffinity([cpu]);
+  const progress = new Progress(4, 'engine', o.quiet);
+  const rows: EngineRow[] = [];
+  const cpin = pin ? cpu : undefined;
+  const row = (scenario: string, metric: EngineRow['metric'], baseline: string, addon: number[], c: number[] | null, target: string | null, better: 'higher' | 'lower', threshold: number | null, note?: string): EngineRow => {
+    const a = { ...summarize(addon), samples: addon };
+    const cs = c ? { ...summarize(c), samples: c } : null;
+    const ratio = cs ? a.median / cs.median : null;
+    const pass = ratio === null || threshold === null ? null : better === 'higher' ? ratio >= threshold : ratio <= threshold;
+    return { scenario, metric, baseline, addon: a, c: cs, ratio, target, pass, note };
+  };
+  try {
+    if (!p.experiments.uffd.ok) {
+      for (const s of ['device-read-2m', 'migrate-copy', 'migrate-move', 'cpu-fault-on-device-page'])
+        rows.push({ scenario: s, metric: 'GB/s', baseline: '-', addon: { ...summarize([]), samples: [] }, c: null, ratio: null, target: null, pass: null, skipped: p.experiments.uffd.reason });
+      return rows;
+    }
+    const cPages = Math.max(512, Math.floor(size / PAGE));
+    const bulk = await runBaseline('bulk-copy', { pages: cPages, reps, cpu: cpin });
+    const memcpy = await runBaseline('memcpy', { pages: cPages, reps, cpu: cpin });
+    const missing = await runBaseline('missing-copy', { pages, reps, cpu: cpin });
+    const bulkGb = bulk.samplesNsPerPage?.map(gbps) ?? null;
+    const memcpyGb = memcpy.samplesNsPerPage?.map(gbps) ?? null;
+
+    const measure = async (f: () => Promise<number>) => {
+      await f(); // warm-up
+      const out: number[] = [];
+      for (let i = 0; i < reps; i++) out.push(await f());
+      return out;
+    };
+    rows.push(row('device-read-2m', 'GB/s', 'bulk UFFDIO_COPY', await measure(() => deviceRead(size)), bulkGb, '>= 0.7x', 'higher', 0.7, 'device threads read every word of never-mirrored anonymous memory; 2 MiB fault-around, batches of 32'));
+    progress.step('device read');
+    rows.push(row('migrate-copy', 'GB/s', 'memcpy', await measure(() => migrateRoundTrip(size, false)), memcpyGb, '>= 0.8x', 'higher', 0.8, 'to device (copy under write protection) and back, 2 MiB units'));
+    progress.step('migrate (copy)');
+    const moveNote = p.experiments.move.ok ? 'to device and back with UFFDIO_MOVE, 2 MiB units' : undefined;
+    if (p.experiments.move.ok)
+      rows.push(row('migrate-move', 'GB/s', 'memcpy', await measure(() => migrateRoundTrip(size, true)), memcpyGb, '> 1x', 'higher', 1.0, moveNote));
+    else rows.push({ scenario: 'migrate-move', metric: 'GB/s', baseline: 'memcpy', addon: { ...summarize([]), samples: [] }, c: null, ratio: null, target: '> 1x', pass: null, skipped: p.experiments.move.reason });
+    progress.step('migrate (move)');
+    rows.push(row('cpu-fault-on-device-page', 'ns/page', 'MISSING+COPY round trip', await measure(() => cpuFaultOnDevicePage(pages)), missing.samplesNsPerPage ?? null, '<= 1.3x', 'lower', 1.3, 'a CPU write to a device-resident page: the engine moves it home'));
+    progress.step('CPU fault on a device page');
+  } finally {
+    if (pin) native.setAffinity(before);
+    progress.end();
+  }
+  return rows;
+}
