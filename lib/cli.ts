@@ -40,8 +40,9 @@ commands:
                      against the plain C baseline
   bench [suite...]   benchmarks against the plain C baseline, in one run; writes JSON (raw
                      samples + environment) and an HTML report with SVG plots to --out
-                     suites: faults (default: all)
+                     suites: faults, engine (default: all)
                      --pages N (per repetition, default 4096)  --reps N (default 7)
+                     --size BYTES (engine bandwidth runs, default 268435456)
                      --out DIR (default ./results)  --no-pin (do not pin to one CPU)  --quiet
   help               this text
 `;
@@ -65,7 +66,7 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'bench': {
       const { runBench, SUITES } = await import('./bench/cli.js');
-      const valued = new Set(['--pages', '--reps', '--out']);
+      const valued = new Set(['--pages', '--reps', '--out', '--size']);
       const names = rest.filter((a, i) => !a.startsWith('--') && !valued.has(rest[i - 1] ?? ''));
       for (const n of names)
         if (!(SUITES as readonly string[]).includes(n))
@@ -75,6 +76,7 @@ async function main(argv: string[]): Promise<number> {
         out: option(rest, '--out') ?? 'results',
         pages: intOption(rest, '--pages'),
         reps: intOption(rest, '--reps'),
+        size: intOption(rest, '--size'),
         pin: !rest.includes('--no-pin'),
         quiet: rest.includes('--quiet'),
         version: version(),

@@ -1,7 +1,8 @@
 // `pagemirror demo` (npm start): the main job on built-in defaults. It needs no set-up: anonymous
 // memory and a memfd on this machine's tmpfs. It prints what the kernel offers, then measures each
-// fault kind through the native fast path and a TypeScript batch handler against the plain C
-// baseline, and writes the report (JSON + HTML with plots) under ./results.
+// fault kind through the native fast path and a TypeScript batch handler, and the engine (a device
+// streaming through memory it faults in, migrations, CPU faults on device memory), each against the
+// plain C baseline in the same run, and writes the reports (JSON + HTML with plots) under ./results.
 import { probe, formatProbe } from './probe.js';
 import { runBench } from './bench/cli.js';
 
@@ -12,7 +13,7 @@ export async function runDemo(o: { json: boolean; version: string }): Promise<nu
     process.stderr.write(`pagemirror: userfaultfd is not available here, so no fault can be measured: ${p.experiments.uffd.reason}\n`);
     return 1;
   }
-  const r = await runBench({ suites: ['faults'], out: 'results', pages: 1024, reps: 5, pin: true, quiet: o.json, version: o.version });
+  const r = await runBench({ suites: ['faults', 'engine'], out: 'results', pages: 1024, reps: 5, size: 64 << 20, pin: true, quiet: o.json, version: o.version });
   process.stdout.write(o.json ? JSON.stringify({ files: r.files, ok: r.ok }) + '\n' : r.summary + '\n\nreport:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n');
   return 0;
 }

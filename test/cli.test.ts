@@ -79,3 +79,29 @@ describe('pagemirror bench (smoke size)', () => {
     }
   }, 180_000);
 });
+
+describe('pagemirror bench engine (smoke size)', () => {
+  it('writes rows for device read, migrations and the CPU fault on a device page, with C baselines', (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    const out = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-bench-'));
+    try {
+      const r = spawnSync(process.execPath, [cli, 'bench', 'engine', '--size', String(4 << 20), '--pages', '64', '--reps', '2', '--out', out, '--quiet'], {
+        encoding: 'utf8',
+        timeout: 120_000,
+      });
+      expect([0, 3]).toContain(r.status);
+      const json = fs.readdirSync(out).find((f) => f.startsWith('engine-') && f.endsWith('.json'))!;
+      const data = JSON.parse(fs.readFileSync(path.join(out, json), 'utf8'));
+      expect(data.data.map((x: { scenario: string }) => x.scenario)).toEqual(['device-read-2m', 'migrate-copy', 'migrate-move', 'cpu-fault-on-device-page']);
+      for (const row of data.data) {
+        if (row.skipped) continue;
+        expect(row.addon.samples).toHaveLength(2);
+        expect(row.c.samples.length).toBeGreaterThanOrEqual(2);
+        expect(row.ratio).toBeGreaterThan(0);
+      }
+      expect(fs.readFileSync(path.join(out, json.replace('.json', '.html')), 'utf8')).toContain('<svg');
+    } finally {
+      fs.rmSync(out, { recursive: true, force: true });
+    }
+  }, 180_000);
+});

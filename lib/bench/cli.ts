@@ -1,10 +1,11 @@
 // `pagemirror bench [suite...]`: runs suites, shows progress, writes JSON + HTML, prints a summary.
 import path from 'node:path';
 import { runFaults, type Comparison } from './faults.js';
+import { runEngine, type EngineRow } from './engine.js';
 import { benchEnv } from './env.js';
 import { barChartSvg, textTable, writeReport, type Table } from './report.js';
 
-export const SUITES = ['faults'] as const;
+export const SUITES = ['faults', 'engine'] as const;
 export type Suite = (typeof SUITES)[number];
 
 export interface BenchOptions {
@@ -12,9 +13,29 @@ export interface BenchOptions {
   out: string;
   pages?: number;
   reps?: number;
+  /** engine suite: bytes per bandwidth repetition. */
+  size?: number;
   pin?: boolean;
   quiet?: boolean;
   version: string;
+}
+
+export function engineTable(rows: EngineRow[]): Table {
+  return {
+    columns: ['scenario', 'metric', 'addon (median)', 'min', 'max', 'C baseline', 'C (median)', 'ratio', 'target', 'verdict'],
+    rows: rows.map((r) => [
+      r.scenario,
+      r.metric,
+      r.addon.n ? r.addon.median.toFixed(2) : 'skipped',
+      r.addon.n ? r.addon.min.toFixed(2) : '-',
+      r.addon.n ? r.addon.max.toFixed(2) : '-',
+      r.baseline,
+      r.c ? r.c.median.toFixed(2) : '-',
+      r.ratio === null ? '-' : r.ratio.toFixed(2) + 'x',
+      r.target ?? '-',
+      r.pass === null ? (r.skipped ? `skipped: ${r.skipped}` : 'reported') : r.pass ? 'pass' : 'FAIL',
+    ]),
+  };
 }
 
 export function faultsTable(rows: Comparison[]): Table {
@@ -75,6 +96,47 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       files.push(written.json, written.html);
       ok &&= rows.every((r) => r.pass !== false);
       summary.push(`faults (kernel ${env.kernel}, ${env.cpu}, node ${env.node}, page ${env.pageSize} B${pin ? ', pinned to one CPU' : ''})`);
+      summary.push(textTable(table));
+    }
+    if (suite === 'engine') {
+      const pin = o.pin ?? true;
+      const env = benchEnv(pin, o.version);
+      const rows = await runEngine({ size: o.size, pages: o.pages, reps: o.reps, pin, quiet: o.quiet });
+      const table = engineTable(rows);
+      const measured = rows.filter((r) => r.addon.n > 0);
+      const bw = barChartSvg(
+        'Bandwidth: device reads and migrations vs the C baselines (median, min-max)',
+        'GB/s',
+        measured.filter((r) => r.metric === 'GB/s').map((r) => ({
+          label: r.scenario,
+          bars: [
+            { series: 'pagemirror', value: r.addon.median, min: r.addon.min, max: r.addon.max },
+            ...(r.c ? [{ series: `C: ${r.baseline}`, value: r.c.median, min: r.c.min, max: r.c.max }] : []),
+          ],
+        })),
+      );
+      const lat = barChartSvg(
+        'CPU fault on a device-resident page vs the C MISSING+COPY round trip',
+        'ns per page',
+        measured.filter((r) => r.metric === 'ns/page').map((r) => ({
+          label: r.scenario,
+          bars: [
+            { series: 'pagemirror', value: r.addon.median, min: r.addon.min, max: r.addon.max },
+            ...(r.c ? [{ series: 'C baseline', value: r.c.median, min: r.c.min, max: r.c.max }] : []),
+          ],
+        })),
+      );
+      const written = writeReport(path.resolve(o.out), `engine-${stamp}`, env, rows, [
+        {
+          title: 'Engine: device faults, migration, CPU faults on device memory',
+          text: rows.map((r) => `${r.scenario}: ${r.note ?? ''}`).join(' | '),
+          svg: [bw, lat],
+          table,
+        },
+      ]);
+      files.push(written.json, written.html);
+      ok &&= rows.every((r) => r.pass !== false);
+      summary.push(`engine (kernel ${env.kernel}, ${env.cpu}, node ${env.node}, page ${env.pageSize} B${pin ? ', pinned to one CPU' : ''})`);
       summary.push(textTable(table));
     }
   }
