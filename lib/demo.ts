@@ -13,7 +13,7 @@ export async function runDemo(o: { json: boolean; version: string }): Promise<nu
     process.stderr.write(`pagemirror: userfaultfd is not available here, so no fault can be measured: ${p.experiments.uffd.reason}\n`);
     return 1;
   }
-  const r = await runBench({ suites: ['faults', 'engine'], out: 'results', pages: 1024, reps: 5, size: 64 << 20, pin: true, quiet: o.json, version: o.version });
+  const r = await runBench({ suites: ['faults', 'engine'], out: 'results', pages: 4096, reps: 5, size: 128 << 20, pin: true, quiet: o.json, version: o.version });
   process.stdout.write(o.json ? JSON.stringify({ files: r.files, ok: r.ok }) + '\n' : r.summary + '\n\nreport:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n');
   return 0;
 }
