@@ -1,8 +1,12 @@
 // Shared test helpers: the probe (skips cite it), page size, and a bounded wait.
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { probe, type Capability } from '../lib/index.js';
 
 export const P = probe();
 export const PAGE = P.pageSize;
+/** Scripts run as separate processes; they import ../../dist (compiled by test/global-setup.ts). */
+export const FIXTURES_DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fixtures');
 
 /** Skips the running test, visibly, with the probe's reason, when a capability is absent. */
 export function requireCap(ctx: { skip: (note?: string) => void }, cap: Capability, what: string): void {

@@ -1,36 +1,16 @@
 // Closing a userfaultfd with threads asleep on it, POISON, process exit and failing handlers:
 // nothing may be left asleep. Faults are taken by native access threads only.
-import { describe, it, expect, beforeAll } from 'vitest';
-import fs from 'node:fs';
+import { describe, it, expect } from 'vitest';
 import path from 'node:path';
-import { execSync, spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { spawnSync } from 'node:child_process';
 import { mapAnonymous, Userfaultfd, access, type Fault } from '../lib/index.js';
-import { P, PAGE, requireCap, waitFor, within } from './helpers.js';
+import { FIXTURES_DIR, P, PAGE, requireCap, waitFor, within } from './helpers.js';
 
-const ROOT = fileURLToPath(new URL('..', import.meta.url));
-const FIXTURES = path.join(ROOT, 'test', 'fixtures');
-
-/** Fixtures import ../../dist: rebuild it when a lib/*.ts is newer than its output. */
-function ensureDist(): void {
-  const lib = path.join(ROOT, 'lib');
-  const stale = fs.readdirSync(lib).some((f) => {
-    if (!f.endsWith('.ts')) return false;
-    const out = path.join(ROOT, 'dist', f.replace(/\.ts$/, '.js'));
-    return !fs.existsSync(out) || fs.statSync(out).mtimeMs < fs.statSync(path.join(lib, f)).mtimeMs;
-  });
-  if (!stale) return;
-  try {
-    execSync('npx tsc -p tsconfig.json', { cwd: ROOT, stdio: 'pipe', timeout: 60_000 });
-  } catch (err) {
-    // tsc emits even with type errors (someone may be mid-edit); only a missing output is fatal.
-    if (!fs.existsSync(path.join(ROOT, 'dist', 'index.js'))) throw err;
-  }
-}
+// dist/ (which the fixtures import) is compiled once per run by test/global-setup.ts.
 
 function runFixture(name: string) {
   const t0 = Date.now();
-  const res = spawnSync(process.execPath, [path.join(FIXTURES, name)], { encoding: 'utf8', timeout: 10_000 });
+  const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, name)], { encoding: 'utf8', timeout: 10_000 });
   return { ...res, ms: Date.now() - t0, lines: res.stdout.split('\n').filter(Boolean) };
 }
 
@@ -134,7 +114,6 @@ describe('close() with threads asleep', () => {
 });
 
 describe('POISON', () => {
-  beforeAll(() => ensureDist(), 60_000);
 
   it('poison() on a fault makes the accessing thread report SIGBUS at that page', async (ctx) => {
     requireCap(ctx, P.experiments.poison, 'UFFDIO_POISON');
@@ -186,7 +165,6 @@ describe('POISON', () => {
 });
 
 describe('process exit', () => {
-  beforeAll(() => ensureDist(), 60_000);
 
   it('process.exit() with threads asleep on unresolved faults exits promptly with its status', () => {
     const res = runFixture('close-exit.mjs');

@@ -1,33 +1,14 @@
 // Non-cooperative events: UNMAP, REMOVE, REMAP and FORK, delivered to onEvents by the service
 // thread, and EAGAIN while an event is unread. Every fault is taken by a native access thread (or
 // by a forked child's access kernel); the JavaScript thread never touches registered memory.
-import { describe, it, expect, beforeAll } from 'vitest';
+import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
-import { execSync, spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { spawnSync } from 'node:child_process';
 import { mapAnonymous, Userfaultfd, access, forkAccess, type Mapping, type UffdEvent, type Fault } from '../lib/index.js';
-import { P, PAGE, requireCap, waitFor, within, fillPattern, written } from './helpers.js';
+import { FIXTURES_DIR, P, PAGE, requireCap, waitFor, within, fillPattern, written } from './helpers.js';
 
-const ROOT = fileURLToPath(new URL('..', import.meta.url));
-const FIXTURES = path.join(ROOT, 'test', 'fixtures');
-
-/** Fixtures import ../../dist: rebuild it when a lib/*.ts is newer than its output. */
-function ensureDist(): void {
-  const lib = path.join(ROOT, 'lib');
-  const stale = fs.readdirSync(lib).some((f) => {
-    if (!f.endsWith('.ts')) return false;
-    const out = path.join(ROOT, 'dist', f.replace(/\.ts$/, '.js'));
-    return !fs.existsSync(out) || fs.statSync(out).mtimeMs < fs.statSync(path.join(lib, f)).mtimeMs;
-  });
-  if (!stale) return;
-  try {
-    execSync('npx tsc -p tsconfig.json', { cwd: ROOT, stdio: 'pipe', timeout: 60_000 });
-  } catch (err) {
-    // tsc emits even with type errors (someone may be mid-edit); only a missing output is fatal.
-    if (!fs.existsSync(path.join(ROOT, 'dist', 'index.js'))) throw err;
-  }
-}
+// dist/ (which the fixtures import) is compiled once per run by test/global-setup.ts.
 
 /** Sleeps the JavaScript thread (a synchronous handler waiting on another process). */
 function sleepSync(ms: number): void {
@@ -412,13 +393,12 @@ describe('FORK events', () => {
 });
 
 describe('EAGAIN while an event is unread', () => {
-  beforeAll(() => ensureDist(), 60_000);
 
   it('copy() throws a SystemError EAGAIN with err.bytes while a REMOVE event waits to be read', (ctx) => {
     requireCap(ctx, P.experiments.events, 'uffd events');
     // Needs a second thread of this address space raising the event while nobody reads it: see
     // the fixture's header. A separate process, because the fixture double-owns one descriptor.
-    const res = spawnSync(process.execPath, [path.join(FIXTURES, 'events-eagain.mjs')], { encoding: 'utf8', timeout: 10_000 });
+    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-eagain.mjs')], { encoding: 'utf8', timeout: 10_000 });
     expect(res.error, String(res.error)).toBeUndefined();
     expect(res.signal, res.stderr).toBeNull();
     expect(res.status, res.stdout + res.stderr).toBe(0);

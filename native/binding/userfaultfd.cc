@@ -326,26 +326,25 @@ Napi::Value Userfaultfd::Copy(const Napi::CallbackInfo& info) {
   return ResolveResult(env, rc, done, dst, len, "ioctl(UFFDIO_COPY)");
 }
 
-Napi::Value Userfaultfd::Zeropage(const Napi::CallbackInfo& info) {
+// The resolvers that take one range and a mode: (target, offset, length, mode).
+template <int (*Ioctl)(int, uint64_t, uint64_t, uint64_t, int64_t*)>
+Napi::Value Userfaultfd::ResolveRange(const Napi::CallbackInfo& info, const char* name) {
   Napi::Env env = info.Env();
   int fd = live_fd(env);
   uint64_t len = 0;
   uint64_t start = Target(info, 0, &len);
   uint64_t mode = ToU64(info[3], "mode");
   int64_t done = 0;
-  int rc = sys::uffd_zeropage(fd, start, len, mode, &done);
-  return ResolveResult(env, rc, done, start, len, "ioctl(UFFDIO_ZEROPAGE)");
+  int rc = Ioctl(fd, start, len, mode, &done);
+  return ResolveResult(env, rc, done, start, len, name);
+}
+
+Napi::Value Userfaultfd::Zeropage(const Napi::CallbackInfo& info) {
+  return ResolveRange<sys::uffd_zeropage>(info, "ioctl(UFFDIO_ZEROPAGE)");
 }
 
 Napi::Value Userfaultfd::Continue(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int fd = live_fd(env);
-  uint64_t len = 0;
-  uint64_t start = Target(info, 0, &len);
-  uint64_t mode = ToU64(info[3], "mode");
-  int64_t done = 0;
-  int rc = sys::uffd_continue(fd, start, len, mode, &done);
-  return ResolveResult(env, rc, done, start, len, "ioctl(UFFDIO_CONTINUE)");
+  return ResolveRange<sys::uffd_continue>(info, "ioctl(UFFDIO_CONTINUE)");
 }
 
 // move(dst, offset, length, src: Mapping|address, srcOffset, mode)
@@ -369,14 +368,7 @@ Napi::Value Userfaultfd::Move(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value Userfaultfd::Poison(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int fd = live_fd(env);
-  uint64_t len = 0;
-  uint64_t start = Target(info, 0, &len);
-  uint64_t mode = ToU64(info[3], "mode");
-  int64_t done = 0;
-  int rc = sys::uffd_poison(fd, start, len, mode, &done);
-  return ResolveResult(env, rc, done, start, len, "ioctl(UFFDIO_POISON)");
+  return ResolveRange<sys::uffd_poison>(info, "ioctl(UFFDIO_POISON)");
 }
 
 Napi::Value Userfaultfd::WriteProtect(const Napi::CallbackInfo& info) {

@@ -58,6 +58,8 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   int live_fd(Napi::Env env);
   // Resolves a (mapping|address, offset, length) triple at info[i..i+2] to an absolute range.
   uint64_t Target(const Napi::CallbackInfo& info, size_t i, uint64_t* len, bool* was_mapping = nullptr);
+  template <int (*Ioctl)(int, uint64_t, uint64_t, uint64_t, int64_t*)>
+  Napi::Value ResolveRange(const Napi::CallbackInfo& info, const char* name);
   Napi::Value ResolveResult(Napi::Env env, int rc, int64_t done, uint64_t start, uint64_t len, const char* name);
   void StopService();
   enum class Outcome { kWake, kZero, kSigbus };
