@@ -265,13 +265,22 @@ export class Device {
     );
   }
 
-  /** Mirrors [offset, offset + length) of a mapping (default: all of it) with this device's page table. */
-  mirror(mapping: Mapping, options: { offset?: number; length?: number } = {}): Mirror {
+  /**
+   * Mirrors [offset, offset + length) of a mapping (default: all of it) with this device's page table.
+   * writeMode 'shared' (default): the device and the CPU may both write a page (coherent system
+   * memory, as HMM). 'single': never both at once: device write access write-protects the CPU's
+   * mapping, and a CPU write is a real uffd WP fault that revokes the device's write access before
+   * the CPU goes on. Needs shared memory with a file userfaultfd can write-protect (memfd, tmpfs):
+   * device threads are threads of this process, so the device writes through its own second
+   * mapping of the file; private anonymous memory has no second view (EOPNOTSUPP: use exclusive()).
+   */
+  mirror(mapping: Mapping, options: { offset?: number; length?: number; writeMode?: 'shared' | 'single' } = {}): Mirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
     if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
     const offset = checkInteger('offset', options.offset ?? 0);
     const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
-    return new Mirror(this.#n.mirror(mapping.native, offset, length), this, mapping, offset, length);
+    const writeMode = checkOneOf('writeMode', options.writeMode ?? 'shared', ['shared', 'single'] as const);
+    return new Mirror(this.#n.mirror(mapping.native, offset, length, writeMode), this, mapping, offset, length);
   }
 
   counters(): DeviceCounters {

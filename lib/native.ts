@@ -267,7 +267,7 @@ export interface NativeMigrateResult {
 export interface NativeDevice {
   release(): Promise<number>;
   drainTrace(): { events: NativeTraceEvent[]; dropped: number };
-  mirror(m: NativeMapping, offset: number, length: number): NativeMirror;
+  mirror(m: NativeMapping, offset: number, length: number, writeMode?: 'shared' | 'single'): NativeMirror;
   counters(): NativeDeviceCounters;
   memory(): { pageSize: number; slots: number; used: number };
   close(): void;

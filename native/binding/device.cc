@@ -95,6 +95,21 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
   if (m->region()->page != dev->config().page)
     throw StateError(env, "ERR_PAGEMIRROR_UNSUPPORTED", "mirroring hugetlb mappings is not supported yet");
   auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
+  std::string write_mode = info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "shared";
+  if (write_mode == "single") {
+    int rc = mirror->enable_single_writer();
+    if (rc) {
+      mirror->detach();
+      const char* hint = rc == -EOPNOTSUPP ? "single-writer mode needs shared memory with a file (memfd, tmpfs): the device "
+                                             "writes through its own mapping of it; for private anonymous memory use exclusive()"
+                         : rc == -EINVAL ? "userfaultfd cannot write-protect this memory (only shmem/tmpfs files)"
+                         : rc == -EBUSY ? "the range is registered with another userfaultfd" : nullptr;
+      ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
+    }
+  } else if (write_mode != "shared") {
+    mirror->detach();
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "writeMode must be 'shared' or 'single'");
+  }
   AddonData* data = env.GetInstanceData<AddonData>();
   return data->mirror_ctor.Value().New({Napi::External<std::shared_ptr<engine::Device>>::New(env, &dev),
                                         Napi::External<std::shared_ptr<engine::Mirror>>::New(env, &mirror)});

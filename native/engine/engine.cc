@@ -166,6 +166,9 @@ void Engine::handle(const sys::FaultMsg& f) {
   }
   int64_t done = 0;
   if (f.flags & UFFD_PAGEFAULT_FLAG_WP) {
+    // Single-writer mirrors give up their write access first; then the CPU's write goes on.
+    for (Mirror* m : covering)
+      if (m->single_writer()) m->revoke_write(m->index_of(page));
     sys::uffd_writeprotect(fd_, page, sys::page_size(), 0);
     std::lock_guard<std::mutex> lock(mu_);
     counters_.wp_resolved++;

@@ -57,6 +57,10 @@ void Mirror::detach() {
     if (old & kOnDevice) device_->free_slot(old >> kSlotShift);
   }
   wait_inflight(0, npages_);
+  if (alias_) {
+    sys::unmap(reinterpret_cast<void*>(alias_), npages_ * page_);
+    alias_ = 0;
+  }
 }
 
 void* Mirror::pin(uint64_t i, bool write) {
@@ -73,7 +77,7 @@ void* Mirror::pin(uint64_t i, bool write) {
     if (!(e & kAccessed)) pt_[i].fetch_or(kAccessed, std::memory_order_relaxed);
     return device_->slot_address(e >> kSlotShift);
   }
-  return reinterpret_cast<void*>(start_ + i * page_);
+  return reinterpret_cast<void*>((alias_ ? alias_ : start_) + i * page_);
 }
 
 void Mirror::mark_dirty(uint64_t i) {
@@ -172,6 +176,13 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (gen_ != gen0 || active_ != 0) return 1;
+  if (write && single_writer_) {
+    // The CPU loses write access before the device gains it: a CPU write from now on is a WP fault
+    // that revokes the device's write access first. Device-resident pages are holes: nothing to do.
+    int rc = sys::uffd_writeprotect(Engine::get().fd(), start_ + first * page_, (last - first) * page_,
+                                    UFFDIO_WRITEPROTECT_MODE_WP);
+    if (rc) return rc;
+  }
   for (uint64_t k = first; k < last; k++) {
     const uint64_t e = pt_[k].load(std::memory_order_relaxed);
     const uint64_t kept = e & (kOnDevice | kDirty | (~0ull << kSlotShift));
@@ -512,6 +523,38 @@ bool Mirror::evict(uint64_t i) {
   }
   if (ok) device_->on_migrate(this, false, i, 1, Trigger::kEviction);
   return ok;
+}
+
+int Mirror::enable_single_writer() {
+  std::lock_guard<std::mutex> change(change_mu_);
+  // Needs a file to map a second time (memfd, tmpfs) that userfaultfd can write-protect (shmem).
+  // Private anonymous memory has no second view: exclusive access (migration) is its equivalent.
+  if (!region_->shared || region_->fd < 0) return -EOPNOTSUPP;
+  void* alias = nullptr;
+  int rc = sys::map(&alias, nullptr, npages_ * page_, PROT_READ | PROT_WRITE, MAP_SHARED, region_->fd,
+                    static_cast<off_t>(region_->file_offset + offset_));
+  if (rc) return rc;
+  rc = ensure_engine();
+  if (rc) {
+    sys::unmap(alias, npages_ * page_);
+    return rc;
+  }
+  alias_ = reinterpret_cast<uint64_t>(alias);
+  single_writer_ = true;
+  return 0;
+}
+
+bool Mirror::revoke_write(uint64_t i) {
+  uint64_t e = pt_[i].load(std::memory_order_acquire);
+  if (!(e & kWrite) || (e & kOnDevice)) return false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    gen_++;  // a range fault of ours in flight must not re-grant write from a stale view
+  }
+  pt_[i].fetch_and(~kWrite, std::memory_order_seq_cst);
+  wait_inflight(i, i + 1);  // a device write in flight finishes before the CPU's goes on
+  device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuWrite, 1);
+  return true;
 }
 
 uint64_t Mirror::count_exclusive(uint64_t first, uint64_t last) const {

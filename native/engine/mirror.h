@@ -104,6 +104,14 @@ class Mirror : public RangeNotifier {
   // it before deciding what a CPU fault on a mirrored page means).
   std::mutex& change_mutex() { return change_mu_; }
   bool covers(uint64_t addr) const { return addr >= start_ && addr < start_ + npages_ * page_; }
+  // Single-writer mode: the device and the CPU never hold write access to a page at once. Device
+  // write access write-protects the CPU's PTE (uffd-wp); a CPU write then faults and the engine
+  // revokes the device's write access first. Registers the range with the engine. -errno on failure.
+  int enable_single_writer();
+  bool single_writer() const { return single_writer_; }
+  // The engine's WP-fault path in single-writer mode: drop the device's write access to page i.
+  // Returns true if it had it. Caller holds change_mu_.
+  bool revoke_write(uint64_t i);
   uint64_t index_of(uint64_t addr) const { return (addr - start_) / page_; }
 
   // The kernel test device's snapshot encoding, one byte per page, without faulting anything.
@@ -140,6 +148,11 @@ class Mirror : public RangeNotifier {
   // resolves a CPU fault on this mirror: these three must not interleave on one page.
   std::mutex change_mu_;
   bool engine_registered_ = false;
+  bool single_writer_ = false;
+  // Single-writer mode: the device's own view of the pages (a second shared mapping of the same
+  // file), which the CPU mapping's write protection does not cover. Device threads are threads of
+  // this process: through the CPU mapping they would meet the same uffd-wp as the CPU.
+  uint64_t alias_ = 0;
   int ensure_engine();
   bool move_back(uint64_t i, uint64_t entry, bool wake);
   bool move_back_run(uint64_t a, uint64_t b);
