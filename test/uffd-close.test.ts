@@ -10,7 +10,7 @@ import { FIXTURES_DIR, P, PAGE, requireCap, waitFor, within } from './helpers.js
 
 function runFixture(name: string) {
   const t0 = Date.now();
-  const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, name)], { encoding: 'utf8', timeout: 10_000 });
+  const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, name)], { encoding: 'utf8', timeout: 10_000, killSignal: 'SIGKILL' });
   return { ...res, ms: Date.now() - t0, lines: res.stdout.split('\n').filter(Boolean) };
 }
 
@@ -27,7 +27,8 @@ async function sleepers(n: number, features?: Parameters<typeof Userfaultfd.open
     () => (done = true),
     () => (done = true),
   );
-  await waitFor(() => uffd.outstanding().length === n, 5000, `${n} faults handed to JavaScript`);
+  // outstanding() counts a fault when the service thread forwards it; onFaults sees it a little later.
+  await waitFor(() => uffd.outstanding().length === n && handed.length === n, 5000, `${n} faults handed to JavaScript`);
   return { m, uffd, handed, p, isDone: () => done };
 }
 

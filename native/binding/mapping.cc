@@ -57,6 +57,9 @@ Region::Invalidation::Invalidation(Region* r, uint64_t off, uint64_t len, Invali
     std::lock_guard<std::mutex> lock(r->notifiers_mu);
     told_ = r->notifiers;
   }
+  // Mirrors lock their change mutex from start to end; taking them in address order (as the
+  // engine's fault handler does) keeps two parties from waiting on each other's mirror.
+  std::sort(told_.begin(), told_.end());
   for (RangeNotifier* n : told_) n->invalidate_start(start_, end_, cause);
 }
 
