@@ -34,7 +34,7 @@ const char* EventName(sys::EventKind k) {
 }
 
 // Runs on the JavaScript thread: one call per batch, never one per fault.
-void DeliverBatch(Napi::Env env, Napi::Function callback, Batch* batch) {
+void DeliverBatch(Napi::Env env, Napi::Function callback, Batch* batch, napi_async_context context) {
   std::unique_ptr<Batch> owned(batch);
   if (env == nullptr || callback.IsEmpty()) return;
   const size_t n = batch->faults.size();
@@ -73,7 +73,7 @@ void DeliverBatch(Napi::Env env, Napi::Function callback, Batch* batch) {
   arg.Set("flags", flags);
   arg.Set("tids", tids);
   arg.Set("events", events);
-  callback.Call({arg});
+  callback.MakeCallback(env.Global(), {arg}, context);
 }
 
 uint64_t RuleKinds(Napi::Env env, const std::string& action) {
@@ -188,7 +188,7 @@ Napi::Value Userfaultfd::Info(const Napi::CallbackInfo& info) {
   o.Set("openedBy", opened_by_ == 0 ? "device" : opened_by_ == 1 ? "syscall" : "adopted");
   o.Set("deviceError", device_error_ ? ErrnoName(-device_error_) : "");
   o.Set("syscallError", syscall_error_ ? ErrnoName(-syscall_error_) : "");
-  o.Set("serving", service_ && service_->running());
+  o.Set("serving", serving_);
   return o;
 }
 
@@ -528,8 +528,21 @@ Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsFunction())
     throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "callback must be a function");
   unsigned max_batch = static_cast<unsigned>(info.Length() > 1 ? ToU64(info[1], "maxBatch") : 64);
-  tsfn_ = Napi::ThreadSafeFunction::New(env, info[0].As<Napi::Function>(), "pagemirror-faults", 0, 1);
-  tsfn_live_ = true;
+  auto p = std::make_shared<Pending>();
+  p->faults.reserve(Pending::kCapacity);
+  p->events.reserve(Pending::kCapacity);
+  p->env = env;
+  p->fd = fd;
+  napi_create_reference(env, info[0], 1, &p->callback);
+  napi_async_init(env, nullptr, Napi::String::New(env, "pagemirror-faults"), &p->context);
+  uv_loop_t* loop = nullptr;
+  napi_get_uv_event_loop(env, &loop);
+  p->async = new uv_async_t;
+  // The handle's data is a heap copy of the shared_ptr: the callback and the close callback own it.
+  p->async->data = new std::shared_ptr<Pending>(p);
+  uv_async_init(loop, p->async, &Userfaultfd::OnAsync);
+  pending_ = p;
+  serving_ = true;
   if (!self_ref_) {
     Napi::ObjectWrap<Userfaultfd>::Ref();
     self_ref_ = true;
@@ -537,36 +550,72 @@ Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
   if (!service_) service_ = std::make_unique<sys::FaultService>(fd, sys::page_size());
   int rc = service_->start(this, max_batch);
   if (rc) {
-    tsfn_.Release();
-    tsfn_live_ = false;
+    StopService();
     ThrowSystemError(env, rc, "pthread_create");
   }
   return env.Undefined();
 }
 
-void Userfaultfd::on_batch(std::vector<sys::FaultMsg>&& faults, std::vector<sys::EventMsg>&& events) {
-  std::shared_ptr<Pending> p = pending_;
+// On the JavaScript thread: everything pending goes to the callback as one batch.
+void Userfaultfd::OnAsync(uv_async_t* handle) {
+  std::shared_ptr<Pending> p = *static_cast<std::shared_ptr<Pending>*>(handle->data);
+  auto* batch = new Batch();
   {
     std::lock_guard<std::mutex> lock(p->mu);
-    p->faults.insert(p->faults.end(), faults.begin(), faults.end());
-    p->events.insert(p->events.end(), events.begin(), events.end());
-    if (p->queued) return;  // the queued delivery will take these too
-    p->queued = true;
-  }
-  auto deliver = [p](Napi::Env env, Napi::Function callback) {
-    auto* batch = new Batch();
-    {
-      std::lock_guard<std::mutex> lock(p->mu);
-      batch->faults.swap(p->faults);
-      batch->events.swap(p->events);
-      p->queued = false;
-    }
-    DeliverBatch(env, callback, batch);
-  };
-  if (!tsfn_live_ || tsfn_.NonBlockingCall(deliver) != napi_ok) {
-    std::lock_guard<std::mutex> lock(p->mu);
+    batch->faults.assign(p->faults.begin(), p->faults.end());
+    batch->events.assign(p->events.begin(), p->events.end());
+    p->faults.clear();
+    p->events.clear();
     p->queued = false;
   }
+  if (batch->faults.empty() && batch->events.empty()) {
+    delete batch;
+    return;
+  }
+  Napi::Env env(p->env);
+  Napi::HandleScope scope(env);
+  napi_value fn;
+  if (napi_get_reference_value(p->env, p->callback, &fn) != napi_ok || fn == nullptr) {
+    delete batch;
+    return;
+  }
+  // MakeCallback: runs the microtask queue afterwards, so async handlers make progress.
+  try {
+    DeliverBatch(env, Napi::Function(env, fn), batch, p->context);
+  } catch (const Napi::Error& e) {
+    napi_fatal_exception(p->env, e.Value());
+  }
+}
+
+void Userfaultfd::on_batch(const sys::FaultMsg* faults, size_t nfaults, const sys::EventMsg* events, size_t nevents) {
+  std::shared_ptr<Pending>& p = pending_;
+  if (!p) return;
+  bool wake = false;
+  size_t overflow_from = nfaults;
+  {
+    std::lock_guard<std::mutex> lock(p->mu);
+    const size_t room = p->faults.capacity() - p->faults.size();
+    if (nfaults > room) overflow_from = room;
+    p->faults.insert(p->faults.end(), faults, faults + std::min(nfaults, room));
+    const size_t eroom = p->events.capacity() - p->events.size();
+    p->events.insert(p->events.end(), events, events + std::min(nevents, eroom));
+    if (!p->queued) {
+      p->queued = true;
+      wake = true;
+    }
+    p->overflow += nfaults - overflow_from;
+  }
+  // More faults asleep at once than the buffer holds (more sleeping threads than it has room for):
+  // never leave one asleep; resolve the excess as the fallback would.
+  const uint64_t page = sys::page_size();
+  for (size_t i = overflow_from; i < nfaults; i++) {
+    const uint64_t a = faults[i].address & ~(page - 1);
+    int64_t done = 0;
+    if (faults[i].flags & UFFD_PAGEFAULT_FLAG_WP) sys::uffd_writeprotect(fd_, a, page, 0);
+    else if (faults[i].flags & UFFD_PAGEFAULT_FLAG_MINOR) sys::uffd_continue(fd_, a, page, 0, &done);
+    else if (sys::uffd_zeropage(fd_, a, page, 0, &done) == -EEXIST) sys::uffd_wake(fd_, a, page);
+  }
+  if (wake) uv_async_send(p->async);
 }
 
 // setRules([{mapping|address, offset, length, action, source?, sourceOffset?, granule?, mode?}])
@@ -652,26 +701,32 @@ Napi::Value Userfaultfd::Outstanding(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value Userfaultfd::Ref(const Napi::CallbackInfo& info) {
-  if (tsfn_live_) tsfn_.Ref(info.Env());
+  if (pending_ && pending_->async) uv_ref(reinterpret_cast<uv_handle_t*>(pending_->async));
   return info.Env().Undefined();
 }
 
 Napi::Value Userfaultfd::Unref(const Napi::CallbackInfo& info) {
-  if (tsfn_live_) tsfn_.Unref(info.Env());
+  if (pending_ && pending_->async) uv_unref(reinterpret_cast<uv_handle_t*>(pending_->async));
   return info.Env().Undefined();
 }
 
 void Userfaultfd::StopService() {
   if (service_) service_->stop();
-  if (tsfn_live_) {
-    tsfn_live_ = false;
-    tsfn_.Release();
+  serving_ = false;
+  if (std::shared_ptr<Pending> p = std::move(pending_)) {
+    // The handle is closed on this (the JavaScript) thread; its close callback frees it and drops
+    // the last references once libuv is done with it.
+    if (p->callback) napi_delete_reference(p->env, p->callback);
+    if (p->context) napi_async_destroy(p->env, p->context);
+    p->callback = nullptr;
+    p->context = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(p->async), [](uv_handle_t* h) {
+      delete static_cast<std::shared_ptr<Pending>*>(h->data);
+      delete reinterpret_cast<uv_async_t*>(h);
+    });
   }
 }
 
-// Every thread asleep on this descriptor wakes. With kWake the kernel retries each fault as if
-// nothing were registered (zero-fill for anonymous memory, the file's page for shmem); kZero and
-// kSigbus first resolve every fault still queued or handed to JavaScript and not resolved.
 bool Userfaultfd::WpRegistered(uint64_t addr) const {
   for (const Registration& r : registrations_)
     if (addr >= r.start && addr < r.start + r.len && (r.mode & UFFDIO_REGISTER_MODE_WP)) return true;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <napi.h>
+#include <uv.h>
 
 #include <memory>
 #include <mutex>
@@ -27,7 +28,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   // Environment teardown: stop the service, apply the default close outcome.
   void Shutdown();
 
-  void on_batch(std::vector<sys::FaultMsg>&& faults, std::vector<sys::EventMsg>&& events) override;
+  void on_batch(const sys::FaultMsg* faults, size_t nfaults, const sys::EventMsg* events, size_t nevents) override;
 
  private:
   struct Registration {
@@ -76,18 +77,27 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   std::unique_ptr<sys::FaultService> service_;
   std::vector<std::shared_ptr<Region>> rule_sources_;  // pinned while rules use them
   std::vector<RegionPin> rule_pins_;
-  // Faults waiting for the JavaScript thread. While one delivery is queued, later faults join it
-  // instead of queueing another call: under load batches grow by themselves, and an idle handler
-  // still gets each fault at once.
+  // Faults and events waiting for the JavaScript thread, in buffers sized once by serve(): the
+  // service thread must not allocate (FaultSink::on_batch). While one wake-up of the JavaScript
+  // thread is pending, later faults join it: under load batches grow by themselves, and an idle
+  // handler still gets each fault at once. The wake-up is a uv_async_t (uv_async_send neither
+  // allocates nor blocks), not a thread-safe function, whose queue allocates.
   struct Pending {
+    static constexpr size_t kCapacity = 16384;
     std::mutex mu;
     std::vector<sys::FaultMsg> faults;
     std::vector<sys::EventMsg> events;
     bool queued = false;
+    uint64_t overflow = 0;     // faults resolved by the fallback because the buffer was full
+    uv_async_t* async = nullptr;
+    napi_env env = nullptr;
+    napi_ref callback = nullptr;
+    napi_async_context context = nullptr;
+    int fd = -1;
   };
-  std::shared_ptr<Pending> pending_ = std::make_shared<Pending>();
-  Napi::ThreadSafeFunction tsfn_;
-  bool tsfn_live_ = false;
+  std::shared_ptr<Pending> pending_;
+  static void OnAsync(uv_async_t* handle);
+  bool serving_ = false;
   bool self_ref_ = false;  // serving keeps this object alive: no fault is left to a collected handler
   AddonData* data_ = nullptr;
 };

@@ -133,8 +133,10 @@ EngineCounters Engine::counters() {
   return counters_;
 }
 
-void Engine::on_batch(std::vector<sys::FaultMsg>&& faults, std::vector<sys::EventMsg>&&) {
-  for (const sys::FaultMsg& f : faults) handle(f);
+// The engine's descriptor negotiates no events (EVENT_FORK in particular), so no fork waits on this
+// thread and its handler may allocate.
+void Engine::on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg*, size_t) {
+  for (size_t i = 0; i < n; i++) handle(faults[i]);
 }
 
 // A CPU fault on a range the engine registered. The owner of a device-resident page brings it

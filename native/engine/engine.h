@@ -53,7 +53,7 @@ class Engine : public sys::FaultSink {
   void invalidate_others(Mirror* self, uint64_t addr);
   EngineCounters counters();
 
-  void on_batch(std::vector<sys::FaultMsg>&& faults, std::vector<sys::EventMsg>&& events) override;
+  void on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg* events, size_t nevents) override;
 
  private:
   Engine() = default;

@@ -41,6 +41,17 @@ int FaultService::start(FaultSink* sink, unsigned max_batch) {
   if (stop_fd_ < 0) return -errno;
   sink_ = sink;
   max_batch_ = std::max(1u, std::min(max_batch, 4096u));
+  static_assert(sizeof(uffd_msg_storage) == sizeof(uffd_msg), "uffd_msg is 32 bytes");
+  // Everything the loop needs, allocated here, on the caller's thread.
+  msgs_.assign(max_batch_, uffd_msg_storage{});
+  work_.reserve(4 * max_batch_);
+  retry_.reserve(4 * max_batch_);
+  forward_.reserve(4 * max_batch_);
+  events_.reserve(max_batch_);
+  {
+    std::lock_guard<std::mutex> lock(outstanding_mu_);
+    outstanding_.reserve(kOutstandingCapacity);
+  }
   running_.store(true);
   try {
     thread_ = std::thread(&FaultService::loop, this);
@@ -82,25 +93,22 @@ ServiceStats FaultService::stats() const {
 
 void FaultService::resolved(uint64_t start, uint64_t len) {
   std::lock_guard<std::mutex> lock(outstanding_mu_);
-  if (outstanding_.empty()) return;
   const uint64_t first = start & ~(page_ - 1);
   const uint64_t end = start + len;
-  if (len / page_ <= outstanding_.size()) {
-    for (uint64_t a = first; a < end; a += page_) outstanding_.erase(a);
-  } else {
-    for (auto it = outstanding_.begin(); it != outstanding_.end();) {
-      if (it->first >= first && it->first < end) it = outstanding_.erase(it);
-      else ++it;
+  for (size_t i = 0; i < outstanding_.size();) {
+    const uint64_t a = outstanding_[i].address & ~(page_ - 1);
+    if (a >= first && a < end) {
+      outstanding_[i] = outstanding_.back();
+      outstanding_.pop_back();
+    } else {
+      i++;
     }
   }
 }
 
 std::vector<FaultMsg> FaultService::outstanding() {
   std::lock_guard<std::mutex> lock(outstanding_mu_);
-  std::vector<FaultMsg> out;
-  out.reserve(outstanding_.size());
-  for (auto& kv : outstanding_) out.push_back(kv.second);
-  return out;
+  return outstanding_;
 }
 
 std::vector<FaultMsg> FaultService::drain() {
@@ -172,25 +180,27 @@ bool FaultService::resolve_fast(const Rule& rule, const FaultMsg& msg, int* err,
 }
 
 void FaultService::loop() {
-  std::vector<uffd_msg> msgs(max_batch_);
-  std::vector<FaultMsg> retry, work;
-  work.reserve(max_batch_);
+  // No allocation in here (see FaultSink::on_batch): every buffer was sized by start().
+  uffd_msg* msgs = reinterpret_cast<uffd_msg*>(msgs_.data());
+  const size_t cap = work_.capacity();
   pollfd fds[2] = {{uffd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
   for (;;) {
     // With faults waiting for an unread event (EAGAIN), do not sleep: the event is already queued.
-    int pr = ::poll(fds, 2, retry.empty() ? -1 : 0);
+    int pr = ::poll(fds, 2, retry_.empty() ? -1 : 0);
     if (pr < 0 && errno != EINTR) break;
     if (fds[1].revents & POLLIN) break;
     if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) break;
 
-    std::vector<FaultMsg> forward;
-    std::vector<EventMsg> events;
+    forward_.clear();
+    events_.clear();
     ServiceStats delta;
-    work.clear();
-    work.swap(retry);
+    work_.clear();
+    work_.swap(retry_);
 
     if (fds[0].revents & POLLIN) {
-      ssize_t n = ::read(uffd_, msgs.data(), msgs.size() * sizeof(uffd_msg));
+      // Read no more than the work buffer can take beside the retries it already holds.
+      const size_t room = std::min<size_t>(max_batch_, cap - work_.size());
+      ssize_t n = room ? ::read(uffd_, msgs, room * sizeof(uffd_msg)) : 0;
       if (n < 0 && errno != EAGAIN && errno != EINTR) break;
       size_t count = n > 0 ? static_cast<size_t>(n) / sizeof(uffd_msg) : 0;
       if (count) {
@@ -203,32 +213,32 @@ void FaultService::loop() {
         switch (m.event) {
           case UFFD_EVENT_PAGEFAULT:
             delta.faults++;
-            work.push_back({m.arg.pagefault.address, static_cast<uint32_t>(m.arg.pagefault.flags),
-                            m.arg.pagefault.feat.ptid});
+            work_.push_back({m.arg.pagefault.address, static_cast<uint32_t>(m.arg.pagefault.flags),
+                             m.arg.pagefault.feat.ptid});
             break;
           case UFFD_EVENT_FORK:
-            events.push_back({EventKind::kFork, m.arg.fork.ufd, 0, 0});
+            events_.push_back({EventKind::kFork, m.arg.fork.ufd, 0, 0});
             break;
           case UFFD_EVENT_REMAP:
-            events.push_back({EventKind::kRemap, m.arg.remap.from, m.arg.remap.to, m.arg.remap.len});
+            events_.push_back({EventKind::kRemap, m.arg.remap.from, m.arg.remap.to, m.arg.remap.len});
             break;
           case UFFD_EVENT_REMOVE:
-            events.push_back({EventKind::kRemove, m.arg.remove.start, m.arg.remove.end, 0});
+            events_.push_back({EventKind::kRemove, m.arg.remove.start, m.arg.remove.end, 0});
             break;
           case UFFD_EVENT_UNMAP:
-            events.push_back({EventKind::kUnmap, m.arg.remove.start, m.arg.remove.end, 0});
+            events_.push_back({EventKind::kUnmap, m.arg.remove.start, m.arg.remove.end, 0});
             break;
           default:
             break;
         }
       }
-      delta.events = events.size();
+      delta.events = events_.size();
     }
 
-    if (!work.empty()) {
+    if (!work_.empty()) {
       auto rules = rules_snapshot();
       const uint64_t t0 = rules->empty() ? 0 : now_ns();
-      for (const FaultMsg& f : work) {
+      for (const FaultMsg& f : work_) {
         const Rule* rule = rules->empty() ? nullptr : find_rule(*rules, f.address, kind_of(f.flags));
         if (rule) {
           int err = 0;
@@ -241,22 +251,23 @@ void FaultService::loop() {
           }
           if (err == -EAGAIN) {
             delta.eagain++;
-            retry.push_back(f);
+            retry_.push_back(f);
             continue;
           }
           delta.errors++;
         }
-        forward.push_back(f);
+        forward_.push_back(f);
       }
       if (t0) delta.service_ns = now_ns() - t0;
     }
 
-    if (!forward.empty()) {
+    if (!forward_.empty()) {
       std::lock_guard<std::mutex> lock(outstanding_mu_);
-      for (const FaultMsg& f : forward) outstanding_[f.address & ~(page_ - 1)] = f;
+      for (const FaultMsg& f : forward_)
+        if (outstanding_.size() < outstanding_.capacity()) outstanding_.push_back(f);
     }
-    delta.forwarded = forward.size();
-    const bool deliver = !forward.empty() || !events.empty();
+    delta.forwarded = forward_.size();
+    const bool deliver = !forward_.empty() || !events_.empty();
     if (deliver) delta.batches = 1;
     {
       // Publish the counts before handing the batch over: JavaScript may resolve the faults, the
@@ -276,7 +287,7 @@ void FaultService::loop() {
       stats_.errors += delta.errors;
       stats_.service_ns += delta.service_ns;
     }
-    if (deliver && sink_) sink_->on_batch(std::move(forward), std::move(events));
+    if (deliver && sink_) sink_->on_batch(forward_.data(), forward_.size(), events_.data(), events_.size());
   }
 }
 

@@ -8,10 +8,14 @@
 #include <memory>
 #include <mutex>
 #include <thread>
-#include <unordered_map>
 #include <vector>
 
 namespace pm::sys {
+
+// Storage for one struct uffd_msg (kept opaque here so this header needs no kernel headers).
+struct uffd_msg_storage {
+  unsigned char bytes[32];
+};
 
 // Fault kinds, as a bit mask (a rule serves the kinds it names).
 enum FaultKind : uint32_t { kFaultMissing = 1, kFaultWp = 2, kFaultMinor = 4 };
@@ -59,12 +63,18 @@ struct ServiceStats {
 class FaultSink {
  public:
   virtual ~FaultSink() = default;
-  // Called on the service thread. Ownership of the vectors passes to the sink.
-  virtual void on_batch(std::vector<FaultMsg>&& faults, std::vector<EventMsg>&& events) = 0;
+  // Called on the service thread; the arrays are valid during the call only. Must not allocate:
+  // with EVENT_FORK, a fork() in another thread holds every malloc lock until this thread has read
+  // the fork event, so a malloc here could wait for a fork that waits for us.
+  virtual void on_batch(const FaultMsg* faults, size_t nfaults, const EventMsg* events, size_t nevents) = 0;
 };
 
 class FaultService {
  public:
+  // Faults handed over and not yet seen resolved, tracked for close(): at most this many (a fault
+  // is a sleeping thread, so more would mean more threads than this asleep at once).
+  static constexpr size_t kOutstandingCapacity = 16384;
+
   FaultService(int uffd, uint64_t page_size);
   ~FaultService();
   FaultService(const FaultService&) = delete;
@@ -106,8 +116,14 @@ class FaultService {
   mutable std::mutex stats_mu_;
   ServiceStats stats_;
 
+  // Buffers of the service loop, allocated by start() on the caller's thread: the loop itself never
+  // allocates (see FaultSink::on_batch).
+  std::vector<uffd_msg_storage> msgs_;
+  std::vector<FaultMsg> work_, retry_, forward_;
+  std::vector<EventMsg> events_;
+
   std::mutex outstanding_mu_;
-  std::unordered_map<uint64_t, FaultMsg> outstanding_;  // page -> the fault
+  std::vector<FaultMsg> outstanding_;  // bounded (capacity set by start())
 };
 
 }  // namespace pm::sys
