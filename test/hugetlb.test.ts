@@ -2,7 +2,7 @@
 // gives them back; otherwise it uses what is free, or skips saying why.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
-import { mapAnonymous, mapMemfd, Userfaultfd, access, probe } from '../lib/index.js';
+import { mapAnonymous, mapMemfd, Userfaultfd, Device, access, probe } from '../lib/index.js';
 import { P, within, fillPattern } from './helpers.js';
 
 const NR = '/proc/sys/vm/nr_hugepages';
@@ -74,6 +74,26 @@ describe('hugetlb', () => {
     try {
       expect(probe({ refresh: true }).hugetlb.free).toBe(before - 1);
     } finally {
+      m.close();
+    }
+  });
+
+  it('anon_write_hugetlbfs: a device writes a hugetlb page in one fault; it cannot migrate (EINVAL)', async (ctx) => {
+    if (free < 1) ctx.skip(why);
+    const m = mapAnonymous(HUGE, { hugetlb: true });
+    const dev = Device.create();
+    try {
+      const mir = dev.mirror(m);
+      expect(mir.info().npages).toBe(1); // one entry per huge page
+      const data = Buffer.alloc(HUGE);
+      for (let i = 0; i < HUGE; i += 4096) data.writeBigUInt64LE(BigInt(i / 4096), i);
+      const r = await within(mir.write(0, data), 10_000, 'device write');
+      expect(r).toMatchObject({ cpages: 1, faults: 1 });
+      expect((await access(m, { op: 'read', unit: 4096 })).checksum).toBe(BigInt(((HUGE / 4096) * (HUGE / 4096 - 1)) / 2));
+      await expect(mir.migrateToDevice(0, 1)).rejects.toMatchObject({ code: 'EINVAL' });
+      mir.close();
+    } finally {
+      dev.close();
       m.close();
     }
   });

@@ -92,8 +92,8 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[1], "offset"), len = ToU64(info[2], "length");
   if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
   m->Range(env, off, len);
-  if (m->region()->page != dev->config().page)
-    throw StateError(env, "ERR_PAGEMIRROR_UNSUPPORTED", "mirroring hugetlb mappings is not supported yet");
+  // A hugetlb mapping is mirrored with one entry per huge page (the device maps it whole, as a
+  // PMD); it cannot migrate (EINVAL, as in the kernel).
   auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
   std::string write_mode = info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "shared";
   if (write_mode == "single") {
