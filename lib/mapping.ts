@@ -312,6 +312,19 @@ export class Mapping {
     );
   }
 
+  /**
+   * munmap part of the mapping (devices mirroring it are invalidated first). The hole reads as no
+   * access (protection 0) from then on; close() unmaps the rest. EBUSY while native threads use it.
+   */
+  unmap(offset: number, length: number): void {
+    this.native.unmap(checkInteger('offset', offset), checkInteger('length', length, 1));
+  }
+
+  /** Parts removed by unmap(). */
+  get holes(): { offset: number; length: number }[] {
+    return this.native.info().holes;
+  }
+
   /** munmap and close the owned descriptor. Idempotent. EBUSY while native threads or rules use it. */
   close(): void {
     this.native.close();

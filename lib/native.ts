@@ -24,6 +24,7 @@ export interface NativeMapping {
   statx(): StatxResult;
   readInto(offset: number, target: Uint8Array): number;
   writeFrom(offset: number, source: Uint8Array): number;
+  unmap(offset: number, length: number): void;
   close(): void;
 }
 
@@ -42,6 +43,7 @@ export interface NativeMappingInfo {
   registered: boolean;
   pins: number;
   protection: { offset: number; length: number; prot: number }[];
+  holes: { offset: number; length: number }[];
 }
 
 export interface CacheStat {

@@ -383,3 +383,36 @@ describe('exclusive access and fork (hmm-tests)', () => {
       }
     }));
 });
+
+describe('partial unmap (hmm-tests)', () => {
+  for (const at of [0, 0.25, 0.5]) {
+    it(`migrate_partial_unmap_fault at ${at}: migrate 2 MiB, unmap half, the CPU reads the rest intact`, () =>
+      withDevices(1, async (dev) => {
+        const pages = 512;
+        const m = mapAnonymous(pages * PAGE);
+        try {
+          fillPages(m, ID);
+          const mir = dev.mirror(m);
+          expect((await mir.migrateToDevice(0, pages)).cpages).toBe(pages);
+          const off = at * pages * PAGE;
+          m.unmap(off, (pages / 2) * PAGE);
+          expect(m.holes).toEqual([{ offset: off, length: (pages / 2) * PAGE }]);
+          expect(dev.memory().used).toBe(pages / 2); // the unmapped half's device pages are freed
+          const first = off / PAGE;
+          const kept = [...Array(pages).keys()].filter((i) => i < first || i >= first + pages / 2);
+          let want = 0n;
+          for (const i of kept) want += BigInt(i);
+          let got = 0n;
+          for (const [a, b] of [[0, first], [first + pages / 2, pages]] as const)
+            if (b > a) got += (await access(m, { offset: a * PAGE, length: (b - a) * PAGE, op: 'read' })).checksum;
+          expect(got).toBe(want);
+          expect(mir.snapshot(off, 1)[0]).toBe(S.ERROR);
+          await expect(mir.read(off, 1)).rejects.toMatchObject({ code: 'EFAULT' });
+          await expect(access(m, { offset: off, length: PAGE })).rejects.toMatchObject({ code: 'EACCES' });
+          mir.close();
+        } finally {
+          m.close();
+        }
+      }));
+  }
+});

@@ -124,6 +124,7 @@ Napi::Function Mapping::Init(Napi::Env env) {
                          InstanceMethod<&Mapping::Statx>("statx"),
                          InstanceMethod<&Mapping::ReadInto>("readInto"),
                          InstanceMethod<&Mapping::WriteFrom>("writeFrom"),
+                         InstanceMethod<&Mapping::Unmap>("unmap"),
                          InstanceMethod<&Mapping::Close>("close"),
                      });
 }
@@ -219,6 +220,17 @@ Napi::Value Mapping::Info(const Napi::CallbackInfo& info) {
     }
   }
   o.Set("protection", segs);
+  Napi::Array holes = Napi::Array::New(env);
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    for (uint32_t i = 0; i < r.holes.size(); i++) {
+      Napi::Object h = Napi::Object::New(env);
+      h.Set("offset", static_cast<double>(r.holes[i].first));
+      h.Set("length", static_cast<double>(r.holes[i].second));
+      holes.Set(i, h);
+    }
+  }
+  o.Set("holes", holes);
   return o;
 }
 
@@ -489,6 +501,28 @@ Napi::Value Mapping::WriteFrom(const Napi::CallbackInfo& info) {
                                              "poisoned, or hugetlb pool exhausted)",
                                              -1, bad});
   return Napi::Number::New(env, static_cast<double>(len));
+}
+
+// unmap(offset, length): munmap part of the mapping. The hole stays owned by this Mapping (close()
+// unmaps the rest); it reads as no access everywhere (protection 0), so nothing can touch it.
+Napi::Value Mapping::Unmap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
+  if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  uint64_t addr = Range(env, off, len);
+  Region& r = *region_;
+  if (r.pins.load() > 0)
+    throw SystemError(env, -EBUSY, "munmap", {nullptr, "native threads are using this mapping"});
+  DetachBuffer();
+  {
+    Region::Invalidation inv(&r, off, len, InvalidateCause::kUnmap);
+    int rc = sys::unmap(reinterpret_cast<void*>(addr), len);
+    if (rc) ThrowSystemError(env, rc, "munmap");
+    r.set_prot(off, len, 0);
+  }
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.holes.emplace_back(off, len);
+  return env.Undefined();
 }
 
 Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {

@@ -44,6 +44,7 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
   Napi::Value Statx(const Napi::CallbackInfo& info);
   Napi::Value ReadInto(const Napi::CallbackInfo& info);
   Napi::Value WriteFrom(const Napi::CallbackInfo& info);
+  Napi::Value Unmap(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   void CheckNoFault(Napi::Env env, uint64_t off, uint64_t len, bool write);

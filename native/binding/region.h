@@ -65,6 +65,7 @@ struct Region {
   // key. Few entries in practice (one per protect() boundary).
   std::mutex mu;
   std::map<uint64_t, int> prot;
+  std::vector<std::pair<uint64_t, uint64_t>> holes;  // unmap()ed parts: offset, length
 
   // Mirrors of this memory, told before every CPU-side change the library makes.
   std::mutex notifiers_mu;
