@@ -29,6 +29,11 @@ export interface DeviceOptions {
   eviction?: 'off' | 'fifo' | 'lru';
   /** With eviction on: after each migration, evict down to this fraction of device memory in use. Default 1 (only when full). */
   watermark?: number;
+  /**
+   * Allocate all device memory up front, as a GPU's is: migrations copy into pages that exist
+   * (no allocation per page) and freed slots keep them. Default false (memory committed as used).
+   */
+  preallocate?: boolean;
   /** Record a trace of events (fault batches, migrations with their trigger, invalidations with their cause). Default false. */
   trace?: boolean;
   /** Trace ring size in events; the oldest are dropped (and counted) past it. Default 65536. */
@@ -258,6 +263,7 @@ export class Device {
         placement: checkOneOf('placement', options.placement ?? 'host', ['host', 'device'] as const),
         eviction: checkOneOf('eviction', options.eviction ?? 'off', ['off', 'fifo', 'lru'] as const),
         watermark: options.watermark ?? 1,
+        preallocate: options.preallocate ?? false,
         trace: options.trace ?? false,
         traceCapacity: checkInteger('traceCapacity', options.traceCapacity ?? 1 << 16, 1, 1 << 24),
       }),

@@ -228,6 +228,29 @@ describe('migration (hmm-tests)', () => {
       }
     }));
 
+  it('preallocated device memory: a migration copies into pages that exist; pages move home', async () => {
+    const dev = Device.create({ memory: 128 * PAGE, preallocate: true });
+    const m = mapAnonymous(128 * PAGE);
+    try {
+      fillPages(m, (i) => BigInt(i * 5));
+      const mir = dev.mirror(m);
+      for (let round = 0; round < 3; round++) {
+        const r = await mir.migrateToDevice(0, 128);
+        expect(r.cpages).toBe(128);
+        // The first round copies into the preallocated pages; those pages then move home, and
+        // later rounds fill the holes they left (by MOVE, no copy).
+        if (round === 0) expect(r).toMatchObject({ byMove: 0, byCopy: 128 });
+        expect((await mir.read(0, 128)).data.readBigUInt64LE(7 * PAGE)).toBe(35n);
+        expect((await mir.migrateToHost(0, 128)).cpages).toBe(128);
+        expect((await access(m, { op: 'read' })).checksum).toBe(sum(0, 128, (i) => BigInt(i * 5)));
+      }
+      mir.close();
+    } finally {
+      dev.close();
+      m.close();
+    }
+  });
+
   it('device memory full: pages that do not fit are listed as device-memory-full; the rest move', () => {
     const dev = Device.create({ memory: 16 * PAGE });
     const m = mapAnonymous(32 * PAGE);

@@ -69,6 +69,7 @@ Napi::Value DeviceWrap::Create(const Napi::CallbackInfo& info) {
     c.watermark = wm.As<Napi::Number>().DoubleValue();
     if (!(c.watermark > 0 && c.watermark <= 1)) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "watermark must be in (0, 1]");
   }
+  c.preallocate = OptBool(o, "preallocate", false);
   c.trace = OptBool(o, "trace", false);
   c.trace_capacity = OptU64(o, "traceCapacity", 1 << 16);
   if (c.trace_capacity == 0 || c.trace_capacity > (1u << 24)) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "traceCapacity must be 1..16777216");

@@ -70,10 +70,11 @@ int Device::init() {
   // Real memory owned by the device: private anonymous, so pages can be moved in and out of it
   // with UFFDIO_MOVE. Reserved lazily: a slot costs memory once used.
   int rc = sys::map(&p, nullptr, slots_ * config_.page, PROT_READ | PROT_WRITE,
-                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+                    MAP_PRIVATE | MAP_ANONYMOUS | (config_.preallocate ? MAP_POPULATE : MAP_NORESERVE), -1, 0);
   if (rc) return rc;
   pool_ = static_cast<uint8_t*>(p);
   used_bits_.assign((slots_ + 63) / 64, 0);
+  populated_bits_.assign((slots_ + 63) / 64, config_.preallocate ? ~0ull : 0ull);
   try {
     service_ = std::thread(&Device::service, this);
   } catch (...) {
@@ -191,9 +192,30 @@ bool Device::alloc_run(uint64_t n, uint64_t* first, Mirror* holding, uint64_t pa
   return true;
 }
 
+bool Device::slots_populated(uint64_t slot, uint64_t n) {
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  for (uint64_t s = slot; s < slot + n; s++)
+    if (!((populated_bits_[s / 64] >> (s % 64)) & 1)) return false;
+  return true;
+}
+
+void Device::set_populated(uint64_t slot, uint64_t n, bool populated) {
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  for (uint64_t s = slot; s < slot + n; s++) {
+    if (populated) populated_bits_[s / 64] |= 1ull << (s % 64);
+    else populated_bits_[s / 64] &= ~(1ull << (s % 64));
+  }
+}
+
 void Device::free_slot(uint64_t slot, bool zap) {
-  // Give the memory back too: a freed slot must not keep host RSS.
-  if (zap) sys::advise(slot_address(slot), config_.page, MADV_DONTNEED);
+  // Give the memory back too (a freed slot must not keep host RSS), unless the device owns its
+  // memory for good (preallocate): then the page stays for the next copy.
+  if (zap && !config_.preallocate) {
+    sys::advise(slot_address(slot), config_.page, MADV_DONTNEED);
+    set_populated(slot, 1, false);
+  } else if (!zap) {
+    set_populated(slot, 1, false);  // UFFDIO_MOVE took the page: a hole now
+  }
   std::lock_guard<std::mutex> lock(slot_mu_);
   used_bits_[slot / 64] &= ~(1ull << (slot % 64));
   used_count_--;

@@ -48,6 +48,9 @@ struct DeviceConfig {
   // allocation), or LRU (second chance on the device's access bit).
   enum class Eviction { kOff, kFifo, kLru } eviction = Eviction::kOff;
   double watermark = 1.0;         // after a migration, evict down to this fraction of memory in use
+  // Allocate all device memory up front (as a GPU's memory is): migrations then copy into slots
+  // that exist instead of allocating a page per slot, and freed slots keep their pages.
+  bool preallocate = false;
 };
 
 struct DeviceCounters {
@@ -106,7 +109,12 @@ class Device {
   // Evicts until at most watermark * slots are in use.
   void enforce_watermark(Mirror* holding);
   // zap: give the memory back (MADV_DONTNEED). Not needed after UFFDIO_MOVE took the page away.
+  // With preallocate, a slot that still has its page keeps it.
   void free_slot(uint64_t slot, bool zap = true);
+  // Whether slots [slot, slot + n) all have a page (then they are filled by plain copies; holes
+  // need the resolve ioctls, since the pool is registered with the engine's userfaultfd).
+  bool slots_populated(uint64_t slot, uint64_t n);
+  void set_populated(uint64_t slot, uint64_t n, bool populated);
   uint64_t slots_total() const { return slots_; }
   uint64_t slots_used();
   // Registers the pool with the engine's userfaultfd (once): UFFDIO_MOVE needs its destination
@@ -151,6 +159,7 @@ class Device {
   // Slot bitmap (1 = in use), scanned from a rotating cursor: runs of contiguous slots let a 64 KiB
   // or 2 MiB migration be one ioctl.
   std::vector<uint64_t> used_bits_;
+  std::vector<uint64_t> populated_bits_;  // slot has a page (preallocate, or filled and kept)
   uint64_t used_count_ = 0;
   uint64_t cursor_ = 0;
   bool take_run_locked(uint64_t n, uint64_t* first);

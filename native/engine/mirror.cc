@@ -356,27 +356,45 @@ uint64_t Mirror::fill_slots(uint64_t host, uint64_t slot, uint64_t n, bool prese
   const int fd = Engine::get().fd();
   const uint64_t dst = reinterpret_cast<uint64_t>(device_->slot_address(slot));
   const uint64_t len = n * page_;
+  // Slots that have their pages (preallocated device memory) are filled by plain copies; holes in
+  // the pool (registered with the engine's userfaultfd) only by the resolve ioctls.
+  const bool populated = device_->slots_populated(slot, n);
   int64_t done = 0;
   if (!present) {
-    int rc = sys::uffd_zeropage(fd, dst, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done);
-    uint64_t pages = rc == 0 ? n : static_cast<uint64_t>(done) / page_;
+    uint64_t pages;
+    if (populated) {
+      std::memset(reinterpret_cast<void*>(dst), 0, len);
+      pages = n;
+    } else {
+      int rc = sys::uffd_zeropage(fd, dst, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done);
+      pages = rc == 0 ? n : static_cast<uint64_t>(done) / page_;
+      device_->set_populated(slot, pages, true);
+    }
     out->zero_filled += pages;
     return pages;
   }
   uint64_t moved = 0;
-  if (use_move && Engine::get().has_move()) {
+  if (use_move && !populated && Engine::get().has_move()) {
     int rc = sys::uffd_move(fd, dst, host, len, UFFDIO_MOVE_MODE_DONTWAKE, &done);
     moved = rc == 0 ? n : static_cast<uint64_t>(done) / page_;
+    device_->set_populated(slot, moved, true);
     out->moved_by_move += moved;
     if (moved == n) return n;
   }
-  // The copy path for the rest (or MOVE refused: a page shared after fork). Write-protect first so
-  // no CPU write slips between the copy and the zap; a writer waits in the engine until the page
-  // is gone, then its retried access pulls the page back.
+  // The copy path for the rest (or MOVE refused: a page shared after fork, or slots that already
+  // have pages). Write-protect first so no CPU write slips between the copy and the zap; a writer
+  // waits in the engine until the page is gone, then its retried access pulls the page back.
   const uint64_t h = host + moved * page_, d = dst + moved * page_, l = len - moved * page_;
   sys::uffd_writeprotect(fd, h, l, UFFDIO_WRITEPROTECT_MODE_WP);
-  int rc = sys::uffd_copy(fd, d, h, l, UFFDIO_COPY_MODE_DONTWAKE, &done);
-  const uint64_t copied = rc == 0 ? l / page_ : static_cast<uint64_t>(done) / page_;
+  uint64_t copied;
+  if (populated) {
+    std::memcpy(reinterpret_cast<void*>(d), reinterpret_cast<void*>(h), l);
+    copied = l / page_;
+  } else {
+    int rc = sys::uffd_copy(fd, d, h, l, UFFDIO_COPY_MODE_DONTWAKE, &done);
+    copied = rc == 0 ? l / page_ : static_cast<uint64_t>(done) / page_;
+    device_->set_populated(slot + moved, copied, true);
+  }
   if (copied) sys::advise(reinterpret_cast<void*>(h), copied * page_, MADV_DONTNEED);
   if (copied < l / page_) sys::uffd_writeprotect(fd, h + copied * page_, l - copied * page_, 0);  // left on the host
   out->moved_by_copy += copied;
@@ -401,6 +419,7 @@ bool Mirror::move_back(uint64_t i, uint64_t e, bool wake) {
   int64_t done = 0;
   const uint64_t mode = wake ? 0 : UFFDIO_MOVE_MODE_DONTWAKE;
   int rc = -EOPNOTSUPP;
+  // The page itself goes home (no copy); its slot becomes a hole (refilled by an ioctl next time).
   if (Engine::get().has_move()) rc = sys::uffd_move(fd, host, reinterpret_cast<uint64_t>(src), page_, mode, &done);
   const bool moved = rc == 0;  // the slot is a hole again: nothing to give back
   if (rc) rc = sys::uffd_copy(fd, host, reinterpret_cast<uint64_t>(src), page_, wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE, &done);
@@ -427,8 +446,8 @@ bool Mirror::move_back_run(uint64_t a, uint64_t b) {
   wait_inflight(a, b);
   const uint64_t slot = old[0] >> kSlotShift;
   int64_t done = 0;
-  int rc = sys::uffd_move(Engine::get().fd(), start_ + a * page_, reinterpret_cast<uint64_t>(device_->slot_address(slot)),
-                          n * page_, 0, &done);
+  const uint64_t src = reinterpret_cast<uint64_t>(device_->slot_address(slot));
+  int rc = sys::uffd_move(Engine::get().fd(), start_ + a * page_, src, n * page_, 0, &done);
   const uint64_t ok = rc == 0 ? n : static_cast<uint64_t>(done) / page_;
   for (uint64_t k = 0; k < n; k++) {
     if (k < ok) {
