@@ -140,6 +140,18 @@ bool FaultService::resolve_fast(const Rule& rule, const FaultMsg& msg, int* err,
     start = std::max(rule.start, page_addr & ~(rule.granule - 1));
     len = std::min(rule.end, (page_addr & ~(rule.granule - 1)) + rule.granule) - start;
   }
+  // Counted before the ioctl wakes the faulter: whoever waits for the access and then reads
+  // stats() must find this fault in them. Taken back below if the resolve fails.
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    stats_.fast_resolved++;
+    stats_.fast_pages += len / page_;
+  }
+  auto unpublish = [&] {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    stats_.fast_resolved--;
+    stats_.fast_pages -= len / page_;
+  };
   int64_t done = 0;
   int rc = 0;
   auto apply = [&](uint64_t s, uint64_t l) -> int {
@@ -172,10 +184,13 @@ bool FaultService::resolve_fast(const Rule& rule, const FaultMsg& msg, int* err,
     uffd_wake(uffd_, page_addr, page_);
     *err = -EEXIST;
     *pages = 0;
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    stats_.fast_pages -= len / page_;  // resolved, but not by installing pages here
     return true;
   }
   *err = rc;
   if (rc == 0) *pages = len / page_;
+  else unpublish();
   return rc == 0;
 }
 
@@ -233,6 +248,13 @@ void FaultService::loop() {
         }
       }
       delta.events = events_.size();
+      // The faults are counted before any of them is resolved (see resolve_fast).
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      stats_.reads += delta.reads;
+      stats_.messages += delta.messages;
+      stats_.faults += delta.faults;
+      stats_.events += delta.events;
+      stats_.max_batch = std::max(stats_.max_batch, delta.max_batch);
     }
 
     if (!work_.empty()) {
@@ -243,9 +265,7 @@ void FaultService::loop() {
         if (rule) {
           int err = 0;
           uint64_t pages = 0;
-          if (resolve_fast(*rule, f, &err, &pages)) {
-            delta.fast_resolved++;
-            delta.fast_pages += pages;
+          if (resolve_fast(*rule, f, &err, &pages)) {  // counts itself in stats_
             if (err == -EEXIST) delta.eexist++;
             continue;
           }
@@ -273,15 +293,8 @@ void FaultService::loop() {
       // Publish the counts before handing the batch over: JavaScript may resolve the faults, the
       // accesses finish and stats() be read before this thread runs again.
       std::lock_guard<std::mutex> lock(stats_mu_);
-      stats_.reads += delta.reads;
-      stats_.messages += delta.messages;
-      stats_.faults += delta.faults;
-      stats_.fast_resolved += delta.fast_resolved;
-      stats_.fast_pages += delta.fast_pages;
       stats_.forwarded += delta.forwarded;
-      stats_.events += delta.events;
       stats_.batches += delta.batches;
-      stats_.max_batch = std::max(stats_.max_batch, delta.max_batch);
       stats_.eexist += delta.eexist;
       stats_.eagain += delta.eagain;
       stats_.errors += delta.errors;
