@@ -69,16 +69,24 @@ export function decodeEntry(e: bigint): MirrorEntry {
   };
 }
 
-export type KernelOp = 'read' | 'write' | 'atomic' | 'verify';
+export type KernelOp = 'read' | 'write' | 'atomic' | 'verify' | 'copy';
 
 export interface KernelOptions {
   /** Byte offset into the mirror (page aligned). Default 0. */
   offset?: number;
   /** Pages covered. Default to the end of the mirror. */
   npages?: number;
-  /** read: sum words; write: store seed + word index; atomic: atomic increment; verify: count words that differ from seed + word index. Default 'read'. */
+  /**
+   * read: sum words; write: store seed + word index; atomic: atomic increment; verify: count words
+   * that differ from seed + word index; copy: each word read is written copyTo bytes further.
+   * Default 'read'.
+   */
   op?: KernelOp;
-  pattern?: 'sequential' | 'strided' | 'random';
+  /** gather: the words at `indices` (word indices within the range), in order, repeated. */
+  pattern?: 'sequential' | 'strided' | 'random' | 'gather';
+  indices?: Uint32Array;
+  /** copy: destination distance in bytes (a page multiple; may be negative), inside the mirror. */
+  copyTo?: number;
   /** Sequential: bytes between touched words. Default one page. */
   unit?: number;
   stride?: number;
@@ -171,8 +179,9 @@ export class Mirror {
   /** Runs an access kernel on device threads through the mirror. */
   async run(kernel: KernelOptions = {}): Promise<KernelResult> {
     const k: Record<string, unknown> = { ...kernel };
-    k.op = checkOneOf('op', kernel.op ?? 'read', ['read', 'write', 'atomic', 'verify'] as const);
-    if (kernel.pattern !== undefined) checkOneOf('pattern', kernel.pattern, ['sequential', 'strided', 'random'] as const);
+    k.op = checkOneOf('op', kernel.op ?? 'read', ['read', 'write', 'atomic', 'verify', 'copy'] as const);
+    if (kernel.pattern !== undefined) checkOneOf('pattern', kernel.pattern, ['sequential', 'strided', 'random', 'gather'] as const);
+    if (k.op === 'copy' && typeof kernel.copyTo !== 'number') throw typeError('ERR_INVALID_ARG_TYPE', 'a copy kernel needs copyTo (bytes)');
     return this.#n.run(k);
   }
 

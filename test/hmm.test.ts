@@ -318,6 +318,60 @@ describe('device faults', () => {
       }
     }));
 
+  it('copy kernel: the device copies half the range onto the other half through its page table', () =>
+    withDevice(async (dev) => {
+      const m = mapAnonymous(16 * PAGE);
+      try {
+        const mir = dev.mirror(m);
+        await mir.run({ op: 'write', seed: 40, npages: 8, unit: 8 });
+        const r = await mir.run({ op: 'copy', npages: 8, unit: 8, copyTo: 8 * PAGE });
+        expect(r.ops).toBe((8 * PAGE) / 8);
+        expect(m.readSync(8 * PAGE, 8 * PAGE).equals(m.readSync(0, 8 * PAGE))).toBe(true);
+        await expect(mir.run({ op: 'copy', npages: 8, copyTo: 9 * PAGE })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+        mir.close();
+      } finally {
+        m.close();
+      }
+    }));
+
+  it('gather pattern: exactly the listed words, faulting only their pages', () =>
+    withDevice(async (dev) => {
+      const m = mapAnonymous(64 * PAGE);
+      try {
+        m.bytes.fill(0);
+        const w = new BigUint64Array(m.bytes.buffer);
+        const idx = new Uint32Array([0, (5 * PAGE) / 8 + 3, (40 * PAGE) / 8 + 7]);
+        for (const i of idx) w[i] = 1000n + BigInt(i);
+        const mir = dev.mirror(m);
+        const r = await mir.run({ op: 'read', pattern: 'gather', indices: idx, ops: 3 });
+        expect(r.checksum).toBe(3000n + BigInt(idx[0]! + idx[1]! + idx[2]!));
+        expect(mir.entries().filter((e) => e.valid)).toHaveLength(3);
+        await expect(mir.run({ pattern: 'gather' })).rejects.toThrow(TypeError);
+        mir.close();
+      } finally {
+        m.close();
+      }
+    }));
+
+  it('one device cannot mirror the same memory twice (EEXIST); another device can', () =>
+    withDevice(async (dev) => {
+      const m = mapAnonymous(8 * PAGE);
+      const other = Device.create();
+      try {
+        const a = dev.mirror(m, { offset: 0, length: 4 * PAGE });
+        expect(() => dev.mirror(m, { offset: 2 * PAGE, length: 4 * PAGE })).toThrow(expect.objectContaining({ code: 'EEXIST', syscall: 'mirror' }));
+        const b = dev.mirror(m, { offset: 4 * PAGE, length: 4 * PAGE }); // adjacent: fine
+        const c = other.mirror(m); // several devices on one range
+        a.close();
+        b.close();
+        c.close();
+        dev.mirror(m).close(); // closed mirrors no longer count
+      } finally {
+        other.close();
+        m.close();
+      }
+    }));
+
   it('bad input: zero pages is EINVAL, ranges outside the mirror are RangeErrors, closed objects say so', () =>
     withDevice(async (dev) => {
       const m = mapAnonymous(4 * PAGE);

@@ -93,6 +93,8 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[1], "offset"), len = ToU64(info[2], "length");
   if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
   m->Range(env, off, len);
+  if (dev->overlaps(m->region()->addr + off, m->region()->addr + off + len))
+    throw SystemError(env, -EEXIST, "mirror", {nullptr, "this device already mirrors part of that range"});
   // A hugetlb mapping is mirrored with one entry per huge page (the device maps it whole, as a
   // PMD); it cannot migrate (EINVAL, as in the kernel).
   auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
@@ -258,6 +260,7 @@ struct KernelJob {
   engine::KernelSpec spec;
   engine::KernelResult result;
   std::vector<uint8_t> buffer;  // copyOut/copyIn staging: nothing reaches the caller on error
+  std::vector<uint64_t> gather;  // gather pattern indices
 };
 
 engine::KernelOp ParseKernelOp(Napi::Env env, const std::string& s) {
@@ -265,7 +268,8 @@ engine::KernelOp ParseKernelOp(Napi::Env env, const std::string& s) {
   if (s == "write") return engine::KernelOp::kWrite;
   if (s == "atomic") return engine::KernelOp::kAtomicInc;
   if (s == "verify") return engine::KernelOp::kVerify;
-  throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "op must be 'read', 'write', 'atomic' or 'verify'");
+  if (s == "copy") return engine::KernelOp::kCopy;
+  throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "op must be 'read', 'write', 'atomic', 'verify' or 'copy'");
 }
 
 void CheckPages(Napi::Env env, engine::Mirror& m, uint64_t first, uint64_t n) {
@@ -326,8 +330,26 @@ Napi::Value MirrorWrap::Run(const Napi::CallbackInfo& info) {
   s.op = ParseKernelOp(env, OptString(o, "op", "read"));
   std::string pat = OptString(o, "pattern", "sequential");
   s.pattern = pat == "sequential" ? sys::AccessPattern::kSequential : pat == "strided" ? sys::AccessPattern::kStrided
-            : pat == "random" ? sys::AccessPattern::kRandom
-            : throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "pattern must be 'sequential', 'strided' or 'random'");
+            : pat == "random" ? sys::AccessPattern::kRandom : pat == "gather" ? sys::AccessPattern::kGather
+            : throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "pattern must be 'sequential', 'strided', 'random' or 'gather'");
+  if (s.pattern == sys::AccessPattern::kGather) {
+    Napi::Value idx = o.Get("indices");
+    if (!idx.IsTypedArray() || idx.As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
+      throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "the gather pattern needs indices: a Uint32Array of word indices");
+    Napi::Uint32Array a = idx.As<Napi::Uint32Array>();
+    if (a.ElementLength() == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "indices must not be empty");
+    job->gather.assign(a.Data(), a.Data() + a.ElementLength());
+    s.gather = job->gather.data();
+    s.gather_count = job->gather.size();
+  }
+  if (s.op == engine::KernelOp::kCopy) {
+    int64_t to = ToI64(o.Get("copyTo"), "copyTo");
+    CheckAligned(env, static_cast<uint64_t>(to < 0 ? -to : to), page, "copyTo");
+    const int64_t lo = static_cast<int64_t>(s.first * page) + to, hi = lo + static_cast<int64_t>(n * page);
+    if (lo < 0 || static_cast<uint64_t>(hi) > m->npages() * page)
+      throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "copyTo moves the range outside the mirror");
+    s.copy_to = to;
+  }
   s.unit = OptU64(o, "unit", page);
   s.stride = OptU64(o, "stride", 0);
   s.ops = OptU64(o, "ops", 0);

@@ -323,6 +323,13 @@ void Device::service_batch(std::vector<Request*>& batch) {
   }
 }
 
+bool Device::overlaps(uint64_t start, uint64_t end) {
+  std::lock_guard<std::mutex> lock(mirrors_mu_);
+  for (Mirror* m : mirrors_)
+    if (start < m->start() + m->npages() * m->page() && m->start() < end && !m->dead()) return true;
+  return false;
+}
+
 void Device::add_mirror(Mirror* m) {
   std::lock_guard<std::mutex> lock(mirrors_mu_);
   mirrors_.push_back(m);
@@ -393,6 +400,7 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
           off &= ~7ull;
           break;
         case sys::AccessPattern::kStrided: off = (k * (s.stride ? s.stride : s.unit)) % bytes & ~7ull; break;
+        case sys::AccessPattern::kGather: off = (s.gather[k % s.gather_count] % words) * 8; break;
         default: off = (xorshift(rng) % words) * 8; break;
       }
     }
@@ -444,6 +452,39 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
       k += n - 1;
       continue;
     }
+    if (s.op == KernelOp::kCopy) {
+      // The destination page is pinned for writing just for this word (the source stays held).
+      const uint64_t doff = off + static_cast<uint64_t>(s.copy_to);
+      const uint64_t di = s.first + (doff >> page_shift);
+      uint8_t* dst;
+      uint64_t tries = 0;
+      while ((dst = static_cast<uint8_t*>(m->pin(di, true))) == nullptr) {
+        m->unpin(held);  // never sleep on a fault while holding a pin
+        held = kNone;
+        int rc = fault(m, di, di + 1, true);
+        out->faults++;
+        if (rc || ++tries > 1000) {
+          out->error = rc ? rc : -EBUSY;
+          out->error_page = di;
+          return;
+        }
+        if ((base = static_cast<uint8_t*>(m->pin(i, false))) == nullptr) {
+          k--;  // the source went meanwhile: redo this word from the top
+          goto next;
+        }
+        held = i;
+      }
+      {
+        const uint64_t v = *reinterpret_cast<volatile uint64_t*>(base + in_page);
+        *reinterpret_cast<volatile uint64_t*>(dst + (doff & (page - 1))) = v;
+        out->checksum += v;
+      }
+      m->mark_dirty(di);
+      m->unpin(di);
+      out->ops++;
+    next:
+      continue;
+    }
     switch (s.op) {
       case KernelOp::kRead: out->checksum += *reinterpret_cast<volatile uint64_t*>(base + in_page); break;
       case KernelOp::kWrite: {
@@ -461,6 +502,8 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
         if (v != s.seed + off / 8) out->mismatches++;
         break;
       }
+      case KernelOp::kCopy:
+        break;  // handled above
       case KernelOp::kCopyOut:
         std::memcpy(s.buffer + off, base, page);
         out->cpages++;

@@ -65,7 +65,7 @@ struct DeviceCounters {
   std::atomic<uint64_t> to_host[static_cast<unsigned>(Trigger::kCount)] = {};
 };
 
-enum class KernelOp { kRead, kWrite, kAtomicInc, kVerify, kCopyOut, kCopyIn };
+enum class KernelOp { kRead, kWrite, kAtomicInc, kVerify, kCopy, kCopyOut, kCopyIn };
 
 struct KernelSpec {
   Mirror* mirror = nullptr;
@@ -78,6 +78,9 @@ struct KernelSpec {
   uint64_t seed = 1;
   unsigned threads = 1;
   uint8_t* buffer = nullptr;        // copyOut/copyIn: npages * page bytes
+  int64_t copy_to = 0;              // copy: each word goes this many bytes further (page multiple)
+  const uint64_t* gather = nullptr; // gather pattern: word indices within the range
+  uint64_t gather_count = 0;
   bool fault_to_end = false;        // a miss faults from the page to the end of the range in one round
 };
 
@@ -128,6 +131,8 @@ class Device {
   // Runs a kernel on spec.threads device threads and waits for them (call from a native thread).
   void run(const KernelSpec& spec, KernelResult* out);
 
+  // Whether one of this device's mirrors already covers part of [start, end).
+  bool overlaps(uint64_t start, uint64_t end);
   void add_mirror(Mirror* m);
   void remove_mirror(Mirror* m);
   // Evicts all of this device's memory back to the host (the kernel device's release). Returns pages.

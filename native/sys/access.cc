@@ -94,6 +94,7 @@ inline uint64_t offset_of(const AccessSpec& s, uint64_t nwords, uint64_t i, uint
       return (i * stride) % s.length & ~7ull;
     }
     case AccessPattern::kRandom:
+    case AccessPattern::kGather:
       return (xorshift(rng) % nwords) * 8;
   }
   return 0;

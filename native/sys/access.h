@@ -11,7 +11,7 @@
 namespace pm::sys {
 
 enum class AccessOp { kRead, kWrite, kReadModifyWrite, kVerify };
-enum class AccessPattern { kSequential, kStrided, kRandom };
+enum class AccessPattern { kSequential, kStrided, kRandom, kGather };  // gather: device kernels only
 
 struct AccessSpec {
   uint64_t base = 0;     // first byte of the range
