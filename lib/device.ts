@@ -30,6 +30,12 @@ export interface DeviceOptions {
   /** With eviction on: after each migration, evict down to this fraction of device memory in use. Default 1 (only when full). */
   watermark?: number;
   /**
+   * Prefetch after each fault round, before the replay: 'sequential' fetches ahead, a window that
+   * doubles as a stream goes on (up to 2 MiB); 'density' fetches the whole 2 MiB block once more than 51 % of it is
+   * resident (the rule of NVIDIA's prefetch tree). Default 'off'.
+   */
+  prefetch?: 'off' | 'sequential' | 'density';
+  /**
    * Allocate all device memory up front, as a GPU's is: migrations copy into pages that exist
    * (no allocation per page) and freed slots keep them. Default false (memory committed as used).
    */
@@ -273,6 +279,7 @@ export class Device {
         eviction: checkOneOf('eviction', options.eviction ?? 'off', ['off', 'fifo', 'lru'] as const),
         watermark: options.watermark ?? 1,
         preallocate: options.preallocate ?? false,
+        prefetch: checkOneOf('prefetch', options.prefetch ?? 'off', ['off', 'sequential', 'density'] as const),
         trace: options.trace ?? false,
         traceCapacity: checkInteger('traceCapacity', options.traceCapacity ?? 1 << 16, 1, 1 << 24),
       }),

@@ -212,6 +212,7 @@ export interface NativeDeviceCounters {
   maxBatch: number;
   serviceNs: number;
   invalidatedPages: number;
+  prefetchedPages: number;
   invalidations: Record<string, number>;
   migratedToDevice: Record<string, number>;
   migratedToHost: Record<string, number>;

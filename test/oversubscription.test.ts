@@ -103,11 +103,52 @@ describe('placement and eviction', () => {
     }
   });
 
+  it('prefetch sequential: a streaming device takes far fewer fault rounds', async () => {
+    const m = mapAnonymous(256 * PAGE);
+    const plain = Device.create();
+    const pre = Device.create({ prefetch: 'sequential', trace: true });
+    try {
+      const a = plain.mirror(m);
+      const b = pre.mirror(m);
+      const ra = await a.run({ op: 'read', unit: PAGE });
+      const rb = await b.run({ op: 'read', unit: PAGE });
+      expect(ra.faults).toBe(256);
+      expect(rb.faults).toBeLessThan(20); // the prefetched range doubles each round
+      expect(pre.counters().prefetchedPages).toBeGreaterThan(200);
+      a.close();
+      b.close();
+    } finally {
+      plain.close();
+      pre.close();
+      m.close();
+    }
+  });
+
+  it("prefetch density with placement 'device': past 51 % of a 2 MiB block the rest migrates too", async () => {
+    const dev = Device.create({ memory: 4 << 20, placement: 'device', prefetch: 'density' });
+    const m = mapAnonymous(4 << 20);
+    try {
+      await access(m, { op: 'write', seed: 3 });
+      const mir = dev.mirror(m);
+      const block = (2 << 20) / PAGE;
+      await mir.run({ op: 'verify', seed: 3, npages: Math.ceil(block * 0.6) }); // 60 % of the first block
+      const c = dev.counters();
+      expect(c.migratedToDevice.prefetch ?? 0).toBeGreaterThan(0);
+      expect(mir.entries(0, block).filter((e) => e.valid).length).toBeGreaterThan(block * 0.9);
+      expect((await mir.run({ op: 'verify', seed: 3 })).mismatches).toBe(0);
+      mir.close();
+    } finally {
+      dev.close();
+      m.close();
+    }
+  });
+
   it('bad options are typed errors', () => {
     expect(() => Device.create({ placement: 'gpu' as never })).toThrow(TypeError);
     expect(() => Device.create({ eviction: 'random' as never })).toThrow(TypeError);
     expect(() => Device.create({ eviction: 'lru', watermark: 0 })).toThrow(RangeError);
     expect(() => Device.create({ memory: 100 })).toThrow(RangeError);
     expect(() => Device.create({ faultAround: 3 * PAGE })).toThrow(RangeError);
+    expect(() => Device.create({ prefetch: 'always' as never })).toThrow(TypeError);
   });
 });

@@ -70,6 +70,11 @@ Napi::Value DeviceWrap::Create(const Napi::CallbackInfo& info) {
     if (!(c.watermark > 0 && c.watermark <= 1)) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "watermark must be in (0, 1]");
   }
   c.preallocate = OptBool(o, "preallocate", false);
+  std::string prefetch = OptString(o, "prefetch", "off");
+  if (prefetch == "off") c.prefetch = engine::DeviceConfig::Prefetch::kOff;
+  else if (prefetch == "sequential") c.prefetch = engine::DeviceConfig::Prefetch::kSequential;
+  else if (prefetch == "density") c.prefetch = engine::DeviceConfig::Prefetch::kDensity;
+  else throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "prefetch must be 'off', 'sequential' or 'density'");
   c.trace = OptBool(o, "trace", false);
   c.trace_capacity = OptU64(o, "traceCapacity", 1 << 16);
   if (c.trace_capacity == 0 || c.trace_capacity > (1u << 24)) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "traceCapacity must be 1..16777216");
@@ -128,6 +133,7 @@ Napi::Value DeviceWrap::Counters(const Napi::CallbackInfo& info) {
   o.Set("maxBatch", static_cast<double>(c.max_batch.load()));
   o.Set("serviceNs", static_cast<double>(c.service_ns.load()));
   o.Set("invalidatedPages", static_cast<double>(c.invalidated_pages.load()));
+  o.Set("prefetchedPages", static_cast<double>(c.prefetched_pages.load()));
   Napi::Object inv = Napi::Object::New(env);
   for (unsigned i = 0; i < 11; i++) {
     uint64_t n = c.invalidations[i].load();

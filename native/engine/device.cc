@@ -315,6 +315,7 @@ void Device::service_batch(std::vector<Request*>& batch) {
     }
     int rc = run.m->range_fault(run.first, run.last, run.write, config_.timeout_ms);
     if (rc == 0) counters_.faulted_pages.fetch_add(run.last - run.first, std::memory_order_relaxed);
+    if (rc == 0 && config_.prefetch != DeviceConfig::Prefetch::kOff) prefetch(run.m, run.first, run.last);
     for (size_t i = run.begin; i < run.end; i++) {
       Request* r = batch[i];
       r->result = rc;
@@ -354,6 +355,40 @@ uint64_t Device::release() {
   uint64_t n = 0;
   for (Mirror* m : ms) n += m->migrate_to_host(0, m->npages(), Trigger::kRelease);
   return n;
+}
+
+// After a successful fault of [first, last): fetch more before the replay, as the policy says.
+// Prefetched pages are mapped for reading (or migrated, with placement device); a prefetch that
+// fails is simply not done.
+void Device::prefetch(Mirror* m, uint64_t first, uint64_t last) {
+  const uint64_t n = m->npages();
+  uint64_t a = 0, b = 0;
+  if (config_.prefetch == DeviceConfig::Prefetch::kSequential) {
+    // The window grows with the stream already mapped just before the fault: a sequential reader
+    // doubles it each round (up to 2 MiB), a random one keeps it at the size it faulted.
+    uint64_t streamed = 0;
+    while (streamed < first && streamed < 512 && (m->entry(first - 1 - streamed) & kValid)) streamed++;
+    const uint64_t window = std::min<uint64_t>(512, std::max(last - first, streamed + (last - first)));
+    a = last;
+    b = std::min(n, last + window);
+  } else {
+    const uint64_t block = (2ull << 20) / config_.page;
+    a = first / block * block;
+    b = std::min(n, a + block);
+    uint64_t resident = 0;
+    for (uint64_t i = a; i < b; i++)
+      if (m->entry(i) & kValid) resident++;
+    if (resident * 100 <= (b - a) * 51 || resident == b - a) return;
+  }
+  // Only what is not mapped yet.
+  while (a < b && (m->entry(a) & kValid)) a++;
+  while (b > a && (m->entry(b - 1) & kValid)) b--;
+  if (a >= b) return;
+  if (config_.placement == DeviceConfig::Placement::kDevice) {
+    Mirror::MigrateResult mr;
+    m->migrate_to_device(a, b, true, &mr, false, Trigger::kPrefetch);
+  }
+  if (m->range_fault(a, b, false, config_.timeout_ms) == 0) counters_.prefetched_pages.fetch_add(b - a, std::memory_order_relaxed);
 }
 
 void Device::on_invalidate(Mirror* m, uint64_t first, uint64_t, InvalidateCause cause, uint64_t cleared) {

@@ -48,6 +48,9 @@ struct DeviceConfig {
   // allocation), or LRU (second chance on the device's access bit).
   enum class Eviction { kOff, kFifo, kLru } eviction = Eviction::kOff;
   double watermark = 1.0;         // after a migration, evict down to this fraction of memory in use
+  // Prefetch after a fault round: kSequential fetches ahead, doubling with the stream (to 2 MiB);
+  // kDensity fetches a whole 2 MiB block once more than 51 % of it is resident (NVIDIA's tree rule).
+  enum class Prefetch { kOff, kSequential, kDensity } prefetch = Prefetch::kOff;
   // Allocate all device memory up front (as a GPU's memory is): migrations then copy into slots
   // that exist instead of allocating a page per slot, and freed slots keep their pages.
   bool preallocate = false;
@@ -61,6 +64,7 @@ struct DeviceCounters {
   std::atomic<uint64_t> service_ns{0};
   std::atomic<uint64_t> invalidations[11] = {};  // by InvalidateCause
   std::atomic<uint64_t> invalidated_pages{0};
+  std::atomic<uint64_t> prefetched_pages{0};
   std::atomic<uint64_t> to_device[static_cast<unsigned>(Trigger::kCount)] = {};  // pages, by trigger
   std::atomic<uint64_t> to_host[static_cast<unsigned>(Trigger::kCount)] = {};
 };
@@ -155,6 +159,7 @@ class Device {
   };
   void service();
   void service_batch(std::vector<Request*>& batch);
+  void prefetch(Mirror* m, uint64_t first, uint64_t last);
   void run_share(const KernelSpec& spec, uint64_t first_op, uint64_t last_op, unsigned index, KernelResult* out);
 
   DeviceConfig config_;
