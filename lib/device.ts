@@ -295,14 +295,20 @@ export class Device {
    * the CPU goes on. Needs shared memory with a file userfaultfd can write-protect (memfd, tmpfs):
    * device threads are threads of this process, so the device writes through its own second
    * mapping of the file; private anonymous memory has no second view (EOPNOTSUPP: use exclusive()).
+   *
+   * pin (default false): long-term GUP emulation. The range is faulted in for write at once
+   * (EPERM without write access) and the mirror is never invalidated: when the CPU side changes
+   * (discard, unmap, remap, truncate, protect), the device keeps the page it had, in its own memory,
+   * and from then on the CPU and the device see different pages (info().diverged counts them).
+   * Mirror mode stays coherent through the same changes; pin mode shows what a pin costs.
    */
-  mirror(mapping: Mapping, options: { offset?: number; length?: number; writeMode?: 'shared' | 'single' } = {}): Mirror {
+  mirror(mapping: Mapping, options: { offset?: number; length?: number; writeMode?: 'shared' | 'single'; pin?: boolean } = {}): Mirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
     if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
     const offset = checkInteger('offset', options.offset ?? 0);
     const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
     const writeMode = checkOneOf('writeMode', options.writeMode ?? 'shared', ['shared', 'single'] as const);
-    return new Mirror(this.#n.mirror(mapping.native, offset, length, writeMode), this, mapping, offset, length);
+    return new Mirror(this.#n.mirror(mapping.native, offset, length, writeMode, options.pin ?? false), this, mapping, offset, length);
   }
 
   counters(): DeviceCounters {

@@ -253,6 +253,8 @@ export interface NativeMirror {
     invalidatedPages?: number;
     rangeFaults?: number;
     retries?: number;
+    pinned?: boolean;
+    diverged?: number;
   };
   close(): void;
 }
@@ -270,7 +272,7 @@ export interface NativeMigrateResult {
 export interface NativeDevice {
   release(): Promise<number>;
   drainTrace(): { events: NativeTraceEvent[]; dropped: number };
-  mirror(m: NativeMapping, offset: number, length: number, writeMode?: 'shared' | 'single'): NativeMirror;
+  mirror(m: NativeMapping, offset: number, length: number, writeMode?: 'shared' | 'single', pin?: boolean): NativeMirror;
   counters(): NativeDeviceCounters;
   memory(): { pageSize: number; slots: number; used: number };
   close(): void;

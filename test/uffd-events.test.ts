@@ -431,6 +431,23 @@ describe('FORK events', () => {
     expect(res.status, progress).toBe(0);
     expect(lines.at(-1)).toBe('all rounds done');
   });
+
+  it('forkAccess() while JavaScript-handled faults keep arriving never deadlocks', (ctx) => {
+    requireCap(ctx, P.experiments.events, 'uffd events');
+    // Same hazard, other path: the service thread no longer allocates, but it waits for locks the
+    // JavaScript thread holds while allocating (the pending batch, outstanding()). 4 s of faults
+    // resolved in JavaScript on 4 threads, with forks of a registered mapping all along.
+    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-fork-traffic.mjs'), '4'], {
+      encoding: 'utf8',
+      timeout: 12_000,
+      killSignal: 'SIGKILL',
+    });
+    const lines = res.stdout.split('\n').filter(Boolean);
+    const progress = `reached ${lines.at(-1) ?? 'no round'}; stderr: ${res.stderr}`;
+    expect(res.signal, `the fixture deadlocked and was killed: ${progress}`).toBeNull();
+    expect(res.status, progress).toBe(0);
+    expect(lines.at(-1)).toMatch(/^all rounds done: [1-9]\d* forks, [1-9]\d* faults/);
+  });
 });
 
 describe('EAGAIN while an event is unread', () => {

@@ -118,6 +118,17 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
     mirror->detach();
     throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "writeMode must be 'shared' or 'single'");
   }
+  if (info.Length() > 4 && info[4].ToBoolean().Value()) {
+    if (write_mode == "single") {
+      mirror->detach();
+      throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "pin and writeMode 'single' do not combine");
+    }
+    int rc = mirror->enable_pin(dev->config().timeout_ms);
+    if (rc) {
+      mirror->detach();
+      ThrowSystemError(env, rc, "pin", {nullptr, rc == -EPERM ? "pinning needs write access to the range" : nullptr});
+    }
+  }
   AddonData* data = env.GetInstanceData<AddonData>();
   return data->mirror_ctor.Value().New({Napi::External<std::shared_ptr<engine::Device>>::New(env, &dev),
                                         Napi::External<std::shared_ptr<engine::Mirror>>::New(env, &mirror)});
@@ -559,6 +570,8 @@ Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {
   o.Set("invalidatedPages", static_cast<double>(s.invalidated_pages.load()));
   o.Set("rangeFaults", static_cast<double>(s.range_faults.load()));
   o.Set("retries", static_cast<double>(s.retries.load()));
+  o.Set("pinned", mirror_->pinned());
+  o.Set("diverged", static_cast<double>(mirror_->diverged()));
   return o;
 }
 

@@ -115,6 +115,13 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
                           cause == InvalidateCause::kTruncate || cause == InvalidateCause::kRemap ||
                           cause == InvalidateCause::kUffdEvent;
   uint64_t cleared = 0;
+  if (pinned_) {
+    // A pinned page is not the CPU's to take: the device keeps a page of its own.
+    if (cause != InvalidateCause::kFork && cause != InvalidateCause::kWriteback)
+      for (uint64_t i = first; i < last; i++) keep_pinned_page(i);
+    stats_.invalidations.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
   for (uint64_t i = first; i < last; i++) {
     uint64_t old = pt_[i].load(std::memory_order_relaxed);
     uint64_t keep = (old & kOnDevice) && !drops_data ? (old & ~(kValid | kWrite | kAtomic)) : 0;
@@ -227,6 +234,11 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
   }
   if (region_->hugetlb) {
     out->error = -EINVAL;
+    return;
+  }
+  if (pinned_) {
+    for (uint64_t i = first; i < last; i++) out->skipped.push_back({i, Skip::kPinned});
+    out->error = -ENOENT;
     return;
   }
   const uint64_t off = offset_ + first * page_, len = (last - first) * page_;
@@ -473,7 +485,7 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
   uint64_t moved = 0;
   for (uint64_t i = first; i < last;) {
     const uint64_t e = pt_[i].load(std::memory_order_relaxed);
-    if (!(e & kOnDevice)) {
+    if (!(e & kOnDevice) || (e & kPinned)) {  // a pinned page kept by the device has no home to go to
       i++;
       continue;
     }
@@ -481,7 +493,7 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
     uint64_t j = i + 1;
     while (j < last && j - i < 512) {
       const uint64_t f = pt_[j].load(std::memory_order_relaxed);
-      if (!(f & kOnDevice) || (f >> kSlotShift) != (e >> kSlotShift) + (j - i)) break;
+      if (!(f & kOnDevice) || (f & kPinned) || (f >> kSlotShift) != (e >> kSlotShift) + (j - i)) break;
       j++;
     }
     if (j - i > 1 && move_back_run(i, j)) {
@@ -505,7 +517,7 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
 bool Mirror::cpu_fault(uint64_t i) {
   // Caller (the engine) holds change_mu_.
   uint64_t e = pt_[i].load(std::memory_order_acquire);
-  if (!(e & kOnDevice)) return false;
+  if (!(e & kOnDevice) || (e & kPinned)) return false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     active_++;
@@ -527,7 +539,7 @@ bool Mirror::cpu_fault(uint64_t i) {
 
 bool Mirror::evict(uint64_t i) {
   const uint64_t e = pt_[i].load(std::memory_order_acquire);
-  if (!(e & kOnDevice)) return false;
+  if (!(e & kOnDevice) || (e & kPinned)) return false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     active_++;
@@ -561,6 +573,44 @@ int Mirror::enable_single_writer() {
   alias_ = reinterpret_cast<uint64_t>(alias);
   single_writer_ = true;
   return 0;
+}
+
+int Mirror::enable_pin(int timeout_ms) {
+  {
+    std::lock_guard<std::mutex> change(change_mu_);
+    // Device memory receives the kept pages; its pool is filled through the engine's descriptor.
+    int rc = Engine::get().ensure();
+    if (rc == 0) rc = device_->register_pool();
+    if (rc) return rc;
+  }
+  int rc = range_fault(0, npages_, true, timeout_ms);  // get_user_pages(FOLL_WRITE | FOLL_LONGTERM)
+  if (rc) return rc;
+  pinned_ = true;
+  return 0;
+}
+
+// Caller holds change_mu_ (invalidate_start). The page is still mapped: the CPU-side change comes
+// after. Copy it into a slot and point the entry there.
+void Mirror::keep_pinned_page(uint64_t i) {
+  const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+  if (!(e & kValid) || (e & (kOnDevice | kPinned))) return;
+  uint64_t slot;
+  if (!device_->alloc_slot(&slot)) return;  // no room: the device loses the page (counted nowhere)
+  pt_[i].store(0, std::memory_order_seq_cst);
+  wait_inflight(i, i + 1);
+  const uint64_t host = start_ + i * page_;
+  const uint64_t dst = reinterpret_cast<uint64_t>(device_->slot_address(slot));
+  int64_t done = 0;
+  int rc = 0;
+  if (device_->slots_populated(slot, 1)) std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(host), page_);
+  else rc = sys::uffd_copy(Engine::get().fd(), dst, host, page_, UFFDIO_COPY_MODE_DONTWAKE, &done);
+  if (rc) {
+    device_->free_slot(slot);
+    return;
+  }
+  device_->set_populated(slot, 1, true);
+  pt_[i].store((slot << kSlotShift) | kOnDevice | kPinned | kValid | (e & (kWrite | kDirty)), std::memory_order_release);
+  diverged_.fetch_add(1, std::memory_order_relaxed);
 }
 
 bool Mirror::revoke_write(uint64_t i) {

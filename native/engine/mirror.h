@@ -30,6 +30,7 @@ enum : uint64_t {
   kDirty = 1ull << 3,    // the device wrote through this entry
   kOnDevice = 1ull << 4, // the data lives in device memory (slot), not in the host page
   kAccessed = 1ull << 5, // the device accessed the page since eviction last looked (LRU)
+  kPinned = 1ull << 6,   // pin mode: the device kept its own page when the CPU side changed
   kSlotShift = 20,
 };
 
@@ -108,6 +109,13 @@ class Mirror : public RangeNotifier {
   // write access write-protects the CPU's PTE (uffd-wp); a CPU write then faults and the engine
   // revokes the device's write access first. Registers the range with the engine. -errno on failure.
   int enable_single_writer();
+  // Pin mode (long-term GUP): the whole range is faulted in for write now and never invalidated.
+  // When the CPU side changes (discard, unmap, remap, truncate, protect), the device keeps the page
+  // it had, as a pinned page stays with its holder, in a page of device memory: from then on the
+  // CPU and the device see different pages. That divergence is the hazard pin mode shows.
+  int enable_pin(int timeout_ms);
+  bool pinned() const { return pinned_; }
+  uint64_t diverged() const { return diverged_.load(std::memory_order_relaxed); }
   bool single_writer() const { return single_writer_; }
   // The engine's WP-fault path in single-writer mode: drop the device's write access to page i.
   // Returns true if it had it. Caller holds change_mu_.
@@ -149,6 +157,9 @@ class Mirror : public RangeNotifier {
   std::mutex change_mu_;
   bool engine_registered_ = false;
   bool single_writer_ = false;
+  bool pinned_ = false;
+  std::atomic<uint64_t> diverged_{0};  // pin mode: pages the device kept when the CPU's changed
+  void keep_pinned_page(uint64_t i);
   // Single-writer mode: the device's own view of the pages (a second shared mapping of the same
   // file), which the CPU mapping's write protection does not cover. Device threads are threads of
   // this process: through the CPU mapping they would meet the same uffd-wp as the CPU.
