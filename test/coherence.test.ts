@@ -1,6 +1,6 @@
 // Coherence against a shadow model: device threads (two devices, one migrating on faults with a
-// small memory that must evict), CPU threads, explicit migrations in and out, discards and forks
-// hammer one range; after every read the data must be what the model says. No lost write, no
+// small memory that must evict), CPU threads, explicit migrations in and out, discards, munmap of
+// parts and forks hammer one range; after every read the data must be what the model says. No lost write, no
 // stale read, no hang, no crash.
 import { describe, it, expect } from 'vitest';
 import { mapAnonymous, Device, access, forkAccess, type Mirror, type Mapping } from '../lib/index.js';
@@ -25,7 +25,7 @@ function rng(seed: number): () => number {
 interface Stream {
   first: number; // pages [first, first + n) belong to this stream
   n: number;
-  model: number[]; // per page: the seed its words were last written with (0: zeros)
+  model: number[]; // per page: the seed its words were last written with (0: zeros; -1: unmapped)
 }
 
 /** Page i's words hold seed + word index (seed 0 means all zeros after a discard). */
@@ -41,7 +41,17 @@ async function runStream(st: Stream, m: Mapping, mirrors: Mirror[], rand: () => 
     const page = st.first + Math.floor(rand() * st.n);
     const r = rand();
     const which = mirrors[Math.floor(rand() * mirrors.length)]!;
-    if (r < 0.3) {
+    if (st.model[page - st.first] === -1) {
+      // Unmapped part: every device and CPU access is refused, typed, and nothing crashes.
+      await expect(which.read(page * PAGE, 1)).rejects.toMatchObject({ code: 'EFAULT' });
+      await expect(access(m, { offset: page * PAGE, length: PAGE })).rejects.toMatchObject({ code: 'EACCES' });
+      continue;
+    }
+    if (r < 0.005 && st.model.filter((x) => x === -1).length < 3) {
+      m.unmap(page * PAGE, PAGE); // munmap of a part, under everything else
+      st.model[page - st.first] = -1;
+      log.push(`unmap ${page}`);
+    } else if (r < 0.3) {
       seed += 7;
       await which.run({ op: 'write', seed, offset: page * PAGE, npages: 1, unit: 8 });
       st.model[page - st.first] = seed;
@@ -99,6 +109,7 @@ describe('coherence against a shadow model', () => {
         for (let k = 0; k < st.n; k++) {
           const page = st.first + k;
           const want = st.model[k]!;
+          if (want === -1) continue;
           expect(await verifyPage(m, page, want)).toBe(0);
           if (want !== 0) for (const mir of mirrors) expect((await mir.run({ op: 'verify', seed: want, offset: page * PAGE, npages: 1, unit: 8 })).mismatches).toBe(0);
         }

@@ -404,6 +404,21 @@ describe('remap', () => {
 });
 
 describe('ownership', () => {
+  it('pins cover the range a native job uses: other parts can change meanwhile', async () => {
+    const m = mapAnonymous(64 * PAGE);
+    try {
+      const job = access(m, { length: 32 * PAGE, op: 'write', unit: 8, ops: 4_000_000, pattern: 'random' });
+      expect(() => m.protect('r', { offset: 0, length: PAGE })).toThrow(expect.objectContaining({ code: 'EBUSY' }));
+      m.protect('r', { offset: 48 * PAGE, length: PAGE }); // not in use: fine
+      m.unmap(60 * PAGE, 4 * PAGE);
+      expect(() => m.unmap(0, PAGE)).toThrow(expect.objectContaining({ code: 'EBUSY', syscall: 'munmap' }));
+      await job;
+      m.protect('r', { offset: 0, length: PAGE });
+    } finally {
+      m.close();
+    }
+  });
+
   it('close() is refused while native threads use the mapping, then succeeds', async () => {
     const m = mapAnonymous(256 * PAGE);
     try {

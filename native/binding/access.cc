@@ -101,7 +101,8 @@ Napi::Value RunAccess(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = Mapping::Unwrap(info[0]);
   sys::AccessSpec spec = ParseSpec(info, m, true);
-  auto state = std::unique_ptr<AccessState>(new AccessState{spec, {}, RegionPin(m->region())});
+  auto state = std::unique_ptr<AccessState>(
+      new AccessState{spec, {}, RegionPin(m->region(), spec.base - m->region()->addr, spec.length)});
   return NativeJob<AccessState>::Start(
       env, std::move(state), [](AccessState& s) { sys::run_access(s.spec, &s.result); },
       [](Napi::Env env, AccessState& s) -> Napi::Value { return ResultObject(env, s.result); });
@@ -147,7 +148,8 @@ Napi::Value ForkRun(const Napi::CallbackInfo& info) {
   Mapping* m = Mapping::Unwrap(info[0]);
   sys::AccessSpec spec = ParseSpec(info, m, true);
   Napi::Object o = info.Length() > 3 && info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
-  auto state = std::unique_ptr<ForkState>(new ForkState{spec, RegionPin(m->region())});
+  auto state = std::unique_ptr<ForkState>(
+      new ForkState{spec, RegionPin(m->region(), spec.base - m->region()->addr, spec.length)});
   state->delay_ms = static_cast<int>(OptU64(o, "delayMs", 0));
   return NativeJob<ForkState>::Start(
       env, std::move(state),
@@ -237,7 +239,7 @@ Napi::Value CopyAsync(const Napi::CallbackInfo& info) {
                       to_mapping ? "the range is not writable" : "the range is not readable"});
   auto state = std::unique_ptr<CopyState>(new CopyState{
       addr, static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), len, to_mapping,
-      RegionPin(m->region()), Napi::Persistent(static_cast<Napi::Value>(ta))});
+      RegionPin(m->region(), off, len), Napi::Persistent(static_cast<Napi::Value>(ta))});
   return NativeJob<CopyState>::Start(
       env, std::move(state),
       [](CopyState& s) {

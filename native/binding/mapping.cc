@@ -77,6 +77,13 @@ void Region::unmap_now() {
   if (closed.compare_exchange_strong(expected, true) && addr) sys::unmap(reinterpret_cast<void*>(addr), length);
 }
 
+bool Region::pinned_over(uint64_t off, uint64_t len) {
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& p : pin_ranges)
+    if (off < p.first + p.second && p.first < off + len) return true;
+  return false;
+}
+
 int Region::prot_over(uint64_t off, uint64_t len) {
   std::lock_guard<std::mutex> lock(mu);
   int p = PROT_READ | PROT_WRITE | PROT_EXEC;
@@ -276,7 +283,7 @@ Napi::Value Mapping::Protect(const Napi::CallbackInfo& info) {
   uint64_t addr = Range(env, off, len);
   Region& r = *region_;
   const int before = r.prot_over(off, len);
-  if ((before & ~prot) && r.pins.load() > 0)
+  if ((before & ~prot) && r.pinned_over(off, len))
     throw SystemError(env, -EBUSY, "mprotect",
                       {nullptr, "native threads are using this mapping; taking permissions away now could kill "
                                 "them mid-access"});
@@ -511,8 +518,8 @@ Napi::Value Mapping::Unmap(const Napi::CallbackInfo& info) {
   if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
   uint64_t addr = Range(env, off, len);
   Region& r = *region_;
-  if (r.pins.load() > 0)
-    throw SystemError(env, -EBUSY, "munmap", {nullptr, "native threads are using this mapping"});
+  if (r.pinned_over(off, len))
+    throw SystemError(env, -EBUSY, "munmap", {nullptr, "native threads are using this part of the mapping"});
   DetachBuffer();
   {
     Region::Invalidation inv(&r, off, len, InvalidateCause::kUnmap);

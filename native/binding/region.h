@@ -59,6 +59,9 @@ struct Region {
 
   std::atomic<bool> closed{false};
   std::atomic<int> pins{0};         // access jobs and fault rules using this memory
+  // The byte ranges those pins cover (under mu): a change to other parts need not wait for them.
+  std::vector<std::pair<uint64_t, uint64_t>> pin_ranges;
+  bool pinned_over(uint64_t off, uint64_t len);
   std::atomic<int> registered{0};   // userfaultfd registrations covering part of it
 
   // Protection by segment: key = segment start offset, value = prot; a segment runs to the next
@@ -96,14 +99,30 @@ struct Region {
 // RAII pin: keeps close() and shrinking operations away while native threads use the memory.
 class RegionPin {
  public:
-  explicit RegionPin(std::shared_ptr<Region> r) : r_(std::move(r)) { r_->pins.fetch_add(1); }
-  ~RegionPin() { if (r_) r_->pins.fetch_sub(1); }
-  RegionPin(RegionPin&& o) noexcept : r_(std::move(o.r_)) {}
+  // Pins [off, off + len) of the region (the whole of it by default).
+  explicit RegionPin(std::shared_ptr<Region> r, uint64_t off = 0, uint64_t len = UINT64_MAX) : r_(std::move(r)) {
+    std::lock_guard<std::mutex> lock(r_->mu);
+    range_ = {off, len == UINT64_MAX ? r_->length - off : len};
+    r_->pin_ranges.push_back(range_);
+    r_->pins.fetch_add(1);
+  }
+  ~RegionPin() {
+    if (!r_) return;
+    std::lock_guard<std::mutex> lock(r_->mu);
+    for (auto it = r_->pin_ranges.begin(); it != r_->pin_ranges.end(); ++it)
+      if (*it == range_) {
+        r_->pin_ranges.erase(it);
+        break;
+      }
+    r_->pins.fetch_sub(1);
+  }
+  RegionPin(RegionPin&& o) noexcept : r_(std::move(o.r_)), range_(o.range_) {}
   RegionPin(const RegionPin&) = delete;
   RegionPin& operator=(const RegionPin&) = delete;
   Region* get() const { return r_.get(); }
  private:
   std::shared_ptr<Region> r_;
+  std::pair<uint64_t, uint64_t> range_;
 };
 
 }  // namespace pm

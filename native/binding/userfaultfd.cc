@@ -659,7 +659,7 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
       if (src.IsUndefined()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", action + " rules need a source Mapping");
       Mapping* sm = Mapping::Unwrap(src);
       r.source = sm->Range(env, soff, len, r.action == sys::RuleAction::kMove);
-      pins.emplace_back(sm->region());
+      pins.emplace_back(sm->region(), soff, len);
     }
     rules.push_back(r);
   }

@@ -247,6 +247,16 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     out->error = -EINVAL;
     return;
   }
+  if (region_->fd >= 0) {
+    // DAX: the file's pages are the device-addressable memory itself; there is no page cache page
+    // to move. Mirroring works; migration is refused, per page, with that reason.
+    sys::StatxInfo sx;
+    if (sys::statx_fd(region_->fd, &sx) == 0 && sx.dax) {
+      for (uint64_t i = first; i < last; i++) out->skipped.push_back({i, Skip::kDax});
+      out->error = -ENOENT;
+      return;
+    }
+  }
   if (region_->kind != RegionKind::kAnonymous && !region_->shared) {
     // A private file mapping: in the kernel, pages already copied on write can move. In user space
     // the CPU side must fault when it touches a moved page, and userfaultfd cannot register a
