@@ -435,11 +435,11 @@ describe('FORK events', () => {
   it('forkAccess() while JavaScript-handled faults keep arriving never deadlocks', (ctx) => {
     requireCap(ctx, P.experiments.events, 'uffd events');
     // Same hazard, other path: the service thread no longer allocates, but it waits for locks the
-    // JavaScript thread holds while allocating (the pending batch, outstanding()). 4 s of faults
+    // JavaScript thread holds while allocating (the pending batch, outstanding()). 6 s of faults
     // resolved in JavaScript on 4 threads, with forks of a registered mapping all along.
-    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-fork-traffic.mjs'), '4'], {
+    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-fork-traffic.mjs'), '6'], {
       encoding: 'utf8',
-      timeout: 12_000,
+      timeout: 14_000,
       killSignal: 'SIGKILL',
     });
     const lines = res.stdout.split('\n').filter(Boolean);

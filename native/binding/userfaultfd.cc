@@ -531,6 +531,8 @@ Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
   auto p = std::make_shared<Pending>();
   p->faults.reserve(Pending::kCapacity);
   p->events.reserve(Pending::kCapacity);
+  p->taken_faults.reserve(Pending::kCapacity);
+  p->taken_events.reserve(Pending::kCapacity);
   p->env = env;
   p->fd = fd;
   napi_create_reference(env, info[0], 1, &p->callback);
@@ -559,15 +561,17 @@ Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
 // On the JavaScript thread: everything pending goes to the callback as one batch.
 void Userfaultfd::OnAsync(uv_async_t* handle) {
   std::shared_ptr<Pending> p = *static_cast<std::shared_ptr<Pending>*>(handle->data);
-  auto* batch = new Batch();
   {
     std::lock_guard<std::mutex> lock(p->mu);
-    batch->faults.assign(p->faults.begin(), p->faults.end());
-    batch->events.assign(p->events.begin(), p->events.end());
-    p->faults.clear();
-    p->events.clear();
+    p->faults.swap(p->taken_faults);  // both keep their capacity: nothing allocated under the lock
+    p->events.swap(p->taken_events);
     p->queued = false;
   }
+  auto* batch = new Batch();
+  batch->faults.assign(p->taken_faults.begin(), p->taken_faults.end());
+  batch->events.assign(p->taken_events.begin(), p->taken_events.end());
+  p->taken_faults.clear();
+  p->taken_events.clear();
   if (batch->faults.empty() && batch->events.empty()) {
     delete batch;
     return;

@@ -87,6 +87,11 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
     std::mutex mu;
     std::vector<sys::FaultMsg> faults;
     std::vector<sys::EventMsg> events;
+    // The JavaScript thread's side of a double buffer: swapped with the above under the lock (no
+    // allocation while the lock is held: a fork in progress blocks malloc, and the service thread,
+    // which must read the fork event, needs this lock).
+    std::vector<sys::FaultMsg> taken_faults;
+    std::vector<sys::EventMsg> taken_events;
     bool queued = false;
     uint64_t overflow = 0;     // faults resolved by the fallback because the buffer was full
     uv_async_t* async = nullptr;

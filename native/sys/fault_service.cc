@@ -107,8 +107,12 @@ void FaultService::resolved(uint64_t start, uint64_t len) {
 }
 
 std::vector<FaultMsg> FaultService::outstanding() {
+  // Allocate before taking the lock the service thread needs (see FaultSink::on_batch).
+  std::vector<FaultMsg> out;
+  out.reserve(kOutstandingCapacity);
   std::lock_guard<std::mutex> lock(outstanding_mu_);
-  return outstanding_;
+  out.assign(outstanding_.begin(), outstanding_.end());
+  return out;
 }
 
 std::vector<FaultMsg> FaultService::drain() {
