@@ -16,6 +16,7 @@
 #include "../sys/mem.h"
 #include "../sys/pagemap.h"
 #include "../sys/uapi.h"
+#include "../engine/engine.h"
 #include "addon.h"
 #include "args.h"
 #include "errors.h"
@@ -588,6 +589,7 @@ Napi::Value Mapping::Map(const Napi::CallbackInfo& info) {
   uint64_t offset = OptU64(o, "offset", 0);
 
   auto r = std::make_shared<Region>();
+  r->id = engine::Engine::next_owner_id();
   r->shared = shared;
   r->hugetlb = huge;
   r->page = huge ? (huge_size ? huge_size : DefaultHugePageSize()) : sys::page_size();

@@ -46,6 +46,7 @@ class RangeNotifier {
 enum class RegionKind { kAnonymous, kMemfd, kFile };
 
 struct Region {
+  uint64_t id = 0;             // unique for the process's lifetime (addresses are reused; ids are not)
   uint64_t addr = 0;
   uint64_t length = 0;
   uint64_t page = 4096;        // the mapping's page size (2 MiB or 1 GiB for hugetlb)

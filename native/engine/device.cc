@@ -59,7 +59,7 @@ void Device::on_migrate(Mirror* m, bool to_device, uint64_t first, uint64_t page
 
 Device::~Device() {
   close();
-  if (pool_registered_) Engine::get().unregister_range(reinterpret_cast<uint64_t>(pool_), slots_ * config_.page);
+  if (pool_registered_) Engine::get().unregister_range(reinterpret_cast<uint64_t>(pool_), slots_ * config_.page, pool_owner_);
   if (pool_) sys::unmap(pool_, slots_ * config_.page);
 }
 
@@ -224,7 +224,7 @@ void Device::free_slot(uint64_t slot, bool zap) {
 int Device::register_pool() {
   std::lock_guard<std::mutex> lock(slot_mu_);
   if (pool_registered_) return 0;
-  int rc = Engine::get().register_range(reinterpret_cast<uint64_t>(pool_), slots_ * config_.page);
+  int rc = Engine::get().register_range(reinterpret_cast<uint64_t>(pool_), slots_ * config_.page, pool_owner_);
   if (rc == 0) pool_registered_ = true;
   return rc;
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../sys/access.h"
+#include "engine.h"
 #include "mirror.h"
 
 namespace pm::engine {
@@ -174,6 +175,7 @@ class Device {
   uint64_t cursor_ = 0;
   bool take_run_locked(uint64_t n, uint64_t* first);
   bool pool_registered_ = false;
+  const uint64_t pool_owner_ = Engine::next_owner_id();
   // Device-resident pages in allocation order (the FIFO/LRU queue). Stale entries (pages freed by
   // other paths) are skipped when met.
   struct Resident {

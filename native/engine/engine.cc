@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 
 #include "../sys/mem.h"
@@ -51,27 +52,34 @@ int Engine::ensure() {
   return 0;
 }
 
-int Engine::register_range(uint64_t start, uint64_t len) {
+uint64_t Engine::next_owner_id() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1);
+}
+
+int Engine::register_range(uint64_t start, uint64_t len, uint64_t owner) {
   std::lock_guard<std::mutex> lock(mu_);
   for (const Range& r : registered_)
-    if (r.start == start && r.len == len) {
+    if (r.start == start && r.len == len && r.owner == owner) {
       registered_.push_back(r);  // counted: one entry per user
       return 0;
     }
+  // Re-registering a range this descriptor already has is allowed (the kernel updates the mode);
+  // a fresh mapping at a reused address needs it.
   int rc = sys::uffd_register(fd_, start, len, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP, nullptr);
   if (rc) return rc;
-  registered_.push_back({start, len});
+  registered_.push_back({start, len, owner});
   return 0;
 }
 
-void Engine::unregister_range(uint64_t start, uint64_t len) {
+void Engine::unregister_range(uint64_t start, uint64_t len, uint64_t owner) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = std::find_if(registered_.begin(), registered_.end(),
-                         [&](const Range& r) { return r.start == start && r.len == len; });
+                         [&](const Range& r) { return r.start == start && r.len == len && r.owner == owner; });
   if (it == registered_.end()) return;
   registered_.erase(it);
   for (const Range& r : registered_)
-    if (r.start == start && r.len == len) return;  // another user still needs it
+    if (r.start < start + len && start < r.start + r.len) return;  // someone still needs (part of) it
   sys::uffd_unregister(fd_, start, len);  // ENOMEM/EINVAL once unmapped: nothing left to undo
 }
 

@@ -33,10 +33,14 @@ class Engine : public sys::FaultSink {
   int ensure();
   int fd() const { return fd_; }
   bool has_move() const { return has_move_; }
-  // UFFDIO_REGISTER (MISSING | WP) of [start, start + len), once per range. -EBUSY: the range is
+  // UFFDIO_REGISTER (MISSING | WP) of [start, start + len) for an owner (a Region's or a device
+  // pool's id), counted per owner: an address range can be unmapped and mapped again for another
+  // owner while a stale entry lingers, and that one must be registered anew. -EBUSY: the range is
   // registered with another userfaultfd (the user's own).
-  int register_range(uint64_t start, uint64_t len);
-  void unregister_range(uint64_t start, uint64_t len);
+  int register_range(uint64_t start, uint64_t len, uint64_t owner);
+  void unregister_range(uint64_t start, uint64_t len, uint64_t owner);
+  // Ids for owners that are not Regions (device pools); Regions take theirs from the same counter.
+  static uint64_t next_owner_id();
 
   void add_mirror(Mirror* m);
   void remove_mirror(Mirror* m);
@@ -67,7 +71,7 @@ class Engine : public sys::FaultSink {
   std::vector<Mirror*> mirrors_;
   std::vector<Mirror*> all_;
   struct Range {
-    uint64_t start, len;
+    uint64_t start, len, owner;
   };
   std::vector<Range> registered_;
   EngineCounters counters_;

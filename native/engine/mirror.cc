@@ -44,7 +44,7 @@ void Mirror::detach() {
     // Device-resident pages come home first: closing a mirror must not lose data.
     migrate_to_host(0, npages_, Trigger::kRelease);
     Engine::get().remove_mirror(this);
-    Engine::get().unregister_range(start_, npages_ * page_);
+    Engine::get().unregister_range(start_, npages_ * page_, region_->id);
     region_->registered.fetch_sub(1);
   }
   {
@@ -217,7 +217,7 @@ int Mirror::ensure_engine() {
   if (rc) return rc;
   rc = device_->register_pool();
   if (rc) return rc;
-  rc = e.register_range(start_, npages_ * page_);
+  rc = e.register_range(start_, npages_ * page_, region_->id);
   if (rc) return rc;
   e.add_mirror(this);
   region_->registered.fetch_add(1);
