@@ -414,6 +414,60 @@ describe('FORK events', () => {
       warm?.close();
     }
   });
+  it('close() after the service thread read a fork event, before JavaScript saw it, still releases the child', async (ctx) => {
+    requireCap(ctx, P.experiments.events, 'uffd events');
+    const m = mapAnonymous(4 * PAGE);
+    const uffd = Userfaultfd.open({ features: ['eventFork'] });
+    let warm: Mapping | undefined;
+    let p: Promise<Awaited<ReturnType<typeof forkAccess>>> | undefined;
+    let kids: number[] = [];
+    try {
+      let delivered = 0;
+      uffd.serve({
+        onFaults(faults, u) {
+          for (const f of faults) u.zeropage(f.mapping!, f.offset, PAGE);
+        },
+        onEvents: (evs) => void (delivered += evs.length),
+      });
+      uffd.register(m);
+      warm = await warmUp(uffd);
+      p = forkAccess(m, { op: 'read' });
+      // Keep the JavaScript thread busy (bounded) until the service thread has read the FORK event
+      // (the descriptor is installed in this process), then close before the batch is delivered.
+      const deadline = Date.now() + 3000;
+      while (uffd.stats().events < 1 && Date.now() < deadline) {
+        /* spin: no await, so the batch cannot reach onEvents */
+      }
+      expect(uffd.stats().events).toBe(1);
+      kids = childPids();
+      uffd.close();
+      expect(delivered).toBe(0);
+      // Nobody adopted the child's descriptor: the library must close it, which wakes the child.
+      const r = await within(p, 4000, 'the child of a fork whose event was never delivered');
+      expect(r.exitCode).toBe(0);
+      expect(r.ops).toBe(4);
+      expect(r.checksum).toBe(0n);
+      const uffdFds = fs.readdirSync('/proc/self/fd').filter((fd) => {
+        try {
+          return fs.readlinkSync(`/proc/self/fd/${fd}`) === 'anon_inode:[userfaultfd]';
+        } catch {
+          return false;
+        }
+      });
+      expect(uffdFds, 'a userfaultfd descriptor leaked').toEqual([]);
+    } finally {
+      uffd.close();
+      if (p) {
+        // If the child is still asleep (the bug), kill it so the fork job can finish.
+        const settled = await within(p, 100, 'child').then(() => true, () => false);
+        if (!settled) for (const pid of kids) if (wchan(pid) === 'handle_userfault') process.kill(pid, 'SIGKILL');
+        await within(p, 5000, 'killed child').catch(() => {});
+      }
+      m.close();
+      warm?.close();
+    }
+  });
+
   it('serve() followed at once by forkAccess() never deadlocks (glibc fork holds malloc locks while the event is unread)', (ctx) => {
     requireCap(ctx, P.experiments.events, 'uffd events');
     // In its own process, because the deadlock it looks for cannot be interrupted (the forking

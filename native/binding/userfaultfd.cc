@@ -718,6 +718,16 @@ void Userfaultfd::StopService() {
   if (service_) service_->stop();
   serving_ = false;
   if (std::shared_ptr<Pending> p = std::move(pending_)) {
+    // Events read but never delivered: a fork's child descriptor nobody will adopt is closed here,
+    // which wakes the child's faults (they proceed as unregistered memory) instead of leaving the
+    // child asleep forever.
+    {
+      std::lock_guard<std::mutex> lock(p->mu);
+      for (const sys::EventMsg& e : p->events)
+        if (e.kind == sys::EventKind::kFork) sys::close_fd(static_cast<int>(e.a));
+      p->events.clear();
+      p->faults.clear();
+    }
     // The handle is closed on this (the JavaScript) thread; its close callback frees it and drops
     // the last references once libuv is done with it.
     if (p->callback) napi_delete_reference(p->env, p->callback);
