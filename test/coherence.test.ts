@@ -36,11 +36,22 @@ async function verifyPage(m: Mapping, page: number, seed: number): Promise<numbe
 }
 
 async function runStream(st: Stream, m: Mapping, mirrors: Mirror[], rand: () => number, log: string[]): Promise<void> {
+  try {
+    await streamOps(st, m, mirrors, rand, log);
+  } catch (err) {
+    // Say where: the last operations of this stream, and the seed to replay it.
+    (err as Error).message += `\n(seed ${SEED}, stream at page ${st.first}; last ops: ${log.slice(-6).join('; ')})`;
+    throw err;
+  }
+}
+
+async function streamOps(st: Stream, m: Mapping, mirrors: Mirror[], rand: () => number, log: string[]): Promise<void> {
   let seed = st.first * 1_000_003 + 17;
   for (let k = 0; k < OPS; k++) {
     const page = st.first + Math.floor(rand() * st.n);
     const r = rand();
     const which = mirrors[Math.floor(rand() * mirrors.length)]!;
+    log.push(`[${k}] page ${page} r=${r.toFixed(3)} on ${which.device.name}`);
     if (st.model[page - st.first] === -1) {
       // Unmapped part: every device and CPU access is refused, typed, and nothing crashes.
       await expect(which.read(page * PAGE, 1)).rejects.toMatchObject({ code: 'EFAULT' });

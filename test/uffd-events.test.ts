@@ -75,9 +75,9 @@ const end = (m: Mapping): bigint => m.address + BigInt(m.length);
 /**
  * Has the service thread take and finish one fault (a page of its own, registered on `uffd`)
  * before a fork. forkAccess() forks with glibc's fork(), which holds the allocator's locks while
- * the kernel keeps fork() waiting for the FORK event to be read; a service thread that allocates
- * before that read (as a freshly started one does) never reads it: a deadlock, exposed by the last
- * test of 'FORK events' and explained in the report. An idle, warmed-up service thread reads first.
+ * the kernel keeps fork() waiting for the FORK event to be read, so the service thread must reach
+ * that read without allocating; the fork-race and fork-traffic tests below check that the library
+ * ensures it. Warming up keeps the other fork tests about events, independent of that hazard.
  */
 async function warmUp(uffd: Userfaultfd): Promise<Mapping> {
   const w = mapAnonymous(PAGE);

@@ -319,7 +319,10 @@ void Device::service_batch(std::vector<Request*>& batch) {
     for (size_t i = run.begin; i < run.end; i++) {
       Request* r = batch[i];
       r->result = rc;
-      if (rc == -EPERM && run.write && !r->write) r->result = run.m->range_fault(r->first, r->last, false, config_.timeout_ms);
+      // Merging is only an optimisation: when the merged run fails (a writer's EPERM, a neighbour's
+      // unmapped page), each request gets its own answer.
+      if (rc != 0 && run.end - run.begin > 1) r->result = run.m->range_fault(r->first, r->last, r->write, config_.timeout_ms);
+      else if (rc == -EPERM && run.write && !r->write) r->result = run.m->range_fault(r->first, r->last, false, config_.timeout_ms);
     }
   }
 }
