@@ -435,6 +435,14 @@ export class Userfaultfd {
   }
 
   #dispatchEvents(batch: NativeBatch): void {
+    // A registered mapping that moved or grew: its registration follows it (faults in the new
+    // range then still name their mapping).
+    for (const e of batch.events) {
+      if (e.type !== 'remap') continue;
+      for (const r of this.#registrations) {
+        if (r.mapping.address === e.to && r.offset === 0) r.length = Math.max(r.length, Math.min(r.mapping.length, e.length));
+      }
+    }
     const events: UffdEvent[] = batch.events.map((e) => {
       if (e.type !== 'fork') return e;
       let adopted: Userfaultfd | undefined;

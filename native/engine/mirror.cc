@@ -269,12 +269,15 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     out->error = rc;
     return;
   }
+  std::lock_guard<std::mutex> change(change_mu_);
+  // Which pages are present, read under the change mutex: the range is registered with the engine
+  // by now, so a CPU touch of a hole waits in the engine for this mutex and cannot populate a page
+  // we think is absent (a zero-filled device page would later overwrite the CPU's data).
   std::vector<uint64_t> pm(last - first);
   if (int rc = sys::pagemap_read(start_ + first * page_, last - first, pm.data())) {
     out->error = rc;
     return;
   }
-  std::lock_guard<std::mutex> change(change_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     active_++;

@@ -124,6 +124,9 @@ std::vector<FaultMsg> FaultService::drain() {
     ssize_t n = ::read(uffd_, msgs, sizeof(msgs));
     if (n <= 0) break;
     for (ssize_t i = 0; i < n / static_cast<ssize_t>(sizeof(uffd_msg)); i++) {
+      // Reading a fork event installed the child's descriptor here; nobody will adopt it now:
+      // closing it wakes the child's faults instead of leaving the child asleep.
+      if (msgs[i].event == UFFD_EVENT_FORK) ::close(static_cast<int>(msgs[i].arg.fork.ufd));
       if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
         out.push_back({msgs[i].arg.pagefault.address & ~(page_ - 1),
                        static_cast<uint32_t>(msgs[i].arg.pagefault.flags),
