@@ -52,6 +52,27 @@ describe('pin mode', () => {
     }
   });
 
+  it('a page another device pins cannot migrate: skipped as pinned', async () => {
+    const a = Device.create({ name: 'a' });
+    const b = Device.create({ name: 'b' });
+    const m = mapAnonymous(4 * PAGE);
+    try {
+      await access(m, { op: 'write', seed: 1 });
+      const pin = a.mirror(m, { pin: true });
+      const mir = b.mirror(m);
+      const err = await mir.migrateToDevice(0, 4).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'ENOENT' });
+      expect((err as { skipped: { reason: string }[] }).skipped.map((s) => s.reason)).toEqual(Array(4).fill('pinned'));
+      expect((await pin.run({ op: 'verify', seed: 1 })).mismatches).toBe(0);
+      mir.close();
+      pin.close();
+    } finally {
+      a.close();
+      b.close();
+      m.close();
+    }
+  });
+
   it('pinning read-only memory is EPERM (a pin takes write access)', () => {
     const dev = Device.create();
     const m = mapAnonymous(PAGE, { prot: 'r' });

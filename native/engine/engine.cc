@@ -126,14 +126,26 @@ bool Engine::owned_by_other(Mirror* self, uint64_t addr) {
   return false;
 }
 
-void Engine::invalidate_others(Mirror* self, uint64_t addr) {
+bool Engine::pinned_by_other(Mirror* self, uint64_t addr) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Mirror* m : all_)
+    if (m != self && m->pinned() && m->covers(addr)) return true;
+  return false;
+}
+
+std::vector<Mirror*> Engine::hold_others(Mirror* self, uint64_t addr) {
   std::vector<Mirror*> others;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (Mirror* m : mirrors_)
-      if (m != self && m->covers(addr)) others.push_back(m);
+    for (Mirror* m : all_)
+      if (m != self && m->covers(addr) && !m->pinned()) others.push_back(m);
   }
-  for (Mirror* m : others) m->drop_entry(m->index_of(addr));
+  for (Mirror* m : others) m->hold_page(m->index_of(addr));
+  return others;
+}
+
+void Engine::release_others(const std::vector<Mirror*>& held) {
+  for (Mirror* m : held) m->release_page();
 }
 
 EngineCounters Engine::counters() {

@@ -53,8 +53,12 @@ class Engine : public sys::FaultSink {
   void before_fork();
   // Whether a mirror other than self holds addr's data in its device memory.
   bool owned_by_other(Mirror* self, uint64_t addr);
-  // Drops every other mirror's entry for addr (a migration is taking the page).
-  void invalidate_others(Mirror* self, uint64_t addr);
+  // Whether another mirror pins addr (a pinned page cannot migrate, as in the kernel).
+  bool pinned_by_other(Mirror* self, uint64_t addr);
+  // Every other mirror's entry for addr goes and stays gone until release_others() (a migration is
+  // taking the page). Returns the mirrors held.
+  std::vector<Mirror*> hold_others(Mirror* self, uint64_t addr);
+  static void release_others(const std::vector<Mirror*>& held);
   EngineCounters counters();
 
   void on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg* events, size_t nevents) override;

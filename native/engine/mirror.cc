@@ -319,18 +319,24 @@ void Mirror::migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool ato
     out->skipped.push_back({i, Skip::kOtherDevice});
     return;
   }
+  if (Engine::get().pinned_by_other(this, host)) {
+    out->skipped.push_back({i, Skip::kPinned});
+    return;
+  }
   uint64_t slot;
   if (!device_->alloc_slot(&slot, this, i)) {
     out->skipped.push_back({i, Skip::kNoMemory});
     return;
   }
-  // Other devices' entries for this page go (they will fault and pull it back); ours is cleared
-  // and our accesses in flight drained before the data leaves the host page.
-  Engine::get().invalidate_others(this, host);
+  // Other devices' entries for this page go, and stay gone until the data has moved (they will
+  // fault and pull it back); ours is cleared and our accesses in flight drained first.
+  auto held = Engine::get().hold_others(this, host);
   pt_[i].store(0, std::memory_order_seq_cst);
   wait_inflight(i, i + 1);
   const bool present = pm_entry >> 63 & 1;
-  if (fill_slots(host, slot, 1, present, use_move, out) == 1) {
+  const uint64_t filled = fill_slots(host, slot, 1, present, use_move, out);
+  Engine::release_others(held);
+  if (filled == 1) {
     set_device_entry(i, slot, e, atomic);
     out->moved++;
     out->resident++;
@@ -350,16 +356,20 @@ uint64_t Mirror::migrate_run(uint64_t a, uint64_t b, const uint64_t* pm, bool us
   for (uint64_t k = 0; k < n; k++) {
     if ((pt_[a + k].load(std::memory_order_relaxed) & kOnDevice) || (pm[k] >> 63 & 1) != present) return 0;
     if (Engine::get().owned_by_other(this, start_ + (a + k) * page_)) return 0;
+    if (Engine::get().pinned_by_other(this, start_ + (a + k) * page_)) return 0;
   }
   uint64_t slot;
   if (!device_->alloc_run(n, &slot, this, a)) return 0;
   std::vector<uint64_t> old(n);
+  std::vector<Mirror*> held;
   for (uint64_t k = 0; k < n; k++) {
-    Engine::get().invalidate_others(this, start_ + (a + k) * page_);
+    auto h = Engine::get().hold_others(this, start_ + (a + k) * page_);
+    held.insert(held.end(), h.begin(), h.end());
     old[k] = pt_[a + k].exchange(0, std::memory_order_seq_cst);
   }
   wait_inflight(a, b);
   const uint64_t done = fill_slots(start_ + a * page_, slot, n, present, use_move, out);
+  Engine::release_others(held);
   for (uint64_t k = 0; k < n; k++) {
     if (k < done) {
       set_device_entry(a + k, slot + k, old[k], atomic);
@@ -646,16 +656,24 @@ uint64_t Mirror::count_exclusive(uint64_t first, uint64_t last) const {
   return n;
 }
 
-void Mirror::drop_entry(uint64_t i) {
+void Mirror::hold_page(uint64_t i) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    gen_++;  // a range fault of ours in progress must not program a stale entry
+    active_++;  // until release_page(): a range fault of ours in progress must not program the page
+    gen_++;
   }
   uint64_t old = pt_[i].load(std::memory_order_relaxed);
   if (old & kOnDevice) return;
   pt_[i].store(0, std::memory_order_seq_cst);
   wait_inflight(i, i + 1);
   if (old & kValid) device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, 1);
+}
+
+void Mirror::release_page() {
+  std::lock_guard<std::mutex> lock(mu_);
+  active_--;
+  gen_++;
+  idle_.notify_all();
 }
 
 void Mirror::snapshot(uint64_t first, uint64_t last, uint8_t* out) {

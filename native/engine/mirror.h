@@ -131,8 +131,11 @@ class Mirror : public RangeNotifier {
   bool test_and_clear_accessed(uint64_t i) {
     return pt_[i].fetch_and(~kAccessed, std::memory_order_relaxed) & kAccessed;
   }
-  // Another device takes page i: drop our entry (not device-resident) and drain our accesses.
-  void drop_entry(uint64_t i);
+  // Another device takes page i: our entry goes (unless the page is in our memory), our accesses in
+  // flight drain, and no range fault of ours programs the page until release_page(): the change
+  // is under way until then (the sequence-count protocol, as for an invalidation).
+  void hold_page(uint64_t i);
+  void release_page();
 
  private:
   void wait_inflight(uint64_t first, uint64_t last);
