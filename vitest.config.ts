@@ -6,6 +6,7 @@ export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
     globalSetup: ['test/global-setup.ts'],
+    setupFiles: ['test/watchdog.ts'],
     pool: 'forks',
     testTimeout: 20_000,
     hookTimeout: 20_000,
