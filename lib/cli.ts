@@ -40,9 +40,10 @@ commands:
                      against the plain C baseline
   bench [suite...]   benchmarks against the plain C baseline, in one run; writes JSON (raw
                      samples + environment) and an HTML report with SVG plots to --out
-                     suites: faults, engine (default: all)
+                     suites: faults, engine, batching, oversubscription (default: all)
                      --pages N (per repetition, default 4096)  --reps N (default 7)
-                     --size BYTES (engine bandwidth runs, default 268435456)
+                     --size BYTES (engine bandwidth runs, default 256 MiB; batching: memory read,
+                     default 64 MiB; oversubscription: device memory = size / 8, default 8 MiB)
                      --out DIR (default ./results)  --no-pin (do not pin to one CPU)  --quiet
   help               this text
 `;

@@ -105,3 +105,28 @@ describe('pagemirror bench engine (smoke size)', () => {
     }
   }, 180_000);
 });
+
+describe('pagemirror bench batching and oversubscription (smoke size)', () => {
+  it('write well-formed curves: every setting measured, line plots in the report', (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    const out = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-bench-'));
+    try {
+      const r = spawnSync(process.execPath, [cli, 'bench', 'batching', 'oversubscription', '--size', String(2 << 20), '--reps', '1', '--out', out, '--quiet'], {
+        encoding: 'utf8',
+        timeout: 120_000,
+      });
+      expect(r.status, r.stderr).toBe(0);
+      const read = (prefix: string) => JSON.parse(fs.readFileSync(path.join(out, fs.readdirSync(out).find((f) => f.startsWith(prefix) && f.endsWith('.json'))!), 'utf8'));
+      const b = read('batching-');
+      expect(b.data).toHaveLength(30); // 5 batch sizes x 3 granules x 2 prefetch settings
+      for (const p of b.data) expect(p.gbps.median).toBeGreaterThan(0);
+      const o = read('oversubscription-');
+      expect(o.data).toHaveLength(18);
+      const over = o.data.filter((p: { ratio: number }) => p.ratio > 1);
+      for (const p of over) expect(p.migrated.toHost.eviction).toBeGreaterThan(0);
+      for (const f of fs.readdirSync(out).filter((f) => f.endsWith('.html'))) expect(fs.readFileSync(path.join(out, f), 'utf8')).toContain('<polyline');
+    } finally {
+      fs.rmSync(out, { recursive: true, force: true });
+    }
+  }, 180_000);
+});

@@ -138,3 +138,58 @@ ${htmlTable({ columns: ['', ''], rows: envRows })}
   fs.writeFileSync(html, page);
   return { json, html };
 }
+
+export interface Series {
+  name: string;
+  points: { x: number; y: number; min?: number; max?: number }[];
+}
+
+/** Lines over a numeric x axis (log2 when it spans more than 16x), with min-max whiskers. */
+export function lineChartSvg(title: string, xLabel: string, yLabel: string, series: Series[]): string {
+  const xs = series.flatMap((s) => s.points.map((p) => p.x)).filter((x) => x > 0);
+  const ys = series.flatMap((s) => s.points.flatMap((p) => [p.y, p.max ?? p.y]));
+  const xMin = Math.min(...xs, 1);
+  const xMax = Math.max(...xs, xMin * 2);
+  const logX = xMax / xMin > 16;
+  const yMax = Math.max(...ys, 1e-9) * 1.1;
+  const step = niceStep(yMax / 5);
+  const yTop = Math.ceil(yMax / step) * step;
+  const W = 860,
+    H = 380,
+    left = 70,
+    right = 170,
+    top = 40,
+    bottom = 60;
+  const pw = W - left - right,
+    ph = H - top - bottom;
+  const x = (v: number) => left + (logX ? Math.log2(v / xMin) / Math.log2(xMax / xMin) : (v - xMin) / (xMax - xMin || 1)) * pw;
+  const y = (v: number) => top + ph - (v / yTop) * ph;
+  const out: string[] = [];
+  out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`);
+  out.push(`<text x="${(left + W - right) / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">${esc(title)}</text>`);
+  for (let t = 0; t <= yTop + 1e-9; t += step) {
+    out.push(`<line x1="${left}" x2="${W - right}" y1="${y(t)}" y2="${y(t)}" stroke="#ddd"/>`);
+    out.push(`<text x="${left - 6}" y="${y(t) + 4}" text-anchor="end">${t >= 100 || t === 0 ? t.toFixed(0) : t.toPrecision(2)}</text>`);
+  }
+  const xticks = [...new Set(xs)].sort((a, b) => a - b);
+  for (const t of xticks) {
+    out.push(`<line x1="${x(t)}" x2="${x(t)}" y1="${top}" y2="${top + ph}" stroke="#eee"/>`);
+    out.push(`<text x="${x(t)}" y="${top + ph + 14}" text-anchor="middle">${t}</text>`);
+  }
+  out.push(`<text x="${(left + W - right) / 2}" y="${H - 20}" text-anchor="middle">${esc(xLabel)}${logX ? ' (log)' : ''}</text>`);
+  out.push(`<text x="14" y="${top + ph / 2}" transform="rotate(-90 14 ${top + ph / 2})" text-anchor="middle">${esc(yLabel)}</text>`);
+  series.forEach((s, si) => {
+    const c = COLORS[si % COLORS.length];
+    const pts = [...s.points].sort((a, b) => a.x - b.x);
+    out.push(`<polyline fill="none" stroke="${c}" stroke-width="2" points="${pts.map((p) => `${x(p.x)},${y(p.y)}`).join(' ')}"/>`);
+    for (const p of pts) {
+      out.push(`<circle cx="${x(p.x)}" cy="${y(p.y)}" r="3" fill="${c}"><title>${esc(`${s.name}: ${p.x} → ${p.y.toPrecision(4)}`)}</title></circle>`);
+      if (p.min !== undefined && p.max !== undefined)
+        out.push(`<line x1="${x(p.x)}" x2="${x(p.x)}" y1="${y(p.min)}" y2="${y(p.max)}" stroke="${c}" stroke-opacity="0.5"/>`);
+    }
+    out.push(`<rect x="${W - right + 12}" y="${top + si * 18}" width="12" height="12" fill="${c}"/>`);
+    out.push(`<text x="${W - right + 28}" y="${top + si * 18 + 10}">${esc(s.name)}</text>`);
+  });
+  out.push('</svg>');
+  return out.join('\n');
+}

@@ -569,6 +569,9 @@ bool Mirror::evict(uint64_t i) {
     gen_++;
   }
   const bool ok = move_back(i, e, true);
+  // An evicted page is no longer mapped by the device (as unified-memory drivers unmap it): the
+  // next device access faults and brings it back, which is what oversubscription costs.
+  pt_[i].store(0, std::memory_order_release);
   {
     std::lock_guard<std::mutex> lock(mu_);
     active_--;
