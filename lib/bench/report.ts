@@ -148,12 +148,15 @@ export interface Series {
 export function lineChartSvg(title: string, xLabel: string, yLabel: string, series: Series[]): string {
   const xs = series.flatMap((s) => s.points.map((p) => p.x)).filter((x) => x > 0);
   const ys = series.flatMap((s) => s.points.flatMap((p) => [p.y, p.max ?? p.y]));
-  const xMin = Math.min(...xs, 1);
+  const xMin = Math.min(...xs);
   const xMax = Math.max(...xs, xMin * 2);
   const logX = xMax / xMin > 16;
+  const yPos = ys.filter((v) => v > 0);
+  const logY = yPos.length > 0 && Math.max(...yPos) / Math.min(...yPos) > 30;
   const yMax = Math.max(...ys, 1e-9) * 1.1;
   const step = niceStep(yMax / 5);
-  const yTop = Math.ceil(yMax / step) * step;
+  const yTop = logY ? Math.pow(10, Math.ceil(Math.log10(Math.max(...yPos)))) : Math.ceil(yMax / step) * step;
+  const yBottom = logY ? Math.pow(10, Math.floor(Math.log10(Math.min(...yPos)))) : 0;
   const W = 860,
     H = 380,
     left = 70,
@@ -163,11 +166,15 @@ export function lineChartSvg(title: string, xLabel: string, yLabel: string, seri
   const pw = W - left - right,
     ph = H - top - bottom;
   const x = (v: number) => left + (logX ? Math.log2(v / xMin) / Math.log2(xMax / xMin) : (v - xMin) / (xMax - xMin || 1)) * pw;
-  const y = (v: number) => top + ph - (v / yTop) * ph;
+  const y = (v: number) =>
+    top + ph - (logY ? (Math.log10(Math.max(v, yBottom)) - Math.log10(yBottom)) / (Math.log10(yTop) - Math.log10(yBottom)) : v / yTop) * ph;
   const out: string[] = [];
   out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`);
   out.push(`<text x="${(left + W - right) / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">${esc(title)}</text>`);
-  for (let t = 0; t <= yTop + 1e-9; t += step) {
+  const yticks = logY
+    ? Array.from({ length: Math.round(Math.log10(yTop / yBottom)) + 1 }, (_, i) => yBottom * Math.pow(10, i))
+    : Array.from({ length: Math.round(yTop / step) + 1 }, (_, i) => i * step);
+  for (const t of yticks) {
     out.push(`<line x1="${left}" x2="${W - right}" y1="${y(t)}" y2="${y(t)}" stroke="#ddd"/>`);
     out.push(`<text x="${left - 6}" y="${y(t) + 4}" text-anchor="end">${t >= 100 || t === 0 ? t.toFixed(0) : t.toPrecision(2)}</text>`);
   }
@@ -177,7 +184,7 @@ export function lineChartSvg(title: string, xLabel: string, yLabel: string, seri
     out.push(`<text x="${x(t)}" y="${top + ph + 14}" text-anchor="middle">${t}</text>`);
   }
   out.push(`<text x="${(left + W - right) / 2}" y="${H - 20}" text-anchor="middle">${esc(xLabel)}${logX ? ' (log)' : ''}</text>`);
-  out.push(`<text x="14" y="${top + ph / 2}" transform="rotate(-90 14 ${top + ph / 2})" text-anchor="middle">${esc(yLabel)}</text>`);
+  out.push(`<text x="14" y="${top + ph / 2}" transform="rotate(-90 14 ${top + ph / 2})" text-anchor="middle">${esc(yLabel)}${logY ? ' (log)' : ''}</text>`);
   series.forEach((s, si) => {
     const c = COLORS[si % COLORS.length];
     const pts = [...s.points].sort((a, b) => a.x - b.x);
