@@ -106,12 +106,12 @@ describe('pagemirror bench engine (smoke size)', () => {
   }, 180_000);
 });
 
-describe('pagemirror bench batching and oversubscription (smoke size)', () => {
+describe('pagemirror bench batching, oversubscription and dirty (smoke size)', () => {
   it('write well-formed curves: every setting measured, line plots in the report', (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');
     const out = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-bench-'));
     try {
-      const r = spawnSync(process.execPath, [cli, 'bench', 'batching', 'oversubscription', '--size', String(2 << 20), '--reps', '1', '--out', out, '--quiet'], {
+      const r = spawnSync(process.execPath, [cli, 'bench', 'batching', 'oversubscription', 'dirty', '--size', String(2 << 20), '--pages', '256', '--reps', '1', '--out', out, '--quiet'], {
         encoding: 'utf8',
         timeout: 120_000,
       });
@@ -124,7 +124,13 @@ describe('pagemirror bench batching and oversubscription (smoke size)', () => {
       expect(o.data).toHaveLength(18);
       const over = o.data.filter((p: { ratio: number }) => p.ratio > 1);
       for (const p of over) expect(p.migrated.toHost.eviction).toBeGreaterThan(0);
-      for (const f of fs.readdirSync(out).filter((f) => f.endsWith('.html'))) expect(fs.readFileSync(path.join(out, f), 'utf8')).toContain('<polyline');
+      for (const f of fs.readdirSync(out).filter((f) => f.endsWith('.html') && !f.startsWith('dirty-')))
+        expect(fs.readFileSync(path.join(out, f), 'utf8')).toContain('<polyline');
+      const d = read('dirty-');
+      for (const row of d.data) {
+        if (row.skipped) expect(row.nsPerDirtyPage).toBeNull();
+        else expect(row.found).toBe(64); // every written page found, none more
+      }
     } finally {
       fs.rmSync(out, { recursive: true, force: true });
     }
