@@ -136,3 +136,14 @@ describe('pagemirror bench batching, oversubscription and dirty (smoke size)', (
     }
   }, 180_000);
 });
+
+describe('examples', () => {
+  for (const name of fs.readdirSync(path.join(root, 'examples')).filter((f) => f.endsWith('.mjs'))) {
+    it(`examples/${name} runs`, (ctx) => {
+      requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+      const r = spawnSync(process.execPath, [path.join(root, 'examples', name)], { encoding: 'utf8', timeout: 60_000, cwd: root });
+      expect(r.status, r.stderr).toBe(0);
+      expect(r.stdout.length).toBeGreaterThan(0);
+    }, 90_000);
+  }
+});
