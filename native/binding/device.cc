@@ -102,8 +102,17 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
     throw SystemError(env, -EEXIST, "mirror", {nullptr, "this device already mirrors part of that range"});
   // A hugetlb mapping is mirrored with one entry per huge page (the device maps it whole, as a
   // PMD); it cannot migrate (EINVAL, as in the kernel).
-  auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
   std::string write_mode = info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "shared";
+  {
+    // A single-writer mirror write-protects the CPU mapping, which every other device thread of
+    // this process would meet too: it cannot share memory with other mirrors (either order).
+    int total = 0, singles = 0;
+    engine::Engine::get().region_mirrors(m->region().get(), &total, &singles);
+    if ((write_mode == "single" && total > 0) || (write_mode != "single" && singles > 0))
+      throw SystemError(env, -EBUSY, "mirror",
+                        {nullptr, "a single-writer mirror cannot share its memory with other mirrors"});
+  }
+  auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
   if (write_mode == "single") {
     int rc = mirror->enable_single_writer();
     if (rc) {
@@ -146,7 +155,7 @@ Napi::Value DeviceWrap::Counters(const Napi::CallbackInfo& info) {
   o.Set("invalidatedPages", static_cast<double>(c.invalidated_pages.load()));
   o.Set("prefetchedPages", static_cast<double>(c.prefetched_pages.load()));
   Napi::Object inv = Napi::Object::New(env);
-  for (unsigned i = 0; i < 11; i++) {
+  for (unsigned i = 0; i <= static_cast<unsigned>(InvalidateCause::kAdvise); i++) {
     uint64_t n = c.invalidations[i].load();
     if (n) inv.Set(InvalidateCauseName(static_cast<InvalidateCause>(i)), static_cast<double>(n));
   }

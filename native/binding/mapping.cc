@@ -38,6 +38,7 @@ const char* InvalidateCauseName(InvalidateCause c) {
     case InvalidateCause::kCpuWrite: return "cpu-write";
     case InvalidateCause::kCpuAccess: return "cpu-access";
     case InvalidateCause::kRelease: return "release";
+    case InvalidateCause::kAdvise: return "advise";
   }
   return "unknown";
 }
@@ -301,10 +302,13 @@ Napi::Value Mapping::Advise(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
   int64_t advice = ToI64(info[2], "advice");
   uint64_t addr = Range(env, off, len);
-  const bool discards = advice == MADV_DONTNEED || advice == MADV_REMOVE || advice == MADV_FREE ||
-                        advice == MADV_PAGEOUT || advice == MADV_COLLAPSE;
+  // DONTNEED/REMOVE/FREE may drop the contents; PAGEOUT/COLLAPSE change the page tables but keep
+  // them (a device page survives those, as a device-private page does in the kernel).
+  const bool discards = advice == MADV_DONTNEED || advice == MADV_REMOVE || advice == MADV_FREE;
+  const bool rearranges = advice == MADV_PAGEOUT || advice == MADV_COLLAPSE;
   std::optional<Region::Invalidation> inv;
   if (discards) inv.emplace(region_.get(), off, len, InvalidateCause::kDiscard);
+  else if (rearranges) inv.emplace(region_.get(), off, len, InvalidateCause::kAdvise);
   int rc = sys::advise(reinterpret_cast<void*>(addr), len, static_cast<int>(advice));
   if (rc) ThrowSystemError(env, rc, "madvise", {region_->path.empty() ? nullptr : region_->path.c_str()});
   return env.Undefined();
@@ -334,6 +338,9 @@ Napi::Value Mapping::Remap(const Napi::CallbackInfo& info) {
   if (r.pins.load() > 0)
     throw SystemError(env, -EBUSY, "mremap", {nullptr, "native threads are using this mapping"});
   DetachBuffer();
+  // Device pages come home first: mremap moves the CPU's page tables, and a device-private page
+  // must be an ordinary page to travel with them.
+  engine::Engine::get().bring_home(&r);
   std::optional<Region::Invalidation> inv(std::in_place, &r, 0, r.length, InvalidateCause::kRemap);
   void* out = nullptr;
   int rc = sys::remap(&out, reinterpret_cast<void*>(r.addr), r.length, new_len, may_move ? MREMAP_MAYMOVE : 0, nullptr);

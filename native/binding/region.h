@@ -27,6 +27,7 @@ enum class InvalidateCause : uint32_t {
   kCpuWrite,     // a CPU write fault on a page a device holds writable
   kCpuAccess,    // any CPU access to a page a device holds exclusively or in its memory
   kRelease,      // the device released its memory
+  kAdvise,       // madvise that keeps the contents (PAGEOUT, COLLAPSE): entries go, data stays
 };
 
 const char* InvalidateCauseName(InvalidateCause c);

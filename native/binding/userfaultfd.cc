@@ -669,9 +669,9 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
   }
   if (!service_) service_ = std::make_unique<sys::FaultService>(fd_, sys::page_size());
   service_->set_rules(std::move(rules));
-  // Swap pins after the service sees the new rules, so no source is unpinned while in use...
-  // the service takes a snapshot per batch; a batch in flight holds the old snapshot only for the
-  // duration of its ioctls, which copy from memory the kernel validates (EFAULT, never a crash).
+  // Known gap: a batch already in flight resolves with the old snapshot; if a removed rule's
+  // source is closed in that instant and its address reused, a copy/move could read the new
+  // mapping. The window is one batch; closing it needs a handshake with the service thread.
   rule_pins_ = std::move(pins);
   return env.Undefined();
 }

@@ -125,22 +125,30 @@ bool Device::evict_one(Mirror* holding) {
       if (resident_.empty() || scanned > 2 * resident_.size() + 8) return false;
       r = resident_.front();
       resident_.pop_front();
+      if (!attached_locked(r.mirror)) continue;  // closing: its pages go with it
+      r.mirror->acquire();                      // it cannot be destroyed while we look at it
     }
+    struct Release {
+      Mirror* m;
+      ~Release() { m->release(); }
+    } guard{r.mirror};
+    auto requeue = [&] {
+      std::lock_guard<std::mutex> lock(slot_mu_);
+      if (attached_locked(r.mirror)) resident_.push_back(r);
+    };
     const uint64_t e = r.mirror->entry(r.page);
     if (!(e & kOnDevice) || (e >> kSlotShift) != r.slot) continue;  // stale: already gone
     if (config_.eviction == DeviceConfig::Eviction::kLru && r.mirror->test_and_clear_accessed(r.page)) {
-      std::lock_guard<std::mutex> lock(slot_mu_);
-      resident_.push_back(r);  // second chance
+      requeue();  // second chance
       continue;
     }
-    if (r.mirror == holding) {
+    if (Engine::holds(r.mirror)) {
       if (r.mirror->evict(r.page)) return true;
       continue;
     }
     std::unique_lock<std::mutex> other(r.mirror->change_mutex(), std::try_to_lock);
     if (!other.owns_lock()) {
-      std::lock_guard<std::mutex> lock(slot_mu_);
-      resident_.push_back(r);
+      requeue();
       continue;
     }
     if (r.mirror->evict(r.page)) return true;
@@ -335,8 +343,16 @@ bool Device::overlaps(uint64_t start, uint64_t end) {
 }
 
 void Device::add_mirror(Mirror* m) {
-  std::lock_guard<std::mutex> lock(mirrors_mu_);
-  mirrors_.push_back(m);
+  {
+    std::lock_guard<std::mutex> lock(mirrors_mu_);
+    mirrors_.push_back(m);
+  }
+  std::lock_guard<std::mutex> lock(slot_mu_);
+  attached_.push_back(m);
+}
+
+bool Device::attached_locked(Mirror* m) const {
+  return std::find(attached_.begin(), attached_.end(), m) != attached_.end();
 }
 
 void Device::remove_mirror(Mirror* m) {
@@ -345,6 +361,7 @@ void Device::remove_mirror(Mirror* m) {
     mirrors_.erase(std::remove(mirrors_.begin(), mirrors_.end(), m), mirrors_.end());
   }
   std::lock_guard<std::mutex> lock(slot_mu_);
+  attached_.erase(std::remove(attached_.begin(), attached_.end(), m), attached_.end());
   resident_.erase(std::remove_if(resident_.begin(), resident_.end(), [m](const Resident& r) { return r.mirror == m; }),
                   resident_.end());
 }
@@ -354,9 +371,13 @@ uint64_t Device::release() {
   {
     std::lock_guard<std::mutex> lock(mirrors_mu_);
     ms = mirrors_;
+    for (Mirror* m : ms) m->acquire();
   }
   uint64_t n = 0;
-  for (Mirror* m : ms) n += m->migrate_to_host(0, m->npages(), Trigger::kRelease);
+  for (Mirror* m : ms) {
+    n += m->migrate_to_host(0, m->npages(), Trigger::kRelease);
+    m->release();
+  }
   return n;
 }
 

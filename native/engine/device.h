@@ -63,7 +63,7 @@ struct DeviceCounters {
   std::atomic<uint64_t> faulted_pages{0};  // pages made present by range faults
   std::atomic<uint64_t> max_batch{0};
   std::atomic<uint64_t> service_ns{0};
-  std::atomic<uint64_t> invalidations[11] = {};  // by InvalidateCause
+  std::atomic<uint64_t> invalidations[16] = {};  // by InvalidateCause
   std::atomic<uint64_t> invalidated_pages{0};
   std::atomic<uint64_t> prefetched_pages{0};
   std::atomic<uint64_t> to_device[static_cast<unsigned>(Trigger::kCount)] = {};  // pages, by trigger
@@ -183,6 +183,7 @@ class Device {
     uint64_t page;
     uint64_t slot;
   };
+  bool attached_locked(Mirror* m) const;  // under slot_mu_: m is still one of ours
   std::deque<Resident> resident_;
   bool evict_one(Mirror* holding);
   std::mutex trace_mu_;
@@ -191,6 +192,7 @@ class Device {
   uint64_t trace_dropped_ = 0;
   std::mutex mirrors_mu_;
   std::vector<Mirror*> mirrors_;
+  std::vector<Mirror*> attached_;  // under slot_mu_: mirrors whose resident pages may be queued
 
   std::mutex queue_mu_;
   std::condition_variable queue_cv_;  // the service waits for requests

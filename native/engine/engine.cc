@@ -103,12 +103,49 @@ void Engine::untrack(Mirror* m) {
   all_.erase(std::remove(all_.begin(), all_.end(), m), all_.end());
 }
 
+namespace {
+thread_local std::vector<Mirror*>* tl_holding = nullptr;
+}
+
+Engine::Holding::~Holding() {
+  locks_.clear();
+  for (Mirror* m : mirrors) m->release();
+  tl_holding = nullptr;
+}
+
+Engine::Holding Engine::lock_covering(Mirror* self, uint64_t start, uint64_t end) {
+  Holding h;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Mirror* m : all_)
+      if (m == self || (m->start() < end && start < m->start() + m->npages() * m->page())) {
+        m->acquire();
+        h.mirrors.push_back(m);
+      }
+  }
+  std::sort(h.mirrors.begin(), h.mirrors.end());
+  for (Mirror* m : h.mirrors) h.locks_.emplace_back(m->change_mutex());
+  tl_holding = &h.mirrors;
+  return h;
+}
+
+bool Engine::holds(Mirror* m) {
+  return tl_holding && std::find(tl_holding->begin(), tl_holding->end(), m) != tl_holding->end();
+}
+
 void Engine::before_fork() {
   std::vector<Mirror*> all;
   {
     std::lock_guard<std::mutex> lock(mu_);
     all = all_;
+    for (Mirror* m : all) m->acquire();
   }
+  struct Release {
+    std::vector<Mirror*>& v;
+    ~Release() {
+      for (Mirror* m : v) m->release();
+    }
+  } guard{all};
   for (Mirror* m : all) {
     m->migrate_to_host(0, m->npages(), Trigger::kFork);
     if (!m->region()->shared) {
@@ -117,6 +154,32 @@ void Engine::before_fork() {
       m->invalidate_end(m->start(), m->start() + len);
     }
   }
+}
+
+void Engine::bring_home(const Region* r) {
+  std::vector<Mirror*> ms;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Mirror* m : all_)
+      if (m->region() == r) {
+        m->acquire();
+        ms.push_back(m);
+      }
+  }
+  for (Mirror* m : ms) {
+    m->migrate_to_host(0, m->npages(), Trigger::kRelease);
+    m->release();
+  }
+}
+
+void Engine::region_mirrors(const Region* r, int* total, int* single_writers) {
+  std::lock_guard<std::mutex> lock(mu_);
+  *total = *single_writers = 0;
+  for (Mirror* m : all_)
+    if (m->region() == r && !m->dead()) {
+      ++*total;
+      if (m->single_writer()) ++*single_writers;
+    }
 }
 
 bool Engine::owned_by_other(Mirror* self, uint64_t addr) {
@@ -138,14 +201,20 @@ std::vector<Mirror*> Engine::hold_others(Mirror* self, uint64_t addr) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (Mirror* m : all_)
-      if (m != self && m->covers(addr) && !m->pinned()) others.push_back(m);
+      if (m != self && m->covers(addr) && !m->pinned()) {
+        m->acquire();
+        others.push_back(m);
+      }
   }
   for (Mirror* m : others) m->hold_page(m->index_of(addr));
   return others;
 }
 
 void Engine::release_others(const std::vector<Mirror*>& held) {
-  for (Mirror* m : held) m->release_page();
+  for (Mirror* m : held) {
+    m->release_page();
+    m->release();
+  }
 }
 
 EngineCounters Engine::counters() {
@@ -169,8 +238,17 @@ void Engine::handle(const sys::FaultMsg& f) {
     std::lock_guard<std::mutex> lock(mu_);
     counters_.cpu_faults++;
     for (Mirror* m : mirrors_)
-      if (m->covers(page)) covering.push_back(m);
+      if (m->covers(page)) {
+        m->acquire();  // a mirror closing meanwhile waits for this before it goes
+        covering.push_back(m);
+      }
   }
+  struct Release {
+    std::vector<Mirror*>& v;
+    ~Release() {
+      for (Mirror* m : v) m->release();
+    }
+  } guard{covering};
   // Decide and resolve under every covering mirror's change mutex (in address order, so two
   // handlers or a migration cannot deadlock): a migration or invalidation must not run between
   // "nobody owns this page" and the zero-fill or un-protect that follows, or a write-protect
@@ -188,10 +266,17 @@ void Engine::handle(const sys::FaultMsg& f) {
   }
   int64_t done = 0;
   if (f.flags & UFFD_PAGEFAULT_FLAG_WP) {
-    // Single-writer mirrors give up their write access first; then the CPU's write goes on.
+    // Single-writer mirrors give up the page first, and no range fault of theirs may take it
+    // back (re-protecting it) until the CPU's write access is restored: held across the
+    // un-protect, as an invalidation would be.
+    std::vector<Mirror*> held;
     for (Mirror* m : covering)
-      if (m->single_writer()) m->revoke_write(m->index_of(page));
+      if (m->single_writer()) {
+        m->hold_page(m->index_of(page), InvalidateCause::kCpuWrite);
+        held.push_back(m);
+      }
     sys::uffd_writeprotect(fd_, page, sys::page_size(), 0);
+    for (Mirror* m : held) m->release_page();
     std::lock_guard<std::mutex> lock(mu_);
     counters_.wp_resolved++;
     return;

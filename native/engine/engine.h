@@ -10,6 +10,7 @@
 #include <mutex>
 #include <vector>
 
+#include "../binding/region.h"
 #include "../sys/fault_service.h"
 
 namespace pm::engine {
@@ -51,6 +52,10 @@ class Engine : public sys::FaultSink {
   // the engine's registration does not follow it) and every mirror of private memory loses its
   // entries (the pages become copy-on-write, so device write access must fault again).
   void before_fork();
+  // How many live mirrors a region has, and how many of them are single-writer.
+  void region_mirrors(const Region* r, int* total, int* single_writers);
+  // Before mremap of a region: its mirrors' device pages come home.
+  void bring_home(const Region* r);
   // Whether a mirror other than self holds addr's data in its device memory.
   bool owned_by_other(Mirror* self, uint64_t addr);
   // Whether another mirror pins addr (a pinned page cannot migrate, as in the kernel).
@@ -62,6 +67,23 @@ class Engine : public sys::FaultSink {
   EngineCounters counters();
 
   void on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg* events, size_t nevents) override;
+
+  // Locks the change mutex of every live mirror covering [start, end) (self included), in address
+  // order, for this thread; they are released when the returned object goes. Two migrations of one
+  // page, a migration and the CPU-fault handler, take turns this way.
+  class Holding {
+   public:
+    Holding() = default;
+    Holding(Holding&&) = default;
+    ~Holding();
+    std::vector<Mirror*> mirrors;
+   private:
+    friend class Engine;
+    std::vector<std::unique_lock<std::mutex>> locks_;
+  };
+  Holding lock_covering(Mirror* self, uint64_t start, uint64_t end);
+  // Whether this thread holds m's change mutex through lock_covering().
+  static bool holds(Mirror* m);
 
  private:
   Engine() = default;

@@ -47,6 +47,9 @@ void Mirror::detach() {
     Engine::get().unregister_range(start_, npages_ * page_, region_->id);
     region_->registered.fetch_sub(1);
   }
+  // Off every list now; wait for those who took us from one before (engine handler, eviction).
+  while (users_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  std::lock_guard<std::mutex> change(change_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     dead_.store(true, std::memory_order_release);
@@ -112,8 +115,7 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
   // The data of a device-resident page survives an invalidation that leaves the memory in place
   // (protect, writeback); it goes with an unmap, a discard or a truncate.
   const bool drops_data = cause == InvalidateCause::kUnmap || cause == InvalidateCause::kDiscard ||
-                          cause == InvalidateCause::kTruncate || cause == InvalidateCause::kRemap ||
-                          cause == InvalidateCause::kUffdEvent;
+                          cause == InvalidateCause::kTruncate || cause == InvalidateCause::kUffdEvent;
   uint64_t cleared = 0;
   if (pinned_) {
     // A pinned page is not the CPU's to take: the device keeps a page of its own.
@@ -133,9 +135,7 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
   stats_.invalidations.fetch_add(1, std::memory_order_relaxed);
   stats_.invalidated_pages.fetch_add(cleared, std::memory_order_relaxed);
   device_->on_invalidate(this, first, last, cause, cleared);
-  if (cause == InvalidateCause::kUnmap || cause == InvalidateCause::kRemap) {
-    if (first == 0 && last == npages_) dead_.store(true, std::memory_order_release);
-  }
+  if (cause == InvalidateCause::kUnmap && first == 0 && last == npages_) dead_.store(true, std::memory_order_release);
 }
 
 void Mirror::invalidate_end(uint64_t start, uint64_t end) {
@@ -217,9 +217,13 @@ int Mirror::ensure_engine() {
   if (rc) return rc;
   rc = device_->register_pool();
   if (rc) return rc;
-  rc = e.register_range(start_, npages_ * page_, region_->id);
-  if (rc) return rc;
+  // Listed before registering: a CPU fault on the range must find this mirror from the first one.
   e.add_mirror(this);
+  rc = e.register_range(start_, npages_ * page_, region_->id);
+  if (rc) {
+    e.remove_mirror(this);
+    return rc;
+  }
   region_->registered.fetch_add(1);
   engine_registered_ = true;
   return 0;
@@ -269,7 +273,9 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     out->error = rc;
     return;
   }
-  std::lock_guard<std::mutex> change(change_mu_);
+  // Every mirror of these pages (ours included) holds still while they move: two migrations of one
+  // page, or a migration and the engine's CPU-fault handler, take turns.
+  Engine::Holding holding = Engine::get().lock_covering(this, start_ + first * page_, start_ + last * page_);
   // Which pages are present, read under the change mutex: the range is registered with the engine
   // by now, so a CPU touch of a hole waits in the engine for this mutex and cannot populate a page
   // we think is absent (a zero-filled device page would later overwrite the CPU's data).
@@ -324,9 +330,15 @@ void Mirror::migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool ato
     return;
   }
   uint64_t slot;
+  const uint64_t evicted = device_->counters().to_host[static_cast<unsigned>(Trigger::kEviction)].load();
   if (!device_->alloc_slot(&slot, this, i)) {
     out->skipped.push_back({i, Skip::kNoMemory});
     return;
+  }
+  if (device_->counters().to_host[static_cast<unsigned>(Trigger::kEviction)].load() != evicted) {
+    // Making room evicted pages home: this one may be among them, so the presence read at the
+    // start is stale for it.
+    sys::pagemap_read(host, 1, &pm_entry);
   }
   // Other devices' entries for this page go, and stay gone until the data has moved (they will
   // fault and pull it back); ours is cleared and our accesses in flight drained first.
@@ -546,7 +558,9 @@ bool Mirror::cpu_fault(uint64_t i) {
     active_++;
     gen_++;
   }
-  move_back(i, e, true);
+  // The faulter is woken only after the bookkeeping (slot freed, counters), so whoever waits for
+  // the access sees it complete.
+  move_back(i, e, false);
   // The CPU took the page back: this device's entry goes (it will fault and find the host page).
   pt_[i].store(0, std::memory_order_release);
   {
@@ -557,6 +571,7 @@ bool Mirror::cpu_fault(uint64_t i) {
   }
   device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, 1);
   device_->on_migrate(this, false, i, 1, Trigger::kCpuFault);
+  sys::uffd_wake(Engine::get().fd(), start_ + i * page_, page_);
   return true;
 }
 
@@ -659,7 +674,7 @@ uint64_t Mirror::count_exclusive(uint64_t first, uint64_t last) const {
   return n;
 }
 
-void Mirror::hold_page(uint64_t i) {
+void Mirror::hold_page(uint64_t i, InvalidateCause cause) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     active_++;  // until release_page(): a range fault of ours in progress must not program the page
@@ -669,7 +684,7 @@ void Mirror::hold_page(uint64_t i) {
   if (old & kOnDevice) return;
   pt_[i].store(0, std::memory_order_seq_cst);
   wait_inflight(i, i + 1);
-  if (old & kValid) device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, 1);
+  if (old & kValid) device_->on_invalidate(this, i, i + 1, cause, 1);
 }
 
 void Mirror::release_page() {

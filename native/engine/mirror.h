@@ -50,7 +50,12 @@ class Mirror : public RangeNotifier {
 
   // Unhooks from the region and waits for in-flight accesses. Idempotent.
   void detach();
-  bool dead() const { return dead_.load(std::memory_order_acquire); }
+  // Users outside the owner (the engine's and a device's snapshots of their mirror lists) take a
+  // reference under their list's lock; detach() waits until none is left before the mirror goes.
+  void acquire() { users_.fetch_add(1, std::memory_order_acq_rel); }
+  void release() { users_.fetch_sub(1, std::memory_order_acq_rel); }
+  // Detached, unmapped whole, or moved by mremap (the range it mirrors is not there any more).
+  bool dead() const { return dead_.load(std::memory_order_acquire) || region_->addr + offset_ != start_; }
 
   Device* device() const { return device_; }
   Region* region() const { return region_.get(); }
@@ -134,7 +139,7 @@ class Mirror : public RangeNotifier {
   // Another device takes page i: our entry goes (unless the page is in our memory), our accesses in
   // flight drain, and no range fault of ours programs the page until release_page(): the change
   // is under way until then (the sequence-count protocol, as for an invalidation).
-  void hold_page(uint64_t i);
+  void hold_page(uint64_t i, InvalidateCause cause = InvalidateCause::kCpuAccess);
   void release_page();
 
  private:
@@ -160,6 +165,7 @@ class Mirror : public RangeNotifier {
   std::mutex change_mu_;
   bool engine_registered_ = false;
   bool single_writer_ = false;
+  std::atomic<int> users_{0};
   bool pinned_ = false;
   std::atomic<uint64_t> diverged_{0};  // pin mode: pages the device kept when the CPU's changed
   void keep_pinned_page(uint64_t i);

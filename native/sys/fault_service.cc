@@ -70,6 +70,7 @@ void FaultService::stop() {
   (void)!::write(stop_fd_, &one, sizeof(one));
   thread_.join();
   running_.store(false);
+  retired_.clear();  // the service thread is gone: nobody else holds these
   ::close(stop_fd_);
   stop_fd_ = -1;
 }
@@ -77,8 +78,13 @@ void FaultService::stop() {
 void FaultService::set_rules(std::vector<Rule> rules) {
   std::sort(rules.begin(), rules.end(), [](const Rule& a, const Rule& b) { return a.start < b.start; });
   auto next = std::make_shared<const std::vector<Rule>>(std::move(rules));
-  std::lock_guard<std::mutex> lock(rules_mu_);
-  rules_ = std::move(next);
+  std::shared_ptr<const std::vector<Rule>> old;
+  {
+    std::lock_guard<std::mutex> lock(rules_mu_);
+    old.swap(rules_);
+    rules_ = std::move(next);
+  }
+  if (running_.load()) retired_.push_back(std::move(old));  // the service may hold it: never its last ref
 }
 
 std::shared_ptr<const std::vector<Rule>> FaultService::rules_snapshot() const {

@@ -112,6 +112,9 @@ class FaultService {
 
   mutable std::mutex rules_mu_;
   std::shared_ptr<const std::vector<Rule>> rules_;
+  // Snapshots replaced while the service runs: kept here (by the caller's thread) so that neither
+  // the lock holder nor the service thread frees one (see FaultSink::on_batch); freed by stop().
+  std::vector<std::shared_ptr<const std::vector<Rule>>> retired_;
 
   mutable std::mutex stats_mu_;
   ServiceStats stats_;
