@@ -439,3 +439,80 @@ describe('partial unmap (hmm-tests)', () => {
       }));
   }
 });
+
+describe('races and corner cases found in review', () => {
+  it('two devices migrating the same pages at once: each page ends on one of them, data intact, no deadlock', async () => {
+    const a = Device.create({ name: 'a', memory: 4 << 20 });
+    const b = Device.create({ name: 'b', memory: 4 << 20 });
+    const m = mapAnonymous(512 * PAGE);
+    try {
+      fillPages(m, (i) => BigInt(i + 1000));
+      const ma = a.mirror(m);
+      const mb = b.mirror(m);
+      for (let round = 0; round < 20; round++) {
+        const [ra, rb] = await within(
+          Promise.all([ma.migrateToDevice(0, 512).catch((e: { code: string }) => e), mb.migrateToDevice(0, 512).catch((e: { code: string }) => e)]),
+          10_000,
+          'concurrent migrations',
+        );
+        const on = (r: unknown) => ((r as { cpages?: number }).cpages ?? 0);
+        expect(on(ra) + on(rb)).toBe(512); // every page on exactly one device
+        expect(a.memory().used + b.memory().used).toBe(512);
+        expect((await access(m, { op: 'read' })).checksum).toBe(sum(0, 512, (i) => BigInt(i + 1000)));
+      }
+      ma.close();
+      mb.close();
+    } finally {
+      a.close();
+      b.close();
+      m.close();
+    }
+  });
+
+  it('a migration that evicts to make room does not zero-fill the pages it evicted', async () => {
+    const dev = Device.create({ memory: 4 * PAGE, eviction: 'fifo' });
+    const m = mapAnonymous(8 * PAGE);
+    try {
+      const w = new BigUint64Array(m.bytes.buffer);
+      w[(6 * PAGE) / 8] = 6006n;
+      w[(7 * PAGE) / 8] = 7007n; // pages 0-5 never touched
+      const mir = dev.mirror(m);
+      await mir.migrateToDevice(6 * PAGE, 2);
+      await mir.migrateToDevice(0, 8, { granule: PAGE });
+      const d = await mir.read(0, 8);
+      expect(d.data.readBigUInt64LE(6 * PAGE)).toBe(6006n);
+      expect(d.data.readBigUInt64LE(7 * PAGE)).toBe(7007n);
+      await dev.release();
+      expect((await m.read(6 * PAGE, 8)).readBigUInt64LE()).toBe(6006n);
+      mir.close();
+    } finally {
+      dev.close();
+      m.close();
+    }
+  });
+
+  it('madvise(PAGEOUT) and a failed remap keep device pages; a successful remap brings them home first', async () => {
+    const dev = Device.create({ memory: 1 << 20 });
+    const m = mapAnonymous(16 * PAGE);
+    try {
+      fillPages(m, (i) => BigInt(i + 1000));
+      const mir = dev.mirror(m);
+      await mir.migrateToDevice(0, 16);
+      m.advise('pageout');
+      expect(dev.memory().used).toBe(16);
+      expect((await mir.read(3 * PAGE, 1)).data.readBigUInt64LE()).toBe(1003n);
+      expect(() => m.remap(1 << 30, { mayMove: false })).toThrow(expect.objectContaining({ code: 'ENOMEM' }));
+      expect(mir.info().dead).toBe(false);
+      expect((await m.read(3 * PAGE, 8)).readBigUInt64LE()).toBe(1003n);
+      await mir.migrateToDevice(0, 16);
+      m.remap(64 * PAGE, { mayMove: true });
+      expect(mir.info().dead).toBe(true); // it mirrored the old range
+      expect(dev.memory().used).toBe(0);
+      expect((await m.read(5 * PAGE, 8)).readBigUInt64LE()).toBe(1005n);
+      mir.close();
+    } finally {
+      dev.close();
+      m.close();
+    }
+  });
+});
