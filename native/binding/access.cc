@@ -42,7 +42,7 @@ struct AccessState {
   RegionPin pin;
 };
 
-sys::AccessSpec ParseSpec(const Napi::CallbackInfo& info, Mapping* m, bool write_needed_check) {
+sys::AccessSpec ParseSpec(const Napi::CallbackInfo& info, Mapping* m) {
   Napi::Env env = info.Env();
   uint64_t off = ToU64(info[1], "offset");
   uint64_t len = ToU64(info[2], "length");
@@ -67,7 +67,6 @@ sys::AccessSpec ParseSpec(const Napi::CallbackInfo& info, Mapping* m, bool write
   // A SIGSEGV cannot be caught safely inside Node, so accesses the protection forbids are refused
   // here, before any thread starts.
   const bool writes = s.op != sys::AccessOp::kRead && s.op != sys::AccessOp::kVerify;
-  (void)write_needed_check;
   int prot = m->region()->prot_over(off, len);
   if (!(prot & PROT_READ) && s.op != sys::AccessOp::kWrite)
     ThrowSystemError(env, -EACCES, "access", {nullptr, "the range is not readable (PROT_NONE); the access would SIGSEGV"});
@@ -100,7 +99,7 @@ Napi::Object ResultObject(Napi::Env env, const sys::AccessResult& r) {
 Napi::Value RunAccess(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = Mapping::Unwrap(info[0]);
-  sys::AccessSpec spec = ParseSpec(info, m, true);
+  sys::AccessSpec spec = ParseSpec(info, m);
   auto state = std::unique_ptr<AccessState>(
       new AccessState{spec, {}, RegionPin(m->region(), spec.base - m->region()->addr, spec.length)});
   return NativeJob<AccessState>::Start(
@@ -146,7 +145,7 @@ void ChildMain(ForkState& s, int wfd) {
 Napi::Value ForkRun(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = Mapping::Unwrap(info[0]);
-  sys::AccessSpec spec = ParseSpec(info, m, true);
+  sys::AccessSpec spec = ParseSpec(info, m);
   Napi::Object o = info.Length() > 3 && info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
   auto state = std::unique_ptr<ForkState>(
       new ForkState{spec, RegionPin(m->region(), spec.base - m->region()->addr, spec.length)});

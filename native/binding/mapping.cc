@@ -345,15 +345,10 @@ Napi::Value Mapping::Remap(const Napi::CallbackInfo& info) {
   void* out = nullptr;
   int rc = sys::remap(&out, reinterpret_cast<void*>(r.addr), r.length, new_len, may_move ? MREMAP_MAYMOVE : 0, nullptr);
   if (rc) ThrowSystemError(env, rc, "mremap", {r.path.empty() ? nullptr : r.path.c_str()});
-  {
+  if (new_len < r.length) {
+    // Growing needs nothing: the last segment runs to the end, as the kernel extends the last VMA.
     std::lock_guard<std::mutex> lock(r.mu);
-    if (new_len < r.length) {
-      r.prot.erase(r.prot.lower_bound(new_len), r.prot.end());
-    } else if (new_len > r.length) {
-      // The kernel extends the last VMA with its protection.
-      int last = std::prev(r.prot.end())->second;
-      (void)last;
-    }
+    r.prot.erase(r.prot.lower_bound(new_len), r.prot.end());
   }
   r.addr = reinterpret_cast<uint64_t>(out);
   r.length = new_len;

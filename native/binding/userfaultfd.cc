@@ -611,14 +611,8 @@ void Userfaultfd::on_batch(const sys::FaultMsg* faults, size_t nfaults, const sy
   }
   // More faults asleep at once than the buffer holds (more sleeping threads than it has room for):
   // never leave one asleep; resolve the excess as the fallback would.
-  const uint64_t page = sys::page_size();
-  for (size_t i = overflow_from; i < nfaults; i++) {
-    const uint64_t a = faults[i].address & ~(page - 1);
-    int64_t done = 0;
-    if (faults[i].flags & UFFD_PAGEFAULT_FLAG_WP) sys::uffd_writeprotect(fd_, a, page, 0);
-    else if (faults[i].flags & UFFD_PAGEFAULT_FLAG_MINOR) sys::uffd_continue(fd_, a, page, 0, &done);
-    else if (sys::uffd_zeropage(fd_, a, page, 0, &done) == -EEXIST) sys::uffd_wake(fd_, a, page);
-  }
+  // (registrations_ belongs to the JavaScript thread: no write-protect-keeping zero page here.)
+  for (size_t i = overflow_from; i < nfaults; i++) ResolveAsUnregistered(faults[i], false);
   if (wake) uv_async_send(p->async);
 }
 
@@ -741,6 +735,21 @@ void Userfaultfd::StopService() {
   }
 }
 
+// What the kernel would have done without us: un-protect a WP fault, map the page cache's page for a
+// minor one, a zero page for a missing one; keep_wp: a missing fault in a range also registered for
+// WP gets a write-protected zero page (ZEROPAGE has no WP mode), or a dirty tracker would miss the
+// next write. Wakes the faulter. No allocation: the service thread calls it too.
+void Userfaultfd::ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp) {
+  alignas(4096) static const char zeros[1 << 16] = {};  // in .bss: no allocation, pages up to 64 KiB
+  const uint64_t page = sys::page_size();
+  const uint64_t a = f.address & ~(page - 1);
+  int64_t done = 0;
+  if (f.flags & UFFD_PAGEFAULT_FLAG_WP) sys::uffd_writeprotect(fd_, a, page, 0);
+  else if (f.flags & UFFD_PAGEFAULT_FLAG_MINOR) sys::uffd_continue(fd_, a, page, 0, &done);
+  else if (keep_wp) sys::uffd_copy(fd_, a, reinterpret_cast<uint64_t>(zeros), page, UFFDIO_COPY_MODE_WP, &done);
+  else if (sys::uffd_zeropage(fd_, a, page, 0, &done) == -EEXIST) sys::uffd_wake(fd_, a, page);
+}
+
 bool Userfaultfd::WpRegistered(uint64_t addr) const {
   for (const Registration& r : registrations_)
     if (addr >= r.start && addr < r.start + r.len && (r.mode & UFFDIO_REGISTER_MODE_WP)) return true;
@@ -754,18 +763,14 @@ void Userfaultfd::CloseWith(Outcome outcome) {
     std::vector<sys::FaultMsg> pending = service_->outstanding();
     std::vector<sys::FaultMsg> queued = service_->drain();
     pending.insert(pending.end(), queued.begin(), queued.end());
-    const uint64_t page = sys::page_size();
-    // A missing fault in a range also registered for WP must come back write-protected (ZEROPAGE
-    // has no WP mode), or a dirty tracker would miss the next write: copy a zero page with WP.
-    std::vector<char> zeros(page, 0);
     for (const sys::FaultMsg& f : pending) {
-      uint64_t a = f.address & ~(page - 1);
-      int64_t done;
-      if (outcome == Outcome::kSigbus) sys::uffd_poison(fd_, a, page, 0, &done);
-      else if (f.flags & UFFD_PAGEFAULT_FLAG_WP) sys::uffd_writeprotect(fd_, a, page, 0);
-      else if (f.flags & UFFD_PAGEFAULT_FLAG_MINOR) sys::uffd_continue(fd_, a, page, 0, &done);
-      else if (WpRegistered(a)) sys::uffd_copy(fd_, a, reinterpret_cast<uint64_t>(zeros.data()), page, UFFDIO_COPY_MODE_WP, &done);
-      else sys::uffd_zeropage(fd_, a, page, 0, &done);
+      if (outcome == Outcome::kSigbus) {
+        int64_t done;
+        const uint64_t page = sys::page_size();
+        sys::uffd_poison(fd_, f.address & ~(page - 1), page, 0, &done);
+      } else {
+        ResolveAsUnregistered(f, WpRegistered(f.address));
+      }
     }
   }
   service_.reset();

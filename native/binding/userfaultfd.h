@@ -66,6 +66,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   enum class Outcome { kWake, kZero, kSigbus };
   void CloseWith(Outcome outcome);
   bool WpRegistered(uint64_t addr) const;
+  void ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp);
 
   int fd_ = -1;
   bool api_done_ = false;

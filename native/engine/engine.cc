@@ -217,11 +217,6 @@ void Engine::release_others(const std::vector<Mirror*>& held) {
   }
 }
 
-EngineCounters Engine::counters() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return counters_;
-}
-
 // The engine's descriptor negotiates no events (EVENT_FORK in particular), so no fork waits on this
 // thread and its handler may allocate.
 void Engine::on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg*, size_t) {
@@ -236,7 +231,6 @@ void Engine::handle(const sys::FaultMsg& f) {
   std::vector<Mirror*> covering;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    counters_.cpu_faults++;
     for (Mirror* m : mirrors_)
       if (m->covers(page)) {
         m->acquire();  // a mirror closing meanwhile waits for this before it goes
@@ -258,11 +252,7 @@ void Engine::handle(const sys::FaultMsg& f) {
   locks.reserve(covering.size());
   for (Mirror* m : covering) locks.emplace_back(m->change_mutex());
   for (Mirror* m : covering) {
-    if (m->cpu_fault(m->index_of(page))) {
-      std::lock_guard<std::mutex> lock(mu_);
-      counters_.migrated_back++;
-      return;
-    }
+    if (m->cpu_fault(m->index_of(page))) return;  // counted by its device (migratedToHost)
   }
   int64_t done = 0;
   if (f.flags & UFFD_PAGEFAULT_FLAG_WP) {
@@ -277,14 +267,10 @@ void Engine::handle(const sys::FaultMsg& f) {
       }
     sys::uffd_writeprotect(fd_, page, sys::page_size(), 0);
     for (Mirror* m : held) m->release_page();
-    std::lock_guard<std::mutex> lock(mu_);
-    counters_.wp_resolved++;
     return;
   }
   int rc = sys::uffd_zeropage(fd_, page, sys::page_size(), 0, &done);
   if (rc == -EEXIST) sys::uffd_wake(fd_, page, sys::page_size());
-  std::lock_guard<std::mutex> lock(mu_);
-  counters_.zero_filled++;
 }
 
 }  // namespace pm::engine

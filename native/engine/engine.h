@@ -17,13 +17,6 @@ namespace pm::engine {
 
 class Mirror;
 
-struct EngineCounters {
-  uint64_t cpu_faults = 0;       // CPU faults on ranges the engine registered
-  uint64_t migrated_back = 0;    // pages a CPU fault brought back from device memory
-  uint64_t zero_filled = 0;
-  uint64_t wp_resolved = 0;
-};
-
 class Engine : public sys::FaultSink {
  public:
   // The one engine of this process (never destroyed: its thread runs until exit).
@@ -64,7 +57,6 @@ class Engine : public sys::FaultSink {
   // taking the page). Returns the mirrors held.
   std::vector<Mirror*> hold_others(Mirror* self, uint64_t addr);
   static void release_others(const std::vector<Mirror*>& held);
-  EngineCounters counters();
 
   void on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg* events, size_t nevents) override;
 
@@ -100,7 +92,6 @@ class Engine : public sys::FaultSink {
     uint64_t start, len, owner;
   };
   std::vector<Range> registered_;
-  EngineCounters counters_;
 };
 
 }  // namespace pm::engine

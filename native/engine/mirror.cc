@@ -91,6 +91,21 @@ void Mirror::mark_dirty(uint64_t i) {
   }
 }
 
+// The sequence-count protocol's two halves: while a change is under way no range fault programs
+// entries, and one that started before it retries.
+void Mirror::begin_change() {
+  std::lock_guard<std::mutex> lock(mu_);
+  active_++;
+  gen_++;
+}
+
+void Mirror::end_change() {
+  std::lock_guard<std::mutex> lock(mu_);
+  active_--;
+  gen_++;
+  idle_.notify_all();
+}
+
 void Mirror::wait_inflight(uint64_t first, uint64_t last) {
   if (first >= last) return;
   for (uint64_t b = first >> kBlockShift; b <= (last - 1) >> kBlockShift; b++) {
@@ -107,11 +122,7 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
   if (s >= e) return;
   const uint64_t first = (s - start_) / page_, last = (e - start_ + page_ - 1) / page_;
   change_mu_.lock();  // released by invalidate_end(), on this thread (Region::Invalidation's scope)
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_++;
-    gen_++;
-  }
+  begin_change();
   // The data of a device-resident page survives an invalidation that leaves the memory in place
   // (protect, writeback); it goes with an unmap, a discard or a truncate.
   const bool drops_data = cause == InvalidateCause::kUnmap || cause == InvalidateCause::kDiscard ||
@@ -141,12 +152,7 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
 void Mirror::invalidate_end(uint64_t start, uint64_t end) {
   const uint64_t s = std::max(start, start_), e = std::min(end, start_ + npages_ * page_);
   if (s >= e) return;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_--;
-    gen_++;
-    idle_.notify_all();
-  }
+  end_change();
   change_mu_.unlock();
 }
 
@@ -284,23 +290,14 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     out->error = rc;
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_++;
-    gen_++;
-  }
+  begin_change();
   const uint64_t g = std::max<uint64_t>(1, granule_pages);
   for (uint64_t i = first; i < last;) {
     const uint64_t chunk_end = std::min(last, (i / g + 1) * g);
     if (chunk_end - i > 1) i += migrate_run(i, chunk_end, pm.data() + (i - first), use_move, atomic, out);
     for (; i < chunk_end; i++) migrate_page(i, pm[i - first], use_move, atomic, out);
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_--;
-    gen_++;
-    idle_.notify_all();
-  }
+  end_change();
   device_->on_migrate(this, true, first, out->moved, trigger);
   device_->enforce_watermark(this);
   // A CPU writer that waited on the copy path's write protection is woken to fault again.
@@ -512,11 +509,7 @@ bool Mirror::move_back_run(uint64_t a, uint64_t b) {
 uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger) {
   if (!engine_registered_) return 0;
   std::lock_guard<std::mutex> change(change_mu_);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_++;
-    gen_++;
-  }
+  begin_change();
   uint64_t moved = 0;
   for (uint64_t i = first; i < last;) {
     const uint64_t e = pt_[i].load(std::memory_order_relaxed);
@@ -539,12 +532,7 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
     if (move_back(i, e, true)) moved++;
     i++;
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_--;
-    gen_++;
-    idle_.notify_all();
-  }
+  end_change();
   device_->on_migrate(this, false, first, moved, trigger);
   return moved;
 }
@@ -553,22 +541,13 @@ bool Mirror::cpu_fault(uint64_t i) {
   // Caller (the engine) holds change_mu_.
   uint64_t e = pt_[i].load(std::memory_order_acquire);
   if (!(e & kOnDevice) || (e & kPinned)) return false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_++;
-    gen_++;
-  }
+  begin_change();
   // The faulter is woken only after the bookkeeping (slot freed, counters), so whoever waits for
   // the access sees it complete.
   move_back(i, e, false);
   // The CPU took the page back: this device's entry goes (it will fault and find the host page).
   pt_[i].store(0, std::memory_order_release);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_--;
-    gen_++;
-    idle_.notify_all();
-  }
+  end_change();
   device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, 1);
   device_->on_migrate(this, false, i, 1, Trigger::kCpuFault);
   sys::uffd_wake(Engine::get().fd(), start_ + i * page_, page_);
@@ -578,21 +557,12 @@ bool Mirror::cpu_fault(uint64_t i) {
 bool Mirror::evict(uint64_t i) {
   const uint64_t e = pt_[i].load(std::memory_order_acquire);
   if (!(e & kOnDevice) || (e & kPinned)) return false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_++;
-    gen_++;
-  }
+  begin_change();
   const bool ok = move_back(i, e, true);
   // An evicted page is no longer mapped by the device (as unified-memory drivers unmap it): the
   // next device access faults and brings it back, which is what oversubscription costs.
   pt_[i].store(0, std::memory_order_release);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_--;
-    gen_++;
-    idle_.notify_all();
-  }
+  end_change();
   if (ok) device_->on_migrate(this, false, i, 1, Trigger::kEviction);
   return ok;
 }
@@ -654,19 +624,6 @@ void Mirror::keep_pinned_page(uint64_t i) {
   diverged_.fetch_add(1, std::memory_order_relaxed);
 }
 
-bool Mirror::revoke_write(uint64_t i) {
-  uint64_t e = pt_[i].load(std::memory_order_acquire);
-  if (!(e & kWrite) || (e & kOnDevice)) return false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    gen_++;  // a range fault of ours in flight must not re-grant write from a stale view
-  }
-  pt_[i].fetch_and(~kWrite, std::memory_order_seq_cst);
-  wait_inflight(i, i + 1);  // a device write in flight finishes before the CPU's goes on
-  device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuWrite, 1);
-  return true;
-}
-
 uint64_t Mirror::count_exclusive(uint64_t first, uint64_t last) const {
   uint64_t n = 0;
   for (uint64_t i = first; i < last; i++)
@@ -675,11 +632,7 @@ uint64_t Mirror::count_exclusive(uint64_t first, uint64_t last) const {
 }
 
 void Mirror::hold_page(uint64_t i, InvalidateCause cause) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_++;  // until release_page(): a range fault of ours in progress must not program the page
-    gen_++;
-  }
+  begin_change();  // until release_page(): a range fault of ours in progress must not program the page
   uint64_t old = pt_[i].load(std::memory_order_relaxed);
   if (old & kOnDevice) return;
   pt_[i].store(0, std::memory_order_seq_cst);
@@ -687,12 +640,7 @@ void Mirror::hold_page(uint64_t i, InvalidateCause cause) {
   if (old & kValid) device_->on_invalidate(this, i, i + 1, cause, 1);
 }
 
-void Mirror::release_page() {
-  std::lock_guard<std::mutex> lock(mu_);
-  active_--;
-  gen_++;
-  idle_.notify_all();
-}
+void Mirror::release_page() { end_change(); }
 
 void Mirror::snapshot(uint64_t first, uint64_t last, uint8_t* out) {
   std::vector<uint64_t> pm(last - first);

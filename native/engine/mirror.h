@@ -122,9 +122,6 @@ class Mirror : public RangeNotifier {
   bool pinned() const { return pinned_; }
   uint64_t diverged() const { return diverged_.load(std::memory_order_relaxed); }
   bool single_writer() const { return single_writer_; }
-  // The engine's WP-fault path in single-writer mode: drop the device's write access to page i.
-  // Returns true if it had it. Caller holds change_mu_.
-  bool revoke_write(uint64_t i);
   uint64_t index_of(uint64_t addr) const { return (addr - start_) / page_; }
 
   // The kernel test device's snapshot encoding, one byte per page, without faulting anything.
@@ -144,6 +141,8 @@ class Mirror : public RangeNotifier {
 
  private:
   void wait_inflight(uint64_t first, uint64_t last);
+  void begin_change();
+  void end_change();
   int fault_once(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline);
 
   Device* const device_;
