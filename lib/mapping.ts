@@ -20,6 +20,8 @@ export interface AnonymousOptions extends MapOptions {
   hugetlb?: boolean;
   /** Huge page size in bytes (2 MiB, 1 GiB); default the system's default huge page size. */
   hugePageSize?: number;
+  /** Start address alignment in bytes (a power of two), e.g. 2 MiB for THP or fault-around experiments. Default: a page. */
+  align?: number;
 }
 
 export interface MemfdOptions extends MapOptions {
@@ -347,6 +349,7 @@ export function mapAnonymous(length: number, options: AnonymousOptions = {}): Ma
       noReserve: options.noReserve ?? false,
       hugetlb: options.hugetlb ?? false,
       hugePageSize: options.hugePageSize ?? 0,
+      align: options.align === undefined ? 0 : checkInteger('align', options.align, 1),
     }),
   );
 }

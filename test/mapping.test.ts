@@ -42,6 +42,18 @@ describe('anonymous mappings', () => {
     expect(() => m.bytes).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_CLOSED' }));
   });
 
+  it('align places the start on a boundary; a bad one is a RangeError', () => {
+    const m = mapAnonymous(3 * PAGE, { align: 2 << 20 });
+    try {
+      expect(m.address % BigInt(2 << 20)).toBe(0n);
+      expect(m.length).toBe(3 * PAGE);
+      m.bytes[3 * PAGE - 1] = 1;
+    } finally {
+      m.close();
+    }
+    expect(() => mapAnonymous(PAGE, { align: 3 * PAGE })).toThrow(RangeError);
+  });
+
   it('rounds the length up to whole pages', () => {
     const m = mapAnonymous(PAGE + 1);
     try {

@@ -124,28 +124,33 @@ export async function runEngine(o: EngineOptions = {}): Promise<EngineRow[]> {
       return rows;
     }
     const cPages = Math.max(512, Math.floor(size / PAGE));
-    const bulk = await runBaseline('bulk-copy', { pages: cPages, reps, cpu: cpin });
-    const memcpy = await runBaseline('memcpy', { pages: cPages, reps, cpu: cpin });
-    const missing = await runBaseline('missing-copy', { pages, reps, cpu: cpin });
-    const bulkGb = bulk.samplesNsPerPage?.map(gbps) ?? null;
-    const memcpyGb = memcpy.samplesNsPerPage?.map(gbps) ?? null;
-
-    const measure = async (f: () => Promise<number>) => {
+    // Each addon repetition alternates with one of its C baseline, so drift of this noisy machine
+    // over the run falls on both sides of the ratio alike.
+    const measure = async (f: () => Promise<number>, scenario: string, cp: number, toMetric: (ns: number) => number) => {
       await f(); // warm-up
       const out: number[] = [];
-      for (let i = 0; i < reps; i++) out.push(await f());
-      return out;
+      const c: number[] = [];
+      for (let i = 0; i < reps; i++) {
+        const b = await runBaseline(scenario, { pages: cp, reps: 1, cpu: cpin });
+        if (b.samplesNsPerPage) c.push(...b.samplesNsPerPage.map(toMetric));
+        out.push(await f());
+      }
+      return [out, c.length ? c : null] as const;
     };
-    rows.push(row('device-read-2m', 'GB/s', 'bulk UFFDIO_COPY', await measure(() => deviceRead(size)), bulkGb, '>= 0.7x', 'higher', 0.7, 'device threads read every word of never-mirrored anonymous memory; 2 MiB fault-around, batches of 32'));
+    const same = (ns: number) => ns;
+    let [a, c] = await measure(() => deviceRead(size), 'bulk-copy', cPages, gbps);
+    rows.push(row('device-read-2m', 'GB/s', 'bulk UFFDIO_COPY', [...a], c && [...c], '>= 0.7x', 'higher', 0.7, 'device threads read every word of never-mirrored anonymous memory; 2 MiB fault-around, batches of 32'));
     progress.step('device read');
-    rows.push(row('migrate-copy', 'GB/s', 'memcpy', await measure(() => migrateRoundTrip(size, false)), memcpyGb, '>= 0.8x', 'higher', 0.8, 'to preallocated device memory (copy under write protection) and back, 2 MiB units'));
+    [a, c] = await measure(() => migrateRoundTrip(size, false), 'memcpy', cPages, gbps);
+    rows.push(row('migrate-copy', 'GB/s', 'memcpy', [...a], c && [...c], '>= 0.8x', 'higher', 0.8, 'to preallocated device memory (copy under write protection) and back, 2 MiB units'));
     progress.step('migrate (copy)');
-    const moveNote = p.experiments.move.ok ? 'to device and back with UFFDIO_MOVE, 2 MiB units' : undefined;
-    if (p.experiments.move.ok)
-      rows.push(row('migrate-move', 'GB/s', 'memcpy', await measure(() => migrateRoundTrip(size, true)), memcpyGb, '> 1x', 'higher', 1.0, moveNote));
-    else rows.push({ scenario: 'migrate-move', metric: 'GB/s', baseline: 'memcpy', addon: { ...summarize([]), samples: [] }, c: null, ratio: null, target: '> 1x', pass: null, skipped: p.experiments.move.reason });
+    if (p.experiments.move.ok) {
+      [a, c] = await measure(() => migrateRoundTrip(size, true), 'memcpy', cPages, gbps);
+      rows.push(row('migrate-move', 'GB/s', 'memcpy', [...a], c && [...c], '> 1x', 'higher', 1.0, 'to device and back with UFFDIO_MOVE, 2 MiB units'));
+    } else rows.push({ scenario: 'migrate-move', metric: 'GB/s', baseline: 'memcpy', addon: { ...summarize([]), samples: [] }, c: null, ratio: null, target: '> 1x', pass: null, skipped: p.experiments.move.reason });
     progress.step('migrate (move)');
-    rows.push(row('cpu-fault-on-device-page', 'ns/page', 'MISSING+COPY round trip', await measure(() => cpuFaultOnDevicePage(pages)), missing.samplesNsPerPage ?? null, '<= 1.3x', 'lower', 1.3, 'a CPU write to a device-resident page: the engine moves it home'));
+    [a, c] = await measure(() => cpuFaultOnDevicePage(pages), 'missing-copy', pages, same);
+    rows.push(row('cpu-fault-on-device-page', 'ns/page', 'MISSING+COPY round trip', [...a], c && [...c], '<= 1.3x', 'lower', 1.3, 'a CPU write to a device-resident page: the engine moves it home'));
     progress.step('CPU fault on a device page');
   } finally {
     if (pin) native.setAffinity(before);

@@ -658,8 +658,23 @@ Napi::Value Mapping::Map(const Napi::CallbackInfo& info) {
   CheckAligned(env, offset, sys::page_size(), "offset");
   if (huge) CheckAligned(env, offset, r->page, "offset");
 
+  // align: start the mapping on this boundary (2 MiB for THP and fault-around experiments). Map a
+  // bit more, then give back what lies before and after the aligned part.
+  const uint64_t align = OptU64(o, "align", 0);
+  if (align && (align & (align - 1) || align < sys::page_size()))
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "align must be a power of two of at least one page");
+  if (align > sys::page_size() && kind != "anonymous")
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "align applies to anonymous mappings");
+  const uint64_t slack = align > sys::page_size() ? align : 0;
   void* addr = nullptr;
-  int rc = sys::map(&addr, nullptr, length, prot, flags, r->fd, static_cast<off_t>(offset));
+  int rc = sys::map(&addr, nullptr, length + slack, prot, flags, r->fd, static_cast<off_t>(offset));
+  if (rc == 0 && slack) {
+    const uint64_t raw = reinterpret_cast<uint64_t>(addr);
+    const uint64_t aligned = (raw + align - 1) & ~(align - 1);
+    if (aligned > raw) sys::unmap(addr, aligned - raw);
+    if (raw + slack > aligned) sys::unmap(reinterpret_cast<void*>(aligned + length), raw + slack - aligned);
+    addr = reinterpret_cast<void*>(aligned);
+  }
   if (rc) {
     const char* hint = nullptr;
     if (huge && rc == -ENOMEM) hint = "no huge pages free: reserve some with echo N > /proc/sys/vm/nr_hugepages";

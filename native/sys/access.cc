@@ -87,7 +87,8 @@ inline uint64_t offset_of(const AccessSpec& s, uint64_t nwords, uint64_t i, uint
   switch (s.pattern) {
     case AccessPattern::kSequential: {
       uint64_t off = i * s.unit;
-      return off % s.length & ~7ull;
+      if (off >= s.length) off %= s.length;  // no division on the common path: it is per access
+      return off & ~7ull;
     }
     case AccessPattern::kStrided: {
       uint64_t stride = s.stride ? s.stride : s.unit;
