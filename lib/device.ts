@@ -1,7 +1,8 @@
 // Devices and mirrors: HMM in user space. A Device is an emulated GPU/NIC/FPGA with its own memory
 // and native device threads; a Mirror is its page table over a range of a Mapping. Device accesses
 // go through the mirror; a miss is a device page fault, serviced in batches and replayed.
-import { native, type NativeDevice, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult, type NativeTraceEvent } from './native.js';
+import { readFileSync } from 'node:fs';
+import { native, type NativeDevice, type NativeFileStats, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult, type NativeTraceEvent } from './native.js';
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, checkBytes, stateError, typeError } from './errors.js';
 
@@ -255,6 +256,146 @@ export class Mirror {
   }
 }
 
+/** How a device's use of a file's pages stays right with the page cache, writeback and truncate. */
+export type FileStrategy = 'remote' | 'copy' | 'bounce' | 'pin';
+
+export interface FileMirrorOptions {
+  /** Byte offset into the mapping (page aligned). Default 0. */
+  offset?: number;
+  /** Bytes mirrored. Default to the end of the mapping. */
+  length?: number;
+  /**
+   * - 'remote' (default): the device maps the page-cache pages; writeback through the library
+   *   takes the device's entries away while the kernel writes the pages, and the device's next write
+   *   faults again (page_mkwrite).
+   * - 'copy' (Jan Kara's scheme): the page stays in the page cache (A) and the device works on its
+   *   own copy (A'); pread()/pwrite() and, on tmpfs/memfd, CPU accesses through the mapping bring A'
+   *   back into A first.
+   * - 'bounce' (Jérôme Glisse's scheme): as copy, but A is freed once A' is loaded (hole punched on
+   *   tmpfs; written and dropped from the page cache on a disk file): the device holds the only copy,
+   *   and CPU access and writeback go through bounce pages. Saves the host memory copy spends.
+   * - 'pin' (long-term GUP): the device maps the page-cache pages for good and is never
+   *   invalidated; writeback holds the device's writes to the pages it writes (stable pages).
+   *
+   * copy and bounce on a file system userfaultfd cannot register (ext4, xfs): the CPU's mapping
+   * is not handed to JavaScript (ERR_PAGEMIRROR_FILE_STRATEGY); use pread()/pwrite().
+   */
+  strategy?: FileStrategy;
+  /**
+   * How writeback takes a consistent image of a page the device keeps writing (copy, bounce).
+   * 'bounce' (default): the device's write access is held back while the page is copied into a
+   * bounce page, then the bounce page is written. 'stable': no copy; the device page itself is
+   * written while the device's writes to it wait. (pin always writes stable pages.)
+   */
+  snapshot?: 'bounce' | 'stable';
+  /** Periodic writeback every this many ms, as the kernel's flusher (dirty_writeback_centisecs). 0 (default): only writeback()/fsync(). */
+  writebackIntervalMs?: number;
+  /** Pages per writeback step: bounds how long a device write waits on a page under writeback. Default 64. */
+  chunkPages?: number;
+  /**
+   * Take a write lease on the file (F_SETLEASE): another process opening or truncating it makes
+   * the engine revoke the device's access, write back and release the lease before the kernel's
+   * lease-break time. Needs the file open nowhere else. Default false.
+   */
+  lease?: boolean;
+}
+
+export type FileStats = NativeFileStats;
+
+/** Host and device memory of one file mirror, and what its strategy has cost so far. */
+export interface FileAccounting extends FileStats {
+  /** The file range's page cache (cachestat, or mincore where cachestat is missing). */
+  pageCache: { cachedPages: number; dirtyPages: number; writebackPages: number; source: 'cachestat' | 'mincore' };
+  /** This process's resident set (/proc/self/statm). */
+  rssBytes: number;
+  /** Device memory holding this mirror's pages. */
+  deviceBytes: number;
+  /** Device fault rounds and range faults this mirror took. */
+  rangeFaults: number;
+}
+
+/**
+ * A mirror of a file's pages with a strategy (device.mirrorFile()). Device kernels run through it
+ * as through any mirror; pread()/pwrite() are the CPU's read()/write() of the file with the
+ * strategy in the loop; writeback()/fsync() write the device's data to the file.
+ */
+export class FileMirror extends Mirror {
+  readonly #f: NativeMirror;
+  readonly strategy: FileStrategy;
+
+  /** @internal use device.mirrorFile() */
+  constructor(n: NativeMirror, device: Device, mapping: Mapping, offset: number, length: number, strategy: FileStrategy) {
+    super(n, device, mapping, offset, length);
+    this.#f = n;
+    this.strategy = strategy;
+  }
+
+  /**
+   * read() of the file range [offset, offset + length) of this mirror, through the strategy: copy
+   * brings a page the device wrote back into the page cache first; bounce reads a snapshot of the
+   * device's page. Short at end of file. Errors: those of pread(2).
+   */
+  pread(offset: number, length: number): Promise<Buffer> {
+    return this.#f.fileRead(checkInteger('offset', offset), checkInteger('length', length));
+  }
+
+  /**
+   * write() into the file range of this mirror, through the strategy: copy brings the device's
+   * page back and drops it (the device reloads it on its next access); bounce writes into the
+   * device's page, which is the only copy. Errors: those of pwrite(2).
+   */
+  pwrite(offset: number, data: Uint8Array): Promise<void> {
+    return this.#f.fileWrite(checkInteger('offset', offset), checkBytes('data', data));
+  }
+
+  /**
+   * Writes back the dirty pages of [offset, offset + length) (default: all): each page written is
+   * a consistent snapshot while device threads keep writing. sync: and waits until the file
+   * has them on its media (fdatasync). DAX: nothing to do (pages: 0).
+   */
+  writeback(range: { offset?: number; length?: number; sync?: boolean } = {}): Promise<{ pages: number; bytesCopied: number; elapsedNs: number }> {
+    const offset = checkInteger('offset', range.offset ?? 0);
+    const length = checkInteger('length', range.length ?? this.length - offset);
+    return this.#f.writeback(offset, length, range.sync ?? false);
+  }
+
+  /** fsync through the library: every page the device wrote is written back, then fdatasync. */
+  fsync(): Promise<{ pages: number; bytesCopied: number; elapsedNs: number }> {
+    return this.writeback({ sync: true });
+  }
+
+  /** Takes a write lease on the file now (see FileMirrorOptions.lease). EAGAIN if it is open elsewhere. */
+  takeLease(): void {
+    this.#f.takeLease();
+  }
+
+  /** The strategy's counters and the device's share of the pages. */
+  stats(): FileStats {
+    return this.#f.fileStats();
+  }
+
+  /** Host memory (page cache of the range, RSS), device memory and the strategy's counters. */
+  accounting(): FileAccounting {
+    const stats = this.stats();
+    let pageCache: FileAccounting['pageCache'];
+    try {
+      const cs = this.mapping.cachestat({ fileOffset: this.mapping.fileOffset + this.offset, length: this.length });
+      pageCache = { cachedPages: cs.cache, dirtyPages: cs.dirty, writebackPages: cs.writeback, source: 'cachestat' };
+    } catch {
+      const r = this.mapping.residency({ offset: this.offset, length: this.length });
+      pageCache = { cachedPages: r.filter(Boolean).length, dirtyPages: 0, writebackPages: 0, source: 'mincore' };
+    }
+    const statm = readFileSync('/proc/self/statm', 'utf8').split(' ');
+    return {
+      ...stats,
+      pageCache,
+      rssBytes: Number(statm[1]) * PAGE,
+      deviceBytes: stats.devicePages * PAGE,
+      rangeFaults: this.info().rangeFaults ?? 0,
+    };
+  }
+}
+
 export class Device {
   readonly #n: NativeDevice;
   readonly name: string;
@@ -309,6 +450,37 @@ export class Device {
     const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
     const writeMode = checkOneOf('writeMode', options.writeMode ?? 'shared', ['shared', 'single'] as const);
     return new Mirror(this.#n.mirror(mapping.native, offset, length, writeMode, options.pin ?? false), this, mapping, offset, length);
+  }
+
+  /**
+   * Mirrors a shared mapping of a file (mapFile, mapMemfd) with a file strategy: see
+   * FileMirrorOptions. Errors: EINVAL (not a shared file mapping), EOPNOTSUPP (copy/bounce on
+   * hugetlbfs or DAX: use remote or pin), EBUSY (copy/bounce share their memory with no other
+   * mirror), EAGAIN (lease: the file is open elsewhere).
+   */
+  mirrorFile(mapping: Mapping, options: FileMirrorOptions = {}): FileMirror {
+    if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
+    if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+    const offset = checkInteger('offset', options.offset ?? 0);
+    const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
+    const strategy = checkOneOf('strategy', options.strategy ?? 'remote', ['remote', 'copy', 'bounce', 'pin'] as const);
+    const file = {
+      strategy,
+      snapshot: checkOneOf('snapshot', options.snapshot ?? 'bounce', ['bounce', 'stable'] as const),
+      writebackIntervalMs: checkInteger('writebackIntervalMs', options.writebackIntervalMs ?? 0),
+      chunkPages: checkInteger('chunkPages', options.chunkPages ?? 64, 1, 1 << 16),
+    };
+    const n = this.#n.mirror(mapping.native, offset, length, 'shared', false, file);
+    const fm = new FileMirror(n, this, mapping, offset, length, strategy);
+    if (options.lease) {
+      try {
+        fm.takeLease();
+      } catch (err) {
+        fm.close();
+        throw err;
+      }
+    }
+    return fm;
   }
 
   counters(): DeviceCounters {

@@ -11,5 +11,5 @@ export type { SystemError } from './errors.js';
 export { Prot, ADVICE, FEATURES, IOCTLS, REGISTER_MODES, PAGE_IS, parseProt, featureNames, ioctlNames } from './constants.js';
 export type { Protection, Advice, FeatureName, IoctlName, RegisterMode, PageCategory } from './constants.js';
 export { native as _native } from './native.js';
-export { Device, Mirror, decodeEntry, SNAPSHOT } from './device.js';
-export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason, TraceEvent } from './device.js';
+export { Device, Mirror, FileMirror, decodeEntry, SNAPSHOT } from './device.js';
+export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason, TraceEvent, FileStrategy, FileMirrorOptions, FileStats, FileAccounting } from './device.js';

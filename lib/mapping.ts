@@ -139,6 +139,10 @@ export class Mapping {
   get length(): number {
     return this.native.length;
   }
+  /** Offset of the mapping's first byte in its file (0 for anonymous memory). */
+  get fileOffset(): number {
+    return this.#info.fileOffset;
+  }
   /** The owned file descriptor (memfd or file), -1 for anonymous memory and after close(). */
   get fd(): number {
     return this.native.info().fd;

@@ -28,6 +28,34 @@ export interface NativeMapping {
   close(): void;
 }
 
+export interface NativeFileStats {
+  strategy: 'remote' | 'copy' | 'bounce' | 'pin';
+  /** shmem (tmpfs, memfd) copy/bounce: CPU mmap accesses fault and pull device pages back. */
+  cpuFaultsIntercepted: boolean;
+  leaseHeld: boolean;
+  /** Pages whose data is in this device's memory now (copy, bounce). */
+  devicePages: number;
+  /** Pages the device wrote since they were last written back. */
+  dirtyPages: number;
+  /** bounce on tmpfs: pages the file has no copy of (their host page was freed). */
+  soleCopies: number;
+  /** Pages read from the file into device memory (A into A'). */
+  loadedPages: number;
+  /** Host pages given up after loading (bounce: punched on tmpfs, dropped from the page cache elsewhere). */
+  freedPages: number;
+  /** Device pages brought back by a CPU fault or by read()/write() (copy's pull-back). */
+  pulledBack: number;
+  writebacks: number;
+  /** Pages the library wrote to the file (remote/pin: pages the kernel wrote while held stable). */
+  writtenPages: number;
+  /** Bytes copied into bounce pages by writeback. */
+  snapshotBytes: number;
+  readBytes: number;
+  writeBytes: number;
+  leaseBreaks: number;
+  writebackNs: number;
+}
+
 export interface NativeMappingInfo {
   kind: 'anonymous' | 'memfd' | 'file';
   address: bigint;
@@ -257,6 +285,11 @@ export interface NativeMirror {
     diverged?: number;
   };
   close(): void;
+  fileRead(offset: number, length: number): Promise<Buffer>;
+  fileWrite(offset: number, data: Uint8Array): Promise<void>;
+  writeback(offset: number, length: number, sync: boolean): Promise<{ pages: number; bytesCopied: number; elapsedNs: number }>;
+  fileStats(): NativeFileStats;
+  takeLease(): void;
 }
 
 export interface NativeMigrateResult {
@@ -272,7 +305,7 @@ export interface NativeMigrateResult {
 export interface NativeDevice {
   release(): Promise<number>;
   drainTrace(): { events: NativeTraceEvent[]; dropped: number };
-  mirror(m: NativeMapping, offset: number, length: number, writeMode?: 'shared' | 'single', pin?: boolean): NativeMirror;
+  mirror(m: NativeMapping, offset: number, length: number, writeMode?: 'shared' | 'single', pin?: boolean, file?: Record<string, unknown>): NativeMirror;
   counters(): NativeDeviceCounters;
   memory(): { pageSize: number; slots: number; used: number };
   close(): void;

@@ -103,14 +103,31 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
   // A hugetlb mapping is mirrored with one entry per huge page (the device maps it whole, as a
   // PMD); it cannot migrate (EINVAL, as in the kernel).
   std::string write_mode = info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "shared";
+  // File strategy: {strategy, snapshot, writebackIntervalMs, chunkPages} (validated in TypeScript).
+  engine::FileOptions fopt;
+  bool file = false;
+  if (info.Length() > 5 && info[5].IsObject()) {
+    Napi::Object fo = info[5].As<Napi::Object>();
+    const std::string st = OptString(fo, "strategy", "remote");
+    fopt.strategy = st == "copy" ? engine::FileStrategy::kCopy : st == "bounce" ? engine::FileStrategy::kBounce
+                  : st == "pin" ? engine::FileStrategy::kPin : st == "remote" ? engine::FileStrategy::kRemote
+                  : throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "strategy must be 'remote', 'copy', 'bounce' or 'pin'");
+    fopt.snapshot = OptString(fo, "snapshot", "bounce") == "stable" ? engine::SnapshotMode::kStable : engine::SnapshotMode::kBounce;
+    fopt.writeback_interval_ms = OptU64(fo, "writebackIntervalMs", 0);
+    fopt.chunk_pages = OptU64(fo, "chunkPages", 64);
+    file = true;
+  }
+  const bool sole = write_mode == "single" || fopt.strategy == engine::FileStrategy::kCopy ||
+                    fopt.strategy == engine::FileStrategy::kBounce;
   {
     // A single-writer mirror write-protects the CPU mapping, which every other device thread of
     // this process would meet too: it cannot share memory with other mirrors (either order).
     int total = 0, singles = 0;
     engine::Engine::get().region_mirrors(m->region().get(), &total, &singles);
-    if ((write_mode == "single" && total > 0) || (write_mode != "single" && singles > 0))
+    if ((sole && total > 0) || (!sole && singles > 0))
       throw SystemError(env, -EBUSY, "mirror",
-                        {nullptr, "a single-writer mirror cannot share its memory with other mirrors"});
+                        {nullptr, "a single-writer mirror, or a copy/bounce file mirror, cannot share its memory with other "
+                                  "mirrors (they would not see its device's copies)"});
   }
   auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
   if (write_mode == "single") {
@@ -136,6 +153,22 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
     if (rc) {
       mirror->detach();
       ThrowSystemError(env, rc, "pin", {nullptr, rc == -EPERM ? "pinning needs write access to the range" : nullptr});
+    }
+  }
+  if (file) {
+    if (write_mode == "single" || (info.Length() > 4 && info[4].ToBoolean().Value())) {
+      mirror->detach();
+      throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "a file strategy does not combine with writeMode 'single' or pin (use strategy 'pin')");
+    }
+    int rc = mirror->enable_file(fopt);
+    if (rc) {
+      mirror->detach();
+      const char* hint = rc == -EINVAL ? "file strategies need a shared mapping of a file (a file or memfd mapped shared)"
+                         : rc == -EOPNOTSUPP ? "copy and bounce keep the data in device memory: not on hugetlbfs, and not on "
+                                               "DAX, whose pages already are the device-addressable memory (use remote or pin)"
+                         : rc == -EPERM ? "pinning needs write access to the range"
+                         : rc == -EBUSY ? "the range is registered with another userfaultfd" : nullptr;
+      ThrowSystemError(env, rc, "mirror", {m->region()->path.empty() ? nullptr : m->region()->path.c_str(), hint});
     }
   }
   AddonData* data = env.GetInstanceData<AddonData>();
@@ -257,6 +290,11 @@ Napi::Function MirrorWrap::Init(Napi::Env env) {
                          InstanceMethod<&MirrorWrap::Exclusive>("exclusiveCount"),
                          InstanceMethod<&MirrorWrap::Info>("info"),
                          InstanceMethod<&MirrorWrap::Close>("close"),
+                         InstanceMethod<&MirrorWrap::FileRead>("fileRead"),
+                         InstanceMethod<&MirrorWrap::FileWrite>("fileWrite"),
+                         InstanceMethod<&MirrorWrap::Writeback>("writeback"),
+                         InstanceMethod<&MirrorWrap::FileStats>("fileStats"),
+                         InstanceMethod<&MirrorWrap::TakeLease>("takeLease"),
                      });
 }
 
@@ -590,6 +628,148 @@ Napi::Value MirrorWrap::Close(const Napi::CallbackInfo& info) {
     mirror_.reset();
   }
   return info.Env().Undefined();
+}
+
+// ---- File strategies ---------------------------------------------------------------------------
+
+namespace {
+
+struct FileIoJob {
+  std::shared_ptr<engine::Mirror> mirror;
+  uint64_t off = 0, len = 0;
+  std::vector<uint8_t> data;
+  int64_t rc = 0;
+  engine::Mirror::WritebackResult wb;
+  bool sync = false;
+};
+
+engine::Mirror& FileMirror(Napi::Env env, engine::Mirror& m) {
+  if (m.file_strategy() == engine::FileStrategy::kNone)
+    throw SystemError(env, -EINVAL, "mirror", {nullptr, "not a file mirror: create it with a strategy (device.mirrorFile)"});
+  return m;
+}
+
+void CheckBytes(Napi::Env env, engine::Mirror& m, uint64_t off, uint64_t len) {
+  const uint64_t size = m.npages() * m.page();
+  if (off > size || len > size - off)
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "bytes [" + std::to_string(off) + ", +" + std::to_string(len) +
+                                                       ") lie outside the mirror of " + std::to_string(size) + " bytes");
+}
+
+}  // namespace
+
+// fileRead(offset, length) -> Promise<Buffer>: read() of the file through the strategy.
+Napi::Value MirrorWrap::FileRead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  FileMirror(env, *m);
+  auto job = std::make_unique<FileIoJob>();
+  job->mirror = m;
+  job->off = ToU64(info[0], "offset");
+  job->len = ToU64(info[1], "length");
+  CheckBytes(env, *m, job->off, job->len);
+  job->data.resize(job->len);
+  return NativeJob<FileIoJob>::Start(
+      env, std::move(job), [](FileIoJob& j) { j.rc = j.mirror->file_read(j.off, j.len, j.data.data()); },
+      [](Napi::Env env, FileIoJob& j) -> Napi::Value {
+        if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), "pread", {});
+        return Napi::Buffer<uint8_t>::Copy(env, j.data.data(), static_cast<size_t>(j.rc));
+      });
+}
+
+// fileWrite(offset, data) -> Promise<void>: write() of the file through the strategy.
+Napi::Value MirrorWrap::FileWrite(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  FileMirror(env, *m);
+  if (info.Length() < 2 || !info[1].IsTypedArray()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "data must be a Uint8Array");
+  auto job = std::make_unique<FileIoJob>();
+  job->mirror = m;
+  job->off = ToU64(info[0], "offset");
+  Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
+  const uint8_t* src = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+  job->data.assign(src, src + ta.ByteLength());
+  job->len = job->data.size();
+  CheckBytes(env, *m, job->off, job->len);
+  return NativeJob<FileIoJob>::Start(
+      env, std::move(job), [](FileIoJob& j) { j.rc = j.mirror->file_write(j.off, j.len, j.data.data()); },
+      [](Napi::Env env, FileIoJob& j) -> Napi::Value {
+        if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), "pwrite", {});
+        return env.Undefined();
+      });
+}
+
+// writeback(offset, length, sync) -> Promise<{pages, bytesCopied, elapsedNs}>
+Napi::Value MirrorWrap::Writeback(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  FileMirror(env, *m);
+  auto job = std::make_unique<FileIoJob>();
+  job->mirror = m;
+  job->off = ToU64(info[0], "offset");
+  job->len = ToU64(info[1], "length");
+  job->sync = info.Length() > 2 && info[2].ToBoolean().Value();
+  CheckAligned(env, job->off, m->page(), "offset");
+  CheckBytes(env, *m, job->off, job->len);
+  return NativeJob<FileIoJob>::Start(
+      env, std::move(job),
+      [](FileIoJob& j) {
+        const uint64_t page = j.mirror->page();
+        j.rc = j.mirror->writeback(j.off / page, (j.off + j.len + page - 1) / page, j.sync, &j.wb);
+      },
+      [](Napi::Env env, FileIoJob& j) -> Napi::Value {
+        if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), j.sync ? "fdatasync" : "writeback", {});
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("pages", static_cast<double>(j.wb.pages));
+        o.Set("bytesCopied", static_cast<double>(j.wb.bytes_copied));
+        o.Set("elapsedNs", static_cast<double>(j.wb.elapsed_ns));
+        return o;
+      });
+}
+
+Napi::Value MirrorWrap::FileStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  const engine::FileStats* s = FileMirror(env, *m).file_stats();
+  uint64_t on_device = 0, dirty = 0, sole = 0;
+  for (uint64_t i = 0; i < m->npages(); i++) {
+    const uint64_t e = m->entry(i);
+    if (e & engine::kOnDevice) on_device++;
+    if (e & engine::kDirty) dirty++;
+    if (e & engine::kSole) sole++;
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("strategy", engine::FileStrategyName(m->file_strategy()));
+  o.Set("cpuFaultsIntercepted", m->file_intercepts_cpu());
+  o.Set("leaseHeld", m->lease_held());
+  o.Set("devicePages", static_cast<double>(on_device));
+  o.Set("dirtyPages", static_cast<double>(dirty));
+  o.Set("soleCopies", static_cast<double>(sole));
+  o.Set("loadedPages", static_cast<double>(s->loaded_pages.load()));
+  o.Set("freedPages", static_cast<double>(s->freed_pages.load()));
+  o.Set("pulledBack", static_cast<double>(s->pulled_back.load()));
+  o.Set("writebacks", static_cast<double>(s->writebacks.load()));
+  o.Set("writtenPages", static_cast<double>(s->written_pages.load()));
+  o.Set("snapshotBytes", static_cast<double>(s->snapshot_bytes.load()));
+  o.Set("readBytes", static_cast<double>(s->io_read_bytes.load()));
+  o.Set("writeBytes", static_cast<double>(s->io_write_bytes.load()));
+  o.Set("leaseBreaks", static_cast<double>(s->lease_breaks.load()));
+  o.Set("writebackNs", static_cast<double>(s->writeback_ns.load()));
+  return o;
+}
+
+Napi::Value MirrorWrap::TakeLease(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  int rc = FileMirror(env, *m).take_lease();
+  if (rc) {
+    const char* hint = rc == -EAGAIN ? "a write lease needs the file to be open nowhere else (any other open, by any "
+                                       "process, read-only included, or a writable mapping elsewhere)"
+                       : rc == -EACCES ? "only the file's owner (or CAP_LEASE) may take a lease"
+                       : rc == -EINVAL ? "this file system does not support leases" : nullptr;
+    ThrowSystemError(env, rc, "fcntl(F_SETLEASE)", {m->region()->path.empty() ? nullptr : m->region()->path.c_str(), hint});
+  }
+  return env.Undefined();
 }
 
 }  // namespace pm

@@ -25,6 +25,11 @@ class DeviceWrap : public Napi::ObjectWrap<DeviceWrap> {
   Napi::Value Release(const Napi::CallbackInfo& info);
   Napi::Value DrainTrace(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
+  Napi::Value FileRead(const Napi::CallbackInfo& info);
+  Napi::Value FileWrite(const Napi::CallbackInfo& info);
+  Napi::Value Writeback(const Napi::CallbackInfo& info);
+  Napi::Value FileStats(const Napi::CallbackInfo& info);
+  Napi::Value TakeLease(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::Device> device_;
   bool closed_ = false;
 };
@@ -47,6 +52,11 @@ class MirrorWrap : public Napi::ObjectWrap<MirrorWrap> {
   Napi::Value Exclusive(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
+  Napi::Value FileRead(const Napi::CallbackInfo& info);
+  Napi::Value FileWrite(const Napi::CallbackInfo& info);
+  Napi::Value Writeback(const Napi::CallbackInfo& info);
+  Napi::Value FileStats(const Napi::CallbackInfo& info);
+  Napi::Value TakeLease(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::Device> device_;
   std::shared_ptr<engine::Mirror> mirror_;
 };

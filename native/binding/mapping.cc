@@ -243,6 +243,15 @@ Napi::Value Mapping::Info(const Napi::CallbackInfo& info) {
   return o;
 }
 
+namespace {
+Napi::Error CpuViaLibrary(Napi::Env env) {
+  return StateError(env, "ERR_PAGEMIRROR_FILE_STRATEGY",
+                    "a device holds its own copies of this file's pages (copy or bounce strategy) on a file system "
+                    "userfaultfd cannot register, so the CPU's mapping could read stale pages; use the mirror's "
+                    "read()/write(), which go through the strategy");
+}
+}  // namespace
+
 // The ArrayBuffer over the whole mapping. Refused whenever a JavaScript access could kill or hang
 // the process: while any part is not read-write (a write would SIGSEGV), and while registered with
 // a userfaultfd (the main thread would sleep on a fault only it can resolve).
@@ -257,6 +266,7 @@ Napi::Value Mapping::Buffer(const Napi::CallbackInfo& info) {
     throw StateError(env, "ERR_PAGEMIRROR_NOT_WRITABLE",
                      "the mapping is not readable and writable throughout, so no ArrayBuffer is handed out "
                      "(a JavaScript write would kill the process); use read() or readSync()");
+  if (r.cpu_via_library.load() > 0) throw CpuViaLibrary(env);
   if (r.registered.load() > 0)
     throw StateError(env, "ERR_PAGEMIRROR_REGISTERED",
                      "the mapping is registered with a userfaultfd: a JavaScript access could fault on the main "
@@ -455,6 +465,7 @@ void Mapping::CheckNoFault(Napi::Env env, uint64_t off, uint64_t len, bool write
     throw SystemError(env, -EACCES, write ? "write" : "read",
                       {r.path.empty() ? nullptr : r.path.c_str(),
                        write ? "the range is not writable (mprotect/map prot)" : "the range is not readable"});
+  if (r.cpu_via_library.load() > 0) throw CpuViaLibrary(env);
   if (r.registered.load() == 0 || len == 0) return;
   const uint64_t base = sys::page_size();
   const uint64_t first = (r.addr + off) & ~(base - 1);

@@ -65,6 +65,10 @@ struct Region {
   std::vector<std::pair<uint64_t, uint64_t>> pin_ranges;
   bool pinned_over(uint64_t off, uint64_t len);
   std::atomic<int> registered{0};   // userfaultfd registrations covering part of it
+  // Mirrors whose device holds its own copies of this file's pages on a file system userfaultfd
+  // cannot register (ext4, xfs): the CPU's mapping would read stale pages, so JavaScript gets no
+  // view of it; the CPU reaches the file through the mirror's read()/write().
+  std::atomic<int> cpu_via_library{0};
 
   // Protection by segment: key = segment start offset, value = prot; a segment runs to the next
   // key. Few entries in practice (one per protect() boundary).

@@ -315,7 +315,7 @@ void Device::service_batch(std::vector<Request*>& batch) {
     }
   }
   for (const Run& run : runs) {
-    if (config_.placement == DeviceConfig::Placement::kDevice) {
+    if (config_.placement == DeviceConfig::Placement::kDevice && run.m->file_strategy() == FileStrategy::kNone) {
       // Unified-memory style: the faulted range moves into device memory first; what cannot move
       // (shared, file-backed, memory full with eviction off) is mapped on the host as usual.
       Mirror::MigrateResult mr;

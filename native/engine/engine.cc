@@ -31,7 +31,7 @@ int Engine::ensure() {
   sys::close_fd(r.fd);
   if (rc) return open_error_ = rc;
   if (!(offered & UFFD_FEATURE_PAGEFAULT_FLAG_WP)) return open_error_ = -EOPNOTSUPP;
-  uint64_t want = UFFD_FEATURE_PAGEFAULT_FLAG_WP | (offered & (UFFD_FEATURE_MOVE | UFFD_FEATURE_MISSING_SHMEM |
+  uint64_t want = UFFD_FEATURE_PAGEFAULT_FLAG_WP | (offered & (UFFD_FEATURE_MOVE | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM |
                                                                UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
   rc = sys::uffd_open(true, false, &r);
   if (rc) return open_error_ = rc;
@@ -57,7 +57,7 @@ uint64_t Engine::next_owner_id() {
   return next.fetch_add(1);
 }
 
-int Engine::register_range(uint64_t start, uint64_t len, uint64_t owner) {
+int Engine::register_range(uint64_t start, uint64_t len, uint64_t owner, bool minor) {
   std::lock_guard<std::mutex> lock(mu_);
   for (const Range& r : registered_)
     if (r.start == start && r.len == len && r.owner == owner) {
@@ -66,7 +66,8 @@ int Engine::register_range(uint64_t start, uint64_t len, uint64_t owner) {
     }
   // Re-registering a range this descriptor already has is allowed (the kernel updates the mode);
   // a fresh mapping at a reused address needs it.
-  int rc = sys::uffd_register(fd_, start, len, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP, nullptr);
+  const uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP | (minor ? UFFDIO_REGISTER_MODE_MINOR : 0);
+  int rc = sys::uffd_register(fd_, start, len, mode, nullptr);
   if (rc) return rc;
   registered_.push_back({start, len, owner});
   return 0;
@@ -178,7 +179,7 @@ void Engine::region_mirrors(const Region* r, int* total, int* single_writers) {
   for (Mirror* m : all_)
     if (m->region() == r && !m->dead()) {
       ++*total;
-      if (m->single_writer()) ++*single_writers;
+      if (m->single_writer() || m->file_copies()) ++*single_writers;
     }
 }
 
@@ -267,6 +268,12 @@ void Engine::handle(const sys::FaultMsg& f) {
       }
     sys::uffd_writeprotect(fd_, page, sys::page_size(), 0);
     for (Mirror* m : held) m->release_page();
+    return;
+  }
+  if (f.flags & UFFD_PAGEFAULT_FLAG_MINOR) {
+    // A file strategy's CPU mapping (shmem): the page is in the page cache, not the device's; map it.
+    int rc = sys::uffd_continue(fd_, page, sys::page_size(), 0, &done);
+    if (rc) sys::uffd_wake(fd_, page, sys::page_size());
     return;
   }
   int rc = sys::uffd_zeropage(fd_, page, sys::page_size(), 0, &done);

@@ -31,7 +31,7 @@ class Engine : public sys::FaultSink {
   // pool's id), counted per owner: an address range can be unmapped and mapped again for another
   // owner while a stale entry lingers, and that one must be registered anew. -EBUSY: the range is
   // registered with another userfaultfd (the user's own).
-  int register_range(uint64_t start, uint64_t len, uint64_t owner);
+  int register_range(uint64_t start, uint64_t len, uint64_t owner, bool minor = false);
   void unregister_range(uint64_t start, uint64_t len, uint64_t owner);
   // Ids for owners that are not Regions (device pools); Regions take theirs from the same counter.
   static uint64_t next_owner_id();
@@ -45,7 +45,8 @@ class Engine : public sys::FaultSink {
   // the engine's registration does not follow it) and every mirror of private memory loses its
   // entries (the pages become copy-on-write, so device write access must fault again).
   void before_fork();
-  // How many live mirrors a region has, and how many of them are single-writer.
+  // How many live mirrors a region has, and how many of them must be its only one (single-writer,
+  // and copy/bounce file mirrors, whose device copies the others would not see).
   void region_mirrors(const Region* r, int* total, int* single_writers);
   // Before mremap of a region: its mirrors' device pages come home.
   void bring_home(const Region* r);

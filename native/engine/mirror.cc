@@ -36,6 +36,12 @@ Mirror::~Mirror() { detach(); }
 
 void Mirror::detach() {
   if (!attached_) return;
+  if (file_) {
+    // A file's data must not go with the mirror: the device's copies are written back first.
+    file_stop();
+    if (file_copies()) migrate_to_host(0, npages_, Trigger::kRelease);
+    if (file_copies() && !file_->shmem) region_->cpu_via_library.fetch_sub(1);
+  }
   attached_ = false;
   Engine::get().untrack(this);
   device_->remove_mirror(this);
@@ -63,6 +69,10 @@ void Mirror::detach() {
   if (alias_) {
     sys::unmap(reinterpret_cast<void*>(alias_), npages_ * page_);
     alias_ = 0;
+  }
+  if (file_ && file_->fd >= 0) {
+    sys::close_fd(file_->fd);
+    file_->fd = -1;
   }
 }
 
@@ -125,9 +135,16 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
   begin_change();
   // The data of a device-resident page survives an invalidation that leaves the memory in place
   // (protect, writeback); it goes with an unmap, a discard or a truncate.
-  const bool drops_data = cause == InvalidateCause::kUnmap || cause == InvalidateCause::kDiscard ||
-                          cause == InvalidateCause::kTruncate || cause == InvalidateCause::kUffdEvent;
+  const bool drops_data = file_copies() ? cause == InvalidateCause::kTruncate
+                                        : cause == InvalidateCause::kUnmap || cause == InvalidateCause::kDiscard ||
+                                              cause == InvalidateCause::kTruncate || cause == InvalidateCause::kUffdEvent;
   uint64_t cleared = 0;
+  if (file_copies() && !drops_data && cause != InvalidateCause::kProtect && cause != InvalidateCause::kWriteback &&
+      cause != InvalidateCause::kAdvise) {
+    // The device's copies of a file's pages belong to the file, not to this mapping: an unmap, a
+    // discard or a remap of the CPU's view writes them back and lets them go (a truncate drops them).
+    file_flush_locked(first, last);
+  }
   if (pinned_) {
     // A pinned page is not the CPU's to take: the device keeps a page of its own.
     if (cause != InvalidateCause::kFork && cause != InvalidateCause::kWriteback)
@@ -207,6 +224,7 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
 int Mirror::range_fault(uint64_t first, uint64_t last, bool write, int timeout_ms) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   stats_.range_faults.fetch_add(1, std::memory_order_relaxed);
+  if (file_copies()) return file_fault(first, last, write, deadline);
   for (;;) {
     int rc = fault_once(first, last, write, deadline);
     if (rc <= 0) return rc;
@@ -244,6 +262,18 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
   }
   if (region_->hugetlb) {
     out->error = -EINVAL;
+    return;
+  }
+  if (file_copies()) {
+    // copy/bounce: migration is the load the device's faults do (A read into A').
+    int rc = file_fault(first, last, false, std::chrono::steady_clock::now());
+    for (uint64_t i = first; i < last; i++)
+      if (pt_[i].load(std::memory_order_relaxed) & kOnDevice) out->resident++;
+    out->moved = out->moved_by_copy = out->resident;
+    if (rc) out->error = rc == -ENOMEM ? -ENOENT : rc;
+    if (rc == -ENOMEM)
+      for (uint64_t i = first; i < last; i++)
+        if (!(pt_[i].load(std::memory_order_relaxed) & kOnDevice)) out->skipped.push_back({i, Skip::kNoMemory});
     return;
   }
   if (pinned_) {
@@ -507,6 +537,11 @@ bool Mirror::move_back_run(uint64_t a, uint64_t b) {
 }
 
 uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger) {
+  if (file_copies()) {
+    std::unique_lock<std::mutex> change(change_mu_, std::defer_lock);
+    if (!Engine::holds(this)) change.lock();
+    return file_flush_locked(first, last);
+  }
   if (!engine_registered_) return 0;
   std::lock_guard<std::mutex> change(change_mu_);
   begin_change();
@@ -539,6 +574,7 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
 
 bool Mirror::cpu_fault(uint64_t i) {
   // Caller (the engine) holds change_mu_.
+  if (file_copies()) return file_cpu_fault(i);
   uint64_t e = pt_[i].load(std::memory_order_acquire);
   if (!(e & kOnDevice) || (e & kPinned)) return false;
   begin_change();
@@ -555,6 +591,7 @@ bool Mirror::cpu_fault(uint64_t i) {
 }
 
 bool Mirror::evict(uint64_t i) {
+  if (file_copies()) return file_evict(i);
   const uint64_t e = pt_[i].load(std::memory_order_acquire);
   if (!(e & kOnDevice) || (e & kPinned)) return false;
   begin_change();

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -31,7 +32,38 @@ enum : uint64_t {
   kOnDevice = 1ull << 4, // the data lives in device memory (slot), not in the host page
   kAccessed = 1ull << 5, // the device accessed the page since eviction last looked (LRU)
   kPinned = 1ull << 6,   // pin mode: the device kept its own page when the CPU side changed
+  kSole = 1ull << 7,     // bounce: the file has no copy of this page (its host page was freed)
   kSlotShift = 20,
+};
+
+// How a mirror of a file's pages keeps the page cache, writeback and truncate right (the seeds'
+// four answers). kNone: not a file strategy (anonymous memory, or a plain mirror).
+enum class FileStrategy : uint8_t { kNone, kRemote, kCopy, kBounce, kPin };
+const char* FileStrategyName(FileStrategy s);
+// How writeback takes a consistent image of a page the device keeps writing. kBounce: the device
+// loses write access only while the page is copied into a bounce page, then the bounce page is
+// written. kStable: no copy; the device's write access stays revoked while the page itself is written
+// (stable pages). Pin always writes stable pages (see mirror_file.cc).
+enum class SnapshotMode : uint8_t { kBounce, kStable };
+
+struct FileOptions {
+  FileStrategy strategy = FileStrategy::kRemote;
+  SnapshotMode snapshot = SnapshotMode::kBounce;
+  uint64_t writeback_interval_ms = 0;  // periodic writeback; 0 = only when asked
+  uint64_t chunk_pages = 64;           // pages per snapshot/write step (bounds a device stall)
+};
+
+struct FileStats {
+  std::atomic<uint64_t> loaded_pages{0};     // A copied to A' (copy, bounce)
+  std::atomic<uint64_t> freed_pages{0};      // host pages given up after loading (bounce)
+  std::atomic<uint64_t> pulled_back{0};      // device pages brought back by a CPU fault or library I/O
+  std::atomic<uint64_t> writebacks{0};       // writeback passes (periodic, fsync, msync, lease, close)
+  std::atomic<uint64_t> written_pages{0};    // pages written to the file by the library
+  std::atomic<uint64_t> snapshot_bytes{0};   // bytes copied into bounce pages
+  std::atomic<uint64_t> io_read_bytes{0};    // library read()
+  std::atomic<uint64_t> io_write_bytes{0};   // library write()
+  std::atomic<uint64_t> lease_breaks{0};
+  std::atomic<uint64_t> writeback_ns{0};
 };
 
 struct MirrorStats {
@@ -119,6 +151,37 @@ class Mirror : public RangeNotifier {
   // it had, as a pinned page stays with its holder, in a page of device memory: from then on the
   // CPU and the device see different pages. That divergence is the hazard pin mode shows.
   int enable_pin(int timeout_ms);
+
+  // File strategies (mirror_file.cc). enable_file() once, before any access. Errors: -EINVAL (not a
+  // shared file mapping), -EOPNOTSUPP (copy/bounce on hugetlbfs), those of dup/fstat/registration.
+  int enable_file(const FileOptions& options);
+  // Registers the range with the engine (MISSING | WP, and MINOR for a shmem file strategy).
+  FileStrategy file_strategy() const { return file_ ? file_->options.strategy : FileStrategy::kNone; }
+  // copy and bounce: the device's data is its own copy in device memory.
+  bool file_copies() const {
+    return file_ && (file_->options.strategy == FileStrategy::kCopy || file_->options.strategy == FileStrategy::kBounce);
+  }
+  const FileStats* file_stats() const { return file_ ? &file_->stats : nullptr; }
+  // Whether CPU mmap accesses are intercepted (shmem: MINOR/MISSING faults pull device pages back).
+  bool file_intercepts_cpu() const { return file_ && file_->shmem; }
+  // The library's read()/write() of the file through the strategy, bytes [off, off + len) of the
+  // mirror. Errors: -EFAULT (past end of file), -errno of pread/pwrite.
+  int64_t file_read(uint64_t off, uint64_t len, uint8_t* out);  // bytes read (short at end of file)
+  int file_write(uint64_t off, uint64_t len, const uint8_t* in);
+  struct WritebackResult {
+    uint64_t pages = 0;       // pages written (or, for remote/pin, made stable while the kernel wrote them)
+    uint64_t bytes_copied = 0;
+    uint64_t elapsed_ns = 0;
+  };
+  // Writes back pages [first, last): each a consistent snapshot while the device keeps writing.
+  // sync: and waits until the file has them (fdatasync). Errors: those of pwrite/sync_file_range/fdatasync.
+  int writeback(uint64_t first, uint64_t last, bool sync, WritebackResult* out);
+  // A lease on the file (F_SETLEASE F_WRLCK, broken by another process's open or truncate).
+  // Errors: -EAGAIN (the file is open elsewhere), -EACCES/-EPERM (not the owner, no CAP_LEASE).
+  int take_lease();
+  // The lease-break path (lease.cc's thread): revoke, write back, give the device's copies up, release.
+  void break_lease();
+  bool lease_held() const { return file_ && file_->lease_held.load(); }
   bool pinned() const { return pinned_; }
   uint64_t diverged() const { return diverged_.load(std::memory_order_relaxed); }
   bool single_writer() const { return single_writer_; }
@@ -180,6 +243,36 @@ class Mirror : public RangeNotifier {
   uint64_t fill_slots(uint64_t host, uint64_t slot, uint64_t n, bool present, bool use_move, MigrateResult* out);
   void set_device_entry(uint64_t i, uint64_t slot, uint64_t old, bool atomic);
   MirrorStats stats_;
+
+  struct FileState {
+    FileOptions options;
+    int fd = -1;             // our own descriptor (a dup of the mapping's)
+    uint64_t file_offset = 0;  // of page 0 of the mirror
+    bool shmem = false;      // tmpfs/memfd: userfaultfd can register it; the page cache is the file
+    bool registered = false; // CPU faults come to the engine (shmem copy/bounce)
+    std::mutex wb_mu;        // one writeback at a time (two could write snapshots out of order)
+    std::vector<uint8_t> bounce;  // chunk_pages bounce pages
+    FileStats stats;
+    std::atomic<bool> lease_held{false};
+    std::thread periodic;
+    std::mutex periodic_mu;
+    std::condition_variable periodic_cv;
+    bool stopping = false;
+  };
+  std::unique_ptr<FileState> file_;
+  int file_fault(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline);
+  // Caller holds change_mu_. Loads pages [a, b) (not on the device) into device memory.
+  int file_load(uint64_t a, uint64_t b, uint64_t* loaded);
+  // Caller holds change_mu_: writes page i's device copy to the file if the file lacks it.
+  int file_store(uint64_t i, uint64_t e);
+  bool file_must_store(uint64_t e) const;
+  // Caller holds change_mu_: device copies of [a, b) go back to the file where needed; slots freed.
+  uint64_t file_flush_locked(uint64_t a, uint64_t b);
+  bool file_cpu_fault(uint64_t i);
+  bool file_evict(uint64_t i);
+  int file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out);
+  void file_stop();
+  uint64_t file_size_pages(bool* ok);
 };
 
 }  // namespace pm::engine

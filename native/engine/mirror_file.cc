@@ -1,0 +1,555 @@
+// File strategies: how a device's use of a file's pages stays right with the page cache,
+// writeback, fsync and truncate (the seeds' four answers), on real files.
+//
+//   remote  the device maps the page-cache page. Writeback through the library invalidates the
+//           device's entries over the pages it writes (writeback cleaning): the device cannot write
+//           them while the kernel writes them, and its next write faults again (page_mkwrite).
+//   copy    A stays in the page cache; the device works on A' in its memory. On tmpfs/memfd the
+//           CPU mapping is registered (MINOR): a CPU touch of a page the device holds faults, and
+//           A' comes back into A first. Elsewhere the CPU reaches the file through read()/write().
+//   bounce  as copy, but A is freed once A' is loaded (hole punched on tmpfs; written and dropped
+//           from the page cache elsewhere): the device holds the only copy, and the page comes back
+//           (a MISSING fault on tmpfs, read()/write(), writeback) through bounce pages.
+//   pin     the device maps the page-cache page for good (long-term GUP): never invalidated.
+//           Writeback keeps the device's write access revoked while the kernel writes the pages
+//           (stable pages) and gives it back; the device never refaults.
+//
+// Why pin does not write bounce copies of its pages: user space can only reach a file's blocks
+// through the page cache, or with O_DIRECT, which falls back to a buffered write over the very page
+// the device is writing when that page is mapped and dirty. A bounce copy written through the page
+// cache would overwrite the device's newer writes. So pin's snapshot is the page itself, held still.
+//
+// Locking: change_mu_ (through Engine::lock_covering where device memory may be allocated, so
+// eviction can take our own pages) serialises loads, CPU pull-backs, library I/O and writeback
+// chunks; file_->wb_mu orders whole writebacks (snapshots are written in the order they were
+// taken). Order: wb_mu, then change_mu_. The engine's fault handler never takes wb_mu.
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/mman.h>
+#include <sys/statfs.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "../sys/file.h"
+#include "../sys/mem.h"
+#include "../sys/pagemap.h"
+#include "../sys/uapi.h"
+#include "../sys/uffd.h"
+#include "device.h"
+#include "engine.h"
+#include "lease.h"
+#include "mirror.h"
+
+namespace pm::engine {
+
+const char* FileStrategyName(FileStrategy s) {
+  switch (s) {
+    case FileStrategy::kRemote: return "remote";
+    case FileStrategy::kCopy: return "copy";
+    case FileStrategy::kBounce: return "bounce";
+    case FileStrategy::kPin: return "pin";
+    default: return "none";
+  }
+}
+
+int Mirror::enable_file(const FileOptions& o) {
+  {
+    std::lock_guard<std::mutex> change(change_mu_);
+    if (file_) return -EBUSY;
+    if (region_->fd < 0 || !region_->shared) return -EINVAL;
+    const bool copies = o.strategy == FileStrategy::kCopy || o.strategy == FileStrategy::kBounce;
+    if (copies && region_->hugetlb) return -EOPNOTSUPP;
+    auto f = std::make_unique<FileState>();
+    f->options = o;
+    if (f->options.chunk_pages == 0) f->options.chunk_pages = 64;
+    f->fd = ::fcntl(region_->fd, F_DUPFD_CLOEXEC, 0);
+    if (f->fd < 0) return -errno;
+    f->file_offset = region_->file_offset + offset_;
+    struct statfs fs;
+    if (::fstatfs(f->fd, &fs) == 0) f->shmem = fs.f_type == TMPFS_MAGIC;
+    sys::StatxInfo sx;
+    if (copies && sys::statx_fd(f->fd, &sx) == 0 && sx.dax) {
+      // DAX: the file's pages are the device-addressable memory; nothing to copy into device memory.
+      ::close(f->fd);
+      return -EOPNOTSUPP;
+    }
+    if (copies || o.snapshot == SnapshotMode::kBounce) f->bounce.resize(f->options.chunk_pages * page_);
+    if (copies) {
+      // Device memory is filled by pread into slots: they need pages first (an ioctl per run).
+      int rc = Engine::get().ensure();
+      if (rc == 0) rc = device_->register_pool();
+      if (rc == 0 && f->shmem) {
+        Engine& e = Engine::get();
+        e.add_mirror(this);
+        rc = e.register_range(start_, npages_ * page_, region_->id, true);
+        if (rc) e.remove_mirror(this);
+        else {
+          engine_registered_ = true;
+          region_->registered.fetch_add(1);
+          f->registered = true;
+        }
+      }
+      if (rc) {
+        ::close(f->fd);
+        return rc;
+      }
+      if (!f->shmem) region_->cpu_via_library.fetch_add(1);  // the CPU mapping would read stale A
+    }
+    file_ = std::move(f);
+  }
+  if (o.strategy == FileStrategy::kPin) {
+    int rc = enable_pin(device_->config().timeout_ms);
+    if (rc) return rc;
+  }
+  if (o.writeback_interval_ms) {
+    file_->periodic = std::thread([this] {
+      std::unique_lock<std::mutex> lock(file_->periodic_mu);
+      const auto every = std::chrono::milliseconds(file_->options.writeback_interval_ms);
+      while (!file_->stopping) {
+        if (file_->periodic_cv.wait_for(lock, every, [this] { return file_->stopping; })) break;
+        lock.unlock();
+        WritebackResult r;
+        writeback(0, npages_, false, &r);
+        lock.lock();
+      }
+    });
+  }
+  return 0;
+}
+
+void Mirror::file_stop() {
+  if (!file_) return;
+  {
+    std::lock_guard<std::mutex> lock(file_->periodic_mu);
+    file_->stopping = true;
+  }
+  file_->periodic_cv.notify_all();
+  if (file_->periodic.joinable()) file_->periodic.join();
+  Leases::remove(this);
+  if (file_->lease_held.exchange(false)) ::fcntl(file_->fd, F_SETLEASE, F_UNLCK);
+}
+
+// Pages of the mirror that lie (at least partly) before end of file.
+uint64_t Mirror::file_size_pages(bool* ok) {
+  uint64_t size = 0;
+  *ok = sys::file_size(file_->fd, &size) == 0;
+  if (!*ok || size <= file_->file_offset) return 0;
+  return std::min(npages_, (size - file_->file_offset + page_ - 1) / page_);
+}
+
+bool Mirror::file_must_store(uint64_t e) const { return (e & kOnDevice) && (e & (kDirty | kSole)); }
+
+int Mirror::file_load(uint64_t a, uint64_t b, uint64_t* loaded) {
+  *loaded = 0;
+  const int ufd = Engine::get().fd();
+  std::vector<uint64_t> slots;
+  slots.reserve(b - a);
+  for (uint64_t i = a; i < b; i++) {
+    uint64_t slot;
+    if (!device_->alloc_slot(&slot, this, i)) break;
+    slots.push_back(slot);
+  }
+  const uint64_t n = slots.size();
+  if (n == 0) return -ENOMEM;
+  b = a + n;
+  // The CPU's view goes first: from here a CPU touch faults and waits for us (change_mu_), so no
+  // CPU write can land in A after it was read into A'.
+  sys::advise(reinterpret_cast<void*>(start_ + a * page_), n * page_, MADV_DONTNEED);
+  int rc = 0;
+  uint64_t k = 0;
+  while (k < n && rc == 0) {
+    uint64_t r = k + 1;  // a run of consecutive slots: one ioctl and one pread
+    while (r < n && slots[r] == slots[k] + (r - k)) r++;
+    const uint64_t run = r - k;
+    void* dst = device_->slot_address(slots[k]);
+    if (!device_->slots_populated(slots[k], run)) {
+      // Holes in the pool are registered with the engine: give them pages with an ioctl, never a
+      // touch (which would fault into the engine).
+      int64_t done = 0;
+      rc = sys::uffd_zeropage(ufd, reinterpret_cast<uint64_t>(dst), run * page_, UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done);
+      if (rc == -EEXIST) rc = 0;
+      if (rc) break;
+      device_->set_populated(slots[k], run, true);
+    }
+    rc = sys::pread_full(file_->fd, dst, run * page_, file_->file_offset + (a + k) * page_);
+    if (rc) break;
+    k = r;
+  }
+  for (uint64_t j = k; j < n; j++) device_->free_slot(slots[j]);
+  if (k == 0) return rc ? rc : -EIO;
+  b = a + k;
+  const bool bounce = file_->options.strategy == FileStrategy::kBounce;
+  const uint64_t off = file_->file_offset + a * page_, len = k * page_;
+  uint64_t sole = 0;
+  if (bounce) {
+    if (file_->shmem) {
+      // tmpfs: the page cache is the file; the device's copy becomes the only one.
+      if (sys::punch_hole(file_->fd, off, len) == 0) sole = kSole;
+    } else {
+      // A disk file keeps its blocks: write A if dirty, then drop it from the page cache.
+      sys::sync_range(file_->fd, off, len, true);
+      sys::drop_cache(file_->fd, off, len);
+    }
+    file_->stats.freed_pages.fetch_add(k, std::memory_order_relaxed);
+  }
+  for (uint64_t j = 0; j < k; j++) {
+    const uint64_t old = pt_[a + j].load(std::memory_order_relaxed);
+    pt_[a + j].store((slots[j] << kSlotShift) | kOnDevice | sole | (old & kDirty), std::memory_order_release);
+  }
+  file_->stats.loaded_pages.fetch_add(k, std::memory_order_relaxed);
+  device_->on_migrate(this, true, a, k, Trigger::kDeviceFault);
+  *loaded = k;
+  return 0;
+}
+
+int Mirror::file_fault(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point) {
+  if (dead() || region_->closed.load()) return -EFAULT;
+  const int prot = region_->prot_over(offset_ + first * page_, (last - first) * page_);
+  if (!(prot & PROT_READ)) return -EFAULT;
+  if (write && !(prot & PROT_WRITE)) return -EPERM;
+  bool ok;
+  const uint64_t eof = file_size_pages(&ok);
+  if (!ok) return -EIO;
+  if (first >= eof) return -EFAULT;  // past end of file: the CPU would take a SIGBUS
+  last = std::min(last, eof);
+  Engine::Holding holding = Engine::get().lock_covering(this, start_ + first * page_, start_ + last * page_);
+  if (dead()) return -EFAULT;
+  for (uint64_t i = first; i < last;) {
+    if (pt_[i].load(std::memory_order_relaxed) & kOnDevice) {
+      i++;
+      continue;
+    }
+    uint64_t j = i;
+    while (j < last && !(pt_[j].load(std::memory_order_relaxed) & kOnDevice)) j++;
+    uint64_t loaded = 0;
+    int rc = file_load(i, j, &loaded);
+    if (rc) return rc;
+    i += loaded;
+  }
+  for (uint64_t i = first; i < last; i++) {
+    const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+    pt_[i].store(e | kValid | (write ? static_cast<uint64_t>(kWrite) : 0ull), std::memory_order_release);
+  }
+  return 0;
+}
+
+// Caller holds change_mu_ and has cleared page i's entry (no device access in flight).
+int Mirror::file_store(uint64_t i, uint64_t e) {
+  uint64_t size = 0;
+  int rc = sys::file_size(file_->fd, &size);
+  if (rc) return rc;
+  const uint64_t off = file_->file_offset + i * page_;
+  if (off >= size) return 0;  // truncated away: nothing past the end is ever written
+  rc = sys::pwrite_full(file_->fd, device_->slot_address(e >> kSlotShift), std::min(page_, size - off), off);
+  if (rc == 0) file_->stats.written_pages.fetch_add(1, std::memory_order_relaxed);
+  return rc;
+}
+
+uint64_t Mirror::file_flush_locked(uint64_t a, uint64_t b) {
+  std::vector<std::pair<uint64_t, uint64_t>> gone;
+  for (uint64_t i = a; i < b; i++) {
+    const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+    if (!(e & kOnDevice)) continue;
+    pt_[i].store(0, std::memory_order_seq_cst);
+    gone.push_back({i, e});
+  }
+  if (gone.empty()) return 0;
+  wait_inflight(a, b);
+  for (auto [i, e] : gone) {
+    if (file_must_store(e)) file_store(i, e);
+    device_->free_slot(e >> kSlotShift);
+  }
+  device_->on_migrate(this, false, a, gone.size(), Trigger::kRelease);
+  return gone.size();
+}
+
+// The engine's thread, holding change_mu_: a CPU touch of a page (shmem copy/bounce).
+bool Mirror::file_cpu_fault(uint64_t i) {
+  const uint64_t e = pt_[i].load(std::memory_order_acquire);
+  if (!(e & kOnDevice)) return false;  // an ordinary first touch: the engine maps the page
+  pt_[i].store(0, std::memory_order_seq_cst);
+  wait_inflight(i, i + 1);
+  if (file_must_store(e)) file_store(i, e);  // A' back into A (bounce: A exists again)
+  device_->free_slot(e >> kSlotShift);
+  file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
+  device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, (e & kValid) ? 1 : 0);
+  device_->on_migrate(this, false, i, 1, Trigger::kCpuFault);
+  const int ufd = Engine::get().fd();
+  const uint64_t addr = start_ + i * page_;
+  int64_t done = 0;
+  // The page is in the page cache now: map it (a MISSING fault too: the page exists by now).
+  int rc = sys::uffd_continue(ufd, addr, page_, 0, &done);
+  if (rc == -EEXIST) sys::uffd_wake(ufd, addr, page_);
+  else if (rc) {
+    rc = sys::uffd_zeropage(ufd, addr, page_, 0, &done);  // no page (truncated meanwhile): a hole reads zeros
+    if (rc) sys::uffd_wake(ufd, addr, page_);
+  }
+  return true;
+}
+
+bool Mirror::file_evict(uint64_t i) {
+  const uint64_t e = pt_[i].load(std::memory_order_acquire);
+  if (!(e & kOnDevice)) return false;
+  pt_[i].store(0, std::memory_order_seq_cst);
+  wait_inflight(i, i + 1);
+  if (file_must_store(e)) file_store(i, e);
+  device_->free_slot(e >> kSlotShift);
+  device_->on_migrate(this, false, i, 1, Trigger::kEviction);
+  return true;
+}
+
+int Mirror::file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out) {
+  const FileStrategy s = file_->options.strategy;
+  const uint64_t off = file_->file_offset + a * page_, len = (b - a) * page_;
+  if (s == FileStrategy::kRemote) {
+    uint64_t dirty = 0;
+    for (uint64_t i = a; i < b; i++)
+      if (pt_[i].load(std::memory_order_relaxed) & kDirty) dirty++;
+    if (dirty == 0) return 0;
+    // Writeback cleaning: every mirror of these pages loses them while the kernel writes them.
+    Region::Invalidation inv(region_.get(), offset_ + a * page_, len, InvalidateCause::kWriteback);
+    int rc = sys::sync_range(file_->fd, off, len, true);
+    if (rc == 0) out->pages += dirty;
+    return rc;
+  }
+  Engine::Holding holding = Engine::get().lock_covering(this, start_ + a * page_, start_ + b * page_);
+  if (dead()) return 0;
+  if (s == FileStrategy::kPin) {
+    std::vector<uint64_t> had;
+    uint64_t dirty = 0;
+    begin_change();  // the device's write faults wait for the end of this chunk
+    for (uint64_t i = a; i < b; i++) {
+      const uint64_t old = pt_[i].fetch_and(~(kWrite | kDirty), std::memory_order_seq_cst);
+      if (old & kDirty) dirty++;
+      had.push_back(old & kWrite);
+    }
+    wait_inflight(a, b);
+    int rc = dirty ? sys::sync_range(file_->fd, off, len, true) : 0;
+    for (uint64_t i = a; i < b; i++)
+      if (had[i - a]) pt_[i].fetch_or(kWrite, std::memory_order_release);
+    end_change();
+    if (rc == 0) out->pages += dirty;
+    return rc;
+  }
+  // copy, bounce: the device's own copies, written by the library.
+  uint64_t size = 0;
+  if (int rc = sys::file_size(file_->fd, &size)) return rc;
+  struct Page {
+    uint64_t i, e;
+  };
+  std::vector<Page> pages;
+  for (uint64_t i = a; i < b; i++) {
+    const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+    if (!file_must_store(e)) continue;
+    // Write access goes (and the dirty bit with it): a device write from here on sets it again.
+    pages.push_back({i, pt_[i].fetch_and(~(kWrite | kDirty | kSole), std::memory_order_seq_cst)});
+  }
+  if (pages.empty()) return 0;
+  wait_inflight(a, b);
+  const bool stable = file_->options.snapshot == SnapshotMode::kStable;
+  std::vector<struct iovec> iov(pages.size());
+  for (size_t k = 0; k < pages.size(); k++) {
+    void* src = device_->slot_address(pages[k].e >> kSlotShift);
+    if (!stable) {
+      void* dst = file_->bounce.data() + (pages[k].i - a) * page_;
+      std::memcpy(dst, src, page_);
+      src = dst;
+    }
+    iov[k] = {src, page_};
+  }
+  if (!stable) {
+    // The snapshot is taken: the device writes again while the bounce pages go to the file.
+    for (const Page& p : pages)
+      if (p.e & kWrite) pt_[p.i].fetch_or(kWrite, std::memory_order_release);
+    out->bytes_copied += pages.size() * page_;
+    file_->stats.snapshot_bytes.fetch_add(pages.size() * page_, std::memory_order_relaxed);
+  }
+  int rc = 0;
+  for (size_t k = 0; k < pages.size() && rc == 0;) {
+    size_t r = k + 1;  // consecutive file pages: one pwritev
+    while (r < pages.size() && pages[r].i == pages[r - 1].i + 1) r++;
+    const uint64_t at = file_->file_offset + pages[k].i * page_;
+    if (at < size) {
+      const uint64_t n = std::min<uint64_t>(r - k, (size - at + page_ - 1) / page_);
+      const uint64_t bytes = std::min(n * page_, size - at);  // nothing past the end of the file
+      if (bytes < n * page_) iov[k + n - 1].iov_len = page_ - (n * page_ - bytes);
+      rc = sys::pwritev_full(file_->fd, iov.data() + k, static_cast<int>(n), at);
+      if (rc == 0) {
+        out->pages += n;
+        file_->stats.written_pages.fetch_add(n, std::memory_order_relaxed);
+      }
+    }
+    k = r;
+  }
+  if (rc) {
+    // Not written: the pages stay dirty (and sole), so nothing is lost and a later pass retries.
+    for (const Page& p : pages) pt_[p.i].fetch_or(p.e & (kDirty | kSole), std::memory_order_release);
+  }
+  if (stable)
+    for (const Page& p : pages)
+      if (p.e & kWrite) pt_[p.i].fetch_or(kWrite, std::memory_order_release);
+  return rc;
+}
+
+int Mirror::writeback(uint64_t first, uint64_t last, bool sync, WritebackResult* out) {
+  *out = WritebackResult{};
+  if (!file_) return -EINVAL;
+  std::lock_guard<std::mutex> wb(file_->wb_mu);
+  const uint64_t t0 = sys::now_ns();
+  sys::StatxInfo sx;
+  const bool dax = sys::statx_fd(file_->fd, &sx) == 0 && sx.dax;
+  int rc = 0;
+  if (!dax) {  // DAX: stores reach the media through the mapping; there is no page cache to write back
+    const uint64_t step = file_->options.chunk_pages;
+    for (uint64_t a = first; a < last && rc == 0; a += step) rc = file_writeback_chunk(a, std::min(last, a + step), out);
+    const uint64_t off = file_->file_offset + first * page_, len = (last - first) * page_;
+    const bool drop = file_->options.strategy == FileStrategy::kBounce && !file_->shmem;
+    if (rc == 0 && drop) {
+      // Bounce on a disk file: what was written leaves the page cache again once it is on disk.
+      rc = sys::sync_range(file_->fd, off, len, true);
+      if (rc == 0) sys::drop_cache(file_->fd, off, len);
+    }
+    if (rc == 0 && sync) rc = sys::datasync(file_->fd);
+    else if (rc == 0 && !drop && out->pages) rc = sys::sync_range(file_->fd, off, len, false);  // start the I/O, as the flusher does
+  }
+  out->elapsed_ns = sys::now_ns() - t0;
+  file_->stats.writebacks.fetch_add(1, std::memory_order_relaxed);
+  file_->stats.writeback_ns.fetch_add(out->elapsed_ns, std::memory_order_relaxed);
+  return rc;
+}
+
+int64_t Mirror::file_read(uint64_t off, uint64_t len, uint8_t* out) {
+  if (!file_) return -EINVAL;
+  uint64_t size = 0;
+  if (int rc = sys::file_size(file_->fd, &size)) return rc;
+  const uint64_t foff = file_->file_offset + off;
+  if (foff >= size) return 0;
+  len = std::min(len, size - foff);
+  const bool copies = file_copies();
+  const bool copy = file_->options.strategy == FileStrategy::kCopy;
+  uint64_t done = 0;
+  while (done < len) {
+    const uint64_t at = off + done;
+    const uint64_t i = at / page_, in_page = at % page_;
+    const uint64_t n = std::min(page_ - in_page, len - done);
+    bool served = false;
+    if (copies && (pt_[i].load(std::memory_order_acquire) & kOnDevice)) {
+      std::lock_guard<std::mutex> change(change_mu_);
+      const uint64_t e = pt_[i].load(std::memory_order_acquire);
+      if (e & kOnDevice) {
+        if (copy) {
+          // Jan Kara's scheme: A' comes back into A first; then A is read like any page.
+          if (e & kDirty) {
+            const uint64_t old = pt_[i].fetch_and(~(kWrite | kDirty), std::memory_order_seq_cst);
+            wait_inflight(i, i + 1);
+            if (file_store(i, old) != 0) pt_[i].fetch_or(kDirty, std::memory_order_release);
+            if (old & kWrite) pt_[i].fetch_or(kWrite, std::memory_order_release);
+            file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
+          }
+        } else {
+          // Bounce: a snapshot of the device's page, taken with its write access held back.
+          const uint64_t old = pt_[i].fetch_and(~kWrite, std::memory_order_seq_cst);
+          wait_inflight(i, i + 1);
+          std::memcpy(out + done, static_cast<uint8_t*>(device_->slot_address(e >> kSlotShift)) + in_page, n);
+          if (old & kWrite) pt_[i].fetch_or(kWrite, std::memory_order_release);
+          served = true;
+        }
+      }
+    }
+    if (!served) {
+      // Through the page cache: as many following pages as are not the device's.
+      uint64_t m = n;
+      while (done + m < len && !(copies && (pt_[(off + done + m) / page_].load(std::memory_order_acquire) & kOnDevice)))
+        m += std::min(page_, len - done - m);
+      if (int rc = sys::pread_full(file_->fd, out + done, m, file_->file_offset + at)) return rc;
+      done += m;
+      continue;
+    }
+    done += n;
+  }
+  file_->stats.io_read_bytes.fetch_add(len, std::memory_order_relaxed);
+  return static_cast<int64_t>(len);
+}
+
+int Mirror::file_write(uint64_t off, uint64_t len, const uint8_t* in) {
+  if (!file_) return -EINVAL;
+  const bool copies = file_copies();
+  const bool copy = file_->options.strategy == FileStrategy::kCopy;
+  uint64_t done = 0;
+  while (done < len) {
+    const uint64_t at = off + done;
+    const uint64_t i = at / page_, in_page = at % page_;
+    const uint64_t n = std::min(page_ - in_page, len - done);
+    bool served = false;
+    if (copies && (pt_[i].load(std::memory_order_acquire) & kOnDevice)) {
+      std::lock_guard<std::mutex> change(change_mu_);
+      const uint64_t e = pt_[i].load(std::memory_order_acquire);
+      if (e & kOnDevice && copy) {
+        // The device's copy comes back into A first and goes; the write lands in A, and the
+        // device's next access loads the new A.
+        pt_[i].store(0, std::memory_order_seq_cst);
+        wait_inflight(i, i + 1);
+        if (file_must_store(e)) file_store(i, e);
+        device_->free_slot(e >> kSlotShift);
+        device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuWrite, (e & kValid) ? 1 : 0);
+        file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
+        if (int rc = sys::pwrite_full(file_->fd, in + done, n, file_->file_offset + at)) return rc;
+        served = true;
+      } else if (e & kOnDevice) {
+        // Bounce: the device's page is the only copy; the write goes into it.
+        const uint64_t old = pt_[i].fetch_and(~kWrite, std::memory_order_seq_cst);
+        wait_inflight(i, i + 1);
+        std::memcpy(static_cast<uint8_t*>(device_->slot_address(e >> kSlotShift)) + in_page, in + done, n);
+        pt_[i].fetch_or(kDirty | (old & kWrite), std::memory_order_release);
+        served = true;
+      }
+    }
+    if (!served) {
+      uint64_t m = n;
+      while (done + m < len && !(copies && (pt_[(off + done + m) / page_].load(std::memory_order_acquire) & kOnDevice)))
+        m += std::min(page_, len - done - m);
+      if (int rc = sys::pwrite_full(file_->fd, in + done, m, file_->file_offset + at)) return rc;
+      done += m;
+      continue;
+    }
+    done += n;
+  }
+  file_->stats.io_write_bytes.fetch_add(len, std::memory_order_relaxed);
+  return 0;
+}
+
+int Mirror::take_lease() {
+  if (!file_) return -EINVAL;
+  if (file_->lease_held.load()) return 0;
+  int rc = Leases::add(this, file_->fd);
+  if (rc == 0) file_->lease_held.store(true);
+  return rc;
+}
+
+// Another process opened or truncated the file: revoke, write back, release, well within the
+// lease-break time (the kernel waits for us; past /proc/sys/fs/lease-break-time it breaks the lease).
+void Mirror::break_lease() {
+  if (!file_ || !file_->lease_held.load()) return;
+  file_->stats.lease_breaks.fetch_add(1, std::memory_order_relaxed);
+  WritebackResult r;
+  writeback(0, npages_, false, &r);
+  const FileStrategy s = file_->options.strategy;
+  if (s == FileStrategy::kCopy || s == FileStrategy::kBounce) {
+    migrate_to_host(0, npages_, Trigger::kRelease);  // the device's copies go back into the file
+  } else if (s == FileStrategy::kRemote) {
+    // Entries go: after the other process's change the device faults again and sees it (past a
+    // new end of file: EFAULT).
+    Region::Invalidation inv(region_.get(), offset_, npages_ * page_, InvalidateCause::kTruncate);
+  } else {
+    // A long-term pin cannot be revoked: the device keeps its pages as its own (as pinned pages
+    // outlive a truncate), detached from the file from now on.
+    std::lock_guard<std::mutex> change(change_mu_);
+    for (uint64_t i = 0; i < npages_; i++) keep_pinned_page(i);
+  }
+  if (file_->lease_held.exchange(false)) ::fcntl(file_->fd, F_SETLEASE, F_UNLCK);
+}
+
+}  // namespace pm::engine
