@@ -4,7 +4,7 @@ export { Userfaultfd, Fault } from './uffd.js';
 export type { OpenOptions, RegisterOptions, Registration, FaultKind, UffdEvent, ServeOptions, Rule, RuleAction, ResolveOptions, ResolveResult, CloseOutcome, ServiceStats } from './uffd.js';
 export { access, forkAccess } from './access.js';
 export type { AccessOptions, AccessResult, AccessOp, AccessPattern, ForkResult } from './access.js';
-export { probe, formatProbe } from './probe.js';
+export { probe, formatProbe, fileSystemOf } from './probe.js';
 export type { Probe, Capability, UffdProbe, FsProbe } from './probe.js';
 export { isSystemError } from './errors.js';
 export type { SystemError } from './errors.js';

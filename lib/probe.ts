@@ -115,6 +115,11 @@ function tryCap(fn: () => void): Capability {
   }
 }
 
+/** The file system type of a path ('tmpfs', 'ext4', 'xfs', ...; 'other' when unknown). */
+export function fileSystemOf(p: string): string {
+  return FS_NAMES[native.fsType(p)] ?? 'other';
+}
+
 function fsProbe(p: string): FsProbe | null {
   try {
     const magic = native.fsType(p);

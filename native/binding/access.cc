@@ -67,6 +67,8 @@ sys::AccessSpec ParseSpec(const Napi::CallbackInfo& info, Mapping* m) {
   // A SIGSEGV cannot be caught safely inside Node, so accesses the protection forbids are refused
   // here, before any thread starts.
   const bool writes = s.op != sys::AccessOp::kRead && s.op != sys::AccessOp::kVerify;
+  if (m->region()->cpu_via_library.load() > 0)
+    throw StateError(env, "ERR_PAGEMIRROR_FILE_STRATEGY", "a device holds its own copies of this file's pages (copy or bounce) on a file system userfaultfd cannot register: the CPU's mapping could read stale pages; use the mirror's pread()/pwrite()");
   int prot = m->region()->prot_over(off, len);
   if (!(prot & PROT_READ) && s.op != sys::AccessOp::kWrite)
     ThrowSystemError(env, -EACCES, "access", {nullptr, "the range is not readable (PROT_NONE); the access would SIGSEGV"});
@@ -231,6 +233,8 @@ Napi::Value CopyAsync(const Napi::CallbackInfo& info) {
   bool to_mapping = info.Length() > 3 && info[3].ToBoolean().Value();
   uint64_t len = ta.ByteLength();
   uint64_t addr = m->Range(env, off, len, false);
+  if (m->region()->cpu_via_library.load() > 0)
+    throw StateError(env, "ERR_PAGEMIRROR_FILE_STRATEGY", "a device holds its own copies of this file's pages (copy or bounce) on a file system userfaultfd cannot register: the CPU's mapping could read stale pages; use the mirror's pread()/pwrite()");
   int prot = m->region()->prot_over(off, len);
   if (!(prot & (to_mapping ? PROT_WRITE : PROT_READ)))
     ThrowSystemError(env, -EACCES, to_mapping ? "write" : "read",

@@ -273,6 +273,7 @@ class Mirror : public RangeNotifier {
   int file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out);
   void file_stop();
   uint64_t file_size_pages(bool* ok);
+  void file_drop_cache(uint64_t off, uint64_t len);
 };
 
 }  // namespace pm::engine

@@ -77,6 +77,8 @@ int Mirror::enable_file(const FileOptions& o) {
       return -EOPNOTSUPP;
     }
     if (copies || o.snapshot == SnapshotMode::kBounce) f->bounce.resize(f->options.chunk_pages * page_);
+    // Bounce on a disk file reads pages only to drop them from the page cache: no readahead.
+    if (o.strategy == FileStrategy::kBounce && !f->shmem) ::posix_fadvise(f->fd, 0, 0, POSIX_FADV_RANDOM);
     if (copies) {
       // Device memory is filled by pread into slots: they need pages first (an ioctl per run).
       int rc = Engine::get().ensure();
@@ -140,6 +142,17 @@ uint64_t Mirror::file_size_pages(bool* ok) {
   return std::min(npages_, (size - file_->file_offset + page_ - 1) / page_);
 }
 
+// The page cache may hold a file's pages in large folios (ext4 does, since 6.16), and
+// POSIX_FADV_DONTNEED leaves a folio that reaches past the range: drop whole 2 MiB-aligned windows
+// (the largest folio a page-cache page can be in), within the mirror. Clean pages only go, so pages
+// of the window the device does not hold cost at most a read from disk again.
+void Mirror::file_drop_cache(uint64_t off, uint64_t len) {
+  constexpr uint64_t kWindow = 2ull << 20;
+  const uint64_t lo = std::max(file_->file_offset, off / kWindow * kWindow);
+  const uint64_t hi = std::min(file_->file_offset + npages_ * page_, (off + len + kWindow - 1) / kWindow * kWindow);
+  if (hi > lo) sys::drop_cache(file_->fd, lo, hi - lo);
+}
+
 bool Mirror::file_must_store(uint64_t e) const { return (e & kOnDevice) && (e & (kDirty | kSole)); }
 
 int Mirror::file_load(uint64_t a, uint64_t b, uint64_t* loaded) {
@@ -191,7 +204,7 @@ int Mirror::file_load(uint64_t a, uint64_t b, uint64_t* loaded) {
     } else {
       // A disk file keeps its blocks: write A if dirty, then drop it from the page cache.
       sys::sync_range(file_->fd, off, len, true);
-      sys::drop_cache(file_->fd, off, len);
+      file_drop_cache(off, len);
     }
     file_->stats.freed_pages.fetch_add(k, std::memory_order_relaxed);
   }
@@ -410,7 +423,7 @@ int Mirror::writeback(uint64_t first, uint64_t last, bool sync, WritebackResult*
     if (rc == 0 && drop) {
       // Bounce on a disk file: what was written leaves the page cache again once it is on disk.
       rc = sys::sync_range(file_->fd, off, len, true);
-      if (rc == 0) sys::drop_cache(file_->fd, off, len);
+      if (rc == 0) file_drop_cache(off, len);
     }
     if (rc == 0 && sync) rc = sys::datasync(file_->fd);
     else if (rc == 0 && !drop && out->pages) rc = sys::sync_range(file_->fd, off, len, false);  // start the I/O, as the flusher does

@@ -1,0 +1,357 @@
+// File-backed mirroring: the four strategies on real files on tmpfs and on the disk's file system
+// (ext4 here), with real faults, real writeback and real other processes reading the files.
+import { describe, it, expect, afterEach } from 'vitest';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { Device, mapFile, mapAnonymous, access, fileSystemOf, type FileStrategy, type Mapping } from '../lib/index.js';
+import { P, PAGE, FIXTURES_DIR, within } from './helpers.js';
+
+const WORDS = PAGE / 8;
+const STRATEGIES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
+const FILESYSTEMS = [
+  { name: 'tmpfs', dir: '/dev/shm' },
+  { name: fileSystemOf(os.tmpdir()), dir: os.tmpdir() },
+];
+
+const cleanup: (() => void)[] = [];
+afterEach(() => {
+  while (cleanup.length) {
+    try {
+      cleanup.pop()!();
+    } catch {
+      /* already gone */
+    }
+  }
+});
+
+/** A file of npages filled with one seed (as a device write kernel over it would), mapped shared. */
+function setup(dir: string, npages: number, strategy: FileStrategy, opts: Parameters<Device['mirrorFile']>[1] = {}, devOpts = {}) {
+  const file = path.join(dir, `pagemirror-${strategy}-${process.pid}-${Math.random().toString(36).slice(2)}`);
+  fs.writeFileSync(file, pattern(npages, 1));
+  const m = mapFile(file);
+  const dev = Device.create({ memory: 4 << 20, ...devOpts });
+  const fm = dev.mirrorFile(m, { strategy, ...opts });
+  cleanup.push(() => fs.unlinkSync(file), () => m.close(), () => dev.close(), () => fm.close());
+  return { file, m, dev, fm };
+}
+
+/** What a write kernel with this seed over pages [base, base + n) stores: seed + word index. */
+function pattern(npages: number, seed: number, base = 0): Buffer {
+  const b = Buffer.alloc(npages * PAGE);
+  for (let w = 0; w < npages * WORDS; w++) b.writeBigUInt64LE(BigInt(seed) + BigInt(base * WORDS + w), w * 8);
+  return b;
+}
+
+/** The seed each page carries (pages written by whole-file kernels), null if torn. */
+function seeds(buf: Buffer): (number | null)[] {
+  const out: (number | null)[] = [];
+  for (let p = 0; p * PAGE < buf.length; p++) {
+    const s = buf.readBigUInt64LE(p * PAGE) - BigInt(p * WORDS);
+    let ok = true;
+    for (let j = 1; j < WORDS && ok; j++) ok = buf.readBigUInt64LE(p * PAGE + j * 8) - BigInt(p * WORDS + j) === s;
+    out.push(ok ? Number(s) : null);
+  }
+  return out;
+}
+
+function readPagesElsewhere(file: string): Promise<{ size: number; seeds: (string | null)[]; torn: number[] }> {
+  return new Promise((resolve, reject) => {
+    const c = spawn(process.execPath, [path.join(FIXTURES_DIR, 'read-pages.mjs'), file, String(PAGE)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    c.stdout.on('data', (d) => (out += d));
+    c.on('error', reject);
+    c.on('exit', (code) => (code === 0 ? resolve(JSON.parse(out)) : reject(new Error(`reader exited ${code}`))));
+  });
+}
+
+describe.each(FILESYSTEMS)('file strategies on $name', ({ dir }) => {
+  it.each(STRATEGIES)('%s: device writes reach read() and, by fsync(), the file; close() loses nothing', async (strategy) => {
+    const n = 32;
+    const { file, fm } = setup(dir, n, strategy);
+    await within(fm.run({ op: 'write', seed: 500, unit: 8, threads: 2 }), 10_000, 'device write');
+    const st = fm.stats();
+    if (strategy === 'copy' || strategy === 'bounce') {
+      expect(st).toMatchObject({ devicePages: n, loadedPages: n, dirtyPages: n });
+    } else {
+      expect(st.devicePages).toBe(0); // the device maps the page-cache pages themselves
+    }
+    const wb = await within(fm.fsync(), 10_000, 'fsync');
+    expect(wb.pages).toBe(n);
+    expect(seeds(fs.readFileSync(file)).every((s) => s === 500)).toBe(true);
+    expect((await fm.fsync()).pages).toBe(0); // written once: nothing left
+    expect(seeds(await fm.pread(0, n * PAGE)).every((s) => s === 500)).toBe(true);
+
+    // The device writes again; read() sees it under every strategy; the file, by strategy.
+    await fm.run({ op: 'write', seed: 600, unit: 8 });
+    expect(seeds(await fm.pread(0, 4 * PAGE))).toEqual([600, 600, 600, 600]);
+    const file4 = seeds(fs.readFileSync(file)).slice(0, 4);
+    if (strategy === 'bounce') {
+      expect(file4).toEqual([500, 500, 500, 500]); // read through bounce pages: the file waits for writeback
+    } else {
+      // remote/pin: one shared page; copy: read() pulled A' back into A first.
+      expect(file4).toEqual([600, 600, 600, 600]);
+    }
+    if (strategy === 'copy') expect(fm.stats().pulledBack).toBe(4);
+    fm.close(); // not synced: close writes the device's copies back
+    expect(seeds(fs.readFileSync(file)).every((s) => s === 600)).toBe(true);
+  }, 30_000);
+
+  it.each(STRATEGIES)('%s: pwrite() through the library reaches the device, the file and other readers', async (strategy) => {
+    const n = 8;
+    const { file, fm } = setup(dir, n, strategy);
+    await fm.run({ op: 'read', unit: 8 }); // the device has every page
+    await fm.pwrite(2 * PAGE, pattern(2, 900, 2));
+    expect((await fm.run({ op: 'verify', offset: 2 * PAGE, npages: 2, seed: 900 + 2 * WORDS, unit: 8 })).mismatches).toBe(0);
+    await fm.fsync();
+    const s = seeds(fs.readFileSync(file));
+    expect(s).toEqual([1, 1, 900, 900, 1, 1, 1, 1]);
+    // A partial-page write keeps the rest of the page.
+    await fm.pwrite(5 * PAGE + 8, Buffer.alloc(8, 0xff));
+    const back = await fm.pread(5 * PAGE, PAGE);
+    expect(back.readBigUInt64LE(8)).toBe(0xffffffffffffffffn);
+    expect(back.readBigUInt64LE(16)).toBe(BigInt(1 + 5 * WORDS + 2));
+  }, 30_000);
+
+  it('torn-write test: while devices rewrite pages, every page another process reads after a writeback carries one sequence number', async () => {
+    const n = 64;
+    for (const [strategy, snapshot] of [
+      ['copy', 'bounce'],
+      ['bounce', 'bounce'],
+      ['bounce', 'stable'],
+    ] as const) {
+      // remote and pin are not in this test: their page-cache page is the device's page, so a
+      // reader sees device writes as they happen (as with a real GPU); only writeback is in question.
+      const { file, fm } = setup(dir, n, strategy, { snapshot, chunkPages: 8 });
+      // Every page on the device first (bounce on tmpfs: until a page is written back, the file
+      // has a hole there, which reads as zeros, not as a torn page).
+      await fm.run({ op: 'write', seed: 1000, unit: 8 });
+      let stop = false;
+      let seed = 1000;
+      const writer = (async () => {
+        while (!stop) await fm.run({ op: 'write', seed: (seed += 1000), unit: 8, threads: 2 });
+      })();
+      const seen = new Set<string>();
+      try {
+        for (let k = 0; k < 12; k++) {
+          await within(fm.writeback(), 10_000, 'writeback');
+          const r = await within(readPagesElsewhere(file), 10_000, 'reader');
+          expect(r.torn, `${strategy}/${snapshot}: torn pages after writeback ${k}`).toEqual([]);
+          r.seeds.forEach((s) => seen.add(s!));
+        }
+      } finally {
+        stop = true;
+        await within(writer, 10_000, 'writer');
+      }
+      // The writebacks really raced the device: the pages carry many different sequence numbers.
+      expect(seen.size, `${strategy}/${snapshot}`).toBeGreaterThan(3);
+      fm.close();
+    }
+  }, 60_000);
+
+  it.each(['copy', 'bounce', 'remote', 'pin'] as const)('durability test (%s): what fsync reported is in the file after the process is killed', async (strategy) => {
+    const file = path.join(dir, `pagemirror-durable-${strategy}-${process.pid}`);
+    const n = 32;
+    fs.writeFileSync(file, pattern(n, 1));
+    cleanup.push(() => fs.unlinkSync(file));
+    const child = spawn(process.execPath, [path.join(FIXTURES_DIR, 'durability.mjs'), file, strategy], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let synced = 0;
+    let buf = '';
+    await within(
+      new Promise<void>((resolve, reject) => {
+        child.on('exit', (code) => reject(new Error(`child exited early (${code})`)));
+        child.stdout.on('data', (d) => {
+          buf += d;
+          const lines = buf.split('\n');
+          buf = lines.pop()!;
+          for (const l of lines) synced = Number(l.split(' ')[1]);
+          if (synced >= 4001) resolve();
+        });
+      }),
+      20_000,
+      'four syncs',
+    );
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGKILL');
+    await exited;
+    const s = seeds(fs.readFileSync(file));
+    expect(s.length).toBe(n);
+    for (const [p, v] of s.entries()) {
+      expect(v, `page ${p}`).not.toBeNull();
+      expect(v!, `page ${p}`).toBeGreaterThanOrEqual(synced);
+    }
+  }, 30_000);
+
+  it.each(STRATEGIES)('truncate test (%s): a device writing past a truncate through the library; size and contents match the model', async (strategy) => {
+    const n = 32;
+    const { file, m, fm } = setup(dir, n, strategy);
+    await fm.run({ op: 'write', seed: 10_000, unit: 8 });
+    let stop = false;
+    let last = 10_000;
+    let failure: (Error & { code?: string }) | undefined;
+    const writer = (async () => {
+      for (let s = 20_000; !stop; s += 1000) {
+        try {
+          await fm.run({ op: 'write', seed: s, unit: 8, threads: 2 });
+          last = s;
+        } catch (e) {
+          failure = e as Error;
+          return;
+        }
+      }
+    })();
+    await new Promise((r) => setTimeout(r, 20));
+    m.truncateFile((n / 2) * PAGE);
+    await new Promise((r) => setTimeout(r, 20));
+    stop = true;
+    await within(writer, 10_000, 'writer');
+    if (strategy === 'pin') {
+      // A long-term pin outlives the truncate: the device keeps its pages (diverged from the file).
+      expect(failure).toBeUndefined();
+      expect(fm.info().diverged).toBe(n / 2);
+    } else {
+      expect(failure?.code).toBe('EFAULT'); // past the end of file, as the CPU's SIGBUS
+    }
+    await fm.fsync();
+    expect(fs.statSync(file).size).toBe((n / 2) * PAGE);
+    // The first half carries one sequence number per page, one of those the device wrote.
+    const half = seeds(fs.readFileSync(file));
+    expect(half.every((s) => s !== null && s >= 10_000 && s <= Math.max(last, 10_000) + 1000)).toBe(true);
+    // Nothing past the new end was ever written back: extend the file again and it reads zeros.
+    fs.truncateSync(file, n * PAGE);
+    await fm.fsync();
+    expect(fs.readFileSync(file).subarray((n / 2) * PAGE).equals(Buffer.alloc((n / 2) * PAGE))).toBe(true);
+  }, 30_000);
+
+  it.each(STRATEGIES)('lease (%s): another process truncating the file breaks the lease; the engine revokes, writes back and releases at once', async (strategy) => {
+    const n = 32;
+    const { file, fm } = setup(dir, n, strategy, { lease: true });
+    expect(fm.stats().leaseHeld).toBe(true);
+    await fm.run({ op: 'write', seed: 3000, unit: 8 });
+    const t0 = Date.now();
+    // A blocking truncate(2) by another process: the kernel holds it until we release the lease.
+    const c = spawn(process.execPath, ['-e', `require('fs').truncateSync(${JSON.stringify(file)}, ${(n / 2) * PAGE})`], { stdio: 'inherit' });
+    const code = await within(new Promise((r) => c.on('exit', r)), 20_000, 'the other process');
+    const ms = Date.now() - t0;
+    expect(code).toBe(0);
+    expect(ms).toBeLessThan(5000); // lease-break-time is 45 s by default; we answered at once
+    const st = fm.stats();
+    // Revoked and written back: copy and bounce gave their copies up; pin kept its pages as its own.
+    expect(st).toMatchObject({ leaseBreaks: 1, leaseHeld: false, devicePages: strategy === 'pin' ? n : 0 });
+    expect(fs.statSync(file).size).toBe((n / 2) * PAGE);
+    // Written back before the release: the other process truncated the device's data, not stale pages.
+    expect(seeds(fs.readFileSync(file)).every((s) => s === 3000)).toBe(true);
+    if (strategy === 'pin') {
+      // The pin cannot be revoked: the device keeps its pages, detached from the file.
+      await fm.run({ op: 'write', seed: 4000, unit: 8 });
+      expect(fm.info().diverged).toBe(n);
+    } else {
+      await expect(fm.run({ op: 'write', seed: 4000, unit: 8 })).rejects.toMatchObject({ code: 'EFAULT' });
+      await fm.run({ op: 'write', seed: 5000, unit: 8, npages: n / 2 });
+      await fm.fsync();
+      expect(seeds(fs.readFileSync(file)).every((s) => s === 5000)).toBe(true);
+    }
+  }, 30_000);
+});
+
+describe('strategy test: host memory of a dataset resident on the device', () => {
+  it.each(FILESYSTEMS)('on $name: bounce keeps next to no page cache, copy keeps the whole dataset', async ({ dir }) => {
+    const n = 512; // 2 MiB
+    const result: Record<string, { pageCache: number; device: number }> = {};
+    for (const strategy of ['copy', 'bounce'] as const) {
+      const { fm } = setup(dir, n, strategy, {}, { memory: 8 << 20 });
+      await fm.run({ op: 'read', unit: 8 });
+      const a = fm.accounting();
+      result[strategy] = { pageCache: a.pageCache.cachedPages, device: a.devicePages };
+      fm.close();
+    }
+    expect(result.copy!.device).toBe(n);
+    expect(result.bounce!.device).toBe(n);
+    expect(result.copy!.pageCache).toBeGreaterThanOrEqual(n * 0.95);
+    expect(result.bounce!.pageCache).toBeLessThanOrEqual(n * 0.05);
+  }, 30_000);
+});
+
+describe('CPU mmap access on tmpfs (userfaultfd registers shmem)', () => {
+  it.each(['copy', 'bounce'] as const)('%s: a CPU touch of a page the device wrote faults and pulls it back first', async (strategy) => {
+    const n = 16;
+    const { m, fm } = setup('/dev/shm', n, strategy);
+    expect(fm.stats().cpuFaultsIntercepted).toBe(true);
+    await fm.run({ op: 'write', seed: 77, unit: 8 });
+    // CPU threads read through the mapping: real MINOR (copy) or MISSING (bounce) faults.
+    const r = await within(access(m, { op: 'verify', seed: 77, unit: 8, threads: 2 }), 10_000, 'CPU verify');
+    expect(r.mismatches).toBe(0);
+    expect(fm.stats()).toMatchObject({ pulledBack: n, devicePages: 0 });
+    // The CPU writes; the device's next access loads the new data.
+    await access(m, { op: 'write', seed: 88, unit: 8 });
+    expect((await fm.run({ op: 'verify', seed: 88, unit: 8 })).mismatches).toBe(0);
+  }, 30_000);
+});
+
+describe('file strategy errors', () => {
+  it('refuses memory that is not a shared file mapping, mixing, and bad ranges, with typed errors', () => {
+    const dev = Device.create();
+    const anon = mapAnonymous(4 * PAGE);
+    try {
+      expect(() => dev.mirrorFile(anon, { strategy: 'copy' })).toThrow(expect.objectContaining({ code: 'EINVAL', syscall: 'mirror' }));
+      expect(() => dev.mirrorFile(anon, { strategy: 'sideways' as FileStrategy })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' }));
+    } finally {
+      anon.close();
+      dev.close();
+    }
+    const { m, dev: d2, fm } = setup('/dev/shm', 4, 'copy');
+    expect(() => d2.mirror(m)).toThrow(expect.objectContaining({ code: 'EEXIST' }));
+    const other = Device.create();
+    cleanup.push(() => other.close());
+    expect(() => other.mirror(m)).toThrow(expect.objectContaining({ code: 'EBUSY' }));
+    expect(() => fm.pread(0, 5 * PAGE)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+  });
+
+  it('copy/bounce on the disk: the CPU mapping is not handed to JavaScript (it could read stale pages)', async () => {
+    const { m, fm } = setup(os.tmpdir(), 4, 'bounce');
+    expect(fm.stats().cpuFaultsIntercepted).toBe(false);
+    expect(() => m.bytes).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_FILE_STRATEGY' }));
+    await expect(access(m as Mapping, { op: 'read' })).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_FILE_STRATEGY' });
+    fm.close();
+    expect(m.bytes.length).toBe(4 * PAGE); // the mirror gone, the mapping is the file's again
+  });
+
+  it('a lease on a file open elsewhere: EAGAIN, with the reason', () => {
+    const file = path.join(os.tmpdir(), `pagemirror-lease-busy-${process.pid}`);
+    fs.writeFileSync(file, Buffer.alloc(4 * PAGE));
+    const fd = fs.openSync(file, 'r');
+    const m = mapFile(file);
+    const dev = Device.create();
+    try {
+      expect(() => dev.mirrorFile(m, { strategy: 'copy', lease: true })).toThrow(
+        expect.objectContaining({ code: 'EAGAIN', syscall: 'fcntl(F_SETLEASE)', path: file }),
+      );
+      expect(() => dev.mirrorFile(m, { strategy: 'copy' })).not.toThrow(); // the failed one left nothing behind
+    } finally {
+      fs.closeSync(fd);
+      dev.close();
+      m.close();
+      fs.unlinkSync(file);
+    }
+  });
+
+  it('DAX: copy and bounce are refused (EOPNOTSUPP); remote mirrors and writeback is a no-op', async (ctx) => {
+    if (!P.experiments.dax.ok) ctx.skip(`DAX: ${P.experiments.dax.reason ?? 'no DAX file system'}`);
+    const f = path.join(P.dax.candidates[0]!, `pagemirror-dax-${process.pid}`);
+    fs.writeFileSync(f, Buffer.alloc(4 * PAGE));
+    const m = mapFile(f);
+    const dev = Device.create();
+    try {
+      expect(() => dev.mirrorFile(m, { strategy: 'bounce' })).toThrow(expect.objectContaining({ code: 'EOPNOTSUPP' }));
+      const fm = dev.mirrorFile(m, { strategy: 'remote' });
+      await fm.run({ op: 'write', seed: 1, unit: 8 });
+      expect((await fm.fsync()).pages).toBe(0);
+      fm.close();
+    } finally {
+      dev.close();
+      m.close();
+      fs.unlinkSync(f);
+    }
+  });
+});
