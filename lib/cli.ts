@@ -40,10 +40,12 @@ commands:
                      against the plain C baseline
   bench [suite...]   benchmarks against the plain C baseline, in one run; writes JSON (raw
                      samples + environment) and an HTML report with SVG plots to --out
-                     suites: faults, engine, batching, oversubscription, dirty (default: all)
+                     suites: faults, engine, batching, strategies, oversubscription, dirty
+                     (default: all)
                      --pages N (per repetition, default 4096)  --reps N (default 7)
                      --size BYTES (engine bandwidth runs, default 256 MiB; batching: memory read,
                      default 64 MiB; oversubscription: device memory = size / 8, default 8 MiB)
+                     --dir DIR (strategies: where the disk file goes, default the OS temp dir)
                      --out DIR (default ./results)  --no-pin (do not pin to one CPU)  --quiet
   help               this text
 `;
@@ -67,7 +69,7 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'bench': {
       const { runBench, SUITES } = await import('./bench/cli.js');
-      const valued = new Set(['--pages', '--reps', '--out', '--size']);
+      const valued = new Set(['--pages', '--reps', '--out', '--size', '--dir']);
       const names = rest.filter((a, i) => !a.startsWith('--') && !valued.has(rest[i - 1] ?? ''));
       for (const n of names)
         if (!(SUITES as readonly string[]).includes(n))
@@ -80,6 +82,7 @@ async function main(argv: string[]): Promise<number> {
         size: intOption(rest, '--size'),
         pin: !rest.includes('--no-pin'),
         quiet: rest.includes('--quiet'),
+        dir: option(rest, '--dir'),
         version: version(),
       });
       process.stdout.write(r.summary + '\n\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n');

@@ -282,12 +282,13 @@ export interface FileMirrorOptions {
    */
   strategy?: FileStrategy;
   /**
-   * How writeback takes a consistent image of a page the device keeps writing (copy, bounce).
-   * 'bounce' (default): the device's write access is held back while the page is copied into a
-   * bounce page, then the bounce page is written. 'stable': no copy; the device page itself is
-   * written while the device's writes to it wait. (pin always writes stable pages.)
+   * Where writeback's consistent image of a page the device keeps writing is taken (copy, bounce).
+   * 'pagecache' (default): the page-cache page that pwrite fills is the bounce page; the device's
+   * writes to the pages being written wait while pwrite copies them (one copy). 'buffer': a private
+   * bounce buffer; the device waits only for a memcpy into it, then the buffer is written (two
+   * copies). pin always writes the shared page itself, held stable while the kernel writes it.
    */
-  snapshot?: 'bounce' | 'stable';
+  snapshot?: 'pagecache' | 'buffer';
   /** Periodic writeback every this many ms, as the kernel's flusher (dirty_writeback_centisecs). 0 (default): only writeback()/fsync(). */
   writebackIntervalMs?: number;
   /** Pages per writeback step: bounds how long a device write waits on a page under writeback. Default 64. */
@@ -466,7 +467,7 @@ export class Device {
     const strategy = checkOneOf('strategy', options.strategy ?? 'remote', ['remote', 'copy', 'bounce', 'pin'] as const);
     const file = {
       strategy,
-      snapshot: checkOneOf('snapshot', options.snapshot ?? 'bounce', ['bounce', 'stable'] as const),
+      snapshot: checkOneOf('snapshot', options.snapshot ?? 'pagecache', ['pagecache', 'buffer'] as const),
       writebackIntervalMs: checkInteger('writebackIntervalMs', options.writebackIntervalMs ?? 0),
       chunkPages: checkInteger('chunkPages', options.chunkPages ?? 64, 1, 1 << 16),
     };

@@ -117,9 +117,9 @@ describe.each(FILESYSTEMS)('file strategies on $name', ({ dir }) => {
   it('torn-write test: while devices rewrite pages, every page another process reads after a writeback carries one sequence number', async () => {
     const n = 64;
     for (const [strategy, snapshot] of [
-      ['copy', 'bounce'],
-      ['bounce', 'bounce'],
-      ['bounce', 'stable'],
+      ['copy', 'pagecache'],
+      ['bounce', 'pagecache'],
+      ['bounce', 'buffer'],
     ] as const) {
       // remote and pin are not in this test: their page-cache page is the device's page, so a
       // reader sees device writes as they happen (as with a real GPU); only writeback is in question.

@@ -5,8 +5,9 @@ import { runEngine, type EngineRow } from './engine.js';
 import { benchEnv } from './env.js';
 import { barChartSvg, lineChartSvg, textTable, writeReport, type Table } from './report.js';
 import { runBatching, runDirtyTracking, runOversubscription } from './policies.js';
+import { runStrategies, STRATEGY_NAMES, WORKLOADS, WORKLOAD_TEXT } from './strategies.js';
 
-export const SUITES = ['faults', 'engine', 'batching', 'oversubscription', 'dirty'] as const;
+export const SUITES = ['faults', 'engine', 'batching', 'strategies', 'oversubscription', 'dirty'] as const;
 export type Suite = (typeof SUITES)[number];
 
 export interface BenchOptions {
@@ -19,6 +20,8 @@ export interface BenchOptions {
   pin?: boolean;
   quiet?: boolean;
   version: string;
+  /** strategies suite: directory for the disk file (default: the OS temp dir). */
+  dir?: string;
 }
 
 export function engineTable(rows: EngineRow[]): Table {
@@ -166,6 +169,91 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       files.push(written.json, written.html);
       summary.push(`batching (kernel ${env.kernel}, ${env.cpu}, node ${env.node}, page ${env.pageSize} B)`);
       summary.push(textTable(table));
+    }
+    if (suite === 'strategies') {
+      const env = benchEnv(false, o.version);
+      const r = await runStrategies({ pages: o.pages, reps: o.reps ?? 3, dir: o.dir, quiet: o.quiet });
+      const mib = (pages: number) => ((pages * env.pageSize) / 2 ** 20).toFixed(1);
+      const table: Table = {
+        columns: ['file system', 'strategy', 'workload', 'throughput (median)', 'min', 'max', 'unit', 'p50 µs', 'p99 µs', 'latency of', 'page cache MiB', 'RSS MiB', 'device MiB', 'copied MiB', 'fault rounds', 'writebacks', 'pages written'],
+        rows: r.rows.map((x) =>
+          x.skipped
+            ? [x.fs, x.strategy, x.workload, `skipped: ${x.skipped}`, '-', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-']
+            : [x.fs, x.strategy, x.workload, x.throughput.median.toFixed(1), x.throughput.min.toFixed(1), x.throughput.max.toFixed(1), x.throughput.unit, x.latency.p50.toFixed(1), x.latency.p99.toFixed(1), x.latency.what, mib(x.pageCachePages), x.rssMiB.toFixed(0), mib(x.devicePages), x.bytesCopiedMiB.toFixed(1), x.faultRounds, x.writebacks, x.writtenPages],
+        ),
+      };
+      const wbTable: Table = {
+        columns: ['file system', 'snapshot', 'pages', 'bounce writeback MB/s (median)', 'min', 'max', 'plain pwrite MB/s (median)', 'min', 'max', 'ratio', 'target', 'verdict'],
+        rows: r.writeback.map((w) => [w.fs, w.snapshot, w.pages, w.writeback.median.toFixed(0), w.writeback.min.toFixed(0), w.writeback.max.toFixed(0), w.pwrite.median.toFixed(0), w.pwrite.min.toFixed(0), w.pwrite.max.toFixed(0), w.ratio.toFixed(2) + 'x', w.target === null ? '-' : `>= ${w.target}x`, w.pass === null ? 'reported' : w.pass ? 'pass' : 'FAIL']),
+      };
+      const fsNames = r.places.map((p) => p.fs);
+      const byWorkload = WORKLOADS.map((w) =>
+        barChartSvg(
+          `${w}: throughput by strategy (${r.rows.find((x) => x.workload === w)?.throughput.unit ?? ''}, median, min-max)`,
+          r.rows.find((x) => x.workload === w)?.throughput.unit ?? '',
+          fsNames.map((f) => ({
+            label: f,
+            bars: STRATEGY_NAMES.map((s) => {
+              const x = r.rows.find((y) => y.fs === f && y.strategy === s && y.workload === w)!;
+              return { series: s, value: x.throughput.median || 0, min: x.throughput.min || 0, max: x.throughput.max || 0 };
+            }),
+          })),
+        ),
+      );
+      const memory = barChartSvg(
+        'read-once: host page cache and device memory at the end (MiB)',
+        'MiB',
+        fsNames.flatMap((f) =>
+          STRATEGY_NAMES.map((s) => {
+            const x = r.rows.find((y) => y.fs === f && y.strategy === s && y.workload === 'read-once')!;
+            return { label: `${f} ${s}`, bars: [{ series: 'page cache', value: Number(mib(x.pageCachePages)) }, { series: 'device memory', value: Number(mib(x.devicePages)) }] };
+          }),
+        ),
+      );
+      const latency = barChartSvg(
+        'fsync() latency by strategy (µs, p50 and p99)',
+        'µs',
+        fsNames.map((f) => ({
+          label: f,
+          bars: STRATEGY_NAMES.flatMap((s) => {
+            const x = r.rows.find((y) => y.fs === f && y.strategy === s && y.workload === 'fsync')!;
+            return [{ series: `${s} p50`, value: x.latency.p50 || 0 }, { series: `${s} p99`, value: x.latency.p99 || 0 }];
+          }),
+        })),
+      );
+      const wbSvg = barChartSvg(
+        'Bounce-page writeback vs plain pwrite of the same pages (+ fdatasync), MB/s',
+        'MB/s',
+        r.writeback.map((w) => ({
+          label: `${w.fs} (${w.snapshot})`,
+          bars: [
+            { series: 'bounce writeback', value: w.writeback.median, min: w.writeback.min, max: w.writeback.max },
+            { series: 'plain pwrite', value: w.pwrite.median, min: w.pwrite.min, max: w.pwrite.max },
+          ],
+        })),
+      );
+      const written = writeReport(path.resolve(o.out), `strategies-${stamp}`, env, r, [
+        {
+          title: 'File strategies side by side',
+          text:
+            `Dataset ${r.dataset.pages} pages (${(r.dataset.bytes / 2 ** 20).toFixed(0)} MiB) per file; ${o.reps ?? 3} repetitions, each on a fresh file, device and mirror. ` +
+            WORKLOADS.map((w) => `${w}: ${WORKLOAD_TEXT[w]}.`).join(' ') +
+            ' Latency percentiles pool every sample of every repetition; accounting columns are from the last repetition.',
+          svg: [...byWorkload, memory, latency],
+          table,
+        },
+        {
+          title: 'Bounce-page writeback against plain pwrite',
+          text: "All pages dirty in device memory; writeback writes a consistent image of each, then fdatasync. snapshot 'pagecache' (default): the page-cache page pwrite fills is the bounce page, the device's writes to those pages waiting while pwrite copies them; 'buffer': a private bounce buffer first (one more copy, shorter waits). The baseline writes the same number of pages from a buffer with pwrite, in the same 64-page pieces, then fdatasync, alternating with the writeback in the same run.",
+          svg: [wbSvg],
+          table: wbTable,
+        },
+      ]);
+      files.push(written.json, written.html);
+      ok &&= r.writeback.every((w) => w.pass !== false);
+      summary.push(`strategies (kernel ${env.kernel}, ${env.cpu}, node ${env.node}, page ${env.pageSize} B)`);
+      summary.push(textTable(table));
+      summary.push(textTable(wbTable));
     }
     if (suite === 'oversubscription') {
       const env = benchEnv(false, o.version);

@@ -112,7 +112,7 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
     fopt.strategy = st == "copy" ? engine::FileStrategy::kCopy : st == "bounce" ? engine::FileStrategy::kBounce
                   : st == "pin" ? engine::FileStrategy::kPin : st == "remote" ? engine::FileStrategy::kRemote
                   : throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "strategy must be 'remote', 'copy', 'bounce' or 'pin'");
-    fopt.snapshot = OptString(fo, "snapshot", "bounce") == "stable" ? engine::SnapshotMode::kStable : engine::SnapshotMode::kBounce;
+    fopt.snapshot = OptString(fo, "snapshot", "pagecache") == "buffer" ? engine::SnapshotMode::kBuffer : engine::SnapshotMode::kPageCache;
     fopt.writeback_interval_ms = OptU64(fo, "writebackIntervalMs", 0);
     fopt.chunk_pages = OptU64(fo, "chunkPages", 64);
     file = true;

@@ -40,15 +40,16 @@ enum : uint64_t {
 // four answers). kNone: not a file strategy (anonymous memory, or a plain mirror).
 enum class FileStrategy : uint8_t { kNone, kRemote, kCopy, kBounce, kPin };
 const char* FileStrategyName(FileStrategy s);
-// How writeback takes a consistent image of a page the device keeps writing. kBounce: the device
-// loses write access only while the page is copied into a bounce page, then the bounce page is
-// written. kStable: no copy; the device's write access stays revoked while the page itself is written
-// (stable pages). Pin always writes stable pages (see mirror_file.cc).
-enum class SnapshotMode : uint8_t { kBounce, kStable };
+// Where writeback takes the consistent image of a page the device keeps writing (copy, bounce).
+// kPageCache: the page-cache page pwrite fills is the bounce page; the device's write access to the
+// pages being written is held back while pwrite copies them. kBuffer: a private bounce buffer; the
+// device waits only for a memcpy into it, then the buffer is written (one more copy). Pin always
+// writes the shared page itself, held stable while the kernel writes it (see mirror_file.cc).
+enum class SnapshotMode : uint8_t { kPageCache, kBuffer };
 
 struct FileOptions {
   FileStrategy strategy = FileStrategy::kRemote;
-  SnapshotMode snapshot = SnapshotMode::kBounce;
+  SnapshotMode snapshot = SnapshotMode::kPageCache;
   uint64_t writeback_interval_ms = 0;  // periodic writeback; 0 = only when asked
   uint64_t chunk_pages = 64;           // pages per snapshot/write step (bounds a device stall)
 };
@@ -59,7 +60,7 @@ struct FileStats {
   std::atomic<uint64_t> pulled_back{0};      // device pages brought back by a CPU fault or library I/O
   std::atomic<uint64_t> writebacks{0};       // writeback passes (periodic, fsync, msync, lease, close)
   std::atomic<uint64_t> written_pages{0};    // pages written to the file by the library
-  std::atomic<uint64_t> snapshot_bytes{0};   // bytes copied into bounce pages
+  std::atomic<uint64_t> snapshot_bytes{0};   // bytes copied into private bounce buffers (snapshot 'buffer')
   std::atomic<uint64_t> io_read_bytes{0};    // library read()
   std::atomic<uint64_t> io_write_bytes{0};   // library write()
   std::atomic<uint64_t> lease_breaks{0};
@@ -251,7 +252,7 @@ class Mirror : public RangeNotifier {
     bool shmem = false;      // tmpfs/memfd: userfaultfd can register it; the page cache is the file
     bool registered = false; // CPU faults come to the engine (shmem copy/bounce)
     std::mutex wb_mu;        // one writeback at a time (two could write snapshots out of order)
-    std::vector<uint8_t> bounce;  // chunk_pages bounce pages
+    std::vector<uint8_t> bounce;  // chunk_pages bounce pages (snapshot 'buffer')
     FileStats stats;
     std::atomic<bool> lease_held{false};
     std::thread periodic;

@@ -10,6 +10,12 @@
 //   bounce  as copy, but A is freed once A' is loaded (hole punched on tmpfs; written and dropped
 //           from the page cache elsewhere): the device holds the only copy, and the page comes back
 //           (a MISSING fault on tmpfs, read()/write(), writeback) through bounce pages.
+//
+// Writeback of copy/bounce: in user space the file is reached through pwrite, whose destination
+// page-cache page is a bounce page already (the kernel writes it to disk while the device goes on
+// writing its own page). So by default the device's write access to the pages being written is
+// held back only while pwrite copies them: one copy, a consistent image. snapshot 'buffer' copies
+// into a private buffer first (the device waits only for the memcpy; one copy more).
 //   pin     the device maps the page-cache page for good (long-term GUP): never invalidated.
 //           Writeback keeps the device's write access revoked while the kernel writes the pages
 //           (stable pages) and gives it back; the device never refaults.
@@ -76,7 +82,7 @@ int Mirror::enable_file(const FileOptions& o) {
       ::close(f->fd);
       return -EOPNOTSUPP;
     }
-    if (copies || o.snapshot == SnapshotMode::kBounce) f->bounce.resize(f->options.chunk_pages * page_);
+    if (copies && o.snapshot == SnapshotMode::kBuffer) f->bounce.resize(f->options.chunk_pages * page_);
     // Bounce on a disk file reads pages only to drop them from the page cache: no readahead.
     if (o.strategy == FileStrategy::kBounce && !f->shmem) ::posix_fadvise(f->fd, 0, 0, POSIX_FADV_RANDOM);
     if (copies) {
@@ -362,7 +368,7 @@ int Mirror::file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out) {
   }
   if (pages.empty()) return 0;
   wait_inflight(a, b);
-  const bool stable = file_->options.snapshot == SnapshotMode::kStable;
+  const bool stable = file_->options.snapshot == SnapshotMode::kPageCache;
   std::vector<struct iovec> iov(pages.size());
   for (size_t k = 0; k < pages.size(); k++) {
     void* src = device_->slot_address(pages[k].e >> kSlotShift);
