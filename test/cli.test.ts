@@ -172,10 +172,14 @@ describe('pagemirror bench strategies (smoke size)', () => {
 });
 
 describe('examples', () => {
-  for (const name of fs.readdirSync(path.join(root, 'examples')).filter((f) => f.endsWith('.mjs'))) {
+  // .mjs run as they are; .ts run compiled (dist/examples, by test/global-setup.ts).
+  const names = fs.readdirSync(path.join(root, 'examples')).filter((f) => f.endsWith('.mjs') || f.endsWith('.ts'));
+  for (const name of names) {
     it(`examples/${name} runs`, (ctx) => {
       requireCap(ctx, P.experiments.uffd, 'userfaultfd');
-      const r = spawnSync(process.execPath, [path.join(root, 'examples', name)], { encoding: 'utf8', timeout: 60_000, cwd: root });
+      const script = name.endsWith('.ts') ? path.join(root, 'dist', 'examples', name.replace(/\.ts$/, '.js')) : path.join(root, 'examples', name);
+      const args = name === 'file-strategies.ts' ? ['--size', String(1 << 20)] : [];
+      const r = spawnSync(process.execPath, [script, ...args], { encoding: 'utf8', timeout: 60_000, cwd: root });
       expect(r.status, r.stderr).toBe(0);
       expect(r.stdout.length).toBeGreaterThan(0);
     }, 90_000);

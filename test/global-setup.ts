@@ -1,9 +1,12 @@
-// Once per test run: compile lib/ to dist/, which the CLI and the child-process fixtures load.
+// Once per test run: compile lib/ to dist/ (the CLI and the child-process fixtures load it) and the
+// TypeScript examples to dist/examples/.
 import { execFileSync } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export default function setup(): void {
   const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
-  execFileSync(process.execPath, [path.join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', root], { stdio: 'inherit' });
+  const tsc = path.join(root, 'node_modules', 'typescript', 'bin', 'tsc');
+  execFileSync(process.execPath, [tsc, '-p', root], { stdio: 'inherit' });
+  execFileSync(process.execPath, [tsc, '-p', path.join(root, 'tsconfig.examples.json')], { stdio: 'inherit' });
 }
