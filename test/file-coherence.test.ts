@@ -138,7 +138,15 @@ describe.each(FILESYSTEMS)('file coherence against a shadow model on $name', ({ 
       chunkPages: rand() < 0.5 ? 8 : 64,
       snapshot: (rand() < 0.5 ? 'pagecache' : 'buffer') as 'pagecache' | 'buffer',
     };
-    const where = `${strategy} on ${fsName}, seed ${SEED}, chunkPages ${opts.chunkPages}, snapshot ${opts.snapshot}`;
+    // Periodic writeback (the flusher) as one more racer, sometimes.
+    const writebackIntervalMs = rand() < 0.3 ? 1 + Math.floor(rand() * 3) : 0;
+    // Sometimes device memory smaller than the file: copy and bounce evict their own pages (written
+    // back if dirty) while they load others.
+    const small = rand() < 0.4;
+    const devOpts = small ? { memory: 24 * PAGE, eviction: (rand() < 0.5 ? 'lru' : 'fifo') as 'lru' | 'fifo' } : { memory: 4 << 20 };
+    const where =
+      `${strategy} on ${fsName}, seed ${SEED}, chunkPages ${opts.chunkPages}, snapshot ${opts.snapshot}` +
+      `${writebackIntervalMs ? `, periodic writeback ${writebackIntervalMs} ms` : ''}${small ? `, device memory 24 pages (${devOpts.eviction})` : ''}`;
 
     const file = path.join(dir, `pagemirror-coherence-${strategy}-${process.pid}-${Math.random().toString(36).slice(2)}`);
     const history = new Map<number, WriteRecord>();
@@ -148,8 +156,8 @@ describe.each(FILESYSTEMS)('file coherence against a shadow model on $name', ({ 
     let nextId = 2;
 
     const m: Mapping = mapFile(file);
-    const dev = Device.create({ memory: 4 << 20 });
-    const fm: FileMirror = dev.mirrorFile(m, { strategy, ...opts });
+    const dev = Device.create(devOpts);
+    const fm: FileMirror = dev.mirrorFile(m, { strategy, ...opts, writebackIntervalMs });
     cleanup.push(() => fs.unlinkSync(file), () => m.close(), () => dev.close(), () => fm.close());
 
     const kinds: Kind[] = ['devWrite', 'devRead', 'libWrite', 'libRead', ...(cpuAllowed ? (['cpuWrite', 'cpuRead'] as Kind[]) : [])];
