@@ -99,6 +99,14 @@ void Device::close() {
   }
   queue_.clear();
   done_cv_.notify_all();
+  // A closed device takes no new mirrors: with none left, its memory goes back to the system now
+  // rather than when JavaScript collects the object (a preallocated pool is large).
+  std::lock_guard<std::mutex> mirrors(mirrors_mu_);
+  if (mirrors_.empty() && pool_) {
+    std::lock_guard<std::mutex> slots(slot_mu_);
+    sys::advise(pool_, slots_ * config_.page, MADV_DONTNEED);
+    populated_bits_.assign(populated_bits_.size(), 0);
+  }
 }
 
 bool Device::alloc_slot(uint64_t* slot, Mirror* holding, uint64_t page) {
@@ -137,21 +145,24 @@ bool Device::evict_one(Mirror* holding) {
       if (attached_locked(r.mirror)) resident_.push_back(r);
     };
     const uint64_t e = r.mirror->entry(r.page);
-    if (!(e & kOnDevice) || (e >> kSlotShift) != r.slot) continue;  // stale: already gone
+    if (!(e & kOnDevice) || (e >> kSlotShift) != r.slot) {
+      if (r.mirror->file_loading(r.page)) requeue();  // not stale: its load is under way
+      continue;                                      // stale: already gone
+    }
     if (config_.eviction == DeviceConfig::Eviction::kLru && r.mirror->test_and_clear_accessed(r.page)) {
       requeue();  // second chance
       continue;
     }
-    if (Engine::holds(r.mirror)) {
-      if (r.mirror->evict(r.page)) return true;
-      continue;
-    }
-    std::unique_lock<std::mutex> other(r.mirror->change_mutex(), std::try_to_lock);
-    if (!other.owns_lock()) {
+    std::unique_lock<std::mutex> other(r.mirror->change_mutex(), std::defer_lock);
+    if (!Engine::holds(r.mirror) && !other.try_lock()) {
       requeue();
       continue;
     }
     if (r.mirror->evict(r.page)) return true;
+    // Refused (a page its mirror is loading right now, or one the file could not take): it stays
+    // resident and stays a candidate.
+    const uint64_t now = r.mirror->entry(r.page);
+    if ((now & kOnDevice) && (now >> kSlotShift) == r.slot) requeue();
   }
 }
 

@@ -52,12 +52,12 @@ void serve() {
       auto it = s.by_fd.find(fd);
       if (it == s.by_fd.end()) continue;
       m = it->second;
+      s.by_fd.erase(it);  // before the break: a lease taken again meanwhile stays listed
       s.breaking = m;
     }
     m->break_lease();
     std::lock_guard<std::mutex> lock(s.mu);
     s.breaking = nullptr;
-    s.by_fd.erase(fd);
     s.idle.notify_all();
   }
 }
@@ -66,6 +66,8 @@ int start_locked(State& s) {
   if (s.started) return s.error;
   s.started = true;
   if (::pipe2(g_pipe, O_CLOEXEC) != 0) return s.error = -errno;
+  // The handler must never block: with the pipe full (breaks piling up), a duplicate is dropped.
+  ::fcntl(g_pipe[1], F_SETFL, O_NONBLOCK);
   struct sigaction sa = {};
   sa.sa_sigaction = on_lease_signal;
   sa.sa_flags = SA_SIGINFO | SA_RESTART;

@@ -32,14 +32,27 @@ Mirror::Mirror(Device* device, std::shared_ptr<Region> region, uint64_t offset, 
   Engine::get().track(this);
 }
 
-Mirror::~Mirror() { detach(); }
+Mirror::~Mirror() {
+  detach();
+  // Closed here, not in detach(): library I/O started before close() holds the mirror and may
+  // still be using the descriptor (the number must not be reused under it).
+  if (file_ && file_->fd >= 0) sys::close_fd(file_->fd);
+}
 
 void Mirror::detach() {
   if (!attached_) return;
   if (file_) {
-    // A file's data must not go with the mirror: the device's copies are written back first.
-    file_stop();
+    // A file's data must not go with the mirror. No fault may load anything from here on (dead),
+    // the device's copies are written back, and only then is the lease given up.
+    file_stop_periodic();
+    {
+      std::lock_guard<std::mutex> change(change_mu_);
+      std::lock_guard<std::mutex> lock(mu_);
+      dead_.store(true, std::memory_order_release);
+      gen_++;
+    }
     if (file_copies()) migrate_to_host(0, npages_, Trigger::kRelease);
+    file_release_lease();
     if (file_copies() && !file_->shmem) region_->cpu_via_library.fetch_sub(1);
   }
   attached_ = false;
@@ -70,10 +83,6 @@ void Mirror::detach() {
     sys::unmap(reinterpret_cast<void*>(alias_), npages_ * page_);
     alias_ = 0;
   }
-  if (file_ && file_->fd >= 0) {
-    sys::close_fd(file_->fd);
-    file_->fd = -1;
-  }
 }
 
 void* Mirror::pin(uint64_t i, bool write) {
@@ -82,9 +91,15 @@ void* Mirror::pin(uint64_t i, bool write) {
   // either the invalidation sees this access in flight, or this access sees the cleared entry.
   b.fetch_add(1, std::memory_order_seq_cst);
   uint64_t e = pt_[i].load(std::memory_order_seq_cst);
-  if (!(e & kValid) || (write && !(e & kWrite))) {
-    b.fetch_sub(1, std::memory_order_release);
-    return nullptr;
+  for (;;) {
+    if (!(e & kValid) || (write && !(e & kWrite))) {
+      b.fetch_sub(1, std::memory_order_release);
+      return nullptr;
+    }
+    // A write access marks the page dirty before it writes, atomically with finding the entry
+    // writable: whoever clears the entry from now on sees the bit (a writeback or flush that read
+    // a clean entry could otherwise let a write slip past it).
+    if (!write || (e & kDirty) || pt_[i].compare_exchange_weak(e, e | kDirty, std::memory_order_seq_cst)) break;
   }
   if (e & kOnDevice) {
     if (!(e & kAccessed)) pt_[i].fetch_or(kAccessed, std::memory_order_relaxed);
@@ -135,15 +150,20 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
   begin_change();
   // The data of a device-resident page survives an invalidation that leaves the memory in place
   // (protect, writeback); it goes with an unmap, a discard or a truncate.
-  const bool drops_data = file_copies() ? cause == InvalidateCause::kTruncate
-                                        : cause == InvalidateCause::kUnmap || cause == InvalidateCause::kDiscard ||
-                                              cause == InvalidateCause::kTruncate || cause == InvalidateCause::kUffdEvent;
+  const bool drops_data = !file_copies() && (cause == InvalidateCause::kUnmap || cause == InvalidateCause::kDiscard ||
+                                             cause == InvalidateCause::kTruncate || cause == InvalidateCause::kUffdEvent);
   uint64_t cleared = 0;
-  if (file_copies() && !drops_data && cause != InvalidateCause::kProtect && cause != InvalidateCause::kWriteback &&
-      cause != InvalidateCause::kAdvise) {
-    // The device's copies of a file's pages belong to the file, not to this mapping: an unmap, a
-    // discard or a remap of the CPU's view writes them back and lets them go (a truncate drops them).
-    file_flush_locked(first, last);
+  if (file_copies()) {
+    // The device's copies of a file's pages belong to the file, not to this mapping. msync writes
+    // them back (they stay); an unmap, a discard, a remap, a truncate or a hole punch writes them
+    // back and lets them go: what the truncate or punch then cuts is cut from the file itself, and
+    // what survives it (the head of a page cut in the middle) is not lost.
+    if (cause == InvalidateCause::kWriteback) {
+      WritebackResult r;
+      file_writeback_chunk_locked(first, last, &r);
+    } else if (cause != InvalidateCause::kProtect && cause != InvalidateCause::kAdvise) {
+      file_flush_locked(first, last);
+    }
   }
   if (pinned_) {
     // A pinned page is not the CPU's to take: the device keeps a page of its own.

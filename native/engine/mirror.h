@@ -65,6 +65,7 @@ struct FileStats {
   std::atomic<uint64_t> io_write_bytes{0};   // library write()
   std::atomic<uint64_t> lease_breaks{0};
   std::atomic<uint64_t> writeback_ns{0};
+  std::atomic<uint64_t> store_errors{0};     // a device copy could not be written to the file (it stayed on the device)
 };
 
 struct MirrorStats {
@@ -163,6 +164,13 @@ class Mirror : public RangeNotifier {
     return file_ && (file_->options.strategy == FileStrategy::kCopy || file_->options.strategy == FileStrategy::kBounce);
   }
   const FileStats* file_stats() const { return file_ ? &file_->stats : nullptr; }
+  // Whether page i is being loaded into device memory right now (its slot is taken, its entry
+  // not set yet): eviction keeps it queued.
+  bool file_loading(uint64_t i) const {
+    return file_ && ((i >= file_->loading_first.load(std::memory_order_acquire) &&
+                      i < file_->loading_last.load(std::memory_order_acquire)) ||
+                     i == file_->faulting.load(std::memory_order_acquire));
+  }
   // Whether CPU mmap accesses are intercepted (shmem: MINOR/MISSING faults pull device pages back).
   bool file_intercepts_cpu() const { return file_ && file_->shmem; }
   // The library's read()/write() of the file through the strategy, bytes [off, off + len) of the
@@ -259,6 +267,9 @@ class Mirror : public RangeNotifier {
     std::mutex periodic_mu;
     std::condition_variable periodic_cv;
     bool stopping = false;
+    // The run of pages a fault is loading and the page that faulted (under change_mu_): eviction
+    // must not take them back meanwhile, or a range larger than device memory never gets its page.
+    std::atomic<uint64_t> loading_first{0}, loading_last{0}, faulting{~0ull};
   };
   std::unique_ptr<FileState> file_;
   int file_fault(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline);
@@ -272,7 +283,14 @@ class Mirror : public RangeNotifier {
   bool file_cpu_fault(uint64_t i);
   bool file_evict(uint64_t i);
   int file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out);
-  void file_stop();
+  int file_writeback_chunk_locked(uint64_t a, uint64_t b, WritebackResult* out);
+  void file_stop_periodic();
+  void file_release_lease();
+  // Library I/O of [off, off + len) through the page cache (pages the device does not hold).
+  int file_io_run(bool write, uint64_t off, uint64_t len, uint8_t* buf);
+  int file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf);
+  uint64_t file_take(uint64_t i);
+  bool file_release_page(uint64_t i, uint64_t e);
   uint64_t file_size_pages(bool* ok);
   void file_drop_cache(uint64_t off, uint64_t len);
 };

@@ -128,14 +128,16 @@ int Mirror::enable_file(const FileOptions& o) {
   return 0;
 }
 
-void Mirror::file_stop() {
-  if (!file_) return;
+void Mirror::file_stop_periodic() {
   {
     std::lock_guard<std::mutex> lock(file_->periodic_mu);
     file_->stopping = true;
   }
   file_->periodic_cv.notify_all();
   if (file_->periodic.joinable()) file_->periodic.join();
+}
+
+void Mirror::file_release_lease() {
   Leases::remove(this);
   if (file_->lease_held.exchange(false)) ::fcntl(file_->fd, F_SETLEASE, F_UNLCK);
 }
@@ -164,6 +166,15 @@ bool Mirror::file_must_store(uint64_t e) const { return (e & kOnDevice) && (e & 
 int Mirror::file_load(uint64_t a, uint64_t b, uint64_t* loaded) {
   *loaded = 0;
   const int ufd = Engine::get().fd();
+  file_->loading_last.store(b);
+  file_->loading_first.store(a);
+  struct Done {
+    FileState* f;
+    ~Done() {
+      f->loading_first.store(0);
+      f->loading_last.store(0);
+    }
+  } done{file_.get()};
   std::vector<uint64_t> slots;
   slots.reserve(b - a);
   for (uint64_t i = a; i < b; i++) {
@@ -236,6 +247,13 @@ int Mirror::file_fault(uint64_t first, uint64_t last, bool write, std::chrono::s
   last = std::min(last, eof);
   Engine::Holding holding = Engine::get().lock_covering(this, start_ + first * page_, start_ + last * page_);
   if (dead()) return -EFAULT;
+  // Making room may evict, but never the faulting page or the run being loaded: a range larger
+  // than device memory loads what fits instead of evicting what it needs.
+  file_->faulting.store(first);
+  struct Done {
+    FileState* f;
+    ~Done() { f->faulting.store(~0ull); }
+  } done{file_.get()};
   for (uint64_t i = first; i < last;) {
     if (pt_[i].load(std::memory_order_relaxed) & kOnDevice) {
       i++;
@@ -245,12 +263,16 @@ int Mirror::file_fault(uint64_t first, uint64_t last, bool write, std::chrono::s
     while (j < last && !(pt_[j].load(std::memory_order_relaxed) & kOnDevice)) j++;
     uint64_t loaded = 0;
     int rc = file_load(i, j, &loaded);
+    if (rc == -ENOMEM && i > first) break;  // memory full: what is loaded is served
     if (rc) return rc;
+    if (loaded < j - i) break;
     i += loaded;
   }
+  // Only pages that are on the device get entries: loading may have evicted some of this range
+  // again (device memory smaller than the range); the device faults for those once more.
   for (uint64_t i = first; i < last; i++) {
     const uint64_t e = pt_[i].load(std::memory_order_relaxed);
-    pt_[i].store(e | kValid | (write ? static_cast<uint64_t>(kWrite) : 0ull), std::memory_order_release);
+    if (e & kOnDevice) pt_[i].store(e | kValid | (write ? static_cast<uint64_t>(kWrite) : 0ull), std::memory_order_release);
   }
   return 0;
 }
@@ -267,32 +289,48 @@ int Mirror::file_store(uint64_t i, uint64_t e) {
   return rc;
 }
 
+// Takes page i's entry away from the device (no access in flight afterwards) and returns what it
+// was: a write that raced the clearing is in the returned dirty bit (pin() marks before writing).
+uint64_t Mirror::file_take(uint64_t i) {
+  const uint64_t e = pt_[i].exchange(0, std::memory_order_seq_cst);
+  wait_inflight(i, i + 1);
+  return e;
+}
+
+// A device copy goes back to the file where the file lacks it, and its slot is freed; if the file
+// cannot take it (ENOSPC, EIO), the copy stays on the device, unmapped, with its dirty and sole
+// bits: nothing is lost, and a later writeback retries.
+bool Mirror::file_release_page(uint64_t i, uint64_t e) {
+  if (file_must_store(e) && file_store(i, e) != 0) {
+    file_->stats.store_errors.fetch_add(1, std::memory_order_relaxed);
+    pt_[i].store(e & ~(kValid | kWrite | kAtomic), std::memory_order_release);
+    return false;
+  }
+  device_->free_slot(e >> kSlotShift);
+  return true;
+}
+
 uint64_t Mirror::file_flush_locked(uint64_t a, uint64_t b) {
   std::vector<std::pair<uint64_t, uint64_t>> gone;
   for (uint64_t i = a; i < b; i++) {
-    const uint64_t e = pt_[i].load(std::memory_order_relaxed);
-    if (!(e & kOnDevice)) continue;
-    pt_[i].store(0, std::memory_order_seq_cst);
-    gone.push_back({i, e});
+    if (!(pt_[i].load(std::memory_order_relaxed) & kOnDevice)) continue;
+    gone.push_back({i, pt_[i].exchange(0, std::memory_order_seq_cst)});
   }
   if (gone.empty()) return 0;
   wait_inflight(a, b);
-  for (auto [i, e] : gone) {
-    if (file_must_store(e)) file_store(i, e);
-    device_->free_slot(e >> kSlotShift);
-  }
-  device_->on_migrate(this, false, a, gone.size(), Trigger::kRelease);
-  return gone.size();
+  uint64_t n = 0;
+  for (auto [i, e] : gone) n += file_release_page(i, e);
+  device_->on_migrate(this, false, a, n, Trigger::kRelease);
+  return n;
 }
 
 // The engine's thread, holding change_mu_: a CPU touch of a page (shmem copy/bounce).
 bool Mirror::file_cpu_fault(uint64_t i) {
-  const uint64_t e = pt_[i].load(std::memory_order_acquire);
-  if (!(e & kOnDevice)) return false;  // an ordinary first touch: the engine maps the page
-  pt_[i].store(0, std::memory_order_seq_cst);
-  wait_inflight(i, i + 1);
-  if (file_must_store(e)) file_store(i, e);  // A' back into A (bounce: A exists again)
-  device_->free_slot(e >> kSlotShift);
+  if (!(pt_[i].load(std::memory_order_acquire) & kOnDevice)) return false;  // an ordinary first touch: the engine maps the page
+  const uint64_t e = file_take(i);
+  // A' back into A (bounce: A exists again). If the file cannot take it, the device keeps the data
+  // (counted in store_errors) and the CPU sees the file as it is.
+  file_release_page(i, e);
   file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
   device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, (e & kValid) ? 1 : 0);
   device_->on_migrate(this, false, i, 1, Trigger::kCpuFault);
@@ -310,12 +348,9 @@ bool Mirror::file_cpu_fault(uint64_t i) {
 }
 
 bool Mirror::file_evict(uint64_t i) {
-  const uint64_t e = pt_[i].load(std::memory_order_acquire);
-  if (!(e & kOnDevice)) return false;
-  pt_[i].store(0, std::memory_order_seq_cst);
-  wait_inflight(i, i + 1);
-  if (file_must_store(e)) file_store(i, e);
-  device_->free_slot(e >> kSlotShift);
+  if (!(pt_[i].load(std::memory_order_acquire) & kOnDevice)) return false;
+  if (file_loading(i)) return false;  // this fault's own pages
+  if (!file_release_page(i, file_take(i))) return false;
   device_->on_migrate(this, false, i, 1, Trigger::kEviction);
   return true;
 }
@@ -335,11 +370,27 @@ int Mirror::file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out) {
     return rc;
   }
   Engine::Holding holding = Engine::get().lock_covering(this, start_ + a * page_, start_ + b * page_);
-  if (dead()) return 0;
+  if (dead()) return -EBADF;
+  return file_writeback_chunk_locked(a, b, out);
+}
+
+// Caller holds change_mu_ (remote is not handled here: its writeback is an invalidation).
+int Mirror::file_writeback_chunk_locked(uint64_t a, uint64_t b, WritebackResult* out) {
+  const FileStrategy s = file_->options.strategy;
+  const uint64_t off = file_->file_offset + a * page_, len = (b - a) * page_;
+  if (s == FileStrategy::kRemote) return 0;
+  if (b - a > file_->options.chunk_pages) {
+    // The bounce buffer holds one chunk.
+    for (uint64_t c = a; c < b; c += file_->options.chunk_pages)
+      if (int rc = file_writeback_chunk_locked(c, std::min(b, c + file_->options.chunk_pages), out)) return rc;
+    return 0;
+  }
   if (s == FileStrategy::kPin) {
     std::vector<uint64_t> had;
     uint64_t dirty = 0;
-    begin_change();  // the device's write faults wait for the end of this chunk
+    // The device's write faults wait for the end of this chunk (up to the device's timeoutMs, then
+    // EBUSY: chunks are small so the kernel's write of one is quick).
+    begin_change();
     for (uint64_t i = a; i < b; i++) {
       const uint64_t old = pt_[i].fetch_and(~(kWrite | kDirty), std::memory_order_seq_cst);
       if (old & kDirty) dirty++;
@@ -406,6 +457,7 @@ int Mirror::file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out) {
   if (rc) {
     // Not written: the pages stay dirty (and sole), so nothing is lost and a later pass retries.
     for (const Page& p : pages) pt_[p.i].fetch_or(p.e & (kDirty | kSole), std::memory_order_release);
+    file_->stats.store_errors.fetch_add(pages.size(), std::memory_order_relaxed);
   }
   if (stable)
     for (const Page& p : pages)
@@ -417,6 +469,7 @@ int Mirror::writeback(uint64_t first, uint64_t last, bool sync, WritebackResult*
   *out = WritebackResult{};
   if (!file_) return -EINVAL;
   std::lock_guard<std::mutex> wb(file_->wb_mu);
+  if (dead()) return -EBADF;
   const uint64_t t0 = sys::now_ns();
   sys::StatxInfo sx;
   const bool dax = sys::statx_fd(file_->fd, &sx) == 0 && sx.dax;
@@ -440,6 +493,14 @@ int Mirror::writeback(uint64_t first, uint64_t last, bool sync, WritebackResult*
   return rc;
 }
 
+// Library read()/write() of pages the device does not hold, under change_mu_ (re-checked there):
+// a device fault cannot load a page between the check and the I/O (reading A into A' and then
+// missing the write, or punching the hole the read would read).
+int Mirror::file_io_run(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
+  const uint64_t at = file_->file_offset + off;
+  return write ? sys::pwrite_full(file_->fd, buf, len, at) : sys::pread_full(file_->fd, buf, len, at);
+}
+
 int64_t Mirror::file_read(uint64_t off, uint64_t len, uint8_t* out) {
   if (!file_) return -EINVAL;
   uint64_t size = 0;
@@ -447,104 +508,79 @@ int64_t Mirror::file_read(uint64_t off, uint64_t len, uint8_t* out) {
   const uint64_t foff = file_->file_offset + off;
   if (foff >= size) return 0;
   len = std::min(len, size - foff);
-  const bool copies = file_copies();
-  const bool copy = file_->options.strategy == FileStrategy::kCopy;
-  uint64_t done = 0;
-  while (done < len) {
-    const uint64_t at = off + done;
-    const uint64_t i = at / page_, in_page = at % page_;
-    const uint64_t n = std::min(page_ - in_page, len - done);
-    bool served = false;
-    if (copies && (pt_[i].load(std::memory_order_acquire) & kOnDevice)) {
-      std::lock_guard<std::mutex> change(change_mu_);
-      const uint64_t e = pt_[i].load(std::memory_order_acquire);
-      if (e & kOnDevice) {
-        if (copy) {
-          // Jan Kara's scheme: A' comes back into A first; then A is read like any page.
-          if (e & kDirty) {
-            const uint64_t old = pt_[i].fetch_and(~(kWrite | kDirty), std::memory_order_seq_cst);
-            wait_inflight(i, i + 1);
-            if (file_store(i, old) != 0) pt_[i].fetch_or(kDirty, std::memory_order_release);
-            if (old & kWrite) pt_[i].fetch_or(kWrite, std::memory_order_release);
-            file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
-          }
-        } else {
-          // Bounce: a snapshot of the device's page, taken with its write access held back.
-          const uint64_t old = pt_[i].fetch_and(~kWrite, std::memory_order_seq_cst);
-          wait_inflight(i, i + 1);
-          std::memcpy(out + done, static_cast<uint8_t*>(device_->slot_address(e >> kSlotShift)) + in_page, n);
-          if (old & kWrite) pt_[i].fetch_or(kWrite, std::memory_order_release);
-          served = true;
-        }
-      }
-    }
-    if (!served) {
-      // Through the page cache: as many following pages as are not the device's.
-      uint64_t m = n;
-      while (done + m < len && !(copies && (pt_[(off + done + m) / page_].load(std::memory_order_acquire) & kOnDevice)))
-        m += std::min(page_, len - done - m);
-      if (int rc = sys::pread_full(file_->fd, out + done, m, file_->file_offset + at)) return rc;
-      done += m;
-      continue;
-    }
-    done += n;
-  }
+  if (int rc = file_io(false, off, len, out)) return rc;
   file_->stats.io_read_bytes.fetch_add(len, std::memory_order_relaxed);
   return static_cast<int64_t>(len);
 }
 
 int Mirror::file_write(uint64_t off, uint64_t len, const uint8_t* in) {
   if (!file_) return -EINVAL;
+  if (int rc = file_io(true, off, len, const_cast<uint8_t*>(in))) return rc;
+  file_->stats.io_write_bytes.fetch_add(len, std::memory_order_relaxed);
+  return 0;
+}
+
+int Mirror::file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
   const bool copies = file_copies();
   const bool copy = file_->options.strategy == FileStrategy::kCopy;
   uint64_t done = 0;
   while (done < len) {
+    std::lock_guard<std::mutex> change(change_mu_);
+    if (dead()) return -EBADF;
     const uint64_t at = off + done;
     const uint64_t i = at / page_, in_page = at % page_;
     const uint64_t n = std::min(page_ - in_page, len - done);
-    bool served = false;
-    if (copies && (pt_[i].load(std::memory_order_acquire) & kOnDevice)) {
-      std::lock_guard<std::mutex> change(change_mu_);
-      const uint64_t e = pt_[i].load(std::memory_order_acquire);
-      if (e & kOnDevice && copy) {
-        // The device's copy comes back into A first and goes; the write lands in A, and the
-        // device's next access loads the new A.
-        pt_[i].store(0, std::memory_order_seq_cst);
-        wait_inflight(i, i + 1);
-        if (file_must_store(e)) file_store(i, e);
-        device_->free_slot(e >> kSlotShift);
-        device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuWrite, (e & kValid) ? 1 : 0);
-        file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
-        if (int rc = sys::pwrite_full(file_->fd, in + done, n, file_->file_offset + at)) return rc;
-        served = true;
-      } else if (e & kOnDevice) {
-        // Bounce: the device's page is the only copy; the write goes into it.
-        const uint64_t old = pt_[i].fetch_and(~kWrite, std::memory_order_seq_cst);
-        wait_inflight(i, i + 1);
-        std::memcpy(static_cast<uint8_t*>(device_->slot_address(e >> kSlotShift)) + in_page, in + done, n);
-        pt_[i].fetch_or(kDirty | (old & kWrite), std::memory_order_release);
-        served = true;
-      }
-    }
-    if (!served) {
+    const uint64_t e = pt_[i].load(std::memory_order_acquire);
+    if (!copies || !(e & kOnDevice)) {
+      // Through the page cache: this page and the following ones the device does not hold, up
+      // to 2 MiB at a time (the lock is held for the I/O).
       uint64_t m = n;
-      while (done + m < len && !(copies && (pt_[(off + done + m) / page_].load(std::memory_order_acquire) & kOnDevice)))
+      while (done + m < len && m < (2u << 20) && !(copies && (pt_[(off + done + m) / page_].load(std::memory_order_acquire) & kOnDevice)))
         m += std::min(page_, len - done - m);
-      if (int rc = sys::pwrite_full(file_->fd, in + done, m, file_->file_offset + at)) return rc;
+      if (int rc = file_io_run(write, at, m, buf + done)) return rc;
       done += m;
       continue;
     }
+    uint8_t* slot = static_cast<uint8_t*>(device_->slot_address(e >> kSlotShift)) + in_page;
+    if (copy && write) {
+      // Jan Kara's scheme: the device's copy comes back into A first and goes; the write lands in
+      // A, and the device's next access loads the new A.
+      const uint64_t old = file_take(i);
+      if (!file_release_page(i, old)) return -EIO;
+      device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuWrite, (old & kValid) ? 1 : 0);
+      file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
+      if (int rc = file_io_run(true, at, n, buf + done)) return rc;
+    } else if (copy) {
+      // A read: A' comes back into A first (if the device wrote it); then A is read like any page.
+      if (e & kDirty) {
+        const uint64_t old = pt_[i].fetch_and(~(kWrite | kDirty), std::memory_order_seq_cst);
+        wait_inflight(i, i + 1);
+        int rc = file_store(i, old);
+        pt_[i].fetch_or((old & kWrite) | (rc ? (old & kDirty) : 0), std::memory_order_release);
+        if (rc) return rc;
+        file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (int rc = file_io_run(false, at, n, buf + done)) return rc;
+    } else {
+      // Bounce: the device's page is the only copy: a snapshot of it is read, or the write goes
+      // into it, with the device's write access held back meanwhile.
+      const uint64_t old = pt_[i].fetch_and(~kWrite, std::memory_order_seq_cst);
+      wait_inflight(i, i + 1);
+      if (write) std::memcpy(slot, buf + done, n);
+      else std::memcpy(buf + done, slot, n);
+      pt_[i].fetch_or((old & kWrite) | (write ? kDirty : 0), std::memory_order_release);
+    }
     done += n;
   }
-  file_->stats.io_write_bytes.fetch_add(len, std::memory_order_relaxed);
   return 0;
 }
 
 int Mirror::take_lease() {
   if (!file_) return -EINVAL;
-  if (file_->lease_held.load()) return 0;
+  // Held before the kernel may break it: a break that comes at once must find it so.
+  if (file_->lease_held.exchange(true)) return 0;
   int rc = Leases::add(this, file_->fd);
-  if (rc == 0) file_->lease_held.store(true);
+  if (rc) file_->lease_held.store(false);
   return rc;
 }
 
@@ -555,13 +591,16 @@ void Mirror::break_lease() {
   file_->stats.lease_breaks.fetch_add(1, std::memory_order_relaxed);
   WritebackResult r;
   writeback(0, npages_, false, &r);
+  if (dead()) return;
   const FileStrategy s = file_->options.strategy;
   if (s == FileStrategy::kCopy || s == FileStrategy::kBounce) {
     migrate_to_host(0, npages_, Trigger::kRelease);  // the device's copies go back into the file
   } else if (s == FileStrategy::kRemote) {
-    // Entries go: after the other process's change the device faults again and sees it (past a
-    // new end of file: EFAULT).
-    Region::Invalidation inv(region_.get(), offset_, npages_ * page_, InvalidateCause::kTruncate);
+    // This mirror's entries go (other mirrors of the mapping hold no lease): a device access
+    // faults again and sees the file as it is then (past a new end of file: EFAULT). A truncate
+    // that lands after that fault is what no lease covers any more: see docs/file-strategies.md.
+    invalidate_start(start_, start_ + npages_ * page_, InvalidateCause::kTruncate);
+    invalidate_end(start_, start_ + npages_ * page_);
   } else {
     // A long-term pin cannot be revoked: the device keeps its pages as its own (as pinned pages
     // outlive a truncate), detached from the file from now on.
