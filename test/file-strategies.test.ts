@@ -114,6 +114,26 @@ describe.each(FILESYSTEMS)('file strategies on $name', ({ dir }) => {
     expect(back.readBigUInt64LE(16)).toBe(BigInt(1 + 5 * WORDS + 2));
   }, 30_000);
 
+  it.each(['copy', 'bounce'] as const)('%s: msync through the library (Mapping.sync) writes the device copies back too', async (strategy) => {
+    const { file, m, fm } = setup(dir, 8, strategy);
+    await fm.run({ op: 'write', seed: 4242, unit: 8 });
+    m.sync();
+    expect(seeds(fs.readFileSync(file)).every((s) => s === 4242)).toBe(true);
+    expect(fm.stats()).toMatchObject({ dirtyPages: 0, devicePages: 8 }); // written, still on the device
+  }, 30_000);
+
+  it.each(['copy', 'bounce'] as const)('%s: a truncate in the middle of a page keeps the head of that page (the device copy is written back first)', async (strategy) => {
+    const { file, m, fm } = setup(dir, 4, strategy);
+    await fm.run({ op: 'write', seed: 31, unit: 8 });
+    m.truncateFile(2 * PAGE + 128);
+    // Page 2 was written back before the cut: its head is the device's, already.
+    expect(fs.readFileSync(file).subarray(2 * PAGE).equals(pattern(3, 31).subarray(2 * PAGE, 2 * PAGE + 128))).toBe(true);
+    await fm.fsync(); // pages 0 and 1 (still on the device)
+    const data = fs.readFileSync(file);
+    expect(data.length).toBe(2 * PAGE + 128); // writeback wrote nothing past the end
+    expect(data.equals(pattern(3, 31).subarray(0, 2 * PAGE + 128))).toBe(true);
+  }, 30_000);
+
   it('torn-write test: while devices rewrite pages, every page another process reads after a writeback carries one sequence number', async () => {
     const n = 64;
     for (const [strategy, snapshot] of [
