@@ -275,6 +275,19 @@ describe.each(FILESYSTEMS)('file strategies on $name', ({ dir }) => {
   }, 30_000);
 });
 
+describe('a file truncated behind the library\'s back (no lease)', () => {
+  it.each(['remote', 'pin'] as const)('%s: a device access past the new end is EFAULT for that kernel, not the death of the process', async (strategy) => {
+    const { file, fm } = setup(os.tmpdir(), 16, strategy);
+    await fm.run({ op: 'write', seed: 5, unit: 8 }); // every entry valid, mapping the page cache
+    const c = spawn(process.execPath, ['-e', `require('fs').truncateSync(${JSON.stringify(file)}, ${4 * PAGE})`], { stdio: 'inherit' });
+    expect(await within(new Promise((r) => c.on('exit', r)), 20_000, 'the other process')).toBe(0);
+    // No invalidation reached the device (the library never saw the truncate): its next access
+    // past the end meets the kernel's SIGBUS, caught in the device thread.
+    await expect(within(fm.run({ op: 'read', unit: 8 }), 10_000, 'device read')).rejects.toMatchObject({ code: 'EFAULT' });
+    expect((await fm.run({ op: 'verify', seed: 5, unit: 8, npages: 4 })).mismatches).toBe(0); // the rest still works
+  }, 30_000);
+});
+
 describe('strategy test: host memory of a dataset resident on the device', () => {
   it.each(FILESYSTEMS)('on $name: bounce keeps next to no page cache, copy keeps the whole dataset', async ({ dir }) => {
     const n = 512; // 2 MiB

@@ -445,7 +445,35 @@ inline uint64_t xorshift(uint64_t& s) {
 
 // One thread's share of a kernel. Accesses go through the mirror: pin the page, access, unpin; a
 // miss posts a fault and stalls until the service replays it.
+// A SIGBUS in a device thread (a remote or pin mirror's file truncated by another process behind
+// the library's back) ends this thread's kernel with EFAULT instead of the process: the body runs
+// under the SIGBUS guard, and the pages it held pinned are published in `pins` (volatile: the
+// stores must happen before the access that faults) so they can be unpinned after the jump.
 void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op, unsigned index, KernelResult* out) {
+  struct Call {
+    Device* d;
+    const KernelSpec* s;
+    uint64_t first_op, last_op;
+    unsigned index;
+    KernelResult* out;
+    volatile uint64_t pins[2];
+  } c{this, &s, first_op, last_op, index, out, {~0ull, ~0ull}};
+  uint64_t bad = 0;
+  int rc = sys::guarded_call(
+      [](void* p) {
+        auto* c = static_cast<Call*>(p);
+        c->d->run_share_body(*c->s, c->first_op, c->last_op, c->index, c->out, c->pins);
+      },
+      &c, &bad);
+  if (rc == 0) return;
+  for (uint64_t pinned : c.pins)
+    if (pinned != ~0ull) s.mirror->unpin(pinned);
+  out->error = -EFAULT;
+  out->error_page = bad >= s.mirror->start() ? (bad - s.mirror->start()) / s.mirror->page() : 0;
+}
+
+void Device::run_share_body(const KernelSpec& s, uint64_t first_op, uint64_t last_op, unsigned index, KernelResult* out,
+                            volatile uint64_t* pins) {
   Mirror* m = s.mirror;
   const uint64_t page = m->page();
   const uint64_t bytes = s.npages * page;
@@ -455,7 +483,7 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
   const bool writes = s.op == KernelOp::kWrite || s.op == KernelOp::kAtomicInc || s.op == KernelOp::kCopyIn;
   constexpr uint64_t kNone = ~0ull;
   const unsigned page_shift = static_cast<unsigned>(__builtin_ctzll(page));
-  uint64_t held = kNone;  // the page currently pinned
+  uint64_t held = kNone;  // the page currently pinned (published in pins[0])
   uint8_t* base = nullptr;
   for (uint64_t k = first_op; k < last_op; k++) {
     uint64_t off;  // byte offset within the kernel's range
@@ -478,7 +506,7 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
     // Consecutive accesses to one page keep it pinned: one pin per page, not per word.
     if (i != held) {
       if (held != kNone) m->unpin(held);
-      held = kNone;
+      held = pins[0] = kNone;
       uint64_t tries = 0;
       while ((base = static_cast<uint8_t*>(m->pin(i, writes))) == nullptr) {
         const uint64_t last = s.fault_to_end ? s.first + s.npages : i + 1;
@@ -496,7 +524,7 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
           return;
         }
       }
-      held = i;
+      held = pins[0] = i;
       if (writes) m->mark_dirty(i);
     }
     const uint64_t in_page = off & (page - 1);
@@ -530,7 +558,7 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
       uint64_t tries = 0;
       while ((dst = static_cast<uint8_t*>(m->pin(di, true))) == nullptr) {
         m->unpin(held);  // never sleep on a fault while holding a pin
-        held = kNone;
+        held = pins[0] = kNone;
         int rc = fault(m, di, di + 1, true);
         out->faults++;
         if (rc || ++tries > 1000) {
@@ -542,8 +570,9 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
           k--;  // the source went meanwhile: redo this word from the top
           goto next;
         }
-        held = i;
+        held = pins[0] = i;
       }
+      pins[1] = di;
       {
         const uint64_t v = *reinterpret_cast<volatile uint64_t*>(base + in_page);
         *reinterpret_cast<volatile uint64_t*>(dst + (doff & (page - 1))) = v;
@@ -551,6 +580,7 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
       }
       m->mark_dirty(di);
       m->unpin(di);
+      pins[1] = kNone;
       out->ops++;
     next:
       continue;
@@ -586,6 +616,7 @@ void Device::run_share(const KernelSpec& s, uint64_t first_op, uint64_t last_op,
     out->ops++;
   }
   if (held != kNone) m->unpin(held);
+  pins[0] = kNone;
 }
 
 void Device::run(const KernelSpec& spec_in, KernelResult* out) {

@@ -162,6 +162,8 @@ class Device {
   void service_batch(std::vector<Request*>& batch);
   void prefetch(Mirror* m, uint64_t first, uint64_t last);
   void run_share(const KernelSpec& spec, uint64_t first_op, uint64_t last_op, unsigned index, KernelResult* out);
+  void run_share_body(const KernelSpec& spec, uint64_t first_op, uint64_t last_op, unsigned index, KernelResult* out,
+                      volatile uint64_t* pins);
 
   DeviceConfig config_;
   uint8_t* pool_ = nullptr;

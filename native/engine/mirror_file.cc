@@ -568,7 +568,7 @@ int Mirror::file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
       wait_inflight(i, i + 1);
       if (write) std::memcpy(slot, buf + done, n);
       else std::memcpy(buf + done, slot, n);
-      pt_[i].fetch_or((old & kWrite) | (write ? kDirty : 0), std::memory_order_release);
+      pt_[i].fetch_or((old & kWrite) | (write ? static_cast<uint64_t>(kDirty) : 0ull), std::memory_order_release);
     }
     done += n;
   }

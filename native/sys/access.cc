@@ -238,6 +238,21 @@ void run_access_inline(const AccessSpec& spec_in, uint64_t* ops, uint64_t* check
   *signal_addr = out.signal_addr;
 }
 
+int guarded_call(void (*fn)(void*), void* arg, uint64_t* bad_addr) {
+  install_guard();
+  sigjmp_buf jump;
+  sigjmp_buf* volatile outer = tl_jump;  // a guarded call may run inside another
+  if (sigsetjmp(jump, 0) != 0) {
+    tl_jump = outer;
+    if (bad_addr) *bad_addr = tl_bad_addr;
+    return -EFAULT;
+  }
+  tl_jump = &jump;
+  fn(arg);
+  tl_jump = outer;
+  return 0;
+}
+
 int guarded_copy(void* dst, const void* src, size_t n, uint64_t* bad_addr) {
   install_guard();
   sigjmp_buf jump;

@@ -49,6 +49,11 @@ void run_access_inline(const AccessSpec& spec, uint64_t* ops, uint64_t* checksum
 // the process; used by the library's read()/write() on mappings.
 int guarded_copy(void* dst, const void* src, size_t n, uint64_t* bad_addr);
 
+// Calls fn(arg) with SIGBUS turned into a return of -EFAULT (and the address) instead of the
+// process's death. fn must leave nothing half-done that its caller cannot undo from memory it
+// published (volatile) before the access that faulted.
+int guarded_call(void (*fn)(void*), void* arg, uint64_t* bad_addr);
+
 uint64_t now_ns();
 
 }  // namespace pm::sys
