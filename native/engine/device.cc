@@ -126,11 +126,13 @@ bool Device::alloc_slot(uint64_t* slot, Mirror* holding, uint64_t page) {
 // bits as it passes) and migrates it back to the host. Victims in a mirror that is busy changing
 // (another migration or invalidation holds it) are passed over, never waited for.
 bool Device::evict_one(Mirror* holding) {
+  size_t queued = 0;
   for (size_t scanned = 0;; scanned++) {
     Resident r;
     {
       std::lock_guard<std::mutex> lock(slot_mu_);
       if (resident_.empty() || scanned > 2 * resident_.size() + 8) return false;
+      if (scanned == 0) queued = resident_.size();
       r = resident_.front();
       resident_.pop_front();
       if (!attached_locked(r.mirror)) continue;  // closing: its pages go with it
@@ -149,7 +151,9 @@ bool Device::evict_one(Mirror* holding) {
       if (r.mirror->file_loading(r.page)) requeue();  // not stale: its load is under way
       continue;                                      // stale: already gone
     }
-    if (config_.eviction == DeviceConfig::Eviction::kLru && r.mirror->test_and_clear_accessed(r.page)) {
+    // LRU's second chance lasts one pass: when device threads touch every resident page all the
+    // time, the clock must still come round to a victim.
+    if (config_.eviction == DeviceConfig::Eviction::kLru && scanned <= queued && r.mirror->test_and_clear_accessed(r.page)) {
       requeue();  // second chance
       continue;
     }
