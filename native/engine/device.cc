@@ -131,8 +131,10 @@ bool Device::evict_one(Mirror* holding) {
     Resident r;
     {
       std::lock_guard<std::mutex> lock(slot_mu_);
-      if (resident_.empty() || scanned > 2 * resident_.size() + 8) return false;
       if (scanned == 0) queued = resident_.size();
+      // Two passes over the queue as it was (stale entries dropped on the way do not shorten it:
+      // the live ones behind them must still be reached, after their second chance).
+      if (resident_.empty() || scanned > 2 * queued + 8) return false;
       r = resident_.front();
       resident_.pop_front();
       if (!attached_locked(r.mirror)) continue;  // closing: its pages go with it
