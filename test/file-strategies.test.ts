@@ -1,10 +1,10 @@
 // File-backed mirroring: the four strategies on real files on tmpfs and on the disk's file system
 // (ext4 here), with real faults, real writeback and real other processes reading the files.
-import { describe, it, expect, afterEach } from 'vitest';
+import { describe, it, expect, afterEach, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { Device, mapFile, mapAnonymous, access, fileSystemOf, type FileStrategy, type Mapping } from '../lib/index.js';
 import { P, PAGE, FIXTURES_DIR, within } from './helpers.js';
 
@@ -387,4 +387,41 @@ describe('file strategy errors', () => {
       fs.unlinkSync(f);
     }
   });
+});
+
+// xfs (and any other file system) on a loop-mounted image: the same strategy round as above. Skips,
+// with the reason, where the image cannot be made (no mkfs for it, not root, no loop devices).
+describe.each(['xfs', 'btrfs'])('file strategies on a loop-mounted %s image', (fsType) => {
+  let mnt: string | undefined;
+  let why: string | undefined;
+  let dir: string | undefined;
+  beforeAll(() => {
+    const mkfs = ['/usr/sbin/mkfs.' + fsType, '/sbin/mkfs.' + fsType].find((p) => fs.existsSync(p));
+    if (!mkfs) return void (why = `mkfs.${fsType} is not installed`);
+    if (process.getuid?.() !== 0) return void (why = 'mounting a loop image needs root');
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), `pagemirror-${fsType}-`));
+    const img = path.join(dir, 'image');
+    fs.writeFileSync(img, '');
+    fs.truncateSync(img, 512 << 20);
+    const mk = spawnSync(mkfs, ['-q', img], { encoding: 'utf8', timeout: 60_000 });
+    if (mk.status !== 0) return void (why = `mkfs.${fsType} failed: ${mk.stderr.trim()}`);
+    fs.mkdirSync(path.join(dir, 'mnt'));
+    const mo = spawnSync('mount', ['-o', 'loop', img, path.join(dir, 'mnt')], { encoding: 'utf8', timeout: 60_000 });
+    if (mo.status !== 0) return void (why = `mount -o loop failed: ${mo.stderr.trim()}`);
+    mnt = path.join(dir, 'mnt');
+  });
+  afterAll(() => {
+    if (mnt) spawnSync('umount', [mnt], { timeout: 60_000 });
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+  it.for(STRATEGIES)('%s: device writes, read(), fsync(), close()', async (strategy, ctx) => {
+    if (!mnt) return ctx.skip(`${fsType} image: ${why}`);
+    expect(fileSystemOf(mnt)).toBe(fsType);
+    const n = 32;
+    const { file, fm } = setup(mnt, n, strategy);
+    await within(fm.run({ op: 'write', seed: 900, unit: 8, threads: 2 }), 10_000, 'device write');
+    expect(seeds(await fm.pread(0, n * PAGE)).every((s) => s === 900)).toBe(true);
+    await within(fm.fsync(), 10_000, 'fsync');
+    expect(seeds(fs.readFileSync(file)).every((s) => s === 900)).toBe(true);
+  }, 30_000);
 });
