@@ -640,7 +640,8 @@ struct FileIoJob {
   std::vector<uint8_t> data;
   int64_t rc = 0;
   engine::Mirror::WritebackResult wb;
-  bool sync = false;
+  bool sync = false;   // writeback: fdatasync after
+  bool write = false;  // file I/O: a write (else a read)
 };
 
 engine::Mirror& FileMirror(Napi::Env env, engine::Mirror& m) {
@@ -658,23 +659,40 @@ void CheckBytes(Napi::Env env, engine::Mirror& m, uint64_t off, uint64_t len) {
 
 }  // namespace
 
+namespace {
+
+// read() (data: length bytes to fill) or write() (data: the bytes) of the file through the
+// strategy, on a native job thread: it may wait for a device's accesses or for the disk.
+Napi::Value StartFileIo(Napi::Env env, std::shared_ptr<engine::Mirror> m, uint64_t off, std::vector<uint8_t> data, bool write) {
+  CheckBytes(env, *m, off, data.size());
+  auto job = std::make_unique<FileIoJob>();
+  job->mirror = std::move(m);
+  job->off = off;
+  job->len = data.size();
+  job->data = std::move(data);
+  job->write = write;
+  return NativeJob<FileIoJob>::Start(
+      env, std::move(job),
+      [](FileIoJob& j) {
+        j.rc = j.write ? j.mirror->file_write(j.off, j.len, j.data.data()) : j.mirror->file_read(j.off, j.len, j.data.data());
+      },
+      [](Napi::Env env, FileIoJob& j) -> Napi::Value {
+        if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), j.write ? "pwrite" : "pread", {});
+        if (j.write) return env.Undefined();
+        return Napi::Buffer<uint8_t>::Copy(env, j.data.data(), static_cast<size_t>(j.rc));
+      });
+}
+
+}  // namespace
+
 // fileRead(offset, length) -> Promise<Buffer>: read() of the file through the strategy.
 Napi::Value MirrorWrap::FileRead(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);
   FileMirror(env, *m);
-  auto job = std::make_unique<FileIoJob>();
-  job->mirror = m;
-  job->off = ToU64(info[0], "offset");
-  job->len = ToU64(info[1], "length");
-  CheckBytes(env, *m, job->off, job->len);
-  job->data.resize(job->len);
-  return NativeJob<FileIoJob>::Start(
-      env, std::move(job), [](FileIoJob& j) { j.rc = j.mirror->file_read(j.off, j.len, j.data.data()); },
-      [](Napi::Env env, FileIoJob& j) -> Napi::Value {
-        if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), "pread", {});
-        return Napi::Buffer<uint8_t>::Copy(env, j.data.data(), static_cast<size_t>(j.rc));
-      });
+  const uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
+  CheckBytes(env, *m, off, len);
+  return StartFileIo(env, m, off, std::vector<uint8_t>(len), false);
 }
 
 // fileWrite(offset, data) -> Promise<void>: write() of the file through the strategy.
@@ -683,20 +701,10 @@ Napi::Value MirrorWrap::FileWrite(const Napi::CallbackInfo& info) {
   auto m = live(env);
   FileMirror(env, *m);
   if (info.Length() < 2 || !info[1].IsTypedArray()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "data must be a Uint8Array");
-  auto job = std::make_unique<FileIoJob>();
-  job->mirror = m;
-  job->off = ToU64(info[0], "offset");
+  const uint64_t off = ToU64(info[0], "offset");
   Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
   const uint8_t* src = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
-  job->data.assign(src, src + ta.ByteLength());
-  job->len = job->data.size();
-  CheckBytes(env, *m, job->off, job->len);
-  return NativeJob<FileIoJob>::Start(
-      env, std::move(job), [](FileIoJob& j) { j.rc = j.mirror->file_write(j.off, j.len, j.data.data()); },
-      [](Napi::Env env, FileIoJob& j) -> Napi::Value {
-        if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), "pwrite", {});
-        return env.Undefined();
-      });
+  return StartFileIo(env, m, off, std::vector<uint8_t>(src, src + ta.ByteLength()), true);
 }
 
 // writeback(offset, length, sync) -> Promise<{pages, bytesCopied, elapsedNs}>
