@@ -21,7 +21,8 @@ const SEED = Number(process.env.PAGEMIRROR_SEED ?? 1234);
 const STRATEGIES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
 const FILESYSTEMS = [
   { name: 'tmpfs', dir: '/dev/shm', shmem: true },
-  { name: fileSystemOf(os.tmpdir()), dir: os.tmpdir(), shmem: false },
+  // The disk's file system (ext4 here); userfaultfd cannot register it, unless it is tmpfs too.
+  { name: fileSystemOf(os.tmpdir()), dir: os.tmpdir(), shmem: fileSystemOf(os.tmpdir()) === 'tmpfs' },
 ];
 // Write number k stores seed k << 20: a page's first word tells which write (and which of its pages) it holds.
 const ID_SHIFT = 20;
