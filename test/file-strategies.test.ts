@@ -288,6 +288,27 @@ describe('a file truncated behind the library\'s back (no lease)', () => {
   }, 30_000);
 });
 
+describe('eviction of file pages', () => {
+  it.each(['lru', 'fifo'] as const)('%s: with many pages gone from the device (stale queue entries), a full memory still finds a victim', async (eviction) => {
+    // Regression (found by the file coherence test): the scan bound shrank with each stale entry
+    // it dropped and gave up (ENOMEM) before reaching the live pages it had given a second chance.
+    const { m, fm, dev } = setup('/dev/shm', 64, 'copy', {}, { memory: 24 * PAGE, eviction });
+    for (const first of [0, 24]) {
+      await fm.run({ op: 'read', offset: first * PAGE, npages: 24, unit: 8 }); // 24 pages on the device
+      await access(m, { op: 'read', offset: first * PAGE, length: 24 * PAGE, unit: 8 }); // the CPU pulls them back
+    }
+    await fm.run({ op: 'read', offset: 40 * PAGE, npages: 24, unit: 8 }); // memory full of evictable pages
+    await within(fm.run({ op: 'read', offset: 0, npages: 1, unit: 8 }), 10_000, 'one more page');
+    expect(dev.memory().used).toBe(24);
+  }, 30_000);
+
+  it('a device range larger than device memory is served in parts, never evicting the page that faulted', async () => {
+    const { fm } = setup(os.tmpdir(), 64, 'copy', {}, { memory: 24 * PAGE, eviction: 'fifo' });
+    const r = await within(fm.read(0, 40), 10_000, 'device read of 40 pages'); // a miss faults to the end of the range
+    expect(seeds(r.data).every((s) => s === 1)).toBe(true);
+  }, 30_000);
+});
+
 describe('strategy test: host memory of a dataset resident on the device', () => {
   it.each(FILESYSTEMS)('on $name: bounce keeps next to no page cache, copy keeps the whole dataset', async ({ dir }) => {
     const n = 512; // 2 MiB
