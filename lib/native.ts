@@ -45,6 +45,8 @@ export interface NativeFileStats {
   freedPages: number;
   /** Device pages brought back by a CPU fault or by read()/write() (copy's pull-back). */
   pulledBack: number;
+  /** copy/bounce on shmem: CPU read faults served from the page cache (write-protected) while the device kept its clean copy. */
+  sharedReads: number;
   writebacks: number;
   /** Pages the library wrote to the file (remote/pin: pages the kernel wrote while held stable). */
   writtenPages: number;

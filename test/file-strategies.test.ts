@@ -343,6 +343,26 @@ describe('CPU mmap access on tmpfs (userfaultfd registers shmem)', () => {
   }, 30_000);
 });
 
+describe('copy on tmpfs: A write-protected while A\' is readable (Jan Kara\'s scheme)', () => {
+  it('CPU reads of pages the device only read share A; a CPU write takes A\' away; a device write takes the CPU\'s view away', async () => {
+    const n = 16;
+    const { m, fm } = setup('/dev/shm', n, 'copy');
+    await fm.run({ op: 'verify', seed: 1, unit: 8 }); // the device reads: A' clean, not writable
+    // CPU reads: real MINOR faults, answered with A mapped write-protected; the device keeps A'.
+    expect((await within(access(m, { op: 'verify', seed: 1, unit: 8 }), 10_000, 'CPU read')).mismatches).toBe(0);
+    expect(fm.stats()).toMatchObject({ sharedReads: n, pulledBack: 0, devicePages: n });
+    expect((await fm.run({ op: 'verify', seed: 1, unit: 8 })).faults).toBe(0); // still the device's
+    // A CPU write to pages 0-3: write-protect faults; A' of those pages goes first.
+    await within(access(m, { op: 'write', seed: 50, unit: 8, length: 4 * PAGE }), 10_000, 'CPU write');
+    expect(fm.stats()).toMatchObject({ pulledBack: 4, devicePages: n - 4 });
+    expect((await fm.run({ op: 'verify', seed: 50, unit: 8, npages: 4 })).mismatches).toBe(0); // reloaded
+    // A device write to pages 8-15: the CPU's read-only view goes first; its next read pulls A' back.
+    await fm.run({ op: 'write', seed: 70, unit: 8, offset: 8 * PAGE, npages: 8 });
+    expect((await access(m, { op: 'verify', seed: 70, unit: 8, offset: 8 * PAGE, length: 8 * PAGE })).mismatches).toBe(0);
+    expect(fm.stats().pulledBack).toBe(4 + 8);
+  }, 30_000);
+});
+
 describe('file strategy errors', () => {
   it('refuses memory that is not a shared file mapping, mixing, and bad ranges, with typed errors', () => {
     const dev = Device.create();

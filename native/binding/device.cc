@@ -756,6 +756,7 @@ Napi::Value MirrorWrap::FileStats(const Napi::CallbackInfo& info) {
   o.Set("loadedPages", static_cast<double>(s->loaded_pages.load()));
   o.Set("freedPages", static_cast<double>(s->freed_pages.load()));
   o.Set("pulledBack", static_cast<double>(s->pulled_back.load()));
+  o.Set("sharedReads", static_cast<double>(s->shared_reads.load()));
   o.Set("writebacks", static_cast<double>(s->writebacks.load()));
   o.Set("writtenPages", static_cast<double>(s->written_pages.load()));
   o.Set("snapshotBytes", static_cast<double>(s->snapshot_bytes.load()));

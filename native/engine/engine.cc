@@ -253,7 +253,7 @@ void Engine::handle(const sys::FaultMsg& f) {
   locks.reserve(covering.size());
   for (Mirror* m : covering) locks.emplace_back(m->change_mutex());
   for (Mirror* m : covering) {
-    if (m->cpu_fault(m->index_of(page))) return;  // counted by its device (migratedToHost)
+    if (m->cpu_fault(m->index_of(page), f.flags)) return;  // counted by its device (migratedToHost)
   }
   int64_t done = 0;
   if (f.flags & UFFD_PAGEFAULT_FLAG_WP) {

@@ -603,9 +603,9 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
   return moved;
 }
 
-bool Mirror::cpu_fault(uint64_t i) {
+bool Mirror::cpu_fault(uint64_t i, uint64_t flags) {
   // Caller (the engine) holds change_mu_.
-  if (file_copies()) return file_cpu_fault(i);
+  if (file_copies()) return file_cpu_fault(i, flags);
   uint64_t e = pt_[i].load(std::memory_order_acquire);
   if (!(e & kOnDevice) || (e & kPinned)) return false;
   begin_change();

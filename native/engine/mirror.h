@@ -58,6 +58,7 @@ struct FileStats {
   std::atomic<uint64_t> loaded_pages{0};     // A copied to A' (copy, bounce)
   std::atomic<uint64_t> freed_pages{0};      // host pages given up after loading (bounce)
   std::atomic<uint64_t> pulled_back{0};      // device pages brought back by a CPU fault or library I/O
+  std::atomic<uint64_t> shared_reads{0};     // CPU read faults served from A, write-protected, the device keeping its clean A'
   std::atomic<uint64_t> writebacks{0};       // writeback passes (periodic, fsync, msync, lease, close)
   std::atomic<uint64_t> written_pages{0};    // pages written to the file by the library
   std::atomic<uint64_t> snapshot_bytes{0};   // bytes copied into private bounce buffers (snapshot 'buffer')
@@ -139,7 +140,7 @@ class Mirror : public RangeNotifier {
   uint64_t migrate_to_host(uint64_t first, uint64_t last, Trigger trigger = Trigger::kExplicit);
   // The engine's CPU-fault path: if page i is in this device's memory, bring it back and wake the
   // faulter. Returns true if it was (the fault is resolved), false if not this mirror's page.
-  bool cpu_fault(uint64_t i);
+  bool cpu_fault(uint64_t i, uint64_t flags = 0);
   // Serialises with migrations and invalidations of this mirror (the engine's fault handler takes
   // it before deciding what a CPU fault on a mirrored page means).
   std::mutex& change_mutex() { return change_mu_; }
@@ -280,7 +281,7 @@ class Mirror : public RangeNotifier {
   bool file_must_store(uint64_t e) const;
   // Caller holds change_mu_: device copies of [a, b) go back to the file where needed; slots freed.
   uint64_t file_flush_locked(uint64_t a, uint64_t b);
-  bool file_cpu_fault(uint64_t i);
+  bool file_cpu_fault(uint64_t i, uint64_t flags);
   bool file_evict(uint64_t i);
   int file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out);
   int file_writeback_chunk_locked(uint64_t a, uint64_t b, WritebackResult* out);

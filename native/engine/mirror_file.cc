@@ -268,6 +268,21 @@ int Mirror::file_fault(uint64_t first, uint64_t last, bool write, std::chrono::s
     if (loaded < j - i) break;
     i += loaded;
   }
+  if (write && file_->registered) {
+    // Write access to pages the CPU may be reading (shared read-only, see file_cpu_fault): the
+    // CPU's mapping goes first, so its next access faults and pulls the new data back.
+    for (uint64_t i = first; i < last;) {
+      const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+      if (!(e & kOnDevice) || (e & kWrite)) {
+        i++;
+        continue;
+      }
+      uint64_t j = i + 1;
+      while (j < last && (pt_[j].load(std::memory_order_relaxed) & (kOnDevice | kWrite)) == kOnDevice) j++;
+      sys::advise(reinterpret_cast<void*>(start_ + i * page_), (j - i) * page_, MADV_DONTNEED);
+      i = j;
+    }
+  }
   // Only pages that are on the device get entries: loading may have evicted some of this range
   // again (device memory smaller than the range); the device faults for those once more.
   for (uint64_t i = first; i < last; i++) {
@@ -325,8 +340,23 @@ uint64_t Mirror::file_flush_locked(uint64_t a, uint64_t b) {
 }
 
 // The engine's thread, holding change_mu_: a CPU touch of a page (shmem copy/bounce).
-bool Mirror::file_cpu_fault(uint64_t i) {
-  if (!(pt_[i].load(std::memory_order_acquire) & kOnDevice)) return false;  // an ordinary first touch: the engine maps the page
+bool Mirror::file_cpu_fault(uint64_t i, uint64_t flags) {
+  const uint64_t e0 = pt_[i].load(std::memory_order_acquire);
+  if (!(e0 & kOnDevice)) return false;  // an ordinary first touch: the engine maps the page
+  const int ufd = Engine::get().fd();
+  const uint64_t addr = start_ + i * page_;
+  int64_t done = 0;
+  if (!(flags & (UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP)) && !(e0 & (kWrite | kDirty | kSole))) {
+    // Jan Kara's scheme: while the device only reads A' and A is current, the CPU reads A itself,
+    // write-protected; the device keeps A'. A CPU write then faults (WP) and A' goes first; a
+    // device write zaps the CPU's mapping first (file_fault), so a CPU read faults again.
+    int rc = sys::uffd_continue(ufd, addr, page_, UFFDIO_CONTINUE_MODE_WP, &done);
+    if (rc == 0 || rc == -EEXIST) {
+      if (rc) sys::uffd_wake(ufd, addr, page_);
+      file_->stats.shared_reads.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    }
+  }
   const uint64_t e = file_take(i);
   // A' back into A (bounce: A exists again). If the file cannot take it, the device keeps the data
   // (counted in store_errors) and the CPU sees the file as it is.
@@ -334,9 +364,11 @@ bool Mirror::file_cpu_fault(uint64_t i) {
   file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
   device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, (e & kValid) ? 1 : 0);
   device_->on_migrate(this, false, i, 1, Trigger::kCpuFault);
-  const int ufd = Engine::get().fd();
-  const uint64_t addr = start_ + i * page_;
-  int64_t done = 0;
+  if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+    // A CPU write to a page it shared for reading: A' is gone now, A becomes writable.
+    sys::uffd_writeprotect(ufd, addr, page_, 0);
+    return true;
+  }
   // The page is in the page cache now: map it (a MISSING fault too: the page exists by now).
   int rc = sys::uffd_continue(ufd, addr, page_, 0, &done);
   if (rc == -EEXIST) sys::uffd_wake(ufd, addr, page_);
