@@ -166,6 +166,7 @@ export interface NativeUserfaultfd {
   poison(dst: Target, offset: number, length: number, mode: number): ResolveResult;
   writeProtect(dst: Target, offset: number, length: number, mode: number): void;
   wake(dst: Target, offset: number, length: number): void;
+  fallback(addresses: BigUint64Array, flags: Uint32Array): void;
   resolveMany(
     action: 'copy' | 'zeropage' | 'continue' | 'move' | 'unprotect' | 'poison',
     dst: Target,

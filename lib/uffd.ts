@@ -474,25 +474,11 @@ export class Userfaultfd {
 
   #fallback(err: unknown, faults: Fault[]): void {
     if (this.#closed) return;
-    for (const f of faults) {
-      const page = f.mapping?.pageSize ?? BASE_PAGE;
-      const addr = f.address & ~BigInt(page - 1);
-      try {
-        if (f.kind === 'wp') this.#n.writeProtect(addr, 0, page, 0);
-        else if (f.kind === 'minor') this.#n.continue(addr, 0, page, 0);
-        else if (this.#registrationAt(addr)?.modes.includes('wp'))
-          // ZEROPAGE has no WP mode: a zero page copied in write-protected keeps dirty tracking exact.
-          this.#n.copy(addr, 0, page, new Uint8Array(page), 0, K.UFFDIO_COPY_MODE_WP!);
-        else this.#n.zeropage(addr, 0, page, 0);
-      } catch {
-        // The page may be gone (unmapped) or resolved meanwhile; wake whatever still waits.
-        try {
-          this.#n.wake(addr, 0, page);
-        } catch {
-          /* closed */
-        }
-      }
-    }
+    // The native fallback (the one close() and a full batch use too): a zero page for a missing
+    // fault (write-protected where the range is also registered for WP), un-protect for WP,
+    // continue for minor, each at its memory's page size; every faulter is woken.
+    const flags = Uint32Array.from(faults, (f) => (f.kind === 'wp' ? K.UFFD_PAGEFAULT_FLAG_WP! : f.kind === 'minor' ? K.UFFD_PAGEFAULT_FLAG_MINOR! : 0));
+    this.#n.fallback(BigUint64Array.from(faults, (f) => f.address), flags);
     this.#report(err, faults);
   }
 

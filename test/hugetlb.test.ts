@@ -47,6 +47,29 @@ describe('hugetlb', () => {
     }
   });
 
+  it('a handler that throws on hugetlb memory: the fallback zero-fills whole huge pages (nothing hangs)', async (ctx) => {
+    if (free < 2) ctx.skip(why);
+    const m = mapAnonymous(2 * HUGE, { hugetlb: true });
+    const uffd = Userfaultfd.open();
+    try {
+      uffd.register(m);
+      let failed = 0;
+      uffd.serve({
+        onFaults() {
+          throw new Error('handler failed');
+        },
+        onError: (_err, faults) => void (failed += faults.length),
+      });
+      const r = await within(access(m, { op: 'read', unit: 4096 }), 10_000, 'hugetlb read with a throwing handler');
+      expect(r.checksum).toBe(0n);
+      expect(failed).toBe(2); // one fault per huge page, each resolved whole
+      expect(uffd.outstanding()).toEqual([]);
+    } finally {
+      uffd.close();
+      m.close();
+    }
+  });
+
   it('MISSING faults on hugetlb memory resolved by a copy rule, one fault per huge page', async (ctx) => {
     if (free < 2) ctx.skip(why);
     const dst = mapAnonymous(HUGE, { hugetlb: true });

@@ -100,6 +100,7 @@ Napi::Function Userfaultfd::Init(Napi::Env env) {
                          InstanceMethod<&Userfaultfd::Poison>("poison"),
                          InstanceMethod<&Userfaultfd::WriteProtect>("writeProtect"),
                          InstanceMethod<&Userfaultfd::Wake>("wake"),
+                         InstanceMethod<&Userfaultfd::Fallback>("fallback"),
                          InstanceMethod<&Userfaultfd::ResolveMany>("resolveMany"),
                          InstanceMethod<&Userfaultfd::Serve>("serve"),
                          InstanceMethod<&Userfaultfd::SetRules>("setRules"),
@@ -133,6 +134,7 @@ Userfaultfd::~Userfaultfd() {
     data_->uffds.erase(this);
   }
   Shutdown();
+  if (zero_huge_) sys::unmap(zero_huge_, zero_huge_len_);
 }
 
 void Userfaultfd::Shutdown() { CloseWith(Outcome::kWake); }
@@ -258,7 +260,16 @@ Napi::Value Userfaultfd::Register(const Napi::CallbackInfo& info) {
     ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
   }
   m->region()->registered.fetch_add(1);
-  registrations_.push_back({m->region(), start, len, mode});
+  registrations_.push_back({m->region(), start, len, mode, m->region()->page});
+  if (m->region()->page > zero_huge_len_ && m->region()->page > sys::page_size()) {
+    // Virtual only: UFFDIO_COPY reads it through the shared zero page.
+    void* z = nullptr;
+    if (sys::map(&z, nullptr, m->region()->page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) == 0) {
+      if (zero_huge_) sys::unmap(zero_huge_, zero_huge_len_);
+      zero_huge_ = z;
+      zero_huge_len_ = m->region()->page;
+    }
+  }
   return Napi::BigInt::New(env, ioctls);
 }
 
@@ -739,21 +750,58 @@ void Userfaultfd::StopService() {
 // minor one, a zero page for a missing one; keep_wp: a missing fault in a range also registered for
 // WP gets a write-protected zero page (ZEROPAGE has no WP mode), or a dirty tracker would miss the
 // next write. Wakes the faulter. No allocation: the service thread calls it too.
-void Userfaultfd::ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp) {
+// page: the memory's page size (0: the base page; the service thread passes 0, as it cannot look
+// registrations up). A resolve that fails (a huge page resolved with the base size, memory gone)
+// still wakes the faulter: it faults again, and that fault is delivered.
+void Userfaultfd::ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp, uint64_t page) {
   alignas(4096) static const char zeros[1 << 16] = {};  // in .bss: no allocation, pages up to 64 KiB
-  const uint64_t page = sys::page_size();
+  if (page == 0) page = sys::page_size();
   const uint64_t a = f.address & ~(page - 1);
   int64_t done = 0;
-  if (f.flags & UFFD_PAGEFAULT_FLAG_WP) sys::uffd_writeprotect(fd_, a, page, 0);
-  else if (f.flags & UFFD_PAGEFAULT_FLAG_MINOR) sys::uffd_continue(fd_, a, page, 0, &done);
-  else if (keep_wp) sys::uffd_copy(fd_, a, reinterpret_cast<uint64_t>(zeros), page, UFFDIO_COPY_MODE_WP, &done);
-  else if (sys::uffd_zeropage(fd_, a, page, 0, &done) == -EEXIST) sys::uffd_wake(fd_, a, page);
+  int rc;
+  if (f.flags & UFFD_PAGEFAULT_FLAG_WP) {
+    rc = sys::uffd_writeprotect(fd_, a, page, 0);
+  } else if (f.flags & UFFD_PAGEFAULT_FLAG_MINOR) {
+    rc = sys::uffd_continue(fd_, a, page, 0, &done);
+  } else if (page > sizeof zeros || keep_wp) {
+    const void* src = page <= sizeof zeros ? static_cast<const void*>(zeros) : (page <= zero_huge_len_ ? zero_huge_ : nullptr);
+    rc = src ? sys::uffd_copy(fd_, a, reinterpret_cast<uint64_t>(src), page, keep_wp ? UFFDIO_COPY_MODE_WP : 0, &done) : -EINVAL;
+  } else {
+    rc = sys::uffd_zeropage(fd_, a, page, 0, &done);
+  }
+  if (rc) sys::uffd_wake(fd_, a, page);
 }
 
-bool Userfaultfd::WpRegistered(uint64_t addr) const {
+const Userfaultfd::Registration* Userfaultfd::RegistrationAt(uint64_t addr) const {
   for (const Registration& r : registrations_)
-    if (addr >= r.start && addr < r.start + r.len && (r.mode & UFFDIO_REGISTER_MODE_WP)) return true;
-  return false;
+    if (addr >= r.start && addr < r.start + r.len) return &r;
+  return nullptr;
+}
+
+// fallback(addresses: BigUint64Array, flags: Uint32Array): what the kernel would have done without
+// us, for faults a handler failed to resolve (the TypeScript layer's fallback), each at its
+// memory's page size. Wakes every faulter, resolved or not.
+Napi::Value Userfaultfd::Fallback(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsTypedArray() || !info[1].IsTypedArray() ||
+      info[0].As<Napi::TypedArray>().TypedArrayType() != napi_biguint64_array ||
+      info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
+    throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "fallback(addresses: BigUint64Array, flags: Uint32Array)");
+  auto addrs = info[0].As<Napi::TypedArrayOf<uint64_t>>();
+  auto flags = info[1].As<Napi::TypedArrayOf<uint32_t>>();
+  if (addrs.ElementLength() != flags.ElementLength())
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "addresses and flags must have the same length");
+  if (fd_ < 0) return env.Undefined();
+  for (size_t i = 0; i < addrs.ElementLength(); i++) {
+    sys::FaultMsg f{};
+    f.address = addrs[i];
+    f.flags = flags[i];
+    const Registration* r = RegistrationAt(f.address);
+    const uint64_t page = r ? r->page : sys::page_size();
+    ResolveAsUnregistered(f, r && (r->mode & UFFDIO_REGISTER_MODE_WP), page);
+    if (service_) service_->resolved(f.address & ~(page - 1), page);  // woken, resolved or not
+  }
+  return env.Undefined();
 }
 
 void Userfaultfd::CloseWith(Outcome outcome) {
@@ -769,7 +817,8 @@ void Userfaultfd::CloseWith(Outcome outcome) {
         const uint64_t page = sys::page_size();
         sys::uffd_poison(fd_, f.address & ~(page - 1), page, 0, &done);
       } else {
-        ResolveAsUnregistered(f, WpRegistered(f.address));
+        const Registration* r = RegistrationAt(f.address);
+        ResolveAsUnregistered(f, r && (r->mode & UFFDIO_REGISTER_MODE_WP), r ? r->page : 0);
       }
     }
   }

@@ -34,6 +34,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   struct Registration {
     std::weak_ptr<Region> region;
     uint64_t start, len, mode;
+    uint64_t page;  // the memory's page size (hugetlb: 2 MiB or 1 GiB)
   };
 
   Napi::Value Info(const Napi::CallbackInfo& info);
@@ -47,6 +48,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   Napi::Value Poison(const Napi::CallbackInfo& info);
   Napi::Value WriteProtect(const Napi::CallbackInfo& info);
   Napi::Value Wake(const Napi::CallbackInfo& info);
+  Napi::Value Fallback(const Napi::CallbackInfo& info);
   Napi::Value ResolveMany(const Napi::CallbackInfo& info);
   Napi::Value Serve(const Napi::CallbackInfo& info);
   Napi::Value SetRules(const Napi::CallbackInfo& info);
@@ -65,8 +67,12 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   void StopService();
   enum class Outcome { kWake, kZero, kSigbus };
   void CloseWith(Outcome outcome);
-  bool WpRegistered(uint64_t addr) const;
-  void ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp);
+  const Registration* RegistrationAt(uint64_t addr) const;
+  // A zero source as large as the largest huge page registered (reserved, never touched): a missing
+  // fault on hugetlb memory is resolved by UFFDIO_COPY from it (ZEROPAGE does not apply there).
+  void* zero_huge_ = nullptr;
+  uint64_t zero_huge_len_ = 0;
+  void ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp, uint64_t page = 0);
 
   int fd_ = -1;
   bool api_done_ = false;
