@@ -396,14 +396,6 @@ export class Userfaultfd {
     return this;
   }
 
-  #registrationAt(address: bigint): Registration | undefined {
-    for (const r of this.#registrations) {
-      const start = r.mapping.address + BigInt(r.offset);
-      if (address >= start && address < start + BigInt(r.length)) return r;
-    }
-    return undefined;
-  }
-
   #locate(address: bigint): [Mapping | undefined, number] {
     for (const r of this.#registrations) {
       const start = r.mapping.address;
