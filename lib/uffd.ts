@@ -486,6 +486,11 @@ export class Userfaultfd {
     return rule;
   }
 
+  /**
+   * Removes a fast-path rule. Returns once no batch the service thread started before still uses
+   * it (microseconds; a handshake with the service thread), so the rule's source mapping can be
+   * closed right after.
+   */
   removeRule(rule: Rule): void {
     this.#live();
     const next = this.#rules.filter((r) => r !== rule);

@@ -343,6 +343,43 @@ describe('native fast path', () => {
     }
   });
 
+  it('rules swapped while faults stream in: a removed rule\'s source can be closed at once, and no page is read from it after', async (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    // removeRule()/setRules wait for a batch in flight that may still use the old rules (a
+    // handshake with the service thread), then unpin the old source: close() right after succeeds.
+    const n = 1024;
+    const dst = mapAnonymous(n * PAGE);
+    const uffd = Userfaultfd.open();
+    const sources: ReturnType<typeof mapAnonymous>[] = [];
+    try {
+      uffd.register(dst);
+      uffd.serve();
+      const src0 = mapAnonymous(n * PAGE);
+      fillPattern(src0.bytes, 100);
+      let rule = uffd.addRule({ mapping: dst, action: 'copy', source: src0 });
+      let current = src0;
+      const reading = access(dst, { op: 'read', threads: 2 });
+      for (let k = 1; k <= 20; k++) {
+        const next = mapAnonymous(n * PAGE);
+        fillPattern(next.bytes, 100); // the same data: the reader cannot tell them apart, but closed memory
+        const nextRule = uffd.addRule({ mapping: dst, action: 'copy', source: next });
+        uffd.removeRule(rule);
+        current.close(); // not EBUSY: the service thread is done with the old rules
+        sources.push(current);
+        rule = nextRule;
+        current = next;
+        await new Promise((r) => setImmediate(r));
+      }
+      await within(reading, 20_000, 'reader');
+      expect((await access(dst, { op: 'verify', seed: 100, unit: 8 })).mismatches).toBe(0);
+      sources.push(current);
+    } finally {
+      uffd.close();
+      dst.close();
+      for (const s of sources) s.close();
+    }
+  });
+
   it('shmem (memfd) MISSING faults resolved by a copy rule', async (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');
     const dst = mapMemfd(N * PAGE);

@@ -674,9 +674,11 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
   }
   if (!service_) service_ = std::make_unique<sys::FaultService>(fd_, sys::page_size());
   service_->set_rules(std::move(rules));
-  // Known gap: a batch already in flight resolves with the old snapshot; if a removed rule's
-  // source is closed in that instant and its address reused, a copy/move could read the new
-  // mapping. The window is one batch; closing it needs a handshake with the service thread.
+  // A batch already in flight may still resolve with the old rules: the old sources stay pinned
+  // (close() refuses, EBUSY) until it is done, which is microseconds. If it is stuck (a copy from a
+  // source that is itself faulting), they stay pinned until a later setRules() finds it done.
+  if (service_->wait_rules_quiescent(1000)) retired_pins_.clear();
+  else for (RegionPin& p : rule_pins_) retired_pins_.push_back(std::move(p));
   rule_pins_ = std::move(pins);
   return env.Undefined();
 }
@@ -824,6 +826,7 @@ void Userfaultfd::CloseWith(Outcome outcome) {
   }
   service_.reset();
   rule_pins_.clear();
+  retired_pins_.clear();
   for (auto& reg : registrations_)
     if (auto r = reg.region.lock()) r->registered.fetch_sub(1);
   registrations_.clear();

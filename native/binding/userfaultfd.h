@@ -84,6 +84,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   std::unique_ptr<sys::FaultService> service_;
   std::vector<std::shared_ptr<Region>> rule_sources_;  // pinned while rules use them
   std::vector<RegionPin> rule_pins_;
+  std::vector<RegionPin> retired_pins_;  // sources of removed rules a batch in flight may still read
   // Faults and events waiting for the JavaScript thread, in buffers sized once by serve(): the
   // service thread must not allocate (FaultSink::on_batch). While one wake-up of the JavaScript
   // thread is pending, later faults join it: under load batches grow by themselves, and an idle

@@ -1,9 +1,11 @@
 #include "fault_service.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <thread>
 #include <unistd.h>
 
 #include "access.h"
@@ -85,6 +87,17 @@ void FaultService::set_rules(std::vector<Rule> rules) {
     rules_ = std::move(next);
   }
   if (running_.load()) retired_.push_back(std::move(old));  // the service may hold it: never its last ref
+}
+
+bool FaultService::wait_rules_quiescent(int timeout_ms) {
+  const uint64_t e = rules_epoch_.load(std::memory_order_seq_cst);
+  if (!(e & 1)) return true;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (rules_epoch_.load(std::memory_order_seq_cst) == e) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::yield();
+  }
+  return true;
 }
 
 std::shared_ptr<const std::vector<Rule>> FaultService::rules_snapshot() const {
@@ -271,6 +284,11 @@ void FaultService::loop() {
     }
 
     if (!work_.empty()) {
+      rules_epoch_.fetch_add(1, std::memory_order_seq_cst);  // odd: a snapshot in use
+      struct EpochEnd {
+        std::atomic<uint64_t>& e;
+        ~EpochEnd() { e.fetch_add(1, std::memory_order_seq_cst); }
+      } epoch_end{rules_epoch_};
       auto rules = rules_snapshot();
       const uint64_t t0 = rules->empty() ? 0 : now_ns();
       for (const FaultMsg& f : work_) {

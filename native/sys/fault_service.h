@@ -87,6 +87,10 @@ class FaultService {
   bool running() const { return running_.load(); }
 
   void set_rules(std::vector<Rule> rules);
+  // Waits (up to timeout_ms) until no batch started before this call still resolves with an older
+  // rule snapshot: after set_rules() and this, a removed rule's source is no longer read. False on
+  // timeout (a batch stuck in an ioctl, e.g. a copy from a source that is itself faulting).
+  bool wait_rules_quiescent(int timeout_ms);
   ServiceStats stats() const;
 
   // Faults handed to JavaScript and not yet seen resolved: close() uses them to apply the caller's
@@ -101,6 +105,8 @@ class FaultService {
   void loop();
   bool resolve_fast(const Rule& rule, const FaultMsg& msg, int* err, uint64_t* pages);
   std::shared_ptr<const std::vector<Rule>> rules_snapshot() const;
+  // Odd while the service thread resolves a batch with a rule snapshot.
+  std::atomic<uint64_t> rules_epoch_{0};
 
   const int uffd_;
   const uint64_t page_;
