@@ -55,6 +55,8 @@ export interface NativeFileStats {
   readBytes: number;
   writeBytes: number;
   leaseBreaks: number;
+  /** Device pages the file could not take (ENOSPC, EIO): they stayed on the device, dirty. */
+  storeErrors: number;
   writebackNs: number;
 }
 

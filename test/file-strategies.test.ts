@@ -363,6 +363,111 @@ describe('copy on tmpfs: A write-protected while A\' is readable (Jan Kara\'s sc
   }, 30_000);
 });
 
+describe('second review regressions', () => {
+  it('bounce on tmpfs: a library write into a page the CPU reads (shared after writeback) takes the CPU\'s stale view away', async () => {
+    const { m, fm } = setup('/dev/shm', 4, 'bounce');
+    await fm.run({ op: 'read', unit: 8 }); // on the device, A punched
+    await fm.writeback(); // A back in the file, the device keeps a clean copy
+    expect(seeds(await m.read(0, 4 * PAGE))).toEqual([1, 1, 1, 1]); // CPU reads share A
+    expect(fm.stats().sharedReads).toBe(4);
+    await fm.pwrite(0, pattern(1, 77));
+    expect(seeds(await m.read(0, PAGE))).toEqual([77]); // not the stale shared page
+  }, 30_000);
+
+  it('bounce: a write past end of file inside the last page extends the file, as pwrite(2) does', async () => {
+    const file = path.join(os.tmpdir(), `pagemirror-eof-${process.pid}`);
+    fs.writeFileSync(file, Buffer.alloc(PAGE + 100, 1));
+    cleanup.push(() => fs.unlinkSync(file));
+    const m = mapFile(file, { length: 2 * PAGE });
+    const dev = Device.create();
+    const fm = dev.mirrorFile(m, { strategy: 'bounce' });
+    cleanup.push(() => m.close(), () => dev.close(), () => fm.close());
+    await fm.run({ op: 'read', unit: 8, npages: 2 });
+    await fm.pwrite(PAGE + 100, Buffer.alloc(50, 9));
+    await fm.fsync();
+    expect(fs.statSync(file).size).toBe(PAGE + 150);
+    expect(fs.readFileSync(file).subarray(PAGE + 100).equals(Buffer.alloc(50, 9))).toBe(true);
+  }, 30_000);
+
+  it('pin: a file truncated behind the library\'s back, then a protect: the pin keeps what it can, the process lives', async () => {
+    const { file, m, fm } = setup(os.tmpdir(), 8, 'pin', {}, { preallocate: true });
+    await fm.run({ op: 'write', seed: 3, unit: 8 });
+    const c = spawn(process.execPath, ['-e', `require('fs').truncateSync(${JSON.stringify(file)}, ${4 * PAGE})`], { stdio: 'inherit' });
+    expect(await within(new Promise((r) => c.on('exit', r)), 20_000, 'the other process')).toBe(0);
+    m.protect('r'); // invalidation: the pin copies its pages; those past the end fault (SIGBUS), caught
+    expect(fm.info().diverged).toBe(4);
+    expect((await fm.run({ op: 'verify', seed: 3, unit: 8, npages: 4 })).mismatches).toBe(0);
+  }, 30_000);
+});
+
+// A file system that runs out of space: the copies the file cannot take stay on the device, the
+// errors are typed, a CPU access to such a page is a SIGBUS (not a stale page), and close() says
+// what was lost. Needs root (a small tmpfs is mounted for it).
+describe('a full file system (ENOSPC)', () => {
+  let mnt: string | undefined;
+  let why = '';
+  beforeAll(() => {
+    if (process.getuid?.() !== 0) return void (why = 'mounting a small tmpfs needs root');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-full-'));
+    const r = spawnSync('mount', ['-t', 'tmpfs', '-o', `size=${16 * PAGE}`, 'pagemirror-full', dir], { encoding: 'utf8', timeout: 30_000 });
+    if (r.status !== 0) return void (why = `mount -t tmpfs failed: ${r.stderr.trim()}`);
+    mnt = dir;
+  });
+  afterAll(() => {
+    if (mnt) {
+      spawnSync('umount', [mnt], { timeout: 30_000 });
+      fs.rmSync(mnt, { recursive: true, force: true });
+    }
+  });
+
+  it('bounce: writeback fails with ENOSPC and loses nothing; a CPU access is a SIGBUS; close() reports the loss', async (ctx) => {
+    if (!mnt) return ctx.skip(why);
+    const file = path.join(mnt, 'data');
+    fs.writeFileSync(file, pattern(8, 1));
+    const m = mapFile(file);
+    const dev = Device.create();
+    const fm = dev.mirrorFile(m, { strategy: 'bounce' });
+    try {
+      await fm.run({ op: 'write', seed: 60, unit: 8 }); // A punched: the device holds the only copy
+      const filler = path.join(mnt, 'filler');
+      try {
+        fs.writeFileSync(filler, Buffer.alloc(16 * PAGE)); // fills what the punch freed
+      } catch {
+        /* ENOSPC part way: full either way */
+      }
+      await expect(fm.fsync()).rejects.toMatchObject({ code: 'ENOSPC' });
+      expect(fm.stats()).toMatchObject({ devicePages: 8, dirtyPages: 8 });
+      expect(fm.stats().storeErrors).toBeGreaterThan(0);
+      expect((await fm.run({ op: 'verify', seed: 60, unit: 8 })).mismatches).toBe(0); // nothing lost
+      const r = await within(access(m, { op: 'read', length: PAGE }), 10_000, 'CPU read');
+      expect(r.signal).toBe('SIGBUS'); // the file cannot take the page back: no stale page
+      fs.rmSync(filler);
+      await fm.fsync(); // space again: everything is written
+      expect(seeds(fs.readFileSync(file)).every((s) => s === 60)).toBe(true);
+      fm.close();
+
+      // Full again, and a mirror closed with copies the file cannot take: close() says so.
+      const file2 = path.join(mnt, 'data2');
+      fs.writeFileSync(file2, pattern(2, 1));
+      const m2 = mapFile(file2);
+      const fm2 = dev.mirrorFile(m2, { strategy: 'bounce' });
+      await fm2.run({ op: 'write', seed: 61, unit: 8 }); // punched: the only copies on the device
+      try {
+        fs.writeFileSync(filler, Buffer.alloc(16 * PAGE));
+      } catch {
+        /* full */
+      }
+      expect(() => fm2.close()).toThrow(expect.objectContaining({ code: 'EIO', syscall: 'close', message: expect.stringContaining('2 device pages') }));
+      fm2.close(); // closed already: idempotent
+      m2.close();
+    } finally {
+      fm.close();
+      dev.close();
+      m.close();
+    }
+  }, 30_000);
+});
+
 describe('file strategy errors', () => {
   it('refuses memory that is not a shared file mapping, mixing, and bad ranges, with typed errors', () => {
     const dev = Device.create();

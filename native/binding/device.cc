@@ -625,7 +625,14 @@ Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {
 Napi::Value MirrorWrap::Close(const Napi::CallbackInfo& info) {
   if (mirror_) {
     mirror_->detach();
+    const engine::FileStats* fs = mirror_->file_stats();
+    const uint64_t lost = fs ? fs->lost_pages.load() : 0;
     mirror_.reset();
+    // Closed either way; but as close(2) reports a failed writeback, so does this.
+    if (lost)
+      ThrowSystemError(info.Env(), -EIO, "close",
+                       {nullptr, (std::to_string(lost) + " device pages could not be written back to the file (ENOSPC "
+                                  "or EIO on every try); their data is lost").c_str()});
   }
   return info.Env().Undefined();
 }
@@ -763,6 +770,7 @@ Napi::Value MirrorWrap::FileStats(const Napi::CallbackInfo& info) {
   o.Set("readBytes", static_cast<double>(s->io_read_bytes.load()));
   o.Set("writeBytes", static_cast<double>(s->io_write_bytes.load()));
   o.Set("leaseBreaks", static_cast<double>(s->lease_breaks.load()));
+  o.Set("storeErrors", static_cast<double>(s->store_errors.load()));
   o.Set("writebackNs", static_cast<double>(s->writeback_ns.load()));
   return o;
 }

@@ -148,20 +148,23 @@ bool Device::evict_one(Mirror* holding) {
       std::lock_guard<std::mutex> lock(slot_mu_);
       if (attached_locked(r.mirror)) resident_.push_back(r);
     };
+    // Under the owner's change mutex (which every path that sets an entry holds), so "stale" is
+    // decided on the entry as it will stay: a slot taken for a page whose entry is not set yet is
+    // a load or migration under way, not a stale entry.
+    std::unique_lock<std::mutex> other(r.mirror->change_mutex(), std::defer_lock);
+    if (!Engine::holds(r.mirror) && !other.try_lock()) {
+      requeue();
+      continue;
+    }
     const uint64_t e = r.mirror->entry(r.page);
     if (!(e & kOnDevice) || (e >> kSlotShift) != r.slot) {
-      if (r.mirror->file_loading(r.page)) requeue();  // not stale: its load is under way
+      if (r.mirror->loading(r.page)) requeue();  // not stale: our own fill of it is under way
       continue;                                      // stale: already gone
     }
     // LRU's second chance lasts one pass: when device threads touch every resident page all the
     // time, the clock must still come round to a victim.
     if (config_.eviction == DeviceConfig::Eviction::kLru && scanned <= queued && r.mirror->test_and_clear_accessed(r.page)) {
       requeue();  // second chance
-      continue;
-    }
-    std::unique_lock<std::mutex> other(r.mirror->change_mutex(), std::defer_lock);
-    if (!Engine::holds(r.mirror) && !other.try_lock()) {
-      requeue();
       continue;
     }
     if (r.mirror->evict(r.page)) return true;

@@ -31,7 +31,7 @@ int Engine::ensure() {
   sys::close_fd(r.fd);
   if (rc) return open_error_ = rc;
   if (!(offered & UFFD_FEATURE_PAGEFAULT_FLAG_WP)) return open_error_ = -EOPNOTSUPP;
-  uint64_t want = UFFD_FEATURE_PAGEFAULT_FLAG_WP | (offered & (UFFD_FEATURE_MOVE | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM |
+  uint64_t want = UFFD_FEATURE_PAGEFAULT_FLAG_WP | (offered & (UFFD_FEATURE_MOVE | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_POISON |
                                                                UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
   rc = sys::uffd_open(true, false, &r);
   if (rc) return open_error_ = rc;

@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #include <thread>
 
+#include "../sys/access.h"
 #include "../sys/mem.h"
 #include "../sys/uapi.h"
 #include "device.h"
@@ -76,6 +77,7 @@ void Mirror::detach() {
   }
   for (uint64_t i = 0; i < npages_; i++) {
     uint64_t old = pt_[i].exchange(0, std::memory_order_seq_cst);
+    if (file_copies() && file_must_store(old)) file_->stats.lost_pages.fetch_add(1, std::memory_order_relaxed);
     if (old & kOnDevice) device_->free_slot(old >> kSlotShift);
   }
   wait_inflight(0, npages_);
@@ -388,6 +390,7 @@ void Mirror::migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool ato
     return;
   }
   uint64_t slot;
+  Loading loading(this, i, i + 1);  // its queue entry is not stale while the data moves
   const uint64_t evicted = device_->counters().to_host[static_cast<unsigned>(Trigger::kEviction)].load();
   if (!device_->alloc_slot(&slot, this, i)) {
     out->skipped.push_back({i, Skip::kNoMemory});
@@ -681,7 +684,8 @@ void Mirror::keep_pinned_page(uint64_t i) {
   const uint64_t dst = reinterpret_cast<uint64_t>(device_->slot_address(slot));
   int64_t done = 0;
   int rc = 0;
-  if (device_->slots_populated(slot, 1)) std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(host), page_);
+  // Guarded: a file truncated behind the library's back has no page here any more (SIGBUS).
+  if (device_->slots_populated(slot, 1)) rc = sys::guarded_copy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(host), page_, nullptr);
   else rc = sys::uffd_copy(Engine::get().fd(), dst, host, page_, UFFDIO_COPY_MODE_DONTWAKE, &done);
   if (rc) {
     device_->free_slot(slot);

@@ -67,6 +67,7 @@ struct FileStats {
   std::atomic<uint64_t> lease_breaks{0};
   std::atomic<uint64_t> writeback_ns{0};
   std::atomic<uint64_t> store_errors{0};     // a device copy could not be written to the file (it stayed on the device)
+  std::atomic<uint64_t> lost_pages{0};       // such copies still unwritten when the mirror closed: their data is gone
 };
 
 struct MirrorStats {
@@ -165,12 +166,11 @@ class Mirror : public RangeNotifier {
     return file_ && (file_->options.strategy == FileStrategy::kCopy || file_->options.strategy == FileStrategy::kBounce);
   }
   const FileStats* file_stats() const { return file_ ? &file_->stats : nullptr; }
-  // Whether page i is being loaded into device memory right now (its slot is taken, its entry
-  // not set yet): eviction keeps it queued.
-  bool file_loading(uint64_t i) const {
-    return file_ && ((i >= file_->loading_first.load(std::memory_order_acquire) &&
-                      i < file_->loading_last.load(std::memory_order_acquire)) ||
-                     i == file_->faulting.load(std::memory_order_acquire));
+  // Whether page i is being filled into device memory by this mirror right now (its slot is taken,
+  // its entry not set yet), or is the page a file fault is serving: eviction keeps it queued.
+  bool loading(uint64_t i) const {
+    return (i >= loading_first_.load(std::memory_order_acquire) && i < loading_last_.load(std::memory_order_acquire)) ||
+           i == faulting_.load(std::memory_order_acquire);
   }
   // Whether CPU mmap accesses are intercepted (shmem: MINOR/MISSING faults pull device pages back).
   bool file_intercepts_cpu() const { return file_ && file_->shmem; }
@@ -253,6 +253,21 @@ class Mirror : public RangeNotifier {
   uint64_t fill_slots(uint64_t host, uint64_t slot, uint64_t n, bool present, bool use_move, MigrateResult* out);
   void set_device_entry(uint64_t i, uint64_t slot, uint64_t old, bool atomic);
   MirrorStats stats_;
+  // The pages being filled into device memory and the page a fault is serving (under change_mu_):
+  // eviction must not take them back meanwhile (a range larger than device memory would never get
+  // its page), nor drop their queue entries as stale.
+  std::atomic<uint64_t> loading_first_{0}, loading_last_{0}, faulting_{~0ull};
+  struct Loading {
+    Mirror* m;
+    Loading(Mirror* mirror, uint64_t a, uint64_t b) : m(mirror) {
+      m->loading_last_.store(b);
+      m->loading_first_.store(a);
+    }
+    ~Loading() {
+      m->loading_first_.store(0);
+      m->loading_last_.store(0);
+    }
+  };
 
   struct FileState {
     FileOptions options;
@@ -268,9 +283,6 @@ class Mirror : public RangeNotifier {
     std::mutex periodic_mu;
     std::condition_variable periodic_cv;
     bool stopping = false;
-    // The run of pages a fault is loading and the page that faulted (under change_mu_): eviction
-    // must not take them back meanwhile, or a range larger than device memory never gets its page.
-    std::atomic<uint64_t> loading_first{0}, loading_last{0}, faulting{~0ull};
   };
   std::unique_ptr<FileState> file_;
   int file_fault(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline);

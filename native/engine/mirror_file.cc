@@ -166,15 +166,7 @@ bool Mirror::file_must_store(uint64_t e) const { return (e & kOnDevice) && (e & 
 int Mirror::file_load(uint64_t a, uint64_t b, uint64_t* loaded) {
   *loaded = 0;
   const int ufd = Engine::get().fd();
-  file_->loading_last.store(b);
-  file_->loading_first.store(a);
-  struct Done {
-    FileState* f;
-    ~Done() {
-      f->loading_first.store(0);
-      f->loading_last.store(0);
-    }
-  } done{file_.get()};
+  Loading loading(this, a, b);
   std::vector<uint64_t> slots;
   slots.reserve(b - a);
   for (uint64_t i = a; i < b; i++) {
@@ -237,6 +229,10 @@ int Mirror::file_load(uint64_t a, uint64_t b, uint64_t* loaded) {
 
 int Mirror::file_fault(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point) {
   if (dead() || region_->closed.load()) return -EFAULT;
+  Engine::Holding holding = Engine::get().lock_covering(this, start_ + first * page_, start_ + last * page_);
+  // Checked under the lock: a protect or a truncate through the library holds it from before the
+  // change to after it, so what is seen here stays true until the entries are programmed.
+  if (dead() || region_->closed.load()) return -EFAULT;
   const int prot = region_->prot_over(offset_ + first * page_, (last - first) * page_);
   if (!(prot & PROT_READ)) return -EFAULT;
   if (write && !(prot & PROT_WRITE)) return -EPERM;
@@ -245,15 +241,13 @@ int Mirror::file_fault(uint64_t first, uint64_t last, bool write, std::chrono::s
   if (!ok) return -EIO;
   if (first >= eof) return -EFAULT;  // past end of file: the CPU would take a SIGBUS
   last = std::min(last, eof);
-  Engine::Holding holding = Engine::get().lock_covering(this, start_ + first * page_, start_ + last * page_);
-  if (dead()) return -EFAULT;
   // Making room may evict, but never the faulting page or the run being loaded: a range larger
   // than device memory loads what fits instead of evicting what it needs.
-  file_->faulting.store(first);
+  faulting_.store(first);
   struct Done {
-    FileState* f;
-    ~Done() { f->faulting.store(~0ull); }
-  } done{file_.get()};
+    Mirror* m;
+    ~Done() { m->faulting_.store(~0ull); }
+  } done{this};
   for (uint64_t i = first; i < last;) {
     if (pt_[i].load(std::memory_order_relaxed) & kOnDevice) {
       i++;
@@ -358,9 +352,13 @@ bool Mirror::file_cpu_fault(uint64_t i, uint64_t flags) {
     }
   }
   const uint64_t e = file_take(i);
-  // A' back into A (bounce: A exists again). If the file cannot take it, the device keeps the data
-  // (counted in store_errors) and the CPU sees the file as it is.
-  file_release_page(i, e);
+  // A' back into A (bounce: A exists again). If the file cannot take it (ENOSPC, EIO), the device
+  // keeps the data and the CPU access gets a SIGBUS (UFFDIO_POISON), as a read of a page the kernel
+  // cannot read does: a stale or zero page mapped instead would be read, or written over and lost.
+  if (!file_release_page(i, e)) {
+    if (sys::uffd_poison(ufd, addr, page_, 0, &done) != 0) sys::uffd_wake(ufd, addr, page_);
+    return true;
+  }
   file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
   device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuAccess, (e & kValid) ? 1 : 0);
   device_->on_migrate(this, false, i, 1, Trigger::kCpuFault);
@@ -381,7 +379,7 @@ bool Mirror::file_cpu_fault(uint64_t i, uint64_t flags) {
 
 bool Mirror::file_evict(uint64_t i) {
   if (!(pt_[i].load(std::memory_order_acquire) & kOnDevice)) return false;
-  if (file_loading(i)) return false;  // this fault's own pages
+  if (loading(i)) return false;  // this fault's own pages
   if (!file_release_page(i, file_take(i))) return false;
   device_->on_migrate(this, false, i, 1, Trigger::kEviction);
   return true;
@@ -424,6 +422,11 @@ int Mirror::file_writeback_chunk_locked(uint64_t a, uint64_t b, WritebackResult*
     // EBUSY: chunks are small so the kernel's write of one is quick).
     begin_change();
     for (uint64_t i = a; i < b; i++) {
+      // A page the pin kept as its own (diverged: truncate, lease break) is not the file's.
+      if (pt_[i].load(std::memory_order_relaxed) & kOnDevice) {
+        had.push_back(0);
+        continue;
+      }
       const uint64_t old = pt_[i].fetch_and(~(kWrite | kDirty), std::memory_order_seq_cst);
       if (old & kDirty) dirty++;
       had.push_back(old & kWrite);
@@ -596,6 +599,15 @@ int Mirror::file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
     } else {
       // Bounce: the device's page is the only copy: a snapshot of it is read, or the write goes
       // into it, with the device's write access held back meanwhile.
+      if (write) {
+        // The CPU may be reading A (shared read-only once written back): its view goes first.
+        if (file_->registered) sys::advise(reinterpret_cast<void*>(start_ + i * page_), page_, MADV_DONTNEED);
+        // A write past end of file extends it, as pwrite(2) would (writeback clips to the size).
+        uint64_t size = 0;
+        if (int rc = sys::file_size(file_->fd, &size)) return rc;
+        if (file_->file_offset + at + n > size)
+          if (int rc = sys::truncate_fd(file_->fd, file_->file_offset + at + n)) return rc;
+      }
       const uint64_t old = pt_[i].fetch_and(~kWrite, std::memory_order_seq_cst);
       wait_inflight(i, i + 1);
       if (write) std::memcpy(slot, buf + done, n);
