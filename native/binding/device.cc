@@ -166,7 +166,10 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
       const char* hint = rc == -EINVAL ? "file strategies need a shared mapping of a file (a file or memfd mapped shared)"
                          : rc == -EOPNOTSUPP ? "copy and bounce keep the data in device memory: not on hugetlbfs, and not on "
                                                "DAX, whose pages already are the device-addressable memory (use remote or pin)"
-                         : rc == -EPERM ? "pinning needs write access to the range"
+                         : rc == -EPERM && fopt.strategy == engine::FileStrategy::kPin ? "pinning needs write access to the range"
+                         : rc == -EPERM || rc == -EACCES || rc == -ENOSYS
+                             ? "copy and bounce need the engine's userfaultfd, which this process cannot open (see "
+                               "vm.unprivileged_userfaultfd, /dev/userfaultfd and `npx pagemirror probe`); remote and pin do not"
                          : rc == -EBUSY ? "the range is registered with another userfaultfd" : nullptr;
       ThrowSystemError(env, rc, "mirror", {m->region()->path.empty() ? nullptr : m->region()->path.c_str(), hint});
     }
