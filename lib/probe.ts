@@ -51,7 +51,7 @@ export interface Probe {
   filesystems: FsProbe[];
   dax: Capability & { candidates: string[] };
   /** Whether each kind of experiment can run here, and why not. */
-  experiments: Record<'uffd' | 'wp' | 'minor' | 'move' | 'poison' | 'wpAsync' | 'events' | 'tmpfs' | 'ext4' | 'dax' | 'hugetlb' | 'thp', Capability>;
+  experiments: Record<'uffd' | 'wp' | 'minor' | 'move' | 'poison' | 'wpAsync' | 'events' | 'tmpfs' | 'ext4' | 'dax' | 'hugetlb' | 'thp' | 'fileCpuFaults' | 'leases', Capability>;
 }
 
 const FS_NAMES: Record<number, string> = {
@@ -267,6 +267,12 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
         uffd.refused.eventFork ? `EVENT_FORK refused (${uffd.refused.eventFork}): a user-mode-only descriptor needs CAP_SYS_PTRACE for it` : 'the kernel lacks uffd events',
       ),
       tmpfs: need(tmpfs?.type === 'tmpfs', '/dev/shm is not a tmpfs here'),
+      // copy/bounce intercepting CPU mmap accesses on tmpfs/memfd: MISSING, MINOR and WP on shmem.
+      fileCpuFaults: need(
+        uffd.ok && has('missingShmem') && has('minorShmem') && has('wpHugetlbfsShmem') && tmpfs?.type === 'tmpfs',
+        !uffd.ok ? `userfaultfd: ${uffd.reason}` : 'the kernel lacks MISSING/MINOR/WP on shmem (UFFD_FEATURE_MISSING_SHMEM, MINOR_SHMEM, WP_HUGETLBFS_SHMEM) or /dev/shm is not tmpfs',
+      ),
+      leases: need(readText('/proc/sys/fs/leases-enable') !== '0', 'fs.leases-enable is 0: the kernel grants no file leases'),
       ext4: ext4 ? { ok: true, reason: `ext4 at ${ext4.path}` } : { ok: false, reason: `no ext4 among ${filesystems.map((f) => `${f.path} (${f.type})`).join(', ')}; tests may loop-mount an image as root` },
       dax,
       hugetlb: need(hugetlb.free > 0, `no free hugetlb pages (HugePages_Total=${hugetlb.total}): as root, echo N > /proc/sys/vm/nr_hugepages`),

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Device, mapFile, access, fileSystemOf, type FileStrategy, type FileMirror, type Mapping } from '../lib/index.js';
-import { PAGE, within } from './helpers.js';
+import { P, PAGE, within, requireCap } from './helpers.js';
 
 const WORDS = PAGE / 8;
 const NPAGES = 64;
@@ -139,7 +139,10 @@ function cut(rand: () => number): { first: number; n: number }[] {
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 describe.each(FILESYSTEMS)('file coherence against a shadow model on $name', ({ name: fsName, dir, shmem }) => {
-  it.each(STRATEGIES)(`%s (seed ${SEED}): device, CPU and library writers and readers on disjoint ranges, racing writebacks`, async (strategy) => {
+  it.for(STRATEGIES)(`%s (seed ${SEED}): device, CPU and library writers and readers on disjoint ranges, racing writebacks`, async (strategy, ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    // copy/bounce on tmpfs intercept CPU faults: without that, the mirror cannot be made there.
+    if (shmem && (strategy === 'copy' || strategy === 'bounce')) requireCap(ctx, P.experiments.fileCpuFaults, 'CPU fault interception on tmpfs');
     const testSeed = SEED * 31 + STRATEGIES.indexOf(strategy) * 7 + (shmem ? 0 : 3);
     const rand = rng(testSeed);
     // The CPU mapping: on the disk, copy and bounce refuse it by design (it would read stale pages).

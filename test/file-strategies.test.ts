@@ -1,12 +1,12 @@
 // File-backed mirroring: the four strategies on real files on tmpfs and on the disk's file system
 // (ext4 here), with real faults, real writeback and real other processes reading the files.
-import { describe, it, expect, afterEach, beforeAll, afterAll } from 'vitest';
+import { describe, it, expect, afterEach, beforeAll, afterAll, beforeEach } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import { Device, mapFile, mapAnonymous, access, fileSystemOf, type FileStrategy, type Mapping } from '../lib/index.js';
-import { P, PAGE, FIXTURES_DIR, within } from './helpers.js';
+import { P, PAGE, FIXTURES_DIR, within, requireCap } from './helpers.js';
 
 const WORDS = PAGE / 8;
 const STRATEGIES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
@@ -14,6 +14,10 @@ const FILESYSTEMS = [
   { name: 'tmpfs', dir: '/dev/shm' },
   { name: fileSystemOf(os.tmpdir()), dir: os.tmpdir() },
 ];
+
+// Devices' memory and copy/bounce need the engine's userfaultfd: without one, every test here skips
+// with the probe's reason; the tests that need more (CPU fault interception on tmpfs, leases) say so.
+beforeEach((ctx) => requireCap(ctx, P.experiments.uffd, 'userfaultfd'));
 
 const cleanup: (() => void)[] = [];
 afterEach(() => {
@@ -244,7 +248,8 @@ describe.each(FILESYSTEMS)('file strategies on $name', ({ dir }) => {
     expect(fs.readFileSync(file).subarray((n / 2) * PAGE).equals(Buffer.alloc((n / 2) * PAGE))).toBe(true);
   }, 30_000);
 
-  it.each(STRATEGIES)('lease (%s): another process truncating the file breaks the lease; the engine revokes, writes back and releases at once', async (strategy) => {
+  it.for(STRATEGIES)('lease (%s): another process truncating the file breaks the lease; the engine revokes, writes back and releases at once', async (strategy, ctx) => {
+    requireCap(ctx, P.experiments.leases, 'file leases');
     const n = 32;
     const { file, fm } = setup(dir, n, strategy, { lease: true });
     expect(fm.stats().leaseHeld).toBe(true);
@@ -328,7 +333,8 @@ describe('strategy test: host memory of a dataset resident on the device', () =>
 });
 
 describe('CPU mmap access on tmpfs (userfaultfd registers shmem)', () => {
-  it.each(['copy', 'bounce'] as const)('%s: a CPU touch of a page the device wrote faults and pulls it back first', async (strategy) => {
+  it.for(['copy', 'bounce'] as const)('%s: a CPU touch of a page the device wrote faults and pulls it back first', async (strategy, ctx) => {
+    requireCap(ctx, P.experiments.fileCpuFaults, 'CPU fault interception on tmpfs');
     const n = 16;
     const { m, fm } = setup('/dev/shm', n, strategy);
     expect(fm.stats().cpuFaultsIntercepted).toBe(true);
@@ -344,7 +350,8 @@ describe('CPU mmap access on tmpfs (userfaultfd registers shmem)', () => {
 });
 
 describe('copy on tmpfs: A write-protected while A\' is readable (Jan Kara\'s scheme)', () => {
-  it('CPU reads of pages the device only read share A; a CPU write takes A\' away; a device write takes the CPU\'s view away', async () => {
+  it('CPU reads of pages the device only read share A; a CPU write takes A\' away; a device write takes the CPU\'s view away', async (ctx) => {
+    requireCap(ctx, P.experiments.fileCpuFaults, 'CPU fault interception on tmpfs');
     const n = 16;
     const { m, fm } = setup('/dev/shm', n, 'copy');
     await fm.run({ op: 'verify', seed: 1, unit: 8 }); // the device reads: A' clean, not writable
@@ -364,7 +371,8 @@ describe('copy on tmpfs: A write-protected while A\' is readable (Jan Kara\'s sc
 });
 
 describe('second review regressions', () => {
-  it('bounce on tmpfs: a library write into a page the CPU reads (shared after writeback) takes the CPU\'s stale view away', async () => {
+  it('bounce on tmpfs: a library write into a page the CPU reads (shared after writeback) takes the CPU\'s stale view away', async (ctx) => {
+    requireCap(ctx, P.experiments.fileCpuFaults, 'CPU fault interception on tmpfs');
     const { m, fm } = setup('/dev/shm', 4, 'bounce');
     await fm.run({ op: 'read', unit: 8 }); // on the device, A punched
     await fm.writeback(); // A back in the file, the device keeps a clean copy
@@ -422,6 +430,8 @@ describe('a full file system (ENOSPC)', () => {
 
   it('bounce: writeback fails with ENOSPC and loses nothing; a CPU access is a SIGBUS; close() reports the loss', async (ctx) => {
     if (!mnt) return ctx.skip(why);
+    requireCap(ctx, P.experiments.fileCpuFaults, 'CPU fault interception on tmpfs');
+    requireCap(ctx, P.experiments.poison, 'UFFDIO_POISON');
     const file = path.join(mnt, 'data');
     fs.writeFileSync(file, pattern(8, 1));
     const m = mapFile(file);
@@ -496,7 +506,8 @@ describe('file strategy errors', () => {
     expect(m.bytes.length).toBe(4 * PAGE); // the mirror gone, the mapping is the file's again
   });
 
-  it('a lease on a file open elsewhere: EAGAIN, with the reason', () => {
+  it('a lease on a file open elsewhere: EAGAIN, with the reason', (ctx) => {
+    requireCap(ctx, P.experiments.leases, 'file leases');
     const file = path.join(os.tmpdir(), `pagemirror-lease-busy-${process.pid}`);
     fs.writeFileSync(file, Buffer.alloc(4 * PAGE));
     const fd = fs.openSync(file, 'r');
