@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
-import { Device, mapFile, mapAnonymous, access, fileSystemOf, type FileStrategy, type Mapping } from '../lib/index.js';
+import { Device, mapFile, mapMemfd, mapAnonymous, access, fileSystemOf, type FileStrategy, type Mapping } from '../lib/index.js';
 import { P, PAGE, FIXTURES_DIR, within, requireCap } from './helpers.js';
 
 const WORDS = PAGE / 8;
@@ -367,6 +367,24 @@ describe('copy on tmpfs: A write-protected while A\' is readable (Jan Kara\'s sc
     await fm.run({ op: 'write', seed: 70, unit: 8, offset: 8 * PAGE, npages: 8 });
     expect((await access(m, { op: 'verify', seed: 70, unit: 8, offset: 8 * PAGE, length: 8 * PAGE })).mismatches).toBe(0);
     expect(fm.stats().pulledBack).toBe(4 + 8);
+  }, 30_000);
+});
+
+describe('memfd', () => {
+  it.for(STRATEGIES)('%s: a memfd is a file too: device writes, CPU reads through the mapping, read(), fsync()', async (strategy, ctx) => {
+    if (strategy === 'copy' || strategy === 'bounce') requireCap(ctx, P.experiments.fileCpuFaults, 'CPU fault interception on shmem');
+    const m = mapMemfd(8 * PAGE, { name: 'pagemirror-strategy' });
+    fs.writeSync(m.fd, pattern(8, 1), 0, 8 * PAGE, 0);
+    const dev = Device.create();
+    const fm = dev.mirrorFile(m, { strategy });
+    cleanup.push(() => m.close(), () => dev.close(), () => fm.close());
+    await fm.run({ op: 'write', seed: 44, unit: 8 });
+    expect((await within(access(m, { op: 'verify', seed: 44, unit: 8 }), 10_000, 'CPU verify')).mismatches).toBe(0);
+    expect(seeds(await fm.pread(0, 8 * PAGE)).every((x) => x === 44)).toBe(true);
+    await fm.fsync();
+    const back = Buffer.alloc(8 * PAGE);
+    fs.readSync(m.fd, back, 0, back.length, 0);
+    expect(seeds(back).every((x) => x === 44)).toBe(true);
   }, 30_000);
 });
 
