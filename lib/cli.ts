@@ -42,7 +42,7 @@ commands:
                      samples + environment) and an HTML report with SVG plots to --out
                      suites: faults, engine, batching, strategies, oversubscription, dirty
                      (default: all)
-                     --pages N (per repetition, default 4096)  --reps N (default 7)
+                     --pages N (per repetition, default 4096)  --reps N (default 7; strategies 3)
                      --size BYTES (engine bandwidth runs, default 256 MiB; batching: memory read,
                      default 64 MiB; oversubscription: device memory = size / 8, default 8 MiB)
                      --dir DIR (strategies: where the disk file goes, default the OS temp dir)
