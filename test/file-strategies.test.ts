@@ -420,6 +420,22 @@ describe('memfd', () => {
   }, 30_000);
 });
 
+describe('the end of a process or a worker thread', () => {
+  it.for([
+    ['copy', 'process'],
+    ['bounce', 'process'],
+    ['bounce', 'worker'],
+  ] as const)('%s, %s ending without close() or fsync(): the device\'s copies are written back', ([strategy, where], ctx) => {
+    if (!DISK) ctx.skip('no disk file system here: the temp dir and /var/tmp are tmpfs');
+    const file = path.join(DISK!, `pagemirror-exit-${process.pid}-${strategy}-${where}`);
+    fs.writeFileSync(file, pattern(8, 1));
+    cleanup.push(() => fs.unlinkSync(file));
+    const r = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'exit-writeback.mjs'), file, strategy, where], { encoding: 'utf8', timeout: 30_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(seeds(fs.readFileSync(file)).every((x) => x === 4321)).toBe(true);
+  });
+});
+
 describe('second review regressions', () => {
   it('bounce on tmpfs: a library write into a page the CPU reads (shared after writeback) takes the CPU\'s stale view away', async (ctx) => {
     requireCap(ctx, P.experiments.fileCpuFaults, 'CPU fault interception on tmpfs');

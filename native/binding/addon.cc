@@ -7,6 +7,9 @@
 
 #include "../sys/uapi.h"
 #include "addon.h"
+
+#include "../engine/device.h"
+#include "../engine/mirror.h"
 #include "device.h"
 #include "mapping.h"
 #include "userfaultfd.h"
@@ -68,6 +71,17 @@ void Cleanup(void* arg) {
     open = data->uffds;
   }
   for (Userfaultfd* u : open) u->Shutdown();
+  std::vector<std::weak_ptr<engine::Mirror>> mirrors;
+  std::vector<std::weak_ptr<engine::Device>> devices;
+  {
+    std::lock_guard<std::mutex> lock(data->mu);
+    mirrors.swap(data->mirrors);
+    devices.swap(data->devices);
+  }
+  for (auto& w : mirrors)
+    if (auto m = w.lock()) m->detach();
+  for (auto& w : devices)
+    if (auto d = w.lock()) d->close();
 }
 
 }  // namespace

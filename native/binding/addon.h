@@ -4,12 +4,19 @@
 
 #include <napi.h>
 
+#include <memory>
 #include <mutex>
 #include <set>
+#include <vector>
 
 #include "../sys/pagemap.h"
 
 namespace pm {
+namespace engine {
+class Device;
+class Mirror;
+}  // namespace engine
+
 
 class Userfaultfd;
 
@@ -22,6 +29,11 @@ struct AddonData {
   // fault after the environment goes away.
   std::mutex mu;
   std::set<Userfaultfd*> uffds;
+  // Devices and mirrors made in this environment: at its teardown the mirrors close (a file
+  // mirror writes its device's copies back, as the kernel keeps dirty page cache after a process
+  // exits) and the devices stop their threads.
+  std::vector<std::weak_ptr<engine::Device>> devices;
+  std::vector<std::weak_ptr<engine::Mirror>> mirrors;
 };
 
 Napi::Object StatxToObject(Napi::Env env, const sys::StatxInfo& sx);

@@ -87,6 +87,12 @@ Napi::Value DeviceWrap::Create(const Napi::CallbackInfo& info) {
   int rc = dev->init();
   if (rc) ThrowSystemError(env, rc, "mmap", {nullptr, "allocating device memory"});
   AddonData* data = env.GetInstanceData<AddonData>();
+  {
+    std::lock_guard<std::mutex> lock(data->mu);
+    auto& v = data->devices;
+    v.erase(std::remove_if(v.begin(), v.end(), [](const std::weak_ptr<engine::Device>& w) { return w.expired(); }), v.end());
+    v.push_back(dev);
+  }
   return data->device_ctor.Value().New({Napi::External<std::shared_ptr<engine::Device>>::New(env, &dev)});
 }
 
@@ -175,6 +181,12 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
     }
   }
   AddonData* data = env.GetInstanceData<AddonData>();
+  {
+    std::lock_guard<std::mutex> lock(data->mu);
+    auto& v = data->mirrors;
+    v.erase(std::remove_if(v.begin(), v.end(), [](const std::weak_ptr<engine::Mirror>& w) { return w.expired(); }), v.end());
+    v.push_back(mirror);
+  }
   return data->mirror_ctor.Value().New({Napi::External<std::shared_ptr<engine::Device>>::New(env, &dev),
                                         Napi::External<std::shared_ptr<engine::Mirror>>::New(env, &mirror)});
 }
