@@ -561,6 +561,15 @@ describe('file strategy errors', () => {
     cleanup.push(() => other.close());
     expect(() => other.mirror(m)).toThrow(expect.objectContaining({ code: 'EBUSY' }));
     expect(() => fm.pread(0, 5 * PAGE)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => fm.pread(-1, 1)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => fm.pwrite(0, 'text' as unknown as Uint8Array)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => fm.writeback({ offset: 100 })).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_UNALIGNED' }));
+    expect(() => d2.mirrorFile(m, { strategy: 'copy', chunkPages: 0 })).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => d2.mirrorFile(m, { strategy: 'copy', snapshot: 'torn' as 'buffer' })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' }));
+    fm.close();
+    expect(() => fm.pread(0, PAGE)).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_CLOSED' }));
+    expect(() => fm.fsync()).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_CLOSED' }));
+    expect(() => fm.stats()).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_CLOSED' }));
   });
 
   it('copy/bounce on the disk: the CPU mapping is not handed to JavaScript (it could read stale pages)', async (ctx) => {
