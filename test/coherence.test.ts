@@ -4,23 +4,13 @@
 // stale read, no hang, no crash.
 import { describe, it, expect } from 'vitest';
 import { mapAnonymous, Device, access, forkAccess, type Mirror, type Mapping } from '../lib/index.js';
-import { PAGE, within } from './helpers.js';
+import { PAGE, within, rng } from './helpers.js';
 
 const PAGES = 64;
 const OPS = 1500;
 // Reproducible by default; PAGEMIRROR_SEED=n explores other interleavings (the seed is in the failure).
 const SEED = Number(process.env.PAGEMIRROR_SEED ?? 1234);
 
-/** A small deterministic PRNG (the run is reproducible from its seed). */
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    return (s >>> 0) / 0x100000000;
-  };
-}
 
 interface Stream {
   first: number; // pages [first, first + n) belong to this stream

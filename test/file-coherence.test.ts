@@ -6,12 +6,12 @@
 // read in a round is written by nobody in that round, so what it must read is the model's. At the
 // end the file (read() by another path), a device read of everything and the file after close()
 // must all be the model. No lost write, no stale read, no torn page, no hang.
-import { describe, it, expect, afterEach } from 'vitest';
+import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Device, mapFile, access, fileSystemOf, type FileStrategy, type FileMirror, type Mapping } from '../lib/index.js';
-import { P, PAGE, within, requireCap } from './helpers.js';
+import { P, PAGE, within, requireCap, rng, cleanupAfterEach } from './helpers.js';
 
 const WORDS = PAGE / 8;
 const NPAGES = 64;
@@ -27,27 +27,8 @@ const FILESYSTEMS = [
 // Write number k stores seed k << 20: a page's first word tells which write (and which of its pages) it holds.
 const ID_SHIFT = 20;
 
-const cleanup: (() => void)[] = [];
-afterEach(() => {
-  while (cleanup.length) {
-    try {
-      cleanup.pop()!();
-    } catch {
-      /* already gone */
-    }
-  }
-});
+const cleanup = cleanupAfterEach();
 
-/** A small deterministic PRNG (the run is reproducible from its seed). */
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    return (s >>> 0) / 0x100000000;
-  };
-}
 
 /** Per page: word j of page p holds seed + (p - base) * WORDS + j (base: first page of the writer's range). */
 interface PageModel {

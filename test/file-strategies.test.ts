@@ -1,12 +1,12 @@
 // File-backed mirroring: the four strategies on real files on tmpfs and on the disk's file system
 // (ext4 here), with real faults, real writeback and real other processes reading the files.
-import { describe, it, expect, afterEach, beforeAll, afterAll, beforeEach } from 'vitest';
+import { describe, it, expect, beforeAll, afterAll, beforeEach } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import { Device, mapFile, mapMemfd, mapAnonymous, access, fileSystemOf, type FileStrategy, type Mapping } from '../lib/index.js';
-import { P, PAGE, FIXTURES_DIR, within, requireCap } from './helpers.js';
+import { P, PAGE, FIXTURES_DIR, within, requireCap, cleanupAfterEach } from './helpers.js';
 
 const WORDS = PAGE / 8;
 const STRATEGIES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
@@ -20,16 +20,7 @@ const FILESYSTEMS = [{ name: 'tmpfs', dir: '/dev/shm' }, ...(DISK ? [{ name: fil
 // with the probe's reason; the tests that need more (CPU fault interception on tmpfs, leases) say so.
 beforeEach((ctx) => requireCap(ctx, P.experiments.uffd, 'userfaultfd'));
 
-const cleanup: (() => void)[] = [];
-afterEach(() => {
-  while (cleanup.length) {
-    try {
-      cleanup.pop()!();
-    } catch {
-      /* already gone */
-    }
-  }
-});
+const cleanup = cleanupAfterEach();
 
 /** A file of npages filled with one seed (as a device write kernel over it would), mapped shared. */
 function setup(dir: string, npages: number, strategy: FileStrategy, opts: Parameters<Device['mirrorFile']>[1] = {}, devOpts = {}) {

@@ -1,6 +1,7 @@
 // Shared test helpers: the probe (skips cite it), page size, and a bounded wait.
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { afterEach } from 'vitest';
 import { probe, type Capability } from '../lib/index.js';
 
 export const P = probe();
@@ -42,4 +43,33 @@ export function fillPattern(buf: Uint8Array, seed: number): Uint8Array {
   const w = new BigUint64Array(buf.buffer, buf.byteOffset, buf.byteLength / 8);
   for (let i = 0; i < w.length; i++) w[i] = BigInt(seed) + BigInt(i);
   return buf;
+}
+
+/** A small deterministic PRNG (a run is reproducible from its seed). */
+export function rng(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>> 0) / 0x100000000;
+  };
+}
+
+/**
+ * A list of closers run (last first) after each test of the file that calls this, whatever the
+ * test's outcome; a closer that throws (the thing is gone already) does not stop the others.
+ */
+export function cleanupAfterEach(): (() => void)[] {
+  const list: (() => void)[] = [];
+  afterEach(() => {
+    while (list.length) {
+      try {
+        list.pop()!();
+      } catch {
+        /* already gone */
+      }
+    }
+  });
+  return list;
 }

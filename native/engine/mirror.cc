@@ -222,20 +222,13 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   }
   // Make the CPU side present: the user-space hmm_range_fault. Device-resident pages are holes on
   // the CPU side and stay so; populate the runs between them.
-  for (uint64_t i = first; i < last;) {
-    if (pt_[i].load(std::memory_order_relaxed) & kOnDevice) {
-      i++;
-      continue;
-    }
-    uint64_t j = i;
-    while (j < last && !(pt_[j].load(std::memory_order_relaxed) & kOnDevice)) j++;
+  for (uint64_t i, j, from = first; next_host_run(from, last, &i, &j); from = j) {
     int rc = sys::advise(reinterpret_cast<void*>(start_ + i * page_), (j - i) * page_,
                          write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
     // EFAULT/ENOMEM: the mapping changed between the check above and here; an invalidation is
     // under way or done, so retry and let the checks decide.
     if (rc == -EFAULT || rc == -ENOMEM) return 1;
     if (rc) return rc == -EINVAL ? -EFAULT : rc;
-    i = j;
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (gen_ != gen0 || active_ != 0) return 1;

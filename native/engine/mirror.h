@@ -196,6 +196,18 @@ class Mirror : public RangeNotifier {
   uint64_t diverged() const { return diverged_.load(std::memory_order_relaxed); }
   bool single_writer() const { return single_writer_; }
   uint64_t index_of(uint64_t addr) const { return (addr - start_) / page_; }
+  // The next run of pages in [from, last) whose data is not in device memory: [*a, *b). False when
+  // there is none.
+  bool next_host_run(uint64_t from, uint64_t last, uint64_t* a, uint64_t* b) const {
+    uint64_t i = from;
+    while (i < last && (pt_[i].load(std::memory_order_relaxed) & kOnDevice)) i++;
+    if (i >= last) return false;
+    uint64_t j = i;
+    while (j < last && !(pt_[j].load(std::memory_order_relaxed) & kOnDevice)) j++;
+    *a = i;
+    *b = j;
+    return true;
+  }
 
   // The kernel test device's snapshot encoding, one byte per page, without faulting anything.
   void snapshot(uint64_t first, uint64_t last, uint8_t* out);

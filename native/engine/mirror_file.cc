@@ -248,19 +248,12 @@ int Mirror::file_fault(uint64_t first, uint64_t last, bool write, std::chrono::s
     Mirror* m;
     ~Done() { m->faulting_.store(~0ull); }
   } done{this};
-  for (uint64_t i = first; i < last;) {
-    if (pt_[i].load(std::memory_order_relaxed) & kOnDevice) {
-      i++;
-      continue;
-    }
-    uint64_t j = i;
-    while (j < last && !(pt_[j].load(std::memory_order_relaxed) & kOnDevice)) j++;
+  for (uint64_t i, j, from = first; next_host_run(from, last, &i, &j); from = j) {
     uint64_t loaded = 0;
     int rc = file_load(i, j, &loaded);
     if (rc == -ENOMEM && i > first) break;  // memory full: what is loaded is served
     if (rc) return rc;
     if (loaded < j - i) break;
-    i += loaded;
   }
   if (write && file_->registered) {
     // Write access to pages the CPU may be reading (shared read-only, see file_cpu_fault): the
