@@ -91,18 +91,21 @@ function fixture(place: Place, pages: number, strategy: FileStrategy, interval: 
   const bytes = pages * PAGE;
   let file: string | undefined;
   let m: Mapping;
+  // Real pages with data in them, as in a file someone wrote.
+  const fill = (fd: number) => {
+    const chunk = Buffer.alloc(Math.min(bytes, 1 << 20), 0x5a);
+    for (let off = 0; off < bytes; off += chunk.length) fs.writeSync(fd, chunk, 0, Math.min(chunk.length, bytes - off), off);
+  };
   if (place.dir) {
     file = path.join(place.dir, `pagemirror-bench-${process.pid}-${strategy}`);
     const fd = fs.openSync(file, 'w+');
-    const chunk = Buffer.alloc(Math.min(bytes, 1 << 20), 0x5a);
-    for (let off = 0; off < bytes; off += chunk.length) fs.writeSync(fd, chunk, 0, Math.min(chunk.length, bytes - off), off);
+    fill(fd);
     fs.fdatasyncSync(fd);
     fs.closeSync(fd);
     m = mapFile(file);
   } else {
     m = mapMemfd(bytes, { name: 'pagemirror-bench' });
-    const chunk = Buffer.alloc(Math.min(bytes, 1 << 20), 0x5a); // real pages, as in a file with data
-    for (let off = 0; off < bytes; off += chunk.length) fs.writeSync(m.fd, chunk, 0, Math.min(chunk.length, bytes - off), off);
+    fill(m.fd);
   }
   const dev = Device.create({ name: strategy, memory: bytes + (2 << 20), faultAround: 64 << 10, faultBatch: 64, preallocate: true });
   const fm = dev.mirrorFile(m, { strategy, writebackIntervalMs: interval, snapshot });

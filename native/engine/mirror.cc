@@ -209,22 +209,29 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   const int prot = region_->prot_over(off, len);
   if (!(prot & PROT_READ)) return -EFAULT;
   if (write && !(prot & PROT_WRITE)) return -EPERM;
-  if (region_->fd >= 0 && !region_->hugetlb) {
-    // Past the end of the file (truncated, perhaps by another process) the CPU would take a SIGBUS:
-    // entries stop at the end of file, and a fault that starts past it fails.
-    uint64_t size = 0;
-    if (sys::file_size(region_->fd, &size) == 0) {
-      const uint64_t base = region_->file_offset + offset_;
-      const uint64_t eof = size <= base ? 0 : (size - base + page_ - 1) / page_;
-      if (first >= eof) return -EFAULT;
-      last = std::min(last, eof);
-    }
-  }
   // Make the CPU side present: the user-space hmm_range_fault. Device-resident pages are holes on
   // the CPU side and stay so; populate the runs between them.
+  auto populate = [&](uint64_t a, uint64_t b) {
+    return sys::advise(reinterpret_cast<void*>(start_ + a * page_), (b - a) * page_,
+                       write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+  };
   for (uint64_t i, j, from = first; next_host_run(from, last, &i, &j); from = j) {
-    int rc = sys::advise(reinterpret_cast<void*>(start_ + i * page_), (j - i) * page_,
-                         write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+    int rc = populate(i, j);
+    if (rc == -EFAULT && region_->fd >= 0 && !region_->hugetlb) {
+      // Past the end of the file (truncated, perhaps by another process) the CPU would take a
+      // SIGBUS: entries stop at the end of file, and a fault that starts past it fails. Asked only
+      // here, so a fault inside the file costs no fstat.
+      uint64_t size = 0;
+      if (sys::file_size(region_->fd, &size) == 0) {
+        const uint64_t base = region_->file_offset + offset_;
+        const uint64_t eof = size <= base ? 0 : (size - base + page_ - 1) / page_;
+        if (eof <= first) return -EFAULT;
+        if (eof < j) {
+          last = j = std::max(i, eof);
+          rc = i < j ? populate(i, j) : 0;
+        }
+      }
+    }
     // EFAULT/ENOMEM: the mapping changed between the check above and here; an invalidation is
     // under way or done, so retry and let the checks decide.
     if (rc == -EFAULT || rc == -ENOMEM) return 1;

@@ -286,7 +286,7 @@ class Mirror : public RangeNotifier {
     int fd = -1;             // our own descriptor (a dup of the mapping's)
     uint64_t file_offset = 0;  // of page 0 of the mirror
     bool shmem = false;      // tmpfs/memfd: userfaultfd can register it; the page cache is the file
-    bool registered = false; // CPU faults come to the engine (shmem copy/bounce)
+    bool dax = false;        // stores reach the media through the mapping: no page cache to write back
     std::mutex wb_mu;        // one writeback at a time (two could write snapshots out of order)
     std::vector<uint8_t> bounce;  // chunk_pages bounce pages (snapshot 'buffer')
     FileStats stats;
@@ -301,7 +301,8 @@ class Mirror : public RangeNotifier {
   // Caller holds change_mu_. Loads pages [a, b) (not on the device) into device memory.
   int file_load(uint64_t a, uint64_t b, uint64_t* loaded);
   // Caller holds change_mu_: writes page i's device copy to the file if the file lacks it.
-  int file_store(uint64_t i, uint64_t e);
+  // size: the file's size if the caller has it (a flush of many pages asks once), else ~0.
+  int file_store(uint64_t i, uint64_t e, uint64_t size = ~0ull);
   bool file_must_store(uint64_t e) const;
   // Caller holds change_mu_: device copies of [a, b) go back to the file where needed; slots freed.
   uint64_t file_flush_locked(uint64_t a, uint64_t b);
@@ -315,7 +316,7 @@ class Mirror : public RangeNotifier {
   int file_io_run(bool write, uint64_t off, uint64_t len, uint8_t* buf);
   int file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf);
   uint64_t file_take(uint64_t i);
-  bool file_release_page(uint64_t i, uint64_t e);
+  bool file_release_page(uint64_t i, uint64_t e, uint64_t size = ~0ull);
   uint64_t file_size_pages(bool* ok);
   void file_drop_cache(uint64_t off, uint64_t len);
 };

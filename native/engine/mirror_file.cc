@@ -77,7 +77,8 @@ int Mirror::enable_file(const FileOptions& o) {
     struct statfs fs;
     if (::fstatfs(f->fd, &fs) == 0) f->shmem = fs.f_type == TMPFS_MAGIC;
     sys::StatxInfo sx;
-    if (copies && sys::statx_fd(f->fd, &sx) == 0 && sx.dax) {
+    f->dax = sys::statx_fd(f->fd, &sx) == 0 && sx.dax;
+    if (copies && f->dax) {
       // DAX: the file's pages are the device-addressable memory; nothing to copy into device memory.
       ::close(f->fd);
       return -EOPNOTSUPP;
@@ -95,9 +96,8 @@ int Mirror::enable_file(const FileOptions& o) {
         rc = e.register_range(start_, npages_ * page_, region_->id, true);
         if (rc) e.remove_mirror(this);
         else {
-          engine_registered_ = true;
+          engine_registered_ = true;  // CPU faults on the mapping now come to the engine
           region_->registered.fetch_add(1);
-          f->registered = true;
         }
       }
       if (rc) {
@@ -255,7 +255,7 @@ int Mirror::file_fault(uint64_t first, uint64_t last, bool write, std::chrono::s
     if (rc) return rc;
     if (loaded < j - i) break;
   }
-  if (write && file_->registered) {
+  if (write && engine_registered_) {
     // Write access to pages the CPU may be reading (shared read-only, see file_cpu_fault): the
     // CPU's mapping goes first, so its next access faults and pulls the new data back.
     for (uint64_t i = first; i < last;) {
@@ -280,13 +280,12 @@ int Mirror::file_fault(uint64_t first, uint64_t last, bool write, std::chrono::s
 }
 
 // Caller holds change_mu_ and has cleared page i's entry (no device access in flight).
-int Mirror::file_store(uint64_t i, uint64_t e) {
-  uint64_t size = 0;
-  int rc = sys::file_size(file_->fd, &size);
-  if (rc) return rc;
+int Mirror::file_store(uint64_t i, uint64_t e, uint64_t size) {
+  if (size == ~0ull)
+    if (int rc = sys::file_size(file_->fd, &size)) return rc;
   const uint64_t off = file_->file_offset + i * page_;
   if (off >= size) return 0;  // truncated away: nothing past the end is ever written
-  rc = sys::pwrite_full(file_->fd, device_->slot_address(e >> kSlotShift), std::min(page_, size - off), off);
+  int rc = sys::pwrite_full(file_->fd, device_->slot_address(e >> kSlotShift), std::min(page_, size - off), off);
   if (rc == 0) file_->stats.written_pages.fetch_add(1, std::memory_order_relaxed);
   return rc;
 }
@@ -302,8 +301,8 @@ uint64_t Mirror::file_take(uint64_t i) {
 // A device copy goes back to the file where the file lacks it, and its slot is freed; if the file
 // cannot take it (ENOSPC, EIO), the copy stays on the device, unmapped, with its dirty and sole
 // bits: nothing is lost, and a later writeback retries.
-bool Mirror::file_release_page(uint64_t i, uint64_t e) {
-  if (file_must_store(e) && file_store(i, e) != 0) {
+bool Mirror::file_release_page(uint64_t i, uint64_t e, uint64_t size) {
+  if (file_must_store(e) && file_store(i, e, size) != 0) {
     file_->stats.store_errors.fetch_add(1, std::memory_order_relaxed);
     pt_[i].store(e & ~(kValid | kWrite | kAtomic), std::memory_order_release);
     return false;
@@ -320,8 +319,10 @@ uint64_t Mirror::file_flush_locked(uint64_t a, uint64_t b) {
   }
   if (gone.empty()) return 0;
   wait_inflight(a, b);
+  uint64_t size = ~0ull;  // asked once for the run (the change mutex keeps library truncates out)
+  sys::file_size(file_->fd, &size);
   uint64_t n = 0;
-  for (auto [i, e] : gone) n += file_release_page(i, e);
+  for (auto [i, e] : gone) n += file_release_page(i, e, size);
   device_->on_migrate(this, false, a, n, Trigger::kRelease);
   return n;
 }
@@ -499,10 +500,8 @@ int Mirror::writeback(uint64_t first, uint64_t last, bool sync, WritebackResult*
   std::lock_guard<std::mutex> wb(file_->wb_mu);
   if (dead()) return -EBADF;
   const uint64_t t0 = sys::now_ns();
-  sys::StatxInfo sx;
-  const bool dax = sys::statx_fd(file_->fd, &sx) == 0 && sx.dax;
   int rc = 0;
-  if (!dax) {  // DAX: stores reach the media through the mapping; there is no page cache to write back
+  if (!file_->dax) {  // DAX: stores reach the media through the mapping; there is no page cache to write back
     const uint64_t step = file_->options.chunk_pages;
     for (uint64_t a = first; a < last && rc == 0; a += step) rc = file_writeback_chunk(a, std::min(last, a + step), out);
     const uint64_t off = file_->file_offset + first * page_, len = (last - first) * page_;
@@ -513,7 +512,9 @@ int Mirror::writeback(uint64_t first, uint64_t last, bool sync, WritebackResult*
       if (rc == 0) file_drop_cache(off, len);
     }
     if (rc == 0 && sync) rc = sys::datasync(file_->fd);
-    else if (rc == 0 && !drop && out->pages) rc = sys::sync_range(file_->fd, off, len, false);  // start the I/O, as the flusher does
+    // copy and bounce pwrite into the page cache: start the I/O, as the flusher does (remote and
+    // pin chunks were written and waited for already).
+    else if (rc == 0 && !drop && file_copies() && out->pages) rc = sys::sync_range(file_->fd, off, len, false);
   }
   out->elapsed_ns = sys::now_ns() - t0;
   file_->stats.writebacks.fetch_add(1, std::memory_order_relaxed);
@@ -543,6 +544,14 @@ int64_t Mirror::file_read(uint64_t off, uint64_t len, uint8_t* out) {
 
 int Mirror::file_write(uint64_t off, uint64_t len, const uint8_t* in) {
   if (!file_) return -EINVAL;
+  if (file_->options.strategy == FileStrategy::kBounce && len) {
+    // A write past end of file extends it, as pwrite(2) would; writes into the device's pages do
+    // not reach the file until writeback, which clips to the size, so the size is set first.
+    uint64_t size = 0;
+    if (int rc = sys::file_size(file_->fd, &size)) return rc;
+    if (file_->file_offset + off + len > size)
+      if (int rc = sys::truncate_fd(file_->fd, file_->file_offset + off + len)) return rc;
+  }
   if (int rc = file_io(true, off, len, const_cast<uint8_t*>(in))) return rc;
   file_->stats.io_write_bytes.fetch_add(len, std::memory_order_relaxed);
   return 0;
@@ -594,12 +603,7 @@ int Mirror::file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
       // into it, with the device's write access held back meanwhile.
       if (write) {
         // The CPU may be reading A (shared read-only once written back): its view goes first.
-        if (file_->registered) sys::advise(reinterpret_cast<void*>(start_ + i * page_), page_, MADV_DONTNEED);
-        // A write past end of file extends it, as pwrite(2) would (writeback clips to the size).
-        uint64_t size = 0;
-        if (int rc = sys::file_size(file_->fd, &size)) return rc;
-        if (file_->file_offset + at + n > size)
-          if (int rc = sys::truncate_fd(file_->fd, file_->file_offset + at + n)) return rc;
+        if (engine_registered_) sys::advise(reinterpret_cast<void*>(start_ + i * page_), page_, MADV_DONTNEED);
       }
       const uint64_t old = pt_[i].fetch_and(~kWrite, std::memory_order_seq_cst);
       wait_inflight(i, i + 1);
