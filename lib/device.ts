@@ -117,8 +117,13 @@ export interface KernelResult {
 
 export type DeviceCounters = NativeDeviceCounters;
 
-/** Why a page did not move to device memory. */
-export type SkipReason = 'shared' | 'file-backed' | 'dax' | 'other-device' | 'device-memory-full' | 'pinned' | 'error';
+/**
+ * Why a page did not move to device memory. 'file-backed': the page is the file's (a page-cache
+ * page, or never touched, in a private file mapping). 'userfaultfd-unsupported': a page the CPU
+ * copied on write in a private mapping of a file system userfaultfd cannot register (ext4, xfs):
+ * nothing would catch the CPU's next touch of the hole it leaves, which would read the file again.
+ */
+export type SkipReason = 'shared' | 'file-backed' | 'dax' | 'other-device' | 'device-memory-full' | 'pinned' | 'error' | 'userfaultfd-unsupported';
 
 export interface MigrateResult extends NativeMigrateResult {
   /** Pages on this device afterwards (the kernel device's cpages), not only those moved now. */
@@ -200,8 +205,10 @@ export class Mirror {
   /**
    * migrate_vma to device memory: each page's data moves (UFFDIO_MOVE where it applies, else a
    * copy under write protection) into a device slot and the CPU mapping is zapped; a later CPU
-   * touch faults and migrates it back. Only private anonymous pages move (and, in a private file
-   * mapping, pages already copied on write); the others are listed in `skipped` with the reason.
+   * touch faults and migrates it back. Only private anonymous pages move, and, in a private
+   * mapping of a tmpfs file or memfd, pages the CPU already copied on write (copied, since
+   * UFFDIO_MOVE takes anonymous mappings only; a CPU touch brings back the written data, not the
+   * file's); the others are listed in `skipped` with the reason.
    * Errors: EINVAL (a page with no access, hugetlb), ENOENT (nothing on the device afterwards;
    * err.skipped says why), EBUSY (the range is registered with another userfaultfd).
    * granule (bytes, default 2 MiB): aligned chunks that can move whole go in one ioctl.

@@ -4,7 +4,7 @@ import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { mapAnonymous, mapFile, Device, access, forkAccess, SNAPSHOT as S, type Mapping } from '../lib/index.js';
+import { mapAnonymous, mapFile, Device, access, forkAccess, fileSystemOf, SNAPSHOT as S, type Mapping } from '../lib/index.js';
 import { P, PAGE, within, requireCap } from './helpers.js';
 
 const NPAGES = 1024;
@@ -128,32 +128,77 @@ describe('migration (hmm-tests)', () => {
       expect(dev.memory().used).toBe(0);
     }));
 
-  it('migrate_file_private: refused page by page as file-backed (userfaultfd cannot catch the CPU side)', () =>
+  // migrate_file_private: the kernel moves the pages the CPU copied on write in a private file
+  // mapping and skips the pages still backed by the file. Where userfaultfd can register the
+  // mapping (tmpfs, memfd), the same here; where it cannot (ext4, xfs), nothing would catch the
+  // CPU's next touch of a moved page's hole, which would read the file again: refused, saying so.
+  const privateFile = (dir: string) => {
+    const d = fs.mkdtempSync(path.join(dir, 'pagemirror-mfp-'));
+    const f = path.join(d, 'f.bin');
+    fs.writeFileSync(f, Buffer.alloc(64 * PAGE, 0xee));
+    const m = mapFile(f, { shared: false });
+    const words = new BigUint64Array(m.bytes.buffer);
+    for (let i = 0; i < 32; i++) words[(i * PAGE) / 8] = BigInt(i); // CPU writes: copy on write
+    for (let i = 32; i < 48; i++) expect(words[(i * PAGE) / 8]).toBe(0xeeeeeeeeeeeeeeeen); // read: still the file's
+    return { f, m, done: () => (m.close(), fs.rmSync(d, { recursive: true, force: true })) };
+  };
+  const FILE_WORD = 0xeeeeeeeeeeeeeeeen;
+  const DISK = [os.tmpdir(), '/var/tmp'].find((d) => fs.existsSync(d) && fileSystemOf(d) !== 'tmpfs');
+
+  it('migrate_file_private (tmpfs): copied-on-write pages move, file pages are skipped; a CPU touch brings the written data back', (ctx) =>
     withDevices(1, async (dev) => {
-      // The kernel moves a private file mapping's copied-on-write pages. In user space a moved
-      // page must leave a hole that faults on the next CPU touch, and userfaultfd cannot register
-      // a private file mapping, so the hole would read the file again: stale data. Refused, and
-      // said so per page.
-      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-mfp-'));
-      const f = path.join(dir, 'f.bin');
-      fs.writeFileSync(f, Buffer.alloc(64 * PAGE, 0xee));
-      const m = mapFile(f, { shared: false });
+      requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+      const { f, m, done } = privateFile('/dev/shm');
       try {
-        fillPages(m, ID); // CPU writes: copy on write
+        const mir = dev.mirror(m);
+        const r = await within(mir.migrateToDevice(0, 64), 10_000, 'migrate');
+        expect(r).toMatchObject({ cpages: 32, moved: 32, byCopy: 32, byMove: 0 });
+        expect(r.skipped).toEqual(Array.from({ length: 32 }, (_, k) => ({ offset: (32 + k) * PAGE, reason: 'file-backed' })));
+        expect(dev.memory().used).toBe(32);
+        expect(mir.entries(0, 32).every((e) => e.onDevice)).toBe(true);
+        expect(m.pagemap({ length: 32 * PAGE }).some((p) => p.present)).toBe(false); // the CPU's copies are gone
+        // The device reads the written pages from its memory and the file's pages in place.
+        const rd = await within(mir.read(0, 64), 10_000, 'device read');
+        for (let i = 0; i < 64; i++) expect(rd.data.readBigUInt64LE(i * PAGE)).toBe(i < 32 ? BigInt(i) : FILE_WORD);
+        // A CPU touch of a moved page faults and brings the written data home, not the file's.
+        const a = await within(access(m, { length: 32 * PAGE, op: 'read' }), 10_000, 'CPU read');
+        expect(a.checksum).toBe(sum(0, 32, ID));
+        expect(dev.memory().used).toBe(0);
+        expect(dev.counters().migratedToHost['cpu-fault']).toBe(32);
+        const after = new BigUint64Array(m.readSync(0, 64 * PAGE).buffer.slice(0));
+        for (let i = 0; i < 64; i++) expect(after[(i * PAGE) / 8]).toBe(i < 32 ? BigInt(i) : FILE_WORD);
+        // Written again by the CPU after coming home, and moved again.
+        expect((await mir.migrateToDevice(0, 32)).cpages).toBe(32);
+        await within(access(m, { length: 32 * PAGE, op: 'rmw' }), 10_000, 'CPU increment');
+        expect(m.readSync(7 * PAGE, 8).readBigUInt64LE()).toBe(8n);
+        mir.close();
+        expect(fs.readFileSync(f).equals(Buffer.alloc(64 * PAGE, 0xee))).toBe(true); // the file never saw any of it
+      } finally {
+        done();
+      }
+    }));
+
+  it('migrate_file_private (disk file system): refused page by page, written pages as userfaultfd-unsupported', (ctx) =>
+    withDevices(1, async (dev) => {
+      if (!DISK) ctx.skip('no disk file system here: os.tmpdir() and /var/tmp are tmpfs');
+      const { f, m, done } = privateFile(DISK!);
+      try {
         const mir = dev.mirror(m);
         const err = await mir.migrateToDevice(0, 64).catch((e: unknown) => e);
-        expect(err).toMatchObject({ code: 'ENOENT' });
+        expect(err).toMatchObject({ code: 'ENOENT', syscall: 'migrate' });
         const skipped = (err as { skipped: { offset: number; reason: string }[] }).skipped;
-        expect(skipped).toHaveLength(64);
-        expect(skipped.every((s) => s.reason === 'file-backed')).toBe(true);
+        expect(skipped).toEqual(
+          Array.from({ length: 64 }, (_, i) => ({ offset: i * PAGE, reason: i < 32 ? 'userfaultfd-unsupported' : 'file-backed' })),
+        );
+        expect(dev.memory().used).toBe(0);
         // The device still mirrors the pages in place.
         const rd = await mir.read(0, 64);
         expect(rd.data.readBigUInt64LE(9 * PAGE)).toBe(9n);
+        expect(rd.data.readBigUInt64LE(40 * PAGE)).toBe(FILE_WORD);
         mir.close();
         expect(fs.readFileSync(f).subarray(0, 8)).toEqual(Buffer.alloc(8, 0xee));
       } finally {
-        m.close();
-        fs.rmSync(dir, { recursive: true, force: true });
+        done();
       }
     }));
 

@@ -496,6 +496,7 @@ const char* SkipName(engine::Mirror::Skip s) {
     case engine::Mirror::Skip::kNoMemory: return "device-memory-full";
     case engine::Mirror::Skip::kPinned: return "pinned";
     case engine::Mirror::Skip::kError: return "error";
+    case engine::Mirror::Skip::kUnregistrable: return "userfaultfd-unsupported";
     case engine::Mirror::Skip::kNone: return "none";
   }
   return "unknown";

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <linux/magic.h>
 #include <sys/mman.h>
 #include <thread>
 
@@ -267,6 +268,11 @@ int Mirror::range_fault(uint64_t first, uint64_t last, bool write, int timeout_m
 }
 
 
+bool Mirror::private_shmem() const {
+  uint64_t type = 0;
+  return region_->kind == RegionKind::kMemfd || (sys::fs_type_fd(region_->fd, &type) == 0 && type == TMPFS_MAGIC);
+}
+
 int Mirror::ensure_engine() {
   if (engine_registered_) return 0;
   Engine& e = Engine::get();
@@ -276,7 +282,9 @@ int Mirror::ensure_engine() {
   if (rc) return rc;
   // Listed before registering: a CPU fault on the range must find this mirror from the first one.
   e.add_mirror(this);
-  rc = e.register_range(start_, npages_ * page_, region_->id);
+  // A private tmpfs mapping: a moved copied-on-write page leaves a hole over a page-cache page, and
+  // touching that is a MINOR fault, not a MISSING one.
+  rc = e.register_range(start_, npages_ * page_, region_->id, private_file());
   if (rc) {
     e.remove_mirror(this);
     return rc;
@@ -330,11 +338,14 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
       return;
     }
   }
-  if (region_->kind != RegionKind::kAnonymous && !region_->shared) {
-    // A private file mapping: in the kernel, pages already copied on write can move. In user space
-    // the CPU side must fault when it touches a moved page, and userfaultfd cannot register a
-    // private file mapping (EINVAL), so the hole would silently read the file again: refuse.
-    for (uint64_t i = first; i < last; i++) out->skipped.push_back({i, Skip::kFileBacked});
+  if (private_file() && !private_shmem()) {
+    // A private mapping of ext4/xfs: the kernel moves its copied-on-write pages, but userfaultfd
+    // cannot register this mapping, so the hole a moved page leaves would read the file again on
+    // the CPU's next touch. Each page says which of the two it is.
+    std::vector<uint64_t> pm(last - first);
+    const bool have_pm = sys::pagemap_read(start_ + first * page_, last - first, pm.data()) == 0;
+    for (uint64_t i = first; i < last; i++)
+      out->skipped.push_back({i, have_pm && is_cow_page(pm[i - first]) ? Skip::kUnregistrable : Skip::kFileBacked});
     out->error = -ENOENT;
     return;
   }
@@ -380,6 +391,13 @@ void Mirror::migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool ato
     out->skipped.push_back({i, Skip::kShared});
     return;
   }
+  // A private file mapping (tmpfs here): only a page the CPU copied on write is the mapping's own;
+  // the others are the file's page cache, as in the kernel.
+  const bool cow = private_file();
+  if (cow && !is_cow_page(pm_entry)) {
+    out->skipped.push_back({i, Skip::kFileBacked});
+    return;
+  }
   const uint64_t host = start_ + i * page_;
   if (Engine::get().owned_by_other(this, host)) {
     out->skipped.push_back({i, Skip::kOtherDevice});
@@ -407,7 +425,8 @@ void Mirror::migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool ato
   pt_[i].store(0, std::memory_order_seq_cst);
   wait_inflight(i, i + 1);
   const bool present = pm_entry >> 63 & 1;
-  const uint64_t filled = fill_slots(host, slot, 1, present, use_move, out);
+  // UFFDIO_MOVE takes anonymous VMAs only: a copied-on-write page of a file's VMA is copied.
+  const uint64_t filled = fill_slots(host, slot, 1, present, use_move && !cow, out);
   Engine::release_others(held);
   if (filled == 1) {
     set_device_entry(i, slot, e, atomic);
@@ -424,7 +443,7 @@ void Mirror::migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool ato
 // caller goes page by page).
 uint64_t Mirror::migrate_run(uint64_t a, uint64_t b, const uint64_t* pm, bool use_move, bool atomic, MigrateResult* out) {
   const uint64_t n = b - a;
-  if (region_->shared) return 0;
+  if (region_->shared || private_file()) return 0;
   const bool present = pm[0] >> 63 & 1;
   for (uint64_t k = 0; k < n; k++) {
     if ((pt_[a + k].load(std::memory_order_relaxed) & kOnDevice) || (pm[k] >> 63 & 1) != present) return 0;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../binding/region.h"
+#include "../sys/pagemap.h"
 
 namespace pm::engine {
 
@@ -119,7 +120,9 @@ class Mirror : public RangeNotifier {
   void invalidate_end(uint64_t start, uint64_t end) override;
 
   // Why a page did not move. kNone: it moved (or was already on this device).
-  enum class Skip : uint8_t { kNone, kShared, kFileBacked, kDax, kOtherDevice, kNoMemory, kPinned, kError };
+  // kUnregistrable: a page the CPU copied on write in a private mapping of a file system
+  // userfaultfd cannot register (ext4, xfs): nothing would catch the CPU's next touch of its hole.
+  enum class Skip : uint8_t { kNone, kShared, kFileBacked, kDax, kOtherDevice, kNoMemory, kPinned, kError, kUnregistrable };
   struct MigrateResult {
     uint64_t moved = 0;      // pages whose data moved into device memory
     uint64_t resident = 0;   // pages on this device afterwards (the kernel device's cpages)
@@ -258,6 +261,12 @@ class Mirror : public RangeNotifier {
   // this process: through the CPU mapping they would meet the same uffd-wp as the CPU.
   uint64_t alias_ = 0;
   int ensure_engine();
+  // A MAP_PRIVATE mapping of a file (its pages are the file's until the CPU writes them).
+  bool private_file() const { return region_->kind != RegionKind::kAnonymous && !region_->shared; }
+  // Whether that file is shmem (tmpfs, memfd): userfaultfd can register a private mapping of it.
+  bool private_shmem() const;
+  // A page of a private file mapping that the CPU copied on write: present, and anonymous.
+  static bool is_cow_page(uint64_t pm) { return (pm & sys::kPagemapPresent) && !(pm & sys::kPagemapFile); }
   bool move_back(uint64_t i, uint64_t entry, bool wake);
   bool move_back_run(uint64_t a, uint64_t b);
   void migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool atomic, MigrateResult* out);

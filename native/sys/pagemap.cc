@@ -113,4 +113,11 @@ int fs_type(const char* path, uint64_t* out) {
   return 0;
 }
 
+int fs_type_fd(int fd, uint64_t* out) {
+  struct statfs sf{};
+  if (::fstatfs(fd, &sf) != 0) return -errno;
+  *out = static_cast<uint64_t>(sf.f_type);
+  return 0;
+}
+
 }  // namespace pm::sys

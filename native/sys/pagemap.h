@@ -37,5 +37,9 @@ int statx_path(const char* path, StatxInfo* out);
 int statx_fd(int fd, StatxInfo* out);
 // statfs f_type (TMPFS_MAGIC, EXT4_SUPER_MAGIC...).
 int fs_type(const char* path, uint64_t* out);
+int fs_type_fd(int fd, uint64_t* out);
+// Pagemap entry bits the engine decides by.
+constexpr uint64_t kPagemapPresent = 1ull << 63;
+constexpr uint64_t kPagemapFile = 1ull << 61;  // a page-cache page or shared anonymous memory
 
 }  // namespace pm::sys
