@@ -2,7 +2,7 @@
 // and native device threads; a Mirror is its page table over a range of a Mapping. Device accesses
 // go through the mirror; a miss is a device page fault, serviced in batches and replayed.
 import { readFileSync } from 'node:fs';
-import { native, type NativeDevice, type NativeFileStats, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult, type NativeTraceEvent } from './native.js';
+import { native, type NativeDevice, type NativeFileStats, type NativeForkDeviceResult, type NativeForkStepResult, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult, type NativeTraceEvent } from './native.js';
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, checkBytes, stateError, typeError } from './errors.js';
 
@@ -153,6 +153,52 @@ export const SNAPSHOT = {
   DEV_COHERENT_REMOTE: 0x50,
 } as const;
 
+/**
+ * One step of a device kernel sequence in a forked child (device.forkRun()). Words are
+ * seed + word index within the step's range, as the device kernels write them.
+ * - 'read' / 'write' / 'verify': the child's device reads (checksum), writes, or reads and counts
+ *   words that differ, through its own page table; a miss faults the rest of the step's range in
+ *   one round (`faults`), as the kernel's test device does.
+ * - 'migrate' / 'migrate-back': into the child's device memory and home again (private anonymous
+ *   memory; shared pages are skipped, as in the parent).
+ * - 'cpu-read' / 'cpu-write' / 'cpu-verify': the child's own CPU touches every word; a page in the
+ *   child's device memory faults (a real userfaultfd fault) and comes home (`cpuFaults`).
+ */
+export interface ForkStep {
+  op: 'read' | 'write' | 'verify' | 'migrate' | 'migrate-back' | 'cpu-read' | 'cpu-write' | 'cpu-verify';
+  /** Byte offset within the forked range (page aligned). Default 0. */
+  offset?: number;
+  /** Pages. Default to the end of the range. */
+  npages?: number;
+  /** Default 1. */
+  seed?: number;
+}
+
+export interface ForkRunOptions {
+  /** Byte offset of the range the child's device mirrors, within the mapping (page aligned). Default 0. */
+  offset?: number;
+  /** Bytes. Default to the end of the mapping. */
+  length?: number;
+  /** The child device's memory in bytes. Default this device's memory. */
+  memory?: number;
+  /** The child is killed (SIGKILL) past this, and the call rejects with ETIMEDOUT. Default 10000, at most 600000. */
+  timeoutMs?: number;
+}
+
+/**
+ * One step's outcome. cpages: pages the step accessed (read/write/verify/cpu-*), pages on the
+ * child's device afterwards (migrate, the kernel device's cpages), or pages moved home
+ * (migrate-back). error: the step's own failure, Node-shaped (code, errno, syscall 'forkRun',
+ * step, page); later steps still ran.
+ */
+export type ForkStepResult = NativeForkStepResult & { op: ForkStep['op']; skipped: Partial<Record<SkipReason, number>> };
+
+export interface ForkRunResult extends NativeForkDeviceResult {
+  steps: ForkStepResult[];
+}
+
+const FORK_OPS = ['read', 'write', 'verify', 'migrate', 'migrate-back', 'cpu-read', 'cpu-write', 'cpu-verify'] as const;
+
 export class Mirror {
   readonly #n: NativeMirror;
   readonly mapping: Mapping;
@@ -255,6 +301,11 @@ export class Mirror {
   /** Page-table size, invalidation and range-fault counts. */
   info(): ReturnType<NativeMirror['info']> {
     return this.#n.info();
+  }
+
+  /** device.forkRun() over this mirror's range: the child's own device mirrors the same pages. */
+  forkRun(steps: ForkStep[], options: Omit<ForkRunOptions, 'offset' | 'length'> = {}): Promise<ForkRunResult> {
+    return this.device.forkRun(this.mapping, steps, { ...options, offset: this.offset, length: this.length });
   }
 
   /** Drops every entry (waiting for accesses in flight) and unhooks from the mapping. Idempotent. */
@@ -489,6 +540,37 @@ export class Device {
       }
     }
     return fm;
+  }
+
+  /**
+   * fork()s, and the child runs `steps` natively (no JavaScript there) on a device of its own (a
+   * fresh device with this one's memory size) that mirrors [offset, offset + length) of the
+   * mapping in the child's copy of the address space: the kernel's anon_write_child. Before the
+   * fork, every mirror's device pages come home and device write access to private pages goes,
+   * so the child sees the parent's data and both sides copy on write. Each step's result comes
+   * back through a pipe as it ends; the child never outlives this process (PR_SET_PDEATHSIG).
+   * Errors: EACCES (a cpu-* step the protection forbids: it would SIGSEGV), ETIMEDOUT (the child
+   * was killed at timeoutMs; err.steps has the steps it finished), those of fork(2). A step's own
+   * failure is its `error`, not a rejection.
+   */
+  forkRun(mapping: Mapping, steps: ForkStep[], options: ForkRunOptions = {}): Promise<ForkRunResult> {
+    if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
+    if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+    if (!Array.isArray(steps)) throw typeError('ERR_INVALID_ARG_TYPE', 'steps must be an array');
+    const offset = checkInteger('offset', options.offset ?? 0);
+    const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
+    const list = steps.map((st, k) => {
+      if (typeof st !== 'object' || st === null) throw typeError('ERR_INVALID_ARG_TYPE', `steps[${k}] must be an object`);
+      return {
+        op: checkOneOf(`steps[${k}].op`, st.op, FORK_OPS),
+        offset: checkInteger(`steps[${k}].offset`, st.offset ?? 0),
+        npages: st.npages === undefined ? undefined : checkInteger(`steps[${k}].npages`, st.npages, 1),
+        seed: checkInteger(`steps[${k}].seed`, st.seed ?? 1),
+      };
+    });
+    const memory = checkInteger('memory', options.memory ?? this.memory().slots * this.memory().pageSize, PAGE);
+    const timeoutMs = checkInteger('timeoutMs', options.timeoutMs ?? 10_000, 1, 600_000);
+    return native.forkDevice(mapping.native, offset, length, list, { memory, timeoutMs }) as Promise<ForkRunResult>;
   }
 
   counters(): DeviceCounters {

@@ -12,4 +12,4 @@ export { Prot, ADVICE, FEATURES, IOCTLS, REGISTER_MODES, PAGE_IS, parseProt, fea
 export type { Protection, Advice, FeatureName, IoctlName, RegisterMode, PageCategory } from './constants.js';
 export { native as _native } from './native.js';
 export { Device, Mirror, FileMirror, decodeEntry, SNAPSHOT } from './device.js';
-export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason, TraceEvent, FileStrategy, FileMirrorOptions, FileStats, FileAccounting } from './device.js';
+export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason, TraceEvent, ForkStep, ForkRunOptions, ForkStepResult, ForkRunResult, FileStrategy, FileMirrorOptions, FileStats, FileAccounting } from './device.js';

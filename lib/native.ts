@@ -223,6 +223,32 @@ export interface NativeForkResult {
   signalAddress?: bigint;
 }
 
+export interface NativeForkStepResult {
+  op: string;
+  offset: number;
+  npages: number;
+  checksum: bigint;
+  mismatches: number;
+  faults: number;
+  cpages: number;
+  moved: number;
+  byMove: number;
+  byCopy: number;
+  zeroFilled: number;
+  cpuFaults: number;
+  skipped: Record<string, number>;
+  elapsedNs: number;
+  error?: Error & { code: string; errno: number; syscall: string; step: number; page: number };
+}
+
+export interface NativeForkDeviceResult {
+  pid: number;
+  exitCode?: number;
+  termSignal?: string;
+  steps: NativeForkStepResult[];
+  counters?: { faultRounds: number; faultedPages: number; migratedToDevice: number; migratedToHost: { explicit: number; 'cpu-fault': number } };
+}
+
 export interface NativeUffdProbe {
   available: boolean;
   error?: string;
@@ -323,6 +349,13 @@ export interface NativeAddon {
   adoptUserfaultfd(fd: number, features: bigint): NativeUserfaultfd;
   runAccess(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeAccessResult>;
   forkRun(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeForkResult>;
+  forkDevice(
+    m: NativeMapping,
+    offset: number,
+    length: number,
+    steps: { op: string; offset?: number; npages?: number; seed?: number }[],
+    options: { memory: number; timeoutMs: number },
+  ): Promise<NativeForkDeviceResult>;
   copyAsync(m: NativeMapping, offset: number, data: Uint8Array, toMapping: boolean): Promise<number>;
   pagemapScan(
     m: NativeMapping,

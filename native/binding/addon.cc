@@ -18,6 +18,7 @@ namespace pm {
 
 Napi::Value RunAccess(const Napi::CallbackInfo& info);
 Napi::Value ForkRun(const Napi::CallbackInfo& info);
+Napi::Value ForkDevice(const Napi::CallbackInfo& info);
 Napi::Value CopyAsync(const Napi::CallbackInfo& info);
 Napi::Value PagemapScan(const Napi::CallbackInfo& info);
 Napi::Value StatxPath(const Napi::CallbackInfo& info);
@@ -108,6 +109,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("adoptUserfaultfd", Napi::Function::New(env, Userfaultfd::Adopt, "adoptUserfaultfd"));
   exports.Set("runAccess", Napi::Function::New(env, RunAccess, "runAccess"));
   exports.Set("forkRun", Napi::Function::New(env, ForkRun, "forkRun"));
+  exports.Set("forkDevice", Napi::Function::New(env, ForkDevice, "forkDevice"));
   exports.Set("copyAsync", Napi::Function::New(env, CopyAsync, "copyAsync"));
   exports.Set("pagemapScan", Napi::Function::New(env, PagemapScan, "pagemapScan"));
   exports.Set("statx", Napi::Function::New(env, StatxPath, "statx"));

@@ -1,0 +1,59 @@
+#include "fork.h"
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace pm::sys {
+
+int fork_collect(int (*child)(void*, int), void* arg, int timeout_ms, std::vector<uint8_t>* out, ForkOutcome* res) {
+  *res = ForkOutcome{};
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0) return -errno;
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    const int err = errno;
+    ::close(p[0]);
+    ::close(p[1]);
+    return -err;
+  }
+  if (pid == 0) {
+    ::close(p[0]);
+    // The death signal is armed after fork: a parent that died in between is checked by hand.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);
+    ::_exit(child(arg, p[1]));
+  }
+  ::close(p[1]);
+  res->pid = pid;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  uint8_t buf[4096];
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    if (left <= 0) {
+      res->timed_out = true;
+      break;
+    }
+    pollfd pfd{p[0], POLLIN, 0};
+    const int n = ::poll(&pfd, 1, static_cast<int>(left));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) continue;  // timeout: decided at the top
+    const ssize_t got = ::read(p[0], buf, sizeof buf);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;  // EOF: the child exited (or closed its end)
+    out->insert(out->end(), buf, buf + got);
+  }
+  ::close(p[0]);
+  if (res->timed_out) ::kill(pid, SIGKILL);
+  while (::waitpid(pid, &res->status, 0) < 0 && errno == EINTR) {
+  }
+  return 0;
+}
+
+}  // namespace pm::sys
