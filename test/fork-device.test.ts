@@ -3,8 +3,11 @@
 // such a sequence natively in the child; these check copy-on-write of mirrored and migrated pages
 // from both sides, with real faults in both processes.
 import { describe, it, expect } from 'vitest';
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { mapAnonymous, Device, access } from '../lib/index.js';
-import { P, PAGE, within, requireCap, cleanupAfterEach } from './helpers.js';
+import { P, PAGE, FIXTURES_DIR, within, waitFor, requireCap, cleanupAfterEach } from './helpers.js';
 
 const cleanup = cleanupAfterEach();
 const WORDS = PAGE / 8;
@@ -161,5 +164,22 @@ describe('a device in a forked child (hmm-tests)', () => {
     expect(err).toMatchObject({ code: 'ETIMEDOUT', errno: -110, syscall: 'forkRun' });
     expect((err.steps as unknown[]).length).toBeLessThan(400);
     expect(() => process.kill(err.pid as number, 0)).toThrow(expect.objectContaining({ code: 'ESRCH' }));
+  }, 30_000);
+
+  it('the child does not outlive its parent: a process that exits mid-run takes its forkRun child with it', async () => {
+    const r = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'fork-orphan.mjs')], { encoding: 'utf8', timeout: 20_000 });
+    expect(r.status).toBe(0);
+    const pid = Number(/child (\d+)/.exec(r.stdout)?.[1]);
+    expect(pid).toBeGreaterThan(0);
+    // Gone, or at most a zombie the init process has yet to reap.
+    const alive = () => {
+      try {
+        return !/^State:\s+Z/m.test(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+      } catch {
+        return false;
+      }
+    };
+    // Its step alone takes seconds: without the death signal it would still be running.
+    await waitFor(() => !alive(), 1500, `forkRun child ${pid} to die with its parent`);
   }, 30_000);
 });
