@@ -66,6 +66,36 @@ describe('a device in a forked child (hmm-tests)', () => {
     }, 30_000);
   }
 
+  it('anon_write_child (huge page): a THP the parent wrote is read, written, migrated and faulted home by the child; the parent keeps its huge page\'s data', async (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    if (!P.experiments.thp.ok) ctx.skip(`transparent hugepages: ${P.experiments.thp.reason}`);
+    const dev = device();
+    const m = mapAnonymous(4 << 20);
+    cleanup.push(() => m.close());
+    const off = Number((2n << 20n) - (m.address % (2n << 20n))) % (2 << 20);
+    m.advise('hugepage', { offset: off, length: 2 << 20 });
+    await access(m, { op: 'write', seed: 100, unit: 8, offset: off, length: 2 << 20 });
+    const mir = dev.mirror(m, { offset: off, length: 2 << 20 });
+    expect((await mir.read(0, 512)).faults).toBe(1);
+    const r = await within(
+      mir.forkRun([
+        { op: 'verify', seed: 100 },
+        { op: 'write', seed: 200 },
+        { op: 'migrate', offset: 256 * PAGE, npages: 128 },
+        { op: 'cpu-verify', seed: 200 },
+      ]),
+      20_000,
+      'forked child',
+    );
+    expect(r.exitCode).toBe(0);
+    expect(r.steps.filter((s) => s.error)).toEqual([]);
+    expect(r.steps[0]).toMatchObject({ mismatches: 0, faults: 1, cpages: 512 });
+    expect(r.steps[1]).toMatchObject({ faults: 1, cpages: 512 });
+    expect(r.steps[2]).toMatchObject({ cpages: 128, moved: 128 });
+    expect(r.steps[3]).toMatchObject({ mismatches: 0, cpuFaults: 128 });
+    expect((await access(m, { op: 'verify', seed: 100, unit: 8, offset: off, length: 2 << 20 })).mismatches).toBe(0);
+  }, 30_000);
+
   it('migration inside the child: pages still shared with the parent are copied (not moved) into the child\'s device; its CPU touch brings them home; the parent never sees the child\'s writes', async (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');
     requireCap(ctx, P.experiments.move, 'UFFDIO_MOVE');

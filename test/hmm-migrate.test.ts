@@ -167,10 +167,15 @@ describe('migration (hmm-tests)', () => {
         expect(dev.counters().migratedToHost['cpu-fault']).toBe(32);
         const after = new BigUint64Array(m.readSync(0, 64 * PAGE).buffer.slice(0));
         for (let i = 0; i < 64; i++) expect(after[(i * PAGE) / 8]).toBe(i < 32 ? BigInt(i) : FILE_WORD);
-        // Written again by the CPU after coming home, and moved again.
+        // Moved again; a CPU write as first touch (a write fault on the hole) and a CPU increment
+        // each get the device's data first.
         expect((await mir.migrateToDevice(0, 32)).cpages).toBe(32);
-        await within(access(m, { length: 32 * PAGE, op: 'rmw' }), 10_000, 'CPU increment');
-        expect(m.readSync(7 * PAGE, 8).readBigUInt64LE()).toBe(8n);
+        await within(access(m, { length: 16 * PAGE, op: 'write', seed: 5, unit: PAGE }), 10_000, 'CPU write');
+        await within(access(m, { offset: 16 * PAGE, length: 16 * PAGE, op: 'rmw' }), 10_000, 'CPU increment');
+        const p7 = m.readSync(7 * PAGE, 16); // the written word, and the rest of the page as the device kept it
+        expect([p7.readBigUInt64LE(0), p7.readBigUInt64LE(8)]).toEqual([5n + 7n * BigInt(PAGE / 8), FILE_WORD]);
+        expect(m.readSync(20 * PAGE, 8).readBigUInt64LE()).toBe(21n);
+        expect(dev.memory().used).toBe(0);
         mir.close();
         expect(fs.readFileSync(f).equals(Buffer.alloc(64 * PAGE, 0xee))).toBe(true); // the file never saw any of it
       } finally {
