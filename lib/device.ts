@@ -159,8 +159,9 @@ export const SNAPSHOT = {
  * - 'read' / 'write' / 'verify': the child's device reads (checksum), writes, or reads and counts
  *   words that differ, through its own page table; a miss faults the rest of the step's range in
  *   one round (`faults`), as the kernel's test device does.
- * - 'migrate' / 'migrate-back': into the child's device memory and home again (private anonymous
- *   memory; shared pages are skipped, as in the parent).
+ * - 'migrate' / 'migrate-back': into the child's device memory and home again. As in the parent:
+ *   private anonymous pages move; in a private file mapping, pages copied on write (tmpfs, memfd);
+ *   shared and file pages are skipped with the reason.
  * - 'cpu-read' / 'cpu-write' / 'cpu-verify': the child's own CPU touches every word; a page in the
  *   child's device memory faults (a real userfaultfd fault) and comes home (`cpuFaults`).
  */

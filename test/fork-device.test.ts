@@ -4,9 +4,10 @@
 // from both sides, with real faults in both processes.
 import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { mapAnonymous, Device, access } from '../lib/index.js';
+import { mapAnonymous, mapFile, Device, access, fileSystemOf } from '../lib/index.js';
 import { P, PAGE, FIXTURES_DIR, within, waitFor, requireCap, cleanupAfterEach } from './helpers.js';
 
 const cleanup = cleanupAfterEach();
@@ -158,6 +159,40 @@ describe('a device in a forked child (hmm-tests)', () => {
     expect((await access(m, { op: 'verify', seed: 7, unit: 8 })).mismatches).toBe(0);
     expect((await mir.run({ op: 'verify', seed: 7, unit: 8 })).mismatches).toBe(0);
   }, 30_000);
+
+  for (const where of ['tmpfs', 'disk']) {
+    it(`a private file mapping (${where}) in the child: only pages copied on write can migrate, as in the parent`, async (ctx) => {
+      requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+      const dir = where === 'tmpfs' ? '/dev/shm' : [os.tmpdir(), '/var/tmp'].find((d) => fs.existsSync(d) && fileSystemOf(d) !== 'tmpfs');
+      if (!dir) ctx.skip('no disk file system here: os.tmpdir() and /var/tmp are tmpfs');
+      const d = fs.mkdtempSync(path.join(dir!, 'pagemirror-forkpriv-'));
+      cleanup.push(() => fs.rmSync(d, { recursive: true, force: true }));
+      const f = path.join(d, 'f.bin');
+      fs.writeFileSync(f, Buffer.alloc(16 * PAGE, 0xee));
+      const m = mapFile(f, { shared: false });
+      cleanup.push(() => m.close());
+      await access(m, { op: 'write', seed: 100, unit: 8, length: 8 * PAGE }); // copied on write
+      const dev = device();
+      const r = await within(
+        dev.forkRun(m, [{ op: 'migrate' }, { op: 'cpu-verify', seed: 100, npages: 8 }, { op: 'read', offset: 8 * PAGE }]),
+        20_000,
+        'forked child',
+      );
+      expect(r.exitCode).toBe(0);
+      if (where === 'tmpfs') {
+        expect(r.steps[0]).toMatchObject({ cpages: 8, moved: 8, byCopy: 8, skipped: { 'file-backed': 8 } });
+        expect(r.steps[0].error).toBeUndefined();
+        expect(r.steps[1]).toMatchObject({ mismatches: 0, cpuFaults: 8 }); // the written data came home, not the file's
+      } else {
+        expect(r.steps[0].error).toMatchObject({ code: 'ENOENT', syscall: 'forkRun' });
+        expect(r.steps[0].skipped).toEqual({ 'userfaultfd-unsupported': 8, 'file-backed': 8 });
+        expect(r.steps[1]).toMatchObject({ mismatches: 0, cpuFaults: 0 });
+      }
+      expect(r.steps[2].checksum).toBe((0xeeeeeeeeeeeeeeeen * BigInt(8 * WORDS)) % 2n ** 64n); // the file's pages, read in place
+      expect((await access(m, { op: 'verify', seed: 100, unit: 8, length: 8 * PAGE })).mismatches).toBe(0);
+      expect(fs.readFileSync(f).equals(Buffer.alloc(16 * PAGE, 0xee))).toBe(true);
+    }, 30_000);
+  }
 
   it('a step that fails reports its own error and the rest still run; misuse is refused before the fork', async (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');

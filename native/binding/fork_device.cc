@@ -6,12 +6,14 @@
 
 #include <cerrno>
 #include <cstring>
+#include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 
 #include "../engine/engine.h"
 #include "../engine/fork_device.h"
 #include "../sys/fork.h"
+#include "../sys/pagemap.h"
 #include "args.h"
 #include "errors.h"
 #include "job.h"
@@ -46,7 +48,6 @@ const char* StepHint(engine::ForkOp op, int error) {
     case -EFAULT: return op >= engine::ForkOp::kCpuRead ? "an access met a SIGBUS nobody could resolve" : "no mapping, PROT_NONE, or a SIGBUS";
     case -EINVAL: return "a page in the range has no access (PROT_NONE) or is hugetlb";
     case -ENOENT: return "no page of the range could move (see skipped)";
-    case -EOPNOTSUPP: return "migration in a forked child covers private anonymous memory only";
     case -EBUSY: return "the range is registered with another userfaultfd (one with EVENT_FORK follows the fork)";
     default: return nullptr;
   }
@@ -105,6 +106,8 @@ Napi::Value ForkDevice(const Napi::CallbackInfo& info) {
   plan.npages = len / page;
   plan.shared = region->shared;
   plan.private_file = region->kind != RegionKind::kAnonymous && !region->shared;
+  uint64_t fs = 0;
+  plan.private_shmem = plan.private_file && (region->kind == RegionKind::kMemfd || (sys::fs_type_fd(region->fd, &fs) == 0 && fs == TMPFS_MAGIC));
   plan.hugetlb = region->hugetlb;
   const uint64_t memory = OptU64(o, "memory", 64ull << 20);
   if (memory < page) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "memory must be at least one page");

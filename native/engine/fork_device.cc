@@ -66,10 +66,13 @@ int ensure_uffd(Child& c) {
   }
   if (rc == 0 && !(offered & UFFD_FEATURE_SIGBUS)) rc = -EOPNOTSUPP;
   if (rc == 0 && (rc = sys::uffd_open(false, false, &r)) == 0) fd = r.fd;
-  if (rc == 0) rc = sys::uffd_api(fd, UFFD_FEATURE_SIGBUS | (offered & UFFD_FEATURE_MOVE), nullptr, nullptr);
+  if (rc == 0) rc = sys::uffd_api(fd, UFFD_FEATURE_SIGBUS | (offered & (UFFD_FEATURE_MOVE | UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_MISSING_SHMEM)), nullptr, nullptr);
   if (rc == 0) rc = sys::map(&pool, nullptr, pool_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   // UFFDIO_MOVE's destination must be registered: the pool too.
-  if (rc == 0) rc = sys::uffd_register(fd, c.plan->start, len, UFFDIO_REGISTER_MODE_MISSING, nullptr);
+  // A private tmpfs mapping: the hole a moved copied-on-write page leaves lies over the file's
+  // page-cache page, and touching it is a MINOR fault, not a MISSING one.
+  const uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | (c.plan->private_shmem ? UFFDIO_REGISTER_MODE_MINOR : 0);
+  if (rc == 0) rc = sys::uffd_register(fd, c.plan->start, len, mode, nullptr);
   if (rc == 0) rc = sys::uffd_register(fd, reinterpret_cast<uint64_t>(pool), pool_len, UFFDIO_REGISTER_MODE_MISSING, nullptr);
   if (rc) {
     if (pool) sys::unmap(pool, pool_len);
@@ -115,17 +118,25 @@ bool move_home(Child& c, uint64_t i, uint64_t e) {
   return true;
 }
 
-// Pages of the registered range that were never touched have no page for the kernel's fault path
-// to find (it would raise SIGBUS): the zero page, as a first touch would get.
-int zero_holes(Child& c, uint64_t a, uint64_t b) {
+// A page of the registered range with nothing mapped, and not in the device's memory: what the
+// kernel's own fault would have given (the file's page-cache page of a private tmpfs mapping, else
+// the zero page). Our registration turns that fault into SIGBUS.
+int fill_hole(Child& c, uint64_t i) {
+  int64_t done = 0;
+  int rc = -ENOENT;
+  if (c.plan->private_shmem) rc = sys::uffd_continue(c.uffd, host(c, i), c.plan->page, 0, &done);
+  if (rc && rc != -EEXIST) rc = sys::uffd_zeropage(c.uffd, host(c, i), c.plan->page, 0, &done);
+  return rc == -EEXIST ? 0 : rc;
+}
+
+// A range fault met such holes (the kernel's fault path raises SIGBUS there: populate fails).
+int fill_holes(Child& c, uint64_t a, uint64_t b) {
   if (c.uffd < 0) return -EFAULT;
   uint64_t* pm = c.plan->pagemap.data();
   if (int rc = sys::pagemap_read(host(c, a), b - a, pm)) return rc;
   for (uint64_t i = a; i < b; i++) {
     if ((pm[i - a] & (sys::kPagemapPresent | kSwapped)) || (c.plan->table[i] & kOnDevice)) continue;
-    int64_t done = 0;
-    const int rc = sys::uffd_zeropage(c.uffd, host(c, i), c.plan->page, 0, &done);
-    if (rc && rc != -EEXIST) return rc;
+    if (int rc = fill_hole(c, i)) return rc;
   }
   return 0;
 }
@@ -148,7 +159,7 @@ int range_fault(Child& c, uint64_t first, uint64_t last, bool write, int prot) {
     void* a = reinterpret_cast<void*>(host(c, i));
     const int advice = write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ;
     int rc = sys::advise(a, (j - i) * page, advice);
-    if (rc == -EFAULT && c.uffd >= 0 && zero_holes(c, i, j) == 0) rc = sys::advise(a, (j - i) * page, advice);
+    if (rc == -EFAULT && c.uffd >= 0 && fill_holes(c, i, j) == 0) rc = sys::advise(a, (j - i) * page, advice);
     if (rc) return rc == -EINVAL ? -EFAULT : rc;
     i = j;
   }
@@ -222,17 +233,21 @@ void migrate(Child& c, const ForkStep& s, ForkStepReport* r) {
     r->error = -ENOENT;
     return;
   }
-  if (c.plan->private_file) {
-    r->error = -EOPNOTSUPP;
-    return;
-  }
-  if (int rc = ensure_uffd(c)) {
-    r->error = rc;
-    return;
-  }
   uint64_t* t = c.plan->table.data();
   uint64_t* pm = c.plan->pagemap.data();
   if (int rc = sys::pagemap_read(host(c, s.first), s.npages, pm)) {
+    r->error = rc;
+    return;
+  }
+  int rc = c.plan->private_file && !c.plan->private_shmem ? -EINVAL : ensure_uffd(c);
+  if (rc == -EINVAL && c.plan->private_file) {
+    // As in the parent: no registration, no way to catch the CPU's touch of a moved page's hole.
+    for (uint64_t k = 0; k < s.npages; k++)
+      r->skipped[static_cast<unsigned>(sys::pagemap_anon_present(pm[k]) ? Mirror::Skip::kUnregistrable : Mirror::Skip::kFileBacked)]++;
+    r->error = -ENOENT;
+    return;
+  }
+  if (rc) {
     r->error = rc;
     return;
   }
@@ -242,13 +257,17 @@ void migrate(Child& c, const ForkStep& s, ForkStepReport* r) {
       r->cpages++;
       continue;
     }
+    uint64_t entry = pm[i - s.first];
+    if (c.plan->private_file && !sys::pagemap_anon_present(entry)) {
+      r->skipped[static_cast<unsigned>(Mirror::Skip::kFileBacked)]++;  // the file's page, not the mapping's
+      continue;
+    }
     uint64_t slot;
     if (!alloc_slot(c, &slot)) {
       r->skipped[static_cast<unsigned>(Mirror::Skip::kNoMemory)]++;
       continue;
     }
     const uint64_t h = host(c, i), dst = reinterpret_cast<uint64_t>(slot_addr(c, slot));
-    uint64_t entry = pm[i - s.first];
     // A swapped-out page has data: bring it in rather than give the device a zero page.
     if ((entry & kSwapped) && sys::advise(reinterpret_cast<void*>(h), page, MADV_POPULATE_READ) == 0) entry |= sys::kPagemapPresent;
     int64_t done = 0;
@@ -259,7 +278,8 @@ void migrate(Child& c, const ForkStep& s, ForkStepReport* r) {
     } else {
       // MOVE refuses a page still shared with the parent after fork (EBUSY): copy it, and drop
       // the child's mapping of it (the parent keeps its own).
-      rc = c.has_move ? sys::uffd_move(c.uffd, dst, h, page, 0, &done) : -EOPNOTSUPP;
+      // (UFFDIO_MOVE takes anonymous VMAs only: a private file mapping's page is copied too.)
+      rc = c.has_move && !c.plan->private_file ? sys::uffd_move(c.uffd, dst, h, page, 0, &done) : -EOPNOTSUPP;
       if (rc == 0) {
         r->by_move++;
       } else if ((rc = sys::uffd_copy(c.uffd, dst, h, page, 0, &done)) == 0) {
@@ -297,8 +317,8 @@ void migrate_back(Child& c, const ForkStep& s, ForkStepReport* r) {
 }
 
 // The CPU touched a page of the registered range with no page there: one of the device's (it
-// comes home, and the device's entry goes, as the device-private page fault does), or one never
-// touched (the zero page). False: not ours to resolve.
+// comes home, and the device's entry goes, as the device-private page fault does), or a hole
+// (fill_hole). False: not ours to resolve.
 bool cpu_fault(Child& c, uint64_t addr) {
   if (c.uffd < 0 || addr < c.plan->start || addr >= c.plan->start + c.plan->npages * c.plan->page) return false;
   const uint64_t i = (addr - c.plan->start) / c.plan->page;
@@ -314,9 +334,7 @@ bool cpu_fault(Child& c, uint64_t addr) {
     c.report.cpu_faults++;
     return true;
   }
-  int64_t done = 0;
-  const int rc = sys::uffd_zeropage(c.uffd, host(c, i), c.plan->page, 0, &done);
-  return rc == 0 || rc == -EEXIST;
+  return fill_hole(c, i) == 0;
 }
 
 void on_sigbus(int, siginfo_t* si, void*) {

@@ -58,7 +58,8 @@ struct ForkCounters {
 struct ForkPlan {
   uint64_t start = 0, npages = 0, page = 4096;
   bool shared = false;        // MAP_SHARED: the child's writes are the parent's too; nothing migrates
-  bool private_file = false;  // MAP_PRIVATE of a file: migration in the child is not offered
+  bool private_file = false;  // MAP_PRIVATE of a file: only pages copied on write migrate
+  bool private_shmem = false; // ... of a tmpfs file or memfd, which userfaultfd can register (MINOR)
   bool hugetlb = false;
   uint64_t slots = 0;         // the child device's memory, in pages
   std::vector<ForkStep> steps;

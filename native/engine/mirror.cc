@@ -338,18 +338,20 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
       return;
     }
   }
-  if (private_file() && !private_shmem()) {
-    // A private mapping of ext4/xfs: the kernel moves its copied-on-write pages, but userfaultfd
-    // cannot register this mapping, so the hole a moved page leaves would read the file again on
-    // the CPU's next touch. Each page says which of the two it is.
+  // A private mapping of ext4/xfs (or of tmpfs on a kernel without MINOR faults for it): the
+  // kernel moves its copied-on-write pages, but userfaultfd cannot register this mapping, so the
+  // hole a moved page leaves would read the file again on the CPU's next touch. Each page says
+  // which of the two it is.
+  auto refuse_private = [&] {
     std::vector<uint64_t> pm(last - first);
     const bool have_pm = sys::pagemap_read(start_ + first * page_, last - first, pm.data()) == 0;
     for (uint64_t i = first; i < last; i++)
-      out->skipped.push_back({i, have_pm && is_cow_page(pm[i - first]) ? Skip::kUnregistrable : Skip::kFileBacked});
+      out->skipped.push_back({i, have_pm && sys::pagemap_anon_present(pm[i - first]) ? Skip::kUnregistrable : Skip::kFileBacked});
     out->error = -ENOENT;
-    return;
-  }
+  };
+  if (private_file() && !private_shmem()) return refuse_private();
   if (int rc = ensure_engine()) {
+    if (rc == -EINVAL && private_file()) return refuse_private();
     out->error = rc;
     return;
   }
@@ -394,7 +396,7 @@ void Mirror::migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool ato
   // A private file mapping (tmpfs here): only a page the CPU copied on write is the mapping's own;
   // the others are the file's page cache, as in the kernel.
   const bool cow = private_file();
-  if (cow && !is_cow_page(pm_entry)) {
+  if (cow && !sys::pagemap_anon_present(pm_entry)) {
     out->skipped.push_back({i, Skip::kFileBacked});
     return;
   }

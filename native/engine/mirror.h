@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "../binding/region.h"
-#include "../sys/pagemap.h"
 
 namespace pm::engine {
 
@@ -265,8 +264,6 @@ class Mirror : public RangeNotifier {
   bool private_file() const { return region_->kind != RegionKind::kAnonymous && !region_->shared; }
   // Whether that file is shmem (tmpfs, memfd): userfaultfd can register a private mapping of it.
   bool private_shmem() const;
-  // A page of a private file mapping that the CPU copied on write: present, and anonymous.
-  static bool is_cow_page(uint64_t pm) { return (pm & sys::kPagemapPresent) && !(pm & sys::kPagemapFile); }
   bool move_back(uint64_t i, uint64_t entry, bool wake);
   bool move_back_run(uint64_t a, uint64_t b);
   void migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool atomic, MigrateResult* out);

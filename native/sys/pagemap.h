@@ -41,5 +41,7 @@ int fs_type_fd(int fd, uint64_t* out);
 // Pagemap entry bits the engine decides by.
 constexpr uint64_t kPagemapPresent = 1ull << 63;
 constexpr uint64_t kPagemapFile = 1ull << 61;  // a page-cache page or shared anonymous memory
+// Present and anonymous: in a MAP_PRIVATE file mapping, a page the CPU copied on write.
+inline bool pagemap_anon_present(uint64_t e) { return (e & kPagemapPresent) && !(e & kPagemapFile); }
 
 }  // namespace pm::sys
