@@ -4,6 +4,7 @@
 #include <csetjmp>
 #include <csignal>
 #include <cstring>
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -31,6 +32,7 @@ struct Child {
   ForkPlan* plan = nullptr;
   int uffd = -1;
   int uffd_error = 0;
+  int pagemap = -1;  // our own /proc/self/pagemap (sys::pagemap_read's shared one has a lock)
   bool has_move = false;
   uint8_t* pool = nullptr;
   uint64_t cursor = 0;
@@ -133,7 +135,7 @@ int fill_hole(Child& c, uint64_t i) {
 int fill_holes(Child& c, uint64_t a, uint64_t b) {
   if (c.uffd < 0) return -EFAULT;
   uint64_t* pm = c.plan->pagemap.data();
-  if (int rc = sys::pagemap_read(host(c, a), b - a, pm)) return rc;
+  if (int rc = sys::pagemap_read_fd(c.pagemap, host(c, a), b - a, pm)) return rc;
   for (uint64_t i = a; i < b; i++) {
     if ((pm[i - a] & (sys::kPagemapPresent | kSwapped)) || (c.plan->table[i] & kOnDevice)) continue;
     if (int rc = fill_hole(c, i)) return rc;
@@ -235,7 +237,7 @@ void migrate(Child& c, const ForkStep& s, ForkStepReport* r) {
   }
   uint64_t* t = c.plan->table.data();
   uint64_t* pm = c.plan->pagemap.data();
-  if (int rc = sys::pagemap_read(host(c, s.first), s.npages, pm)) {
+  if (int rc = sys::pagemap_read_fd(c.pagemap, host(c, s.first), s.npages, pm)) {
     r->error = rc;
     return;
   }
@@ -374,6 +376,7 @@ int fork_device_main(void* arg, int fd) {
   sigemptyset(&bus);
   sigaddset(&bus, SIGBUS);
   ::sigprocmask(SIG_UNBLOCK, &bus, nullptr);
+  sys::open_file(&c.pagemap, "/proc/self/pagemap", O_RDONLY | O_CLOEXEC, 0);  // if not, each read says why
   for (size_t k = 0; k < c.plan->steps.size(); k++) {
     const ForkStep& s = c.plan->steps[k];
     c.report = ForkStepReport{};

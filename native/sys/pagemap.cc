@@ -35,6 +35,10 @@ int pagemap_fd() {
 int pagemap_read(uint64_t addr, size_t npages, uint64_t* out) {
   int fd = pagemap_fd();
   if (fd < 0) return fd;
+  return pagemap_read_fd(fd, addr, npages, out);
+}
+
+int pagemap_read_fd(int fd, uint64_t addr, size_t npages, uint64_t* out) {
   const uint64_t page = page_size();
   size_t want = npages * sizeof(uint64_t);
   off_t off = static_cast<off_t>(addr / page * sizeof(uint64_t));

@@ -11,6 +11,9 @@ namespace pm::sys {
 // 62 swapped, 61 file/shared-anon, 57 uffd-wp, 56 exclusively mapped, 55 soft-dirty; the PFN
 // (bits 0-54) reads as zero without CAP_SYS_ADMIN.
 int pagemap_read(uint64_t addr, size_t npages, uint64_t* out);
+// The same through a descriptor of /proc/self/pagemap the caller opened: takes no lock (a forked
+// child must not wait for a lock another thread of its parent held at fork time).
+int pagemap_read_fd(int fd, uint64_t addr, size_t npages, uint64_t* out);
 
 struct ScanRegion {
   uint64_t start, end, categories;
