@@ -1,5 +1,6 @@
 #include "fork.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -34,25 +35,39 @@ int fork_collect(int (*child)(void*, int), void* arg, int timeout_ms, std::vecto
   res->pid = pid;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   uint8_t buf[4096];
+  bool reaped = false;
+  // Reads what is there now; false at end of file.
+  auto drain = [&](int wait_ms) {
+    pollfd pfd{p[0], POLLIN, 0};
+    while (::poll(&pfd, 1, wait_ms) > 0) {
+      const ssize_t got = ::read(p[0], buf, sizeof buf);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) return false;
+      out->insert(out->end(), buf, buf + got);
+      wait_ms = 0;
+    }
+    return true;
+  };
   for (;;) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
     if (left <= 0) {
       res->timed_out = true;
       break;
     }
-    pollfd pfd{p[0], POLLIN, 0};
-    const int n = ::poll(&pfd, 1, static_cast<int>(left));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) continue;  // timeout: decided at the top
-    const ssize_t got = ::read(p[0], buf, sizeof buf);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) break;  // EOF: the child exited (or closed its end)
-    out->insert(out->end(), buf, buf + got);
+    if (!drain(static_cast<int>(std::min<long long>(left, 20)))) break;  // end of file: the child is done
+    // End of file alone is not enough: a process forked meanwhile by another thread may hold a
+    // copy of the pipe's write end. The child's own exit is.
+    if (::waitpid(pid, &res->status, WNOHANG) == pid) {
+      reaped = true;
+      drain(0);  // everything it wrote is in the pipe by now
+      break;
+    }
   }
   ::close(p[0]);
   if (res->timed_out) ::kill(pid, SIGKILL);
-  while (::waitpid(pid, &res->status, 0) < 0 && errno == EINTR) {
-  }
+  if (!reaped)
+    while (::waitpid(pid, &res->status, 0) < 0 && errno == EINTR) {
+    }
   return 0;
 }
 
