@@ -144,6 +144,33 @@ describe('a device in a forked child (hmm-tests)', () => {
     expect((await mir.run({ op: 'verify', seed: 100, unit: 8 })).mismatches).toBe(0);
   }, 30_000);
 
+  it('copy on write from both sides: the parent\'s device and CPU write while the child runs; the child only ever sees the data as it was at fork', async (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    const N = 4096; // 16 MiB: the child's 600 verify passes take a second or more
+    const dev = device();
+    const m = await written(N, 100);
+    const mir = dev.mirror(m);
+    await mir.run({ op: 'write', seed: 100, unit: 8 }); // the parent's device holds write access to every page
+    expect((await mir.migrateToDevice(0, N / 2)).cpages).toBe(N / 2);
+    const children = () =>
+      fs.readdirSync('/proc/self/task').flatMap((t) => fs.readFileSync(`/proc/self/task/${t}/children`, 'utf8').split(' ').filter(Boolean));
+    const before = new Set(children());
+    let finished = false;
+    const run = mir.forkRun(Array.from({ length: 600 }, () => ({ op: 'verify' as const, seed: 100 })), { timeoutMs: 120_000 });
+    void run.then(() => (finished = true), () => (finished = true));
+    await waitFor(() => children().some((p) => !before.has(p)), 10_000, 'the fork');
+    // The fork revoked the parent's device write access: its write faults (and copies on write).
+    const w = await mir.run({ op: 'write', seed: 300, unit: 8 });
+    expect(w.faults).toBeGreaterThan(0);
+    await access(m, { op: 'write', seed: 300 + (N / 2) * WORDS, unit: 8, offset: (N / 2) * PAGE, length: (N / 2) * PAGE });
+    expect(finished).toBe(false); // the child was still reading meanwhile
+    const r = await within(run, 120_000, 'forked child');
+    expect(r.exitCode).toBe(0);
+    expect(r.steps).toHaveLength(600);
+    expect(r.steps.filter((s) => s.error || s.mismatches)).toEqual([]);
+    expect((await access(m, { op: 'verify', seed: 300, unit: 8 })).mismatches).toBe(0);
+  }, 150_000);
+
   it('anon_write_child_shared: the child\'s device writes shared memory; the parent and its device see it; nothing migrates', async (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');
     const dev = device();
