@@ -176,7 +176,12 @@ describe('migration (hmm-tests)', () => {
         expect([p7.readBigUInt64LE(0), p7.readBigUInt64LE(8)]).toEqual([5n + 7n * BigInt(PAGE / 8), FILE_WORD]);
         expect(m.readSync(20 * PAGE, 8).readBigUInt64LE()).toBe(21n);
         expect(dev.memory().used).toBe(0);
+        // Closing the mirror with pages on the device brings them home (UFFDIO_COPY: MOVE takes
+        // anonymous VMAs only).
+        expect((await mir.migrateToDevice(16 * PAGE, 16)).cpages).toBe(16);
         mir.close();
+        expect(m.readSync(20 * PAGE, 8).readBigUInt64LE()).toBe(21n);
+        expect(m.readSync(40 * PAGE, 8).readBigUInt64LE()).toBe(FILE_WORD);
         expect(fs.readFileSync(f).equals(Buffer.alloc(64 * PAGE, 0xee))).toBe(true); // the file never saw any of it
       } finally {
         done();

@@ -549,7 +549,8 @@ bool Mirror::move_back(uint64_t i, uint64_t e, bool wake) {
   const uint64_t mode = wake ? 0 : UFFDIO_MOVE_MODE_DONTWAKE;
   int rc = -EOPNOTSUPP;
   // The page itself goes home (no copy); its slot becomes a hole (refilled by an ioctl next time).
-  if (Engine::get().has_move()) rc = sys::uffd_move(fd, host, reinterpret_cast<uint64_t>(src), page_, mode, &done);
+  // (MOVE takes anonymous VMAs only: a private file mapping's page comes home by COPY.)
+  if (Engine::get().has_move() && !private_file()) rc = sys::uffd_move(fd, host, reinterpret_cast<uint64_t>(src), page_, mode, &done);
   const bool moved = rc == 0;  // the slot is a hole again: nothing to give back
   if (rc) rc = sys::uffd_copy(fd, host, reinterpret_cast<uint64_t>(src), page_, wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE, &done);
   if (rc == -EEXIST) {
@@ -568,7 +569,7 @@ bool Mirror::move_back(uint64_t i, uint64_t e, bool wake) {
 // Pages [a, b) sit in consecutive slots: one UFFDIO_MOVE brings them home. False (nothing done)
 // if the kernel refuses; the caller then goes page by page.
 bool Mirror::move_back_run(uint64_t a, uint64_t b) {
-  if (!Engine::get().has_move()) return false;
+  if (!Engine::get().has_move() || private_file()) return false;
   const uint64_t n = b - a;
   std::vector<uint64_t> old(n);
   for (uint64_t k = 0; k < n; k++) old[k] = pt_[a + k].exchange(0, std::memory_order_seq_cst);
