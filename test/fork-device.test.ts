@@ -13,8 +13,8 @@ import { P, PAGE, FIXTURES_DIR, within, waitFor, requireCap, cleanupAfterEach } 
 const cleanup = cleanupAfterEach();
 const WORDS = PAGE / 8;
 
-function device(): Device {
-  const d = Device.create({ memory: 16 << 20 });
+function device(options: Parameters<typeof Device.create>[0] = {}): Device {
+  const d = Device.create({ memory: 16 << 20, ...options });
   cleanup.push(() => d.close());
   return d;
 }
@@ -147,7 +147,7 @@ describe('a device in a forked child (hmm-tests)', () => {
   it('copy on write from both sides: the parent\'s device and CPU write while the child runs; the child only ever sees the data as it was at fork', async (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');
     const N = 4096; // 16 MiB: the child's 600 verify passes take a second or more
-    const dev = device();
+    const dev = device({ faultAround: 2 << 20 }); // the parent's writes below take a few fault rounds, not thousands
     const m = await written(N, 100);
     const mir = dev.mirror(m);
     await mir.run({ op: 'write', seed: 100, unit: 8 }); // the parent's device holds write access to every page
