@@ -237,6 +237,12 @@ describe('a device in a forked child (hmm-tests)', () => {
     expect(r.steps[1]).toMatchObject({ mismatches: 0, cpages: 8 });
     expect(r.steps[2]).toMatchObject({ mismatches: 0, cpages: 1 }); // words count from the step's own offset
     expect(() => dev.forkRun(m, [{ op: 'cpu-write' }])).toThrow(expect.objectContaining({ code: 'EACCES', syscall: 'forkRun' }));
+    // PROT_NONE: the child's device gets EFAULT, and nothing was migrated (EINVAL), as the kernel's device.
+    m.protect('none');
+    const none = await within(dev.forkRun(m, [{ op: 'read' }, { op: 'migrate' }]), 20_000, 'forked child');
+    expect(none.steps.map((st) => st.error?.code)).toEqual(['EFAULT', 'EINVAL']);
+    expect(() => dev.forkRun(m, [{ op: 'cpu-read' }])).toThrow(expect.objectContaining({ code: 'EACCES' }));
+    m.protect('r');
     expect(() => dev.forkRun(m, [{ op: 'bogus' as 'read' }])).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' }));
     expect(() => dev.forkRun(m, [{ op: 'read', offset: 8 * PAGE }])).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
     expect(() => dev.forkRun(m, [{ op: 'read', npages: 9 }])).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
