@@ -4,7 +4,7 @@ import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { mapAnonymous, mapFile, Device, access, forkAccess, fileSystemOf, SNAPSHOT as S, type Mapping } from '../lib/index.js';
+import { mapAnonymous, mapFile, Device, Userfaultfd, access, forkAccess, fileSystemOf, SNAPSHOT as S, type Mapping } from '../lib/index.js';
 import { P, PAGE, within, requireCap } from './helpers.js';
 
 const NPAGES = 1024;
@@ -191,6 +191,7 @@ describe('migration (hmm-tests)', () => {
   it('migrate_file_private (disk file system): refused page by page, written pages as userfaultfd-unsupported', (ctx) =>
     withDevices(1, async (dev) => {
       if (!DISK) ctx.skip('no disk file system here: os.tmpdir() and /var/tmp are tmpfs');
+      requireCap(ctx, P.experiments.uffd, 'userfaultfd');
       const { f, m, done } = privateFile(DISK!);
       try {
         const mir = dev.mirror(m);
@@ -201,6 +202,15 @@ describe('migration (hmm-tests)', () => {
           Array.from({ length: 64 }, (_, i) => ({ offset: i * PAGE, reason: i < 32 ? 'userfaultfd-unsupported' : 'file-backed' })),
         );
         expect(dev.memory().used).toBe(0);
+        // The refusal is the kernel's: userfaultfd does not register a private mapping of this
+        // file system (vma_can_userfault: anonymous, shmem and hugetlb only). A kernel that
+        // learns to would fail this, and the engine should then move these pages too.
+        const u = Userfaultfd.open();
+        try {
+          expect(() => u.register(m)).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+        } finally {
+          u.close();
+        }
         // The device still mirrors the pages in place.
         const rd = await mir.read(0, 64);
         expect(rd.data.readBigUInt64LE(9 * PAGE)).toBe(9n);
