@@ -250,7 +250,10 @@ export class Mirror {
     return this.#n.info();
   }
 
-  /** Drops every entry (waiting for accesses in flight) and unhooks from the mapping. Idempotent. */
+  /**
+   * Drops every entry (waiting for accesses in flight) and unhooks from the mapping. Idempotent;
+   * Mapping.close() does it too. Calls on a closed mirror throw ERR_PAGEMIRROR_CLOSED.
+   */
   close(): void {
     this.#n.close();
   }
@@ -365,7 +368,11 @@ export class FileMirror extends Mirror {
     return this.writeback({ sync: true });
   }
 
-  /** Takes a write lease on the file now (see FileMirrorOptions.lease). EAGAIN if it is open elsewhere. */
+  /**
+   * Takes a write lease on the file now (see FileMirrorOptions.lease); it is released by close()
+   * of the mirror or of its mapping. Errors: EAGAIN (the file is open elsewhere),
+   * ERR_PAGEMIRROR_CLOSED (the mirror or its mapping is closed), EBADF (the range was unmapped).
+   */
   takeLease(): void {
     this.#f.takeLease();
   }

@@ -331,7 +331,12 @@ export class Mapping {
     return this.native.info().holes;
   }
 
-  /** munmap and close the owned descriptor. Idempotent. EBUSY while native threads or rules use it. */
+  /**
+   * Closes the mapping's mirrors (as Mirror.close() does: file mirrors write their device copies
+   * back and release their leases), then munmap and close the owned descriptor. Idempotent.
+   * Errors: EBUSY while native threads or rules use it (nothing closed); EIO when device copies
+   * could not be written back (closed anyway, as close(2) reports a failed writeback).
+   */
   close(): void {
     this.native.close();
   }

@@ -326,6 +326,8 @@ MirrorWrap::~MirrorWrap() {
 
 std::shared_ptr<engine::Mirror> MirrorWrap::live(Napi::Env env) {
   if (!mirror_) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the mirror is closed");
+  if (mirror_->closed())
+    throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the mirror was closed with its mapping (Mapping.close() closes its mirrors)");
   return mirror_;
 }
 
@@ -617,7 +619,7 @@ Napi::Value MirrorWrap::Exclusive(const Napi::CallbackInfo& info) {
 Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
-  if (!mirror_) {
+  if (!mirror_ || mirror_->closed()) {
     o.Set("closed", true);
     return o;
   }
@@ -798,7 +800,8 @@ Napi::Value MirrorWrap::TakeLease(const Napi::CallbackInfo& info) {
     const char* hint = rc == -EAGAIN ? "a write lease needs the file to be open nowhere else (any other open, by any "
                                        "process, read-only included, or a writable mapping elsewhere)"
                        : rc == -EACCES ? "only the file's owner (or CAP_LEASE) may take a lease"
-                       : rc == -EINVAL ? "this file system does not support leases" : nullptr;
+                       : rc == -EINVAL ? "this file system does not support leases"
+                       : rc == -EBADF ? "the mirror's range is gone (unmapped or moved): nothing would release the lease" : nullptr;
     ThrowSystemError(env, rc, "fcntl(F_SETLEASE)", {m->region()->path.empty() ? nullptr : m->region()->path.c_str(), hint});
   }
   return env.Undefined();

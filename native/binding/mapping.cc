@@ -17,6 +17,7 @@
 #include "../sys/pagemap.h"
 #include "../sys/uapi.h"
 #include "../engine/engine.h"
+#include "../engine/mirror.h"
 #include "addon.h"
 #include "args.h"
 #include "errors.h"
@@ -554,6 +555,10 @@ Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {
     throw SystemError(env, -EBUSY, "munmap",
                       {nullptr, "native threads or fault rules are using this mapping: wait for access jobs, remove "
                                 "rules, or close the userfaultfd first"});
+  // Its mirrors close first, as their own close() would: device copies of a file's pages go back
+  // to the file and leases are released (a lease left behind would make every open() of the file,
+  // by any process, wait out the lease-break time).
+  const uint64_t lost = CloseMirrors(env);
   DetachBuffer();
   {
     Region::Invalidation inv(&r, 0, r.length, InvalidateCause::kUnmap);
@@ -563,7 +568,28 @@ Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {
     sys::close_fd(r.fd);
     r.fd = -1;
   }
+  if (lost)
+    ThrowSystemError(env, -EIO, "close",
+                     {nullptr, (std::to_string(lost) + " device pages of its file mirrors could not be written back to the "
+                                "file (ENOSPC or EIO on every try); their data is lost").c_str()});
   return env.Undefined();
+}
+
+uint64_t Mapping::CloseMirrors(Napi::Env env) {
+  std::vector<std::shared_ptr<engine::Mirror>> mine;
+  {
+    AddonData* data = env.GetInstanceData<AddonData>();
+    std::lock_guard<std::mutex> lock(data->mu);
+    for (auto& w : data->mirrors)
+      if (auto m = w.lock())
+        if (m->region() == region_.get() && !m->closed()) mine.push_back(std::move(m));
+  }
+  uint64_t lost = 0;
+  for (auto& m : mine) {
+    m->detach();
+    if (const engine::FileStats* fs = m->file_stats()) lost += fs->lost_pages.load();
+  }
+  return lost;
 }
 
 // ---- the factory -------------------------------------------------------------------------------

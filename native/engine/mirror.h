@@ -90,6 +90,8 @@ class Mirror : public RangeNotifier {
   // reference under their list's lock; detach() waits until none is left before the mirror goes.
   void acquire() { users_.fetch_add(1, std::memory_order_acq_rel); }
   void release() { users_.fetch_sub(1, std::memory_order_acq_rel); }
+  // detach() ran: by the mirror's own close, its mapping's close, or the environment's teardown.
+  bool closed() const { return !attached_.load(std::memory_order_acquire); }
   // Detached, unmapped whole, or moved by mremap (the range it mirrors is not there any more).
   bool dead() const { return dead_.load(std::memory_order_acquire) || region_->addr + offset_ != start_; }
 
@@ -187,7 +189,8 @@ class Mirror : public RangeNotifier {
   // sync: and waits until the file has them (fdatasync). Errors: those of pwrite/sync_file_range/fdatasync.
   int writeback(uint64_t first, uint64_t last, bool sync, WritebackResult* out);
   // A lease on the file (F_SETLEASE F_WRLCK, broken by another process's open or truncate).
-  // Errors: -EAGAIN (the file is open elsewhere), -EACCES/-EPERM (not the owner, no CAP_LEASE).
+  // Errors: -EAGAIN (the file is open elsewhere), -EACCES/-EPERM (not the owner, no CAP_LEASE),
+  // -EBADF (the mirror is closed: nothing would ever release the lease).
   int take_lease();
   // The lease-break path (lease.cc's thread): revoke, write back, give the device's copies up, release.
   void break_lease();
@@ -243,7 +246,7 @@ class Mirror : public RangeNotifier {
   unsigned active_ = 0;
   std::condition_variable idle_;
   std::atomic<bool> dead_{false};
-  bool attached_ = false;
+  std::atomic<bool> attached_{false};
   // Held from invalidate_start to invalidate_end, for a whole migration, and by the engine while it
   // resolves a CPU fault on this mirror: these three must not interleave on one page.
   std::mutex change_mu_;

@@ -1,0 +1,109 @@
+// Leases, descriptors and processes must not outlive their owner: a mapping's close() closes its
+// mirrors (and their leases), adopt() owns a userfaultfd of its own, forkAccess()'s child dies with
+// its parent.
+import { describe, it, expect, beforeEach } from 'vitest';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { Device, mapFile, mapAnonymous, fileSystemOf, type FileStrategy } from '../lib/index.js';
+import { P, PAGE, requireCap, cleanupAfterEach } from './helpers.js';
+
+const STRATEGIES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
+const DISK = [os.tmpdir(), '/var/tmp'].find((d) => fs.existsSync(d) && fileSystemOf(d) !== 'tmpfs');
+const cleanup = cleanupAfterEach();
+
+/** Another process opens the file for reading: returns how long open() took (a lease makes it wait). */
+function openElsewhere(file: string): number {
+  const t0 = Date.now();
+  const c = spawnSync(process.execPath, ['-e', `require('fs').closeSync(require('fs').openSync(${JSON.stringify(file)}, 'r'))`], {
+    encoding: 'utf8',
+    timeout: 20_000,
+  });
+  expect(c.error, 'the other process did not finish: a lease was left behind').toBeUndefined();
+  expect(c.status, c.stderr).toBe(0);
+  return Date.now() - t0;
+}
+
+function tempFile(dir: string, npages: number): string {
+  const file = path.join(dir, `pagemirror-lifetime-${process.pid}-${Math.random().toString(36).slice(2)}`);
+  fs.writeFileSync(file, Buffer.alloc(npages * PAGE, 1));
+  cleanup.push(() => fs.rmSync(file, { force: true }));
+  return file;
+}
+
+describe('closing a mapping closes its mirrors', () => {
+  beforeEach((ctx) => requireCap(ctx, P.experiments.uffd, 'userfaultfd'));
+
+  const places = [{ name: 'tmpfs', dir: '/dev/shm' }, ...(DISK ? [{ name: fileSystemOf(DISK), dir: DISK }] : [])];
+  for (const place of places) {
+    it.for(STRATEGIES)(`${place.name}, %s with a lease: close() writes device copies back and releases the lease; another process opens at once`, async (strategy, ctx) => {
+      requireCap(ctx, P.experiments.leases, 'file leases');
+      const n = 8;
+      const file = tempFile(place.dir, n);
+      const m = mapFile(file);
+      const dev = Device.create({ memory: 1 << 20 });
+      cleanup.push(() => dev.close(), () => m.close());
+      const fm = dev.mirrorFile(m, { strategy, lease: true });
+      expect(fm.stats().leaseHeld).toBe(true);
+      await fm.run({ op: 'write', seed: 41, unit: 8 });
+      m.close();
+      expect(fm.info().closed).toBe(true);
+      // The lease went with the mirror: no lease break to wait for (the kernel would wait 45 s).
+      expect(openElsewhere(file)).toBeLessThan(5000);
+      // Written back before the lease went: the file holds the device's data.
+      const data = fs.readFileSync(file);
+      for (let p = 0; p < n; p++) expect(data.readBigUInt64LE(p * PAGE), `page ${p}`).toBe(41n + BigInt((p * PAGE) / 8));
+      // A closed mirror takes no lease, and every other call says it is closed.
+      expect(() => fm.takeLease()).toThrow(expect.objectContaining({ name: 'Error', code: 'ERR_PAGEMIRROR_CLOSED' }));
+      expect(() => fm.stats()).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_CLOSED' }));
+      await expect(fm.read(0, 1)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_CLOSED' });
+      fm.close(); // idempotent
+    }, 30_000);
+  }
+
+  it('takeLease() after the mapping closed: ERR_PAGEMIRROR_CLOSED, and no lease is taken', async (ctx) => {
+    requireCap(ctx, P.experiments.leases, 'file leases');
+    const file = tempFile(DISK ?? os.tmpdir(), 4);
+    const m = mapFile(file);
+    const dev = Device.create({ memory: 1 << 20 });
+    cleanup.push(() => dev.close());
+    const fm = dev.mirrorFile(m, { strategy: 'remote' });
+    m.close();
+    expect(() => fm.takeLease()).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_CLOSED' }));
+    expect(openElsewhere(file)).toBeLessThan(5000);
+  }, 30_000);
+
+  it('takeLease() on a mirror whose whole range was unmapped: EBADF (nothing would release it)', async (ctx) => {
+    requireCap(ctx, P.experiments.leases, 'file leases');
+    const file = tempFile(DISK ?? os.tmpdir(), 4);
+    const m = mapFile(file);
+    const dev = Device.create({ memory: 1 << 20 });
+    cleanup.push(() => dev.close(), () => m.close());
+    const fm = dev.mirrorFile(m, { strategy: 'remote' });
+    cleanup.push(() => fm.close());
+    m.unmap(0, m.length);
+    expect(() => fm.takeLease()).toThrow(expect.objectContaining({ code: 'EBADF', errno: -9, syscall: 'fcntl(F_SETLEASE)' }));
+    expect(fm.stats().leaseHeld).toBe(false);
+    expect(openElsewhere(file)).toBeLessThan(5000);
+  }, 30_000);
+
+  it('a plain mirror closes with its mapping too: its calls say closed, its own close() is a no-op', async () => {
+    const m = mapAnonymous(4 * PAGE);
+    const dev = Device.create({ memory: 1 << 20 });
+    cleanup.push(() => dev.close());
+    const mir = dev.mirror(m);
+    await mir.write(0, Buffer.alloc(4 * PAGE, 3));
+    m.close();
+    expect(mir.info()).toMatchObject({ closed: true });
+    await expect(mir.read(0, 1)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_CLOSED' });
+    expect(() => mir.entries()).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_CLOSED' }));
+    mir.close();
+    // The device can mirror a new mapping at once (the closed mirror is off its list).
+    const m2 = mapAnonymous(4 * PAGE);
+    cleanup.push(() => m2.close());
+    const mir2 = dev.mirror(m2);
+    await expect(mir2.read(0, 4)).resolves.toMatchObject({ cpages: 4 });
+    mir2.close();
+  }, 20_000);
+});
