@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { Device, mapFile, mapAnonymous, fileSystemOf, type FileStrategy } from '../lib/index.js';
+import { Device, Userfaultfd, access, mapFile, mapAnonymous, fileSystemOf, type FileStrategy } from '../lib/index.js';
 import { P, PAGE, requireCap, cleanupAfterEach } from './helpers.js';
 
 const STRATEGIES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
@@ -106,4 +106,39 @@ describe('closing a mapping closes its mirrors', () => {
     await expect(mir2.read(0, 4)).resolves.toMatchObject({ cpages: 4 });
     mir2.close();
   }, 20_000);
+});
+
+describe('Userfaultfd.adopt() owns a userfaultfd of its own', () => {
+  it("refuses a descriptor that is not a userfaultfd (a mapping's file stays open and the mapping's)", (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    const file = tempFile(os.tmpdir(), 2);
+    const m = mapFile(file);
+    cleanup.push(() => m.close());
+    const fd = m.fd;
+    expect(() => Userfaultfd.adopt(fd, 0n)).toThrow(expect.objectContaining({ name: 'TypeError', code: 'ERR_INVALID_ARG_VALUE', message: expect.stringMatching(/not a userfaultfd.*pagemirror-lifetime/) }));
+    expect(fs.fstatSync(fd).size).toBe(2 * PAGE); // still open, still the file
+    m.close();
+    expect(() => fs.fstatSync(fd)).toThrow(expect.objectContaining({ code: 'EBADF' })); // closed once, by its owner
+    expect(() => Userfaultfd.adopt(fd, 0n)).toThrow(expect.objectContaining({ code: 'EBADF', errno: -9, syscall: 'fcntl' }));
+    expect(() => Userfaultfd.adopt(-1, 0n)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+  });
+
+  it("adopting a userfaultfd wraps a duplicate: closing it leaves the caller's descriptor working", async (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    const u = Userfaultfd.open();
+    cleanup.push(() => u.close());
+    const a = Userfaultfd.adopt(u.fd, u.featureMask);
+    expect(a.fd).not.toBe(u.fd);
+    expect(a.openedBy).toBe('adopted');
+    a.close();
+    // The original still serves real faults.
+    const m = mapAnonymous(4 * PAGE);
+    cleanup.push(() => m.close());
+    u.register(m);
+    u.addRule({ mapping: m, action: 'zero' });
+    u.serve();
+    const r = await access(m, { op: 'read' });
+    expect(r.ops).toBe(4);
+    expect(u.stats().faults).toBeGreaterThan(0);
+  }, 10_000);
 });
