@@ -5,9 +5,9 @@ import { describe, it, expect, beforeEach } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { spawnSync } from 'node:child_process';
-import { Device, Userfaultfd, access, mapFile, mapAnonymous, fileSystemOf, type FileStrategy } from '../lib/index.js';
-import { P, PAGE, requireCap, cleanupAfterEach } from './helpers.js';
+import { spawn, spawnSync } from 'node:child_process';
+import { Device, Userfaultfd, access, forkAccess, FORK_DELAY_MAX_MS, mapFile, mapAnonymous, fileSystemOf, type FileStrategy } from '../lib/index.js';
+import { P, PAGE, FIXTURES_DIR, requireCap, cleanupAfterEach, within } from './helpers.js';
 
 const STRATEGIES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
 const DISK = [os.tmpdir(), '/var/tmp'].find((d) => fs.existsSync(d) && fileSystemOf(d) !== 'tmpfs');
@@ -141,4 +141,54 @@ describe('Userfaultfd.adopt() owns a userfaultfd of its own', () => {
     expect(r.ops).toBe(4);
     expect(u.stats().faults).toBeGreaterThan(0);
   }, 10_000);
+});
+
+describe("forkAccess()'s child does not outlive its parent", () => {
+  /** Whether a process still runs: gone, or a zombie nobody reaped (it runs nothing), is not running. */
+  function running(pid: number, start: string): boolean {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      return f[19] === start && f[0] !== 'Z' && f[0] !== 'X';
+    } catch {
+      return false;
+    }
+  }
+
+  for (const mode of ['exit', 'kill'] as const) {
+    it(`a parent that ${mode === 'exit' ? 'exits' : 'is SIGKILLed'} while its child sleeps (delayMs 30 s): the child is gone within 5 s`, async () => {
+      const child = spawn(process.execPath, [path.join(FIXTURES_DIR, 'fork-orphan.mjs'), mode], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      child.stdout.on('data', (d) => (out += d));
+      let err = '';
+      child.stderr.on('data', (d) => (err += d));
+      const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+      cleanup.push(() => child.kill('SIGKILL'));
+      await within(
+        (async () => {
+          while (!out.includes('\n')) await new Promise((r) => setTimeout(r, 10));
+        })(),
+        10_000,
+        `the fixture reporting its child (stderr: ${err})`,
+      );
+      const line = JSON.parse(out.split('\n')[0]) as { parent: number; children: { pid: number; start: string }[] };
+      expect(line.children, 'the fixture saw its forked child').toHaveLength(1);
+      const kid = line.children[0];
+      if (mode === 'kill') child.kill('SIGKILL');
+      await within(exited, 10_000, 'the fixture ending');
+      const t0 = Date.now();
+      while (running(kid.pid, kid.start) && Date.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 20));
+      expect(running(kid.pid, kid.start), `child ${kid.pid} still runs ${Date.now() - t0} ms after its parent ended`).toBe(false);
+      if (running(kid.pid, kid.start)) process.kill(kid.pid, 'SIGKILL');
+    }, 30_000);
+  }
+
+  it('delayMs is bounded: past FORK_DELAY_MAX_MS a RangeError, before any fork', async () => {
+    const m = mapAnonymous(PAGE);
+    cleanup.push(() => m.close());
+    await expect(forkAccess(m, { delayMs: FORK_DELAY_MAX_MS + 1 })).rejects.toMatchObject({ name: 'RangeError', code: 'ERR_OUT_OF_RANGE' });
+    await expect(forkAccess(m, { delayMs: 2 ** 40 })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    const r = await within(forkAccess(m, { delayMs: 1 }), 10_000, 'forkAccess');
+    expect(r).toMatchObject({ exitCode: 0, ops: 1 });
+  }, 20_000);
 });

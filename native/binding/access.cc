@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -116,10 +117,14 @@ Napi::Value RunAccess(const Napi::CallbackInfo& info) {
 // sleeps until the handler reads the event, and the handler may be this very JavaScript thread.
 namespace {
 
+// The longest a forked child may sleep before its access (lib/access.ts FORK_DELAY_MAX_MS).
+constexpr uint64_t kMaxForkDelayMs = 60'000;
+
 struct ForkState {
   sys::AccessSpec spec;
   RegionPin pin;
   int delay_ms = 0;        // the child sleeps first (lets the parent act while it exists)
+  pid_t parent = 0;        // the process that forks, as the child must find it
   pid_t pid = 0;
   int fork_errno = 0;
   int status = 0;
@@ -131,6 +136,10 @@ struct ForkState {
 };
 
 void ChildMain(ForkState& s, int wfd) {
+  // The child dies with the thread that forked it (which waits for it until the process ends): a
+  // parent that exits or is killed leaves no orphan holding its stdio. A parent already gone
+  // before prctl took effect is seen as a new parent process id.
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != s.parent) ::_exit(127);
   if (s.delay_ms) usleep(static_cast<useconds_t>(s.delay_ms) * 1000);
   sys::AccessSpec spec = s.spec;
   spec.threads = 1;
@@ -151,7 +160,10 @@ Napi::Value ForkRun(const Napi::CallbackInfo& info) {
   Napi::Object o = info.Length() > 3 && info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
   auto state = std::unique_ptr<ForkState>(
       new ForkState{spec, RegionPin(m->region(), spec.base - m->region()->addr, spec.length)});
-  state->delay_ms = static_cast<int>(OptU64(o, "delayMs", 0));
+  const uint64_t delay = OptU64(o, "delayMs", 0);
+  if (delay > kMaxForkDelayMs)
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "delayMs must be at most " + std::to_string(kMaxForkDelayMs) + " (one minute)");
+  state->delay_ms = static_cast<int>(delay);
   return NativeJob<ForkState>::Start(
       env, std::move(state),
       [](ForkState& s) {
@@ -162,6 +174,7 @@ Napi::Value ForkRun(const Napi::CallbackInfo& info) {
           s.fork_errno = errno;
           return;
         }
+        s.parent = ::getpid();
         pid_t pid = ::fork();
         if (pid < 0) {
           s.fork_errno = errno;
