@@ -333,7 +333,8 @@ export class Mapping {
 
   /**
    * Closes the mapping's mirrors (as Mirror.close() does: file mirrors write their device copies
-   * back and release their leases), then munmap and close the owned descriptor. Idempotent.
+   * back and release their leases; a pinned mirror stays with its pages and only gives up its
+   * lease), then munmap and close the owned descriptor. Idempotent.
    * Errors: EBUSY while native threads or rules use it (nothing closed); EIO when device copies
    * could not be written back (closed anyway, as close(2) reports a failed writeback).
    */

@@ -557,7 +557,7 @@ Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {
                                 "rules, or close the userfaultfd first"});
   // Its mirrors close first, as their own close() would: device copies of a file's pages go back
   // to the file and leases are released (a lease left behind would make every open() of the file,
-  // by any process, wait out the lease-break time).
+  // by any process, wait out the lease-break time). Pinned mirrors stay, without their lease.
   const uint64_t lost = CloseMirrors(env);
   DetachBuffer();
   {
@@ -586,6 +586,11 @@ uint64_t Mapping::CloseMirrors(Napi::Env env) {
   }
   uint64_t lost = 0;
   for (auto& m : mine) {
+    if (m->pinned()) {
+      // A long-term pin outlives the munmap, as a GUP pin does: the device keeps its pages.
+      m->release_lease();
+      continue;
+    }
     m->detach();
     if (const engine::FileStats* fs = m->file_stats()) lost += fs->lost_pages.load();
   }

@@ -195,6 +195,11 @@ class Mirror : public RangeNotifier {
   // The lease-break path (lease.cc's thread): revoke, write back, give the device's copies up, release.
   void break_lease();
   bool lease_held() const { return file_ && file_->lease_held.load(); }
+  // The mapping goes but a pinned mirror stays (its device keeps the pages it holds): its lease,
+  // which nothing would release any more, goes now.
+  void release_lease() {
+    if (file_) file_release_lease();
+  }
   bool pinned() const { return pinned_; }
   uint64_t diverged() const { return diverged_.load(std::memory_order_relaxed); }
   bool single_writer() const { return single_writer_; }
