@@ -377,7 +377,9 @@ Napi::Value Start(Napi::Env env, std::unique_ptr<KernelJob> job, bool copy_out) 
       [copy_out](Napi::Env env, KernelJob& j) -> Napi::Value {
         if (j.result.error) {
           const char* hint = j.result.error == -EPERM ? "the range is not writable"
-                             : j.result.error == -EFAULT ? "no mapping, PROT_NONE, or the mirror is gone"
+                             : j.result.error == -EFAULT ? "no mapping, PROT_NONE, the mirror is gone, or the page could not be "
+                                                           "made present (SIGBUS: past end of file, hugetlb pool empty, I/O error)"
+                             : j.result.error == -ENOSPC ? "the file system is full: the page could not be allocated"
                              : j.result.error == -EBUSY ? "invalidations kept racing the range fault past the timeout"
                              : j.result.error == -ENODEV ? "the device was closed" : nullptr;
           Napi::Error err = SystemError(env, j.result.error, "device fault", {nullptr, hint});

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "../sys/access.h"
+#include "../sys/file.h"
 #include "../sys/mem.h"
 #include "../sys/uapi.h"
 #include "device.h"
@@ -210,9 +211,12 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   if (!(prot & PROT_READ)) return -EFAULT;
   if (write && !(prot & PROT_WRITE)) return -EPERM;
   // Make the CPU side present: the user-space hmm_range_fault. Device-resident pages are holes on
-  // the CPU side and stay so; populate the runs between them.
+  // the CPU side and stay so; populate the runs between them. A single-writer mirror populates
+  // through its own view: the same pages, but not registered, so no write-protect fault is raised
+  // inside the kernel (which a user-mode-only engine descriptor would never see).
+  const uint64_t base = alias_ ? alias_ : start_;
   auto populate = [&](uint64_t a, uint64_t b) {
-    return sys::advise(reinterpret_cast<void*>(start_ + a * page_), (b - a) * page_,
+    return sys::advise(reinterpret_cast<void*>(base + a * page_), (b - a) * page_,
                        write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
   };
   for (uint64_t i, j, from = first; next_host_run(from, last, &i, &j); from = j) {
@@ -232,9 +236,15 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
         }
       }
     }
-    // EFAULT/ENOMEM: the mapping changed between the check above and here; an invalidation is
-    // under way or done, so retry and let the checks decide.
-    if (rc == -EFAULT || rc == -ENOMEM) return 1;
+    if (rc == -EFAULT && !raced(gen0) && fill_holes(i, j, gen0)) rc = populate(i, j);
+    if (rc == -EFAULT || rc == -ENOMEM) {
+      // The mapping changed between the checks above and here: an invalidation is under way or
+      // done, so retry and let the checks decide. Otherwise the CPU side itself could not be made
+      // present, and retrying would only wait out the timeout: say why now.
+      if (raced(gen0)) return 1;
+      if (rc == -EFAULT && region_->fd >= 0 && sys::fs_full(region_->fd, write) == 1) return -ENOSPC;
+      return rc;
+    }
     if (rc) return rc == -EINVAL ? -EFAULT : rc;
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -252,6 +262,32 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
     pt_[k].store(kept | kValid | (write ? kWrite : (e & kWrite)), std::memory_order_release);
   }
   return 0;
+}
+
+bool Mirror::raced(uint64_t gen0) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return gen_ != gen0 || active_ != 0;
+}
+
+// With a user-mode-only engine descriptor, a populate meets the holes of a registered private
+// anonymous range as SIGBUS (EFAULT), where the engine would have given them a zero page: give
+// them that page here, under the change mutex so that no migration makes a hole meanwhile.
+// Returns whether it did (the caller populates again, once).
+bool Mirror::fill_holes(uint64_t a, uint64_t b, uint64_t gen0) {
+  if (!engine_registered_ || !Engine::get().user_mode_only() || region_->kind != RegionKind::kAnonymous || region_->shared)
+    return false;
+  std::lock_guard<std::mutex> change(change_mu_);
+  if (raced(gen0)) return false;
+  for (uint64_t i, j, from = a; next_host_run(from, b, &i, &j); from = j) {
+    for (uint64_t at = i, tries = 2 * (j - i) + 8; at < j; tries--) {
+      int64_t done = 0;
+      int rc = sys::uffd_zeropage(Engine::get().fd(), start_ + at * page_, (j - at) * page_, 0, &done);
+      if (rc == 0) break;
+      if (tries == 0 || (rc != -EAGAIN && rc != -EEXIST)) return false;
+      at += static_cast<uint64_t>(done) / page_ + (rc == -EEXIST ? 1 : 0);  // EEXIST: that page is present already
+    }
+  }
+  return true;
 }
 
 int Mirror::range_fault(uint64_t first, uint64_t last, bool write, int timeout_ms) {
@@ -335,6 +371,13 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     // the CPU side must fault when it touches a moved page, and userfaultfd cannot register a
     // private file mapping (EINVAL), so the hole would silently read the file again: refuse.
     for (uint64_t i = first; i < last; i++) out->skipped.push_back({i, Skip::kFileBacked});
+    out->error = -ENOENT;
+    return;
+  }
+  if (region_->shared) {
+    // Shared memory never moves (other mappings of the file see its pages): nothing needs the
+    // engine, whose registration would only make the range fault's populate depend on it.
+    for (uint64_t i = first; i < last; i++) out->skipped.push_back({i, Skip::kShared});
     out->error = -ENOENT;
     return;
   }

@@ -237,6 +237,8 @@ class Mirror : public RangeNotifier {
   void begin_change();
   void end_change();
   int fault_once(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline);
+  bool raced(uint64_t gen0);  // an invalidation started or ended since gen0 was read
+  bool fill_holes(uint64_t a, uint64_t b, uint64_t gen0);
 
   Device* const device_;
   const std::shared_ptr<Region> region_;

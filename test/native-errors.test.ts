@@ -1,0 +1,89 @@
+// Errors must name their real cause at once: a privilege the engine's userfaultfd lacks must not
+// look like racing invalidations, a full file system must not look like a timeout, and a
+// read-only mapping must not look like a missing userfaultfd.
+import { describe, it, expect, beforeEach, beforeAll, afterAll } from 'vitest';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { Device, mapFile } from '../lib/index.js';
+import { P, PAGE, FIXTURES_DIR, requireCap, cleanupAfterEach, within } from './helpers.js';
+
+const NOBODY = 65534;
+const cleanup = cleanupAfterEach();
+beforeEach((ctx) => requireCap(ctx, P.experiments.uffd, 'userfaultfd'));
+
+describe('device accesses do not depend on the engine seeing kernel-mode faults', () => {
+  const fixture = path.join(FIXTURES_DIR, 'unprivileged-device.mjs');
+  const expectAllWork = (out: Record<string, { mismatches?: number; code?: string; message?: string; ms: number }>) => {
+    for (const name of ['singleWriter', 'placementMemfd', 'placementOversubscribed']) {
+      expect(out[name], name).toMatchObject({ mismatches: 0 });
+      expect(out[name].ms, `${name} took ${out[name].ms} ms`).toBeLessThan(4000);
+    }
+  };
+
+  it('single-writer and placement device on a memfd, placement device past device memory: in this process', () => {
+    const r = spawnSync(process.execPath, [fixture], { encoding: 'utf8', timeout: 30_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expectAllWork(JSON.parse(r.stdout));
+  }, 40_000);
+
+  it('the same as uid nobody with vm.unprivileged_userfaultfd=0 (a user-mode-only engine descriptor)', (ctx) => {
+    if (P.euid !== 0) ctx.skip('needs root to start a child as uid nobody (this run is unprivileged: the test above covers it)');
+    if (P.sysctl.unprivilegedUserfaultfd !== '0')
+      ctx.skip(`vm.unprivileged_userfaultfd=${P.sysctl.unprivilegedUserfaultfd}: the restricted case does not arise here`);
+    const r = spawnSync(process.execPath, [fixture], { uid: NOBODY, gid: NOBODY, encoding: 'utf8', timeout: 30_000 });
+    expect(r.status, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout);
+    expect(out.euid).toBe(NOBODY);
+    expectAllWork(out);
+  }, 40_000);
+});
+
+describe('a device write on a full tmpfs', () => {
+  let mnt: string | undefined;
+  let why = '';
+  beforeAll(() => {
+    if (process.getuid?.() !== 0) return void (why = 'mounting a small tmpfs needs root');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-enospc-'));
+    const r = spawnSync('mount', ['-t', 'tmpfs', '-o', `size=${16 * PAGE}`, 'pagemirror-enospc', dir], { encoding: 'utf8', timeout: 30_000 });
+    if (r.status !== 0) throw new Error(`mount -t tmpfs failed: ${r.stderr.trim()}`);
+    mnt = dir;
+  });
+  afterAll(() => {
+    if (mnt) {
+      spawnSync('umount', [mnt], { timeout: 30_000 });
+      fs.rmSync(mnt, { recursive: true, force: true });
+    }
+  });
+
+  it('remote: a write to a page the file system cannot allocate fails at once with ENOSPC, not EBUSY after timeoutMs', async (ctx) => {
+    if (!mnt) return ctx.skip(why);
+    const file = path.join(mnt, 'sparse');
+    fs.writeFileSync(file, Buffer.alloc(0));
+    fs.truncateSync(file, 8 * PAGE); // a hole: its pages take blocks only when written
+    try {
+      fs.writeFileSync(path.join(mnt, 'filler'), Buffer.alloc(32 * PAGE));
+    } catch {
+      /* ENOSPC part way: full either way */
+    }
+    const m = mapFile(file);
+    const dev = Device.create({ timeoutMs: 5000 });
+    cleanup.push(() => dev.close(), () => m.close());
+    const fm = dev.mirrorFile(m, { strategy: 'remote' });
+    cleanup.push(() => fm.close());
+    const t0 = Date.now();
+    await expect(within(fm.write(0, Buffer.alloc(PAGE, 7)), 10_000, 'device write')).rejects.toMatchObject({
+      code: 'ENOSPC',
+      errno: -28,
+      syscall: 'device fault',
+    });
+    expect(Date.now() - t0).toBeLessThan(2500);
+    // tmpfs gives a shared mapping no zero page: a read of the hole must allocate too.
+    await expect(within(fm.read(0, 1), 10_000, 'device read')).rejects.toMatchObject({ code: 'ENOSPC' });
+    // Space again: the same write succeeds and reaches the file.
+    fs.rmSync(path.join(mnt, 'filler'));
+    await within(fm.write(0, Buffer.alloc(PAGE, 7)), 10_000, 'device write');
+    expect(fs.readFileSync(file).subarray(0, PAGE).every((b) => b === 7)).toBe(true);
+  }, 30_000);
+});
