@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { Device, mapFile } from '../lib/index.js';
+import { Device, Userfaultfd, mapFile } from '../lib/index.js';
 import { P, PAGE, FIXTURES_DIR, requireCap, cleanupAfterEach, within } from './helpers.js';
 
 const NOBODY = 65534;
@@ -38,6 +38,40 @@ describe('device accesses do not depend on the engine seeing kernel-mode faults'
     expect(out.euid).toBe(NOBODY);
     expectAllWork(out);
   }, 40_000);
+});
+
+describe('a read-only shared file mapping cannot be registered: the error says so', () => {
+  it('register() and a copy mirror on tmpfs: EPERM naming VM_MAYWRITE and prot rw, not userfaultfd access', () => {
+    const file = path.join('/dev/shm', `pagemirror-ro-${process.pid}`);
+    fs.writeFileSync(file, Buffer.alloc(4 * PAGE, 1));
+    cleanup.push(() => fs.rmSync(file, { force: true }));
+    const m = mapFile(file, { prot: 'r' });
+    cleanup.push(() => m.close());
+    const u = Userfaultfd.open();
+    cleanup.push(() => u.close());
+    const readOnly = expect.objectContaining({ code: 'EPERM', errno: -1, path: file, message: expect.stringMatching(/VM_MAYWRITE.*open read-only.*prot 'rw'/) });
+    expect(() => u.register(m)).toThrow(readOnly);
+    const dev = Device.create();
+    cleanup.push(() => dev.close());
+    let err: unknown;
+    try {
+      dev.mirrorFile(m, { strategy: 'copy' });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toEqual(readOnly);
+    expect((err as Error).message).not.toMatch(/unprivileged_userfaultfd/);
+    // A single-writer mirror maps the file again for the device's writes: refused by mmap, and said so.
+    expect(() => dev.mirror(m, { writeMode: 'single' })).toThrow(
+      expect.objectContaining({ code: 'EACCES', syscall: 'mmap', message: expect.stringMatching(/open for writing.*prot 'rw'/) }),
+    );
+    // Writable: both work.
+    const w = mapFile(file);
+    cleanup.push(() => w.close());
+    u.register(w);
+    u.unregister(w);
+    dev.mirrorFile(w, { strategy: 'copy' }).close();
+  });
 });
 
 describe('a device write on a full tmpfs', () => {

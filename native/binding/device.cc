@@ -143,8 +143,11 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
       const char* hint = rc == -EOPNOTSUPP ? "single-writer mode needs shared memory with a file (memfd, tmpfs): the device "
                                              "writes through its own mapping of it; for private anonymous memory use exclusive()"
                          : rc == -EINVAL ? "userfaultfd cannot write-protect this memory (only shmem/tmpfs files)"
-                         : rc == -EBUSY ? "the range is registered with another userfaultfd" : nullptr;
-      ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
+                         : rc == -EBUSY ? "the range is registered with another userfaultfd"
+                         : rc == -EACCES ? "the device writes through its own mapping of the file, which needs the file open "
+                                           "for writing: map it with prot 'rw'"
+                         : rc == -EPERM ? m->region()->not_writable_hint() : nullptr;
+      ThrowSystemError(env, rc, rc == -EACCES ? "mmap" : "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
     }
   } else if (write_mode != "shared") {
     mirror->detach();
@@ -173,6 +176,8 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
                          : rc == -EOPNOTSUPP ? "copy and bounce keep the data in device memory: not on hugetlbfs, and not on "
                                                "DAX, whose pages already are the device-addressable memory (use remote or pin)"
                          : rc == -EPERM && fopt.strategy == engine::FileStrategy::kPin ? "pinning needs write access to the range"
+                         : rc == -EPERM && !m->region()->may_write() && engine::Engine::get().ensure() == 0
+                             ? m->region()->not_writable_hint()
                          : rc == -EPERM || rc == -EACCES || rc == -ENOSYS
                              ? "copy and bounce need the engine's userfaultfd, which this process cannot open (see "
                                "vm.unprivileged_userfaultfd, /dev/userfaultfd and `npx pagemirror probe`); remote and pin do not"

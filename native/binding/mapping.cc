@@ -80,6 +80,19 @@ void Region::unmap_now() {
   if (closed.compare_exchange_strong(expected, true) && addr) sys::unmap(reinterpret_cast<void*>(addr), length);
 }
 
+bool Region::may_write() const {
+  if (!shared || fd < 0) return true;
+  const int fl = ::fcntl(fd, F_GETFL);
+  return fl < 0 || (fl & O_ACCMODE) != O_RDONLY;
+}
+
+const char* Region::not_writable_hint() const {
+  return may_write() ? nullptr
+                     : "userfaultfd registers only mappings that may be written (VM_MAYWRITE), and this shared "
+                       "mapping's file is open read-only: map it with prot 'rw' (or pass a descriptor opened for "
+                       "writing)";
+}
+
 bool Region::pinned_over(uint64_t off, uint64_t len) {
   std::lock_guard<std::mutex> lock(mu);
   for (const auto& p : pin_ranges)

@@ -271,7 +271,9 @@ Napi::Value Userfaultfd::Register(const Napi::CallbackInfo& info) {
     if (rc == -EINVAL) hint = "this memory does not support that mode (MINOR needs shmem or hugetlbfs, WP on "
                               "shmem needs WP_HUGETLBFS_SHMEM) or the range is not aligned";
     else if (rc == -EBUSY) hint = "the range is registered with another userfaultfd";
-    ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
+    else if (rc == -EPERM) hint = m->region()->not_writable_hint();
+    const std::string& path = m->region()->path;
+    ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {path.empty() ? nullptr : path.c_str(), hint});
   }
   m->region()->registered.fetch_add(1);
   registrations_.push_back({m->region(), start, len, mode, m->region()->page});
