@@ -121,3 +121,36 @@ describe('a device write on a full tmpfs', () => {
     expect(fs.readFileSync(file).subarray(0, PAGE).every((b) => b === 7)).toBe(true);
   }, 30_000);
 });
+
+describe('file I/O cut off by close()', () => {
+  it('fsync() and pread() running when the mirror closes reject with ERR_PAGEMIRROR_CLOSED, never a bare EBADF', async () => {
+    const outcomes: string[] = [];
+    for (const dir of ['/dev/shm', os.tmpdir()]) {
+      for (const strategy of ['remote', 'copy', 'bounce', 'pin'] as const) {
+        const file = path.join(dir, `pagemirror-cut-${process.pid}-${strategy}`);
+        fs.writeFileSync(file, Buffer.alloc(1024 * PAGE, 1));
+        cleanup.push(() => fs.rmSync(file, { force: true }));
+        const m = mapFile(file);
+        const dev = Device.create({ memory: 8 << 20 });
+        cleanup.push(() => dev.close(), () => m.close());
+        const fm = dev.mirrorFile(m, { strategy });
+        await fm.run({ op: 'write', seed: 3 });
+        const jobs = [fm.fsync(), fm.pread(0, 256 * PAGE)];
+        fm.close();
+        for (const j of jobs) {
+          const r = await within(
+            j.then(
+              () => 'done',
+              (e: NodeJS.ErrnoException) => e.code ?? String(e),
+            ),
+            20_000,
+            `${strategy} job`,
+          );
+          expect(['done', 'ERR_PAGEMIRROR_CLOSED'], `${strategy} in ${dir}`).toContain(r);
+          outcomes.push(r);
+        }
+      }
+    }
+    expect(outcomes, 'no job was cut off: this machine closed too late to test anything').toContain('ERR_PAGEMIRROR_CLOSED');
+  }, 60_000);
+});

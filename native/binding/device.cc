@@ -681,6 +681,15 @@ engine::Mirror& FileMirror(Napi::Env env, engine::Mirror& m) {
   return m;
 }
 
+// A file job that the mirror's close (its own, or its mapping's) cut off: the engine stops it with
+// EBADF, which would read as a bad descriptor of the caller's; say what happened instead.
+void ThrowIfClosedUnder(Napi::Env env, int64_t rc, engine::Mirror& m, const char* what) {
+  if (rc == -EBADF && m.closed())
+    throw StateError(env, "ERR_PAGEMIRROR_CLOSED",
+                     std::string("the mirror was closed while its ") + what +
+                         " ran (close() writes the device's copies back itself)");
+}
+
 void CheckBytes(Napi::Env env, engine::Mirror& m, uint64_t off, uint64_t len) {
   const uint64_t size = m.npages() * m.page();
   if (off > size || len > size - off)
@@ -708,6 +717,7 @@ Napi::Value StartFileIo(Napi::Env env, std::shared_ptr<engine::Mirror> m, uint64
         j.rc = j.write ? j.mirror->file_write(j.off, j.len, j.data.data()) : j.mirror->file_read(j.off, j.len, j.data.data());
       },
       [](Napi::Env env, FileIoJob& j) -> Napi::Value {
+        ThrowIfClosedUnder(env, j.rc, *j.mirror, j.write ? "pwrite()" : "pread()");
         if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), j.write ? "pwrite" : "pread", {});
         if (j.write) return env.Undefined();
         return Napi::Buffer<uint8_t>::Copy(env, j.data.data(), static_cast<size_t>(j.rc));
@@ -757,6 +767,7 @@ Napi::Value MirrorWrap::Writeback(const Napi::CallbackInfo& info) {
         j.rc = j.mirror->writeback(j.off / page, (j.off + j.len + page - 1) / page, j.sync, &j.wb);
       },
       [](Napi::Env env, FileIoJob& j) -> Napi::Value {
+        ThrowIfClosedUnder(env, j.rc, *j.mirror, j.sync ? "fsync()" : "writeback()");
         if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), j.sync ? "fdatasync" : "writeback", {});
         Napi::Object o = Napi::Object::New(env);
         o.Set("pages", static_cast<double>(j.wb.pages));
