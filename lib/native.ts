@@ -324,6 +324,7 @@ export interface NativeAddon {
   runAccess(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeAccessResult>;
   forkRun(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeForkResult>;
   copyAsync(m: NativeMapping, offset: number, data: Uint8Array, toMapping: boolean): Promise<number>;
+  populateAsync(m: NativeMapping, offset: number, length: number, write: boolean): Promise<void>;
   pagemapScan(
     m: NativeMapping,
     offset: number,

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { Device, Userfaultfd, mapFile } from '../lib/index.js';
+import { Device, Userfaultfd, mapAnonymous, mapFile, mapMemfd, POPULATE_SYNC_MAX_BYTES } from '../lib/index.js';
 import { P, PAGE, FIXTURES_DIR, requireCap, cleanupAfterEach, within } from './helpers.js';
 
 const NOBODY = 65534;
@@ -153,4 +153,53 @@ describe('file I/O cut off by close()', () => {
     }
     expect(outcomes, 'no job was cut off: this machine closed too late to test anything').toContain('ERR_PAGEMIRROR_CLOSED');
   }, 60_000);
+});
+
+describe('requests with no bound', () => {
+  it('allocate() on a memfd beyond the memory available: ENOMEM at once, not the OOM killer', () => {
+    const meminfo = fs.readFileSync('/proc/meminfo', 'utf8');
+    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm').exec(meminfo)?.[1] ?? 0);
+    const avail = (kb('MemAvailable') + kb('SwapFree')) * 1024;
+    const m = mapMemfd(PAGE);
+    cleanup.push(() => m.close());
+    const t0 = Date.now();
+    expect(() => m.allocate(0, avail + (1 << 30), { keepSize: true })).toThrow(
+      expect.objectContaining({ code: 'ENOMEM', errno: -12, syscall: 'fallocate', message: expect.stringMatching(/memory-backed file.*available/) }),
+    );
+    expect(Date.now() - t0).toBeLessThan(1000);
+    m.allocate(0, 16 * PAGE, { keepSize: true }); // within bounds: granted
+    expect(m.cachestat({ fileOffset: 0, length: 16 * PAGE }).cache).toBe(16);
+  });
+
+  it("advise('populateWrite') of more than 1 GiB on the JavaScript thread: RangeError; populate() does it on a native thread", async () => {
+    const big = mapAnonymous(POPULATE_SYNC_MAX_BYTES + (2 << 20), { noReserve: true });
+    cleanup.push(() => big.close());
+    const t0 = Date.now();
+    expect(() => big.advise('populateWrite')).toThrow(expect.objectContaining({ name: 'RangeError', code: 'ERR_OUT_OF_RANGE', message: expect.stringMatching(/populate\(\)/) }));
+    expect(Date.now() - t0).toBeLessThan(500); // refused before any page was touched
+    expect(big.residency({ length: 16 * PAGE }).some(Boolean)).toBe(false);
+    big.advise('populateWrite', { length: 16 * PAGE }); // small: fine on this thread
+    expect(big.residency({ length: 16 * PAGE }).every(Boolean)).toBe(true);
+  });
+
+  it('populate() of registered memory whose faults JavaScript resolves: the JavaScript thread stays free to serve them', async () => {
+    const m = mapAnonymous(16 * PAGE);
+    cleanup.push(() => m.close());
+    const u = Userfaultfd.open();
+    cleanup.push(() => u.close());
+    u.register(m);
+    let served = 0;
+    u.serve({
+      onFaults: (faults, uf) => {
+        for (const f of faults) {
+          uf.zeropage(m, f.offset, PAGE);
+          served++;
+        }
+      },
+    });
+    await within(m.populate({ write: true }), 10_000, 'populate');
+    expect(served).toBeGreaterThan(0);
+    expect(m.residency().every(Boolean)).toBe(true);
+    await expect(m.populate({ offset: 0, length: 0 })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+  }, 20_000);
 });

@@ -271,4 +271,35 @@ Napi::Value CopyAsync(const Napi::CallbackInfo& info) {
       });
 }
 
+// populateAsync(mapping, offset, length, write) -> Promise<void>: MADV_POPULATE_READ/WRITE on a
+// native thread. Populating gigabytes takes seconds, and a populate of registered memory sleeps
+// until its faults are served, perhaps by this very JavaScript thread.
+namespace {
+struct PopulateState {
+  uint64_t addr, len;
+  bool write;
+  RegionPin pin;
+  int rc = 0;
+};
+}  // namespace
+
+Napi::Value PopulateAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = Mapping::Unwrap(info[0]);
+  const uint64_t off = ToU64(info[1], "offset"), len = ToU64(info[2], "length");
+  const bool write = info.Length() > 3 && info[3].ToBoolean().Value();
+  if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  const uint64_t addr = m->Range(env, off, len);
+  auto state = std::unique_ptr<PopulateState>(new PopulateState{addr, len, write, RegionPin(m->region(), off, len)});
+  return NativeJob<PopulateState>::Start(
+      env, std::move(state),
+      [](PopulateState& s) {
+        s.rc = sys::advise(reinterpret_cast<void*>(s.addr), s.len, s.write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+      },
+      [](Napi::Env env, PopulateState& s) -> Napi::Value {
+        if (s.rc) ThrowSystemError(env, s.rc, "madvise", {nullptr, s.rc == -EFAULT ? "a page could not be made present (PROT_NONE, SIGBUS)" : nullptr});
+        return env.Undefined();
+      });
+}
+
 }  // namespace pm

@@ -19,6 +19,7 @@ namespace pm {
 Napi::Value RunAccess(const Napi::CallbackInfo& info);
 Napi::Value ForkRun(const Napi::CallbackInfo& info);
 Napi::Value CopyAsync(const Napi::CallbackInfo& info);
+Napi::Value PopulateAsync(const Napi::CallbackInfo& info);
 Napi::Value PagemapScan(const Napi::CallbackInfo& info);
 Napi::Value StatxPath(const Napi::CallbackInfo& info);
 Napi::Value FsType(const Napi::CallbackInfo& info);
@@ -109,6 +110,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("runAccess", Napi::Function::New(env, RunAccess, "runAccess"));
   exports.Set("forkRun", Napi::Function::New(env, ForkRun, "forkRun"));
   exports.Set("copyAsync", Napi::Function::New(env, CopyAsync, "copyAsync"));
+  exports.Set("populateAsync", Napi::Function::New(env, PopulateAsync, "populateAsync"));
   exports.Set("pagemapScan", Napi::Function::New(env, PagemapScan, "pagemapScan"));
   exports.Set("statx", Napi::Function::New(env, StatxPath, "statx"));
   exports.Set("fsType", Napi::Function::New(env, FsType, "fsType"));

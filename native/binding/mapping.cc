@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../sys/access.h"
+#include "../sys/file.h"
 #include "../sys/mem.h"
 #include "../sys/pagemap.h"
 #include "../sys/uapi.h"
@@ -386,6 +387,14 @@ Napi::Value Mapping::Fallocate(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[1], "offset"), len = ToU64(info[2], "length");
   if (r.fd < 0) throw StateError(env, "ERR_PAGEMIRROR_NO_FILE", "anonymous memory has no file to fallocate");
   if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  uint64_t avail = 0;
+  if (!(mode & FALLOC_FL_PUNCH_HOLE) && sys::on_tmpfs(r.fd) == 1 && sys::memory_available(&avail) == 0 && len > avail) {
+    // A memory-backed file's blocks are memory: the kernel would grant this and the OOM killer
+    // would then end some process (perhaps this one) instead of the call failing.
+    const std::string hint = "a memory-backed file (memfd, tmpfs) takes RAM or swap for every block: " + std::to_string(len) +
+                             " bytes asked, " + std::to_string(avail) + " available (MemAvailable + SwapFree)";
+    ThrowSystemError(env, -ENOMEM, "fallocate", {r.path.empty() ? nullptr : r.path.c_str(), hint.c_str()});
+  }
   std::optional<Region::Invalidation> inv;
   if (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) FileRangeInvalidation(&inv, off, len, InvalidateCause::kTruncate);
   int rc = sys::allocate(r.fd, static_cast<int>(mode), static_cast<off_t>(off), static_cast<off_t>(len));

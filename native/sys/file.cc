@@ -101,6 +101,12 @@ int punch_hole(int fd, uint64_t off, uint64_t len) {
   }
 }
 
+int on_tmpfs(int fd) {
+  struct statfs fs;
+  if (::fstatfs(fd, &fs) != 0) return -errno;
+  return fs.f_type == TMPFS_MAGIC ? 1 : 0;
+}
+
 int fs_full(int fd, bool write) {
   struct statfs fs;
   if (::fstatfs(fd, &fs) != 0) return -errno;

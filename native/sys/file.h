@@ -24,5 +24,7 @@ int punch_hole(int fd, uint64_t off, uint64_t len);
 // shared zero page for a file). 1 yes, 0 no, or -errno. A page fault that could not allocate
 // reaches user space only as SIGBUS/EFAULT; this names the cause.
 int fs_full(int fd, bool write);
+// Whether fd's file lives in memory (tmpfs, memfd): its blocks are RAM or swap. 1, 0 or -errno.
+int on_tmpfs(int fd);
 
 }  // namespace pm::sys
