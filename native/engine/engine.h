@@ -64,6 +64,10 @@ class Engine : public sys::FaultSink {
   static void release_others(const std::vector<Mirror*>& held);
 
   void on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg* events, size_t nevents) override;
+  // Resolves a missing-page fault at addr as a CPU fault on it would be, for a caller whose own
+  // access would not reach the engine (a kernel-mode fault on a user-mode-only descriptor). A
+  // page already present is left as it is. The caller holds no mirror's change mutex.
+  void resolve_cpu_fault(uint64_t addr) { handle(sys::FaultMsg{addr, 0, 0}); }
 
   // Locks the change mutex of every live mirror covering [start, end) (self included), in address
   // order, for this thread; they are released when the returned object goes. Two migrations of one

@@ -270,23 +270,17 @@ bool Mirror::raced(uint64_t gen0) {
 }
 
 // With a user-mode-only engine descriptor, a populate meets the holes of a registered private
-// anonymous range as SIGBUS (EFAULT), where the engine would have given them a zero page: give
-// them that page here, under the change mutex so that no migration makes a hole meanwhile.
-// Returns whether it did (the caller populates again, once).
+// anonymous range as SIGBUS (EFAULT): the engine never hears of the faults it raises. Each such
+// page is resolved here as the engine would resolve a CPU fault on it (home from whichever device
+// holds it, else a zero page; decided under the covering mirrors' change mutexes, so no caller
+// lock may be held). Returns whether it did (the caller populates again, once).
 bool Mirror::fill_holes(uint64_t a, uint64_t b, uint64_t gen0) {
-  if (!engine_registered_ || !Engine::get().user_mode_only() || region_->kind != RegionKind::kAnonymous || region_->shared)
-    return false;
-  std::lock_guard<std::mutex> change(change_mu_);
+  // The range may be registered by another device's mirror of it: ask the engine, not ourselves.
+  Engine& e = Engine::get();
+  if (e.fd() < 0 || !e.user_mode_only() || region_->kind != RegionKind::kAnonymous || region_->shared) return false;
   if (raced(gen0)) return false;
-  for (uint64_t i, j, from = a; next_host_run(from, b, &i, &j); from = j) {
-    for (uint64_t at = i, tries = 2 * (j - i) + 8; at < j; tries--) {
-      int64_t done = 0;
-      int rc = sys::uffd_zeropage(Engine::get().fd(), start_ + at * page_, (j - at) * page_, 0, &done);
-      if (rc == 0) break;
-      if (tries == 0 || (rc != -EAGAIN && rc != -EEXIST)) return false;
-      at += static_cast<uint64_t>(done) / page_ + (rc == -EEXIST ? 1 : 0);  // EEXIST: that page is present already
-    }
-  }
+  for (uint64_t i, j, from = a; next_host_run(from, b, &i, &j); from = j)
+    for (uint64_t k = i; k < j; k++) e.resolve_cpu_fault(start_ + k * page_);
   return true;
 }
 
