@@ -273,14 +273,26 @@ Napi::Value CopyAsync(const Napi::CallbackInfo& info) {
 
 // populateAsync(mapping, offset, length, write) -> Promise<void>: MADV_POPULATE_READ/WRITE on a
 // native thread. Populating gigabytes takes seconds, and a populate of registered memory sleeps
-// until its faults are served, perhaps by this very JavaScript thread.
+// until its faults are served, perhaps by this very JavaScript thread. Registered memory is
+// touched from user mode instead, page by page: a user-mode-only userfaultfd (all an unprivileged
+// process gets) never sees the faults a populate raises inside the kernel, which then fail.
 namespace {
 struct PopulateState {
-  uint64_t addr, len;
-  bool write;
+  uint64_t addr, len, page;
+  bool write, touch;
   RegionPin pin;
   int rc = 0;
+  uint64_t bad = 0;
 };
+
+void TouchPages(void* arg) {
+  auto& s = *static_cast<PopulateState*>(arg);
+  for (uint64_t a = s.addr; a < s.addr + s.len; a += s.page) {
+    auto* w = reinterpret_cast<uint64_t*>(a);
+    if (s.write) __atomic_fetch_add(w, 0, __ATOMIC_RELAXED);  // a write fault that changes no data, even racing a writer
+    else (void)*reinterpret_cast<volatile uint64_t*>(w);
+  }
+}
 }  // namespace
 
 Napi::Value PopulateAsync(const Napi::CallbackInfo& info) {
@@ -290,11 +302,17 @@ Napi::Value PopulateAsync(const Napi::CallbackInfo& info) {
   const bool write = info.Length() > 3 && info[3].ToBoolean().Value();
   if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
   const uint64_t addr = m->Range(env, off, len);
-  auto state = std::unique_ptr<PopulateState>(new PopulateState{addr, len, write, RegionPin(m->region(), off, len)});
+  Region& r = *m->region();
+  const bool touch = r.registered.load() > 0;
+  if (touch && !(r.prot_over(off, len) & (write ? PROT_WRITE : PROT_READ)))
+    ThrowSystemError(env, -EACCES, "madvise", {nullptr, write ? "the range is not writable" : "the range is not readable"});
+  auto state = std::unique_ptr<PopulateState>(
+      new PopulateState{addr, len, r.page, write, touch, RegionPin(m->region(), off, len)});
   return NativeJob<PopulateState>::Start(
       env, std::move(state),
       [](PopulateState& s) {
-        s.rc = sys::advise(reinterpret_cast<void*>(s.addr), s.len, s.write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+        s.rc = s.touch ? sys::guarded_call(TouchPages, &s, &s.bad)
+                       : sys::advise(reinterpret_cast<void*>(s.addr), s.len, s.write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
       },
       [](Napi::Env env, PopulateState& s) -> Napi::Value {
         if (s.rc) ThrowSystemError(env, s.rc, "madvise", {nullptr, s.rc == -EFAULT ? "a page could not be made present (PROT_NONE, SIGBUS)" : nullptr});
