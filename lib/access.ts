@@ -92,13 +92,19 @@ export interface ForkResult {
   signalAddress?: bigint;
 }
 
+/** The longest forkAccess() lets its child sleep first (delayMs): one minute. */
+export const FORK_DELAY_MAX_MS = 60_000;
+
 /**
  * fork()s; the child runs one access kernel on one thread (Node cannot run JavaScript in a forked
  * child), reports through a pipe and exits. The fork happens on a native thread, because with the
- * eventFork feature fork() sleeps until the handler reads the event.
+ * eventFork feature fork() sleeps until the handler reads the event. The child never outlives this
+ * process: it gets SIGKILL when the process exits or dies (PR_SET_PDEATHSIG).
+ * delayMs: the child sleeps this long before its access (default 0; at most FORK_DELAY_MAX_MS,
+ * else RangeError ERR_OUT_OF_RANGE).
  */
 export async function forkAccess(mapping: Mapping, options: AccessOptions & { delayMs?: number } = {}): Promise<ForkResult> {
   const [offset, length, s] = spec(mapping, options);
-  s.delayMs = checkInteger('delayMs', options.delayMs ?? 0);
+  s.delayMs = checkInteger('delayMs', options.delayMs ?? 0, 0, FORK_DELAY_MAX_MS);
   return native.forkRun(mapping.native, offset, length, s) as Promise<NativeForkResult>;
 }

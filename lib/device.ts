@@ -309,7 +309,10 @@ export class Mirror {
     return this.device.forkRun(this.mapping, steps, { ...options, offset: this.offset, length: this.length });
   }
 
-  /** Drops every entry (waiting for accesses in flight) and unhooks from the mapping. Idempotent. */
+  /**
+   * Drops every entry (waiting for accesses in flight) and unhooks from the mapping. Idempotent;
+   * Mapping.close() does it too. Calls on a closed mirror throw ERR_PAGEMIRROR_CLOSED.
+   */
   close(): void {
     this.#n.close();
   }
@@ -393,7 +396,8 @@ export class FileMirror extends Mirror {
   /**
    * read() of the file range [offset, offset + length) of this mirror, through the strategy: copy
    * brings a page the device wrote back into the page cache first; bounce reads a snapshot of the
-   * device's page. Short at end of file. Errors: those of pread(2).
+   * device's page. Short at end of file. Errors: those of pread(2); ERR_PAGEMIRROR_CLOSED when the
+   * mirror (or its mapping) closed while it ran.
    */
   pread(offset: number, length: number): Promise<Buffer> {
     return this.#f.fileRead(checkInteger('offset', offset), checkInteger('length', length));
@@ -402,7 +406,8 @@ export class FileMirror extends Mirror {
   /**
    * write() into the file range of this mirror, through the strategy: copy brings the device's
    * page back and drops it (the device reloads it on its next access); bounce writes into the
-   * device's page, which is the only copy. Errors: those of pwrite(2).
+   * device's page, which is the only copy. Errors: those of pwrite(2); ERR_PAGEMIRROR_CLOSED when
+   * the mirror (or its mapping) closed while it ran.
    */
   pwrite(offset: number, data: Uint8Array): Promise<void> {
     return this.#f.fileWrite(checkInteger('offset', offset), checkBytes('data', data));
@@ -411,7 +416,9 @@ export class FileMirror extends Mirror {
   /**
    * Writes back the dirty pages of [offset, offset + length) (default: all): each page written is
    * a consistent snapshot while device threads keep writing. sync: and waits until the file
-   * has them on its media (fdatasync). DAX: nothing to do (pages: 0).
+   * has them on its media (fdatasync). DAX: nothing to do (pages: 0). Errors: those of pwrite,
+   * sync_file_range and fdatasync; ERR_PAGEMIRROR_CLOSED when close() cut it off (close() writes
+   * the device's copies back itself).
    */
   writeback(range: { offset?: number; length?: number; sync?: boolean } = {}): Promise<{ pages: number; bytesCopied: number; elapsedNs: number }> {
     const offset = checkInteger('offset', range.offset ?? 0);
@@ -424,7 +431,11 @@ export class FileMirror extends Mirror {
     return this.writeback({ sync: true });
   }
 
-  /** Takes a write lease on the file now (see FileMirrorOptions.lease). EAGAIN if it is open elsewhere. */
+  /**
+   * Takes a write lease on the file now (see FileMirrorOptions.lease); it is released by close()
+   * of the mirror or of its mapping. Errors: EAGAIN (the file is open elsewhere),
+   * ERR_PAGEMIRROR_CLOSED (the mirror or its mapping is closed), EBADF (the range was unmapped).
+   */
   takeLease(): void {
     this.#f.takeLease();
   }

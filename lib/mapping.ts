@@ -2,7 +2,10 @@
 // out by `bytes`, so no view can reach unmapped memory.
 import { native, K, type NativeMapping, type NativeMappingInfo, type CacheStat, type StatxResult } from './native.js';
 import { ADVICE, type Advice, parseProt, type Protection, categoryMask, categoryNames, type PageCategory } from './constants.js';
-import { checkBytes, checkInteger, checkOneOf, typeError } from './errors.js';
+import { checkBytes, checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
+
+/** The most advise('populateRead' | 'populateWrite') populates on the JavaScript thread: 1 GiB. */
+export const POPULATE_SYNC_MAX_BYTES = 1 << 30;
 
 export interface MapOptions {
   /** Protection; default 'rw'. */
@@ -180,11 +183,28 @@ export class Mapping {
     this.native.protect(o, l, parseProt(prot));
   }
 
-  /** madvise. Errors: EINVAL (advice unsupported for this memory), EAGAIN, ENOMEM, EPERM, EFAULT. */
+  /**
+   * madvise. Errors: EINVAL (advice unsupported for this memory), EAGAIN, ENOMEM, EPERM, EFAULT;
+   * RangeError ERR_OUT_OF_RANGE for populateRead/populateWrite of more than POPULATE_SYNC_MAX_BYTES
+   * (1 GiB), which would hold the JavaScript thread for seconds: use populate() for those.
+   */
   advise(advice: Advice, range?: RangeOptions): void {
     const a = checkOneOf('advice', advice, Object.keys(ADVICE) as Advice[]);
     const [o, l] = this.#range(range);
+    if ((a === 'populateRead' || a === 'populateWrite') && l > POPULATE_SYNC_MAX_BYTES)
+      throw rangeError('ERR_OUT_OF_RANGE', `advise('${a}') of ${l} bytes would hold the JavaScript thread: at most ${POPULATE_SYNC_MAX_BYTES} bytes at once; use populate() (a native thread)`);
     this.native.advise(o, l, ADVICE[a]);
+  }
+
+  /**
+   * Makes the range present (MADV_POPULATE_READ, or _WRITE with write: true) on a native thread:
+   * any size, and safe on registered memory (its faults are served meanwhile). Default: the whole
+   * mapping, read. Errors: EFAULT (a page could not be made present: PROT_NONE, SIGBUS), ENOMEM,
+   * EBUSY from close() meanwhile (the range is pinned until it finishes).
+   */
+  async populate(options: RangeOptions & { write?: boolean } = {}): Promise<void> {
+    const [o, l] = this.#range(options);
+    await native.populateAsync(this.native, o, l, options.write ?? false);
   }
 
   /** msync. Default MS_SYNC. Errors: EBUSY (MS_INVALIDATE on locked pages), ENOMEM. */
@@ -205,7 +225,11 @@ export class Mapping {
     this.native.fallocate(K.FALLOC_FL_PUNCH_HOLE! | K.FALLOC_FL_KEEP_SIZE!, checkInteger('fileOffset', fileOffset), checkInteger('length', length, 1));
   }
 
-  /** fallocate: reserve blocks for a file range (keepSize: do not extend the file). */
+  /**
+   * fallocate: reserve blocks for a file range (keepSize: do not extend the file). On a
+   * memory-backed file (memfd, tmpfs) blocks are memory: a length beyond what the system has
+   * available (MemAvailable + SwapFree) is refused with ENOMEM instead of waking the OOM killer.
+   */
   allocate(fileOffset: number, length: number, options?: { keepSize?: boolean; zero?: boolean }): void {
     let mode = options?.keepSize ? K.FALLOC_FL_KEEP_SIZE! : 0;
     if (options?.zero) mode |= K.FALLOC_FL_ZERO_RANGE!;
@@ -331,7 +355,13 @@ export class Mapping {
     return this.native.info().holes;
   }
 
-  /** munmap and close the owned descriptor. Idempotent. EBUSY while native threads or rules use it. */
+  /**
+   * Closes the mapping's mirrors (as Mirror.close() does: file mirrors write their device copies
+   * back and release their leases; a pinned mirror stays with its pages and only gives up its
+   * lease), then munmap and close the owned descriptor. Idempotent.
+   * Errors: EBUSY while native threads or rules use it (nothing closed); EIO when device copies
+   * could not be written back (closed anyway, as close(2) reports a failed writeback).
+   */
   close(): void {
     this.native.close();
   }

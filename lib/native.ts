@@ -346,7 +346,7 @@ export interface NativeAddon {
   createDevice(options: Record<string, unknown>): NativeDevice;
   map(options: Record<string, unknown>): NativeMapping;
   openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean }): NativeUserfaultfd;
-  adoptUserfaultfd(fd: number, features: bigint): NativeUserfaultfd;
+  adoptUserfaultfd(fd: number, features: bigint, take?: boolean): NativeUserfaultfd;
   runAccess(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeAccessResult>;
   forkRun(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeForkResult>;
   forkDevice(
@@ -357,6 +357,7 @@ export interface NativeAddon {
     options: { memory: number; timeoutMs: number },
   ): Promise<NativeForkDeviceResult>;
   copyAsync(m: NativeMapping, offset: number, data: Uint8Array, toMapping: boolean): Promise<number>;
+  populateAsync(m: NativeMapping, offset: number, length: number, write: boolean): Promise<void>;
   pagemapScan(
     m: NativeMapping,
     offset: number,

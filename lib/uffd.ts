@@ -159,9 +159,20 @@ export class Userfaultfd {
     return u;
   }
 
-  /** Wraps a descriptor this process received from a FORK event (see UffdEvent.adopt()). */
+  /**
+   * Wraps a userfaultfd this process holds (one received from a FORK event: see UffdEvent.adopt(),
+   * or passed in some other way), whose features were negotiated as `features`. The object owns a
+   * duplicate (F_DUPFD_CLOEXEC): `fd` stays the caller's to close. Errors: ERR_INVALID_ARG_VALUE
+   * (fd is open but not a userfaultfd), EBADF (fd is not open).
+   */
   static adopt(fd: number, features: bigint): Userfaultfd {
-    const u = new Userfaultfd(native.adoptUserfaultfd(checkInteger('fd', fd), features));
+    return Userfaultfd.#wrap(checkInteger('fd', fd), features, false);
+  }
+
+  // take: the library's own fork-event descriptors, which the returned object owns as they are.
+  static #wrap(fd: number, features: bigint, take: boolean): Userfaultfd {
+    if (typeof features !== 'bigint') throw typeError('ERR_INVALID_ARG_TYPE', 'features must be a bigint (featureMask)');
+    const u = new Userfaultfd(native.adoptUserfaultfd(fd, features, take));
     u.#features = features;
     return u;
   }
@@ -441,7 +452,7 @@ export class Userfaultfd {
       return {
         type: 'fork',
         fd: e.fd,
-        adopt: () => (adopted ??= Userfaultfd.adopt(e.fd, this.#features)),
+        adopt: () => (adopted ??= Userfaultfd.#wrap(e.fd, this.#features, true)),
         get adopted() {
           return adopted;
         },
@@ -455,7 +466,7 @@ export class Userfaultfd {
     // A child's descriptor nobody took is closed: the kernel then wakes its faults (they proceed as
     // unregistered memory) instead of leaving the child asleep.
     for (const e of events) {
-      if (e.type === 'fork' && !(e as { adopted?: Userfaultfd }).adopted) Userfaultfd.adopt(e.fd, this.#features).close();
+      if (e.type === 'fork' && !(e as { adopted?: Userfaultfd }).adopted) Userfaultfd.#wrap(e.fd, this.#features, true).close();
     }
   }
 

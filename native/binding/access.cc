@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -116,10 +117,14 @@ Napi::Value RunAccess(const Napi::CallbackInfo& info) {
 // sleeps until the handler reads the event, and the handler may be this very JavaScript thread.
 namespace {
 
+// The longest a forked child may sleep before its access (lib/access.ts FORK_DELAY_MAX_MS).
+constexpr uint64_t kMaxForkDelayMs = 60'000;
+
 struct ForkState {
   sys::AccessSpec spec;
   RegionPin pin;
   int delay_ms = 0;        // the child sleeps first (lets the parent act while it exists)
+  pid_t parent = 0;        // the process that forks, as the child must find it
   pid_t pid = 0;
   int fork_errno = 0;
   int status = 0;
@@ -131,6 +136,10 @@ struct ForkState {
 };
 
 void ChildMain(ForkState& s, int wfd) {
+  // The child dies with the thread that forked it (which waits for it until the process ends): a
+  // parent that exits or is killed leaves no orphan holding its stdio. A parent already gone
+  // before prctl took effect is seen as a new parent process id.
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != s.parent) ::_exit(127);
   if (s.delay_ms) usleep(static_cast<useconds_t>(s.delay_ms) * 1000);
   sys::AccessSpec spec = s.spec;
   spec.threads = 1;
@@ -151,7 +160,10 @@ Napi::Value ForkRun(const Napi::CallbackInfo& info) {
   Napi::Object o = info.Length() > 3 && info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
   auto state = std::unique_ptr<ForkState>(
       new ForkState{spec, RegionPin(m->region(), spec.base - m->region()->addr, spec.length)});
-  state->delay_ms = static_cast<int>(OptU64(o, "delayMs", 0));
+  const uint64_t delay = OptU64(o, "delayMs", 0);
+  if (delay > kMaxForkDelayMs)
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "delayMs must be at most " + std::to_string(kMaxForkDelayMs) + " (one minute)");
+  state->delay_ms = static_cast<int>(delay);
   return NativeJob<ForkState>::Start(
       env, std::move(state),
       [](ForkState& s) {
@@ -162,6 +174,7 @@ Napi::Value ForkRun(const Napi::CallbackInfo& info) {
           s.fork_errno = errno;
           return;
         }
+        s.parent = ::getpid();
         pid_t pid = ::fork();
         if (pid < 0) {
           s.fork_errno = errno;
@@ -255,6 +268,55 @@ Napi::Value CopyAsync(const Napi::CallbackInfo& info) {
                            {nullptr, "SIGBUS: the page has no backing (file truncated, poisoned, or hugetlb pool exhausted)",
                             -1, s.bad});
         return Napi::Number::New(env, static_cast<double>(s.len));
+      });
+}
+
+// populateAsync(mapping, offset, length, write) -> Promise<void>: MADV_POPULATE_READ/WRITE on a
+// native thread. Populating gigabytes takes seconds, and a populate of registered memory sleeps
+// until its faults are served, perhaps by this very JavaScript thread. Registered memory is
+// touched from user mode instead, page by page: a user-mode-only userfaultfd (all an unprivileged
+// process gets) never sees the faults a populate raises inside the kernel, which then fail.
+namespace {
+struct PopulateState {
+  uint64_t addr, len, page;
+  bool write, touch;
+  RegionPin pin;
+  int rc = 0;
+  uint64_t bad = 0;
+};
+
+void TouchPages(void* arg) {
+  auto& s = *static_cast<PopulateState*>(arg);
+  for (uint64_t a = s.addr; a < s.addr + s.len; a += s.page) {
+    auto* w = reinterpret_cast<uint64_t*>(a);
+    if (s.write) __atomic_fetch_add(w, 0, __ATOMIC_RELAXED);  // a write fault that changes no data, even racing a writer
+    else (void)*reinterpret_cast<volatile uint64_t*>(w);
+  }
+}
+}  // namespace
+
+Napi::Value PopulateAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = Mapping::Unwrap(info[0]);
+  const uint64_t off = ToU64(info[1], "offset"), len = ToU64(info[2], "length");
+  const bool write = info.Length() > 3 && info[3].ToBoolean().Value();
+  if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  const uint64_t addr = m->Range(env, off, len);
+  Region& r = *m->region();
+  const bool touch = r.registered.load() > 0;
+  if (touch && !(r.prot_over(off, len) & (write ? PROT_WRITE : PROT_READ)))
+    ThrowSystemError(env, -EACCES, "madvise", {nullptr, write ? "the range is not writable" : "the range is not readable"});
+  auto state = std::unique_ptr<PopulateState>(
+      new PopulateState{addr, len, r.page, write, touch, RegionPin(m->region(), off, len)});
+  return NativeJob<PopulateState>::Start(
+      env, std::move(state),
+      [](PopulateState& s) {
+        s.rc = s.touch ? sys::guarded_call(TouchPages, &s, &s.bad)
+                       : sys::advise(reinterpret_cast<void*>(s.addr), s.len, s.write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+      },
+      [](Napi::Env env, PopulateState& s) -> Napi::Value {
+        if (s.rc) ThrowSystemError(env, s.rc, "madvise", {nullptr, s.rc == -EFAULT ? "a page could not be made present (PROT_NONE, SIGBUS)" : nullptr});
+        return env.Undefined();
       });
 }
 

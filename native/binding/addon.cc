@@ -20,6 +20,7 @@ Napi::Value RunAccess(const Napi::CallbackInfo& info);
 Napi::Value ForkRun(const Napi::CallbackInfo& info);
 Napi::Value ForkDevice(const Napi::CallbackInfo& info);
 Napi::Value CopyAsync(const Napi::CallbackInfo& info);
+Napi::Value PopulateAsync(const Napi::CallbackInfo& info);
 Napi::Value PagemapScan(const Napi::CallbackInfo& info);
 Napi::Value StatxPath(const Napi::CallbackInfo& info);
 Napi::Value FsType(const Napi::CallbackInfo& info);
@@ -111,6 +112,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("forkRun", Napi::Function::New(env, ForkRun, "forkRun"));
   exports.Set("forkDevice", Napi::Function::New(env, ForkDevice, "forkDevice"));
   exports.Set("copyAsync", Napi::Function::New(env, CopyAsync, "copyAsync"));
+  exports.Set("populateAsync", Napi::Function::New(env, PopulateAsync, "populateAsync"));
   exports.Set("pagemapScan", Napi::Function::New(env, PagemapScan, "pagemapScan"));
   exports.Set("statx", Napi::Function::New(env, StatxPath, "statx"));
   exports.Set("fsType", Napi::Function::New(env, FsType, "fsType"));

@@ -143,8 +143,11 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
       const char* hint = rc == -EOPNOTSUPP ? "single-writer mode needs shared memory with a file (memfd, tmpfs): the device "
                                              "writes through its own mapping of it; for private anonymous memory use exclusive()"
                          : rc == -EINVAL ? "userfaultfd cannot write-protect this memory (only shmem/tmpfs files)"
-                         : rc == -EBUSY ? "the range is registered with another userfaultfd" : nullptr;
-      ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
+                         : rc == -EBUSY ? "the range is registered with another userfaultfd"
+                         : rc == -EACCES ? "the device writes through its own mapping of the file, which needs the file open "
+                                           "for writing: map it with prot 'rw'"
+                         : rc == -EPERM ? m->region()->not_writable_hint() : nullptr;
+      ThrowSystemError(env, rc, rc == -EACCES ? "mmap" : "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
     }
   } else if (write_mode != "shared") {
     mirror->detach();
@@ -173,6 +176,8 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
                          : rc == -EOPNOTSUPP ? "copy and bounce keep the data in device memory: not on hugetlbfs, and not on "
                                                "DAX, whose pages already are the device-addressable memory (use remote or pin)"
                          : rc == -EPERM && fopt.strategy == engine::FileStrategy::kPin ? "pinning needs write access to the range"
+                         : rc == -EPERM && !m->region()->may_write() && engine::Engine::get().ensure() == 0
+                             ? m->region()->not_writable_hint()
                          : rc == -EPERM || rc == -EACCES || rc == -ENOSYS
                              ? "copy and bounce need the engine's userfaultfd, which this process cannot open (see "
                                "vm.unprivileged_userfaultfd, /dev/userfaultfd and `npx pagemirror probe`); remote and pin do not"
@@ -326,6 +331,8 @@ MirrorWrap::~MirrorWrap() {
 
 std::shared_ptr<engine::Mirror> MirrorWrap::live(Napi::Env env) {
   if (!mirror_) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the mirror is closed");
+  if (mirror_->closed())
+    throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the mirror was closed with its mapping (Mapping.close() closes its mirrors)");
   return mirror_;
 }
 
@@ -375,7 +382,9 @@ Napi::Value Start(Napi::Env env, std::unique_ptr<KernelJob> job, bool copy_out) 
       [copy_out](Napi::Env env, KernelJob& j) -> Napi::Value {
         if (j.result.error) {
           const char* hint = j.result.error == -EPERM ? "the range is not writable"
-                             : j.result.error == -EFAULT ? "no mapping, PROT_NONE, or the mirror is gone"
+                             : j.result.error == -EFAULT ? "no mapping, PROT_NONE, the mirror is gone, or the page could not be "
+                                                           "made present (SIGBUS: past end of file, hugetlb pool empty, I/O error)"
+                             : j.result.error == -ENOSPC ? "the file system is full: the page could not be allocated"
                              : j.result.error == -EBUSY ? "invalidations kept racing the range fault past the timeout"
                              : j.result.error == -ENODEV ? "the device was closed" : nullptr;
           Napi::Error err = SystemError(env, j.result.error, "device fault", {nullptr, hint});
@@ -618,7 +627,7 @@ Napi::Value MirrorWrap::Exclusive(const Napi::CallbackInfo& info) {
 Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
-  if (!mirror_) {
+  if (!mirror_ || mirror_->closed()) {
     o.Set("closed", true);
     return o;
   }
@@ -673,6 +682,15 @@ engine::Mirror& FileMirror(Napi::Env env, engine::Mirror& m) {
   return m;
 }
 
+// A file job that the mirror's close (its own, or its mapping's) cut off: the engine stops it with
+// EBADF, which would read as a bad descriptor of the caller's; say what happened instead.
+void ThrowIfClosedUnder(Napi::Env env, int64_t rc, engine::Mirror& m, const char* what) {
+  if (rc == -EBADF && m.closed())
+    throw StateError(env, "ERR_PAGEMIRROR_CLOSED",
+                     std::string("the mirror was closed while its ") + what +
+                         " ran (close() writes the device's copies back itself)");
+}
+
 void CheckBytes(Napi::Env env, engine::Mirror& m, uint64_t off, uint64_t len) {
   const uint64_t size = m.npages() * m.page();
   if (off > size || len > size - off)
@@ -700,6 +718,7 @@ Napi::Value StartFileIo(Napi::Env env, std::shared_ptr<engine::Mirror> m, uint64
         j.rc = j.write ? j.mirror->file_write(j.off, j.len, j.data.data()) : j.mirror->file_read(j.off, j.len, j.data.data());
       },
       [](Napi::Env env, FileIoJob& j) -> Napi::Value {
+        ThrowIfClosedUnder(env, j.rc, *j.mirror, j.write ? "pwrite()" : "pread()");
         if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), j.write ? "pwrite" : "pread", {});
         if (j.write) return env.Undefined();
         return Napi::Buffer<uint8_t>::Copy(env, j.data.data(), static_cast<size_t>(j.rc));
@@ -749,6 +768,7 @@ Napi::Value MirrorWrap::Writeback(const Napi::CallbackInfo& info) {
         j.rc = j.mirror->writeback(j.off / page, (j.off + j.len + page - 1) / page, j.sync, &j.wb);
       },
       [](Napi::Env env, FileIoJob& j) -> Napi::Value {
+        ThrowIfClosedUnder(env, j.rc, *j.mirror, j.sync ? "fsync()" : "writeback()");
         if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), j.sync ? "fdatasync" : "writeback", {});
         Napi::Object o = Napi::Object::New(env);
         o.Set("pages", static_cast<double>(j.wb.pages));
@@ -799,7 +819,8 @@ Napi::Value MirrorWrap::TakeLease(const Napi::CallbackInfo& info) {
     const char* hint = rc == -EAGAIN ? "a write lease needs the file to be open nowhere else (any other open, by any "
                                        "process, read-only included, or a writable mapping elsewhere)"
                        : rc == -EACCES ? "only the file's owner (or CAP_LEASE) may take a lease"
-                       : rc == -EINVAL ? "this file system does not support leases" : nullptr;
+                       : rc == -EINVAL ? "this file system does not support leases"
+                       : rc == -EBADF ? "the mirror's range is gone (unmapped or moved): nothing would release the lease" : nullptr;
     ThrowSystemError(env, rc, "fcntl(F_SETLEASE)", {m->region()->path.empty() ? nullptr : m->region()->path.c_str(), hint});
   }
   return env.Undefined();

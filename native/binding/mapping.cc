@@ -13,10 +13,12 @@
 #include <vector>
 
 #include "../sys/access.h"
+#include "../sys/file.h"
 #include "../sys/mem.h"
 #include "../sys/pagemap.h"
 #include "../sys/uapi.h"
 #include "../engine/engine.h"
+#include "../engine/mirror.h"
 #include "addon.h"
 #include "args.h"
 #include "errors.h"
@@ -77,6 +79,19 @@ Region::~Region() {
 void Region::unmap_now() {
   bool expected = false;
   if (closed.compare_exchange_strong(expected, true) && addr) sys::unmap(reinterpret_cast<void*>(addr), length);
+}
+
+bool Region::may_write() const {
+  if (!shared || fd < 0) return true;
+  const int fl = ::fcntl(fd, F_GETFL);
+  return fl < 0 || (fl & O_ACCMODE) != O_RDONLY;
+}
+
+const char* Region::not_writable_hint() const {
+  return may_write() ? nullptr
+                     : "userfaultfd registers only mappings that may be written (VM_MAYWRITE), and this shared "
+                       "mapping's file is open read-only: map it with prot 'rw' (or pass a descriptor opened for "
+                       "writing)";
 }
 
 bool Region::pinned_over(uint64_t off, uint64_t len) {
@@ -372,6 +387,14 @@ Napi::Value Mapping::Fallocate(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[1], "offset"), len = ToU64(info[2], "length");
   if (r.fd < 0) throw StateError(env, "ERR_PAGEMIRROR_NO_FILE", "anonymous memory has no file to fallocate");
   if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
+  uint64_t avail = 0;
+  if (!(mode & FALLOC_FL_PUNCH_HOLE) && sys::on_tmpfs(r.fd) == 1 && sys::memory_available(&avail) == 0 && len > avail) {
+    // A memory-backed file's blocks are memory: the kernel would grant this and the OOM killer
+    // would then end some process (perhaps this one) instead of the call failing.
+    const std::string hint = "a memory-backed file (memfd, tmpfs) takes RAM or swap for every block: " + std::to_string(len) +
+                             " bytes asked, " + std::to_string(avail) + " available (MemAvailable + SwapFree)";
+    ThrowSystemError(env, -ENOMEM, "fallocate", {r.path.empty() ? nullptr : r.path.c_str(), hint.c_str()});
+  }
   std::optional<Region::Invalidation> inv;
   if (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) FileRangeInvalidation(&inv, off, len, InvalidateCause::kTruncate);
   int rc = sys::allocate(r.fd, static_cast<int>(mode), static_cast<off_t>(off), static_cast<off_t>(len));
@@ -554,6 +577,10 @@ Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {
     throw SystemError(env, -EBUSY, "munmap",
                       {nullptr, "native threads or fault rules are using this mapping: wait for access jobs, remove "
                                 "rules, or close the userfaultfd first"});
+  // Its mirrors close first, as their own close() would: device copies of a file's pages go back
+  // to the file and leases are released (a lease left behind would make every open() of the file,
+  // by any process, wait out the lease-break time). Pinned mirrors stay, without their lease.
+  const uint64_t lost = CloseMirrors(env);
   DetachBuffer();
   {
     Region::Invalidation inv(&r, 0, r.length, InvalidateCause::kUnmap);
@@ -563,7 +590,33 @@ Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {
     sys::close_fd(r.fd);
     r.fd = -1;
   }
+  if (lost)
+    ThrowSystemError(env, -EIO, "close",
+                     {nullptr, (std::to_string(lost) + " device pages of its file mirrors could not be written back to the "
+                                "file (ENOSPC or EIO on every try); their data is lost").c_str()});
   return env.Undefined();
+}
+
+uint64_t Mapping::CloseMirrors(Napi::Env env) {
+  std::vector<std::shared_ptr<engine::Mirror>> mine;
+  {
+    AddonData* data = env.GetInstanceData<AddonData>();
+    std::lock_guard<std::mutex> lock(data->mu);
+    for (auto& w : data->mirrors)
+      if (auto m = w.lock())
+        if (m->region() == region_.get() && !m->closed()) mine.push_back(std::move(m));
+  }
+  uint64_t lost = 0;
+  for (auto& m : mine) {
+    if (m->pinned()) {
+      // A long-term pin outlives the munmap, as a GUP pin does: the device keeps its pages.
+      m->release_lease();
+      continue;
+    }
+    m->detach();
+    if (const engine::FileStats* fs = m->file_stats()) lost += fs->lost_pages.load();
+  }
+  return lost;
 }
 
 // ---- the factory -------------------------------------------------------------------------------

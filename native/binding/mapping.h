@@ -46,6 +46,9 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
   Napi::Value WriteFrom(const Napi::CallbackInfo& info);
   Napi::Value Unmap(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
+  // Closes this environment's live mirrors of the region (pinned ones only give up their lease);
+  // returns the pages their file mirrors could not write back.
+  uint64_t CloseMirrors(Napi::Env env);
 
   void CheckNoFault(Napi::Env env, uint64_t off, uint64_t len, bool write);
   void FileRangeInvalidation(std::optional<Region::Invalidation>* inv, uint64_t file_off, uint64_t len,

@@ -100,6 +100,11 @@ struct Region {
   int prot_over(uint64_t off, uint64_t len);
   void set_prot(uint64_t off, uint64_t len, int p);
   bool contains(uint64_t off, uint64_t len) const { return off <= length && len <= length - off; }
+  // Whether the kernel lets this mapping ever be written (VM_MAYWRITE), which userfaultfd
+  // registration requires: a shared mapping of a file opened read-only may not.
+  bool may_write() const;
+  // The EPERM hint for a registration refused because of that; nullptr when the mapping may be written.
+  const char* not_writable_hint() const;
 };
 
 // RAII pin: keeps close() and shrinking operations away while native threads use the memory.

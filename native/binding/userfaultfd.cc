@@ -1,6 +1,7 @@
 #include "userfaultfd.h"
 
 #include <cerrno>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -163,19 +164,32 @@ Napi::Value Userfaultfd::Open(const Napi::CallbackInfo& info) {
   return data->uffd_ctor.Value().New({Napi::External<sys::UffdOpenResult>::New(env, &r)});
 }
 
-// Wraps a userfaultfd this process received (a FORK event's child descriptor). UFFDIO_API was
-// negotiated by the parent's descriptor; the child's inherits its features.
+// adoptUserfaultfd(fd, features, take): wraps a userfaultfd this process received (a FORK event's
+// child descriptor, or one from elsewhere). UFFDIO_API was negotiated by the parent's descriptor;
+// the child's inherits its features. Only a userfaultfd is accepted (closing another descriptor
+// would close, say, a mapping's file under it). The object owns a duplicate, so the caller's
+// descriptor stays the caller's; take (the library's fork events) owns fd itself instead.
 Napi::Value Userfaultfd::Adopt(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   sys::UffdOpenResult r;
-  r.fd = static_cast<int>(ToI64(info[0], "fd"));
-  if (r.fd < 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "fd must be >= 0");
+  const int64_t fd = ToI64(info[0], "fd");
+  if (fd < 0 || fd > INT32_MAX) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "fd must be a descriptor number (0..2^31-1)");
+  char what[256];
+  int rc = sys::uffd_is_userfaultfd(static_cast<int>(fd), what, sizeof what);
+  if (rc < 0) ThrowSystemError(env, rc, "fcntl", {nullptr, rc == -EBADF ? "fd is not an open descriptor" : nullptr});
+  if (rc == 0)
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE",
+                         "fd " + std::to_string(fd) + " is not a userfaultfd (it is " + what + ")");
+  const uint64_t features = info.Length() > 1 ? ToU64(info[1], "features") : 0;
+  const bool take = info.Length() > 2 && info[2].ToBoolean().Value();
+  r.fd = take ? static_cast<int>(fd) : ::fcntl(static_cast<int>(fd), F_DUPFD_CLOEXEC, 0);
+  if (r.fd < 0) ThrowSystemError(env, -errno, "fcntl(F_DUPFD_CLOEXEC)");
   AddonData* data = env.GetInstanceData<AddonData>();
   Napi::Object obj = data->uffd_ctor.Value().New({Napi::External<sys::UffdOpenResult>::New(env, &r),
                                                   Napi::Boolean::New(env, true)});
   Userfaultfd* self = Napi::ObjectWrap<Userfaultfd>::Unwrap(obj);
   self->api_done_ = true;
-  if (info.Length() > 1) self->features_ = ToU64(info[1], "features");
+  self->features_ = features;
   return obj;
 }
 
@@ -257,7 +271,9 @@ Napi::Value Userfaultfd::Register(const Napi::CallbackInfo& info) {
     if (rc == -EINVAL) hint = "this memory does not support that mode (MINOR needs shmem or hugetlbfs, WP on "
                               "shmem needs WP_HUGETLBFS_SHMEM) or the range is not aligned";
     else if (rc == -EBUSY) hint = "the range is registered with another userfaultfd";
-    ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {nullptr, hint});
+    else if (rc == -EPERM) hint = m->region()->not_writable_hint();
+    const std::string& path = m->region()->path;
+    ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {path.empty() ? nullptr : path.c_str(), hint});
   }
   m->region()->registered.fetch_add(1);
   registrations_.push_back({m->region(), start, len, mode, m->region()->page});

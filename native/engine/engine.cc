@@ -41,6 +41,7 @@ int Engine::ensure() {
     return open_error_ = rc;
   }
   has_move_ = (want & UFFD_FEATURE_MOVE) != 0;
+  user_mode_only_ = r.user_mode_only;
   service_ = std::make_unique<sys::FaultService>(r.fd, sys::page_size());
   rc = service_->start(this, 64);
   if (rc) {

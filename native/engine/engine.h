@@ -27,6 +27,10 @@ class Engine : public sys::FaultSink {
   int ensure();
   int fd() const { return fd_; }
   bool has_move() const { return has_move_; }
+  // The descriptor sees faults raised in user mode only (all that vm.unprivileged_userfaultfd=0
+  // leaves an unprivileged process): a fault the kernel itself takes on a registered range (a
+  // populate, get_user_pages) is not handed to the engine and fails with EFAULT instead.
+  bool user_mode_only() const { return user_mode_only_; }
   // UFFDIO_REGISTER (MISSING | WP) of [start, start + len) for an owner (a Region's or a device
   // pool's id), counted per owner: an address range can be unmapped and mapped again for another
   // owner while a stale entry lingers, and that one must be registered anew. -EBUSY: the range is
@@ -60,6 +64,10 @@ class Engine : public sys::FaultSink {
   static void release_others(const std::vector<Mirror*>& held);
 
   void on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg* events, size_t nevents) override;
+  // Resolves a missing-page fault at addr as a CPU fault on it would be, for a caller whose own
+  // access would not reach the engine (a kernel-mode fault on a user-mode-only descriptor). A
+  // page already present is left as it is. The caller holds no mirror's change mutex.
+  void resolve_cpu_fault(uint64_t addr) { handle(sys::FaultMsg{addr, 0, 0}); }
 
   // Locks the change mutex of every live mirror covering [start, end) (self included), in address
   // order, for this thread; they are released when the returned object goes. Two migrations of one
@@ -85,6 +93,7 @@ class Engine : public sys::FaultSink {
   std::mutex mu_;
   int fd_ = -1;
   bool has_move_ = false;
+  bool user_mode_only_ = false;
   int open_error_ = 0;
   std::unique_ptr<sys::FaultService> service_;
   std::vector<Mirror*> mirrors_;

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "../sys/access.h"
+#include "../sys/file.h"
 #include "../sys/mem.h"
 #include "../sys/uapi.h"
 #include "device.h"
@@ -211,9 +212,12 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   if (!(prot & PROT_READ)) return -EFAULT;
   if (write && !(prot & PROT_WRITE)) return -EPERM;
   // Make the CPU side present: the user-space hmm_range_fault. Device-resident pages are holes on
-  // the CPU side and stay so; populate the runs between them.
+  // the CPU side and stay so; populate the runs between them. A single-writer mirror populates
+  // through its own view: the same pages, but not registered, so no write-protect fault is raised
+  // inside the kernel (which a user-mode-only engine descriptor would never see).
+  const uint64_t base = alias_ ? alias_ : start_;
   auto populate = [&](uint64_t a, uint64_t b) {
-    return sys::advise(reinterpret_cast<void*>(start_ + a * page_), (b - a) * page_,
+    return sys::advise(reinterpret_cast<void*>(base + a * page_), (b - a) * page_,
                        write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
   };
   for (uint64_t i, j, from = first; next_host_run(from, last, &i, &j); from = j) {
@@ -233,9 +237,15 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
         }
       }
     }
-    // EFAULT/ENOMEM: the mapping changed between the check above and here; an invalidation is
-    // under way or done, so retry and let the checks decide.
-    if (rc == -EFAULT || rc == -ENOMEM) return 1;
+    if (rc == -EFAULT && !raced(gen0) && fill_holes(i, j, gen0)) rc = populate(i, j);
+    if (rc == -EFAULT || rc == -ENOMEM) {
+      // The mapping changed between the checks above and here: an invalidation is under way or
+      // done, so retry and let the checks decide. Otherwise the CPU side itself could not be made
+      // present, and retrying would only wait out the timeout: say why now.
+      if (raced(gen0)) return 1;
+      if (rc == -EFAULT && region_->fd >= 0 && sys::fs_full(region_->fd, write) == 1) return -ENOSPC;
+      return rc;
+    }
     if (rc) return rc == -EINVAL ? -EFAULT : rc;
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -253,6 +263,26 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
     pt_[k].store(kept | kValid | (write ? kWrite : (e & kWrite)), std::memory_order_release);
   }
   return 0;
+}
+
+bool Mirror::raced(uint64_t gen0) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return gen_ != gen0 || active_ != 0;
+}
+
+// With a user-mode-only engine descriptor, a populate meets the holes of a registered private
+// anonymous range as SIGBUS (EFAULT): the engine never hears of the faults it raises. Each such
+// page is resolved here as the engine would resolve a CPU fault on it (home from whichever device
+// holds it, else a zero page; decided under the covering mirrors' change mutexes, so no caller
+// lock may be held). Returns whether it did (the caller populates again, once).
+bool Mirror::fill_holes(uint64_t a, uint64_t b, uint64_t gen0) {
+  // The range may be registered by another device's mirror of it: ask the engine, not ourselves.
+  Engine& e = Engine::get();
+  if (e.fd() < 0 || !e.user_mode_only() || region_->kind != RegionKind::kAnonymous || region_->shared) return false;
+  if (raced(gen0)) return false;
+  for (uint64_t i, j, from = a; next_host_run(from, b, &i, &j); from = j)
+    for (uint64_t k = i; k < j; k++) e.resolve_cpu_fault(start_ + k * page_);
+  return true;
 }
 
 int Mirror::range_fault(uint64_t first, uint64_t last, bool write, int timeout_ms) {
@@ -350,6 +380,13 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     out->error = -ENOENT;
   };
   if (private_file() && !private_shmem()) return refuse_private();
+  if (region_->shared) {
+    // Shared memory never moves (other mappings of the file see its pages): nothing needs the
+    // engine, whose registration would only make the range fault's populate depend on it.
+    for (uint64_t i = first; i < last; i++) out->skipped.push_back({i, Skip::kShared});
+    out->error = -ENOENT;
+    return;
+  }
   if (int rc = ensure_engine()) {
     if (rc == -EINVAL && private_file()) return refuse_private();
     out->error = rc;

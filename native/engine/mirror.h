@@ -90,6 +90,8 @@ class Mirror : public RangeNotifier {
   // reference under their list's lock; detach() waits until none is left before the mirror goes.
   void acquire() { users_.fetch_add(1, std::memory_order_acq_rel); }
   void release() { users_.fetch_sub(1, std::memory_order_acq_rel); }
+  // detach() ran: by the mirror's own close, its mapping's close, or the environment's teardown.
+  bool closed() const { return !attached_.load(std::memory_order_acquire); }
   // Detached, unmapped whole, or moved by mremap (the range it mirrors is not there any more).
   bool dead() const { return dead_.load(std::memory_order_acquire) || region_->addr + offset_ != start_; }
 
@@ -189,11 +191,17 @@ class Mirror : public RangeNotifier {
   // sync: and waits until the file has them (fdatasync). Errors: those of pwrite/sync_file_range/fdatasync.
   int writeback(uint64_t first, uint64_t last, bool sync, WritebackResult* out);
   // A lease on the file (F_SETLEASE F_WRLCK, broken by another process's open or truncate).
-  // Errors: -EAGAIN (the file is open elsewhere), -EACCES/-EPERM (not the owner, no CAP_LEASE).
+  // Errors: -EAGAIN (the file is open elsewhere), -EACCES/-EPERM (not the owner, no CAP_LEASE),
+  // -EBADF (the mirror is closed: nothing would ever release the lease).
   int take_lease();
   // The lease-break path (lease.cc's thread): revoke, write back, give the device's copies up, release.
   void break_lease();
   bool lease_held() const { return file_ && file_->lease_held.load(); }
+  // The mapping goes but a pinned mirror stays (its device keeps the pages it holds): its lease,
+  // which nothing would release any more, goes now.
+  void release_lease() {
+    if (file_) file_release_lease();
+  }
   bool pinned() const { return pinned_; }
   uint64_t diverged() const { return diverged_.load(std::memory_order_relaxed); }
   bool single_writer() const { return single_writer_; }
@@ -231,6 +239,8 @@ class Mirror : public RangeNotifier {
   void begin_change();
   void end_change();
   int fault_once(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline);
+  bool raced(uint64_t gen0);  // an invalidation started or ended since gen0 was read
+  bool fill_holes(uint64_t a, uint64_t b, uint64_t gen0);
 
   Device* const device_;
   const std::shared_ptr<Region> region_;
@@ -245,7 +255,7 @@ class Mirror : public RangeNotifier {
   unsigned active_ = 0;
   std::condition_variable idle_;
   std::atomic<bool> dead_{false};
-  bool attached_ = false;
+  std::atomic<bool> attached_{false};
   // Held from invalidate_start to invalidate_end, for a whole migration, and by the engine while it
   // resolves a CPU fault on this mirror: these three must not interleave on one page.
   std::mutex change_mu_;

@@ -618,6 +618,7 @@ int Mirror::file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
 
 int Mirror::take_lease() {
   if (!file_) return -EINVAL;
+  if (closed() || dead() || region_->closed.load()) return -EBADF;
   // Held before the kernel may break it: a break that comes at once must find it so.
   if (file_->lease_held.exchange(true)) return 0;
   int rc = Leases::add(this, file_->fd);

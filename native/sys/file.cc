@@ -4,6 +4,8 @@
 #include <cstring>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/magic.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 namespace pm::sys {
@@ -97,6 +99,19 @@ int punch_hole(int fd, uint64_t off, uint64_t len) {
       return 0;
     if (errno != EINTR) return neg_errno();
   }
+}
+
+int on_tmpfs(int fd) {
+  struct statfs fs;
+  if (::fstatfs(fd, &fs) != 0) return -errno;
+  return fs.f_type == TMPFS_MAGIC ? 1 : 0;
+}
+
+int fs_full(int fd, bool write) {
+  struct statfs fs;
+  if (::fstatfs(fd, &fs) != 0) return -errno;
+  if (!write && fs.f_type != TMPFS_MAGIC) return 0;
+  return fs.f_blocks != 0 && fs.f_bavail == 0 ? 1 : 0;
 }
 
 }  // namespace pm::sys

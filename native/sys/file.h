@@ -19,5 +19,12 @@ int datasync(int fd);
 // POSIX_FADV_DONTNEED: clean, unmapped pages leave the page cache.
 int drop_cache(int fd, uint64_t off, uint64_t len);
 int punch_hole(int fd, uint64_t off, uint64_t len);
+// Whether a fault on fd's pages failed for want of space: the file system has no block left for
+// an unprivileged writer, and the fault allocates (a write, or any fault on tmpfs, which has no
+// shared zero page for a file). 1 yes, 0 no, or -errno. A page fault that could not allocate
+// reaches user space only as SIGBUS/EFAULT; this names the cause.
+int fs_full(int fd, bool write);
+// Whether fd's file lives in memory (tmpfs, memfd): its blocks are RAM or swap. 1, 0 or -errno.
+int on_tmpfs(int fd);
 
 }  // namespace pm::sys

@@ -1,6 +1,7 @@
 #include "mem.h"
 
 #include <cerrno>
+#include <cstdio>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -101,6 +102,22 @@ int close_fd(int fd) { return ::close(fd) == 0 ? 0 : neg_errno(); }
 size_t page_size() {
   static const size_t size = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   return size;
+}
+
+int memory_available(uint64_t* bytes) {
+  FILE* f = ::fopen("/proc/meminfo", "re");
+  if (!f) return -errno;
+  char line[256];
+  unsigned long long kb = 0, avail = 0, swap = 0;
+  int seen = 0;
+  while (::fgets(line, sizeof line, f)) {
+    if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) avail = kb, seen |= 1;
+    else if (std::sscanf(line, "SwapFree: %llu kB", &kb) == 1) swap = kb, seen |= 2;
+  }
+  ::fclose(f);
+  if (!(seen & 1)) return -ENODATA;
+  *bytes = (avail + swap) * 1024;
+  return 0;
 }
 
 }  // namespace pm::sys

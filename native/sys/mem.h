@@ -25,6 +25,9 @@ int remap(void** out, void* old_addr, size_t old_length, size_t new_length, int 
 // mincore; vec must hold one byte per page.
 int residency(void* addr, size_t length, unsigned char* vec);
 int allocate(int fd, int mode, off_t offset, off_t length);
+// What more memory the system can give before the OOM killer must: MemAvailable + SwapFree of
+// /proc/meminfo, in bytes. Errors: those of reading it, -ENODATA if it lacks them.
+int memory_available(uint64_t* bytes);
 
 struct CacheStat {
   uint64_t cache, dirty, writeback, evicted, recently_evicted;

@@ -1,6 +1,8 @@
 #include "uffd.h"
 
 #include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
@@ -38,6 +40,16 @@ int resolve(int fd, unsigned long request, Arg* arg, __s64* field, int64_t* done
 }
 
 }  // namespace
+
+int uffd_is_userfaultfd(int fd, char* what, size_t what_len) {
+  if (::fcntl(fd, F_GETFD) < 0) return -errno;
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  ssize_t n = ::readlink(path, what, what_len - 1);
+  if (n < 0) return -errno;
+  what[n] = 0;
+  return std::strcmp(what, "anon_inode:[userfaultfd]") == 0 ? 1 : 0;
+}
 
 int uffd_open(bool nonblocking, bool force_user_mode_only, UffdOpenResult* out) {
   const int base = O_CLOEXEC | (nonblocking ? O_NONBLOCK : 0);

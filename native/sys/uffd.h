@@ -26,6 +26,10 @@ struct UffdOpenResult {
 // Errors: the last attempt's -errno (-EPERM typically), with every attempt in *out.
 int uffd_open(bool nonblocking, bool force_user_mode_only, UffdOpenResult* out);
 
+// Whether fd is a userfaultfd (its /proc/self/fd link reads "anon_inode:[userfaultfd]"): 1 yes,
+// 0 no, or -errno (-EBADF: not an open descriptor). *what gets the link, to say what it is instead.
+int uffd_is_userfaultfd(int fd, char* what, size_t what_len);
+
 // UFFDIO_API. Errors: -EINVAL (a feature the kernel lacks, or API already negotiated on this fd),
 // -EPERM (UFFD_FEATURE_EVENT_FORK without CAP_SYS_PTRACE in user-mode-only contexts).
 int uffd_api(int fd, uint64_t features, uint64_t* out_features, uint64_t* out_ioctls);
