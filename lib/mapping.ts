@@ -160,12 +160,33 @@ export class Mapping {
   }
 
   /**
-   * A Uint8Array over the whole mapping. Refused (ERR_PAGEMIRROR_NOT_WRITABLE,
-   * ERR_PAGEMIRROR_REGISTERED) while a JavaScript access could kill or hang the process; detached by
-   * close(), remap(), register() and any protect() that takes read or write away.
+   * A Uint8Array over the whole mapping (the same one each time until it is detached). Refused
+   * (ERR_PAGEMIRROR_NOT_WRITABLE, ERR_PAGEMIRROR_REGISTERED) while a JavaScript access could kill or
+   * hang the process; detached by close(), remap(), unmap(), register() and any protect() that takes
+   * read or write away. A mapping larger than Node's largest ArrayBuffer (buffer.constants.MAX_LENGTH,
+   * 4 GiB on Node 20) has no `bytes`: RangeError ERR_PAGEMIRROR_VIEW_TOO_LARGE; use view().
    */
   get bytes(): Uint8Array {
     return new Uint8Array(this.native.buffer());
+  }
+
+  /**
+   * A Uint8Array over the window [offset, offset + length) of the mapping (a new one each call), for
+   * mappings too large for `bytes` or when only a part is wanted. Same rules as `bytes`: refused
+   * while the window is not read-write (ERR_PAGEMIRROR_NOT_WRITABLE) or the mapping is registered
+   * (ERR_PAGEMIRROR_REGISTERED); detached, with every other view, by close(), remap(), unmap(),
+   * register() and any protect() that takes read or write away, so no view reaches unmapped memory.
+   *
+   * @param offset byte offset (any byte), default 0.
+   * @param length bytes, default to the end of the mapping.
+   * @throws TypeError ERR_INVALID_ARG_TYPE, RangeError ERR_OUT_OF_RANGE (outside the mapping),
+   *   RangeError ERR_PAGEMIRROR_VIEW_TOO_LARGE (longer than buffer.constants.MAX_LENGTH),
+   *   Error ERR_PAGEMIRROR_CLOSED.
+   */
+  view(offset = 0, length?: number): Uint8Array {
+    const o = checkInteger('offset', offset);
+    const l = checkInteger('length', length ?? Math.max(0, this.length - o));
+    return new Uint8Array(this.native.buffer(o, l));
   }
 
   #range(o: RangeOptions | undefined): [number, number] {

@@ -11,7 +11,7 @@ export interface NativeMapping {
   readonly address: bigint;
   readonly length: number;
   info(): NativeMappingInfo;
-  buffer(): ArrayBuffer;
+  buffer(offset?: number, length?: number): ArrayBuffer;
   protect(offset: number, length: number, prot: number): void;
   advise(offset: number, length: number, advice: number): void;
   sync(offset: number, length: number, flags: number): void;

@@ -1,10 +1,21 @@
 // Sizes at the edges: zero-length I/O, mappings past Node's ArrayBuffer limit (windows through
 // view()), and mirrors of ranges far larger than memory (a sparse page table).
 import { describe, it, expect } from 'vitest';
-import { mapAnonymous, mapMemfd } from '../lib/index.js';
-import { PAGE, cleanupAfterEach, within } from './helpers.js';
+import path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { mapAnonymous, mapMemfd, Userfaultfd } from '../lib/index.js';
+import { FIXTURES_DIR, PAGE, cleanupAfterEach, within } from './helpers.js';
 
 const closers = cleanupAfterEach();
+const GiB = 2 ** 30;
+
+/** Runs test/fixtures/huge-ranges.mjs `what` in a child: an abort is a dead child, not a dead run. */
+function inChild(what: string, timeout = 60_000): Record<string, unknown> {
+  const r = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'huge-ranges.mjs'), what], { encoding: 'utf8', timeout, killSignal: 'SIGKILL' });
+  expect(r.signal, `child died: ${r.stderr}`).toBe(null);
+  expect(r.status, r.stderr).toBe(0);
+  return JSON.parse(r.stdout.trim().split('\n').pop()!);
+}
 
 describe('zero-length I/O', () => {
   // Under UndefinedBehaviorSanitizer these handed memcpy the null pointer of an empty ArrayBuffer.
@@ -19,5 +30,73 @@ describe('zero-length I/O', () => {
     expect(await within(m.read(0, 0), 5000, 'read of nothing')).toEqual(Buffer.alloc(0));
     expect(await within(m.write(PAGE, new Uint8Array(0)), 5000, 'write of nothing')).toBe(0);
     expect(m.readSync(0, 1)[0]).toBe(9);
+  });
+});
+
+describe('mappings larger than an ArrayBuffer', () => {
+  // On Node 20 the largest ArrayBuffer is 4 GiB; asking for more used to free the finalizer's
+  // data twice ("free(): double free", SIGABRT).
+  it('bytes of a mapping past the limit is a RangeError, not an abort', () => {
+    const r = inChild('bytes');
+    expect(r).toMatchObject({ ok: false, name: 'RangeError', code: 'ERR_PAGEMIRROR_VIEW_TOO_LARGE' });
+    expect(r.message).toMatch(/MAX_LENGTH.*view\(offset, length\)/);
+  });
+
+  it('view() windows reach every part of a 4 GiB + 1 page mapping and see the same memory', () => {
+    const m = mapAnonymous(4 * GiB + PAGE, { noReserve: true });
+    closers.push(() => m.close());
+    expect(() => m.bytes).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_VIEW_TOO_LARGE' }));
+    const tail = m.view(4 * GiB - 8, PAGE + 8); // across the 4 GiB boundary, to the very end
+    expect(tail.length).toBe(PAGE + 8);
+    tail[0] = 1;
+    tail[8] = 2;
+    tail[PAGE + 7] = 3;
+    expect([...m.readSync(4 * GiB - 8, 1), ...m.readSync(4 * GiB, 1), ...m.readSync(4 * GiB + PAGE - 1, 1)]).toEqual([1, 2, 3]);
+    const again = m.view(4 * GiB, PAGE); // another window over the same pages
+    expect(again[0]).toBe(2);
+    expect(m.view(4 * GiB + PAGE).length).toBe(0); // the empty window at the end
+    expect(m.view(5, 3).byteOffset).toBe(0);
+  });
+
+  it('view() arguments: typed errors before anything is mapped or created', () => {
+    const m = mapAnonymous(2 * PAGE);
+    closers.push(() => m.close());
+    expect(() => m.view(-1)).toThrow(expect.objectContaining({ name: 'RangeError', code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => m.view(0, 1.5)).toThrow(expect.objectContaining({ name: 'RangeError', code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => m.view('0' as unknown as number)).toThrow(expect.objectContaining({ name: 'TypeError', code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => m.view(PAGE, PAGE + 1)).toThrow(expect.objectContaining({ name: 'RangeError', code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => m.view(2 * PAGE + 1)).toThrow(expect.objectContaining({ name: 'RangeError', code: 'ERR_OUT_OF_RANGE' }));
+    m.protect('r', { offset: PAGE, length: PAGE });
+    expect(() => m.view(PAGE, 1)).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_NOT_WRITABLE' }));
+    expect(m.view(0, PAGE).length).toBe(PAGE); // the read-write part is fine
+    m.close();
+    expect(() => m.view(0, 1)).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_CLOSED' }));
+  });
+
+  it('every view is detached, as bytes is, by close, remap, unmap, register and protect', () => {
+    const make = () => {
+      const m = mapAnonymous(4 * PAGE);
+      closers.push(() => m.close());
+      return { m, views: [m.bytes, m.view(0, PAGE), m.view(PAGE + 3, 10), m.view(2 * PAGE)] };
+    };
+    const detached = (views: Uint8Array[]) => views.every((v) => v.byteLength === 0);
+    let t = make();
+    t.m.close();
+    expect(detached(t.views)).toBe(true);
+    t = make();
+    t.m.remap(8 * PAGE);
+    expect(detached(t.views)).toBe(true);
+    t = make();
+    t.m.unmap(3 * PAGE, PAGE);
+    expect(detached(t.views)).toBe(true);
+    t = make();
+    t.m.protect('r', { offset: 3 * PAGE, length: PAGE }); // elsewhere than most views: still all go
+    expect(detached(t.views)).toBe(true);
+    t = make();
+    const uffd = Userfaultfd.open();
+    closers.push(() => uffd.close());
+    uffd.register(t.m, { offset: 3 * PAGE, length: PAGE });
+    expect(detached(t.views)).toBe(true);
+    expect(() => t.m.view(0, 1)).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_REGISTERED' }));
   });
 });

@@ -34,6 +34,9 @@ struct AddonData {
   // exits) and the devices stop their threads.
   std::vector<std::weak_ptr<engine::Device>> devices;
   std::vector<std::weak_ptr<engine::Mirror>> mirrors;
+  // The largest ArrayBuffer this Node hands out (buffer.constants.MAX_LENGTH: 2^32 on Node 20).
+  // Asking for more makes Node call the finalizer and fail; views past it are refused first.
+  uint64_t max_view_bytes = 1ull << 32;
 };
 
 Napi::Object StatxToObject(Napi::Env env, const sys::StatxInfo& sx);
