@@ -507,8 +507,11 @@ export class Device {
     return lines.length ? lines.join('\n') + '\n' : '';
   }
 
-  /** Device memory: slots (pages) in all and in use. */
-  memory(): { pageSize: number; slots: number; used: number } {
+  /**
+   * Device memory: slots (pages) in all and in use; tableBytes, the host memory its mirrors' page
+   * tables hold (allocated per 2 MiB of mirrored range on first use, 8 B per entry).
+   */
+  memory(): { pageSize: number; slots: number; used: number; tableBytes: number } {
     return this.#n.memory();
   }
 

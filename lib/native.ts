@@ -281,6 +281,7 @@ export interface NativeMirror {
     address?: bigint;
     npages?: number;
     pageSize?: number;
+    /** Host memory the page table really holds: 4 KiB blocks of 512 entries, allocated where entries were set, and a small directory. */
     tableBytes?: number;
     invalidations?: number;
     invalidatedPages?: number;
@@ -312,7 +313,7 @@ export interface NativeDevice {
   drainTrace(): { events: NativeTraceEvent[]; dropped: number };
   mirror(m: NativeMapping, offset: number, length: number, writeMode?: 'shared' | 'single', pin?: boolean, file?: Record<string, unknown>): NativeMirror;
   counters(): NativeDeviceCounters;
-  memory(): { pageSize: number; slots: number; used: number };
+  memory(): { pageSize: number; slots: number; used: number; tableBytes: number };
   close(): void;
 }
 

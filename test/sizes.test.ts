@@ -3,7 +3,7 @@
 import { describe, it, expect } from 'vitest';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { mapAnonymous, mapMemfd, Userfaultfd } from '../lib/index.js';
+import { mapAnonymous, mapMemfd, Userfaultfd, Device } from '../lib/index.js';
 import { FIXTURES_DIR, PAGE, cleanupAfterEach, within } from './helpers.js';
 
 const closers = cleanupAfterEach();
@@ -98,5 +98,61 @@ describe('mappings larger than an ArrayBuffer', () => {
     uffd.register(t.m, { offset: 3 * PAGE, length: PAGE });
     expect(detached(t.views)).toBe(true);
     expect(() => t.m.view(0, 1)).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_REGISTERED' }));
+  });
+});
+
+describe('mirrors of ranges far larger than memory', () => {
+  // The page table was flat (8 bytes per page, allocated up front): 2 GiB of table for a 1 TiB
+  // range, and an uncaught std::bad_alloc (abort) for 2^46 bytes.
+  it('a 1 TiB noReserve range: the device touches pages far apart; the table holds only their blocks', async () => {
+    const TiB = 2 ** 40;
+    const m = mapAnonymous(TiB, { noReserve: true });
+    closers.push(() => m.close());
+    const dev = Device.create({ faultAround: 2 << 20 });
+    closers.push(() => dev.close());
+    const mir = dev.mirror(m);
+    closers.push(() => mir.close());
+    const fresh = mir.info().tableBytes!;
+    expect(fresh).toBeLessThanOrEqual(64 << 10); // the top level only (8 bytes per GiB)
+    const offsets = [0, 3 * GiB + 5 * PAGE, 517 * GiB, TiB - 2 * PAGE];
+    for (const [k, offset] of offsets.entries())
+      await within(mir.run({ op: 'write', offset, npages: 2, seed: 100 + k }), 10_000, `device write at ${offset}`);
+    for (const [k, offset] of offsets.entries()) {
+      const v = await within(mir.run({ op: 'verify', offset, npages: 2, seed: 100 + k }), 10_000, `verify at ${offset}`);
+      expect(v.mismatches, `at ${offset}`).toBe(0);
+      expect(v.faults).toBe(0); // still mapped: nothing was lost from the sparse table
+      // The CPU sees the device's data (a write kernel stores seed + word index, one word per page).
+      expect(m.readSync(offset + PAGE, 8).readBigUInt64LE()).toBe(BigInt(100 + k) + BigInt(PAGE / 8));
+    }
+    const r = await within(mir.read(TiB - 2 * PAGE, 2), 10_000, 'device read of the last pages');
+    expect(r.data.readBigUInt64LE(PAGE)).toBe(BigInt(100 + 3) + BigInt(PAGE / 8));
+    // Four 2 MiB stretches, far apart, were touched: at most one block and one middle page each.
+    const used = mir.info().tableBytes! - fresh;
+    expect(used).toBeGreaterThan(0);
+    expect(used).toBeLessThanOrEqual(offsets.length * (4104 + 4096));
+    expect(dev.memory().tableBytes).toBe(mir.info().tableBytes);
+    // Scans over the whole range (a snapshot, a migration back of everything, close) read the
+    // table without filling it.
+    const moved = await within(mir.migrateToDevice(517 * GiB, 2), 10_000, 'migrateToDevice');
+    expect(moved.cpages).toBe(2);
+    // DEV_PRIVATE_LOCAL | WRITE, then a page the 2 MiB fault-around made present (WRITE).
+    expect([...mir.snapshot(517 * GiB, 3)]).toEqual([0x22, 0x22, 0x02]);
+    expect(mir.snapshot(512 * GiB, 2048).every((b) => b === 0)).toBe(true);
+    expect((await within(mir.migrateToHost(0, TiB / PAGE), 30_000, 'migrateToHost over 1 TiB')).cpages).toBe(2);
+    expect(mir.info().tableBytes).toBe(fresh + used);
+    mir.close();
+    expect(dev.memory().tableBytes).toBe(0);
+  });
+
+  it('2^46 bytes, anonymous or memfd: mirrored and written at the far end, or a typed error; never an abort', () => {
+    for (const what of ['mirror-anonymous', 'mirror-memfd']) {
+      const r = inChild(what);
+      if (r.ok) {
+        expect(r.byte, what).toBe(0x5a);
+        expect(r.tableBytes as number, what).toBeLessThanOrEqual(4 << 20);
+      } else {
+        expect(r.code, `${what}: ${r.message}`).toMatch(/^(ENOMEM|ERR_[A-Z_]+)$/);
+      }
+    }
   });
 });

@@ -7,6 +7,7 @@
 
 #include "../sys/uapi.h"
 #include "addon.h"
+#include "errors.h"
 
 #include "../engine/device.h"
 #include "../engine/mirror.h"
@@ -106,6 +107,14 @@ uint64_t MaxViewBytes(Napi::Env env, uint64_t fallback) {
 }
 
 }  // namespace
+
+void CheckResultBytes(Napi::Env env, uint64_t bytes, const char* what) {
+  const uint64_t limit = env.GetInstanceData<AddonData>()->max_view_bytes;
+  if (bytes > limit)
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE",
+                          std::string(what) + " would need " + std::to_string(bytes) + " bytes in one buffer, more than " +
+                              "the largest this Node allows (" + std::to_string(limit) + "); ask for a smaller range");
+}
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();

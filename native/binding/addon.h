@@ -4,12 +4,17 @@
 
 #include <napi.h>
 
+#include <cerrno>
+#include <new>
+#include <stdexcept>
+
 #include <memory>
 #include <mutex>
 #include <set>
 #include <vector>
 
 #include "../sys/pagemap.h"
+#include "errors.h"
 
 namespace pm {
 namespace engine {
@@ -40,5 +45,21 @@ struct AddonData {
 };
 
 Napi::Object StatxToObject(Napi::Env env, const sys::StatxInfo& sx);
+
+// A result of `bytes` bytes handed back in one ArrayBuffer must fit in one: checked before anything
+// is allocated for it (a caller-sized allocation must not fail as a C++ exception).
+void CheckResultBytes(Napi::Env env, uint64_t bytes, const char* what);
+
+// Runs f, an allocation whose size the caller chose: running out of memory is ENOMEM, not an
+// uncaught std::bad_alloc.
+template <typename F>
+auto Allocating(Napi::Env env, const char* what, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+  } catch (const std::length_error&) {
+  }
+  ThrowSystemError(env, -ENOMEM, what, {nullptr, "not enough memory for a buffer this size; ask for a smaller range"});
+}
 
 }  // namespace pm

@@ -136,6 +136,10 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
                                   "mirrors (they would not see its device's copies)"});
   }
   auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
+  if (!mirror->table_ok()) {
+    mirror->detach();
+    ThrowSystemError(env, -ENOMEM, "mirror", {nullptr, "no memory for the page table's top level; mirror a smaller range"});
+  }
   if (write_mode == "single") {
     int rc = mirror->enable_single_writer();
     if (rc) {
@@ -267,6 +271,7 @@ Napi::Value DeviceWrap::Memory(const Napi::CallbackInfo& info) {
   o.Set("pageSize", static_cast<double>(device_->config().page));
   o.Set("slots", static_cast<double>(device_->slots_total()));
   o.Set("used", static_cast<double>(device_->slots_used()));
+  o.Set("tableBytes", static_cast<double>(device_->table_bytes()));
   return o;
 }
 
@@ -447,8 +452,9 @@ Napi::Value MirrorWrap::Read(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
   CheckAligned(env, off, m->page(), "offset");
   CheckPages(env, *m, off / m->page(), n);
+  CheckResultBytes(env, n * m->page(), "read");
   auto job = std::unique_ptr<KernelJob>(new KernelJob{device_, m, {}, {}, {}});
-  job->buffer.resize(n * m->page());
+  Allocating(env, "read", [&] { job->buffer.resize(n * m->page()); });
   job->spec = engine::KernelSpec{m.get(), off / m->page(), n, engine::KernelOp::kCopyOut};
   job->spec.buffer = job->buffer.data();
   job->spec.fault_to_end = true;
@@ -468,7 +474,7 @@ Napi::Value MirrorWrap::Write(const Napi::CallbackInfo& info) {
   CheckPages(env, *m, off / m->page(), n);
   auto job = std::unique_ptr<KernelJob>(new KernelJob{device_, m, {}, {}, {}});
   const uint8_t* src = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
-  job->buffer.assign(src, src + ta.ByteLength());
+  Allocating(env, "write", [&] { job->buffer.assign(src, src + ta.ByteLength()); });
   job->spec = engine::KernelSpec{m.get(), off / m->page(), n, engine::KernelOp::kCopyIn};
   job->spec.buffer = job->buffer.data();
   job->spec.fault_to_end = true;
@@ -480,6 +486,7 @@ Napi::Value MirrorWrap::Entries(const Napi::CallbackInfo& info) {
   auto m = live(env);
   uint64_t first = ToU64(info[0], "page"), n = ToU64(info[1], "npages");
   CheckPages(env, *m, first, n);
+  CheckResultBytes(env, n * sizeof(uint64_t), "entries");
   Napi::BigUint64Array out = Napi::BigUint64Array::New(env, n);
   for (uint64_t i = 0; i < n; i++) out[i] = m->entry(first + i);
   return out;
@@ -599,6 +606,7 @@ Napi::Value MirrorWrap::Snapshot(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
   CheckAligned(env, off, m->page(), "offset");
   CheckPages(env, *m, off / m->page(), n);
+  CheckResultBytes(env, n, "snapshot");
   Napi::Uint8Array out = Napi::Uint8Array::New(env, n);
   m->snapshot(off / m->page(), off / m->page() + n, out.Data());
   return out;
@@ -714,7 +722,8 @@ Napi::Value MirrorWrap::FileRead(const Napi::CallbackInfo& info) {
   FileMirror(env, *m);
   const uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
   CheckBytes(env, *m, off, len);
-  return StartFileIo(env, m, off, std::vector<uint8_t>(len), false);
+  CheckResultBytes(env, len, "pread");
+  return StartFileIo(env, m, off, Allocating(env, "pread", [&] { return std::vector<uint8_t>(len); }), false);
 }
 
 // fileWrite(offset, data) -> Promise<void>: write() of the file through the strategy.
@@ -726,7 +735,7 @@ Napi::Value MirrorWrap::FileWrite(const Napi::CallbackInfo& info) {
   const uint64_t off = ToU64(info[0], "offset");
   Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
   const uint8_t* src = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
-  return StartFileIo(env, m, off, std::vector<uint8_t>(src, src + ta.ByteLength()), true);
+  return StartFileIo(env, m, off, Allocating(env, "pwrite", [&] { return std::vector<uint8_t>(src, src + ta.ByteLength()); }), true);
 }
 
 // writeback(offset, length, sync) -> Promise<{pages, bytesCopied, elapsedNs}>

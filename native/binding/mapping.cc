@@ -449,6 +449,7 @@ Napi::Value Mapping::Residency(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
   uint64_t addr = Range(env, off, len);
   const uint64_t base = sys::page_size();
+  CheckResultBytes(env, (len + base - 1) / base, "residency");
   Napi::Uint8Array out = Napi::Uint8Array::New(env, (len + base - 1) / base);
   int rc = sys::residency(reinterpret_cast<void*>(addr), len, out.Data());
   if (rc) ThrowSystemError(env, rc, "mincore");
@@ -479,6 +480,7 @@ Napi::Value Mapping::Pagemap(const Napi::CallbackInfo& info) {
   const uint64_t base = sys::page_size();
   CheckAligned(env, off, base, "offset");
   size_t n = (len + base - 1) / base;
+  CheckResultBytes(env, n * sizeof(uint64_t), "pagemap");
   Napi::BigUint64Array out = Napi::BigUint64Array::New(env, n);
   int rc = sys::pagemap_read(addr, n, out.Data());
   if (rc) ThrowSystemError(env, rc, "pread", {"/proc/self/pagemap"});

@@ -73,8 +73,14 @@ int Device::init() {
                     MAP_PRIVATE | MAP_ANONYMOUS | (config_.preallocate ? MAP_POPULATE : MAP_NORESERVE), -1, 0);
   if (rc) return rc;
   pool_ = static_cast<uint8_t*>(p);
-  used_bits_.assign((slots_ + 63) / 64, 0);
-  populated_bits_.assign((slots_ + 63) / 64, config_.preallocate ? ~0ull : 0ull);
+  try {
+    used_bits_.assign((slots_ + 63) / 64, 0);
+    populated_bits_.assign((slots_ + 63) / 64, config_.preallocate ? ~0ull : 0ull);
+  } catch (const std::bad_alloc&) {  // memory is the caller's number
+    sys::unmap(pool_, slots_ * config_.page);
+    pool_ = nullptr;
+    return -ENOMEM;
+  }
   try {
     service_ = std::thread(&Device::service, this);
   } catch (...) {
@@ -260,6 +266,13 @@ int Device::register_pool() {
 uint64_t Device::slots_used() {
   std::lock_guard<std::mutex> lock(slot_mu_);
   return used_count_;
+}
+
+uint64_t Device::table_bytes() {
+  std::lock_guard<std::mutex> lock(mirrors_mu_);
+  uint64_t n = 0;
+  for (Mirror* m : mirrors_) n += m->table_bytes();
+  return n;
 }
 
 int Device::fault(Mirror* m, uint64_t first, uint64_t last, bool write) {
