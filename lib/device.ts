@@ -81,7 +81,10 @@ export type KernelOp = 'read' | 'write' | 'atomic' | 'verify' | 'copy';
 export interface KernelOptions {
   /** Byte offset into the mirror (page aligned). Default 0. */
   offset?: number;
-  /** Pages covered. Default to the end of the mirror. */
+  /**
+   * Pages covered, in base pages (the system page size): a hugetlb mirror's kernels cover whole
+   * huge pages (ERR_PAGEMIRROR_UNALIGNED otherwise). Default to the end of the mirror.
+   */
   npages?: number;
   /**
    * read: sum words; write: store seed + word index; atomic: atomic increment; verify: count words
@@ -110,7 +113,7 @@ export interface KernelResult {
   mismatches: number;
   /** Fault rounds the kernel's threads waited for (the kernel device's `faults`). */
   faults: number;
-  /** Pages copied (read/write), the kernel device's `cpages`. */
+  /** Pages copied (read/write), the kernel device's `cpages`: base pages (a 2 MiB hugetlb page counts 512). */
   cpages: number;
   elapsedNs: number;
 }
@@ -130,9 +133,10 @@ export interface MigrateResult extends NativeMigrateResult {
 }
 
 /**
- * The kernel test device's snapshot encoding (HMM_DMIRROR_PROT_*): one byte per page. ERROR: no
- * mapping or PROT_NONE; NONE: not present (or in another device's memory); otherwise a base or'ed
- * with READ/WRITE and PMD for huge mappings.
+ * The kernel test device's snapshot encoding (HMM_DMIRROR_PROT_*): one byte per base page. ERROR:
+ * no mapping or PROT_NONE; NONE: not present (or in another device's memory); otherwise a base
+ * or'ed with READ/WRITE, and PMD (a THP, a 2 MiB hugetlb page) or PUD (a 1 GiB hugetlb page) on
+ * every base page of a page the CPU maps huge.
  */
 export const SNAPSHOT = {
   ERROR: 0xff,
@@ -164,6 +168,7 @@ export class Mirror {
     this.length = length;
   }
 
+  /** Base pages mirrored (a hugetlb mirror has one table entry per huge page: info().npages). */
   get npages(): number {
     return this.length / PAGE;
   }
@@ -192,7 +197,7 @@ export class Mirror {
     return this.#n.run(k);
   }
 
-  /** The mirror's entries for pages [page, page + npages). */
+  /** The mirror's entries for base pages [page, page + npages) (a hugetlb page's entry repeats for each of its pages). */
   entries(page = 0, npages = this.npages - page): MirrorEntry[] {
     return Array.from(this.#n.entries(checkInteger('page', page), checkInteger('npages', npages, 1)), decodeEntry);
   }
@@ -240,7 +245,11 @@ export class Mirror {
     return this.#n.migrateToHost(checkInteger('offset', offset), checkInteger('npages', npages));
   }
 
-  /** The CPU-side state of each page (see SNAPSHOT), without faulting anything. */
+  /**
+   * The CPU-side state of each base page of [offset, offset + npages pages) (see SNAPSHOT), without
+   * faulting anything. offset: bytes, a multiple of the base page size, default 0; npages: default
+   * to the end of the mirror. Errors: RangeError ERR_OUT_OF_RANGE / ERR_PAGEMIRROR_UNALIGNED.
+   */
   snapshot(offset = 0, npages = this.npages - offset / PAGE): Uint8Array {
     return this.#n.snapshot(checkInteger('offset', offset), checkInteger('npages', npages));
   }

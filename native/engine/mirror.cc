@@ -740,6 +740,11 @@ void Mirror::hold_page(uint64_t i, InvalidateCause cause) {
 void Mirror::release_page() { end_change(); }
 
 void Mirror::snapshot(uint64_t first, uint64_t last, uint8_t* out) {
+  // [first, last) in base pages: a hugetlb entry stands for page_ / base of them, each reported
+  // with the size the CPU maps it by (PMD or PUD), as the kernel's hmm_range_fault reports it.
+  const uint64_t base = sys::page_size(), ratio = page_ / base;
+  const uint64_t pmd = base * (base / sizeof(uint64_t)), pud = pmd * (base / sizeof(uint64_t));
+  const uint8_t hugetlb_size = !region_->hugetlb ? 0 : page_ >= pud ? 0x08 : page_ >= pmd ? 0x04 : 0;
   // In chunks, so the buffers here stay small whatever the range, and one PAGEMAP_SCAN of a chunk
   // cannot find more regions than it has room for (two pages per region at the most).
   constexpr uint64_t kChunk = 8192;
@@ -748,27 +753,27 @@ void Mirror::snapshot(uint64_t first, uint64_t last, uint8_t* out) {
   std::vector<sys::ScanRegion> regions;
   for (uint64_t c = first; c < last; c += kChunk) {
     const uint64_t c_end = std::min(last, c + kChunk), n = c_end - c;
-    const bool have_pm = sys::pagemap_read(start_ + c * page_, n, pm.data()) == 0;
+    const bool have_pm = sys::pagemap_read(start_ + c * base, n, pm.data()) == 0;
     // The zero page is not visible in /proc/self/pagemap without CAP_SYS_ADMIN: ask PAGEMAP_SCAN.
     std::fill(zero.begin(), zero.end(), 0);
     std::fill(huge.begin(), huge.end(), 0);
     sys::ScanRequest req;
-    req.start = start_ + c * page_;
-    req.end = start_ + c_end * page_;
+    req.start = start_ + c * base;
+    req.end = start_ + c_end * base;
     req.category_anyof_mask = PAGE_IS_PFNZERO | PAGE_IS_HUGE;
     req.return_mask = PAGE_IS_PFNZERO | PAGE_IS_HUGE;
     req.max_regions = kChunk / 2 + 1;
     regions.clear();
     if (sys::pagemap_scan(req, &regions, nullptr) > 0) {
       for (const auto& r : regions)
-        for (uint64_t a = r.start; a < r.end; a += page_) {
-          uint64_t k = (a - req.start) / page_;
+        for (uint64_t a = r.start; a < r.end; a += base) {
+          uint64_t k = (a - req.start) / base;
           if (r.categories & PAGE_IS_PFNZERO) zero[k] = 1;
           if (r.categories & PAGE_IS_HUGE) huge[k] = 1;
         }
     }
-    for (uint64_t i = c; i < c_end; i++) {
-      const uint64_t k = i - c;
+    for (uint64_t p = c; p < c_end; p++) {
+      const uint64_t k = p - c, i = p / ratio;
       const int prot = region_->prot_over(offset_ + i * page_, page_);
       const uint64_t e = pt_.peek(i);
       uint8_t b;
@@ -782,9 +787,10 @@ void Mirror::snapshot(uint64_t first, uint64_t last, uint8_t* out) {
         b = 0x10 | 0x01;  // ZERO | READ
       } else {
         b = (prot & PROT_WRITE) ? 0x02 : 0x01;
-        if (huge[k]) b |= 0x04;
+        if (hugetlb_size) b |= hugetlb_size;
+        else if (huge[k]) b |= 0x04;  // a THP mapped by a PMD
       }
-      out[i - first] = b;
+      out[p - first] = b;
     }
   }
 }

@@ -214,7 +214,9 @@ class Mirror : public RangeNotifier {
     return true;
   }
 
-  // The kernel test device's snapshot encoding, one byte per page, without faulting anything.
+  // The kernel test device's snapshot encoding, one byte per base page (sys::page_size(); pages
+  // [first, last) of the mirrored range, so a hugetlb entry gives page_ / base of them, each with
+  // the PMD or PUD flag), without faulting anything.
   void snapshot(uint64_t first, uint64_t last, uint8_t* out);
   // Eviction: page i's data goes back to the host; the entry keeps mapping the host page. Caller
   // holds change_mu_. Returns false if the page was not in device memory.
