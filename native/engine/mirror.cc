@@ -18,6 +18,23 @@
 
 namespace pm::engine {
 
+namespace {
+// The size a PMD maps: 2 MiB with 4 KiB pages (512 entries of 8 bytes per page-table page).
+uint64_t PmdSize() { return sys::page_size() * (sys::page_size() / sizeof(uint64_t)); }
+
+// Whether the CPU maps all of [start, end) with huge pages (PAGEMAP_SCAN's PAGE_IS_HUGE).
+bool MappedHuge(uint64_t start, uint64_t end) {
+  sys::ScanRequest req;
+  req.start = start;
+  req.end = end;
+  req.category_mask = PAGE_IS_HUGE;
+  req.return_mask = PAGE_IS_HUGE;
+  req.max_regions = 2;
+  std::vector<sys::ScanRegion> regions;
+  return sys::pagemap_scan(req, &regions, nullptr) == 1 && regions[0].start == start && regions[0].end == end;
+}
+}  // namespace
+
 Mirror::Mirror(Device* device, std::shared_ptr<Region> region, uint64_t offset, uint64_t length)
     : device_(device),
       region_(std::move(region)),
@@ -254,7 +271,7 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   }
   for (uint64_t k = first; k < last; k++) {
     const uint64_t e = pt_[k].load(std::memory_order_relaxed);
-    const uint64_t kept = e & (kOnDevice | kDirty | (~0ull << kSlotShift));
+    const uint64_t kept = e & (kOnDevice | kDirty | kUnit | (~0ull << kSlotShift));
     pt_[k].store(kept | kValid | (write ? kWrite : (e & kWrite)), std::memory_order_release);
   }
   return 0;
@@ -458,6 +475,9 @@ uint64_t Mirror::migrate_run(uint64_t a, uint64_t b, const uint64_t* pm, bool us
   }
   uint64_t slot;
   if (!device_->alloc_run(n, &slot, this, a)) return 0;
+  // A whole PMD-sized unit that the CPU maps huge (or that was never touched) moves as one huge
+  // page would; asked before it moves.
+  const bool unit = n * page_ == PmdSize() && (!present || MappedHuge(start_ + a * page_, start_ + b * page_));
   std::vector<uint64_t> old(n);
   std::vector<Mirror*> held;
   for (uint64_t k = 0; k < n; k++) {
@@ -471,6 +491,7 @@ uint64_t Mirror::migrate_run(uint64_t a, uint64_t b, const uint64_t* pm, bool us
   for (uint64_t k = 0; k < n; k++) {
     if (k < done) {
       set_device_entry(a + k, slot + k, old[k], atomic);
+      if (unit && done == n) pt_[a + k].fetch_or(kUnit, std::memory_order_release);
     } else {
       device_->free_slot(slot + k);
       pt_[a + k].store(old[k] & ~(kValid | kWrite | kAtomic), std::memory_order_release);  // refaults
@@ -745,6 +766,24 @@ void Mirror::snapshot(uint64_t first, uint64_t last, uint8_t* out) {
   const uint64_t base = sys::page_size(), ratio = page_ / base;
   const uint64_t pmd = base * (base / sizeof(uint64_t)), pud = pmd * (base / sizeof(uint64_t));
   const uint8_t hugetlb_size = !region_->hugetlb ? 0 : page_ >= pud ? 0x08 : page_ >= pmd ? 0x04 : 0;
+  // A device page that moved as part of a 2 MiB unit is mapped huge while the unit is whole: all
+  // of it still on the device, in the consecutive slots it moved into (one page pulled back by a
+  // CPU fault splits it, as the kernel splits a device-private THP). One answer per unit.
+  const uint64_t unit_pages = pmd / page_;
+  uint64_t unit_seen = ~0ull;
+  bool unit_whole = false;
+  auto whole_unit = [&](uint64_t i) {
+    const uint64_t u = i / unit_pages * unit_pages;
+    if (u == unit_seen) return unit_whole;
+    unit_seen = u;
+    unit_whole = u + unit_pages <= npages_;
+    const uint64_t e0 = pt_.peek(u);
+    for (uint64_t k = 0; unit_whole && k < unit_pages; k++) {
+      const uint64_t e = pt_.peek(u + k);
+      unit_whole = (e & (kOnDevice | kUnit)) == (kOnDevice | kUnit) && (e >> kSlotShift) == (e0 >> kSlotShift) + k;
+    }
+    return unit_whole;
+  };
   // In chunks, so the buffers here stay small whatever the range, and one PAGEMAP_SCAN of a chunk
   // cannot find more regions than it has room for (two pages per region at the most).
   constexpr uint64_t kChunk = 8192;
@@ -781,6 +820,7 @@ void Mirror::snapshot(uint64_t first, uint64_t last, uint8_t* out) {
         b = 0xFF;  // ERROR
       } else if (e & kOnDevice) {
         b = 0x20 | ((prot & PROT_WRITE) ? 0x02 : 0x01);  // DEV_PRIVATE_LOCAL
+        if ((e & kUnit) && whole_unit(i)) b |= 0x04;
       } else if (!have_pm || !(pm[k] >> 63 & 1)) {
         b = 0x00;  // NONE: not present, or in another device's memory (not ours to describe)
       } else if (zero[k]) {

@@ -35,6 +35,10 @@ enum : uint64_t {
   kAccessed = 1ull << 5, // the device accessed the page since eviction last looked (LRU)
   kPinned = 1ull << 6,   // pin mode: the device kept its own page when the CPU side changed
   kSole = 1ull << 7,     // bounce: the file has no copy of this page (its host page was freed)
+  // Moved into device memory as part of one whole 2 MiB unit (a THP, or a range never touched), in
+  // consecutive slots: while the unit stays whole, snapshot() reports PMD, as the kernel's device
+  // reports a THP it migrated whole.
+  kUnit = 1ull << 16,
   kSlotShift = 20,
 };
 
