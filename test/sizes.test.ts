@@ -40,7 +40,7 @@ describe('mappings larger than an ArrayBuffer', () => {
     const r = inChild('bytes');
     expect(r).toMatchObject({ ok: false, name: 'RangeError', code: 'ERR_PAGEMIRROR_VIEW_TOO_LARGE' });
     expect(r.message).toMatch(/MAX_LENGTH.*view\(offset, length\)/);
-  });
+  }, 90_000);
 
   it('view() windows reach every part of a 4 GiB + 1 page mapping and see the same memory', () => {
     const m = mapAnonymous(4 * GiB + PAGE, { noReserve: true });
@@ -142,7 +142,7 @@ describe('mirrors of ranges far larger than memory', () => {
     expect(mir.info().tableBytes).toBe(fresh + used);
     mir.close();
     expect(dev.memory().tableBytes).toBe(0);
-  });
+  }, 90_000);
 
   it('2^46 bytes, anonymous or memfd: mirrored and written at the far end, or a typed error; never an abort', () => {
     for (const what of ['mirror-anonymous', 'mirror-memfd']) {
@@ -154,5 +154,5 @@ describe('mirrors of ranges far larger than memory', () => {
         expect(r.code, `${what}: ${r.message}`).toMatch(/^(ENOMEM|ERR_[A-Z_]+)$/);
       }
     }
-  });
+  }, 150_000);
 });

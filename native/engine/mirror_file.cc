@@ -313,7 +313,7 @@ bool Mirror::file_release_page(uint64_t i, uint64_t e, uint64_t size) {
 
 uint64_t Mirror::file_flush_locked(uint64_t a, uint64_t b) {
   std::vector<std::pair<uint64_t, uint64_t>> gone;
-  for (uint64_t i = a; i < b; i++) {
+  for (uint64_t i = pt_.next_present(a, b); i < b; i = pt_.next_present(i + 1, b)) {
     if (!(pt_.peek(i, std::memory_order_relaxed) & kOnDevice)) continue;
     gone.push_back({i, pt_[i].exchange(0, std::memory_order_seq_cst)});
   }
