@@ -155,4 +155,46 @@ describe('mirrors of ranges far larger than memory', () => {
       }
     }
   }, 150_000);
+
+  // The access protocol with blocks allocated under it: device threads take first faults in fresh
+  // 2 MiB blocks (each allocated by the range fault) while the CPU flips the protection.
+  it('device writers filling fresh blocks while the CPU flips protection: no write through a stale entry', async () => {
+    const m = mapAnonymous(GiB, { noReserve: true });
+    closers.push(() => m.close());
+    const dev = Device.create();
+    closers.push(() => dev.close());
+    const STEP = (16 << 20) / 8; // one word every 16 MiB: 64 blocks far apart
+    const indices = new Uint32Array(64).map((_, k) => ((k * 37) % 64) * STEP + k);
+    const words = () => [...indices].map((w) => m.readSync(w * 8, 8).readBigUInt64LE());
+    let runs = 0;
+    for (let round = 0; round < 8; round++) {
+      const mir = dev.mirror(m); // a fresh table: every block is allocated again
+      let stop = false;
+      const writers = (async () => {
+        while (!stop) {
+          try {
+            await mir.run({ op: 'write', threads: 2, pattern: 'gather', indices, ops: 4096, seed: round });
+          } catch (err) {
+            expect((err as { code: string }).code).toBe('EPERM'); // met read-only: refused, not crashed
+          }
+          runs++;
+        }
+      })();
+      for (let i = 0; i < 10; i++) {
+        m.protect('r');
+        const before = words();
+        await new Promise((r) => setTimeout(r, 1));
+        expect(words()).toEqual(before);
+        m.protect('rw');
+        await new Promise((r) => setImmediate(r));
+      }
+      stop = true;
+      await within(writers, 10_000, 'writers');
+      const blocks = mir.info().tableBytes!;
+      expect(blocks).toBeLessThanOrEqual(64 * (4104 + 4096) + 64);
+      mir.close();
+    }
+    expect(dev.counters().invalidations.protect).toBeGreaterThanOrEqual(80);
+    expect(runs).toBeGreaterThanOrEqual(8); // the writers ran in every round
+  }, 60_000);
 });
