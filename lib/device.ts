@@ -4,7 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { native, type NativeDevice, type NativeFileStats, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult, type NativeTraceEvent } from './native.js';
 import { Mapping } from './mapping.js';
-import { checkInteger, checkOneOf, checkBytes, stateError, typeError } from './errors.js';
+import { checkInteger, checkOneOf, checkBytes, checkDecodedPages, stateError, typeError } from './errors.js';
 
 const PAGE = native.uname().pageSize;
 
@@ -197,9 +197,13 @@ export class Mirror {
     return this.#n.run(k);
   }
 
-  /** The mirror's entries for base pages [page, page + npages) (a hugetlb page's entry repeats for each of its pages). */
+  /**
+   * The mirror's entries for base pages [page, page + npages) (a hugetlb page's entry repeats for
+   * each of its pages). At most MAX_DECODED_PAGES (4194304) at once (ERR_OUT_OF_RANGE).
+   */
   entries(page = 0, npages = this.npages - page): MirrorEntry[] {
-    return Array.from(this.#n.entries(checkInteger('page', page), checkInteger('npages', npages, 1)), decodeEntry);
+    checkDecodedPages('entries()', checkInteger('npages', npages, 1), 'smaller windows (page, npages)');
+    return Array.from(this.#n.entries(checkInteger('page', page), npages), decodeEntry);
   }
 
   /**

@@ -2,7 +2,9 @@
 // out by `bytes`, so no view can reach unmapped memory.
 import { native, K, type NativeMapping, type NativeMappingInfo, type CacheStat, type StatxResult } from './native.js';
 import { ADVICE, type Advice, parseProt, type Protection, categoryMask, categoryNames, type PageCategory } from './constants.js';
-import { checkBytes, checkInteger, checkOneOf, typeError } from './errors.js';
+import { checkBytes, checkDecodedPages, checkInteger, checkOneOf, typeError } from './errors.js';
+
+const BASE_PAGE = native.uname().pageSize;
 
 export interface MapOptions {
   /** Protection; default 'rw'. */
@@ -238,9 +240,10 @@ export class Mapping {
     this.native.truncate(checkInteger('length', length));
   }
 
-  /** mincore: one entry per base page, true if resident. */
+  /** mincore: one entry per base page, true if resident. At most MAX_DECODED_PAGES (4194304) pages at once (ERR_OUT_OF_RANGE). */
   residency(range?: RangeOptions): boolean[] {
     const [o, l] = this.#range(range);
+    checkDecodedPages('residency()', Math.ceil(l / BASE_PAGE), 'a smaller range');
     return Array.from(this.native.residency(o, l), (b) => (b & 1) === 1);
   }
 
@@ -251,9 +254,10 @@ export class Mapping {
     return this.native.cachestat(off, len);
   }
 
-  /** Per-page flags from /proc/self/pagemap. */
+  /** Per-page flags from /proc/self/pagemap. At most MAX_DECODED_PAGES (4194304) pages at once (ERR_OUT_OF_RANGE): pagemapRaw() for more. */
   pagemap(range?: RangeOptions): PageFlags[] {
     const [o, l] = this.#range(range);
+    checkDecodedPages('pagemap()', Math.ceil(l / BASE_PAGE), 'pagemapRaw()');
     return Array.from(this.native.pagemap(o, l), decodePagemapEntry);
   }
 

@@ -131,6 +131,11 @@ describe('mirrors of ranges far larger than memory', () => {
     expect(used).toBeGreaterThan(0);
     expect(used).toBeLessThanOrEqual(offsets.length * (4104 + 4096));
     expect(dev.memory().tableBytes).toBe(mir.info().tableBytes);
+    // Per-page objects for all of it would exhaust the heap: refused, with the way out.
+    expect(() => mir.entries()).toThrow(expect.objectContaining({ name: 'RangeError', code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => m.pagemap()).toThrow(expect.objectContaining({ name: 'RangeError', code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => m.residency()).toThrow(expect.objectContaining({ name: 'RangeError', code: 'ERR_OUT_OF_RANGE' }));
+    expect(mir.entries(TiB / PAGE - 2, 2).map((e) => e.valid)).toEqual([true, true]);
     // Scans over the whole range (a snapshot, a migration back of everything, close) read the
     // table without filling it.
     const moved = await within(mir.migrateToDevice(517 * GiB, 2), 10_000, 'migrateToDevice');

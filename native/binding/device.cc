@@ -443,7 +443,7 @@ Napi::Value MirrorWrap::Run(const Napi::CallbackInfo& info) {
       throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "the gather pattern needs indices: a Uint32Array of word indices");
     Napi::Uint32Array a = idx.As<Napi::Uint32Array>();
     if (a.ElementLength() == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "indices must not be empty");
-    job->gather.assign(a.Data(), a.Data() + a.ElementLength());
+    Allocating(env, "run", [&] { job->gather.assign(a.Data(), a.Data() + a.ElementLength()); });
     s.gather = job->gather.data();
     s.gather_count = job->gather.size();
   }
