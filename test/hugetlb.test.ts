@@ -149,6 +149,9 @@ describe('hugetlb', () => {
       expect(mir.entries().length).toBe(n);
       expect(mir.entries(511, 2).map((e) => e.valid)).toEqual([true, true]);
       m.protect('r'); // invalidates: the entries go, the CPU mapping stays
+      // Counted in base pages, as everything else: both huge pages' entries were valid (the read).
+      expect(dev.counters().invalidatedPages).toBe(n);
+      expect(mir.info().invalidatedPages).toBe(n);
       snap = mir.snapshot();
       expect([...new Set(snap)]).toEqual([SNAPSHOT.READ | flag]);
       // Any base-page window, default length to the end.

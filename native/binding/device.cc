@@ -656,7 +656,7 @@ Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {
   o.Set("pageSize", static_cast<double>(mirror_->page()));
   o.Set("tableBytes", static_cast<double>(mirror_->table_bytes()));
   o.Set("invalidations", static_cast<double>(s.invalidations.load()));
-  o.Set("invalidatedPages", static_cast<double>(s.invalidated_pages.load()));
+  o.Set("invalidatedPages", static_cast<double>(s.invalidated_pages.load() * (mirror_->page() / sys::page_size())));
   o.Set("rangeFaults", static_cast<double>(s.range_faults.load()));
   o.Set("retries", static_cast<double>(s.retries.load()));
   o.Set("pinned", mirror_->pinned());

@@ -355,7 +355,7 @@ void Device::service_batch(std::vector<Request*>& batch) {
       run.m->migrate_to_device(run.first, run.last, true, &mr, false, Trigger::kDeviceFault);
     }
     int rc = run.m->range_fault(run.first, run.last, run.write, config_.timeout_ms);
-    if (rc == 0) counters_.faulted_pages.fetch_add(run.last - run.first, std::memory_order_relaxed);
+    if (rc == 0) counters_.faulted_pages.fetch_add((run.last - run.first) * (run.m->page() / config_.page), std::memory_order_relaxed);
     if (rc == 0 && config_.prefetch != DeviceConfig::Prefetch::kOff) prefetch(run.m, run.first, run.last);
     for (size_t i = run.begin; i < run.end; i++) {
       Request* r = batch[i];
@@ -449,9 +449,12 @@ void Device::prefetch(Mirror* m, uint64_t first, uint64_t last) {
 }
 
 void Device::on_invalidate(Mirror* m, uint64_t first, uint64_t, InvalidateCause cause, uint64_t cleared) {
+  // Counted and traced in base pages (a hugetlb entry is m->page() / page of them), as the
+  // kernel's test device counts pages.
+  const uint64_t ratio = m->page() / config_.page;
   counters_.invalidations[static_cast<unsigned>(cause)].fetch_add(1, std::memory_order_relaxed);
-  counters_.invalidated_pages.fetch_add(cleared, std::memory_order_relaxed);
-  trace(TraceKind::kInvalidate, m, first, cleared, static_cast<uint64_t>(cause));
+  counters_.invalidated_pages.fetch_add(cleared * ratio, std::memory_order_relaxed);
+  trace(TraceKind::kInvalidate, m, first * ratio, cleared * ratio, static_cast<uint64_t>(cause));
 }
 
 namespace {
