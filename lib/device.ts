@@ -176,8 +176,9 @@ export class Mirror {
   /**
    * The device reads [offset, offset + npages pages) through its page table into a new buffer. A
    * miss faults in everything from that page to the end of the range in one round. On error nothing
-   * is copied out. Errors: EFAULT (no mapping or PROT_NONE), EBUSY (invalidations kept racing),
-   * ENODEV (device closed); EINVAL for npages 0.
+   * is copied out. npages counts base pages (a hugetlb mirror's reads cover whole huge pages:
+   * ERR_PAGEMIRROR_UNALIGNED). Errors: EFAULT (no mapping or PROT_NONE), EBUSY (invalidations kept
+   * racing), ENODEV (device closed); EINVAL for npages 0.
    */
   async read(offset: number, npages: number): Promise<KernelResult & { data: Buffer }> {
     return this.#n.read(checkInteger('offset', offset), checkInteger('npages', npages));
