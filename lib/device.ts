@@ -4,7 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { native, type NativeDevice, type NativeFileStats, type NativeForkDeviceResult, type NativeForkStepResult, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult, type NativeTraceEvent } from './native.js';
 import { Mapping } from './mapping.js';
-import { checkInteger, checkOneOf, checkBytes, stateError, typeError } from './errors.js';
+import { checkInteger, checkOneOf, checkBytes, checkDecodedPages, stateError, typeError } from './errors.js';
 
 const PAGE = native.uname().pageSize;
 
@@ -81,7 +81,10 @@ export type KernelOp = 'read' | 'write' | 'atomic' | 'verify' | 'copy';
 export interface KernelOptions {
   /** Byte offset into the mirror (page aligned). Default 0. */
   offset?: number;
-  /** Pages covered. Default to the end of the mirror. */
+  /**
+   * Pages covered, in base pages (the system page size): a hugetlb mirror's kernels cover whole
+   * huge pages (ERR_PAGEMIRROR_UNALIGNED otherwise). Default to the end of the mirror.
+   */
   npages?: number;
   /**
    * read: sum words; write: store seed + word index; atomic: atomic increment; verify: count words
@@ -110,7 +113,7 @@ export interface KernelResult {
   mismatches: number;
   /** Fault rounds the kernel's threads waited for (the kernel device's `faults`). */
   faults: number;
-  /** Pages copied (read/write), the kernel device's `cpages`. */
+  /** Pages copied (read/write), the kernel device's `cpages`: base pages (a 2 MiB hugetlb page counts 512). */
   cpages: number;
   elapsedNs: number;
 }
@@ -135,9 +138,10 @@ export interface MigrateResult extends NativeMigrateResult {
 }
 
 /**
- * The kernel test device's snapshot encoding (HMM_DMIRROR_PROT_*): one byte per page. ERROR: no
- * mapping or PROT_NONE; NONE: not present (or in another device's memory); otherwise a base or'ed
- * with READ/WRITE and PMD for huge mappings.
+ * The kernel test device's snapshot encoding (HMM_DMIRROR_PROT_*): one byte per base page. ERROR:
+ * no mapping or PROT_NONE; NONE: not present (or in another device's memory); otherwise a base
+ * or'ed with READ/WRITE, and PMD (a THP, a 2 MiB hugetlb page) or PUD (a 1 GiB hugetlb page) on
+ * every base page of a page the CPU maps huge.
  */
 export const SNAPSHOT = {
   ERROR: 0xff,
@@ -216,6 +220,7 @@ export class Mirror {
     this.length = length;
   }
 
+  /** Base pages mirrored (a hugetlb mirror has one table entry per huge page: info().npages). */
   get npages(): number {
     return this.length / PAGE;
   }
@@ -223,8 +228,9 @@ export class Mirror {
   /**
    * The device reads [offset, offset + npages pages) through its page table into a new buffer. A
    * miss faults in everything from that page to the end of the range in one round. On error nothing
-   * is copied out. Errors: EFAULT (no mapping or PROT_NONE), EBUSY (invalidations kept racing),
-   * ENODEV (device closed); EINVAL for npages 0.
+   * is copied out. npages counts base pages (a hugetlb mirror's reads cover whole huge pages:
+   * ERR_PAGEMIRROR_UNALIGNED). Errors: EFAULT (no mapping or PROT_NONE), EBUSY (invalidations kept
+   * racing), ENODEV (device closed); EINVAL for npages 0.
    */
   async read(offset: number, npages: number): Promise<KernelResult & { data: Buffer }> {
     return this.#n.read(checkInteger('offset', offset), checkInteger('npages', npages));
@@ -244,9 +250,13 @@ export class Mirror {
     return this.#n.run(k);
   }
 
-  /** The mirror's entries for pages [page, page + npages). */
+  /**
+   * The mirror's entries for base pages [page, page + npages) (a hugetlb page's entry repeats for
+   * each of its pages). At most MAX_DECODED_PAGES (4194304) at once (ERR_OUT_OF_RANGE).
+   */
   entries(page = 0, npages = this.npages - page): MirrorEntry[] {
-    return Array.from(this.#n.entries(checkInteger('page', page), checkInteger('npages', npages, 1)), decodeEntry);
+    checkDecodedPages('entries()', checkInteger('npages', npages, 1), 'smaller windows (page, npages)');
+    return Array.from(this.#n.entries(checkInteger('page', page), npages), decodeEntry);
   }
 
   /**
@@ -294,7 +304,11 @@ export class Mirror {
     return this.#n.migrateToHost(checkInteger('offset', offset), checkInteger('npages', npages));
   }
 
-  /** The CPU-side state of each page (see SNAPSHOT), without faulting anything. */
+  /**
+   * The CPU-side state of each base page of [offset, offset + npages pages) (see SNAPSHOT), without
+   * faulting anything. offset: bytes, a multiple of the base page size, default 0; npages: default
+   * to the end of the mirror. Errors: RangeError ERR_OUT_OF_RANGE / ERR_PAGEMIRROR_UNALIGNED.
+   */
   snapshot(offset = 0, npages = this.npages - offset / PAGE): Uint8Array {
     return this.#n.snapshot(checkInteger('offset', offset), checkInteger('npages', npages));
   }
@@ -608,8 +622,11 @@ export class Device {
     return lines.length ? lines.join('\n') + '\n' : '';
   }
 
-  /** Device memory: slots (pages) in all and in use. */
-  memory(): { pageSize: number; slots: number; used: number } {
+  /**
+   * Device memory: slots (pages) in all and in use; tableBytes, the host memory its mirrors' page
+   * tables hold (allocated per 2 MiB of mirrored range on first use, 8 B per entry).
+   */
+  memory(): { pageSize: number; slots: number; used: number; tableBytes: number } {
     return this.#n.memory();
   }
 

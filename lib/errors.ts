@@ -69,3 +69,15 @@ export function checkBytes(name: string, value: unknown): Uint8Array {
   if (!(value instanceof Uint8Array)) throw typeError('ERR_INVALID_ARG_TYPE', `${name} must be a Uint8Array or Buffer`);
   return value;
 }
+
+/** Pages decoded into one JavaScript array at the most: a whole terabyte-sized mapping would exhaust the heap (a fatal error, not an exception). */
+export const MAX_DECODED_PAGES = 1 << 22;
+
+/** Throws ERR_OUT_OF_RANGE when `pages` per-page objects would be more than MAX_DECODED_PAGES; `raw` names the typed-array alternative. */
+export function checkDecodedPages(what: string, pages: number, raw: string): void {
+  if (pages > MAX_DECODED_PAGES)
+    throw rangeError(
+      'ERR_OUT_OF_RANGE',
+      `${what} of ${pages} pages would decode more than ${MAX_DECODED_PAGES} at once; ask for a smaller range (offset, length) or use ${raw}`,
+    );
+}

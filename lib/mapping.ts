@@ -2,7 +2,9 @@
 // out by `bytes`, so no view can reach unmapped memory.
 import { native, K, type NativeMapping, type NativeMappingInfo, type CacheStat, type StatxResult } from './native.js';
 import { ADVICE, type Advice, parseProt, type Protection, categoryMask, categoryNames, type PageCategory } from './constants.js';
-import { checkBytes, checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
+import { checkBytes, checkDecodedPages, checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
+
+const BASE_PAGE = native.uname().pageSize;
 
 /** The most advise('populateRead' | 'populateWrite') populates on the JavaScript thread: 1 GiB. */
 export const POPULATE_SYNC_MAX_BYTES = 1 << 30;
@@ -163,12 +165,33 @@ export class Mapping {
   }
 
   /**
-   * A Uint8Array over the whole mapping. Refused (ERR_PAGEMIRROR_NOT_WRITABLE,
-   * ERR_PAGEMIRROR_REGISTERED) while a JavaScript access could kill or hang the process; detached by
-   * close(), remap(), register() and any protect() that takes read or write away.
+   * A Uint8Array over the whole mapping (the same one each time until it is detached). Refused
+   * (ERR_PAGEMIRROR_NOT_WRITABLE, ERR_PAGEMIRROR_REGISTERED) while a JavaScript access could kill or
+   * hang the process; detached by close(), remap(), unmap(), register() and any protect() that takes
+   * read or write away. A mapping larger than Node's largest ArrayBuffer (buffer.constants.MAX_LENGTH,
+   * 4 GiB on Node 20) has no `bytes`: RangeError ERR_PAGEMIRROR_VIEW_TOO_LARGE; use view().
    */
   get bytes(): Uint8Array {
     return new Uint8Array(this.native.buffer());
+  }
+
+  /**
+   * A Uint8Array over the window [offset, offset + length) of the mapping (a new one each call), for
+   * mappings too large for `bytes` or when only a part is wanted. Same rules as `bytes`: refused
+   * while the window is not read-write (ERR_PAGEMIRROR_NOT_WRITABLE) or the mapping is registered
+   * (ERR_PAGEMIRROR_REGISTERED); detached, with every other view, by close(), remap(), unmap(),
+   * register() and any protect() that takes read or write away, so no view reaches unmapped memory.
+   *
+   * @param offset byte offset (any byte), default 0.
+   * @param length bytes, default to the end of the mapping.
+   * @throws TypeError ERR_INVALID_ARG_TYPE, RangeError ERR_OUT_OF_RANGE (outside the mapping),
+   *   RangeError ERR_PAGEMIRROR_VIEW_TOO_LARGE (longer than buffer.constants.MAX_LENGTH),
+   *   Error ERR_PAGEMIRROR_CLOSED.
+   */
+  view(offset = 0, length?: number): Uint8Array {
+    const o = checkInteger('offset', offset);
+    const l = checkInteger('length', length ?? Math.max(0, this.length - o));
+    return new Uint8Array(this.native.buffer(o, l));
   }
 
   #range(o: RangeOptions | undefined): [number, number] {
@@ -241,9 +264,10 @@ export class Mapping {
     this.native.truncate(checkInteger('length', length));
   }
 
-  /** mincore: one entry per base page, true if resident. */
+  /** mincore: one entry per base page, true if resident. At most MAX_DECODED_PAGES (4194304) pages at once (ERR_OUT_OF_RANGE). */
   residency(range?: RangeOptions): boolean[] {
     const [o, l] = this.#range(range);
+    checkDecodedPages('residency()', Math.ceil(l / BASE_PAGE), 'a smaller range');
     return Array.from(this.native.residency(o, l), (b) => (b & 1) === 1);
   }
 
@@ -254,9 +278,10 @@ export class Mapping {
     return this.native.cachestat(off, len);
   }
 
-  /** Per-page flags from /proc/self/pagemap. */
+  /** Per-page flags from /proc/self/pagemap. At most MAX_DECODED_PAGES (4194304) pages at once (ERR_OUT_OF_RANGE): pagemapRaw() for more. */
   pagemap(range?: RangeOptions): PageFlags[] {
     const [o, l] = this.#range(range);
+    checkDecodedPages('pagemap()', Math.ceil(l / BASE_PAGE), 'pagemapRaw()');
     return Array.from(this.native.pagemap(o, l), decodePagemapEntry);
   }
 

@@ -11,7 +11,7 @@ export interface NativeMapping {
   readonly address: bigint;
   readonly length: number;
   info(): NativeMappingInfo;
-  buffer(): ArrayBuffer;
+  buffer(offset?: number, length?: number): ArrayBuffer;
   protect(offset: number, length: number, prot: number): void;
   advise(offset: number, length: number, advice: number): void;
   sync(offset: number, length: number, flags: number): void;
@@ -307,6 +307,7 @@ export interface NativeMirror {
     address?: bigint;
     npages?: number;
     pageSize?: number;
+    /** Host memory the page table really holds: 4 KiB blocks of 512 entries, allocated where entries were set, and a small directory. */
     tableBytes?: number;
     invalidations?: number;
     invalidatedPages?: number;
@@ -338,7 +339,7 @@ export interface NativeDevice {
   drainTrace(): { events: NativeTraceEvent[]; dropped: number };
   mirror(m: NativeMapping, offset: number, length: number, writeMode?: 'shared' | 'single', pin?: boolean, file?: Record<string, unknown>): NativeMirror;
   counters(): NativeDeviceCounters;
-  memory(): { pageSize: number; slots: number; used: number };
+  memory(): { pageSize: number; slots: number; used: number; tableBytes: number };
   close(): void;
 }
 

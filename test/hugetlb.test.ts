@@ -2,7 +2,7 @@
 // gives them back; otherwise it uses what is free, or skips saying why.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
-import { mapAnonymous, mapMemfd, Userfaultfd, Device, access, probe } from '../lib/index.js';
+import { mapAnonymous, mapMemfd, Userfaultfd, Device, SNAPSHOT, access, probe } from '../lib/index.js';
 import { P, within, fillPattern } from './helpers.js';
 
 const NR = '/proc/sys/vm/nr_hugepages';
@@ -111,13 +111,86 @@ describe('hugetlb', () => {
       const data = Buffer.alloc(HUGE);
       for (let i = 0; i < HUGE; i += 4096) data.writeBigUInt64LE(BigInt(i / 4096), i);
       const r = await within(mir.write(0, data), 10_000, 'device write');
-      expect(r).toMatchObject({ cpages: 1, faults: 1 });
+      expect(r).toMatchObject({ cpages: HUGE / 4096, faults: 1 }); // counted in base pages, as the kernel's device does
       expect((await access(m, { op: 'read', unit: 4096 })).checksum).toBe(BigInt(((HUGE / 4096) * (HUGE / 4096 - 1)) / 2));
       await expect(mir.migrateToDevice(0, 1)).rejects.toMatchObject({ code: 'EINVAL' });
+      await expect(mir.migrateToDevice(0, HUGE / 4096)).rejects.toMatchObject({ code: 'EINVAL' });
       mir.close();
     } finally {
       dev.close();
       m.close();
     }
   });
+
+  // hmm-tests.c "compound": a hugetlb mirror's snapshot has one byte per base page, each with the
+  // size the CPU maps it by; the kernel's device counts hugetlb pages in base pages.
+  it('snapshot() of a hugetlb mirror: one byte per base page, WRITE|PMD, READ|PMD after mprotect; counts in base pages', async (ctx) => {
+    if (free < 2) ctx.skip(why);
+    const m = mapAnonymous(2 * HUGE, { hugetlb: true });
+    const dev = Device.create();
+    try {
+      const mir = dev.mirror(m);
+      const n = (2 * HUGE) / 4096;
+      expect(mir.npages).toBe(n);
+      let snap = mir.snapshot(); // default arguments: the whole mirror, in base pages
+      expect(snap.length).toBe(n);
+      expect(snap.every((b) => b === SNAPSHOT.NONE)).toBe(true); // nothing faulted in yet
+      const flag = HUGE >= 2 ** 30 ? SNAPSHOT.PUD : SNAPSHOT.PMD;
+      const w = await within(mir.write(0, Buffer.alloc(HUGE, 3)), 10_000, 'device write');
+      expect(w).toMatchObject({ cpages: HUGE / 4096, faults: 1 });
+      snap = mir.snapshot();
+      expect([...new Set(snap.subarray(0, n / 2))]).toEqual([SNAPSHOT.WRITE | flag]);
+      expect([...new Set(snap.subarray(n / 2))]).toEqual([SNAPSHOT.NONE]);
+      const r = await within(mir.read(0, n), 10_000, 'device read');
+      expect(r).toMatchObject({ cpages: n, faults: 1 });
+      expect(r.data[HUGE - 1]).toBe(3);
+      expect(r.data[HUGE]).toBe(0);
+      // Entries: one per base page too (a huge page's entry stands for each of its pages).
+      expect(mir.entries().length).toBe(n);
+      expect(mir.entries(511, 2).map((e) => e.valid)).toEqual([true, true]);
+      m.protect('r'); // invalidates: the entries go, the CPU mapping stays
+      // Counted in base pages, as everything else: both huge pages' entries were valid (the read).
+      expect(dev.counters().invalidatedPages).toBe(n);
+      expect(mir.info().invalidatedPages).toBe(n);
+      snap = mir.snapshot();
+      expect([...new Set(snap)]).toEqual([SNAPSHOT.READ | flag]);
+      // Any base-page window, default length to the end.
+      expect([...mir.snapshot(HUGE + 4096)]).toEqual(new Array(n / 2 - 1).fill(SNAPSHOT.READ | flag));
+      expect(mir.entries(511, 2).map((e) => e.valid)).toEqual([false, false]);
+      // A device access covers whole huge pages.
+      await expect(mir.run({ op: 'read', npages: 1 })).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_UNALIGNED' });
+      expect((await within(mir.run({ op: 'read', npages: n / 2 }), 10_000, 'kernel')).faults).toBe(1);
+      mir.close();
+    } finally {
+      dev.close();
+      m.close();
+    }
+  });
+
+  it('snapshot() of a 1 GiB hugetlb page: WRITE|PUD on each base page', async (ctx) => {
+    const GIG = '/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages';
+    if (!fs.existsSync(GIG)) ctx.skip('this kernel offers no 1 GiB huge pages');
+    if (P.euid !== 0) ctx.skip(`reserving a 1 GiB huge page needs root (${GIG})`);
+    const old = fs.readFileSync(GIG, 'utf8').trim();
+    try {
+      fs.writeFileSync(GIG, String(Number(old) + 1));
+      if (Number(fs.readFileSync(GIG, 'utf8').trim()) <= Number(old)) ctx.skip('the kernel found no free 1 GiB of contiguous memory for a huge page');
+      const m = mapAnonymous(2 ** 30, { hugetlb: true, hugePageSize: 2 ** 30 });
+      const dev = Device.create();
+      try {
+        const mir = dev.mirror(m);
+        const w = await within(mir.run({ op: 'write', npages: 2 ** 18 }), 30_000, 'device write of 1 GiB');
+        expect(w.faults).toBe(1);
+        const snap = mir.snapshot();
+        expect(snap.length).toBe(2 ** 18);
+        expect([...new Set(snap)]).toEqual([SNAPSHOT.WRITE | SNAPSHOT.PUD]);
+        mir.close();
+      } finally {
+        dev.close();
+        m.close();
+      }
+    } finally {
+      fs.writeFileSync(GIG, old);
+    }
+  }, 60_000);
 });

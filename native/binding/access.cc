@@ -12,6 +12,7 @@
 
 #include "../sys/access.h"
 #include "../engine/engine.h"
+#include "addon.h"
 #include "../sys/mem.h"
 #include "args.h"
 #include "errors.h"
@@ -65,6 +66,7 @@ sys::AccessSpec ParseSpec(const Napi::CallbackInfo& info, Mapping* m) {
   if (s.threads == 0 || s.threads > 1024) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "threads must be 1..1024");
   if (s.unit < 8 || s.unit % 8) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "unit must be a multiple of 8");
   if (s.stride % 8) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "stride must be a multiple of 8");
+  if (s.latency) CheckResultBytes(env, (s.ops ? s.ops : std::max<uint64_t>(1, len / s.unit)) * sizeof(uint32_t), "latency");
   // A SIGSEGV cannot be caught safely inside Node, so accesses the protection forbids are refused
   // here, before any thread starts.
   const bool writes = s.op != sys::AccessOp::kRead && s.op != sys::AccessOp::kVerify;

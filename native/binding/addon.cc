@@ -7,6 +7,7 @@
 
 #include "../sys/uapi.h"
 #include "addon.h"
+#include "errors.h"
 
 #include "../engine/device.h"
 #include "../engine/mirror.h"
@@ -86,11 +87,41 @@ void Cleanup(void* arg) {
     if (auto d = w.lock()) d->close();
 }
 
+// buffer.constants.MAX_LENGTH, where this Node can say (process.getBuiltinModule: 20.16+);
+// otherwise the default, the smallest limit of any Node the addon supports.
+uint64_t MaxViewBytes(Napi::Env env, uint64_t fallback) {
+  try {
+    Napi::Value process = env.Global().Get("process");
+    if (!process.IsObject()) return fallback;
+    Napi::Value get = process.As<Napi::Object>().Get("getBuiltinModule");
+    if (!get.IsFunction()) return fallback;
+    Napi::Value buffer = get.As<Napi::Function>().Call(process, {Napi::String::New(env, "buffer")});
+    if (!buffer.IsObject()) return fallback;
+    Napi::Value constants = buffer.As<Napi::Object>().Get("constants");
+    if (!constants.IsObject()) return fallback;
+    Napi::Value max = constants.As<Napi::Object>().Get("MAX_LENGTH");
+    if (!max.IsNumber()) return fallback;
+    const double v = max.As<Napi::Number>().DoubleValue();
+    return v >= 1 && v <= 9007199254740991.0 ? static_cast<uint64_t>(v) : fallback;
+  } catch (const Napi::Error&) {
+    return fallback;
+  }
+}
+
 }  // namespace
+
+void CheckResultBytes(Napi::Env env, uint64_t bytes, const char* what) {
+  const uint64_t limit = env.GetInstanceData<AddonData>()->max_view_bytes;
+  if (bytes > limit)
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE",
+                          std::string(what) + " would need " + std::to_string(bytes) + " bytes in one buffer, more than " +
+                              "the largest this Node allows (" + std::to_string(limit) + "); ask for a smaller range");
+}
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   env.SetInstanceData(data);
+  data->max_view_bytes = MaxViewBytes(env, data->max_view_bytes);
   napi_add_env_cleanup_hook(env, Cleanup, data);
   Napi::Function mapping = Mapping::Init(env);
   data->mapping_ctor = Napi::Persistent(mapping);

@@ -136,6 +136,10 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
                                   "mirrors (they would not see its device's copies)"});
   }
   auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
+  if (!mirror->table_ok()) {
+    mirror->detach();
+    ThrowSystemError(env, -ENOMEM, "mirror", {nullptr, "no memory for the page table's top level; mirror a smaller range"});
+  }
   if (write_mode == "single") {
     int rc = mirror->enable_single_writer();
     if (rc) {
@@ -272,6 +276,7 @@ Napi::Value DeviceWrap::Memory(const Napi::CallbackInfo& info) {
   o.Set("pageSize", static_cast<double>(device_->config().page));
   o.Set("slots", static_cast<double>(device_->slots_total()));
   o.Set("used", static_cast<double>(device_->slots_used()));
+  o.Set("tableBytes", static_cast<double>(device_->table_bytes()));
   return o;
 }
 
@@ -358,20 +363,40 @@ engine::KernelOp ParseKernelOp(Napi::Env env, const std::string& s) {
   throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "op must be 'read', 'write', 'atomic', 'verify' or 'copy'");
 }
 
-void CheckPages(Napi::Env env, engine::Mirror& m, uint64_t first, uint64_t n) {
+// ratio: the unit of first and n in mirror entries (base pages per entry, > 1 for hugetlb).
+void CheckPages(Napi::Env env, engine::Mirror& m, uint64_t first, uint64_t n, uint64_t ratio = 1) {
+  const uint64_t total = m.npages() * ratio;
   if (n == 0) throw SystemError(env, -EINVAL, "device", {nullptr, "npages must be > 0"});
-  if (first > m.npages() || n > m.npages() - first)
+  if (first > total || n > total - first)
     throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "pages [" + std::to_string(first) + ", +" + std::to_string(n) +
-                                                       ") lie outside the mirror of " + std::to_string(m.npages()) + " pages");
+                                                       ") lie outside the mirror of " + std::to_string(total) + " pages");
 }
 
-Napi::Object ResultObject(Napi::Env env, const engine::KernelResult& r) {
+// A range of the mirror's entries [first, last), given as a byte offset and a count of base pages,
+// as the kernel's test device counts them (a 2 MiB hugetlb page is 512 pages) while a hugetlb
+// mirror has one entry per huge page: ratio base pages each. whole: a device access, which must
+// cover whole huge pages; otherwise (migration, which refuses hugetlb anyway) the range widens.
+struct EntryRange {
+  uint64_t first, last, ratio;
+};
+EntryRange ToEntries(Napi::Env env, engine::Mirror& m, uint64_t off, uint64_t n, bool whole = true) {
+  const uint64_t base = sys::page_size(), ratio = m.page() / base;
+  CheckAligned(env, off, whole ? m.page() : base, "offset");
+  if (whole && n % ratio)
+    throw CodedRangeError(env, "ERR_PAGEMIRROR_UNALIGNED",
+                          "npages (" + std::to_string(n) + ") must cover whole huge pages of " + std::to_string(ratio) +
+                              " pages: the mirror maps hugetlb pages whole");
+  CheckPages(env, m, off / base, n, ratio);
+  return {off / base / ratio, (off / base + n + ratio - 1) / ratio, ratio};
+}
+
+Napi::Object ResultObject(Napi::Env env, const engine::KernelResult& r, uint64_t ratio) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("ops", static_cast<double>(r.ops));
   o.Set("checksum", Napi::BigInt::New(env, r.checksum));
   o.Set("mismatches", static_cast<double>(r.mismatches));
   o.Set("faults", static_cast<double>(r.faults));
-  o.Set("cpages", static_cast<double>(r.cpages));
+  o.Set("cpages", static_cast<double>(r.cpages * ratio));
   o.Set("elapsedNs", static_cast<double>(r.elapsed_ns));
   return o;
 }
@@ -392,7 +417,7 @@ Napi::Value Start(Napi::Env env, std::unique_ptr<KernelJob> job, bool copy_out) 
           err.Value().Set("faults", static_cast<double>(j.result.faults));
           throw err;
         }
-        Napi::Object o = ResultObject(env, j.result);
+        Napi::Object o = ResultObject(env, j.result, j.mirror->page() / sys::page_size());
         if (copy_out) o.Set("data", Napi::Buffer<uint8_t>::Copy(env, j.buffer.data(), j.buffer.size()));
         return o;
       });
@@ -408,12 +433,13 @@ Napi::Value MirrorWrap::Run(const Napi::CallbackInfo& info) {
   const uint64_t page = m->page();
   uint64_t off = OptU64(o, "offset", 0);
   CheckAligned(env, off, page, "offset");
-  uint64_t n = OptU64(o, "npages", m->npages() - std::min(m->npages(), off / page));
-  CheckPages(env, *m, off / page, n);
+  const uint64_t ratio = page / sys::page_size();
+  const EntryRange r = ToEntries(env, *m, off, OptU64(o, "npages", (m->npages() - std::min(m->npages(), off / page)) * ratio));
+  const uint64_t n = r.last - r.first;
   auto job = std::unique_ptr<KernelJob>(new KernelJob{device_, m, {}, {}, {}});
   engine::KernelSpec& s = job->spec;
   s.mirror = m.get();
-  s.first = off / page;
+  s.first = r.first;
   s.npages = n;
   s.op = ParseKernelOp(env, OptString(o, "op", "read"));
   std::string pat = OptString(o, "pattern", "sequential");
@@ -426,7 +452,7 @@ Napi::Value MirrorWrap::Run(const Napi::CallbackInfo& info) {
       throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "the gather pattern needs indices: a Uint32Array of word indices");
     Napi::Uint32Array a = idx.As<Napi::Uint32Array>();
     if (a.ElementLength() == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "indices must not be empty");
-    job->gather.assign(a.Data(), a.Data() + a.ElementLength());
+    Allocating(env, "run", [&] { job->gather.assign(a.Data(), a.Data() + a.ElementLength()); });
     s.gather = job->gather.data();
     s.gather_count = job->gather.size();
   }
@@ -453,12 +479,12 @@ Napi::Value MirrorWrap::Run(const Napi::CallbackInfo& info) {
 Napi::Value MirrorWrap::Read(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);
-  uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
-  CheckAligned(env, off, m->page(), "offset");
-  CheckPages(env, *m, off / m->page(), n);
+  const EntryRange r = ToEntries(env, *m, ToU64(info[0], "offset"), ToU64(info[1], "npages"));
+  const uint64_t n = r.last - r.first;
+  CheckResultBytes(env, n * m->page(), "read");
   auto job = std::unique_ptr<KernelJob>(new KernelJob{device_, m, {}, {}, {}});
-  job->buffer.resize(n * m->page());
-  job->spec = engine::KernelSpec{m.get(), off / m->page(), n, engine::KernelOp::kCopyOut};
+  Allocating(env, "read", [&] { job->buffer.resize(n * m->page()); });
+  job->spec = engine::KernelSpec{m.get(), r.first, n, engine::KernelOp::kCopyOut};
   job->spec.buffer = job->buffer.data();
   job->spec.fault_to_end = true;
   return Start(env, std::move(job), true);
@@ -477,7 +503,7 @@ Napi::Value MirrorWrap::Write(const Napi::CallbackInfo& info) {
   CheckPages(env, *m, off / m->page(), n);
   auto job = std::unique_ptr<KernelJob>(new KernelJob{device_, m, {}, {}, {}});
   const uint8_t* src = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
-  job->buffer.assign(src, src + ta.ByteLength());
+  Allocating(env, "write", [&] { job->buffer.assign(src, src + ta.ByteLength()); });
   job->spec = engine::KernelSpec{m.get(), off / m->page(), n, engine::KernelOp::kCopyIn};
   job->spec.buffer = job->buffer.data();
   job->spec.fault_to_end = true;
@@ -488,9 +514,12 @@ Napi::Value MirrorWrap::Entries(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);
   uint64_t first = ToU64(info[0], "page"), n = ToU64(info[1], "npages");
-  CheckPages(env, *m, first, n);
+  // One per base page: a hugetlb page's entry stands for each of its pages.
+  const uint64_t ratio = m->page() / sys::page_size();
+  CheckPages(env, *m, first, n, ratio);
+  CheckResultBytes(env, n * sizeof(uint64_t), "entries");
   Napi::BigUint64Array out = Napi::BigUint64Array::New(env, n);
-  for (uint64_t i = 0; i < n; i++) out[i] = m->entry(first + i);
+  for (uint64_t i = 0; i < n; i++) out[i] = m->entry((first + i) / ratio);
   return out;
 }
 
@@ -531,11 +560,9 @@ struct MigrateJob {
 Napi::Value MirrorWrap::MigrateToDevice(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);
-  uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
-  CheckAligned(env, off, m->page(), "offset");
-  CheckPages(env, *m, off / m->page(), n);
+  const EntryRange range = ToEntries(env, *m, ToU64(info[0], "offset"), ToU64(info[1], "npages"), false);
   bool use_move = info.Length() < 3 || info[2].ToBoolean().Value();
-  auto job = std::unique_ptr<MigrateJob>(new MigrateJob{device_, m, off / m->page(), off / m->page() + n, use_move, {}});
+  auto job = std::unique_ptr<MigrateJob>(new MigrateJob{device_, m, range.first, range.last, use_move, {}});
   job->atomic = info.Length() > 3 && info[3].ToBoolean().Value();
   if (info.Length() > 4 && !info[4].IsUndefined()) {
     uint64_t g = ToU64(info[4], "granule");
@@ -569,11 +596,12 @@ Napi::Value MirrorWrap::MigrateToDevice(const Napi::CallbackInfo& info) {
           throw err;
         }
         Napi::Object o = Napi::Object::New(env);
-        o.Set("cpages", static_cast<double>(r.resident));
-        o.Set("moved", static_cast<double>(r.moved));
-        o.Set("byMove", static_cast<double>(r.moved_by_move));
-        o.Set("byCopy", static_cast<double>(r.moved_by_copy));
-        o.Set("zeroFilled", static_cast<double>(r.zero_filled));
+        const uint64_t ratio = j.mirror->page() / sys::page_size();  // counted in base pages, as the kernel does
+        o.Set("cpages", static_cast<double>(r.resident * ratio));
+        o.Set("moved", static_cast<double>(r.moved * ratio));
+        o.Set("byMove", static_cast<double>(r.moved_by_move * ratio));
+        o.Set("byCopy", static_cast<double>(r.moved_by_copy * ratio));
+        o.Set("zeroFilled", static_cast<double>(r.zero_filled * ratio));
         o.Set("elapsedNs", static_cast<double>(j.elapsed_ns));
         o.Set("skipped", skipped);
         return o;
@@ -584,10 +612,8 @@ Napi::Value MirrorWrap::MigrateToDevice(const Napi::CallbackInfo& info) {
 Napi::Value MirrorWrap::MigrateToHost(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);
-  uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
-  CheckAligned(env, off, m->page(), "offset");
-  CheckPages(env, *m, off / m->page(), n);
-  auto job = std::unique_ptr<MigrateJob>(new MigrateJob{device_, m, off / m->page(), off / m->page() + n, true, {}});
+  const EntryRange range = ToEntries(env, *m, ToU64(info[0], "offset"), ToU64(info[1], "npages"), false);
+  auto job = std::unique_ptr<MigrateJob>(new MigrateJob{device_, m, range.first, range.last, true, {}});
   return NativeJob<MigrateJob>::Start(
       env, std::move(job),
       [](MigrateJob& j) {
@@ -597,7 +623,7 @@ Napi::Value MirrorWrap::MigrateToHost(const Napi::CallbackInfo& info) {
       },
       [](Napi::Env env, MigrateJob& j) -> Napi::Value {
         Napi::Object o = Napi::Object::New(env);
-        o.Set("cpages", static_cast<double>(j.back));
+        o.Set("cpages", static_cast<double>(j.back * (j.mirror->page() / sys::page_size())));
         o.Set("elapsedNs", static_cast<double>(j.elapsed_ns));
         return o;
       });
@@ -607,10 +633,13 @@ Napi::Value MirrorWrap::Snapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);
   uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
-  CheckAligned(env, off, m->page(), "offset");
-  CheckPages(env, *m, off / m->page(), n);
+  // One byte per base page, hugetlb included (each carries the PMD/PUD flag), as the kernel's.
+  const uint64_t base = sys::page_size();
+  CheckAligned(env, off, base, "offset");
+  CheckPages(env, *m, off / base, n, m->page() / base);
+  CheckResultBytes(env, n, "snapshot");
   Napi::Uint8Array out = Napi::Uint8Array::New(env, n);
-  m->snapshot(off / m->page(), off / m->page() + n, out.Data());
+  m->snapshot(off / base, off / base + n, out.Data());
   return out;
 }
 
@@ -618,10 +647,8 @@ Napi::Value MirrorWrap::Snapshot(const Napi::CallbackInfo& info) {
 Napi::Value MirrorWrap::Exclusive(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);
-  uint64_t off = ToU64(info[0], "offset"), n = ToU64(info[1], "npages");
-  CheckAligned(env, off, m->page(), "offset");
-  CheckPages(env, *m, off / m->page(), n);
-  return Napi::Number::New(env, static_cast<double>(m->count_exclusive(off / m->page(), off / m->page() + n)));
+  const EntryRange r = ToEntries(env, *m, ToU64(info[0], "offset"), ToU64(info[1], "npages"), false);
+  return Napi::Number::New(env, static_cast<double>(m->count_exclusive(r.first, r.last) * r.ratio));
 }
 
 Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {
@@ -639,7 +666,7 @@ Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {
   o.Set("pageSize", static_cast<double>(mirror_->page()));
   o.Set("tableBytes", static_cast<double>(mirror_->table_bytes()));
   o.Set("invalidations", static_cast<double>(s.invalidations.load()));
-  o.Set("invalidatedPages", static_cast<double>(s.invalidated_pages.load()));
+  o.Set("invalidatedPages", static_cast<double>(s.invalidated_pages.load() * (mirror_->page() / sys::page_size())));
   o.Set("rangeFaults", static_cast<double>(s.range_faults.load()));
   o.Set("retries", static_cast<double>(s.retries.load()));
   o.Set("pinned", mirror_->pinned());
@@ -734,7 +761,8 @@ Napi::Value MirrorWrap::FileRead(const Napi::CallbackInfo& info) {
   FileMirror(env, *m);
   const uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
   CheckBytes(env, *m, off, len);
-  return StartFileIo(env, m, off, std::vector<uint8_t>(len), false);
+  CheckResultBytes(env, len, "pread");
+  return StartFileIo(env, m, off, Allocating(env, "pread", [&] { return std::vector<uint8_t>(len); }), false);
 }
 
 // fileWrite(offset, data) -> Promise<void>: write() of the file through the strategy.
@@ -746,7 +774,7 @@ Napi::Value MirrorWrap::FileWrite(const Napi::CallbackInfo& info) {
   const uint64_t off = ToU64(info[0], "offset");
   Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
   const uint8_t* src = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
-  return StartFileIo(env, m, off, std::vector<uint8_t>(src, src + ta.ByteLength()), true);
+  return StartFileIo(env, m, off, Allocating(env, "pwrite", [&] { return std::vector<uint8_t>(src, src + ta.ByteLength()); }), true);
 }
 
 // writeback(offset, length, sync) -> Promise<{pages, bytesCopied, elapsedNs}>

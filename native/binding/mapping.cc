@@ -190,10 +190,15 @@ uint64_t Mapping::Range(Napi::Env env, uint64_t off, uint64_t len, bool page_ali
 }
 
 void Mapping::DetachBuffer() {
-  if (buffer_.IsEmpty()) return;
-  Napi::ArrayBuffer ab = buffer_.Value();
-  if (!ab.IsEmpty() && !ab.IsDetached()) ab.Detach();
-  buffer_.Reset();
+  auto detach = [](Napi::Reference<Napi::ArrayBuffer>& ref) {
+    if (ref.IsEmpty()) return;
+    Napi::ArrayBuffer ab = ref.Value();
+    if (!ab.IsEmpty() && !ab.IsDetached()) ab.Detach();
+    ref.Reset();
+  };
+  detach(buffer_);
+  for (auto& v : views_) detach(v);
+  views_.clear();
 }
 
 static const char* KindName(RegionKind k) {
@@ -267,19 +272,75 @@ Napi::Error CpuViaLibrary(Napi::Env env) {
 }
 }  // namespace
 
-// The ArrayBuffer over the whole mapping. Refused whenever a JavaScript access could kill or hang
-// the process: while any part is not read-write (a write would SIGSEGV), and while registered with
-// a userfaultfd (the main thread would sleep on a fault only it can resolve).
+namespace {
+// The finalizer's hold on the region. Node may call the finalizer when creating the ArrayBuffer
+// fails (node::Buffer::New does, past its size limit), or may not: both the finalizer and the
+// failed creator drop one reference, and whoever drops the last one frees the hold, so nothing is
+// freed twice and a failure keeps no reference to the region.
+struct ViewHold {
+  std::shared_ptr<Region> region;
+  int refs = 2;
+  static void Drop(ViewHold* h) {
+    if (--h->refs == 0) delete h;
+  }
+};
+}  // namespace
+
+// An external ArrayBuffer over [off, off + len) that holds the region alive, remembered so that
+// DetachBuffer() detaches it.
+Napi::ArrayBuffer Mapping::NewView(Napi::Env env, uint64_t off, uint64_t len) {
+  Region& r = *region_;
+  const uint64_t limit = env.GetInstanceData<AddonData>()->max_view_bytes;
+  if (len > limit)
+    throw CodedRangeError(env, "ERR_PAGEMIRROR_VIEW_TOO_LARGE",
+                          "a view of " + std::to_string(len) + " bytes is larger than the largest ArrayBuffer this "
+                          "Node allows (" + std::to_string(limit) + " bytes, buffer.constants.MAX_LENGTH); take "
+                          "windows of the mapping with view(offset, length)");
+  auto* hold = new ViewHold{region_};
+  napi_value value = nullptr;
+  napi_status st = napi_create_external_arraybuffer(
+      env, reinterpret_cast<void*>(r.addr + off), len,
+      [](napi_env, void*, void* hint) { ViewHold::Drop(static_cast<ViewHold*>(hint)); }, hold, &value);
+  if (st != napi_ok) {
+    hold->region.reset();
+    ViewHold::Drop(hold);
+    // Node's own exception (if it threw one) says less than this.
+    bool pending = false;
+    if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
+      napi_value ignored;
+      napi_get_and_clear_last_exception(env, &ignored);
+    }
+    throw CodedRangeError(env, "ERR_PAGEMIRROR_VIEW_TOO_LARGE",
+                          "Node refused an ArrayBuffer of " + std::to_string(len) +
+                              " bytes over this mapping; take smaller windows with view(offset, length)");
+  }
+  hold->refs--;  // the finalizer's reference is the only one left
+  Napi::ArrayBuffer ab(env, value);
+  views_.erase(std::remove_if(views_.begin(), views_.end(),
+                              [](Napi::Reference<Napi::ArrayBuffer>& v) { return v.IsEmpty() || v.Value().IsEmpty(); }),
+               views_.end());
+  return ab;
+}
+
+// buffer() is the ArrayBuffer over the whole mapping (one, cached); buffer(offset, length) a new
+// one over that window. Refused whenever a JavaScript access could kill or hang the process: while
+// part of it is not read-write (a write would SIGSEGV), and while the mapping is registered with a
+// userfaultfd (the main thread would sleep on a fault only it can resolve).
 Napi::Value Mapping::Buffer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Region& r = live(env);
-  if (!buffer_.IsEmpty()) {
+  const bool whole = info.Length() < 1 || info[0].IsUndefined();
+  const uint64_t off = whole ? 0 : ToU64(info[0], "offset");
+  const uint64_t len = whole ? r.length : info.Length() < 2 || info[1].IsUndefined() ? r.length - std::min(off, r.length)
+                                                                                    : ToU64(info[1], "length");
+  Range(env, off, len, false);
+  if (whole && !buffer_.IsEmpty()) {
     Napi::ArrayBuffer ab = buffer_.Value();
     if (!ab.IsEmpty() && !ab.IsDetached()) return ab;
   }
-  if ((r.prot_over(0, r.length) & (PROT_READ | PROT_WRITE)) != (PROT_READ | PROT_WRITE))
+  if ((r.prot_over(off, len) & (PROT_READ | PROT_WRITE)) != (PROT_READ | PROT_WRITE))
     throw StateError(env, "ERR_PAGEMIRROR_NOT_WRITABLE",
-                     "the mapping is not readable and writable throughout, so no ArrayBuffer is handed out "
+                     "the range is not readable and writable throughout, so no ArrayBuffer is handed out "
                      "(a JavaScript write would kill the process); use read() or readSync()");
   if (r.cpu_via_library.load() > 0) throw CpuViaLibrary(env);
   if (r.registered.load() > 0)
@@ -287,17 +348,9 @@ Napi::Value Mapping::Buffer(const Napi::CallbackInfo& info) {
                      "the mapping is registered with a userfaultfd: a JavaScript access could fault on the main "
                      "thread, which is the thread that must resolve it; use read()/write(), which run on a native "
                      "thread");
-  auto* keep = new std::shared_ptr<Region>(region_);
-  Napi::ArrayBuffer ab;
-  try {
-    ab = Napi::ArrayBuffer::New(
-        env, reinterpret_cast<void*>(r.addr), r.length,
-        [](Napi::Env, void*, std::shared_ptr<Region>* hint) { delete hint; }, keep);
-  } catch (...) {
-    delete keep;
-    throw;
-  }
-  buffer_ = Napi::Reference<Napi::ArrayBuffer>::New(ab, 0);
+  Napi::ArrayBuffer ab = NewView(env, off, len);
+  if (whole) buffer_ = Napi::Reference<Napi::ArrayBuffer>::New(ab, 0);
+  else views_.push_back(Napi::Reference<Napi::ArrayBuffer>::New(ab, 0));
   return ab;
 }
 
@@ -419,6 +472,7 @@ Napi::Value Mapping::Residency(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
   uint64_t addr = Range(env, off, len);
   const uint64_t base = sys::page_size();
+  CheckResultBytes(env, (len + base - 1) / base, "residency");
   Napi::Uint8Array out = Napi::Uint8Array::New(env, (len + base - 1) / base);
   int rc = sys::residency(reinterpret_cast<void*>(addr), len, out.Data());
   if (rc) ThrowSystemError(env, rc, "mincore");
@@ -449,6 +503,7 @@ Napi::Value Mapping::Pagemap(const Napi::CallbackInfo& info) {
   const uint64_t base = sys::page_size();
   CheckAligned(env, off, base, "offset");
   size_t n = (len + base - 1) / base;
+  CheckResultBytes(env, n * sizeof(uint64_t), "pagemap");
   Napi::BigUint64Array out = Napi::BigUint64Array::New(env, n);
   int rc = sys::pagemap_read(addr, n, out.Data());
   if (rc) ThrowSystemError(env, rc, "pread", {"/proc/self/pagemap"});

@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "region.h"
 
@@ -23,7 +24,7 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
 
   std::shared_ptr<Region> region() const { return region_; }
   Region& live(Napi::Env env);      // throws ERR_PAGEMIRROR_CLOSED after close()
-  void DetachBuffer();             // before anything that makes JS access unsafe
+  void DetachBuffer();             // before anything that makes JS access unsafe: bytes and every view
   // Checks [off, off+len) lies inside and returns the absolute address.
   uint64_t Range(Napi::Env env, uint64_t off, uint64_t len, bool page_aligned = true);
 
@@ -55,7 +56,9 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
                              InvalidateCause cause);
 
   std::shared_ptr<Region> region_;
-  Napi::Reference<Napi::ArrayBuffer> buffer_;  // weak: the one ArrayBuffer over this memory
+  Napi::Reference<Napi::ArrayBuffer> buffer_;  // weak: the one ArrayBuffer over the whole memory
+  std::vector<Napi::Reference<Napi::ArrayBuffer>> views_;  // weak: windows handed out by view()
+  Napi::ArrayBuffer NewView(Napi::Env env, uint64_t off, uint64_t len);
 };
 
 }  // namespace pm

@@ -73,8 +73,14 @@ int Device::init() {
                     MAP_PRIVATE | MAP_ANONYMOUS | (config_.preallocate ? MAP_POPULATE : MAP_NORESERVE), -1, 0);
   if (rc) return rc;
   pool_ = static_cast<uint8_t*>(p);
-  used_bits_.assign((slots_ + 63) / 64, 0);
-  populated_bits_.assign((slots_ + 63) / 64, config_.preallocate ? ~0ull : 0ull);
+  try {
+    used_bits_.assign((slots_ + 63) / 64, 0);
+    populated_bits_.assign((slots_ + 63) / 64, config_.preallocate ? ~0ull : 0ull);
+  } catch (const std::bad_alloc&) {  // memory is the caller's number
+    sys::unmap(pool_, slots_ * config_.page);
+    pool_ = nullptr;
+    return -ENOMEM;
+  }
   try {
     service_ = std::thread(&Device::service, this);
   } catch (...) {
@@ -262,6 +268,13 @@ uint64_t Device::slots_used() {
   return used_count_;
 }
 
+uint64_t Device::table_bytes() {
+  std::lock_guard<std::mutex> lock(mirrors_mu_);
+  uint64_t n = 0;
+  for (Mirror* m : mirrors_) n += m->table_bytes();
+  return n;
+}
+
 int Device::fault(Mirror* m, uint64_t first, uint64_t last, bool write) {
   Request r{m, first, last, write};
   std::unique_lock<std::mutex> lock(queue_mu_);
@@ -342,7 +355,7 @@ void Device::service_batch(std::vector<Request*>& batch) {
       run.m->migrate_to_device(run.first, run.last, true, &mr, false, Trigger::kDeviceFault);
     }
     int rc = run.m->range_fault(run.first, run.last, run.write, config_.timeout_ms);
-    if (rc == 0) counters_.faulted_pages.fetch_add(run.last - run.first, std::memory_order_relaxed);
+    if (rc == 0) counters_.faulted_pages.fetch_add((run.last - run.first) * (run.m->page() / config_.page), std::memory_order_relaxed);
     if (rc == 0 && config_.prefetch != DeviceConfig::Prefetch::kOff) prefetch(run.m, run.first, run.last);
     for (size_t i = run.begin; i < run.end; i++) {
       Request* r = batch[i];
@@ -436,9 +449,12 @@ void Device::prefetch(Mirror* m, uint64_t first, uint64_t last) {
 }
 
 void Device::on_invalidate(Mirror* m, uint64_t first, uint64_t, InvalidateCause cause, uint64_t cleared) {
+  // Counted and traced in base pages (a hugetlb entry is m->page() / page of them), as the
+  // kernel's test device counts pages.
+  const uint64_t ratio = m->page() / config_.page;
   counters_.invalidations[static_cast<unsigned>(cause)].fetch_add(1, std::memory_order_relaxed);
-  counters_.invalidated_pages.fetch_add(cleared, std::memory_order_relaxed);
-  trace(TraceKind::kInvalidate, m, first, cleared, static_cast<uint64_t>(cause));
+  counters_.invalidated_pages.fetch_add(cleared * ratio, std::memory_order_relaxed);
+  trace(TraceKind::kInvalidate, m, first * ratio, cleared * ratio, static_cast<uint64_t>(cause));
 }
 
 namespace {

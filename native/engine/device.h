@@ -125,6 +125,8 @@ class Device {
   void set_populated(uint64_t slot, uint64_t n, bool populated);
   uint64_t slots_total() const { return slots_; }
   uint64_t slots_used();
+  // Host memory the page tables of this device's mirrors hold (allocated where they map pages).
+  uint64_t table_bytes();
   // Registers the pool with the engine's userfaultfd (once): UFFDIO_MOVE needs its destination
   // registered, and slots are filled with the resolve ioctls.
   int register_pool();

@@ -20,6 +20,23 @@
 
 namespace pm::engine {
 
+namespace {
+// The size a PMD maps: 2 MiB with 4 KiB pages (512 entries of 8 bytes per page-table page).
+uint64_t PmdSize() { return sys::page_size() * (sys::page_size() / sizeof(uint64_t)); }
+
+// Whether the CPU maps all of [start, end) with huge pages (PAGEMAP_SCAN's PAGE_IS_HUGE).
+bool MappedHuge(uint64_t start, uint64_t end) {
+  sys::ScanRequest req;
+  req.start = start;
+  req.end = end;
+  req.category_mask = PAGE_IS_HUGE;
+  req.return_mask = PAGE_IS_HUGE;
+  req.max_regions = 2;
+  std::vector<sys::ScanRegion> regions;
+  return sys::pagemap_scan(req, &regions, nullptr) == 1 && regions[0].start == start && regions[0].end == end;
+}
+}  // namespace
+
 Mirror::Mirror(Device* device, std::shared_ptr<Region> region, uint64_t offset, uint64_t length)
     : device_(device),
       region_(std::move(region)),
@@ -27,8 +44,7 @@ Mirror::Mirror(Device* device, std::shared_ptr<Region> region, uint64_t offset, 
       start_(region_->addr + offset),
       npages_(length / region_->page),
       page_(region_->page),
-      pt_(new std::atomic<uint64_t>[npages_]()),
-      inflight_(new std::atomic<uint32_t>[(npages_ >> kBlockShift) + 1]()) {
+      pt_(npages_) {
   region_->add_notifier(this);
   attached_ = true;
   device_->add_mirror(this);
@@ -77,7 +93,7 @@ void Mirror::detach() {
     dead_.store(true, std::memory_order_release);
     gen_++;
   }
-  for (uint64_t i = 0; i < npages_; i++) {
+  for (uint64_t i = pt_.next_present(0, npages_); i < npages_; i = pt_.next_present(i + 1, npages_)) {
     uint64_t old = pt_[i].exchange(0, std::memory_order_seq_cst);
     if (file_copies() && file_must_store(old)) file_->stats.lost_pages.fetch_add(1, std::memory_order_relaxed);
     if (old & kOnDevice) device_->free_slot(old >> kSlotShift);
@@ -90,11 +106,16 @@ void Mirror::detach() {
 }
 
 void* Mirror::pin(uint64_t i, bool write) {
-  std::atomic<uint32_t>& b = inflight_[i >> kBlockShift];
+  // No block: no entry was ever programmed there (a miss). A block, once there, stays while the
+  // mirror lives, so the counter taken below is the one an invalidation waits on.
+  PageTable::Block* block = pt_.block(i);
+  if (!block) return nullptr;
+  std::atomic<uint32_t>& b = block->inflight;
+  std::atomic<uint64_t>& entry = block->e[i & (PageTable::kBlockEntries - 1)];
   // seq_cst on both sides (here: count then entry; invalidation: entry then count) guarantees that
   // either the invalidation sees this access in flight, or this access sees the cleared entry.
   b.fetch_add(1, std::memory_order_seq_cst);
-  uint64_t e = pt_[i].load(std::memory_order_seq_cst);
+  uint64_t e = entry.load(std::memory_order_seq_cst);
   for (;;) {
     if (!(e & kValid) || (write && !(e & kWrite))) {
       b.fetch_sub(1, std::memory_order_release);
@@ -103,10 +124,10 @@ void* Mirror::pin(uint64_t i, bool write) {
     // A write access marks the page dirty before it writes, atomically with finding the entry
     // writable: whoever clears the entry from now on sees the bit (a writeback or flush that read
     // a clean entry could otherwise let a write slip past it).
-    if (!write || (e & kDirty) || pt_[i].compare_exchange_weak(e, e | kDirty, std::memory_order_seq_cst)) break;
+    if (!write || (e & kDirty) || entry.compare_exchange_weak(e, e | kDirty, std::memory_order_seq_cst)) break;
   }
   if (e & kOnDevice) {
-    if (!(e & kAccessed)) pt_[i].fetch_or(kAccessed, std::memory_order_relaxed);
+    if (!(e & kAccessed)) entry.fetch_or(kAccessed, std::memory_order_relaxed);
     return device_->slot_address(e >> kSlotShift);
   }
   return reinterpret_cast<void*>((alias_ ? alias_ : start_) + i * page_);
@@ -137,9 +158,11 @@ void Mirror::end_change() {
 
 void Mirror::wait_inflight(uint64_t first, uint64_t last) {
   if (first >= last) return;
-  for (uint64_t b = first >> kBlockShift; b <= (last - 1) >> kBlockShift; b++) {
+  // Absent blocks have no entries, so no access can be in flight there.
+  for (uint64_t i = pt_.next_present(first, last); i < last; i = pt_.next_present(((i >> kBlockShift) + 1) << kBlockShift, last)) {
+    std::atomic<uint32_t>& inflight = pt_.block(i)->inflight;
     unsigned spins = 0;
-    while (inflight_[b].load(std::memory_order_seq_cst) != 0) {
+    while (inflight.load(std::memory_order_seq_cst) != 0) {
       if (++spins < 64) continue;
       std::this_thread::yield();
     }
@@ -172,11 +195,11 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
   if (pinned_) {
     // A pinned page is not the CPU's to take: the device keeps a page of its own.
     if (cause != InvalidateCause::kFork && cause != InvalidateCause::kWriteback)
-      for (uint64_t i = first; i < last; i++) keep_pinned_page(i);
+      for (uint64_t i = pt_.next_present(first, last); i < last; i = pt_.next_present(i + 1, last)) keep_pinned_page(i);
     stats_.invalidations.fetch_add(1, std::memory_order_relaxed);
     return;
   }
-  for (uint64_t i = first; i < last; i++) {
+  for (uint64_t i = pt_.next_present(first, last); i < last; i = pt_.next_present(i + 1, last)) {
     uint64_t old = pt_[i].load(std::memory_order_relaxed);
     uint64_t keep = (old & kOnDevice) && !drops_data ? (old & ~(kValid | kWrite | kAtomic)) : 0;
     old = pt_[i].exchange(keep, std::memory_order_seq_cst);
@@ -259,7 +282,7 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   }
   for (uint64_t k = first; k < last; k++) {
     const uint64_t e = pt_[k].load(std::memory_order_relaxed);
-    const uint64_t kept = e & (kOnDevice | kDirty | (~0ull << kSlotShift));
+    const uint64_t kept = e & (kOnDevice | kDirty | kUnit | (~0ull << kSlotShift));
     pt_[k].store(kept | kValid | (write ? kWrite : (e & kWrite)), std::memory_order_release);
   }
   return 0;
@@ -288,6 +311,9 @@ bool Mirror::fill_holes(uint64_t a, uint64_t b, uint64_t gen0) {
 int Mirror::range_fault(uint64_t first, uint64_t last, bool write, int timeout_ms) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   stats_.range_faults.fetch_add(1, std::memory_order_relaxed);
+  // The entries this fault programs get their blocks now, outside every lock, where running out of
+  // memory can still be reported.
+  if (int rc = pt_.ensure(first, last)) return rc;
   if (file_copies()) return file_fault(first, last, write, deadline);
   for (;;) {
     int rc = fault_once(first, last, write, deadline);
@@ -333,6 +359,10 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
   }
   if (region_->hugetlb) {
     out->error = -EINVAL;
+    return;
+  }
+  if (int rc = pt_.ensure(first, last)) {
+    out->error = rc;
     return;
   }
   if (file_copies()) {
@@ -398,7 +428,19 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
   // Which pages are present, read under the change mutex: the range is registered with the engine
   // by now, so a CPU touch of a hole waits in the engine for this mutex and cannot populate a page
   // we think is absent (a zero-filled device page would later overwrite the CPU's data).
-  std::vector<uint64_t> pm(last - first);
+  std::vector<uint64_t> pm;
+  try {
+    // Sized by the caller's range; one skip per page at the most, reserved now so that no
+    // allocation can fail half-way through the migration.
+    pm.resize(last - first);
+    out->skipped.reserve(last - first);
+  } catch (const std::bad_alloc&) {
+    out->error = -ENOMEM;
+    return;
+  } catch (const std::length_error&) {
+    out->error = -ENOMEM;
+    return;
+  }
   if (int rc = sys::pagemap_read(start_ + first * page_, last - first, pm.data())) {
     out->error = rc;
     return;
@@ -491,6 +533,9 @@ uint64_t Mirror::migrate_run(uint64_t a, uint64_t b, const uint64_t* pm, bool us
   }
   uint64_t slot;
   if (!device_->alloc_run(n, &slot, this, a)) return 0;
+  // A whole PMD-sized unit that the CPU maps huge (or that was never touched) moves as one huge
+  // page would; asked before it moves.
+  const bool unit = n * page_ == PmdSize() && (!present || MappedHuge(start_ + a * page_, start_ + b * page_));
   std::vector<uint64_t> old(n);
   std::vector<Mirror*> held;
   for (uint64_t k = 0; k < n; k++) {
@@ -504,6 +549,7 @@ uint64_t Mirror::migrate_run(uint64_t a, uint64_t b, const uint64_t* pm, bool us
   for (uint64_t k = 0; k < n; k++) {
     if (k < done) {
       set_device_entry(a + k, slot + k, old[k], atomic);
+      if (unit && done == n) pt_[a + k].fetch_or(kUnit, std::memory_order_release);
     } else {
       device_->free_slot(slot + k);
       pt_[a + k].store(old[k] & ~(kValid | kWrite | kAtomic), std::memory_order_release);  // refaults
@@ -639,7 +685,7 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
   std::lock_guard<std::mutex> change(change_mu_);
   begin_change();
   uint64_t moved = 0;
-  for (uint64_t i = first; i < last;) {
+  for (uint64_t i = pt_.next_present(first, last); i < last; i = pt_.next_present(i, last)) {
     const uint64_t e = pt_[i].load(std::memory_order_relaxed);
     if (!(e & kOnDevice) || (e & kPinned)) {  // a pinned page kept by the device has no home to go to
       i++;
@@ -648,7 +694,7 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
     // A run of pages in consecutive slots goes home in one UFFDIO_MOVE.
     uint64_t j = i + 1;
     while (j < last && j - i < 512) {
-      const uint64_t f = pt_[j].load(std::memory_order_relaxed);
+      const uint64_t f = pt_.peek(j, std::memory_order_relaxed);
       if (!(f & kOnDevice) || (f & kPinned) || (f >> kSlotShift) != (e >> kSlotShift) + (j - i)) break;
       j++;
     }
@@ -668,7 +714,7 @@ uint64_t Mirror::migrate_to_host(uint64_t first, uint64_t last, Trigger trigger)
 bool Mirror::cpu_fault(uint64_t i, uint64_t flags) {
   // Caller (the engine) holds change_mu_.
   if (file_copies()) return file_cpu_fault(i, flags);
-  uint64_t e = pt_[i].load(std::memory_order_acquire);
+  uint64_t e = pt_.peek(i);
   if (!(e & kOnDevice) || (e & kPinned)) return false;
   begin_change();
   // The faulter is woken only after the bookkeeping (slot freed, counters), so whoever waits for
@@ -685,7 +731,7 @@ bool Mirror::cpu_fault(uint64_t i, uint64_t flags) {
 
 bool Mirror::evict(uint64_t i) {
   if (file_copies()) return file_evict(i);
-  const uint64_t e = pt_[i].load(std::memory_order_acquire);
+  const uint64_t e = pt_.peek(i);
   if (!(e & kOnDevice) || (e & kPinned)) return false;
   begin_change();
   const bool ok = move_back(i, e, true);
@@ -733,7 +779,7 @@ int Mirror::enable_pin(int timeout_ms) {
 // Caller holds change_mu_ (invalidate_start). The page is still mapped: the CPU-side change comes
 // after. Copy it into a slot and point the entry there.
 void Mirror::keep_pinned_page(uint64_t i) {
-  const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+  const uint64_t e = pt_.peek(i, std::memory_order_relaxed);
   if (!(e & kValid) || (e & (kOnDevice | kPinned))) return;
   uint64_t slot;
   if (!device_->alloc_slot(&slot)) return;  // no room: the device loses the page (counted nowhere)
@@ -757,16 +803,16 @@ void Mirror::keep_pinned_page(uint64_t i) {
 
 uint64_t Mirror::count_exclusive(uint64_t first, uint64_t last) const {
   uint64_t n = 0;
-  for (uint64_t i = first; i < last; i++)
-    if (pt_[i].load(std::memory_order_acquire) & kAtomic) n++;
+  for (uint64_t i = pt_.next_present(first, last); i < last; i = pt_.next_present(i + 1, last))
+    if (pt_.peek(i) & kAtomic) n++;
   return n;
 }
 
 void Mirror::hold_page(uint64_t i, InvalidateCause cause) {
   begin_change();  // until release_page(): a range fault of ours in progress must not program the page
-  uint64_t old = pt_[i].load(std::memory_order_relaxed);
+  uint64_t old = pt_.peek(i, std::memory_order_relaxed);
   if (old & kOnDevice) return;
-  pt_[i].store(0, std::memory_order_seq_cst);
+  if (pt_.block(i)) pt_[i].store(0, std::memory_order_seq_cst);  // no block: no entry, no access
   wait_inflight(i, i + 1);
   if (old & kValid) device_->on_invalidate(this, i, i + 1, cause, 1);
 }
@@ -774,43 +820,77 @@ void Mirror::hold_page(uint64_t i, InvalidateCause cause) {
 void Mirror::release_page() { end_change(); }
 
 void Mirror::snapshot(uint64_t first, uint64_t last, uint8_t* out) {
-  std::vector<uint64_t> pm(last - first);
-  const bool have_pm = sys::pagemap_read(start_ + first * page_, last - first, pm.data()) == 0;
-  // The zero page is not visible in /proc/self/pagemap without CAP_SYS_ADMIN: ask PAGEMAP_SCAN.
-  std::vector<bool> zero(last - first, false), huge(last - first, false);
-  sys::ScanRequest req;
-  req.start = start_ + first * page_;
-  req.end = start_ + last * page_;
-  req.category_anyof_mask = PAGE_IS_PFNZERO | PAGE_IS_HUGE;
-  req.return_mask = PAGE_IS_PFNZERO | PAGE_IS_HUGE;
-  req.max_regions = 4096;
-  std::vector<sys::ScanRegion> regions;
-  if (sys::pagemap_scan(req, &regions, nullptr) > 0) {
-    for (const auto& r : regions)
-      for (uint64_t a = r.start; a < r.end; a += page_) {
-        uint64_t k = (a - req.start) / page_;
-        if (r.categories & PAGE_IS_PFNZERO) zero[k] = true;
-        if (r.categories & PAGE_IS_HUGE) huge[k] = true;
-      }
-  }
-  for (uint64_t i = first; i < last; i++) {
-    const uint64_t k = i - first;
-    const int prot = region_->prot_over(offset_ + i * page_, page_);
-    const uint64_t e = pt_[i].load(std::memory_order_acquire);
-    uint8_t b;
-    if (region_->closed.load() || !(prot & PROT_READ)) {
-      b = 0xFF;  // ERROR
-    } else if (e & kOnDevice) {
-      b = 0x20 | ((prot & PROT_WRITE) ? 0x02 : 0x01);  // DEV_PRIVATE_LOCAL
-    } else if (!have_pm || !(pm[k] >> 63 & 1)) {
-      b = 0x00;  // NONE: not present, or in another device's memory (not ours to describe)
-    } else if (zero[k]) {
-      b = 0x10 | 0x01;  // ZERO | READ
-    } else {
-      b = (prot & PROT_WRITE) ? 0x02 : 0x01;
-      if (huge[k]) b |= 0x04;
+  // [first, last) in base pages: a hugetlb entry stands for page_ / base of them, each reported
+  // with the size the CPU maps it by (PMD or PUD), as the kernel's hmm_range_fault reports it.
+  const uint64_t base = sys::page_size(), ratio = page_ / base;
+  const uint64_t pmd = base * (base / sizeof(uint64_t)), pud = pmd * (base / sizeof(uint64_t));
+  const uint8_t hugetlb_size = !region_->hugetlb ? 0 : page_ >= pud ? 0x08 : page_ >= pmd ? 0x04 : 0;
+  // A device page that moved as part of a 2 MiB unit is mapped huge while the unit is whole: all
+  // of it still on the device, in the consecutive slots it moved into (one page pulled back by a
+  // CPU fault splits it, as the kernel splits a device-private THP). One answer per unit.
+  const uint64_t unit_pages = pmd / page_;
+  uint64_t unit_seen = ~0ull;
+  bool unit_whole = false;
+  auto whole_unit = [&](uint64_t i) {
+    const uint64_t u = i / unit_pages * unit_pages;
+    if (u == unit_seen) return unit_whole;
+    unit_seen = u;
+    unit_whole = u + unit_pages <= npages_;
+    const uint64_t e0 = pt_.peek(u);
+    for (uint64_t k = 0; unit_whole && k < unit_pages; k++) {
+      const uint64_t e = pt_.peek(u + k);
+      unit_whole = (e & (kOnDevice | kUnit)) == (kOnDevice | kUnit) && (e >> kSlotShift) == (e0 >> kSlotShift) + k;
     }
-    out[k] = b;
+    return unit_whole;
+  };
+  // In chunks, so the buffers here stay small whatever the range, and one PAGEMAP_SCAN of a chunk
+  // cannot find more regions than it has room for (two pages per region at the most).
+  constexpr uint64_t kChunk = 8192;
+  std::vector<uint64_t> pm(std::min(kChunk, last - first));
+  std::vector<uint8_t> zero(pm.size()), huge(pm.size());
+  std::vector<sys::ScanRegion> regions;
+  for (uint64_t c = first; c < last; c += kChunk) {
+    const uint64_t c_end = std::min(last, c + kChunk), n = c_end - c;
+    const bool have_pm = sys::pagemap_read(start_ + c * base, n, pm.data()) == 0;
+    // The zero page is not visible in /proc/self/pagemap without CAP_SYS_ADMIN: ask PAGEMAP_SCAN.
+    std::fill(zero.begin(), zero.end(), 0);
+    std::fill(huge.begin(), huge.end(), 0);
+    sys::ScanRequest req;
+    req.start = start_ + c * base;
+    req.end = start_ + c_end * base;
+    req.category_anyof_mask = PAGE_IS_PFNZERO | PAGE_IS_HUGE;
+    req.return_mask = PAGE_IS_PFNZERO | PAGE_IS_HUGE;
+    req.max_regions = kChunk / 2 + 1;
+    regions.clear();
+    if (sys::pagemap_scan(req, &regions, nullptr) > 0) {
+      for (const auto& r : regions)
+        for (uint64_t a = r.start; a < r.end; a += base) {
+          uint64_t k = (a - req.start) / base;
+          if (r.categories & PAGE_IS_PFNZERO) zero[k] = 1;
+          if (r.categories & PAGE_IS_HUGE) huge[k] = 1;
+        }
+    }
+    for (uint64_t p = c; p < c_end; p++) {
+      const uint64_t k = p - c, i = p / ratio;
+      const int prot = region_->prot_over(offset_ + i * page_, page_);
+      const uint64_t e = pt_.peek(i);
+      uint8_t b;
+      if (region_->closed.load() || !(prot & PROT_READ)) {
+        b = 0xFF;  // ERROR
+      } else if (e & kOnDevice) {
+        b = 0x20 | ((prot & PROT_WRITE) ? 0x02 : 0x01);  // DEV_PRIVATE_LOCAL
+        if ((e & kUnit) && whole_unit(i)) b |= 0x04;
+      } else if (!have_pm || !(pm[k] >> 63 & 1)) {
+        b = 0x00;  // NONE: not present, or in another device's memory (not ours to describe)
+      } else if (zero[k]) {
+        b = 0x10 | 0x01;  // ZERO | READ
+      } else {
+        b = (prot & PROT_WRITE) ? 0x02 : 0x01;
+        if (hugetlb_size) b |= hugetlb_size;
+        else if (huge[k]) b |= 0x04;  // a THP mapped by a PMD
+      }
+      out[p - first] = b;
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 // Mirror: one device's page table over a range of a Region (HMM's mirror). One 8-byte entry per
-// page; device threads read entries without locks and pin the 2 MiB block they access, so an
-// invalidation can clear entries and then wait for exactly the accesses in flight on its range.
+// page, in blocks of 512 allocated on first use (page_table.h); device threads read entries without
+// locks and pin the 2 MiB block they access, so an invalidation can clear entries and then wait for
+// exactly the accesses in flight on its range.
 #pragma once
 
 #include <atomic>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "../binding/region.h"
+#include "page_table.h"
 
 namespace pm::engine {
 
@@ -33,6 +35,10 @@ enum : uint64_t {
   kAccessed = 1ull << 5, // the device accessed the page since eviction last looked (LRU)
   kPinned = 1ull << 6,   // pin mode: the device kept its own page when the CPU side changed
   kSole = 1ull << 7,     // bounce: the file has no copy of this page (its host page was freed)
+  // Moved into device memory as part of one whole 2 MiB unit (a THP, or a range never touched), in
+  // consecutive slots: while the unit stays whole, snapshot() reports PMD, as the kernel's device
+  // reports a THP it migrated whole.
+  kUnit = 1ull << 16,
   kSlotShift = 20,
 };
 
@@ -79,7 +85,7 @@ struct MirrorStats {
 
 class Mirror : public RangeNotifier {
  public:
-  static constexpr unsigned kBlockShift = 9;  // 512 pages: one in-flight counter per 2 MiB (4 KiB pages)
+  static constexpr unsigned kBlockShift = PageTable::kBlockShift;  // 512 pages: one in-flight counter per 2 MiB (4 KiB pages)
 
   Mirror(Device* device, std::shared_ptr<Region> region, uint64_t offset, uint64_t length);
   ~Mirror() override;
@@ -101,7 +107,10 @@ class Mirror : public RangeNotifier {
   uint64_t npages() const { return npages_; }
   uint64_t page() const { return page_; }
   uint64_t entry(uint64_t i) const { return pt_[i].load(std::memory_order_acquire); }
-  size_t table_bytes() const { return npages_ * sizeof(uint64_t); }
+  // What the page table really holds (blocks are allocated where entries were programmed).
+  size_t table_bytes() const { return pt_.bytes(); }
+  // False when even the table's top level could not be allocated: detach() and drop the mirror.
+  bool table_ok() const { return pt_.ok(); }
   const MirrorStats& stats() const { return stats_; }
 
   // hmm_range_fault: makes the CPU side present for [first, last) with the permission asked for and
@@ -113,7 +122,7 @@ class Mirror : public RangeNotifier {
   // The device-side access protocol: pin the page's block, check the entry, get a pointer.
   // Returns nullptr (and leaves nothing pinned) if the entry does not allow the access.
   void* pin(uint64_t i, bool write);
-  void unpin(uint64_t i) { inflight_[i >> kBlockShift].fetch_sub(1, std::memory_order_release); }
+  void unpin(uint64_t i) { pt_.block(i)->inflight.fetch_sub(1, std::memory_order_release); }
   void mark_dirty(uint64_t i);
 
   // RangeNotifier
@@ -219,7 +228,9 @@ class Mirror : public RangeNotifier {
     return true;
   }
 
-  // The kernel test device's snapshot encoding, one byte per page, without faulting anything.
+  // The kernel test device's snapshot encoding, one byte per base page (sys::page_size(); pages
+  // [first, last) of the mirrored range, so a hugetlb entry gives page_ / base of them, each with
+  // the PMD or PUD flag), without faulting anything.
   void snapshot(uint64_t first, uint64_t last, uint8_t* out);
   // Eviction: page i's data goes back to the host; the entry keeps mapping the host page. Caller
   // holds change_mu_. Returns false if the page was not in device memory.
@@ -246,8 +257,7 @@ class Mirror : public RangeNotifier {
   const std::shared_ptr<Region> region_;
   const uint64_t offset_;  // within the region
   const uint64_t start_, npages_, page_;
-  std::unique_ptr<std::atomic<uint64_t>[]> pt_;
-  std::unique_ptr<std::atomic<uint32_t>[]> inflight_;
+  PageTable pt_;
   // Sequence-count protocol: gen_ moves on every invalidation start and end; active_ counts
   // invalidations between their start and end. A range fault that saw either change retries.
   std::mutex mu_;

@@ -313,8 +313,8 @@ bool Mirror::file_release_page(uint64_t i, uint64_t e, uint64_t size) {
 
 uint64_t Mirror::file_flush_locked(uint64_t a, uint64_t b) {
   std::vector<std::pair<uint64_t, uint64_t>> gone;
-  for (uint64_t i = a; i < b; i++) {
-    if (!(pt_[i].load(std::memory_order_relaxed) & kOnDevice)) continue;
+  for (uint64_t i = pt_.next_present(a, b); i < b; i = pt_.next_present(i + 1, b)) {
+    if (!(pt_.peek(i, std::memory_order_relaxed) & kOnDevice)) continue;
     gone.push_back({i, pt_[i].exchange(0, std::memory_order_seq_cst)});
   }
   if (gone.empty()) return 0;
@@ -385,7 +385,7 @@ int Mirror::file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out) {
   if (s == FileStrategy::kRemote) {
     uint64_t dirty = 0;
     for (uint64_t i = a; i < b; i++)
-      if (pt_[i].load(std::memory_order_relaxed) & kDirty) dirty++;
+      if (pt_.peek(i, std::memory_order_relaxed) & kDirty) dirty++;
     if (dirty == 0) return 0;
     // Writeback cleaning: every mirror of these pages loses them while the kernel writes them.
     Region::Invalidation inv(region_.get(), offset_ + a * page_, len, InvalidateCause::kWriteback);
@@ -441,7 +441,7 @@ int Mirror::file_writeback_chunk_locked(uint64_t a, uint64_t b, WritebackResult*
   };
   std::vector<Page> pages;
   for (uint64_t i = a; i < b; i++) {
-    const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+    const uint64_t e = pt_.peek(i, std::memory_order_relaxed);
     if (!file_must_store(e)) continue;
     // Write access goes (and the dirty bit with it): a device write from here on sets it again.
     pages.push_back({i, pt_[i].fetch_and(~(kWrite | kDirty | kSole), std::memory_order_seq_cst)});

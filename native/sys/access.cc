@@ -254,6 +254,9 @@ int guarded_call(void (*fn)(void*), void* arg, uint64_t* bad_addr) {
 }
 
 int guarded_copy(void* dst, const void* src, size_t n, uint64_t* bad_addr) {
+  // A zero-length typed array may have no storage at all (a null pointer), which memcpy must
+  // never be given, even with n == 0.
+  if (n == 0) return 0;
   install_guard();
   sigjmp_buf jump;
   if (sigsetjmp(jump, 0) != 0) {
