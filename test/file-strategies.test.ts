@@ -524,7 +524,9 @@ describe('a full file system (ENOSPC)', () => {
       } catch {
         /* full */
       }
-      expect(() => fm2.close()).toThrow(expect.objectContaining({ code: 'EIO', syscall: 'close', message: expect.stringContaining('2 device pages') }));
+      expect(() => fm2.close()).toThrow(
+        expect.objectContaining({ code: 'ERR_PAGEMIRROR_DATA_LOST', errno: -28, cause: 'ENOSPC', pages: 2, message: expect.stringContaining('2 pages') }),
+      );
       fm2.close(); // closed already: idempotent
       m2.close();
     } finally {

@@ -57,6 +57,7 @@ class MirrorWrap : public Napi::ObjectWrap<MirrorWrap> {
   Napi::Value Writeback(const Napi::CallbackInfo& info);
   Napi::Value FileStats(const Napi::CallbackInfo& info);
   Napi::Value TakeLease(const Napi::CallbackInfo& info);
+  Napi::Value AcknowledgeLoss(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::Device> device_;
   std::shared_ptr<engine::Mirror> mirror_;
 };
