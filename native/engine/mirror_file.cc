@@ -542,12 +542,14 @@ bool Mirror::file_cpu_fault(uint64_t i, uint64_t flags) {
     // Jan Kara's scheme: while the device only reads A' and A is current, the CPU reads A itself,
     // write-protected; the device keeps A'. A CPU write then faults (WP) and A' goes first; a
     // device write zaps the CPU's mapping first (file_fault), so a CPU read faults again.
+    // Counted before the faulter wakes: whoever waits for the access sees it counted.
+    file_->stats.shared_reads.fetch_add(1, std::memory_order_relaxed);
     int rc = sys::uffd_continue(ufd, addr, page_, UFFDIO_CONTINUE_MODE_WP, &done);
     if (rc == 0 || rc == -EEXIST) {
       if (rc) sys::uffd_wake(ufd, addr, page_);
-      file_->stats.shared_reads.fetch_add(1, std::memory_order_relaxed);
       return true;
     }
+    file_->stats.shared_reads.fetch_sub(1, std::memory_order_relaxed);
   }
   const uint64_t e = file_take(i);
   // A' back into A (bounce: A exists again). If the file cannot take it (ENOSPC, EIO), the device
