@@ -358,7 +358,7 @@ class Mirror : public RangeNotifier {
   void file_lost_at_close(uint64_t i, uint64_t e);
   void file_note_error(int rc, const char* syscall);
   bool file_unsynced(uint64_t i);
-  int file_wait(uint64_t a, uint64_t b, bool whole, bool locked, WriteErrorReport* kept = nullptr);
+  int file_wait(uint64_t a, uint64_t b, bool whole, bool locked, WriteErrorReport* kept = nullptr, bool only_ours = false);
   void file_wait_failed(int rc, const char* syscall);
   void file_resolve_failed(WriteErrorReport* kept);
   uint64_t file_release(std::vector<std::pair<uint64_t, uint64_t>>& pages, uint64_t size, int* err);

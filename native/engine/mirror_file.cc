@@ -262,7 +262,8 @@ void Mirror::file_resolve_failed(WriteErrorReport* kept) {
 
 // A wait on our descriptor that confirms the writes of [a, b) (whole: fdatasync, for the file).
 // locked: the caller holds change_mu_ (needed to resolve failed copies; taken here otherwise).
-int Mirror::file_wait(uint64_t a, uint64_t b, bool whole, bool locked, WriteErrorReport* kept) {
+// only_ours: no wait where nothing of ours is unconfirmed in the range (a release of clean pages).
+int Mirror::file_wait(uint64_t a, uint64_t b, bool whole, bool locked, WriteErrorReport* kept, bool only_ours) {
   if (file_->shmem) return whole ? sys::datasync(file_->fd) : 0;
   if (whole) {
     a = 0;
@@ -271,8 +272,7 @@ int Mirror::file_wait(uint64_t a, uint64_t b, bool whole, bool locked, WriteErro
   {
     std::lock_guard<std::mutex> g(file_->sync_mu);
     auto it = file_->unsynced.lower_bound(a);
-    // Nothing of ours to confirm in the range: no wait (it would only start other writes).
-    if (!whole && (it == file_->unsynced.end() || it->first >= b)) return 0;
+    if (only_ours && !whole && (it == file_->unsynced.end() || it->first >= b)) return 0;
     for (; it != file_->unsynced.end() && it->first < b; ++it)
       if (it->second == kWsUnsynced) it->second = kWsFlushing;
   }
@@ -500,7 +500,7 @@ uint64_t Mirror::file_release(std::vector<std::pair<uint64_t, uint64_t>>& pages,
     pt_[i].store(e & ~(kValid | kWrite | kAtomic), std::memory_order_release);
   }
   const uint64_t a = pages.front().first, b = pages.back().first + 1;
-  if (int rc = file_wait(a, b, false, true)) first_error = first_error ? first_error : rc;
+  if (int rc = file_wait(a, b, false, true, nullptr, true)) first_error = first_error ? first_error : rc;
   uint64_t n = 0;
   for (auto [i, e] : pages) {
     const uint64_t now = pt_[i].load(std::memory_order_relaxed);
