@@ -333,8 +333,9 @@ Napi::Value Mapping::Sync(const Napi::CallbackInfo& info) {
   std::optional<Region::Invalidation> inv;
   if (region_->shared && region_->kind != RegionKind::kAnonymous) inv.emplace(region_.get(), off, len, InvalidateCause::kWriteback);
   int rc = sys::sync(reinterpret_cast<void*>(addr), len, static_cast<int>(flags));
-  // The error is reported once per open file description, and file mirrors share this one.
-  if (rc && inv) inv->writeback_error(rc);
+  // A write error is reported once per open file description, and file mirrors share this one.
+  // (EBUSY, EINVAL and ENOMEM are msync's own: nothing failed to be written.)
+  if (inv && rc && rc != -EBUSY && rc != -EINVAL && rc != -ENOMEM) inv->writeback_error(rc);
   if (rc) ThrowSystemError(env, rc, "msync", {region_->path.empty() ? nullptr : region_->path.c_str()});
   return env.Undefined();
 }
