@@ -325,7 +325,10 @@ export class Mirror {
 
   /**
    * Drops every entry (waiting for accesses in flight) and unhooks from the mapping. Idempotent;
-   * Mapping.close() does it too. Calls on a closed mirror throw ERR_PAGEMIRROR_CLOSED.
+   * Mapping.close() does it too. Calls on a closed mirror throw ERR_PAGEMIRROR_CLOSED. A file
+   * mirror writes its device copies back first; closed either way, it throws
+   * ERR_PAGEMIRROR_DATA_LOST if data is lost (copies the file could not take, or an
+   * unacknowledged loss: see FileMirror.writeback()).
    */
   close(): void {
     this.#n.close();
@@ -430,9 +433,18 @@ export class FileMirror extends Mirror {
   /**
    * Writes back the dirty pages of [offset, offset + length) (default: all): each page written is
    * a consistent snapshot while device threads keep writing. sync: and waits until the file
-   * has them on its media (fdatasync). DAX: nothing to do (pages: 0). Errors: those of pwrite,
-   * sync_file_range and fdatasync; ERR_PAGEMIRROR_CLOSED when close() cut it off (close() writes
-   * the device's copies back itself).
+   * has them on its media (fdatasync). DAX: nothing to do (pages: 0).
+   *
+   * A page counts as written only once a wait on the file (sync_file_range, fdatasync) confirmed
+   * it. See docs/file-strategies.md, "What the library promises after an I/O error".
+   * @throws ENOSPC, EIO... (copy, bounce): the file could not take some device copies; they stay
+   *   dirty on the device and the next writeback writes them again. `syscall` names the call that
+   *   failed; `pages` and `ranges` ({offset, length} bytes of the mirror) the copies kept.
+   * @throws ERR_PAGEMIRROR_DATA_LOST: data only the page cache held (remote, pin, or pwrite() of
+   *   pages the device did not hold) may be lost to a failed writeback; `errno`/`cause` are the
+   *   kernel's error, `pages`/`ranges` the pages. Sticky: every writeback, fsync() and close()
+   *   reports it again until acknowledgeLoss().
+   * @throws ERR_PAGEMIRROR_CLOSED after close().
    */
   writeback(range: { offset?: number; length?: number; sync?: boolean } = {}): Promise<{ pages: number; bytesCopied: number; elapsedNs: number }> {
     const offset = checkInteger('offset', range.offset ?? 0);
@@ -440,9 +452,21 @@ export class FileMirror extends Mirror {
     return this.#f.writeback(offset, length, range.sync ?? false);
   }
 
-  /** fsync through the library: every page the device wrote is written back, then fdatasync. */
+  /**
+   * fsync through the library: every page the device wrote is written back, then fdatasync.
+   * Errors as writeback(): a rejection never leaves a device copy clean that the file lacks.
+   */
   fsync(): Promise<{ pages: number; bytesCopied: number; elapsedNs: number }> {
     return this.writeback({ sync: true });
+  }
+
+  /**
+   * Acknowledges a loss reported as ERR_PAGEMIRROR_DATA_LOST (after rewriting what was lost, or
+   * giving it up): later writebacks, fsync() and close() stop reporting it. Returns what was lost
+   * (the kernel's error code, errno, the call that reported it, pages and ranges), or null.
+   */
+  acknowledgeLoss(): ReturnType<NativeMirror['acknowledgeLoss']> {
+    return this.#f.acknowledgeLoss();
   }
 
   /**

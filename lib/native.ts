@@ -57,7 +57,21 @@ export interface NativeFileStats {
   leaseBreaks: number;
   /** Device pages the file could not take (ENOSPC, EIO): they stayed on the device, dirty. */
   storeErrors: number;
+  /** Writeback errors the kernel reported to a wait of the library (sync_file_range, fdatasync, msync). */
+  writeErrors: number;
+  /** Pages written to the page cache whose write no wait has confirmed yet (not on tmpfs/memfd, where the page cache is the file). */
+  unconfirmedPages: number;
+  /** Pages whose data may be lost to a write error (the page cache held the only copy): sticky until acknowledgeLoss(). */
+  lostPages: number;
+  /** The error that lost them ('ENOSPC', 'EIO'...), null if nothing is lost; set with lostPages 0 when the lost data is not the library's to name. */
+  loss: string | null;
   writebackNs: number;
+}
+
+/** Pages of a write error: how many, and where (byte ranges of the mirror). */
+export interface NativeWriteErrorPages {
+  pages: number;
+  ranges: { offset: number; length: number }[];
 }
 
 export interface NativeMappingInfo {
@@ -322,6 +336,7 @@ export interface NativeMirror {
   writeback(offset: number, length: number, sync: boolean): Promise<{ pages: number; bytesCopied: number; elapsedNs: number }>;
   fileStats(): NativeFileStats;
   takeLease(): void;
+  acknowledgeLoss(): (NativeWriteErrorPages & { code: string; errno: number; syscall: string }) | null;
 }
 
 export interface NativeMigrateResult {

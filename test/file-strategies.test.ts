@@ -144,26 +144,43 @@ describe.each(FILESYSTEMS)('file strategies on $name', ({ dir }) => {
       // Every page on the device first (bounce on tmpfs: until a page is written back, the file
       // has a hole there).
       await fm.run({ op: 'read', unit: 8 });
-      // One long device kernel: pass after pass, it adds 1 to every word of every page, a page at a
-      // time (the device holds the page while it rewrites it), so between its writes each page
-      // carries one sequence number: its first word minus its index. Writebacks race it.
-      let running = true;
-      const device = fm.run({ op: 'atomic', unit: 8, ops: 3000 * n * WORDS, threads: 1 }).finally(() => (running = false));
+      // Device kernels back to back: each adds 1 to every word of every page, pass after pass, a
+      // page at a time (the device holds the page while it rewrites it), so between its writes
+      // each page carries one sequence number: its first word minus its index. Writebacks race them.
+      let stop = false;
+      let kernel = 0; // the kernel running now, 0 between kernels
+      const device = (async () => {
+        for (let k = 1; !stop; k++) {
+          kernel = k;
+          try {
+            await fm.run({ op: 'atomic', unit: 8, ops: 200 * n * WORDS, threads: 1 });
+          } finally {
+            kernel = 0;
+          }
+        }
+      })();
+      // Driven by count, not by the clock (a loaded machine gets fewer writebacks into a given
+      // time): writebacks go on until RACES of them ran from start to end inside one kernel.
+      const RACES = 8;
       let raced = 0;
+      let taken = 0;
       const seen = new Set<string>();
       try {
-        for (let k = 0; k < 12 && running; k++) {
+        while (raced < RACES && taken < 200) {
+          const during = kernel;
           await within(fm.writeback(), 10_000, 'writeback');
-          if (running) raced++;
+          if (during !== 0 && kernel === during) raced++;
           const r = await within(readPagesElsewhere(file), 10_000, 'reader');
-          expect(r.torn, `${strategy}/${snapshot}: torn pages after writeback ${k}`).toEqual([]);
+          expect(r.torn, `${strategy}/${snapshot}: torn pages after writeback ${taken}`).toEqual([]);
           r.seeds.forEach((x) => seen.add(x!));
+          taken++;
         }
       } finally {
+        stop = true;
         await within(device, 60_000, 'device kernel');
       }
       // The writebacks really ran while the device was writing, and caught it at different passes.
-      expect(raced, `${strategy}/${snapshot}: writebacks during the device kernel`).toBeGreaterThanOrEqual(4);
+      expect(raced, `${strategy}/${snapshot}: writebacks inside a kernel (of ${taken})`).toBeGreaterThanOrEqual(RACES);
       expect(seen.size, `${strategy}/${snapshot}: sequence numbers seen`).toBeGreaterThan(3);
       fm.close();
     }
@@ -524,7 +541,9 @@ describe('a full file system (ENOSPC)', () => {
       } catch {
         /* full */
       }
-      expect(() => fm2.close()).toThrow(expect.objectContaining({ code: 'EIO', syscall: 'close', message: expect.stringContaining('2 device pages') }));
+      expect(() => fm2.close()).toThrow(
+        expect.objectContaining({ code: 'ERR_PAGEMIRROR_DATA_LOST', errno: -28, cause: 'ENOSPC', pages: 2, message: expect.stringContaining('2 pages') }),
+      );
       fm2.close(); // closed already: idempotent
       m2.close();
     } finally {

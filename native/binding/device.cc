@@ -1,5 +1,6 @@
 #include "device.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <vector>
@@ -320,6 +321,7 @@ Napi::Function MirrorWrap::Init(Napi::Env env) {
                          InstanceMethod<&MirrorWrap::Writeback>("writeback"),
                          InstanceMethod<&MirrorWrap::FileStats>("fileStats"),
                          InstanceMethod<&MirrorWrap::TakeLease>("takeLease"),
+                         InstanceMethod<&MirrorWrap::AcknowledgeLoss>("acknowledgeLoss"),
                      });
 }
 
@@ -677,14 +679,10 @@ Napi::Value MirrorWrap::Info(const Napi::CallbackInfo& info) {
 Napi::Value MirrorWrap::Close(const Napi::CallbackInfo& info) {
   if (mirror_) {
     mirror_->detach();
-    const engine::FileStats* fs = mirror_->file_stats();
-    const uint64_t lost = fs ? fs->lost_pages.load() : 0;
-    mirror_.reset();
+    const engine::WriteErrorReport loss = mirror_->file_loss();
+    const std::shared_ptr<engine::Mirror> m = std::move(mirror_);
     // Closed either way; but as close(2) reports a failed writeback, so does this.
-    if (lost)
-      ThrowSystemError(info.Env(), -EIO, "close",
-                       {nullptr, (std::to_string(lost) + " device pages could not be written back to the file (ENOSPC "
-                                  "or EIO on every try); their data is lost").c_str()});
+    if (loss.error) throw DataLostError(info.Env(), *m, loss);
   }
   return info.Env().Undefined();
 }
@@ -702,6 +700,42 @@ struct FileIoJob {
   bool sync = false;   // writeback: fdatasync after
   bool write = false;  // file I/O: a write (else a read)
 };
+
+}  // namespace
+
+// The pages of a write error on the error object: pages (how many) and ranges ({offset, length}
+// in bytes of the mirror, merged).
+static void SetPages(Napi::Env env, Napi::Object o, const engine::Mirror& m, std::vector<std::pair<uint64_t, uint64_t>> runs) {
+  std::sort(runs.begin(), runs.end());
+  Napi::Array ranges = Napi::Array::New(env);
+  uint64_t pages = 0;
+  for (size_t k = 0; k < runs.size();) {
+    auto [a, b] = runs[k++];
+    for (; k < runs.size() && runs[k].first <= b; k++) b = std::max(b, runs[k].second);
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("offset", static_cast<double>(a * m.page()));
+    r.Set("length", static_cast<double>((b - a) * m.page()));
+    ranges.Set(ranges.Length(), r);
+    pages += b - a;
+  }
+  o.Set("pages", static_cast<double>(pages));
+  o.Set("ranges", ranges);
+}
+
+Napi::Error DataLostError(Napi::Env env, const engine::Mirror& m, const engine::WriteErrorReport& loss) {
+  const std::string hint =
+      (loss.pages ? std::to_string(loss.pages) + " pages of the mirror" : std::string("data of the file the library cannot name")) +
+      " may be lost: the file could not take them and no copy is left (the kernel marks pages clean after a failed "
+      "writeback); rewrite them, then call acknowledgeLoss()";
+  Napi::Error err = SystemError(env, loss.error, loss.syscall ? loss.syscall : "writeback",
+                                {m.region()->path.empty() ? nullptr : m.region()->path.c_str(), hint.c_str()});
+  err.Value().Set("code", "ERR_PAGEMIRROR_DATA_LOST");
+  err.Value().Set("cause", ErrnoName(loss.error < 0 ? -loss.error : loss.error));
+  SetPages(env, err.Value(), m, loss.runs);
+  return err;
+}
+
+namespace {
 
 engine::Mirror& FileMirror(Napi::Env env, engine::Mirror& m) {
   if (m.file_strategy() == engine::FileStrategy::kNone)
@@ -797,7 +831,18 @@ Napi::Value MirrorWrap::Writeback(const Napi::CallbackInfo& info) {
       },
       [](Napi::Env env, FileIoJob& j) -> Napi::Value {
         ThrowIfClosedUnder(env, j.rc, *j.mirror, j.sync ? "fsync()" : "writeback()");
-        if (j.rc < 0) ThrowSystemError(env, static_cast<int>(j.rc), j.sync ? "fdatasync" : "writeback", {});
+        // Loss first: it is sticky, and whatever else failed is part of it.
+        const engine::WriteErrorReport loss = j.mirror->file_loss();
+        if (loss.error) throw DataLostError(env, *j.mirror, loss);
+        if (j.rc < 0) {
+          const engine::WriteErrorReport& kept = j.wb.kept;
+          const bool own = kept.error == j.rc && kept.syscall;
+          Napi::Error err = SystemError(env, static_cast<int>(j.rc), own ? kept.syscall : j.sync ? "fdatasync" : "writeback",
+                                        {j.mirror->region()->path.empty() ? nullptr : j.mirror->region()->path.c_str(),
+                                         kept.pages ? "the device keeps these pages dirty; the next writeback or fsync() writes them again" : nullptr});
+          SetPages(env, err.Value(), *j.mirror, kept.runs);
+          throw err;
+        }
         Napi::Object o = Napi::Object::New(env);
         o.Set("pages", static_cast<double>(j.wb.pages));
         o.Set("bytesCopied", static_cast<double>(j.wb.bytes_copied));
@@ -835,6 +880,11 @@ Napi::Value MirrorWrap::FileStats(const Napi::CallbackInfo& info) {
   o.Set("writeBytes", static_cast<double>(s->io_write_bytes.load()));
   o.Set("leaseBreaks", static_cast<double>(s->lease_breaks.load()));
   o.Set("storeErrors", static_cast<double>(s->store_errors.load()));
+  o.Set("writeErrors", static_cast<double>(s->write_errors.load()));
+  o.Set("unconfirmedPages", static_cast<double>(m->file_unconfirmed()));
+  const engine::WriteErrorReport loss = m->file_loss();
+  o.Set("lostPages", static_cast<double>(loss.pages));
+  o.Set("loss", loss.error ? Napi::Value(Napi::String::New(env, ErrnoName(-loss.error))) : env.Null());
   o.Set("writebackNs", static_cast<double>(s->writeback_ns.load()));
   return o;
 }
@@ -852,6 +902,20 @@ Napi::Value MirrorWrap::TakeLease(const Napi::CallbackInfo& info) {
     ThrowSystemError(env, rc, "fcntl(F_SETLEASE)", {m->region()->path.empty() ? nullptr : m->region()->path.c_str(), hint});
   }
   return env.Undefined();
+}
+
+// acknowledgeLoss() -> {pages, ranges, code} | null: the sticky loss, cleared.
+Napi::Value MirrorWrap::AcknowledgeLoss(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto m = live(env);
+  const engine::WriteErrorReport loss = FileMirror(env, *m).file_loss(true);
+  if (!loss.error) return env.Null();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("code", ErrnoName(-loss.error));
+  o.Set("errno", loss.error);
+  o.Set("syscall", loss.syscall ? loss.syscall : "writeback");
+  SetPages(env, o, *m, loss.runs);
+  return o;
 }
 
 }  // namespace pm

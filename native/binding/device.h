@@ -57,8 +57,12 @@ class MirrorWrap : public Napi::ObjectWrap<MirrorWrap> {
   Napi::Value Writeback(const Napi::CallbackInfo& info);
   Napi::Value FileStats(const Napi::CallbackInfo& info);
   Napi::Value TakeLease(const Napi::CallbackInfo& info);
+  Napi::Value AcknowledgeLoss(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::Device> device_;
   std::shared_ptr<engine::Mirror> mirror_;
 };
+
+// A loss of data the library cannot write again (FileMirror: ERR_PAGEMIRROR_DATA_LOST).
+Napi::Error DataLostError(Napi::Env env, const engine::Mirror& m, const engine::WriteErrorReport& loss);
 
 }  // namespace pm

@@ -21,6 +21,7 @@
 #include "../engine/mirror.h"
 #include "addon.h"
 #include "args.h"
+#include "device.h"
 #include "errors.h"
 
 namespace pm {
@@ -401,6 +402,9 @@ Napi::Value Mapping::Sync(const Napi::CallbackInfo& info) {
   std::optional<Region::Invalidation> inv;
   if (region_->shared && region_->kind != RegionKind::kAnonymous) inv.emplace(region_.get(), off, len, InvalidateCause::kWriteback);
   int rc = sys::sync(reinterpret_cast<void*>(addr), len, static_cast<int>(flags));
+  // A write error is reported once per open file description, and file mirrors share this one.
+  // (EBUSY, EINVAL and ENOMEM are msync's own: nothing failed to be written.)
+  if (inv && rc && rc != -EBUSY && rc != -EINVAL && rc != -ENOMEM) inv->writeback_error(rc);
   if (rc) ThrowSystemError(env, rc, "msync", {region_->path.empty() ? nullptr : region_->path.c_str()});
   return env.Undefined();
 }
@@ -635,7 +639,8 @@ Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {
   // Its mirrors close first, as their own close() would: device copies of a file's pages go back
   // to the file and leases are released (a lease left behind would make every open() of the file,
   // by any process, wait out the lease-break time). Pinned mirrors stay, without their lease.
-  const uint64_t lost = CloseMirrors(env);
+  engine::WriteErrorReport loss;
+  const std::shared_ptr<engine::Mirror> lossy = CloseMirrors(env, &loss);
   DetachBuffer();
   {
     Region::Invalidation inv(&r, 0, r.length, InvalidateCause::kUnmap);
@@ -645,14 +650,12 @@ Napi::Value Mapping::Close(const Napi::CallbackInfo& info) {
     sys::close_fd(r.fd);
     r.fd = -1;
   }
-  if (lost)
-    ThrowSystemError(env, -EIO, "close",
-                     {nullptr, (std::to_string(lost) + " device pages of its file mirrors could not be written back to the "
-                                "file (ENOSPC or EIO on every try); their data is lost").c_str()});
+  // Closed either way; but as close(2) reports a failed writeback, so does this.
+  if (lossy) throw DataLostError(env, *lossy, loss);
   return env.Undefined();
 }
 
-uint64_t Mapping::CloseMirrors(Napi::Env env) {
+std::shared_ptr<engine::Mirror> Mapping::CloseMirrors(Napi::Env env, engine::WriteErrorReport* loss) {
   std::vector<std::shared_ptr<engine::Mirror>> mine;
   {
     AddonData* data = env.GetInstanceData<AddonData>();
@@ -661,7 +664,7 @@ uint64_t Mapping::CloseMirrors(Napi::Env env) {
       if (auto m = w.lock())
         if (m->region() == region_.get() && !m->closed()) mine.push_back(std::move(m));
   }
-  uint64_t lost = 0;
+  std::shared_ptr<engine::Mirror> lossy;
   for (auto& m : mine) {
     if (m->pinned()) {
       // A long-term pin outlives the munmap, as a GUP pin does: the device keeps its pages.
@@ -669,9 +672,11 @@ uint64_t Mapping::CloseMirrors(Napi::Env env) {
       continue;
     }
     m->detach();
-    if (const engine::FileStats* fs = m->file_stats()) lost += fs->lost_pages.load();
+    if (lossy) continue;
+    *loss = m->file_loss();
+    if (loss->error) lossy = m;
   }
-  return lost;
+  return lossy;
 }
 
 // ---- the factory -------------------------------------------------------------------------------

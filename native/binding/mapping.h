@@ -11,6 +11,11 @@
 
 namespace pm {
 
+namespace engine {
+class Mirror;
+struct WriteErrorReport;
+}  // namespace engine
+
 class Mapping : public Napi::ObjectWrap<Mapping> {
  public:
   static Napi::Function Init(Napi::Env env);
@@ -48,8 +53,9 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
   Napi::Value Unmap(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   // Closes this environment's live mirrors of the region (pinned ones only give up their lease);
-  // returns the pages their file mirrors could not write back.
-  uint64_t CloseMirrors(Napi::Env env);
+  // returns the first of them that lost data (copies the file could not take, or an
+  // unacknowledged loss), with what it lost in *loss, or null.
+  std::shared_ptr<engine::Mirror> CloseMirrors(Napi::Env env, engine::WriteErrorReport* loss);
 
   void CheckNoFault(Napi::Env env, uint64_t off, uint64_t len, bool write);
   void FileRangeInvalidation(std::optional<Region::Invalidation>* inv, uint64_t file_off, uint64_t len,

@@ -42,6 +42,8 @@ class RangeNotifier {
   // fault may program entries (the sequence-count protocol).
   virtual void invalidate_start(uint64_t start, uint64_t end, InvalidateCause cause) = 0;
   virtual void invalidate_end(uint64_t start, uint64_t end) = 0;
+  // A writeback (msync) of [start, end) failed with -errno, between start() and end().
+  virtual void writeback_error(uint64_t, uint64_t, int) {}
 };
 
 enum class RegionKind { kAnonymous, kMemfd, kFile };
@@ -89,6 +91,9 @@ struct Region {
     ~Invalidation();
     Invalidation(const Invalidation&) = delete;
     Invalidation& operator=(const Invalidation&) = delete;
+    void writeback_error(int err) {
+      for (RangeNotifier* n : told_) n->writeback_error(start_, end_, err);
+    }
    private:
     std::vector<RangeNotifier*> told_;
     uint64_t start_, end_;

@@ -95,7 +95,7 @@ void Mirror::detach() {
   }
   for (uint64_t i = pt_.next_present(0, npages_); i < npages_; i = pt_.next_present(i + 1, npages_)) {
     uint64_t old = pt_[i].exchange(0, std::memory_order_seq_cst);
-    if (file_copies() && file_must_store(old)) file_->stats.lost_pages.fetch_add(1, std::memory_order_relaxed);
+    if (file_copies() && (old & kOnDevice)) file_lost_at_close(i, old);
     if (old & kOnDevice) device_->free_slot(old >> kSlotShift);
   }
   wait_inflight(0, npages_);
@@ -203,6 +203,8 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
     uint64_t old = pt_[i].load(std::memory_order_relaxed);
     uint64_t keep = (old & kOnDevice) && !drops_data ? (old & ~(kValid | kWrite | kAtomic)) : 0;
     old = pt_[i].exchange(keep, std::memory_order_seq_cst);
+    // The device's write is in the page cache only from here on (remote): unconfirmed.
+    if (file_ && (old & kDirty) && !(old & kOnDevice)) file_note_written(i, i + 1);
     if (old & kValid) cleared++;
     if ((old & kOnDevice) && !keep) device_->free_slot(old >> kSlotShift);
   }

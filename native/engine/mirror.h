@@ -9,7 +9,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -73,7 +75,20 @@ struct FileStats {
   std::atomic<uint64_t> lease_breaks{0};
   std::atomic<uint64_t> writeback_ns{0};
   std::atomic<uint64_t> store_errors{0};     // a device copy could not be written to the file (it stayed on the device)
-  std::atomic<uint64_t> lost_pages{0};       // such copies still unwritten when the mirror closed: their data is gone
+  std::atomic<uint64_t> write_errors{0};     // writeback errors the kernel reported to a wait (sync_file_range, fdatasync, msync)
+};
+
+// What is known about a write error: the page counts, the call that reported it, and runs of pages.
+struct WriteErrorReport {
+  int error = 0;                 // -errno of the cause
+  const char* syscall = nullptr;  // the call that reported it
+  uint64_t pages = 0;
+  std::vector<std::pair<uint64_t, uint64_t>> runs;  // [first, last) page runs of the mirror
+  void add(uint64_t i) {
+    pages++;
+    if (!runs.empty() && runs.back().second == i) runs.back().second++;
+    else runs.push_back({i, i + 1});
+  }
 };
 
 struct MirrorStats {
@@ -195,6 +210,9 @@ class Mirror : public RangeNotifier {
     uint64_t pages = 0;       // pages written (or, for remote/pin, made stable while the kernel wrote them)
     uint64_t bytes_copied = 0;
     uint64_t elapsed_ns = 0;
+    // On error (copy, bounce): the device copies the file could not take, dirty on the device
+    // again (the next writeback writes them anew), and the call that failed.
+    WriteErrorReport kept;
   };
   // Writes back pages [first, last): each a consistent snapshot while the device keeps writing.
   // sync: and waits until the file has them (fdatasync). Errors: those of pwrite/sync_file_range/fdatasync.
@@ -211,6 +229,14 @@ class Mirror : public RangeNotifier {
   void release_lease() {
     if (file_) file_release_lease();
   }
+  // Data lost to a write error (the page cache held the only copy and the kernel marked it clean):
+  // sticky until acknowledged. error 0: none. acknowledge: and clear it.
+  WriteErrorReport file_loss(bool acknowledge = false);
+  // Pages written to the page cache whose write no wait has confirmed yet.
+  uint64_t file_unconfirmed();
+  // Mapping.sync()'s msync failed: the error was reported on the file description this mirror
+  // shares, so no later wait of ours would see it. Called inside the msync's invalidation.
+  void writeback_error(uint64_t start, uint64_t end, int err) override;
   bool pinned() const { return pinned_; }
   uint64_t diverged() const { return diverged_.load(std::memory_order_relaxed); }
   bool single_writer() const { return single_writer_; }
@@ -321,6 +347,15 @@ class Mirror : public RangeNotifier {
     std::mutex periodic_mu;
     std::condition_variable periodic_cv;
     bool stopping = false;
+    // Write confirmation (see "Write errors" in mirror_file.cc), under sync_mu (a leaf lock):
+    // pages handed to the page cache and not yet confirmed by a wait, with their WriteState.
+    std::mutex sync_mu;
+    std::map<uint64_t, uint8_t> unsynced;
+    std::set<uint64_t> lost;        // sticky until acknowledged, with the error that lost them
+    int loss_error = 0;
+    const char* loss_syscall = nullptr;
+    int last_error = 0;             // the latest write error and the call that reported it
+    const char* last_syscall = nullptr;
   };
   std::unique_ptr<FileState> file_;
   int file_fault(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline);
@@ -342,8 +377,17 @@ class Mirror : public RangeNotifier {
   int file_io_run(bool write, uint64_t off, uint64_t len, uint8_t* buf);
   int file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf);
   uint64_t file_take(uint64_t i);
-  bool file_release_page(uint64_t i, uint64_t e, uint64_t size = ~0ull);
+  bool file_release_page(uint64_t i, uint64_t e, int* err = nullptr);
   uint64_t file_size_pages(bool* ok);
+  // Write errors (mirror_file.cc).
+  void file_note_written(uint64_t a, uint64_t b);
+  void file_lost_at_close(uint64_t i, uint64_t e);
+  void file_note_error(int rc, const char* syscall);
+  bool file_unsynced(uint64_t i);
+  int file_wait(uint64_t a, uint64_t b, bool whole, bool locked, WriteErrorReport* kept = nullptr, bool only_ours = false);
+  void file_wait_failed(int rc, const char* syscall);
+  void file_resolve_failed(WriteErrorReport* kept);
+  uint64_t file_release(std::vector<std::pair<uint64_t, uint64_t>>& pages, uint64_t size, int* err);
   void file_drop_cache(uint64_t off, uint64_t len);
 };
 

@@ -25,10 +25,24 @@
 // the device is writing when that page is mapped and dirty. A bounce copy written through the page
 // cache would overwrite the device's newer writes. So pin's snapshot is the page itself, held still.
 //
+// Write errors. pwrite returning says only that the page cache took the data; the write to the
+// media may fail later, and the kernel then marks the page clean and records the error in the file
+// (errseq: reported once to each open file description, by whichever wait on it comes first,
+// whatever range that wait asked for). So every page the library hands to the page cache is
+// unconfirmed (FileState::unsynced) until a wait on our descriptor that covered it (sync_file_range
+// with WAIT_AFTER over it, or fdatasync) returned 0. When any wait reports an error, every
+// unconfirmed page of the mirror may be the one that failed: a page the device holds a copy of is
+// dirty again and written anew by the next writeback (after its failed page-cache page is dropped,
+// so the file system maps its blocks afresh: ext4 otherwise leaves an unwritten extent that reads
+// zeros); a page that only the page cache held (remote, pin, library writes of pages the device
+// does not hold) is lost, and the loss is sticky until the user acknowledges it. No device copy is
+// freed before its write is confirmed. On tmpfs/memfd the page cache is the file: pwrite's return
+// is the whole story, and nothing is tracked.
+//
 // Locking: change_mu_ (through Engine::lock_covering where device memory may be allocated, so
 // eviction can take our own pages) serialises loads, CPU pull-backs, library I/O and writeback
 // chunks; file_->wb_mu orders whole writebacks (snapshots are written in the order they were
-// taken). Order: wb_mu, then change_mu_. The engine's fault handler never takes wb_mu.
+// taken). Order: wb_mu, then change_mu_, then sync_mu. The engine's fault handler never takes wb_mu.
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -161,6 +175,167 @@ void Mirror::file_drop_cache(uint64_t off, uint64_t len) {
   if (hi > lo) sys::drop_cache(file_->fd, lo, hi - lo);
 }
 
+namespace {
+enum WriteState : uint8_t { kWsUnsynced = 1, kWsFlushing = 2, kWsFailed = 3 };
+}
+
+// Pages [a, b) are in the page cache now, not yet on the media.
+void Mirror::file_note_written(uint64_t a, uint64_t b) {
+  if (file_->shmem || a >= b) return;
+  std::lock_guard<std::mutex> g(file_->sync_mu);
+  for (uint64_t i = a; i < b; i++) {
+    auto [it, fresh] = file_->unsynced.emplace(i, kWsUnsynced);
+    // A failed page waits for whoever saw the error to resolve it (a new write of part of a page
+    // would carry the rest of it, which the kernel may have reclaimed already).
+    if (!fresh && it->second != kWsFailed) it->second = kWsUnsynced;
+  }
+}
+
+void Mirror::file_note_error(int rc, const char* syscall) {
+  std::lock_guard<std::mutex> g(file_->sync_mu);
+  file_->last_error = rc;
+  file_->last_syscall = syscall;
+}
+
+bool Mirror::file_unsynced(uint64_t i) {
+  std::lock_guard<std::mutex> g(file_->sync_mu);
+  return file_->unsynced.count(i) != 0;
+}
+
+// A wait reported rc: every unconfirmed page of the mirror may be the one that failed, and so may
+// every page the device dirtied in the page cache (remote, pin: the kernel's flusher may have
+// written it). Nothing of ours in flight: the error is another writer's on the file description
+// we share, and it is lost to them too: sticky, with no pages to name.
+void Mirror::file_wait_failed(int rc, const char* syscall) {
+  file_->stats.write_errors.fetch_add(1, std::memory_order_relaxed);
+  file_note_error(rc, syscall);
+  std::lock_guard<std::mutex> g(file_->sync_mu);
+  if (!file_copies())
+    for (uint64_t i = 0; i < npages_; i++) {
+      const uint64_t e = pt_[i].load(std::memory_order_relaxed);
+      if ((e & kDirty) && !(e & kOnDevice)) file_->unsynced[i] = kWsFailed;
+    }
+  for (auto& [i, w] : file_->unsynced) w = kWsFailed;
+  if (file_->unsynced.empty() && !file_->loss_error) {
+    file_->loss_error = rc;
+    file_->loss_syscall = syscall;
+  }
+}
+
+// Caller holds change_mu_ if the mirror keeps copies. Failed pages: a device copy is dirty again
+// (kept: listed); a page only the page cache held is lost.
+void Mirror::file_resolve_failed(WriteErrorReport* kept) {
+  WriteErrorReport redirtied;
+  {
+    std::lock_guard<std::mutex> g(file_->sync_mu);
+    for (auto it = file_->unsynced.begin(); it != file_->unsynced.end();) {
+      if (it->second != kWsFailed) {
+        ++it;
+        continue;
+      }
+      const uint64_t i = it->first;
+      if (file_copies() && (pt_[i].load(std::memory_order_relaxed) & kOnDevice)) {
+        pt_[i].fetch_or(kDirty, std::memory_order_release);
+        redirtied.add(i);
+      } else {
+        file_->lost.insert(i);
+        if (!file_->loss_error) {
+          file_->loss_error = file_->last_error;
+          file_->loss_syscall = file_->last_syscall;
+        }
+      }
+      it = file_->unsynced.erase(it);
+    }
+    redirtied.error = file_->last_error;
+    redirtied.syscall = file_->last_syscall;
+  }
+  for (auto [a, b] : redirtied.runs) file_drop_cache(file_->file_offset + a * page_, (b - a) * page_);
+  if (kept && !redirtied.runs.empty()) {
+    if (!kept->error) {
+      kept->error = redirtied.error;
+      kept->syscall = redirtied.syscall;
+    }
+    for (auto [a, b] : redirtied.runs)
+      for (uint64_t i = a; i < b; i++) kept->add(i);
+  }
+}
+
+// A wait on our descriptor that confirms the writes of [a, b) (whole: fdatasync, for the file).
+// locked: the caller holds change_mu_ (needed to resolve failed copies; taken here otherwise).
+// only_ours: no wait where nothing of ours is unconfirmed in the range (a release of clean pages).
+int Mirror::file_wait(uint64_t a, uint64_t b, bool whole, bool locked, WriteErrorReport* kept, bool only_ours) {
+  if (file_->shmem) return whole ? sys::datasync(file_->fd) : 0;
+  if (whole) {
+    a = 0;
+    b = npages_;
+  }
+  {
+    std::lock_guard<std::mutex> g(file_->sync_mu);
+    auto it = file_->unsynced.lower_bound(a);
+    if (only_ours && !whole && (it == file_->unsynced.end() || it->first >= b)) return 0;
+    for (; it != file_->unsynced.end() && it->first < b; ++it)
+      if (it->second == kWsUnsynced) it->second = kWsFlushing;
+  }
+  const char* syscall = whole ? "fdatasync" : "sync_file_range";
+  int rc = whole ? sys::datasync(file_->fd) : sys::sync_range(file_->fd, file_->file_offset + a * page_, (b - a) * page_, true);
+  if (rc == 0) {
+    // Pages written again since the wait began are Unsynced again, and a failure another wait saw
+    // meanwhile made them Failed: only those still Flushing are confirmed.
+    std::lock_guard<std::mutex> g(file_->sync_mu);
+    for (auto it = file_->unsynced.lower_bound(a); it != file_->unsynced.end() && it->first < b;)
+      it = it->second == kWsFlushing ? file_->unsynced.erase(it) : std::next(it);
+    return 0;
+  }
+  file_wait_failed(rc, syscall);
+  std::unique_lock<std::mutex> change(change_mu_, std::defer_lock);
+  if (!locked && file_copies()) change.lock();
+  file_resolve_failed(kept);
+  return rc;
+}
+
+void Mirror::writeback_error(uint64_t start, uint64_t end, int err) {
+  if (!file_ || file_->shmem) return;
+  // Inside the msync's invalidation: change_mu_ is held if the range overlaps ours.
+  const bool held = std::max(start, start_) < std::min(end, start_ + npages_ * page_);
+  std::unique_lock<std::mutex> change(change_mu_, std::defer_lock);
+  if (!held && file_copies()) change.lock();
+  file_wait_failed(err, "msync");
+  file_resolve_failed(nullptr);
+}
+
+// detach(), after every copy was flushed: a copy still on the device now is one the file could
+// not take (or whose write no wait confirmed); its data goes with the mirror.
+void Mirror::file_lost_at_close(uint64_t i, uint64_t e) {
+  std::lock_guard<std::mutex> g(file_->sync_mu);
+  if (!file_must_store(e) && !file_->unsynced.count(i)) return;
+  file_->lost.insert(i);
+  if (!file_->loss_error) {
+    file_->loss_error = file_->last_error ? file_->last_error : -EIO;
+    file_->loss_syscall = file_->last_syscall ? file_->last_syscall : "close";
+  }
+}
+
+uint64_t Mirror::file_unconfirmed() {
+  if (!file_) return 0;
+  std::lock_guard<std::mutex> g(file_->sync_mu);
+  return file_->unsynced.size();
+}
+
+WriteErrorReport Mirror::file_loss(bool acknowledge) {
+  WriteErrorReport r;
+  if (!file_) return r;
+  std::lock_guard<std::mutex> g(file_->sync_mu);
+  r.error = file_->loss_error;
+  r.syscall = file_->loss_syscall;
+  for (uint64_t i : file_->lost) r.add(i);
+  if (acknowledge) {
+    file_->lost.clear();
+    file_->loss_error = 0;
+    file_->loss_syscall = nullptr;
+  }
+  return r;
+}
+
 bool Mirror::file_must_store(uint64_t e) const { return (e & kOnDevice) && (e & (kDirty | kSole)); }
 
 int Mirror::file_load(uint64_t a, uint64_t b, uint64_t* loaded) {
@@ -207,19 +382,19 @@ int Mirror::file_load(uint64_t a, uint64_t b, uint64_t* loaded) {
   const uint64_t off = file_->file_offset + a * page_, len = k * page_;
   uint64_t sole = 0;
   if (bounce) {
-    if (file_->shmem) {
-      // tmpfs: the page cache is the file; the device's copy becomes the only one.
-      if (sys::punch_hole(file_->fd, off, len) == 0) sole = kSole;
-    } else {
-      // A disk file keeps its blocks: write A if dirty, then drop it from the page cache.
-      sys::sync_range(file_->fd, off, len, true);
-      file_drop_cache(off, len);
-    }
+    // tmpfs: the page cache is the file; the device's copy becomes the only one.
+    if (file_->shmem && sys::punch_hole(file_->fd, off, len) == 0) sole = kSole;
     file_->stats.freed_pages.fetch_add(k, std::memory_order_relaxed);
   }
   for (uint64_t j = 0; j < k; j++) {
     const uint64_t old = pt_[a + j].load(std::memory_order_relaxed);
     pt_[a + j].store((slots[j] << kSlotShift) | kOnDevice | sole | (old & kDirty), std::memory_order_release);
+  }
+  if (bounce && !file_->shmem) {
+    // A disk file keeps its blocks: write A if dirty, then drop it from the page cache. A' was
+    // read from A, so if that write fails A' is dirty again (the entries are set first).
+    file_wait(a, b, false, true);
+    file_drop_cache(off, len);
   }
   file_->stats.loaded_pages.fetch_add(k, std::memory_order_relaxed);
   device_->on_migrate(this, true, a, k, Trigger::kDeviceFault);
@@ -286,7 +461,10 @@ int Mirror::file_store(uint64_t i, uint64_t e, uint64_t size) {
   const uint64_t off = file_->file_offset + i * page_;
   if (off >= size) return 0;  // truncated away: nothing past the end is ever written
   int rc = sys::pwrite_full(file_->fd, device_->slot_address(e >> kSlotShift), std::min(page_, size - off), off);
-  if (rc == 0) file_->stats.written_pages.fetch_add(1, std::memory_order_relaxed);
+  if (rc == 0) {
+    file_->stats.written_pages.fetch_add(1, std::memory_order_relaxed);
+    file_note_written(i, i + 1);
+  }
   return rc;
 }
 
@@ -298,17 +476,46 @@ uint64_t Mirror::file_take(uint64_t i) {
   return e;
 }
 
-// A device copy goes back to the file where the file lacks it, and its slot is freed; if the file
-// cannot take it (ENOSPC, EIO), the copy stays on the device, unmapped, with its dirty and sole
-// bits: nothing is lost, and a later writeback retries.
-bool Mirror::file_release_page(uint64_t i, uint64_t e, uint64_t size) {
-  if (file_must_store(e) && file_store(i, e, size) != 0) {
-    file_->stats.store_errors.fetch_add(1, std::memory_order_relaxed);
+// Caller holds change_mu_ and took the entries of pages ({index, entry}, ascending). Each device
+// copy goes back to the file where the file lacks it, and its slot is freed once a wait confirmed
+// the write. A copy the file could not take (pwrite failed, or the kernel reported a writeback
+// error) stays on the device, unmapped, dirty: nothing is lost, and a later writeback retries.
+// Returns the slots freed; *err: the first error.
+uint64_t Mirror::file_release(std::vector<std::pair<uint64_t, uint64_t>>& pages, uint64_t size, int* err) {
+  if (pages.empty()) return 0;
+  int first_error = 0;
+  if (size == ~0ull) first_error = sys::file_size(file_->fd, &size);
+  for (auto& [i, e] : pages) {
+    if (first_error == 0 && file_must_store(e)) {
+      int rc = file_store(i, e, size);
+      if (rc) {
+        file_->stats.store_errors.fetch_add(1, std::memory_order_relaxed);
+        file_note_error(rc, "pwrite");
+        first_error = rc;
+      } else {
+        e &= ~(kDirty | kSole);
+      }
+    }
+    // Back, unmapped, until the write is confirmed: a failed wait finds it on the device.
     pt_[i].store(e & ~(kValid | kWrite | kAtomic), std::memory_order_release);
-    return false;
   }
-  device_->free_slot(e >> kSlotShift);
-  return true;
+  const uint64_t a = pages.front().first, b = pages.back().first + 1;
+  if (int rc = file_wait(a, b, false, true, nullptr, true)) first_error = first_error ? first_error : rc;
+  uint64_t n = 0;
+  for (auto [i, e] : pages) {
+    const uint64_t now = pt_[i].load(std::memory_order_relaxed);
+    if (file_must_store(now) || file_unsynced(i)) continue;
+    pt_[i].store(0, std::memory_order_release);
+    device_->free_slot(now >> kSlotShift);
+    n++;
+  }
+  if (err) *err = first_error;
+  return n;
+}
+
+bool Mirror::file_release_page(uint64_t i, uint64_t e, int* err) {
+  std::vector<std::pair<uint64_t, uint64_t>> one{{i, e}};
+  return file_release(one, ~0ull, err) == 1;
 }
 
 uint64_t Mirror::file_flush_locked(uint64_t a, uint64_t b) {
@@ -319,10 +526,7 @@ uint64_t Mirror::file_flush_locked(uint64_t a, uint64_t b) {
   }
   if (gone.empty()) return 0;
   wait_inflight(a, b);
-  uint64_t size = ~0ull;  // asked once for the run (the change mutex keeps library truncates out)
-  sys::file_size(file_->fd, &size);
-  uint64_t n = 0;
-  for (auto [i, e] : gone) n += file_release_page(i, e, size);
+  const uint64_t n = file_release(gone, ~0ull, nullptr);
   device_->on_migrate(this, false, a, n, Trigger::kRelease);
   return n;
 }
@@ -338,12 +542,14 @@ bool Mirror::file_cpu_fault(uint64_t i, uint64_t flags) {
     // Jan Kara's scheme: while the device only reads A' and A is current, the CPU reads A itself,
     // write-protected; the device keeps A'. A CPU write then faults (WP) and A' goes first; a
     // device write zaps the CPU's mapping first (file_fault), so a CPU read faults again.
+    // Counted before the faulter wakes: whoever waits for the access sees it counted.
+    file_->stats.shared_reads.fetch_add(1, std::memory_order_relaxed);
     int rc = sys::uffd_continue(ufd, addr, page_, UFFDIO_CONTINUE_MODE_WP, &done);
     if (rc == 0 || rc == -EEXIST) {
       if (rc) sys::uffd_wake(ufd, addr, page_);
-      file_->stats.shared_reads.fetch_add(1, std::memory_order_relaxed);
       return true;
     }
+    file_->stats.shared_reads.fetch_sub(1, std::memory_order_relaxed);
   }
   const uint64_t e = file_take(i);
   // A' back into A (bounce: A exists again). If the file cannot take it (ENOSPC, EIO), the device
@@ -388,8 +594,9 @@ int Mirror::file_writeback_chunk(uint64_t a, uint64_t b, WritebackResult* out) {
       if (pt_.peek(i, std::memory_order_relaxed) & kDirty) dirty++;
     if (dirty == 0) return 0;
     // Writeback cleaning: every mirror of these pages loses them while the kernel writes them.
+    // The invalidation notes the device's dirty pages as written (mirror.cc); the wait confirms them.
     Region::Invalidation inv(region_.get(), offset_ + a * page_, len, InvalidateCause::kWriteback);
-    int rc = sys::sync_range(file_->fd, off, len, true);
+    int rc = file_->shmem ? sys::sync_range(file_->fd, off, len, true) : file_wait(a, b, false, true, &out->kept);
     if (rc == 0) out->pages += dirty;
     return rc;
   }
@@ -422,11 +629,14 @@ int Mirror::file_writeback_chunk_locked(uint64_t a, uint64_t b, WritebackResult*
         continue;
       }
       const uint64_t old = pt_[i].fetch_and(~(kWrite | kDirty), std::memory_order_seq_cst);
-      if (old & kDirty) dirty++;
+      if (old & kDirty) {
+        dirty++;
+        file_note_written(i, i + 1);
+      }
       had.push_back(old & kWrite);
     }
     wait_inflight(a, b);
-    int rc = dirty ? sys::sync_range(file_->fd, off, len, true) : 0;
+    int rc = !dirty ? 0 : file_->shmem ? sys::sync_range(file_->fd, off, len, true) : file_wait(a, b, false, true, &out->kept);
     for (uint64_t i = a; i < b; i++)
       if (had[i - a]) pt_[i].fetch_or(kWrite, std::memory_order_release);
     end_change();
@@ -479,14 +689,23 @@ int Mirror::file_writeback_chunk_locked(uint64_t a, uint64_t b, WritebackResult*
       if (rc == 0) {
         out->pages += n;
         file_->stats.written_pages.fetch_add(n, std::memory_order_relaxed);
+        file_note_written(pages[k].i, pages[k].i + n);
       }
     }
     k = r;
   }
   if (rc) {
     // Not written: the pages stay dirty (and sole), so nothing is lost and a later pass retries.
-    for (const Page& p : pages) pt_[p.i].fetch_or(p.e & (kDirty | kSole), std::memory_order_release);
+    for (const Page& p : pages) {
+      pt_[p.i].fetch_or(p.e & (kDirty | kSole), std::memory_order_release);
+      out->kept.add(p.i);
+    }
+    if (!out->kept.error) {
+      out->kept.error = rc;
+      out->kept.syscall = "pwrite";
+    }
     file_->stats.store_errors.fetch_add(pages.size(), std::memory_order_relaxed);
+    file_note_error(rc, "pwrite");
   }
   if (stable)
     for (const Page& p : pages)
@@ -502,16 +721,25 @@ int Mirror::writeback(uint64_t first, uint64_t last, bool sync, WritebackResult*
   const uint64_t t0 = sys::now_ns();
   int rc = 0;
   if (!file_->dax) {  // DAX: stores reach the media through the mapping; there is no page cache to write back
+    // A chunk that fails does not stop the others: what can be written is written, and the first
+    // error is reported (with every page kept in out->kept).
     const uint64_t step = file_->options.chunk_pages;
-    for (uint64_t a = first; a < last && rc == 0; a += step) rc = file_writeback_chunk(a, std::min(last, a + step), out);
+    for (uint64_t a = first; a < last && rc != -EBADF; a += step) {
+      int r = file_writeback_chunk(a, std::min(last, a + step), out);
+      if (rc == 0) rc = r;
+    }
     const uint64_t off = file_->file_offset + first * page_, len = (last - first) * page_;
     const bool drop = file_->options.strategy == FileStrategy::kBounce && !file_->shmem;
-    if (rc == 0 && drop) {
+    if (rc != -EBADF && drop) {
       // Bounce on a disk file: what was written leaves the page cache again once it is on disk.
-      rc = sys::sync_range(file_->fd, off, len, true);
-      if (rc == 0) file_drop_cache(off, len);
+      int r = file_wait(first, last, false, false, &out->kept);
+      if (r == 0) file_drop_cache(off, len);
+      if (rc == 0) rc = r;
     }
-    if (rc == 0 && sync) rc = sys::datasync(file_->fd);
+    if (rc != -EBADF && sync) {
+      int r = file_wait(0, npages_, true, false, &out->kept);
+      if (rc == 0) rc = r;
+    }
     // copy and bounce pwrite into the page cache: start the I/O, as the flusher does (remote and
     // pin chunks were written and waited for already).
     else if (rc == 0 && !drop && file_copies() && out->pages) rc = sys::sync_range(file_->fd, off, len, false);
@@ -527,7 +755,11 @@ int Mirror::writeback(uint64_t first, uint64_t last, bool sync, WritebackResult*
 // missing the write, or punching the hole the read would read).
 int Mirror::file_io_run(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
   const uint64_t at = file_->file_offset + off;
-  return write ? sys::pwrite_full(file_->fd, buf, len, at) : sys::pread_full(file_->fd, buf, len, at);
+  if (!write) return sys::pread_full(file_->fd, buf, len, at);
+  int rc = sys::pwrite_full(file_->fd, buf, len, at);
+  // Data only the page cache holds: its loss is reported if its writeback fails.
+  if (rc == 0 && len) file_note_written(off / page_, (off + len + page_ - 1) / page_);
+  return rc;
 }
 
 int64_t Mirror::file_read(uint64_t off, uint64_t len, uint8_t* out) {
@@ -583,7 +815,8 @@ int Mirror::file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
       // Jan Kara's scheme: the device's copy comes back into A first and goes; the write lands in
       // A, and the device's next access loads the new A.
       const uint64_t old = file_take(i);
-      if (!file_release_page(i, old)) return -EIO;
+      int err = 0;
+      if (!file_release_page(i, old, &err)) return err ? err : -EIO;
       device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuWrite, (old & kValid) ? 1 : 0);
       file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
       if (int rc = file_io_run(true, at, n, buf + done)) return rc;
