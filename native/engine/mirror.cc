@@ -296,17 +296,20 @@ bool Mirror::raced(uint64_t gen0) {
 }
 
 // With a user-mode-only engine descriptor, a populate meets the holes of a registered private
-// anonymous range as SIGBUS (EFAULT): the engine never hears of the faults it raises. Each such
-// page is resolved here as the engine would resolve a CPU fault on it (home from whichever device
-// holds it, else a zero page; decided under the covering mirrors' change mutexes, so no caller
-// lock may be held). Returns whether it did (the caller populates again, once).
+// range as SIGBUS (EFAULT): the engine never hears of the faults it raises. Each such page is
+// resolved here as the engine would resolve a CPU fault on it (home from whichever device holds
+// it, else a zero page, or for a private tmpfs mapping, where a hole over a page-cache page is a
+// MINOR fault, the file's page mapped read-only; decided under the covering mirrors' change
+// mutexes, so no caller lock may be held). Returns whether it did (the caller populates again, once).
 bool Mirror::fill_holes(uint64_t a, uint64_t b, uint64_t gen0) {
   // The range may be registered by another device's mirror of it: ask the engine, not ourselves.
   Engine& e = Engine::get();
-  if (e.fd() < 0 || !e.user_mode_only() || region_->kind != RegionKind::kAnonymous || region_->shared) return false;
+  if (e.fd() < 0 || !e.user_mode_only() || region_->shared) return false;
+  if (region_->kind != RegionKind::kAnonymous && !private_file()) return false;
   if (raced(gen0)) return false;
+  const uint64_t flags = private_file() ? UFFD_PAGEFAULT_FLAG_MINOR : 0;
   for (uint64_t i, j, from = a; next_host_run(from, b, &i, &j); from = j)
-    for (uint64_t k = i; k < j; k++) e.resolve_cpu_fault(start_ + k * page_);
+    for (uint64_t k = i; k < j; k++) e.resolve_cpu_fault(start_ + k * page_, flags);
   return true;
 }
 
