@@ -3,6 +3,7 @@
 import { native, type NativeAccessResult, type NativeForkResult } from './native.js';
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, typeError } from './errors.js';
+import { checkBoolean, checkOptions } from './validate.js';
 
 export type AccessOp = 'read' | 'write' | 'rmw' | 'verify';
 export type AccessPattern = 'sequential' | 'strided' | 'random';
@@ -52,6 +53,7 @@ export interface AccessResult {
 
 function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<string, unknown>] {
   if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+  o = checkOptions('options', o);
   const offset = checkInteger('offset', o.offset ?? 0);
   const length = checkInteger('length', o.length ?? mapping.length - offset, 8);
   return [
@@ -65,8 +67,8 @@ function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<strin
       ops: o.ops === undefined ? undefined : checkInteger('ops', o.ops),
       seed: o.seed === undefined ? undefined : checkInteger('seed', o.seed),
       threads: checkInteger('threads', o.threads ?? 1, 1, 1024),
-      latency: o.latency ?? false,
-      barrier: o.barrier ?? true,
+      latency: checkBoolean('latency', o.latency, false),
+      barrier: checkBoolean('barrier', o.barrier, true),
     },
   ];
 }
@@ -99,6 +101,6 @@ export interface ForkResult {
  */
 export async function forkAccess(mapping: Mapping, options: AccessOptions & { delayMs?: number } = {}): Promise<ForkResult> {
   const [offset, length, s] = spec(mapping, options);
-  s.delayMs = checkInteger('delayMs', options.delayMs ?? 0);
+  s.delayMs = checkInteger('delayMs', options?.delayMs ?? 0);
   return native.forkRun(mapping.native, offset, length, s) as Promise<NativeForkResult>;
 }

@@ -210,8 +210,8 @@ export function targets(lib, ctx) {
 
     // Device.
     ...[
-      ['mirror', [anyMapping, options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), writeMode: oneOf(['shared', 'single'], { optional: true }), pin: bool() })]],
-      ['mirrorFile', [mappingOf(['memfd', 'file']), options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), strategy: oneOf(['remote', 'copy', 'bounce', 'pin'], { optional: true }), snapshot: oneOf(['pagecache', 'buffer'], { optional: true }), writebackIntervalMs: int([0, 50], [], { optional: true }), chunkPages: int([1, 64], [0], { optional: true }), lease: (r) => ({ value: ['x', 1, {}][Math.floor(r() * 3)], kind: 'bad' }) })]],
+      ['mirror', [anyMapping, options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), writeMode: oneOf(['shared', 'single'], { optional: true }), pin: bool() })], { needsUnregistered: 1 }],
+      ['mirrorFile', [mappingOf(['memfd', 'file']), options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), strategy: oneOf(['remote', 'copy', 'bounce', 'pin'], { optional: true }), snapshot: oneOf(['pagecache', 'buffer'], { optional: true }), writebackIntervalMs: int([0, 50], [], { optional: true }), chunkPages: int([1, 64], [0], { optional: true }), lease: (r) => ({ value: ['x', 1, {}][Math.floor(r() * 3)], kind: 'bad' }) })], { needsUnregistered: 1 }],
       ['counters', []],
       ['release', [], { async: true }],
       ['drainTrace', []],
