@@ -285,7 +285,10 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
   return cached;
 }
 
-/** The probe for a person: one line per fact, what works, and why not where it does not. */
+/**
+ * The probe for a person: one line per fact, what works, and why not where it does not.
+ * @throws ERR_INVALID_ARG_VALUE when `p` is not what probe() returns.
+ */
 export function formatProbe(p: Probe): string {
   try {
     return format(p);
