@@ -10,7 +10,7 @@
 // suppressions (test/sanitize/lsan.supp) for allocations node and V8 keep to the end on purpose.
 //
 // Options (before any vitest arguments): --no-build reuses the sanitized build as it is.
-import { spawnSync, execFileSync } from 'node:child_process';
+import { spawn, spawnSync, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -97,12 +97,28 @@ const env = {
     .join(':'),
   // The suppressions are applied below, to the addon's frames only: handed to LSan they would make
   // it symbolize every stack of node's at each exit.
-  UBSAN_OPTIONS: [`log_path=${path.join(logs, 'ubsan')}`, 'halt_on_error=1', 'print_stacktrace=1', process.env.UBSAN_OPTIONS].filter(Boolean).join(':'),
+  UBSAN_OPTIONS: [`log_path=${path.join(logs, 'ubsan')}`, 'halt_on_error=1', 'abort_on_error=1', 'print_stacktrace=1', process.env.UBSAN_OPTIONS].filter(Boolean).join(':'),
 };
 
 const vitest = path.join(root, 'node_modules', 'vitest', 'vitest.mjs');
 const testStart = Date.now();
-const t = spawnSync(process.execPath, [vitest, 'run', ...args], { cwd: root, stdio: 'inherit', env });
+// GCC's libubsan writes to stderr whatever log_path says: the run's output is scanned too, and
+// abort_on_error makes a process that hit one die visibly even where a parent swallows its stderr.
+const seen = [];
+let tail = '';
+const t = await new Promise((resolve) => {
+  const child = spawn(process.execPath, [vitest, 'run', ...args], { cwd: root, stdio: ['inherit', 'pipe', 'pipe'], env });
+  const scan = (chunk, out) => {
+    out.write(chunk);
+    const text = tail + chunk.toString('utf8');
+    const lines = text.split('\n');
+    tail = lines.pop();
+    for (const l of lines) if (/runtime error:|ERROR: AddressSanitizer|ERROR: LeakSanitizer/.test(l)) seen.push(l.trim());
+  };
+  child.stdout.on('data', (c) => scan(c, process.stdout));
+  child.stderr.on('data', (c) => scan(c, process.stderr));
+  child.on('exit', (status, signal) => resolve({ status, signal }));
+});
 const seconds = (ms) => (ms / 1000).toFixed(0);
 
 // Reports: every ASan error and UBSan report counts. Leak reports are split into their records; a
@@ -137,6 +153,9 @@ for (const f of fs.readdirSync(logs)) {
     else findings.push(`${f}: ${record.trim()}\n  in the addon: ${names.join(' <- ')}`);
   }
 }
+// Reports printed in the run's output (UBSan's, and any a child wrote to an inherited stderr); an
+// ASan error there is also in a log file, so only the ones the logs lack are added.
+for (const l of seen) if (!/LeakSanitizer/.test(l) && !findings.some((x) => x.includes(l))) findings.push(`in the test output: ${l}`);
 for (const x of findings) console.error(`\n===== sanitizer report ${x}`);
 console.log(
   `\ntest:sanitize: ${findings.length} sanitizer report(s) (leak records dropped: ${nodeOwn} of node's own, ${suppressed} suppressed by ${path.relative(root, suppressions)}; logs in ${path.relative(root, logs)}); ` +
