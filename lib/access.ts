@@ -2,14 +2,14 @@
 // without ever faulting on the JavaScript thread.
 import { native, type NativeAccessResult, type NativeForkResult } from './native.js';
 import { Mapping } from './mapping.js';
-import { checkInteger, checkOneOf, typeError } from './errors.js';
+import { checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
 import { checkBoolean, checkOptions } from './validate.js';
 
 export type AccessOp = 'read' | 'write' | 'rmw' | 'verify';
 export type AccessPattern = 'sequential' | 'strided' | 'random';
 
 export interface AccessOptions {
-  /** Byte offset into the mapping. Default 0. */
+  /** Byte offset into the mapping, a multiple of 8 (the kernels use 8-byte words). Default 0. */
   offset?: number;
   /** Bytes; default to the end. */
   length?: number;
@@ -55,6 +55,7 @@ function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<strin
   if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
   o = checkOptions('options', o);
   const offset = checkInteger('offset', o.offset ?? 0);
+  if (offset % 8 !== 0) throw rangeError('ERR_PAGEMIRROR_UNALIGNED', `offset (${offset}) must be a multiple of 8: the access kernels use 8-byte words`);
   const length = checkInteger('length', o.length ?? mapping.length - offset, 8);
   return [
     offset,

@@ -72,6 +72,8 @@ fs.mkdirSync(logs, { recursive: true });
 const env = {
   ...process.env,
   PAGEMIRROR_ADDON: addon,
+  // Tests whose work, not whose bound, is sized for the plain build read this (fork-heavy loops).
+  PAGEMIRROR_SANITIZED: '1',
   // libasan must come first in the library list of a program that was not built with it.
   LD_PRELOAD: [asan, ubsan, process.env.LD_PRELOAD].filter(Boolean).join(':'),
   // SIGSEGV belongs to node (its WebAssembly trap handler) and SIGBUS to the addon's guarded

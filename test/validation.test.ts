@@ -15,6 +15,9 @@ import {
   probe,
   mapFile,
   fileSystemOf,
+  access,
+  forkAccess,
+  _native,
   type Mapping,
 } from '../lib/index.js';
 import { P, PAGE, requireCap, cleanupAfterEach } from './helpers.js';
@@ -135,5 +138,17 @@ describe('bad arguments that were accepted', () => {
     expect(() => mapAnonymous(PAGE, { hugePageSize: 'x' as never })).toThrow(typeErr());
     const m = own(mapMemfd(PAGE));
     expect(() => (m as Mapping).alias({ offset: 1.5 })).toThrow(rangeErr());
+  });
+});
+
+describe('found by the fuzzer', () => {
+  it('an access kernel at an offset that is not a multiple of 8 is refused (misaligned 8-byte words: UBSan)', async () => {
+    const m = own(mapAnonymous(2 * PAGE));
+    await expect(access(m, { offset: PAGE - 1, op: 'write', ops: 16 })).rejects.toThrow(rangeErr('ERR_PAGEMIRROR_UNALIGNED'));
+    await expect(forkAccess(m, { offset: 4 })).rejects.toThrow(rangeErr('ERR_PAGEMIRROR_UNALIGNED'));
+    // The addon refuses it too, for a caller that goes around the TypeScript layer.
+    expect(() => _native.runAccess(m.native, 12, 64, { op: 'write' })).toThrow(rangeErr('ERR_PAGEMIRROR_UNALIGNED'));
+    expect(m.readSync(0, PAGE).every((b) => b === 0)).toBe(true);
+    await access(m, { offset: 8, length: 64, op: 'write' });
   });
 });
