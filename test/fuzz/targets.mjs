@@ -274,3 +274,61 @@ export function targets(lib, ctx) {
     ),
   ];
 }
+
+// The addon itself (exported as _native): a direct caller must not be able to crash or hang the
+// process either, though the bindings may coerce what the TypeScript layer refuses. Every argument
+// is drawn from one pool, so every outcome but a crash, a hang or an uncoded error is accepted.
+// Numbers stay small (a length is at most 4 pages); descriptors are never valid numbers (adopting
+// or mapping the worker's own descriptors would close or truncate them).
+function raw() {
+  return (r, c) => {
+    const pool = [0, 1, 8, PAGE, 2 * PAGE, 4 * PAGE, -1, 1.5, NaN, Infinity, 2 ** 53, 0n, 8n, -1n, 2n ** 64n, '', 'x', 'a\0b', null, undefined, true, {}, [], [0], new Uint8Array(8), Buffer.alloc(PAGE), Float64Array.of(0), BigUint64Array.of(0n), Uint32Array.of(0), () => {}, c.anon?.native, c.memfd3?.native, c.nUffd, c.nDevice, c.nMirror];
+    return { value: pool[Math.floor(r() * pool.length)], kind: 'edge' };
+  };
+}
+
+export function nativeTargets(lib, ctx) {
+  const n = lib._native;
+  const fns = [
+    ['runAccess', 4, { async: true, needsUnregistered: true }],
+    ['copyAsync', 4, { async: true, needsUnregistered: true }],
+    ['pagemapScan', 4],
+    ['statx', 1],
+    ['fsType', 1],
+    ['uname', 0],
+    ['probeUffd', 1],
+    ['getAffinity', 0],
+  ];
+  const methods = {
+    memfd3: ['info', 'buffer', 'protect:3', 'advise:3', 'sync:3', 'remap:2', 'fallocate:3', 'truncate:1', 'residency:2', 'cachestat:2', 'pagemap:2', 'statx', 'readInto:2', 'writeFrom:2', 'unmap:2'],
+    nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'stats', 'outstanding', 'close:1'],
+    nDevice: ['mirror:6', 'counters', 'memory', 'drainTrace', 'release', 'close'],
+    nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'close'],
+  };
+  const out = fns.map(([name, arity, extra = {}]) =>
+    call(`_native.${name}`, Array.from({ length: arity }, raw), (c, a) => n[name](...a), { ...extra, edgeOnly: true }),
+  );
+  out.push(
+    call('_native.map', [options({ kind: oneOf(['anonymous', 'memfd', 'file']), length: int(LEN, [0, 1]), prot: raw(), populate: raw(), shared: raw(), path: (r, c) => ({ value: [c.filePath, 'a\0b', 5][Math.floor(r() * 3)], kind: 'edge' }), name: raw(), hugetlb: raw(), offset: int([0], [1]) })], (c, [o]) => c.own(n.map(o)), { edgeOnly: true }),
+    call('_native.createDevice', [options({ memory: int([16 * PAGE], [1]), faultBatch: raw(), placement: raw(), eviction: raw(), trace: raw(), name: raw() })], (c, [o]) => c.own(n.createDevice(o)), { edgeOnly: true }),
+    call('_native.openUserfaultfd', [options({ userModeOnly: raw(), nonBlocking: raw() })], (c, [o]) => c.own(n.openUserfaultfd(o)), { edgeOnly: true }),
+    call('_native.adoptUserfaultfd', [(r) => ({ value: [-1, 1.5, 'x', null, NaN, 2 ** 53][Math.floor(r() * 6)], kind: 'edge' }), raw()], (c, a) => c.own(n.adoptUserfaultfd(...a)), { edgeOnly: true }),
+    ...['Mapping', 'Userfaultfd', 'Device', 'Mirror'].map((k) => call(`new _native.${k}`, [raw()], (c, a) => new n[k](...a), { edgeOnly: true })),
+  );
+  for (const [obj, list] of Object.entries(methods)) {
+    for (const spec of list) {
+      const [m, arity = '0'] = spec.split(':');
+      const isAsync = ['release', 'run', 'read', 'write', 'migrateToDevice', 'migrateToHost', 'fileRead', 'fileWrite', 'writeback'].includes(m);
+      out.push(
+        call(`_native.${obj}.${m}`, Array.from({ length: Number(arity) }, raw), (c, a) => {
+          const self = obj === 'memfd3' ? c.memfd3?.native : c[obj];
+          if (!self) return undefined;
+          const ret = self[m](...a);
+          if (obj === 'nDevice' && m === 'mirror') c.own(ret);
+          return ret;
+        }, { edgeOnly: true, async: isAsync, rare: m === 'close' || m === 'unmap' || m === 'truncate' || m === 'remap'}),
+      );
+    }
+  }
+  return out;
+}

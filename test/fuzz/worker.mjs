@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { rng, describe, PAGE } from './values.mjs';
-import { targets } from './targets.mjs';
+import { targets, nativeTargets } from './targets.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const lib = await import(path.join(here, '..', '..', 'dist', 'index.js'));
@@ -38,6 +38,13 @@ const ctx = {
   },
 };
 
+/** A Mapping, or the addon's mapping object, registered with some userfaultfd. */
+function registered(m) {
+  if (m instanceof lib.Mapping) return attempt(() => m.registered) ?? false;
+  if (m instanceof lib._native.Mapping) return attempt(() => m.info().registered) ?? false;
+  return false;
+}
+
 function attempt(f) {
   try {
     return f();
@@ -48,7 +55,7 @@ function attempt(f) {
 
 function closeAll() {
   // Userfaultfds first (wakes anything asleep), then mirrors and devices, then the memory.
-  const order = [ctx.uffd, ...owned.filter((o) => o instanceof lib.Userfaultfd), ctx.mirror, ctx.fileMirror, ...owned.filter((o) => o instanceof lib.Mirror), ctx.device, ...owned.filter((o) => o instanceof lib.Device), ...owned, ctx.anon, ctx.anon2, ctx.memfd, ctx.memfd2, ctx.file];
+  const order = [ctx.uffd, ctx.nUffd, ...owned.filter((o) => o instanceof lib.Userfaultfd || o instanceof lib._native.Userfaultfd), ctx.mirror, ctx.fileMirror, ctx.nMirror, ...owned.filter((o) => o instanceof lib.Mirror || o instanceof lib._native.Mirror), ctx.device, ctx.nDevice, ...owned.filter((o) => o instanceof lib.Device || o instanceof lib._native.Device), ...owned, ctx.anon, ctx.anon2, ctx.anon3, ctx.memfd, ctx.memfd2, ctx.memfd3, ctx.file];
   for (const o of order) if (o) attempt(() => o.close());
   owned.length = 0;
 }
@@ -61,6 +68,15 @@ function fixtures() {
   ctx.memfd = lib.mapMemfd(4 * PAGE);
   ctx.memfd2 = lib.mapMemfd(4 * PAGE);
   ctx.file = lib.mapFile(ctx.filePath);
+  ctx.anon3 = lib.mapAnonymous(4 * PAGE);
+  ctx.memfd3 = lib.mapMemfd(4 * PAGE);
+  ctx.nUffd = attempt(() => {
+    const u = lib._native.openUserfaultfd({});
+    u.api(0n);
+    return u;
+  });
+  ctx.nDevice = lib._native.createDevice({ memory: 64 * PAGE });
+  ctx.nMirror = ctx.nDevice.mirror(ctx.anon3.native, 0, 4 * PAGE);
   ctx.closedMap ??= (() => {
     const m = lib.mapAnonymous(PAGE);
     m.close();
@@ -88,9 +104,10 @@ function fixtures() {
     if (o) Object.defineProperty(o, '__fuzzName', { value: k, configurable: true });
 }
 
-const list = targets(lib, ctx);
-// Calls that close or reshape the fixtures run less often, so the rest mostly meets live objects.
-const weighted = list.flatMap((t) => (t.rare ? [t] : [t, t, t]));
+const list = [...targets(lib, ctx), ...nativeTargets(lib, ctx)];
+// Calls that close or reshape the fixtures run less often, so the rest mostly meets live objects;
+// the addon's own entry points (many, and behind the TypeScript layer) less often than the API.
+const weighted = list.flatMap((t) => (t.rare || t.edgeOnly ? [t] : [t, t, t]));
 
 /** The call at `index`: target, arguments and their kinds, from (seed, index) alone. */
 function generate(index) {
@@ -110,6 +127,11 @@ function generate(index) {
     } else if (g.kind === 'edge' && kind === 'valid') kind = 'edge';
   }
   // Trim trailing undefined: a call with fewer arguments is the same call.
+  if (t.edgeOnly) {
+    // The addon's own checks: anything but a crash, a hang or an uncoded error is fine.
+    kind = 'edge';
+    bad.length = 0;
+  }
   while (args.length && args[args.length - 1] === undefined && !bad.includes(args.length - 1)) {
     args.pop();
     texts.pop();
@@ -133,7 +155,7 @@ try {
     if ((i - from) % RESET === 0 && i !== from) fixtures();
     const c = generate(i);
     const m = c.args[c.t.needsUnregistered === true ? 0 : c.t.needsUnregistered];
-    if (c.t.needsUnregistered !== undefined && m instanceof lib.Mapping && attempt(() => m.registered)) {
+    if (c.t.needsUnregistered !== undefined && registered(m)) {
       // Touching registered memory nobody serves sleeps for good, by design: not fuzzed. (A pinned
       // mirror of registered memory faults it in on the JavaScript thread: reported, not fuzzed.)
       log(`S ${i} ${JSON.stringify({ text: c.text, kind: c.kind, bad: c.bad })}`);
