@@ -48,16 +48,9 @@ export function fillPattern(buf: Uint8Array, seed: number): Uint8Array {
   return buf;
 }
 
-/** A small deterministic PRNG (a run is reproducible from its seed). */
-export function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    return (s >>> 0) / 0x100000000;
-  };
-}
+/** A small deterministic PRNG (a run is reproducible from its seed); the fuzz workers use it too. */
+// @ts-expect-error plain JavaScript module (the fuzz workers run it without a TypeScript step)
+export { rng } from './fuzz/values.mjs';
 
 /**
  * A list of closers run (last first) after each test of the file that calls this, whatever the
