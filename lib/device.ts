@@ -563,6 +563,14 @@ export class Device {
    * (discard, unmap, remap, truncate, protect), the device keeps the page it had, in its own memory,
    * and from then on the CPU and the device see different pages (info().diverged counts them).
    * Mirror mode stays coherent through the same changes; pin mode shows what a pin costs.
+   * The pin faults the range in on the JavaScript thread: over a range registered with a
+   * Userfaultfd (whose faults JavaScript may have to resolve) every page must already be present
+   * and not write-protected, else it throws ERR_PAGEMIRROR_WOULD_FAULT at once rather than wait for
+   * itself; `await mapping.populate({ write: true })` first (a native thread, served meanwhile), or
+   * pin before registering.
+   *
+   * @throws ERR_PAGEMIRROR_WOULD_FAULT (pin over registered memory that is not present), EPERM (pin
+   * without write access), EBUSY, EEXIST (this device already mirrors part of the range).
    */
   mirror(mapping: Mapping, options: { offset?: number; length?: number; writeMode?: 'shared' | 'single'; pin?: boolean } = {}): Mirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
@@ -579,7 +587,9 @@ export class Device {
    * Mirrors a shared mapping of a file (mapFile, mapMemfd) with a file strategy: see
    * FileMirrorOptions. Errors: EINVAL (not a shared file mapping), EOPNOTSUPP (copy/bounce on
    * hugetlbfs or DAX: use remote or pin), EBUSY (copy/bounce share their memory with no other
-   * mirror), EAGAIN (lease: the file is open elsewhere).
+   * mirror), EAGAIN (lease: the file is open elsewhere); strategy 'pin' faults the range in on
+   * the JavaScript thread as mirror({ pin: true }) does, and throws ERR_PAGEMIRROR_WOULD_FAULT as it
+   * does over memory a Userfaultfd serves.
    */
   mirrorFile(mapping: Mapping, options: FileMirrorOptions = {}): FileMirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');

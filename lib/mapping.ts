@@ -214,6 +214,9 @@ export class Mapping {
    * madvise. Errors: EINVAL (advice unsupported for this memory), EAGAIN, ENOMEM, EPERM, EFAULT;
    * RangeError ERR_OUT_OF_RANGE for populateRead/populateWrite of more than POPULATE_SYNC_MAX_BYTES
    * (1 GiB), which would hold the JavaScript thread for seconds: use populate() for those.
+   * ERR_PAGEMIRROR_WOULD_FAULT for populateRead/populateWrite over a range registered with a
+   * Userfaultfd where a page would fault: this thread would sleep on a fault only JavaScript may
+   * resolve; populate() runs on a native thread instead.
    */
   advise(advice: Advice, range?: RangeOptions): void {
     const a = checkOneOf('advice', advice, Object.keys(ADVICE) as Advice[]);

@@ -280,6 +280,9 @@ export class Userfaultfd {
    * Returns {bytes, exists}; exists=true (EEXIST) means another thread's fault already resolved a
    * page: success. Other errors throw with err.bytes = partial progress: EAGAIN (an event is
    * unread: retry), ENOENT (the mapping changed), ESRCH (the process exited), EFAULT.
+   * The ioctl reads `source` on the JavaScript thread: a source Mapping registered with a
+   * Userfaultfd must be present there (ERR_PAGEMIRROR_WOULD_FAULT otherwise, as for resolveMany()'s
+   * copy; `await source.populate()` first). A bigint source is the caller's to keep present.
    */
   copy(target: Target, offset: number, length: number, source: Mapping | Uint8Array | bigint, options: ResolveOptions & { sourceOffset?: number; wp?: boolean } = {}): ResolveResult {
     this.#live();

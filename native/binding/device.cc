@@ -1,5 +1,6 @@
 #include "device.h"
 
+#include <sys/mman.h>
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -136,6 +137,10 @@ Napi::Value DeviceWrap::Mirror(const Napi::CallbackInfo& info) {
                         {nullptr, "a single-writer mirror, or a copy/bounce file mirror, cannot share its memory with other "
                                   "mirrors (they would not see its device's copies)"});
   }
+  // A pin faults the whole range in for write on this thread (get_user_pages): over memory that
+  // JavaScript serves, it would wait for itself. (Read-only memory is EPERM below, before any fault.)
+  const bool pin = (info.Length() > 4 && info[4].ToBoolean().Value()) || (file && fopt.strategy == engine::FileStrategy::kPin);
+  if (pin && (m->region()->prot_over(off, len) & PROT_WRITE)) m->CheckNoJsFault(env, off, len, true, "pinning");
   auto mirror = std::make_shared<engine::Mirror>(dev.get(), m->region(), off, len);
   if (!mirror->table_ok()) {
     mirror->detach();

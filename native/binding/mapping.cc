@@ -381,6 +381,8 @@ Napi::Value Mapping::Advise(const Napi::CallbackInfo& info) {
   uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
   int64_t advice = ToI64(info[2], "advice");
   uint64_t addr = Range(env, off, len);
+  if (advice == MADV_POPULATE_READ || advice == MADV_POPULATE_WRITE)
+    CheckNoJsFault(env, off, len, advice == MADV_POPULATE_WRITE, "populating on the JavaScript thread");
   // DONTNEED/REMOVE/FREE may drop the contents; PAGEOUT/COLLAPSE change the page tables but keep
   // them (a device page survives those, as a device-private page does in the kernel).
   const bool discards = advice == MADV_DONTNEED || advice == MADV_REMOVE || advice == MADV_FREE;
@@ -537,6 +539,34 @@ void Mapping::FileRangeInvalidation(std::optional<Region::Invalidation>* inv, ui
   inv->emplace(&r, first, std::min(last, r.length) - first, cause);
 }
 
+// Throws ERR_PAGEMIRROR_WOULD_FAULT naming the first page of [off, off+len) that an access would
+// fault on: not present, or write-protected by uffd for a write (pagemap).
+static void ThrowIfWouldFault(Napi::Env env, Region& r, uint64_t off, uint64_t len, bool write, const std::string& what,
+                              const std::string& instead) {
+  const uint64_t base = sys::page_size();
+  const uint64_t first = (r.addr + off) & ~(base - 1);
+  const uint64_t end = r.addr + off + len;
+  const uint64_t n = (end - first + base - 1) / base;
+  // In chunks: a pin may cover a terabyte noReserve range.
+  constexpr uint64_t kChunk = 4096;
+  std::vector<uint64_t> pm(std::min(n, kChunk));
+  for (uint64_t at = 0; at < n; at += kChunk) {
+    const uint64_t k = std::min(kChunk, n - at);
+    int rc = sys::pagemap_read(first + at * base, k, pm.data());
+    if (rc) ThrowSystemError(env, rc, "pread", {"/proc/self/pagemap"});
+    for (uint64_t i = 0; i < k; i++) {
+      bool present = pm[i] >> 63 & 1;
+      bool uffd_wp = pm[i] >> 57 & 1;
+      if (!present || (write && uffd_wp))
+        throw StateError(env, "ERR_PAGEMIRROR_WOULD_FAULT",
+                         std::string("page at offset ") + std::to_string(first + (at + i) * base - r.addr) +
+                             (present ? " is write-protected" : " is not present") +
+                             " in a userfaultfd-registered mapping: " + what +
+                             " would sleep on the thread that must resolve the fault; " + instead);
+    }
+  }
+}
+
 // A synchronous access from the main thread is allowed on registered memory only when it cannot
 // fault: every page present (and, for a write, not write-protected by uffd). Racing changes by
 // other threads remain possible; the threading rule in DESIGN.md says to use read()/write() then.
@@ -549,23 +579,18 @@ void Mapping::CheckNoFault(Napi::Env env, uint64_t off, uint64_t len, bool write
                        write ? "the range is not writable (mprotect/map prot)" : "the range is not readable"});
   if (r.cpu_via_library.load() > 0) throw CpuViaLibrary(env);
   if (r.registered.load() == 0 || len == 0) return;
-  const uint64_t base = sys::page_size();
-  const uint64_t first = (r.addr + off) & ~(base - 1);
-  const uint64_t end = r.addr + off + len;
-  size_t n = (end - first + base - 1) / base;
-  std::vector<uint64_t> pm(n);
-  int rc = sys::pagemap_read(first, n, pm.data());
-  if (rc) ThrowSystemError(env, rc, "pread", {"/proc/self/pagemap"});
-  for (size_t i = 0; i < n; i++) {
-    bool present = pm[i] >> 63 & 1;
-    bool uffd_wp = pm[i] >> 57 & 1;
-    if (!present || (write && uffd_wp))
-      throw StateError(env, "ERR_PAGEMIRROR_WOULD_FAULT",
-                       std::string("page at offset ") + std::to_string(first + i * base - r.addr) +
-                           (present ? " is write-protected" : " is not present") +
-                           " in a userfaultfd-registered mapping: a synchronous access would sleep on the thread "
-                           "that must resolve the fault; use the asynchronous read()/write()");
-  }
+  ThrowIfWouldFault(env, r, off, len, write, "a synchronous access",
+                    "use the asynchronous read()/write()");
+}
+
+// Only registrations made through a Userfaultfd count: the engine's faults are resolved by its own
+// native thread. Like CheckNoFault, it cannot see changes other threads make after it looked.
+void Mapping::CheckNoJsFault(Napi::Env env, uint64_t off, uint64_t len, bool write, const std::string& what) {
+  Region& r = live(env);
+  if (r.js_registered.load() == 0 || len == 0) return;
+  ThrowIfWouldFault(env, r, off, len, write, what,
+                    std::string("fault the range in first with `await mapping.populate(") + (write ? "{ write: true }" : "") +
+                        ")` (a native thread: the handler serves its faults meanwhile), or do this before registering");
 }
 
 Napi::Value Mapping::ReadInto(const Napi::CallbackInfo& info) {

@@ -32,6 +32,11 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
   void DetachBuffer();             // before anything that makes JS access unsafe: bytes and every view
   // Checks [off, off+len) lies inside and returns the absolute address.
   uint64_t Range(Napi::Env env, uint64_t off, uint64_t len, bool page_aligned = true);
+  // For calls that fault [off, off+len) in on the JavaScript thread (a pin, advise('populate*'), a
+  // UFFDIO_COPY reading this mapping): ERR_PAGEMIRROR_WOULD_FAULT if part of it is registered with a
+  // Userfaultfd, whose faults JavaScript may have to resolve, and a page would fault. `what` names
+  // the call in the message.
+  void CheckNoJsFault(Napi::Env env, uint64_t off, uint64_t len, bool write, const std::string& what);
 
  private:
   Napi::Value Address(const Napi::CallbackInfo& info);

@@ -67,6 +67,10 @@ struct Region {
   std::vector<std::pair<uint64_t, uint64_t>> pin_ranges;
   bool pinned_over(uint64_t off, uint64_t len);
   std::atomic<int> registered{0};   // userfaultfd registrations covering part of it
+  // Those of them made through a Userfaultfd object, whose faults may need JavaScript to resolve
+  // (the engine's are resolved by its native thread): a populate on the JavaScript thread must not
+  // meet them (Mapping::CheckNoJsFault).
+  std::atomic<int> js_registered{0};
   // Mirrors whose device holds its own copies of this file's pages on a file system userfaultfd
   // cannot register (ext4, xfs): the CPU's mapping would read stale pages, so JavaScript gets no
   // view of it; the CPU reaches the file through the mirror's read()/write().

@@ -276,6 +276,7 @@ Napi::Value Userfaultfd::Register(const Napi::CallbackInfo& info) {
     ThrowSystemError(env, rc, "ioctl(UFFDIO_REGISTER)", {path.empty() ? nullptr : path.c_str(), hint});
   }
   m->region()->registered.fetch_add(1);
+  m->region()->js_registered.fetch_add(1);
   registrations_.push_back({m->region(), start, len, mode, m->region()->page});
   if (m->region()->page > zero_huge_len_ && m->region()->page > sys::page_size()) {
     // Virtual only: UFFDIO_COPY reads it through the shared zero page.
@@ -298,7 +299,10 @@ Napi::Value Userfaultfd::Unregister(const Napi::CallbackInfo& info) {
   if (rc) ThrowSystemError(env, rc, "ioctl(UFFDIO_UNREGISTER)");
   for (auto it = registrations_.begin(); it != registrations_.end();) {
     if (it->start >= start && it->start + it->len <= start + len) {
-      if (auto r = it->region.lock()) r->registered.fetch_sub(1);
+      if (auto r = it->region.lock()) {
+        r->registered.fetch_sub(1);
+        r->js_registered.fetch_sub(1);
+      }
       it = registrations_.erase(it);
     } else {
       ++it;
@@ -347,6 +351,8 @@ Napi::Value Userfaultfd::Copy(const Napi::CallbackInfo& info) {
   } else {
     Mapping* sm = Mapping::Unwrap(info[3]);
     src = sm->Range(env, src_off, len, false);
+    // The ioctl reads its source on this thread.
+    sm->CheckNoJsFault(env, src_off, len, false, "UFFDIO_COPY reading its source");
   }
   int64_t done = 0;
   int rc = sys::uffd_copy(fd, dst, src, len, mode, &done);
@@ -454,6 +460,7 @@ Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
     limit = m->region()->length;
   }
   uint64_t src_base = 0, src_limit = 0;
+  Mapping* src_mapping = nullptr;
   if (act == kCopy || act == kMove) {
     if (info[4].IsTypedArray() && act == kCopy) {
       Napi::TypedArray ta = info[4].As<Napi::TypedArray>();
@@ -461,6 +468,7 @@ Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
       src_limit = ta.ByteLength();
     } else {
       Mapping* sm = Mapping::Unwrap(info[4]);
+      src_mapping = sm;
       src_base = sm->live(env).addr;
       src_limit = sm->region()->length;
     }
@@ -479,6 +487,8 @@ Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
       double so = has_src_offsets ? src_offsets[i] : o;
       if (!(so >= 0) || static_cast<uint64_t>(so) > src_limit || len > src_limit - static_cast<uint64_t>(so))
         throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "sourceOffsets[" + std::to_string(i) + "] is outside the source");
+      if (act == kCopy && src_mapping)
+        src_mapping->CheckNoJsFault(env, static_cast<uint64_t>(so), len, false, "UFFDIO_COPY reading its source");
     }
   }
   // replay: resolve everything without waking, then wake each resolved run once, so the faulting
@@ -844,7 +854,10 @@ void Userfaultfd::CloseWith(Outcome outcome) {
   rule_pins_.clear();
   retired_pins_.clear();
   for (auto& reg : registrations_)
-    if (auto r = reg.region.lock()) r->registered.fetch_sub(1);
+    if (auto r = reg.region.lock()) {
+      r->registered.fetch_sub(1);
+      r->js_registered.fetch_sub(1);
+    }
   registrations_.clear();
   sys::close_fd(fd_);
   fd_ = -1;
