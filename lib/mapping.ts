@@ -378,7 +378,9 @@ export class Mapping {
 
   /**
    * munmap part of the mapping (devices mirroring it are invalidated first). The hole reads as no
-   * access (protection 0) from then on; close() unmaps the rest. EBUSY while native threads use it.
+   * access (protection 0) from then on; its pages are freed, but its addresses stay reserved for
+   * this mapping (an inaccessible PROT_NONE mapping) until close(), so no other mapping can be put
+   * there and be unmapped with this one. EBUSY while native threads use it.
    */
   unmap(offset: number, length: number): void {
     this.native.unmap(checkInteger('offset', offset), checkInteger('length', length, 1));

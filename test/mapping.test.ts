@@ -2,8 +2,9 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { mapAnonymous, mapMemfd, mapFile, isSystemError, access, type Mapping } from '../lib/index.js';
-import { P, PAGE, requireCap } from './helpers.js';
+import { FIXTURES_DIR, P, PAGE, requireCap } from './helpers.js';
 
 let dir: string;
 beforeAll(() => {
@@ -416,6 +417,34 @@ describe('remap', () => {
 });
 
 describe('ownership', () => {
+  it("unmap()'s hole stays reserved: close() cannot unmap a mapping the kernel put there since (a child, which that would kill)", () => {
+    // The fuzzer's sanitized workers died of this at teardown: ASan's per-thread state had been
+    // mapped into such a hole, and close() unmapped it.
+    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'unmap-hole-reuse.mjs')], { encoding: 'utf8', timeout: 10_000, killSignal: 'SIGKILL' });
+    expect(res.signal, `the child died: ${res.stderr}`).toBe(null);
+    expect(res.status, res.stderr).toBe(0);
+    expect(JSON.parse(res.stdout)).toEqual({ landed: false, mapped: 64, sum: (64 * 65) / 2 });
+  }, 20_000);
+
+  it("unmap()'s hole reads as an inaccessible reservation in /proc/self/maps until close()", () => {
+    const m = mapAnonymous(4 * PAGE);
+    const hole = m.address + BigInt(PAGE);
+    const covering = () =>
+      fs
+        .readFileSync('/proc/self/maps', 'utf8')
+        .split('\n')
+        .map((l) => l.split(' '))
+        .find(([range]) => range && BigInt('0x' + range.split('-')[0]) <= hole && hole < BigInt('0x' + range.split('-')[1]));
+    try {
+      m.unmap(PAGE, PAGE);
+      expect(covering()?.[1]).toBe('---p');
+      m.unmap(PAGE, PAGE); // again: only its own reservation is replaced
+      expect(m.holes).toHaveLength(2);
+    } finally {
+      m.close();
+    }
+  });
+
   it('pins cover the range a native job uses: other parts can change meanwhile', async () => {
     const m = mapAnonymous(64 * PAGE);
     try {

@@ -631,8 +631,11 @@ Napi::Value Mapping::WriteFrom(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(len));
 }
 
-// unmap(offset, length): munmap part of the mapping. The hole stays owned by this Mapping (close()
-// unmaps the rest); it reads as no access everywhere (protection 0), so nothing can touch it.
+// unmap(offset, length): munmap part of the mapping. The hole stays owned by this Mapping: its
+// pages go, but its addresses stay reserved (an inaccessible PROT_NONE mapping put in their place in
+// one call), since every later call over the whole range (close()'s munmap, a madvise, an mprotect)
+// would otherwise reach whatever the kernel mapped there since: a thread's stack, an allocator's
+// arena. It reads as no access everywhere (protection 0), so nothing can touch it.
 Napi::Value Mapping::Unmap(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t off = ToU64(info[0], "offset"), len = ToU64(info[1], "length");
@@ -644,8 +647,10 @@ Napi::Value Mapping::Unmap(const Napi::CallbackInfo& info) {
   DetachBuffer();
   {
     Region::Invalidation inv(&r, off, len, InvalidateCause::kUnmap);
-    int rc = sys::unmap(reinterpret_cast<void*>(addr), len);
-    if (rc) ThrowSystemError(env, rc, "munmap");
+    void* hole = nullptr;
+    int rc = sys::map(&hole, reinterpret_cast<void*>(addr), len, PROT_NONE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    if (rc) ThrowSystemError(env, rc, "mmap", {nullptr, "the part could not be replaced by an inaccessible reservation"});
     r.set_prot(off, len, 0);
   }
   std::lock_guard<std::mutex> lock(r.mu);
