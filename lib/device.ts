@@ -330,7 +330,7 @@ export class Mirror {
 
   /** device.forkRun() over this mirror's range: the child's own device mirrors the same pages. */
   forkRun(steps: ForkStep[], options: Omit<ForkRunOptions, 'offset' | 'length'> = {}): Promise<ForkRunResult> {
-    return this.device.forkRun(this.mapping, steps, { ...options, offset: this.offset, length: this.length });
+    return this.device.forkRun(this.mapping, steps, { ...checkOptions('options', options), offset: this.offset, length: this.length });
   }
 
   /**
@@ -633,6 +633,7 @@ export class Device {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
     if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
     if (!Array.isArray(steps)) throw typeError('ERR_INVALID_ARG_TYPE', 'steps must be an array');
+    options = checkOptions('options', options);
     const offset = checkInteger('offset', options.offset ?? 0);
     const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
     const list = steps.map((st, k) => {

@@ -234,7 +234,8 @@ export class Mapping {
    */
   async populate(options: RangeOptions & { write?: boolean } = {}): Promise<void> {
     const [o, l] = this.#range(options);
-    await native.populateAsync(this.native, o, l, options.write ?? false);
+    const write = checkBoolean('write', options?.write, false);
+    await native.populateAsync(this.native, o, l, write);
   }
 
   /** msync. Default MS_SYNC. Errors: EBUSY (MS_INVALIDATE on locked pages), ENOMEM. */

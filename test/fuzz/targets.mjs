@@ -2,7 +2,7 @@
 // each with a generator per parameter (see values.mjs for valid / edge / bad). Valid values are
 // small on purpose: the fuzzer must never map, allocate or run anything big for real.
 import path from 'node:path';
-import { PAGE, int, bool, oneOf, namesArray, bigintU64, bytes, str, fn, options, object, wrongType } from './values.mjs';
+import { PAGE, int, bool, oneOf, namesArray, bigintU64, bytes, str, fn, options, object, wrongType, describe } from './values.mjs';
 
 const SMALL = [0, PAGE, 2 * PAGE];
 const LEN = [PAGE, 2 * PAGE, 4 * PAGE];
@@ -38,6 +38,32 @@ function target() {
 }
 
 const call = (name, params, run, extra = {}) => ({ name, params, run, ...extra });
+
+const FORK_OPS = ['read', 'write', 'verify', 'migrate', 'migrate-back', 'cpu-read', 'cpu-write', 'cpu-verify'];
+// forkRun()'s step list: up to three small steps, or something that is no list of steps. A step out
+// of the range is its own error, not a rejection (edge).
+function forkSteps() {
+  const step = options(
+    { op: oneOf(FORK_OPS), offset: int([0, PAGE], [2 ** 40], { optional: true }), npages: int([1, 2], [0, 2 ** 40], { optional: true }), seed: int([1, 7], [], { optional: true }) },
+    { optional: false, required: ['op'] },
+  );
+  return (r, c) => {
+    if (r() < 0.15) return { value: [null, undefined, 'x', 5, {}, [null], [5]][Math.floor(r() * 7)], kind: 'bad' };
+    const steps = [];
+    const texts = [];
+    let kind = 'valid';
+    for (let i = Math.floor(r() * 4); i > 0; i--) {
+      const g = step(r, c);
+      steps.push(g.value);
+      texts.push(g.text ?? describe(g.value));
+      if (g.kind === 'bad') kind = 'bad';
+      else if (g.kind === 'edge' && kind === 'valid') kind = 'edge';
+    }
+    return { value: steps, kind, text: `[${texts.join(', ')}]` };
+  };
+}
+// The child is killed well inside the worker's bound on an async call.
+const forkOptions = { memory: int([16 * PAGE], [1, PAGE + 1], { optional: true }), timeoutMs: int([1000, 2500], [0, 600_001], { optional: true }) };
 
 // The receiver: a live object or a closed one. A foreign `this` is not an argument: not fuzzed.
 const self = (getLive, getClosed) => (r, c) => {
@@ -101,7 +127,7 @@ export function targets(lib, ctx) {
     // Mapping.
     ...[
       ['protect', [prot(), range()]],
-      ['advise', [oneOf(['normal', 'random', 'sequential', 'willneed', 'dontneed', 'cold', 'pageout'], { edge: ['remove', 'free', 'hugepage', 'collapse', 'populateRead'] }), range()], { needsUnregistered: true }],
+      ['advise', [oneOf(['normal', 'random', 'sequential', 'willneed', 'dontneed', 'cold', 'pageout'], { edge: ['remove', 'free', 'hugepage', 'collapse', 'populateRead', 'populateWrite'] }), range()]],
       ['sync', [options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), async: bool(), invalidate: bool() })]],
       ['remap', [int(LEN, [1, 64 * PAGE]), options({ mayMove: bool() })]],
       ['punchHole', [int(SMALL, FAR), int(LEN, [1])]],
@@ -129,6 +155,8 @@ export function targets(lib, ctx) {
         ],
       ],
       ['statx', []],
+      ['view', [int(SMALL, FAR, { optional: true }), int([1, 8, PAGE], FAR, { optional: true })]],
+      ['populate', [options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), write: bool() })], { async: true, needsUnregistered: true }],
       ['readSync', [int(SMALL, FAR), int([0, 8, PAGE], FAR.filter((x) => x < 2 ** 31))]],
       ['writeSync', [int(SMALL, FAR), bytes([8, PAGE], [0])]],
       ['read', [int(SMALL, FAR), int([0, 8, PAGE], FAR.filter((x) => x < 2 ** 31))], { async: true, needsUnregistered: true }],
@@ -210,8 +238,9 @@ export function targets(lib, ctx) {
 
     // Device.
     ...[
-      ['mirror', [anyMapping, options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), writeMode: oneOf(['shared', 'single'], { optional: true }), pin: bool() })], { needsUnregistered: 1 }],
-      ['mirrorFile', [mappingOf(['memfd', 'file']), options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), strategy: oneOf(['remote', 'copy', 'bounce', 'pin'], { optional: true }), snapshot: oneOf(['pagecache', 'buffer'], { optional: true }), writebackIntervalMs: int([0, 50], [], { optional: true }), chunkPages: int([1, 64], [0], { optional: true }), lease: (r) => ({ value: ['x', 1, {}][Math.floor(r() * 3)], kind: 'bad' }) })], { needsUnregistered: 1 }],
+      ['mirror', [anyMapping, options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), writeMode: oneOf(['shared', 'single'], { optional: true }), pin: bool() })]],
+      ['mirrorFile', [mappingOf(['memfd', 'file']), options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), strategy: oneOf(['remote', 'copy', 'bounce', 'pin'], { optional: true }), snapshot: oneOf(['pagecache', 'buffer'], { optional: true }), writebackIntervalMs: int([0, 50], [], { optional: true }), chunkPages: int([1, 64], [0], { optional: true }), lease: (r) => ({ value: ['x', 1, {}][Math.floor(r() * 3)], kind: 'bad' }) })]],
+      ['forkRun', [anyMapping, forkSteps(), options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), ...forkOptions })], { async: true, rare: true }],
       ['counters', []],
       ['release', [], { async: true }],
       ['drainTrace', []],
@@ -254,6 +283,7 @@ export function targets(lib, ctx) {
       ['migrateToHost', [int(SMALL, FAR), int(NPAGES, [0])], { async: true }],
       ['snapshot', [int(SMALL, FAR, { optional: true }), int(NPAGES, [0, 2 ** 40], { optional: true })]],
       ['info', []],
+      ['forkRun', [forkSteps(), options(forkOptions)], { async: true, rare: true }],
       ['close', []],
     ].map(([m, params, extra]) =>
       call(`Mirror.${m}`, [self((c, r) => c.pick(r, [c.mirror, c.fileMirror]), (c) => c.closedMirror), ...params], (c, [self, ...a]) => {
@@ -267,6 +297,8 @@ export function targets(lib, ctx) {
       ['fsync', [], { async: true }],
       ['stats', []],
       ['accounting', []],
+      ['acknowledgeLoss', []],
+      ['takeLease', []],
     ].map(([m, params, extra]) =>
       call(`FileMirror.${m}`, [self(live('fileMirror'), (c) => c.closedFileMirror), ...params], (c, [self, ...a]) => {
         return self[m](...a);
@@ -287,6 +319,9 @@ function raw() {
   };
 }
 
+/** The worker's objects of the addon's own classes, by the class each is an instance of. */
+export const NATIVE_OBJECTS = { memfd3: 'Mapping', nUffd: 'Userfaultfd', nDevice: 'Device', nMirror: 'Mirror' };
+
 export function nativeTargets(lib, ctx) {
   const n = lib._native;
   const fns = [
@@ -298,12 +333,16 @@ export function nativeTargets(lib, ctx) {
     ['uname', 0],
     ['probeUffd', 1],
     ['getAffinity', 0],
+    ['setAffinity', 1],
+    ['populateAsync', 4, { async: true, needsUnregistered: true }],
+    ['forkRun', 4, { async: true, needsUnregistered: true, rare: true }],
+    ['forkDevice', 5, { async: true, needsUnregistered: true, rare: true }],
   ];
   const methods = {
-    memfd3: ['info', 'buffer', 'protect:3', 'advise:3', 'sync:3', 'remap:2', 'fallocate:3', 'truncate:1', 'residency:2', 'cachestat:2', 'pagemap:2', 'statx', 'readInto:2', 'writeFrom:2', 'unmap:2'],
-    nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'stats', 'outstanding', 'close:1'],
+    memfd3: ['info', 'buffer', 'protect:3', 'advise:3', 'sync:3', 'remap:2', 'fallocate:3', 'truncate:1', 'residency:2', 'cachestat:2', 'pagemap:2', 'statx', 'readInto:2', 'writeFrom:2', 'unmap:2', 'close'],
+    nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'stats', 'outstanding', 'serve:2', 'ref', 'unref', 'close:1'],
     nDevice: ['mirror:6', 'counters', 'memory', 'drainTrace', 'release', 'close'],
-    nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'close'],
+    nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'acknowledgeLoss', 'close'],
   };
   const out = fns.map(([name, arity, extra = {}]) =>
     call(`_native.${name}`, Array.from({ length: arity }, raw), (c, a) => n[name](...a), { ...extra, edgeOnly: true }),

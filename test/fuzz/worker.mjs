@@ -156,8 +156,7 @@ try {
     const c = generate(i);
     const m = c.args[c.t.needsUnregistered === true ? 0 : c.t.needsUnregistered];
     if (c.t.needsUnregistered !== undefined && registered(m)) {
-      // Touching registered memory nobody serves sleeps for good, by design: not fuzzed. (A pinned
-      // mirror of registered memory faults it in on the JavaScript thread: reported, not fuzzed.)
+      // Touching registered memory nobody serves sleeps for good, by design: not fuzzed.
       log(`S ${i} ${JSON.stringify({ text: c.text, kind: c.kind, bad: c.bad })}`);
       log(`E ${i} ${JSON.stringify({ t: 'skipped', kind: c.kind })}`);
       continue;
