@@ -17,12 +17,13 @@ function run(what: string, populated: boolean) {
   return JSON.parse(res.stdout.trim().split('\n').at(-1)!) as Record<string, unknown>;
 }
 
-const CASES = ['pin', 'pin-file', 'advise-populate-read', 'advise-populate-write', 'copy-source'];
+const CASES = ['pin', 'pin-wp', 'pin-file', 'advise-populate-read', 'advise-populate-write', 'copy-source'];
 
 describe('no synchronous call faults on the JavaScript thread over memory JavaScript serves', () => {
   for (const what of CASES) {
     it(`${what}: refused at once with ERR_PAGEMIRROR_WOULD_FAULT`, { timeout: 20_000 }, (ctx) => {
       requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+      if (what === 'pin-wp') requireCap(ctx, P.experiments.wp, 'userfaultfd write protection');
       const out = run(what, false);
       expect(out).toMatchObject({ ok: false, code: 'ERR_PAGEMIRROR_WOULD_FAULT', faults: 0 });
       expect(out.message).toMatch(/populate\(/);
@@ -31,6 +32,7 @@ describe('no synchronous call faults on the JavaScript thread over memory JavaSc
     it(`${what}: goes through after await mapping.populate({ write: true })`, { timeout: 20_000 }, (ctx) => {
       requireCap(ctx, P.experiments.uffd, 'userfaultfd');
       // A user-mode-only descriptor fails faults raised inside the kernel (a populate's) with EFAULT.
+      if (what === 'pin-wp') requireCap(ctx, P.experiments.wp, 'userfaultfd write protection');
       if (P.uffd.userModeOnly) ctx.skip('user-mode-only userfaultfd: a populate of registered memory is EFAULT, not served');
       const out = run(what, true);
       expect(out).toMatchObject({ ok: true, faults: 4 });
