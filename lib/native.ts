@@ -15,7 +15,8 @@ export interface NativeMapping {
   protect(offset: number, length: number, prot: number): void;
   advise(offset: number, length: number, advice: number): void;
   sync(offset: number, length: number, flags: number): void;
-  remap(length: number, mayMove: boolean): bigint;
+  /** A bigint address, or with dontUnmap the old range as a new native mapping. */
+  remap(length: number, mayMove: boolean, address?: bigint, dontUnmap?: boolean): bigint | NativeMapping;
   fallocate(mode: number, offset: number, length: number): void;
   truncate(length: number): void;
   residency(offset: number, length: number): Uint8Array;

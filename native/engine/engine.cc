@@ -73,7 +73,7 @@ int Engine::register_range(uint64_t start, uint64_t len, uint64_t owner, bool mi
   return 0;
 }
 
-void Engine::unregister_range(uint64_t start, uint64_t len, uint64_t owner) {
+void Engine::unregister_range(uint64_t start, uint64_t len, uint64_t owner, bool still_mapped) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = std::find_if(registered_.begin(), registered_.end(),
                          [&](const Range& r) { return r.start == start && r.len == len && r.owner == owner; });
@@ -81,7 +81,7 @@ void Engine::unregister_range(uint64_t start, uint64_t len, uint64_t owner) {
   registered_.erase(it);
   for (const Range& r : registered_)
     if (r.start < start + len && start < r.start + r.len) return;  // someone still needs (part of) it
-  sys::uffd_unregister(fd_, start, len);  // ENOMEM/EINVAL once unmapped: nothing left to undo
+  if (still_mapped) sys::uffd_unregister(fd_, start, len);  // ENOMEM/EINVAL once unmapped: nothing left to undo
 }
 
 void Engine::add_mirror(Mirror* m) {
@@ -173,6 +173,11 @@ void Engine::bring_home(const Region* r) {
   }
 }
 
+int Engine::registered_mirrors(const Region* r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(std::count_if(mirrors_.begin(), mirrors_.end(), [&](Mirror* m) { return m->region() == r; }));
+}
+
 void Engine::region_mirrors(const Region* r, int* total, int* single_writers) {
   std::lock_guard<std::mutex> lock(mu_);
   *total = *single_writers = 0;
@@ -253,6 +258,7 @@ void Engine::handle(const sys::FaultMsg& f) {
   locks.reserve(covering.size());
   for (Mirror* m : covering) locks.emplace_back(m->change_mutex());
   for (Mirror* m : covering) {
+    if (!m->covers(page)) continue;  // moved by mremap before its lock was ours
     if (m->cpu_fault(m->index_of(page), f.flags)) return;  // counted by its device (migratedToHost)
   }
   int64_t done = 0;

@@ -64,7 +64,7 @@ void Mirror::detach() {
     // Device-resident pages come home first: closing a mirror must not lose data.
     migrate_to_host(0, npages_, Trigger::kRelease);
     Engine::get().remove_mirror(this);
-    Engine::get().unregister_range(start_, npages_ * page_, region_->id);
+    Engine::get().unregister_range(start_, engine_len_, region_->id);
     region_->registered.fetch_sub(1);
   }
   // Off every list now; wait for those who took us from one before (engine handler, eviction).
@@ -107,7 +107,7 @@ void* Mirror::pin(uint64_t i, bool write) {
     if (!(e & kAccessed)) pt_[i].fetch_or(kAccessed, std::memory_order_relaxed);
     return device_->slot_address(e >> kSlotShift);
   }
-  return reinterpret_cast<void*>((alias_ ? alias_ : start_) + i * page_);
+  return reinterpret_cast<void*>((alias_ ? alias_ : start_.load(std::memory_order_relaxed)) + i * page_);
 }
 
 void Mirror::mark_dirty(uint64_t i) {
@@ -145,7 +145,7 @@ void Mirror::wait_inflight(uint64_t first, uint64_t last) {
 }
 
 void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause cause) {
-  const uint64_t s = std::max(start, start_), e = std::min(end, start_ + npages_ * page_);
+  const uint64_t s = std::max(start, start_.load()), e = std::min(end, start_ + npages_ * page_);
   if (s >= e) return;
   const uint64_t first = (s - start_) / page_, last = (e - start_ + page_ - 1) / page_;
   change_mu_.lock();  // released by invalidate_end(), on this thread (Region::Invalidation's scope)
@@ -167,8 +167,9 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
       file_flush_locked(first, last);
     }
   }
-  if (pinned_) {
-    // A pinned page is not the CPU's to take: the device keeps a page of its own.
+  if (pinned_ && cause != InvalidateCause::kRemap) {
+    // A pinned page is not the CPU's to take: the device keeps a page of its own. (One that only
+    // moves, by mremap, stays the same page: its entries go below and are faulted at the new address.)
     if (cause != InvalidateCause::kFork && cause != InvalidateCause::kWriteback)
       for (uint64_t i = first; i < last; i++) keep_pinned_page(i);
     stats_.invalidations.fetch_add(1, std::memory_order_relaxed);
@@ -188,8 +189,38 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
   if (cause == InvalidateCause::kUnmap && first == 0 && last == npages_) dead_.store(true, std::memory_order_release);
 }
 
+// Caller: Region::Invalidation, between this mirror's invalidate_start and invalidate_end, so the
+// entries are cleared, no device access is in flight and no range fault can program an entry: none
+// can have computed an address from the old start. Device pages stay in device memory (their
+// holes moved with the page tables), as device-private pages do in the kernel.
+void Mirror::remapped(uint64_t, uint64_t new_addr, uint64_t new_length, bool old_kept) {
+  const uint64_t old_start = start_.load();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    start_.store(new_addr + offset_);
+    gen_++;
+  }
+  if (!engine_registered_) return;
+  // The kernel drops a moved range's userfaultfd registration unless the descriptor asked for REMAP
+  // events (the engine's asks for none: mremap would then wait for the engine's thread). Register
+  // the new range before the change ends, or a CPU touch of a device page's hole would map zeros.
+  const uint64_t len = offset_ >= new_length ? 0 : std::min(npages_ * page_, new_length - offset_);
+  const bool minor = file_ && file_->shmem && file_copies();
+  int rc = len ? Engine::get().register_range(start_, len, region_->id, minor) : 0;
+  Engine::get().unregister_range(old_start, engine_len_, region_->id, old_kept || old_start == start_);
+  engine_len_ = rc ? 0 : len;
+  if (rc == 0) return;
+  // Cannot happen short of ENOMEM; the data must still not be lost: copy it into the new range.
+  for (uint64_t i = 0; i < npages_ && offset_ + (i + 1) * page_ <= new_length; i++) {
+    const uint64_t e = pt_[i].exchange(0, std::memory_order_seq_cst);
+    if (!(e & kOnDevice)) continue;
+    sys::guarded_copy(reinterpret_cast<void*>(start_ + i * page_), device_->slot_address(e >> kSlotShift), page_, nullptr);
+    device_->free_slot(e >> kSlotShift);
+  }
+}
+
 void Mirror::invalidate_end(uint64_t start, uint64_t end) {
-  const uint64_t s = std::max(start, start_), e = std::min(end, start_ + npages_ * page_);
+  const uint64_t s = std::max(start, start_.load()), e = std::min(end, start_ + npages_ * page_);
   if (s >= e) return;
   end_change();
   change_mu_.unlock();
@@ -198,6 +229,8 @@ void Mirror::invalidate_end(uint64_t start, uint64_t end) {
 // One attempt of a range fault: 0 done, 1 raced (retry), or -errno.
 int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline) {
   if (dead() || region_->closed.load()) return -EFAULT;
+  // Pages a shrinking remap cut off have no CPU side, until the mapping grows back over them.
+  if (offset_ + last * page_ > region_->length) return -EFAULT;
   uint64_t gen0;
   {
     std::unique_lock<std::mutex> lock(mu_);
@@ -248,7 +281,7 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   }
   for (uint64_t k = first; k < last; k++) {
     const uint64_t e = pt_[k].load(std::memory_order_relaxed);
-    const uint64_t kept = e & (kOnDevice | kDirty | (~0ull << kSlotShift));
+    const uint64_t kept = e & (kOnDevice | kPinned | kDirty | (~0ull << kSlotShift));
     pt_[k].store(kept | kValid | (write ? kWrite : (e & kWrite)), std::memory_order_release);
   }
   return 0;
@@ -281,6 +314,7 @@ int Mirror::ensure_engine() {
     e.remove_mirror(this);
     return rc;
   }
+  engine_len_ = npages_ * page_;
   region_->registered.fetch_add(1);
   engine_registered_ = true;
   return 0;
@@ -289,7 +323,7 @@ int Mirror::ensure_engine() {
 void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic,
                                Trigger trigger, uint64_t granule_pages) {
   *out = MigrateResult{};
-  if (dead() || region_->closed.load()) {
+  if (dead() || region_->closed.load() || offset_ + last * page_ > region_->length) {
     out->error = -EFAULT;
     return;
   }

@@ -90,8 +90,8 @@ class Mirror : public RangeNotifier {
   // reference under their list's lock; detach() waits until none is left before the mirror goes.
   void acquire() { users_.fetch_add(1, std::memory_order_acq_rel); }
   void release() { users_.fetch_sub(1, std::memory_order_acq_rel); }
-  // Detached, unmapped whole, or moved by mremap (the range it mirrors is not there any more).
-  bool dead() const { return dead_.load(std::memory_order_acquire) || region_->addr + offset_ != start_; }
+  // Detached, or its whole range unmapped (a mapping that moves takes its mirrors along: remapped()).
+  bool dead() const { return dead_.load(std::memory_order_acquire); }
 
   Device* device() const { return device_; }
   Region* region() const { return region_.get(); }
@@ -117,6 +117,7 @@ class Mirror : public RangeNotifier {
   // RangeNotifier
   void invalidate_start(uint64_t start, uint64_t end, InvalidateCause cause) override;
   void invalidate_end(uint64_t start, uint64_t end) override;
+  void remapped(uint64_t old_addr, uint64_t new_addr, uint64_t new_length, bool old_kept) override;
 
   // Why a page did not move. kNone: it moved (or was already on this device).
   enum class Skip : uint8_t { kNone, kShared, kFileBacked, kDax, kOtherDevice, kNoMemory, kPinned, kError };
@@ -233,7 +234,10 @@ class Mirror : public RangeNotifier {
   Device* const device_;
   const std::shared_ptr<Region> region_;
   const uint64_t offset_;  // within the region
-  const uint64_t start_, npages_, page_;
+  // Moves with the mapping (remapped(), between an invalidation's start and end): device threads
+  // read it only through an entry programmed after the move.
+  std::atomic<uint64_t> start_;
+  const uint64_t npages_, page_;
   std::unique_ptr<std::atomic<uint64_t>[]> pt_;
   std::unique_ptr<std::atomic<uint32_t>[]> inflight_;
   // Sequence-count protocol: gen_ moves on every invalidation start and end; active_ counts
@@ -248,6 +252,7 @@ class Mirror : public RangeNotifier {
   // resolves a CPU fault on this mirror: these three must not interleave on one page.
   std::mutex change_mu_;
   bool engine_registered_ = false;
+  uint64_t engine_len_ = 0;  // bytes from start_ registered with the engine (clipped by a shrink)
   bool single_writer_ = false;
   std::atomic<int> users_{0};
   bool pinned_ = false;

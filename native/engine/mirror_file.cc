@@ -97,6 +97,7 @@ int Mirror::enable_file(const FileOptions& o) {
         if (rc) e.remove_mirror(this);
         else {
           engine_registered_ = true;  // CPU faults on the mapping now come to the engine
+          engine_len_ = npages_ * page_;
           region_->registered.fetch_add(1);
         }
       }
