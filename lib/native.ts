@@ -320,7 +320,7 @@ export interface NativeDevice {
 export interface NativeAddon {
   createDevice(options: Record<string, unknown>): NativeDevice;
   map(options: Record<string, unknown>): NativeMapping;
-  openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean }): NativeUserfaultfd;
+  openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean; via?: 'auto' | 'device' | 'syscall' }): NativeUserfaultfd;
   adoptUserfaultfd(fd: number, features: bigint): NativeUserfaultfd;
   runAccess(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeAccessResult>;
   forkRun(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeForkResult>;
