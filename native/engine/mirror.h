@@ -152,9 +152,10 @@ class Mirror : public RangeNotifier {
   // revokes the device's write access first. Registers the range with the engine. -errno on failure.
   int enable_single_writer();
   // Pin mode (long-term GUP): the whole range is faulted in for write now and never invalidated.
-  // When the CPU side changes (discard, unmap, remap, truncate, protect), the device keeps the page
-  // it had, as a pinned page stays with its holder, in a page of device memory: from then on the
-  // CPU and the device see different pages. That divergence is the hazard pin mode shows.
+  // When the CPU side changes (discard, unmap, truncate, protect), the device keeps the page it
+  // had, as a pinned page stays with its holder, in a page of device memory: from then on the CPU
+  // and the device see different pages. That divergence is the hazard pin mode shows. (A move by
+  // mremap takes the pinned page along: the entries are faulted again at the new address.)
   int enable_pin(int timeout_ms);
 
   // File strategies (mirror_file.cc). enable_file() once, before any access. Errors: -EINVAL (not a
