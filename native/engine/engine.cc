@@ -114,8 +114,7 @@ Engine::Holding::~Holding() {
   tl_holding = nullptr;
 }
 
-Engine::Holding Engine::lock_covering(Mirror* self, uint64_t start, uint64_t end) {
-  Holding h;
+void Engine::lock_into(Holding& h, Mirror* self, uint64_t start, uint64_t end) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (Mirror* m : all_)
@@ -126,6 +125,27 @@ Engine::Holding Engine::lock_covering(Mirror* self, uint64_t start, uint64_t end
   }
   std::sort(h.mirrors.begin(), h.mirrors.end());
   for (Mirror* m : h.mirrors) h.locks_.emplace_back(m->change_mutex());
+}
+
+Engine::Holding Engine::lock_covering(Mirror* self, uint64_t start, uint64_t end) {
+  Holding h;
+  lock_into(h, self, start, end);
+  tl_holding = &h.mirrors;
+  return h;
+}
+
+Engine::Holding Engine::lock_pages(Mirror* self, uint64_t first, uint64_t last) {
+  Holding h;
+  for (;;) {
+    const uint64_t at = self->start();
+    lock_into(h, self, at + first * self->page(), at + last * self->page());
+    // A remap moves a mirror only under its change mutex, ours now: if it moved before we had it,
+    // the mirrors were chosen at the old address.
+    if (self->start() == at) break;
+    h.locks_.clear();
+    for (Mirror* m : h.mirrors) m->release();
+    h.mirrors.clear();
+  }
   tl_holding = &h.mirrors;
   return h;
 }
@@ -235,14 +255,6 @@ void Engine::on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg
 void Engine::handle(const sys::FaultMsg& f) {
   const uint64_t page = f.address & ~(sys::page_size() - 1);
   std::vector<Mirror*> covering;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (Mirror* m : mirrors_)
-      if (m->covers(page)) {
-        m->acquire();  // a mirror closing meanwhile waits for this before it goes
-        covering.push_back(m);
-      }
-  }
   struct Release {
     std::vector<Mirror*>& v;
     ~Release() {
@@ -253,12 +265,38 @@ void Engine::handle(const sys::FaultMsg& f) {
   // handlers or a migration cannot deadlock): a migration or invalidation must not run between
   // "nobody owns this page" and the zero-fill or un-protect that follows, or a write-protect
   // lifted here could let a CPU write slip past a copy in progress.
-  std::sort(covering.begin(), covering.end());
   std::vector<std::unique_lock<std::mutex>> locks;
-  locks.reserve(covering.size());
-  for (Mirror* m : covering) locks.emplace_back(m->change_mutex());
-  for (Mirror* m : covering) {
-    if (!m->covers(page)) continue;  // moved by mremap before its lock was ours
+  auto unlisted = [&](Mirror* m) { return m->covers(page) && std::find(covering.begin(), covering.end(), m) == covering.end(); };
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (Mirror* m : mirrors_)
+        if (m->covers(page)) {
+          m->acquire();  // a mirror closing meanwhile waits for this before it goes
+          covering.push_back(m);
+        }
+    }
+    std::sort(covering.begin(), covering.end());
+    for (Mirror* m : covering) locks.emplace_back(m->change_mutex());
+    // A mirror that moved here (mremap re-bases a region's mirrors one by one) after the list was
+    // made is not locked, and its device page could be taken for a first touch: list again.
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (std::none_of(mirrors_.begin(), mirrors_.end(), unlisted)) break;
+    }
+    locks.clear();
+    for (Mirror* m : covering) m->release();
+    covering.clear();
+  }
+  // A mirror moved by mremap before its lock was ours covers other addresses now.
+  std::vector<Mirror*> now;
+  for (Mirror* m : covering)
+    if (m->covers(page)) now.push_back(m);
+  if (now.empty() && !(f.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR))) {
+    resolve_uncovered(page);
+    return;
+  }
+  for (Mirror* m : now) {
     if (m->cpu_fault(m->index_of(page), f.flags)) return;  // counted by its device (migratedToHost)
   }
   int64_t done = 0;
@@ -267,7 +305,7 @@ void Engine::handle(const sys::FaultMsg& f) {
     // back (re-protecting it) until the CPU's write access is restored: held across the
     // un-protect, as an invalidation would be.
     std::vector<Mirror*> held;
-    for (Mirror* m : covering)
+    for (Mirror* m : now)
       if (m->single_writer()) {
         m->hold_page(m->index_of(page), InvalidateCause::kCpuWrite);
         held.push_back(m);
@@ -283,7 +321,25 @@ void Engine::handle(const sys::FaultMsg& f) {
     return;
   }
   int rc = sys::uffd_zeropage(fd_, page, sys::page_size(), 0, &done);
-  if (rc == -EEXIST) sys::uffd_wake(fd_, page, sys::page_size());
+  // EEXIST: resolved by someone else. Any other failure (the range moved or went since the fault
+  // was queued: ENOENT, EINVAL) wakes the faulter too, whose retried access then meets the new
+  // layout; a failed resolve wakes nobody, and the faulter would sleep forever.
+  if (rc) sys::uffd_wake(fd_, page, sys::page_size());
+}
+
+// A missing fault no mirror covers: a device pool's hole, or a fault queued at an address a
+// mirror has moved away from. Decided and resolved under mu_: a mirror that moves here covers the
+// address before it registers the range (Mirror::remapped, register_range takes mu_), so either it
+// covers the page now (wake: the retried fault finds it) or the zero-fill meets an unregistered
+// range and fails (wake too), never a device page's hole.
+void Engine::resolve_uncovered(uint64_t page) {
+  std::lock_guard<std::mutex> lock(mu_);
+  int rc = -EAGAIN;
+  if (std::none_of(mirrors_.begin(), mirrors_.end(), [&](Mirror* m) { return m->covers(page); })) {
+    int64_t done = 0;
+    rc = sys::uffd_zeropage(fd_, page, sys::page_size(), 0, &done);
+  }
+  if (rc) sys::uffd_wake(fd_, page, sys::page_size());
 }
 
 }  // namespace pm::engine

@@ -79,12 +79,17 @@ class Engine : public sys::FaultSink {
     std::vector<std::unique_lock<std::mutex>> locks_;
   };
   Holding lock_covering(Mirror* self, uint64_t start, uint64_t end);
+  // The same for self's pages [first, last), chosen at self's address once its mutex is held (the
+  // mirror may move by mremap until then).
+  Holding lock_pages(Mirror* self, uint64_t first, uint64_t last);
   // Whether this thread holds m's change mutex through lock_covering().
   static bool holds(Mirror* m);
 
  private:
   Engine() = default;
+  void lock_into(Holding& h, Mirror* self, uint64_t start, uint64_t end);
   void handle(const sys::FaultMsg& f);
+  void resolve_uncovered(uint64_t page);
 
   std::mutex mu_;
   int fd_ = -1;

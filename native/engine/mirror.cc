@@ -144,11 +144,29 @@ void Mirror::wait_inflight(uint64_t first, uint64_t last) {
   }
 }
 
+namespace {
+// The mirrors whose invalidation this thread started and has not ended: invalidate_end() releases
+// exactly those, even if the mirror moved (remapped()) in between.
+thread_local std::vector<const Mirror*> tl_invalidating;
+}  // namespace
+
 void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause cause) {
-  const uint64_t s = std::max(start, start_.load()), e = std::min(end, start_ + npages_ * page_);
-  if (s >= e) return;
-  const uint64_t first = (s - start_) / page_, last = (e - start_ + page_ - 1) / page_;
+  uint64_t first = 0, last = 0;
+  auto overlap = [&](uint64_t at) {
+    const uint64_t s = std::max(start, at), e = std::min(end, at + npages_ * page_);
+    first = (s - at) / page_;
+    last = (e - at + page_ - 1) / page_;
+    return s < e;
+  };
+  const uint64_t at = start_.load();
+  if (!overlap(at)) return;
   change_mu_.lock();  // released by invalidate_end(), on this thread (Region::Invalidation's scope)
+  // start_ moves only under change_mu_: read again now that it cannot.
+  if (start_.load() != at && !overlap(start_.load())) {
+    change_mu_.unlock();
+    return;
+  }
+  tl_invalidating.push_back(this);
   begin_change();
   // The data of a device-resident page survives an invalidation that leaves the memory in place
   // (protect, writeback); it goes with an unmap, a discard or a truncate.
@@ -194,10 +212,10 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
 // can have computed an address from the old start. Device pages stay in device memory (their
 // holes moved with the page tables), as device-private pages do in the kernel.
 void Mirror::remapped(uint64_t, uint64_t new_addr, uint64_t new_length, bool old_kept) {
-  const uint64_t old_start = start_.load();
+  const uint64_t old_start = start_.load(), new_start = new_addr + offset_;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    start_.store(new_addr + offset_);
+    start_.store(new_start);
     gen_++;
   }
   if (!engine_registered_) return;
@@ -206,22 +224,35 @@ void Mirror::remapped(uint64_t, uint64_t new_addr, uint64_t new_length, bool old
   // the new range before the change ends, or a CPU touch of a device page's hole would map zeros.
   const uint64_t len = offset_ >= new_length ? 0 : std::min(npages_ * page_, new_length - offset_);
   const bool minor = file_ && file_->shmem && file_copies();
-  int rc = len ? Engine::get().register_range(start_, len, region_->id, minor) : 0;
-  Engine::get().unregister_range(old_start, engine_len_, region_->id, old_kept || old_start == start_);
+  const int rc = len ? Engine::get().register_range(new_start, len, region_->id, minor) : 0;
+  Engine::get().unregister_range(old_start, engine_len_, region_->id, old_kept || old_start == new_start);
   engine_len_ = rc ? 0 : len;
-  if (rc == 0) return;
+  const uint64_t n = len / page_;
+  if (rc == 0) {
+    // Until the registration, a range fault that had computed an address here before (a mapping
+    // moving back to where it was) could populate a device page's hole with a zero page. Nobody
+    // used it (every range fault since the move retries), and none can appear now: zap those.
+    for (uint64_t a, b, from = 0; next_device_run(from, n, &a, &b); from = b) {
+      std::vector<uint64_t> pm(b - a);
+      if (sys::pagemap_read(new_start + a * page_, b - a, pm.data()) != 0) continue;
+      for (uint64_t k = 0; k < b - a; k++)
+        if (pm[k] >> 63 & 1) sys::advise(reinterpret_cast<void*>(new_start + (a + k) * page_), page_, MADV_DONTNEED);
+    }
+    return;
+  }
   // Cannot happen short of ENOMEM; the data must still not be lost: copy it into the new range.
-  for (uint64_t i = 0; i < npages_ && offset_ + (i + 1) * page_ <= new_length; i++) {
+  for (uint64_t i = 0; i < n; i++) {
     const uint64_t e = pt_[i].exchange(0, std::memory_order_seq_cst);
     if (!(e & kOnDevice)) continue;
-    sys::guarded_copy(reinterpret_cast<void*>(start_ + i * page_), device_->slot_address(e >> kSlotShift), page_, nullptr);
+    sys::guarded_copy(reinterpret_cast<void*>(new_start + i * page_), device_->slot_address(e >> kSlotShift), page_, nullptr);
     device_->free_slot(e >> kSlotShift);
   }
 }
 
-void Mirror::invalidate_end(uint64_t start, uint64_t end) {
-  const uint64_t s = std::max(start, start_.load()), e = std::min(end, start_ + npages_ * page_);
-  if (s >= e) return;
+void Mirror::invalidate_end(uint64_t, uint64_t) {
+  auto it = std::find(tl_invalidating.begin(), tl_invalidating.end(), this);
+  if (it == tl_invalidating.end()) return;
+  tl_invalidating.erase(it);
   end_change();
   change_mu_.unlock();
 }
@@ -268,6 +299,13 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
     // EFAULT/ENOMEM: the mapping changed between the check above and here; an invalidation is
     // under way or done, so retry and let the checks decide.
     if (rc == -EFAULT || rc == -ENOMEM) return 1;
+    if (rc == -EINVAL) {
+      // Incompatible memory (PROT_NONE) although the protection allows the access: the address
+      // was computed before a remap moved the mapping (it may now be the next move's reserved
+      // destination). If a change ran meanwhile, retry at the new address.
+      std::lock_guard<std::mutex> lock(mu_);
+      if (gen_ != gen0 || active_ != 0) return 1;
+    }
     if (rc) return rc == -EINVAL ? -EFAULT : rc;
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -372,13 +410,19 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     out->error = -ENOENT;
     return;
   }
+  // Every mirror of these pages (ours included) holds still while they move: two migrations of one
+  // page, or a migration and the engine's CPU-fault handler, take turns.
+  Engine::Holding holding = Engine::get().lock_pages(this, first, last);
+  if (offset_ + last * page_ > region_->length) {  // a shrinking remap got there first
+    out->error = -EFAULT;
+    return;
+  }
+  // Registered under the change mutex, which a remap holds while it moves the mirror: the range
+  // registered is the one the mirror covers.
   if (int rc = ensure_engine()) {
     out->error = rc;
     return;
   }
-  // Every mirror of these pages (ours included) holds still while they move: two migrations of one
-  // page, or a migration and the engine's CPU-fault handler, take turns.
-  Engine::Holding holding = Engine::get().lock_covering(this, start_ + first * page_, start_ + last * page_);
   // Which pages are present, read under the change mutex: the range is registered with the engine
   // by now, so a CPU touch of a hole waits in the engine for this mutex and cannot populate a page
   // we think is absent (a zero-filled device page would later overwrite the CPU's data).

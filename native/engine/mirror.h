@@ -211,6 +211,18 @@ class Mirror : public RangeNotifier {
     return true;
   }
 
+  // The next run of pages in [from, last) whose data is in device memory: [*a, *b).
+  bool next_device_run(uint64_t from, uint64_t last, uint64_t* a, uint64_t* b) const {
+    uint64_t i = from;
+    while (i < last && !(pt_[i].load(std::memory_order_relaxed) & kOnDevice)) i++;
+    if (i >= last) return false;
+    uint64_t j = i;
+    while (j < last && (pt_[j].load(std::memory_order_relaxed) & kOnDevice)) j++;
+    *a = i;
+    *b = j;
+    return true;
+  }
+
   // The kernel test device's snapshot encoding, one byte per page, without faulting anything.
   void snapshot(uint64_t first, uint64_t last, uint8_t* out);
   // Eviction: page i's data goes back to the host; the entry keeps mapping the host page. Caller
