@@ -218,7 +218,8 @@ describe('mirror modes follow a move', () => {
     const mir = dev.mirror(m, { pin: true });
     cleanup.push(() => mir.close());
     const far = farFrom(m, 8 * PAGE);
-    m.remap(8 * PAGE, { address: far });
+    expect(m.remap(8 * PAGE, { address: far })).toBe(far);
+    expect(mir.info()).toMatchObject({ dead: false, address: far });
     expect(mir.info().diverged).toBe(0);
     await m.write(PAGE, Buffer.from(new BigUint64Array([31n]).buffer));
     expect((await within(mir.read(PAGE, 1), 10_000, 'device read')).data.readBigUInt64LE()).toBe(31n);
@@ -230,7 +231,8 @@ describe('mirror modes follow a move', () => {
     cleanup.push(() => mir.close());
     await mir.write(0, Buffer.alloc(PAGE, 1));
     const far = farFrom(m, 8 * PAGE);
-    m.remap(8 * PAGE, { address: far });
+    expect(m.remap(8 * PAGE, { address: far })).toBe(far);
+    expect(mir.info()).toMatchObject({ dead: false, address: far });
     await within(mir.write(PAGE, Buffer.alloc(PAGE, 2)), 10_000, 'device write after the move');
     // The CPU's write at the new address must take the device's write access first (a WP fault
     // served by the engine), and then both agree.
@@ -315,8 +317,8 @@ describe('file mirrors follow a move', () => {
       cleanup.push(() => mir.close());
       await mir.write(2 * PAGE, Buffer.alloc(PAGE, 0x5a));
       const far = farFrom(m, 8 * PAGE);
-      m.remap(8 * PAGE, { address: far });
-      expect(mir.info().dead).toBe(false);
+      expect(m.remap(8 * PAGE, { address: far })).toBe(far);
+      expect(mir.info()).toMatchObject({ dead: false, address: far });
       expect((await within(mir.read(2 * PAGE, 1), 10_000, 'device read')).data[17]).toBe(0x5a);
       await mir.write(3 * PAGE, Buffer.alloc(PAGE, 0x6b));
       const cpu = await within(m.read(2 * PAGE, 2 * PAGE), 10_000, 'CPU read at the new address');
