@@ -124,7 +124,8 @@ export interface RemapOptions {
    * range comes back as a new Mapping that owns it (its own close()): empty for private memory
    * (reads as zeros), the same pages for shared memory (memfd, shared files). If part of the
    * mapping was registered with a userfaultfd, the old range stays registered with it (faults there
-   * go to its handler, as a garbage collector using DONTUNMAP expects), and it hands out no `bytes`.
+   * go to its handler, as a garbage collector using DONTUNMAP expects), and the old range's Mapping never hands
+   * out `bytes` (the library cannot tell when every userfaultfd has let it go).
    * Default false.
    */
   dontUnmap?: boolean;

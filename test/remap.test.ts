@@ -6,8 +6,8 @@ import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { mapAnonymous, mapMemfd, mapFile, Device, type Mapping, type FileStrategy } from '../lib/index.js';
-import { PAGE, within, cleanupAfterEach } from './helpers.js';
+import { mapAnonymous, mapMemfd, mapFile, Device, Userfaultfd, type Mapping, type FileStrategy } from '../lib/index.js';
+import { P, PAGE, within, requireCap, cleanupAfterEach } from './helpers.js';
 
 const cleanup = cleanupAfterEach();
 
@@ -180,6 +180,23 @@ describe('remap keeping the old range (MREMAP_DONTUNMAP)', () => {
     expect((await within(mir.read(2 * PAGE, 1), 10_000, 'device read')).data.readBigUInt64LE()).toBe(555n);
     old.close();
     expect((await m.read(2 * PAGE, 8)).readBigUInt64LE()).toBe(555n);
+  });
+});
+
+describe('remap keeping the old range of a registered mapping', () => {
+  it('the old range stays registered with the user\'s userfaultfd (the kernel keeps it there), so it hands out no view', (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    const m = mapAnonymous(4 * PAGE);
+    cleanup.push(() => m.close());
+    const u = Userfaultfd.open();
+    cleanup.push(() => u.close());
+    u.register(m);
+    const old = m.remap(4 * PAGE, { dontUnmap: true });
+    cleanup.push(() => old.close());
+    expect(old.registered).toBe(true);
+    expect(() => old.bytes).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_REGISTERED' }));
+    expect(vmasAt(old.address, 4 * PAGE).join('\n')).toBeTruthy();
+    u.unregister(old);
   });
 });
 
