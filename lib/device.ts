@@ -560,8 +560,10 @@ export class Device {
    *
    * pin (default false): long-term GUP emulation. The range is faulted in for write at once
    * (EPERM without write access) and the mirror is never invalidated: when the CPU side changes
-   * (discard, unmap, remap, truncate, protect), the device keeps the page it had, in its own memory,
-   * and from then on the CPU and the device see different pages (info().diverged counts them).
+   * (discard, unmap, truncate, protect, the tail a shrinking remap cuts), the device keeps the page
+   * it had, in its own memory, and from then on the CPU and the device see different pages
+   * (info().diverged counts them). A remap that moves the mapping moves the pinned pages with it:
+   * nothing diverges, the entries are faulted again at the new address.
    * Mirror mode stays coherent through the same changes; pin mode shows what a pin costs.
    */
   mirror(mapping: Mapping, options: { offset?: number; length?: number; writeMode?: 'shared' | 'single'; pin?: boolean } = {}): Mirror {

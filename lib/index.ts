@@ -1,5 +1,5 @@
 export { Mapping, mapAnonymous, mapMemfd, mapFile, decodePagemapEntry, POPULATE_SYNC_MAX_BYTES } from './mapping.js';
-export type { MapOptions, AnonymousOptions, MemfdOptions, FileOptions, RangeOptions, PageFlags, ScanOptions, ScanRegion, MappingKind } from './mapping.js';
+export type { MapOptions, AnonymousOptions, MemfdOptions, FileOptions, RangeOptions, PageFlags, ScanOptions, ScanRegion, MappingKind, RemapOptions } from './mapping.js';
 export { Userfaultfd, Fault } from './uffd.js';
 export type { OpenOptions, RegisterOptions, Registration, FaultKind, UffdEvent, ServeOptions, Rule, RuleAction, ResolveOptions, ResolveResult, CloseOutcome, ServiceStats } from './uffd.js';
 export { access, forkAccess, FORK_DELAY_MAX_MS } from './access.js';

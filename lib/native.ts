@@ -15,7 +15,8 @@ export interface NativeMapping {
   protect(offset: number, length: number, prot: number): void;
   advise(offset: number, length: number, advice: number): void;
   sync(offset: number, length: number, flags: number): void;
-  remap(length: number, mayMove: boolean): bigint;
+  /** A bigint address, or with dontUnmap the old range as a new native mapping. */
+  remap(length: number, mayMove: boolean, address?: bigint, dontUnmap?: boolean): bigint | NativeMapping;
   fallocate(mode: number, offset: number, length: number): void;
   truncate(length: number): void;
   residency(offset: number, length: number): Uint8Array;
@@ -361,7 +362,7 @@ export interface NativeDevice {
 export interface NativeAddon {
   createDevice(options: Record<string, unknown>): NativeDevice;
   map(options: Record<string, unknown>): NativeMapping;
-  openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean }): NativeUserfaultfd;
+  openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean; via?: 'auto' | 'device' | 'syscall' }): NativeUserfaultfd;
   adoptUserfaultfd(fd: number, features: bigint, take?: boolean): NativeUserfaultfd;
   runAccess(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeAccessResult>;
   forkRun(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeForkResult>;

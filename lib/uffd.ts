@@ -28,8 +28,21 @@ export interface OpenOptions {
    * four events), which must be named. 'all': everything offered.
    */
   features?: 'default' | 'all' | FeatureName[];
-  /** Open a user-mode-only userfaultfd even when a full one is allowed. Default false. */
+  /**
+   * Open a user-mode-only userfaultfd (UFFD_USER_MODE_ONLY: faults raised inside the kernel, such
+   * as read(2) into registered memory, fail with EFAULT instead) even when a full one is allowed.
+   * Default false.
+   */
   userModeOnly?: boolean;
+  /**
+   * How the descriptor is obtained. 'device': USERFAULTFD_IOC_NEW on /dev/userfaultfd (6.1+; for
+   * whoever may open the node, whatever vm.unprivileged_userfaultfd says); 'syscall':
+   * userfaultfd(2) (CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 for full faults). Either uses
+   * that way only, as the kernel's selftests run each test both ways. 'auto' (the default): the
+   * device, then the system call, then (unless userModeOnly already asks for it) the user-mode-only
+   * variants, the most any caller can get.
+   */
+  via?: 'auto' | 'device' | 'syscall';
 }
 
 export interface RegisterOptions {
@@ -143,14 +156,20 @@ export class Userfaultfd {
   }
 
   /**
-   * Opens a userfaultfd and negotiates features. Tries /dev/userfaultfd, then userfaultfd(2), then
-   * the user-mode-only variants (all that vm.unprivileged_userfaultfd=0 allows an unprivileged
-   * user). Errors: EPERM with a message that names each attempt and the three ways to get access;
-   * EINVAL when a requested feature is missing.
+   * Opens a userfaultfd and negotiates features. By default (via 'auto') tries /dev/userfaultfd,
+   * then userfaultfd(2), then the user-mode-only variants (all that vm.unprivileged_userfaultfd=0
+   * allows an unprivileged user); `via` picks one way with no fallback.
+   * @throws SystemError EPERM (auto: with a message that names each attempt and the three ways to
+   *   get access; syscall: full faults refused to this user), ENOENT / EACCES with path
+   *   '/dev/userfaultfd' (via 'device': no node here, or not open to this user), EINVAL when a
+   *   requested feature is missing.
+   * @throws TypeError ERR_INVALID_ARG_VALUE (via not 'auto', 'device' or 'syscall'),
+   *   ERR_INVALID_ARG_TYPE (userModeOnly not a boolean).
    */
   static open(options: OpenOptions = {}): Userfaultfd {
     options = checkOptions('options', options);
-    const n = native.openUserfaultfd({ userModeOnly: checkBoolean('userModeOnly', options.userModeOnly, false) });
+    const via = checkOneOf('via', options.via ?? 'auto', ['auto', 'device', 'syscall'] as const);
+    const n = native.openUserfaultfd({ userModeOnly: checkBoolean('userModeOnly', options.userModeOnly, false), via });
     const u = new Userfaultfd(n);
     try {
       u.#negotiate(options.features ?? 'default');

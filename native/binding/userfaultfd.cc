@@ -145,12 +145,43 @@ int Userfaultfd::live_fd(Napi::Env env) {
   return fd_;
 }
 
+// The one way asked for failed: say which step and what would make it work.
+[[noreturn]] static void ThrowOpenViaError(Napi::Env env, bool device, bool umo, const sys::UffdOpenResult& r, int rc) {
+  if (!device) {
+    const char* hint = rc == -EPERM ? (umo ? "the kernel refused even a user-mode-only userfaultfd"
+                                           : "full userfaultfd(2) needs CAP_SYS_PTRACE or sysctl "
+                                             "vm.unprivileged_userfaultfd=1; ask for userModeOnly, or use via 'device' "
+                                             "with read-write access to /dev/userfaultfd")
+                       : rc == -ENOSYS ? "this kernel has no userfaultfd(2) (CONFIG_USERFAULTFD)" : nullptr;
+    ThrowSystemError(env, rc, "userfaultfd", {nullptr, hint});
+  }
+  if (r.device_ioctl_failed)
+    ThrowSystemError(env, rc, "ioctl(USERFAULTFD_IOC_NEW)", {"/dev/userfaultfd", nullptr});
+  const char* hint = rc == -ENOENT ? "no /dev/userfaultfd here (Linux 6.1+, and it must be visible in this mount "
+                                     "namespace); use via 'syscall' or 'auto'"
+                     : rc == -EACCES || rc == -EPERM
+                         ? "the device node is not open to this user (root-only by default): give read-write access "
+                           "to /dev/userfaultfd, or use via 'syscall' or 'auto'"
+                         : nullptr;
+  ThrowSystemError(env, rc, "open", {"/dev/userfaultfd", hint});
+}
+
 Napi::Value Userfaultfd::Open(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = info.Length() > 0 && info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
   bool nonblocking = OptBool(o, "nonBlocking", true);
   bool umo = OptBool(o, "userModeOnly", false);
+  const std::string via = OptString(o, "via", "auto");
+  if (via != "auto" && via != "device" && via != "syscall")
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "via must be 'auto', 'device' or 'syscall'");
   sys::UffdOpenResult r;
+  if (via != "auto") {
+    const bool device = via == "device";
+    int rc = sys::uffd_open_via(device ? sys::UffdVia::kDevice : sys::UffdVia::kSyscall, nonblocking, umo, &r);
+    if (rc) ThrowOpenViaError(env, device, umo, r, rc);
+    AddonData* data = env.GetInstanceData<AddonData>();
+    return data->uffd_ctor.Value().New({Napi::External<sys::UffdOpenResult>::New(env, &r)});
+  }
   int rc = sys::uffd_open(nonblocking, umo, &r);
   if (rc) {
     std::string hint =

@@ -36,7 +36,9 @@ class Engine : public sys::FaultSink {
   // owner while a stale entry lingers, and that one must be registered anew. -EBUSY: the range is
   // registered with another userfaultfd (the user's own).
   int register_range(uint64_t start, uint64_t len, uint64_t owner, bool minor = false);
-  void unregister_range(uint64_t start, uint64_t len, uint64_t owner);
+  // still_mapped false: the range was unmapped (moved away by mremap): only the bookkeeping goes,
+  // since another mapping may have taken those addresses.
+  void unregister_range(uint64_t start, uint64_t len, uint64_t owner, bool still_mapped = true);
   // Ids for owners that are not Regions (device pools); Regions take theirs from the same counter.
   static uint64_t next_owner_id();
 
@@ -54,6 +56,8 @@ class Engine : public sys::FaultSink {
   void region_mirrors(const Region* r, int* total, int* single_writers);
   // Before mremap of a region: its mirrors' device pages come home.
   void bring_home(const Region* r);
+  // How many of a region's registrations (Region::registered) are the engine's, one per mirror.
+  int registered_mirrors(const Region* r);
   // Whether a mirror other than self holds addr's data in its device memory.
   bool owned_by_other(Mirror* self, uint64_t addr);
   // Whether another mirror pins addr (a pinned page cannot migrate, as in the kernel).
@@ -83,12 +87,17 @@ class Engine : public sys::FaultSink {
     std::vector<std::unique_lock<std::mutex>> locks_;
   };
   Holding lock_covering(Mirror* self, uint64_t start, uint64_t end);
+  // The same for self's pages [first, last), chosen at self's address once its mutex is held (the
+  // mirror may move by mremap until then).
+  Holding lock_pages(Mirror* self, uint64_t first, uint64_t last);
   // Whether this thread holds m's change mutex through lock_covering().
   static bool holds(Mirror* m);
 
  private:
   Engine() = default;
+  void lock_into(Holding& h, Mirror* self, uint64_t start, uint64_t end);
   void handle(const sys::FaultMsg& f);
+  void resolve_uncovered(uint64_t page);
 
   std::mutex mu_;
   int fd_ = -1;
