@@ -3,7 +3,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import { mapAnonymous, mapMemfd, Userfaultfd, Device, SNAPSHOT, access, probe } from '../lib/index.js';
-import { P, within, fillPattern } from './helpers.js';
+import { P, PAGE, within, fillPattern } from './helpers.js';
 
 const NR = '/proc/sys/vm/nr_hugepages';
 const HUGE = P.hugetlb.defaultSize || 2 << 20;
@@ -196,7 +196,7 @@ describe('hugetlb', () => {
 });
 
 describe('hugetlb and remap', () => {
-  it('a mirror of hugetlb memory follows a move to a huge-page-aligned address and a shrink; growing is the kernel\'s EINVAL, explained', async (ctx) => {
+  it('a mirror of hugetlb memory follows a move to a huge-page-aligned address and a shrink; growing is the kernel\'s EINVAL, explained (device reads cover whole huge pages, counted in base pages)', async (ctx) => {
     if (free < 2) ctx.skip(why);
     const m = mapAnonymous(2 * HUGE, { hugetlb: true });
     const dev = Device.create();
@@ -214,7 +214,7 @@ describe('hugetlb and remap', () => {
       expect(m.remap(2 * HUGE, { address: to })).toBe(to);
       expect(mir.info().dead).toBe(false);
       expect(mir.info().address).toBe(to);
-      expect((await within(mir.read(HUGE, 1), 10_000, 'device read after the move')).data.readBigUInt64LE()).toBe(222n);
+      expect((await within(mir.read(HUGE, HUGE / PAGE), 10_000, 'device read after the move')).data.readBigUInt64LE()).toBe(222n);
       expect((await m.read(0, 8)).readBigUInt64LE()).toBe(111n);
       // The kernel refuses to grow hugetlb mappings (mm/mremap.c: its reservations cannot be
       // split); should a kernel allow it, the data must survive.
@@ -228,11 +228,11 @@ describe('hugetlb and remap', () => {
       }
       expect(m.length).toBe(grown ? 4 * HUGE : 2 * HUGE);
       expect(mir.info().dead).toBe(false);
-      expect((await within(mir.read(0, 1), 10_000, 'device read after the grow attempt')).data.readBigUInt64LE()).toBe(111n);
+      expect((await within(mir.read(0, HUGE / PAGE), 10_000, 'device read after the grow attempt')).data.readBigUInt64LE()).toBe(111n);
       m.remap(HUGE);
       expect(m.length).toBe(HUGE);
-      await expect(within(mir.read(HUGE, 1), 10_000, 'read past the end')).rejects.toMatchObject({ code: 'EFAULT' });
-      expect((await within(mir.read(0, 1), 10_000, 'device read after the shrink')).data.readBigUInt64LE()).toBe(111n);
+      await expect(within(mir.read(HUGE, HUGE / PAGE), 10_000, 'read past the end')).rejects.toMatchObject({ code: 'EFAULT' });
+      expect((await within(mir.read(0, HUGE / PAGE), 10_000, 'device read after the shrink')).data.readBigUInt64LE()).toBe(111n);
       mir.close();
     } finally {
       dev.close();
