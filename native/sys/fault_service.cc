@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <time.h>
 #include <sys/eventfd.h>
 #include <thread>
@@ -300,6 +301,9 @@ int FaultService::wait(Worker* w, pollfd* fds, bool retrying) {
     do {
       pr = ::poll(fds, 2, 0);
       if (pr != 0) break;
+      // A faulter this worker just woke is often queued on this CPU (the waker's): let it run and
+      // fault again instead of spinning in front of it.
+      sched_yield();
       t = now_ns();
     } while (t - t0 < budget);
     std::lock_guard<std::mutex> lock(w->stats_mu);

@@ -1,0 +1,163 @@
+// The service suite: what the fault service's polling and workers buy. (1) The idle-machine 4 KiB
+// fault: one thread faults page after page through a copy rule, unpinned, so a worker that sleeps
+// between faults pays the wake-up of an idle CPU; polling off, a fixed spin, and adaptive, with the
+// C baseline's MISSING+COPY round trip (also unpinned) in the same run. (2) 2 MiB-granule copy rule
+// under 2 application threads, 1 worker against 2. Ratios of medians; the workers' CPU time per
+// fault shows what the spinning costs.
+import { mapAnonymous, type Mapping } from '../mapping.js';
+import { Userfaultfd, type PollOption } from '../uffd.js';
+import { access } from '../access.js';
+import { native } from '../native.js';
+import { probe } from '../probe.js';
+import { summarize, type Summary } from './stats.js';
+import { runBaseline } from './baseline.js';
+import { Progress } from './progress.js';
+
+export interface ServiceOptions {
+  /** Pages per repetition of the 4 KiB case. Default 2048. */
+  pages?: number;
+  /** Repetitions (median of). Default 7. */
+  reps?: number;
+  /** Bytes of the 2 MiB-granule case. Default 256 MiB. */
+  size?: number;
+  quiet?: boolean;
+}
+
+export interface ServiceRow {
+  scenario: 'wake-4k' | 'workers-2m';
+  config: string;
+  /** ns per page (wake-4k) or per granule (workers-2m), median over repetitions. */
+  addon: Summary & { samples: number[] };
+  /** The workers' CPU time per fault, ns. */
+  cpuPerFault: Summary;
+  /** What the ratio compares with: 'off' (polling) or '1 worker'. */
+  versus: string | null;
+  /** addon median / the compared row's median (lower is better). */
+  ratio: number | null;
+  target: number | null;
+  pass: boolean | null;
+  /** C baseline (wake-4k): unpinned MISSING+COPY round trip, ns per page. */
+  c?: Summary & { samples: number[] };
+  skipped?: string;
+}
+
+const PAGE = native.uname().pageSize;
+
+function anon(bytes: number): Mapping {
+  const m = mapAnonymous(bytes, { align: 2 << 20 });
+  m.advise('nohugepage');
+  return m;
+}
+
+/** One repetition: a fresh target and descriptor; returns [ns per unit, CPU ns per fault]. */
+async function rep(src: Mapping, bytes: number, granule: number, threads: number, workers: number, poll: PollOption): Promise<[number, number]> {
+  const t = anon(bytes);
+  const u = Userfaultfd.open();
+  try {
+    u.register(t);
+    u.serve({ workers, poll });
+    u.addRule({ mapping: t, action: 'copy', source: src, granule: granule > PAGE ? granule : undefined });
+    const units = bytes / granule;
+    const r = await access(t, { op: 'read', threads, unit: granule, ops: units });
+    if (r.signal) throw new Error(`access hit ${r.signal}`);
+    const s = u.stats();
+    return [r.elapsedNs / units, s.faults ? s.cpuNs / s.faults : 0];
+  } finally {
+    u.close();
+    t.close();
+  }
+}
+
+export async function runService(options: ServiceOptions = {}): Promise<ServiceRow[]> {
+  const pages = options.pages ?? 2048;
+  const reps = options.reps ?? 7;
+  const size = options.size ?? 256 << 20;
+  const p = probe();
+  const polls: [string, PollOption, number | null][] = [
+    ['poll off', false, null],
+    ['spin 50 us', { spinUs: 50 }, null],
+    ['adaptive', 'adaptive', 0.5],
+  ];
+  const progress = new Progress(polls.length + 2, 'service', options.quiet);
+  const out: ServiceRow[] = [];
+  if (!p.experiments.uffd.ok) {
+    progress.end();
+    const none = { ...summarize([]), samples: [] };
+    return [{ scenario: 'wake-4k', config: '-', addon: none, cpuPerFault: summarize([]), versus: null, ratio: null, target: null, pass: null, skipped: p.experiments.uffd.reason }];
+  }
+  // Not pinned (unlike the faults suite): the cost measured is that of waking a worker asleep on
+  // another, idle CPU, and two workers need two CPUs.
+  try {
+    // (1) wake-4k
+    const src4k = anon(pages * PAGE);
+    src4k.bytes.fill(3);
+    const cSamples: number[] = [];
+    const per = polls.map(() => ({ ns: [] as number[], cpu: [] as number[] }));
+    for (const [, poll] of polls) await rep(src4k, pages * PAGE, PAGE, 1, 1, poll); // warm-up
+    // The configurations and the C baseline alternate, so the machine's drift falls on all alike.
+    for (let i = 0; i < reps; i++) {
+      const c = await runBaseline('missing-copy', { pages, reps: 1 });
+      if (c.samplesNsPerPage) cSamples.push(...c.samplesNsPerPage);
+      for (let k = 0; k < polls.length; k++) {
+        const [ns, cpu] = await rep(src4k, pages * PAGE, PAGE, 1, 1, polls[k]![1]);
+        per[k]!.ns.push(ns);
+        per[k]!.cpu.push(cpu);
+      }
+    }
+    src4k.close();
+    const c = cSamples.length ? { ...summarize(cSamples), samples: cSamples } : undefined;
+    const offMedian = summarize(per[0]!.ns).median;
+    polls.forEach(([name, , target], k) => {
+      const addon = { ...summarize(per[k]!.ns), samples: per[k]!.ns };
+      const ratio = k === 0 ? null : addon.median / offMedian;
+      out.push({
+        scenario: 'wake-4k',
+        config: name,
+        addon,
+        cpuPerFault: summarize(per[k]!.cpu),
+        versus: k === 0 ? null : 'poll off',
+        ratio,
+        target,
+        pass: ratio === null || target === null ? null : ratio <= target,
+        c,
+      });
+      progress.step(`wake-4k ${name}: ${addon.median.toFixed(0)} ns/page${ratio === null ? '' : `, ${ratio.toFixed(2)}x off`}`);
+    });
+
+    // (2) workers-2m
+    const granule = 2 << 20;
+    const src = anon(size);
+    src.bytes.fill(5);
+    const ws = [1, 2];
+    const wr = ws.map(() => ({ ns: [] as number[], cpu: [] as number[] }));
+    for (const w of ws) await rep(src, size, granule, 2, w, false); // warm-up
+    for (let i = 0; i < reps; i++)
+      for (let k = 0; k < ws.length; k++) {
+        const [ns, cpu] = await rep(src, size, granule, 2, ws[k]!, false);
+        wr[k]!.ns.push(ns);
+        wr[k]!.cpu.push(cpu);
+      }
+    src.close();
+    const oneMedian = summarize(wr[0]!.ns).median;
+    ws.forEach((w, k) => {
+      const addon = { ...summarize(wr[k]!.ns), samples: wr[k]!.ns };
+      // Target: at least 1.4x faster with 2 workers, i.e. at most 1/1.4 of the time.
+      const target = k === 0 ? null : 1 / 1.4;
+      const ratio = k === 0 ? null : addon.median / oneMedian;
+      out.push({
+        scenario: 'workers-2m',
+        config: `${w} worker${w > 1 ? 's' : ''}`,
+        addon,
+        cpuPerFault: summarize(wr[k]!.cpu),
+        versus: k === 0 ? null : '1 worker',
+        ratio,
+        target,
+        pass: ratio === null || target === null ? null : ratio <= target,
+      });
+      progress.step(`workers-2m ${w}: ${(addon.median / 1000).toFixed(0)} us/granule${ratio === null ? '' : `, ${(1 / ratio).toFixed(2)}x faster`}`);
+    });
+  } finally {
+    progress.end();
+  }
+  return out;
+}
