@@ -68,18 +68,52 @@ async function rep(src: Mapping, bytes: number, granule: number, threads: number
   }
 }
 
+interface Config {
+  name: string;
+  /** The most this configuration's median may be of the first one's (null: reported only). */
+  target: number | null;
+  run: () => Promise<[number, number]>;
+}
+
+/**
+ * Warm-up, then `reps` rounds in which every configuration runs once (after `each`, the C baseline
+ * where there is one), so the machine's drift falls on all alike. Rows compare with the first.
+ */
+async function compare(scenario: ServiceRow['scenario'], configs: Config[], reps: number, progress: Progress, each?: () => Promise<void>): Promise<ServiceRow[]> {
+  const per = configs.map(() => ({ ns: [] as number[], cpu: [] as number[] }));
+  for (const c of configs) await c.run();
+  for (let i = 0; i < reps; i++) {
+    await each?.();
+    for (let k = 0; k < configs.length; k++) {
+      const [ns, cpu] = await configs[k]!.run();
+      per[k]!.ns.push(ns);
+      per[k]!.cpu.push(cpu);
+    }
+  }
+  const first = summarize(per[0]!.ns).median;
+  return configs.map(({ name, target }, k) => {
+    const addon = { ...summarize(per[k]!.ns), samples: per[k]!.ns };
+    const ratio = k === 0 ? null : addon.median / first;
+    progress.step(`${scenario} ${name}: ${addon.median.toFixed(0)} ns${ratio === null ? '' : `, ${ratio.toFixed(2)}x ${configs[0]!.name}`}`);
+    return {
+      scenario,
+      config: name,
+      addon,
+      cpuPerFault: summarize(per[k]!.cpu),
+      versus: k === 0 ? null : configs[0]!.name,
+      ratio,
+      target,
+      pass: ratio === null || target === null ? null : ratio <= target,
+    };
+  });
+}
+
 export async function runService(options: ServiceOptions = {}): Promise<ServiceRow[]> {
   const pages = options.pages ?? 2048;
   const reps = options.reps ?? 7;
   const size = options.size ?? 256 << 20;
   const p = probe();
-  const polls: [string, PollOption, number | null][] = [
-    ['poll off', false, null],
-    ['spin 50 us', { spinUs: 50 }, null],
-    ['adaptive', 'adaptive', 0.5],
-  ];
-  const progress = new Progress(polls.length + 2, 'service', options.quiet);
-  const out: ServiceRow[] = [];
+  const progress = new Progress(5, 'service', options.quiet);
   if (!p.experiments.uffd.ok) {
     progress.end();
     const none = { ...summarize([]), samples: [] };
@@ -88,76 +122,45 @@ export async function runService(options: ServiceOptions = {}): Promise<ServiceR
   // Not pinned (unlike the faults suite): the cost measured is that of waking a worker asleep on
   // another, idle CPU, and two workers need two CPUs.
   try {
-    // (1) wake-4k
     const src4k = anon(pages * PAGE);
     src4k.bytes.fill(3);
     const cSamples: number[] = [];
-    const per = polls.map(() => ({ ns: [] as number[], cpu: [] as number[] }));
-    for (const [, poll] of polls) await rep(src4k, pages * PAGE, PAGE, 1, 1, poll); // warm-up
-    // The configurations and the C baseline alternate, so the machine's drift falls on all alike.
-    for (let i = 0; i < reps; i++) {
-      const c = await runBaseline('missing-copy', { pages, reps: 1 });
-      if (c.samplesNsPerPage) cSamples.push(...c.samplesNsPerPage);
-      for (let k = 0; k < polls.length; k++) {
-        const [ns, cpu] = await rep(src4k, pages * PAGE, PAGE, 1, 1, polls[k]![1]);
-        per[k]!.ns.push(ns);
-        per[k]!.cpu.push(cpu);
-      }
-    }
+    const wake = (poll: PollOption) => () => rep(src4k, pages * PAGE, PAGE, 1, 1, poll);
+    const wakeRows = await compare(
+      'wake-4k',
+      [
+        { name: 'poll off', target: null, run: wake(false) },
+        { name: 'spin 50 us', target: null, run: wake({ spinUs: 50 }) },
+        { name: 'adaptive', target: 0.5, run: wake('adaptive') },
+      ],
+      reps,
+      progress,
+      async () => {
+        const c = await runBaseline('missing-copy', { pages, reps: 1 });
+        if (c.samplesNsPerPage) cSamples.push(...c.samplesNsPerPage);
+      },
+    );
     src4k.close();
     const c = cSamples.length ? { ...summarize(cSamples), samples: cSamples } : undefined;
-    const offMedian = summarize(per[0]!.ns).median;
-    polls.forEach(([name, , target], k) => {
-      const addon = { ...summarize(per[k]!.ns), samples: per[k]!.ns };
-      const ratio = k === 0 ? null : addon.median / offMedian;
-      out.push({
-        scenario: 'wake-4k',
-        config: name,
-        addon,
-        cpuPerFault: summarize(per[k]!.cpu),
-        versus: k === 0 ? null : 'poll off',
-        ratio,
-        target,
-        pass: ratio === null || target === null ? null : ratio <= target,
-        c,
-      });
-      progress.step(`wake-4k ${name}: ${addon.median.toFixed(0)} ns/page${ratio === null ? '' : `, ${ratio.toFixed(2)}x off`}`);
-    });
+    for (const r of wakeRows) r.c = c;
 
-    // (2) workers-2m
     const granule = 2 << 20;
     const src = anon(size);
     src.bytes.fill(5);
-    const ws = [1, 2];
-    const wr = ws.map(() => ({ ns: [] as number[], cpu: [] as number[] }));
-    for (const w of ws) await rep(src, size, granule, 2, w, false); // warm-up
-    for (let i = 0; i < reps; i++)
-      for (let k = 0; k < ws.length; k++) {
-        const [ns, cpu] = await rep(src, size, granule, 2, ws[k]!, false);
-        wr[k]!.ns.push(ns);
-        wr[k]!.cpu.push(cpu);
-      }
+    const fill = (workers: number) => () => rep(src, size, granule, 2, workers, false);
+    // Target: at least 1.4x faster with 2 workers, i.e. at most 1/1.4 of the time.
+    const workerRows = await compare(
+      'workers-2m',
+      [
+        { name: '1 worker', target: null, run: fill(1) },
+        { name: '2 workers', target: 1 / 1.4, run: fill(2) },
+      ],
+      reps,
+      progress,
+    );
     src.close();
-    const oneMedian = summarize(wr[0]!.ns).median;
-    ws.forEach((w, k) => {
-      const addon = { ...summarize(wr[k]!.ns), samples: wr[k]!.ns };
-      // Target: at least 1.4x faster with 2 workers, i.e. at most 1/1.4 of the time.
-      const target = k === 0 ? null : 1 / 1.4;
-      const ratio = k === 0 ? null : addon.median / oneMedian;
-      out.push({
-        scenario: 'workers-2m',
-        config: `${w} worker${w > 1 ? 's' : ''}`,
-        addon,
-        cpuPerFault: summarize(wr[k]!.cpu),
-        versus: k === 0 ? null : '1 worker',
-        ratio,
-        target,
-        pass: ratio === null || target === null ? null : ratio <= target,
-      });
-      progress.step(`workers-2m ${w}: ${(addon.median / 1000).toFixed(0)} us/granule${ratio === null ? '' : `, ${(1 / ratio).toFixed(2)}x faster`}`);
-    });
+    return [...wakeRows, ...workerRows];
   } finally {
     progress.end();
   }
-  return out;
 }

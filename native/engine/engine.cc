@@ -18,6 +18,13 @@ Engine& Engine::get() {
 }
 
 int Engine::ensure() {
+  {
+    // Once open, config_mu_ is not taken here: a caller may hold a mirror's change mutex, which a
+    // worker that configure() is joining may be waiting for.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fd_ >= 0) return 0;
+  }
+  // Opening: no worker exists yet, so nothing can wait on this; configure() must not see half of it.
   std::lock_guard<std::mutex> config(config_mu_);
   std::lock_guard<std::mutex> lock(mu_);
   if (fd_ >= 0) return 0;
