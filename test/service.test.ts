@@ -2,8 +2,10 @@
 // rule: a rule on an unserved descriptor starts the service, and an access to registered memory that
 // nothing serves fails at once instead of sleeping forever.
 import { describe, it, expect } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import path from 'node:path';
 import { mapAnonymous, Userfaultfd, access, Device, configureEngine, engineStats, type Fault, type Mapping } from '../lib/index.js';
-import { P, PAGE, within, fillPattern, requireCap, waitFor } from './helpers.js';
+import { P, PAGE, FIXTURES_DIR, within, fillPattern, requireCap, waitFor } from './helpers.js';
 
 const N = 256;
 
@@ -115,6 +117,42 @@ describe('workers', () => {
       }
     }, 30_000);
   }
+
+  it('4 workers hand REMOVE events to onEvents in the order the kernel queued them', async (ctx) => {
+    requireCap(ctx, P.experiments.events, 'uffd events');
+    const m = mapAnonymous(64 * PAGE);
+    m.bytes.fill(1); // populated: each dontneed below removes pages, so each queues an event
+    const uffd = Userfaultfd.open({ features: ['eventRemove'] });
+    const events: { start: bigint }[] = [];
+    try {
+      uffd.serve({ workers: 4, poll: 'adaptive', onEvents: (evs) => void events.push(...(evs as { start: bigint }[])) });
+      uffd.register(m);
+      // Each advise sleeps in the kernel until a worker has read its event.
+      for (let i = 0; i < 64; i++) m.advise('dontneed', { offset: i * PAGE, length: PAGE });
+      await waitFor(() => events.length === 64, 5000, '64 remove events');
+      expect(events.map((e) => Number(e.start - m.address) / PAGE)).toEqual(Array.from({ length: 64 }, (_, i) => i));
+    } finally {
+      uffd.close();
+      m.close();
+    }
+  });
+
+  it('forkAccess() with eventFork while 4 spinning workers serve JavaScript-handled faults never deadlocks', (ctx) => {
+    requireCap(ctx, P.experiments.events, 'uffd events');
+    // glibc's fork() holds the malloc locks until a worker reads the FORK event: no worker may
+    // allocate or wait on a lock an allocating thread holds (see uffd-events.test.ts). In its own
+    // process: such a deadlock cannot be interrupted.
+    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-fork-traffic.mjs'), '4', '4', 'adaptive'], {
+      encoding: 'utf8',
+      timeout: 12_000,
+      killSignal: 'SIGKILL',
+    });
+    const lines = res.stdout.split('\n').filter(Boolean);
+    const progress = `reached ${lines.at(-1) ?? 'no round'}; stderr: ${res.stderr}`;
+    expect(res.signal, `the fixture deadlocked and was killed: ${progress}`).toBeNull();
+    expect(res.status, progress).toBe(0);
+    expect(lines.at(-1)).toMatch(/^all rounds done: [1-9]\d* forks, [1-9]\d* faults/);
+  });
 
   it('close() while 2 workers resolve a copy rule under 2 threads: nobody stays asleep', async (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');
