@@ -140,9 +140,14 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
           text:
             `wake-4k: one thread reads one word per page of ${o.pages ?? 2048} fresh pages through a 4 KiB copy rule, not pinned, so a worker that sleeps between ` +
             `faults pays the wake-up of an idle CPU; the C baseline's MISSING+COPY handler (poll() then read(), never spinning) runs in the same run, also unpinned. ` +
+            `wake-4k-busy: the same while one spinning process per CPU keeps the machine busy. ` +
             `workers-2m: 2 threads read one word per 2 MiB granule of ${(o.size ?? 256 << 20) >> 20} MiB through a 2 MiB copy rule, 1 worker against 2. ` +
             `${o.reps ?? 7} repetitions, alternating. Worker CPU ns/fault: the workers' thread CPU time over the faults they read (spinning shows here).`,
-          svg: [barChartSvg('Idle-machine 4 KiB fault (median, min-max)', 'us per page', bars('wake-4k', 1000)), barChartSvg('2 MiB-granule copy rule, 2 threads (median, min-max)', 'us per granule', bars('workers-2m', 1000))],
+          svg: [
+            barChartSvg('Idle-machine 4 KiB fault (median, min-max)', 'us per page', bars('wake-4k', 1000)),
+            barChartSvg('Busy-machine 4 KiB fault (median, min-max)', 'us per page', bars('wake-4k-busy', 1000)),
+            barChartSvg('2 MiB-granule copy rule, 2 threads (median, min-max)', 'us per granule', bars('workers-2m', 1000)),
+          ],
           table,
         },
       ]);

@@ -1,9 +1,11 @@
 // The service suite: what the fault service's polling and workers buy. (1) The idle-machine 4 KiB
 // fault: one thread faults page after page through a copy rule, unpinned, so a worker that sleeps
 // between faults pays the wake-up of an idle CPU; polling off, a fixed spin, and adaptive, with the
-// C baseline's MISSING+COPY round trip (also unpinned) in the same run. (2) 2 MiB-granule copy rule
-// under 2 application threads, 1 worker against 2. Ratios of medians; the workers' CPU time per
+// C baseline's MISSING+COPY round trip (also unpinned) in the same run; then the same on a busy
+// machine (one spinning process per CPU). (2) 2 MiB-granule copy rule under 2 application threads,
+// 1 worker against 2. Ratios of medians; the workers' CPU time per
 // fault shows what the spinning costs.
+import { spawn } from 'node:child_process';
 import { mapAnonymous, type Mapping } from '../mapping.js';
 import { Userfaultfd, type PollOption } from '../uffd.js';
 import { access } from '../access.js';
@@ -24,7 +26,7 @@ export interface ServiceOptions {
 }
 
 export interface ServiceRow {
-  scenario: 'wake-4k' | 'workers-2m';
+  scenario: 'wake-4k' | 'wake-4k-busy' | 'workers-2m';
   config: string;
   /** ns per page (wake-4k) or per granule (workers-2m), median over repetitions. */
   addon: Summary & { samples: number[] };
@@ -113,7 +115,7 @@ export async function runService(options: ServiceOptions = {}): Promise<ServiceR
   const reps = options.reps ?? 7;
   const size = options.size ?? 256 << 20;
   const p = probe();
-  const progress = new Progress(5, 'service', options.quiet);
+  const progress = new Progress(8, 'service', options.quiet);
   if (!p.experiments.uffd.ok) {
     progress.end();
     const none = { ...summarize([]), samples: [] };
@@ -124,25 +126,37 @@ export async function runService(options: ServiceOptions = {}): Promise<ServiceR
   try {
     const src4k = anon(pages * PAGE);
     src4k.bytes.fill(3);
-    const cSamples: number[] = [];
     const wake = (poll: PollOption) => () => rep(src4k, pages * PAGE, PAGE, 1, 1, poll);
-    const wakeRows = await compare(
-      'wake-4k',
-      [
-        { name: 'poll off', target: null, run: wake(false) },
-        { name: 'spin 50 us', target: null, run: wake({ spinUs: 50 }) },
-        { name: 'adaptive', target: 0.5, run: wake('adaptive') },
-      ],
-      reps,
-      progress,
-      async () => {
-        const c = await runBaseline('missing-copy', { pages, reps: 1 });
-        if (c.samplesNsPerPage) cSamples.push(...c.samplesNsPerPage);
-      },
-    );
+    const wakeRuns = async (scenario: 'wake-4k' | 'wake-4k-busy') => {
+      const cSamples: number[] = [];
+      const rows = await compare(
+        scenario,
+        [
+          { name: 'poll off', target: null, run: wake(false) },
+          { name: 'spin 50 us', target: null, run: wake({ spinUs: 50 }) },
+          { name: 'adaptive', target: scenario === 'wake-4k' ? 0.5 : null, run: wake('adaptive') },
+        ],
+        reps,
+        progress,
+        async () => {
+          const c = await runBaseline('missing-copy', { pages, reps: 1 });
+          if (c.samplesNsPerPage) cSamples.push(...c.samplesNsPerPage);
+        },
+      );
+      const c = cSamples.length ? { ...summarize(cSamples), samples: cSamples } : undefined;
+      for (const r of rows) r.c = c;
+      return rows;
+    };
+    const wakeRows = await wakeRuns('wake-4k');
+    // Busy: one spinning process per CPU for the length of these runs (killed right after).
+    const hogs = Array.from({ length: p.cpu.count }, () => spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' }));
+    let busyRows: ServiceRow[];
+    try {
+      busyRows = await wakeRuns('wake-4k-busy');
+    } finally {
+      for (const h of hogs) h.kill('SIGKILL');
+    }
     src4k.close();
-    const c = cSamples.length ? { ...summarize(cSamples), samples: cSamples } : undefined;
-    for (const r of wakeRows) r.c = c;
 
     const granule = 2 << 20;
     const src = anon(size);
@@ -159,7 +173,7 @@ export async function runService(options: ServiceOptions = {}): Promise<ServiceR
       progress,
     );
     src.close();
-    return [...wakeRows, ...workerRows];
+    return [...wakeRows, ...busyRows, ...workerRows];
   } finally {
     progress.end();
   }

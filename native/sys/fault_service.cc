@@ -59,7 +59,10 @@ int FaultService::start(FaultSink* sink, unsigned max_batch, unsigned workers, P
     w->retry.reserve(4 * max_batch_);
     w->forward.reserve(4 * max_batch_);
     w->events.reserve(max_batch_);
+    // Adaptive starts at a quarter of its cap (the faults of a new service usually come in runs)
+    // and finds its level from there; halving takes an idle worker to no spin in a few sleeps.
     if (poll.mode == PollMode::kFixed) w->budget_ns = uint64_t{poll.spin_us} * 1000;
+    if (poll.mode == PollMode::kAdaptive) w->budget_ns = uint64_t{poll.spin_us} * 1000 / 4;
     w->stats.spin_budget_ns = w->budget_ns;
     workers_.push_back(std::move(w));
   }
@@ -298,14 +301,20 @@ int FaultService::wait(Worker* w, pollfd* fds, bool retrying) {
   if (budget) {
     const uint64_t t0 = now_ns();
     uint64_t t = t0;
+    bool preempted = false;
     do {
       pr = ::poll(fds, 2, 0);
       if (pr != 0) break;
       // A faulter this worker just woke is often queued on this CPU (the waker's): let it run and
       // fault again instead of spinning in front of it.
       sched_yield();
+      const uint64_t before = t;
       t = now_ns();
-    } while (t - t0 < budget);
+      // Off the CPU for longer than the whole budget: other work wants this CPU, and a spinning
+      // worker (never asleep, so never favoured at wake-up) only queues behind it. Sleep instead.
+      preempted = t - before > budget;
+    } while (t - t0 < budget && !preempted);
+    if (preempted && poll_.mode == PollMode::kAdaptive) w->budget_ns /= 2;
     std::lock_guard<std::mutex> lock(w->stats_mu);
     w->stats.spin_ns += (pr != 0 ? now_ns() : t) - t0;
     if (pr > 0) w->stats.spin_hits++;
