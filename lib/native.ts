@@ -154,6 +154,8 @@ export interface NativeStats {
 }
 
 export interface NativeWorkerStats {
+  /** The worker's thread id (/proc/self/task/<tid>). */
+  tid: number;
   reads: number;
   faults: number;
   fastResolved: number;

@@ -3,6 +3,7 @@
 // nothing serves fails at once instead of sleeping forever.
 import { describe, it, expect } from 'vitest';
 import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { mapAnonymous, Userfaultfd, access, Device, configureEngine, engineStats, type Fault, type Mapping } from '../lib/index.js';
 import { P, PAGE, FIXTURES_DIR, within, fillPattern, requireCap, waitFor } from './helpers.js';
@@ -49,6 +50,34 @@ describe('workers', () => {
       }
     }, 30_000);
   }
+
+  it('a fault wakes one sleeping worker of 4, not all of them (no thundering herd)', async (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+    const { dst, src } = setup(512);
+    const uffd = Userfaultfd.open();
+    try {
+      uffd.register(dst);
+      uffd.serve({ workers: 4 });
+      uffd.addRule({ mapping: dst, action: 'copy', source: src });
+      // The kernel's count of each worker's sleeps: woken all together, each fault would cost four
+      // (the losers find nothing to read and sleep again inside epoll/poll, unseen by the service).
+      await waitFor(() => uffd.stats().workers.every((w) => w.tid > 0), 5000, 'the workers to start');
+      const tids = uffd.stats().workers.map((w) => w.tid);
+      const switches = () =>
+        tids.reduce((a, tid) => a + Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(fs.readFileSync(`/proc/self/task/${tid}/status`, 'utf8'))![1]), 0);
+      const before = switches();
+      // One thread: one fault at a time, so every fault finds all four workers asleep.
+      const r = await within(access(dst, { op: 'verify', seed: 11, unit: 8 }), 20_000, 'verify');
+      expect(r.mismatches).toBe(0);
+      const s = uffd.stats();
+      expect(s.faults).toBe(512);
+      expect(switches() - before).toBeLessThan(2 * s.faults);
+    } finally {
+      uffd.close();
+      dst.close();
+      src.close();
+    }
+  }, 30_000);
 
   it('2 workers hand unmatched faults to one JavaScript handler; batches and counts add up', async (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');

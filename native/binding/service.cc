@@ -54,6 +54,7 @@ Napi::Array WorkerStats(Napi::Env env, const std::vector<sys::ServiceStats>& ws)
     w.Set("faults", static_cast<double>(ws[i].faults));
     w.Set("fastResolved", static_cast<double>(ws[i].fast_resolved));
     w.Set("forwarded", static_cast<double>(ws[i].forwarded));
+    w.Set("tid", ws[i].tid);
     SetPollStats(w, ws[i]);
     per.Set(static_cast<uint32_t>(i), w);
   }

@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <thread>
 #include <unistd.h>
@@ -64,6 +65,16 @@ int FaultService::start(FaultSink* sink, unsigned max_batch, unsigned workers, P
     if (poll.mode == PollMode::kFixed) w->budget_ns = uint64_t{poll.spin_us} * 1000;
     if (poll.mode == PollMode::kAdaptive) w->budget_ns = uint64_t{poll.spin_us} * 1000 / 4;
     w->stats.spin_budget_ns = w->budget_ns;
+    if (workers > 1) {
+      w->epfd = ::epoll_create1(EPOLL_CLOEXEC);
+      epoll_event in{EPOLLIN | EPOLLEXCLUSIVE, {}}, stop{EPOLLIN, {}};
+      in.data.fd = uffd_;
+      stop.data.fd = stop_fd_;
+      if (w->epfd >= 0 && (::epoll_ctl(w->epfd, EPOLL_CTL_ADD, uffd_, &in) != 0 || ::epoll_ctl(w->epfd, EPOLL_CTL_ADD, stop_fd_, &stop) != 0)) {
+        ::close(w->epfd);  // poll() then, herd and all
+        w->epfd = -1;
+      }
+    }
     workers_.push_back(std::move(w));
   }
   {
@@ -89,7 +100,10 @@ void FaultService::stop() {
   (void)!::write(stop_fd_, &one, sizeof(one));
   for (auto& w : workers_)
     if (w->thread.joinable()) w->thread.join();
-  for (auto& w : workers_) add(&stopped_stats_, w->stats);
+  for (auto& w : workers_) {
+    add(&stopped_stats_, w->stats);
+    if (w->epfd >= 0) ::close(w->epfd);
+  }
   workers_.clear();
   running_.store(false);
   retired_.clear();  // the service threads are gone: nobody else holds these
@@ -321,7 +335,15 @@ int FaultService::wait(Worker* w, pollfd* fds, bool retrying) {
   }
   if (pr != 0) return pr;
   const uint64_t t0 = poll_.mode == PollMode::kAdaptive ? now_ns() : 0;
-  pr = ::poll(fds, 2, -1);
+  if (w->epfd >= 0) {
+    epoll_event ev[2];
+    pr = ::epoll_wait(w->epfd, ev, 2, -1);
+    fds[0].revents = fds[1].revents = 0;
+    for (int i = 0; i < pr; i++)  // EPOLLIN/ERR/HUP have poll()'s values
+      (ev[i].data.fd == uffd_ ? fds[0] : fds[1]).revents = static_cast<short>(ev[i].events);
+  } else {
+    pr = ::poll(fds, 2, -1);
+  }
   if (poll_.mode == PollMode::kAdaptive && pr > 0 && !(fds[1].revents & POLLIN)) {
     // A message came after the spin gave up: had it lasted the sleep, it would have caught it.
     // Grow while such gaps stay under the cap; halve when a sleep outlasts it (spinning would
@@ -339,6 +361,10 @@ int FaultService::wait(Worker* w, pollfd* fds, bool retrying) {
 
 void FaultService::loop(Worker* w) {
   // No allocation in here (see FaultSink::on_batch): every buffer was sized by start().
+  {
+    std::lock_guard<std::mutex> lock(w->stats_mu);
+    w->stats.tid = static_cast<uint32_t>(::gettid());
+  }
   uffd_msg* msgs = reinterpret_cast<uffd_msg*>(w->msgs.data());
   const size_t cap = w->work.capacity();
   const bool order_events = nworkers_ > 1;

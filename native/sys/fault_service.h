@@ -65,6 +65,7 @@ struct ServiceStats {
   uint64_t spin_hits = 0;      // spins that found the descriptor readable (a sleep saved)
   uint64_t sleeps = 0;         // blocking poll() calls
   uint64_t spin_budget_ns = 0; // the spin budget now (adaptive: the largest of the workers')
+  uint32_t tid = 0;            // per worker: its thread id (0 in sums)
 };
 
 // How a worker waits for the next message. kOff: poll() sleeps at once. kFixed: poll with a zero
@@ -137,6 +138,9 @@ class FaultService {
     mutable std::mutex stats_mu;
     ServiceStats stats;
     uint64_t budget_ns = 0;  // adaptive polling's current spin
+    // Several workers sleep in epoll_wait() on their own epoll, which holds the descriptor with
+    // EPOLLEXCLUSIVE: a fault wakes one sleeping worker, not all of them. -1: plain poll().
+    int epfd = -1;
     // Buffers of the loop, allocated by start() on the caller's thread: the loop itself never
     // allocates (see FaultSink::on_batch).
     std::vector<uffd_msg_storage> msgs;
