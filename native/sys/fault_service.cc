@@ -328,7 +328,12 @@ int FaultService::wait(Worker* w, pollfd* fds, bool retrying) {
       // worker (never asleep, so never favoured at wake-up) only queues behind it. Sleep instead.
       preempted = t - before > budget;
     } while (t - t0 < budget && !preempted);
-    if (preempted && poll_.mode == PollMode::kAdaptive) w->budget_ns /= 2;
+    if (preempted && poll_.mode == PollMode::kAdaptive) {
+      // A busy CPU: stop spinning, and do not grow again for a while (short gaps on a busy
+      // machine would regrow the budget at once, only to queue behind the same work).
+      w->budget_ns = 0;
+      w->cooldown = kAdaptiveCooldown;
+    }
     std::lock_guard<std::mutex> lock(w->stats_mu);
     w->stats.spin_ns += (pr != 0 ? now_ns() : t) - t0;
     if (pr > 0) w->stats.spin_hits++;
@@ -349,7 +354,8 @@ int FaultService::wait(Worker* w, pollfd* fds, bool retrying) {
     // Grow while such gaps stay under the cap; halve when a sleep outlasts it (spinning would
     // only have burnt the CPU).
     const uint64_t cap = uint64_t{poll_.spin_us} * 1000, slept = now_ns() - t0 + budget;
-    if (slept <= cap) w->budget_ns = std::min(cap, std::max<uint64_t>(w->budget_ns * 2, std::min<uint64_t>(cap, 10000)));
+    if (w->cooldown) w->cooldown--;
+    else if (slept <= cap) w->budget_ns = std::min(cap, std::max<uint64_t>(w->budget_ns * 2, std::min<uint64_t>(cap, 10000)));
     else w->budget_ns /= 2;
     if (w->budget_ns < 1000) w->budget_ns = 0;  // under a microsecond a spin catches nothing
   }
