@@ -332,7 +332,10 @@ int FaultService::wait(Worker* w, pollfd* fds, bool retrying) {
       // A busy CPU: stop spinning, and do not grow again for a while (short gaps on a busy
       // machine would regrow the budget at once, only to queue behind the same work).
       w->budget_ns = 0;
-      w->cooldown = kAdaptiveCooldown;
+      w->cooldown = w->cooldown_len;
+      // Each preemption in a row doubles the wait: on a machine that stays busy, adaptive ends up
+      // as "off" (every lost slice costs milliseconds, far more than a spin can save).
+      w->cooldown_len = std::min(w->cooldown_len * 2, kAdaptiveCooldownMax);
     }
     std::lock_guard<std::mutex> lock(w->stats_mu);
     w->stats.spin_ns += (pr != 0 ? now_ns() : t) - t0;
@@ -354,6 +357,7 @@ int FaultService::wait(Worker* w, pollfd* fds, bool retrying) {
     // Grow while such gaps stay under the cap; halve when a sleep outlasts it (spinning would
     // only have burnt the CPU).
     const uint64_t cap = uint64_t{poll_.spin_us} * 1000, slept = now_ns() - t0 + budget;
+    if (slept > cap) w->cooldown_len = kAdaptiveCooldown;  // an idle spell: the machine may have changed
     if (w->cooldown) w->cooldown--;
     else if (slept <= cap) w->budget_ns = std::min(cap, std::max<uint64_t>(w->budget_ns * 2, std::min<uint64_t>(cap, 10000)));
     else w->budget_ns /= 2;

@@ -101,8 +101,10 @@ class FaultService {
 
   static constexpr unsigned kMaxWorkers = 64;
   static constexpr uint32_t kMaxSpinUs = 1000000;
-  // Adaptive polling: sleeps without growth after a spin was preempted.
+  // Adaptive polling: sleeps without growth after a spin was preempted (doubling up to the max
+  // while preemptions keep coming; back to the first after a sleep longer than the cap).
   static constexpr unsigned kAdaptiveCooldown = 64;
+  static constexpr unsigned kAdaptiveCooldownMax = 65536;
 
   // Errors: -errno from eventfd/pthread creation, -EINVAL for workers outside 1..kMaxWorkers.
   // max_batch bounds messages per read(2) (each worker reads its own batches).
@@ -141,6 +143,7 @@ class FaultService {
     ServiceStats stats;
     uint64_t budget_ns = 0;  // adaptive polling's current spin
     unsigned cooldown = 0;   // adaptive: sleeps left before the budget may grow again
+    unsigned cooldown_len = kAdaptiveCooldown;  // the next cooldown (doubles per preemption)
     // Several workers sleep in epoll_wait() on their own epoll, which holds the descriptor with
     // EPOLLEXCLUSIVE: a fault wakes one sleeping worker, not all of them. -1: plain poll().
     int epfd = -1;
