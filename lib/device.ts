@@ -250,7 +250,8 @@ export class Mirror {
     k.op = checkOneOf('op', kernel.op ?? 'read', ['read', 'write', 'atomic', 'verify', 'copy'] as const);
     if (kernel.pattern !== undefined) checkOneOf('pattern', kernel.pattern, ['sequential', 'strided', 'random', 'gather'] as const);
     if (k.op === 'copy' && typeof kernel.copyTo !== 'number') throw typeError('ERR_INVALID_ARG_TYPE', 'a copy kernel needs copyTo (bytes)');
-    checkServed(this.mapping, this.offset, this.length, k.op !== 'read' && k.op !== 'verify', 'Mirror.run()');
+    const from = kernel.offset === undefined ? 0 : checkInteger('offset', kernel.offset, 0, this.length);
+    checkServed(this.mapping, this.offset + from, this.length - from, k.op !== 'read' && k.op !== 'verify', 'Mirror.run()');
     return this.#n.run(k);
   }
 
