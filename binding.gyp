@@ -24,6 +24,7 @@
         "native/binding/errors.cc",
         "native/binding/mapping.cc",
         "native/binding/userfaultfd.cc",
+        "native/binding/service.cc",
         "native/binding/access.cc",
         "native/binding/introspect.cc",
         "native/binding/device.cc",

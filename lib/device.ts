@@ -6,6 +6,7 @@ import { native, type NativeDevice, type NativeFileStats, type NativeForkDeviceR
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, checkBytes, checkDecodedPages, stateError, typeError } from './errors.js';
 import { checkBoolean, checkNumber, checkOptions, checkString, checkU64 } from './validate.js';
+import { checkServed } from './served.js';
 
 const PAGE = native.uname().pageSize;
 
@@ -235,11 +236,13 @@ export class Mirror {
    * racing), ENODEV (device closed); EINVAL for npages 0.
    */
   async read(offset: number, npages: number): Promise<KernelResult & { data: Buffer }> {
+    checkServed(this.mapping, this.offset + checkInteger('offset', offset), checkInteger('npages', npages) * PAGE, false, 'Mirror.read()');
     return this.#n.read(checkInteger('offset', offset), checkInteger('npages', npages));
   }
 
   /** The device writes data (whole pages) at offset. EPERM if the range is not writable. */
   async write(offset: number, data: Uint8Array): Promise<KernelResult> {
+    checkServed(this.mapping, this.offset + checkInteger('offset', offset), checkBytes('data', data).byteLength, true, 'Mirror.write()');
     return this.#n.write(checkInteger('offset', offset), checkBytes('data', data));
   }
 
@@ -253,6 +256,8 @@ export class Mirror {
     k.op = checkOneOf('op', kernel.op ?? 'read', ['read', 'write', 'atomic', 'verify', 'copy'] as const);
     if (kernel.pattern !== undefined) checkOneOf('pattern', kernel.pattern, ['sequential', 'strided', 'random', 'gather'] as const);
     if (k.op === 'copy' && typeof kernel.copyTo !== 'number') throw typeError('ERR_INVALID_ARG_TYPE', 'a copy kernel needs copyTo (bytes)');
+    const from = kernel.offset === undefined ? 0 : checkInteger('offset', kernel.offset, 0, this.length);
+    checkServed(this.mapping, this.offset + from, this.length - from, k.op !== 'read' && k.op !== 'verify', 'Mirror.run()');
     return this.#n.run(k);
   }
 

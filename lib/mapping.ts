@@ -4,6 +4,7 @@ import { native, K, type NativeMapping, type NativeMappingInfo, type CacheStat, 
 import { ADVICE, type Advice, parseProt, type Protection, categoryMask, categoryNames, type PageCategory } from './constants.js';
 import { checkBytes, checkDecodedPages, checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
 import { checkBoolean, checkOptions, checkString, checkU64 } from './validate.js';
+import { checkServed } from './served.js';
 
 const BASE_PAGE = native.uname().pageSize;
 
@@ -249,10 +250,12 @@ export class Mapping {
    * Makes the range present (MADV_POPULATE_READ, or _WRITE with write: true) on a native thread:
    * any size, and safe on registered memory (its faults are served meanwhile). Default: the whole
    * mapping, read. Errors: EFAULT (a page could not be made present: PROT_NONE, SIGBUS), ENOMEM,
-   * EBUSY from close() meanwhile (the range is pinned until it finishes).
+   * EBUSY from close() meanwhile (the range is pinned until it finishes); ERR_PAGEMIRROR_NOT_SERVED
+   * before starting when a page would fault on a library userfaultfd that nothing serves.
    */
   async populate(options: RangeOptions & { write?: boolean } = {}): Promise<void> {
     const [o, l] = this.#range(options);
+    checkServed(this, o, l, options.write ?? false, 'populate()');
     await native.populateAsync(this.native, o, l, options.write ?? false);
   }
 
@@ -388,15 +391,21 @@ export class Mapping {
     return this.native.writeFrom(checkInteger('offset', offset), checkBytes('data', data));
   }
 
-  /** Copies bytes out on a native thread: safe on registered memory (the fault is served meanwhile). */
+  /**
+   * Copies bytes out on a native thread: safe on registered memory (the fault is served meanwhile).
+   * ERR_PAGEMIRROR_NOT_SERVED before starting when a page would fault on a library userfaultfd
+   * that nothing serves (the copy would sleep forever).
+   */
   async read(offset: number, length: number): Promise<Buffer> {
+    checkServed(this, checkInteger('offset', offset), checkInteger('length', length), false, 'read()');
     const out = Buffer.alloc(checkInteger('length', length));
     await native.copyAsync(this.native, checkInteger('offset', offset), out, false);
     return out;
   }
 
-  /** Copies bytes in on a native thread. */
+  /** Copies bytes in on a native thread. ERR_PAGEMIRROR_NOT_SERVED as read(). */
   write(offset: number, data: Uint8Array): Promise<number> {
+    checkServed(this, checkInteger('offset', offset), checkBytes('data', data).byteLength, true, 'write()');
     return native.copyAsync(this.native, checkInteger('offset', offset), checkBytes('data', data), true);
   }
 

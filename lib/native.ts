@@ -140,6 +140,48 @@ export interface NativeStats {
   eagain: number;
   errors: number;
   serviceNs: number;
+  /** CPU time of the service threads (CLOCK_THREAD_CPUTIME_ID), ns: what polling costs shows here. */
+  cpuNs: number;
+  /** Wall time spent polling the descriptor without sleeping, ns. */
+  spinNs: number;
+  /** Spins that found a message (a sleep and a wake-up saved). */
+  spinHits: number;
+  /** Times a worker slept in poll(). */
+  sleeps: number;
+  /** The spin budget now (adaptive: the largest of the workers'), ns. */
+  spinBudgetNs: number;
+  /** One entry per running worker. */
+  workers: NativeWorkerStats[];
+}
+
+export interface NativeWorkerStats {
+  /** The worker's thread id (/proc/self/task/<tid>). */
+  tid: number;
+  reads: number;
+  faults: number;
+  fastResolved: number;
+  forwarded: number;
+  cpuNs: number;
+  spinNs: number;
+  spinHits: number;
+  sleeps: number;
+  spinBudgetNs: number;
+}
+
+export type NativePollMode = 'off' | 'fixed' | 'adaptive';
+
+export interface NativeEngineStats {
+  faults: number;
+  reads: number;
+  batches: number;
+  maxBatch: number;
+  cpuNs: number;
+  spinNs: number;
+  spinHits: number;
+  sleeps: number;
+  spinBudgetNs: number;
+  workerCount: number;
+  workers: NativeWorkerStats[];
 }
 
 export interface NativeRule {
@@ -194,7 +236,8 @@ export interface NativeUserfaultfd {
     mode: number,
     replay: boolean,
   ): { bytes: number; exists: number };
-  serve(callback: (batch: NativeBatch) => void, maxBatch: number): void;
+  serve(callback: (batch: NativeBatch) => void, maxBatch: number, workers?: number, pollMode?: NativePollMode, spinUs?: number): void;
+  reconfigure(maxBatch: number, workers?: number, pollMode?: NativePollMode, spinUs?: number): void;
   setRules(rules: NativeRule[]): void;
   stats(): NativeStats;
   outstanding(): BigUint64Array;
@@ -385,6 +428,8 @@ export interface NativeAddon {
   fsType(path: string): number;
   uname(): { sysname: string; release: string; version: string; machine: string; pageSize: number };
   probeUffd(userModeOnly: boolean): NativeUffdProbe;
+  configureEngine(workers?: number, pollMode?: NativePollMode, spinUs?: number): void;
+  engineStats(): NativeEngineStats;
   setAffinity(cpus: number[]): void;
   getAffinity(): number[];
   constants: Record<string, number>;

@@ -18,6 +18,7 @@ import {
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, stateError, typeError } from './errors.js';
 import { checkBoolean, checkFunction, checkOffsets, checkOptions, checkU64 } from './validate.js';
+import { noteRegistered, noteUnregistered, type ServedHolder } from './served.js';
 
 export type { ResolveResult } from './native.js';
 
@@ -104,8 +105,42 @@ export interface ServeOptions {
    * error goes here. Default: the error is reported with process.emitWarning.
    */
   onError?: (err: unknown, faults: Fault[]) => void;
-  /** Most messages read per read(2). Default 64. */
+  /** Most messages read per read(2), per worker. Default 64 (1..4096). */
   maxBatch?: number;
+  /**
+   * Native worker threads reading the descriptor (each reads and resolves its own batches; rules
+   * are shared; batches handed to JavaScript still coalesce while it is busy). Default 1, at most
+   * MAX_SERVICE_WORKERS (64): RangeError ERR_OUT_OF_RANGE otherwise.
+   */
+  workers?: number;
+  /**
+   * How a worker waits for the next fault. false (default): it sleeps in poll() at once.
+   * { spinUs }: it polls the descriptor without sleeping for up to spinUs microseconds first
+   * (0..1000000), which saves the wake-up of a sleeping thread (tens of µs on an idle machine) at
+   * the cost of that much CPU. 'adaptive': spins for a budget, at most ADAPTIVE_SPIN_MAX_US, that
+   * follows the recent gaps between faults (it grows while faults come soon after a worker went to
+   * sleep, halves when they do not). stats() reports the CPU it costs (cpuNs, spinNs).
+   */
+  poll?: PollOption;
+}
+
+/** A worker's way to wait (ServeOptions.poll). */
+export type PollOption = false | 'adaptive' | { spinUs?: number };
+
+/** The most service workers a descriptor (or the engine) can have. */
+export const MAX_SERVICE_WORKERS = 64;
+/** The cap of the adaptive spin budget, µs. */
+export const ADAPTIVE_SPIN_MAX_US = 200;
+
+/** Checks ServeOptions.workers / poll before anything starts; the native (workers, mode, spinUs). */
+export function serviceArgs(workers: unknown, poll: unknown): [number, 'off' | 'fixed' | 'adaptive', number] {
+  const w = checkInteger('workers', workers ?? 1, 1, MAX_SERVICE_WORKERS);
+  if (poll === undefined || poll === false) return [w, 'off', 0];
+  if (poll === 'adaptive') return [w, 'adaptive', ADAPTIVE_SPIN_MAX_US];
+  if (typeof poll !== 'object' || poll === null || Array.isArray(poll))
+    throw typeError('ERR_INVALID_ARG_TYPE', "poll must be false, 'adaptive' or { spinUs }");
+  const us = checkInteger('poll.spinUs', (poll as { spinUs?: unknown }).spinUs ?? 0, 0, 1_000_000);
+  return [w, us === 0 ? 'off' : 'fixed', us];
 }
 
 export type RuleAction = 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue';
@@ -142,12 +177,14 @@ export type ServiceStats = NativeStats;
 
 type Target = Mapping | bigint;
 
-export class Userfaultfd {
+export class Userfaultfd implements ServedHolder {
   readonly #n: NativeUserfaultfd;
   #features = 0n;
   #registrations: Registration[] = [];
   #rules: Rule[] = [];
   #serving = false;
+  // Started by addRule() rather than serve(): a later serve() takes it over.
+  #autoServed = false;
   #options: ServeOptions = {};
   #closed = false;
 
@@ -244,6 +281,10 @@ export class Userfaultfd {
   get closed(): boolean {
     return this.#closed;
   }
+  /** Whether a native service reads this descriptor (serve(), or addRule() on an unserved one). */
+  get serving(): boolean {
+    return this.#serving;
+  }
 
   #live(): void {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the userfaultfd is closed');
@@ -273,6 +314,7 @@ export class Userfaultfd {
     const ioctls = this.#n.register(mapping.native, offset, length, mode);
     const reg: Registration = { mapping, offset, length, modes: [...modes], ioctls: new Set(ioctlNames(ioctls)) };
     this.#registrations.push(reg);
+    noteRegistered(mapping, this);
     return reg;
   }
 
@@ -286,6 +328,7 @@ export class Userfaultfd {
     this.#registrations = this.#registrations.filter(
       (r) => !(r.mapping === mapping && r.offset >= offset && r.offset + r.length <= offset + length),
     );
+    if (!this.#registrations.some((r) => r.mapping === mapping)) noteUnregistered(mapping, this);
   }
 
   #t(target: Target): Mapping['native'] | bigint {
@@ -413,15 +456,27 @@ export class Userfaultfd {
     return this.#n.resolveMany(action, this.#t(target), offs, checkInteger('length', options.length ?? page, 1), src, srcOffs, mode, replay);
   }
 
-  /** Starts the native service thread. Faults no rule covers go to onFaults, in batches. */
+  /**
+   * Starts the native service (`workers` threads, default 1). Faults no rule covers go to onFaults,
+   * in batches. Errors: ERR_PAGEMIRROR_SERVING (serve() was called already), RangeError
+   * ERR_OUT_OF_RANGE (maxBatch, workers, poll.spinUs), TypeError ERR_INVALID_ARG_TYPE (poll), all
+   * before anything starts; EAGAIN (pthread_create) when the threads cannot be created. After
+   * addRule() started the service with no handler, serve() takes it over (with its options).
+   */
   serve(options: ServeOptions = {}): this {
     this.#live();
-    if (this.#serving) throw stateError('ERR_PAGEMIRROR_SERVING', 'already serving');
+    if (this.#serving && !this.#autoServed) throw stateError('ERR_PAGEMIRROR_SERVING', 'already serving');
     options = checkOptions('options', options);
     for (const k of ['onFaults', 'onEvents', 'onError'] as const) checkFunction(k, options[k]);
-    this.#options = options;
     const maxBatch = checkInteger('maxBatch', options.maxBatch ?? 64, 1, 4096);
-    this.#n.serve((batch) => this.#dispatch(batch), maxBatch);
+    const [workers, mode, spinUs] = serviceArgs(options.workers, options.poll);
+    if (this.#autoServed) {
+      this.#n.reconfigure(maxBatch, workers, mode, spinUs);
+      this.#autoServed = false;
+    } else {
+      this.#n.serve((batch) => this.#dispatch(batch), maxBatch, workers, mode, spinUs);
+    }
+    this.#options = options;
     this.#serving = true;
     return this;
   }
@@ -514,7 +569,14 @@ export class Userfaultfd {
     this.#report(err, faults);
   }
 
-  /** Adds a fast-path rule; returns it (pass it to removeRule()). */
+  /**
+   * Adds a fast-path rule; returns it (pass it to removeRule()). On a descriptor that is not served
+   * yet it starts the native service (one worker, no handler), so faults the rule covers are
+   * resolved at once instead of sleeping: faults no rule covers then get the fallback (what the
+   * kernel would do without userfaultfd: a zero page, un-protect, continue) with a warning
+   * (process.emitWarning), until serve() takes the service over with a handler. Errors:
+   * ERR_PAGEMIRROR_CLOSED; TypeError/RangeError for a bad rule, before anything changes.
+   */
   addRule(rule: Rule): Rule {
     this.#live();
     if (!(rule?.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'rule.mapping must be a Mapping');
@@ -529,6 +591,11 @@ export class Userfaultfd {
     const next = [...this.#rules, rule];
     this.#n.setRules(next.map(toNativeRule));
     this.#rules = next;
+    if (!this.#serving) {
+      this.#n.serve((batch) => this.#dispatch(batch), 64);
+      this.#serving = true;
+      this.#autoServed = true;
+    }
     return rule;
   }
 
@@ -554,7 +621,10 @@ export class Userfaultfd {
     return this.#rules;
   }
 
-  /** Counters of the service thread. */
+  /**
+   * Counters of the service, summed over its workers (maxBatch and spinBudgetNs: the largest), with
+   * one entry per running worker in `workers`. cpuNs is the workers' CPU time (what polling costs).
+   */
   stats(): ServiceStats {
     return this.#n.stats();
   }
@@ -576,6 +646,7 @@ export class Userfaultfd {
     this.#n.close(outcome);
     this.#closed = true;
     this.#serving = false;
+    for (const r of this.#registrations) noteUnregistered(r.mapping, this);
     this.#registrations = [];
     this.#rules = [];
   }

@@ -13,6 +13,7 @@
 #include "../engine/mirror.h"
 #include "device.h"
 #include "mapping.h"
+#include "service.h"
 #include "userfaultfd.h"
 
 namespace pm {
@@ -149,6 +150,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fsType", Napi::Function::New(env, FsType, "fsType"));
   exports.Set("uname", Napi::Function::New(env, Uname, "uname"));
   exports.Set("probeUffd", Napi::Function::New(env, ProbeUffd, "probeUffd"));
+  exports.Set("configureEngine", Napi::Function::New(env, ConfigureEngine, "configureEngine"));
+  exports.Set("engineStats", Napi::Function::New(env, EngineStats, "engineStats"));
   exports.Set("setAffinity", Napi::Function::New(env, SetAffinity, "setAffinity"));
   exports.Set("getAffinity", Napi::Function::New(env, GetAffinity, "getAffinity"));
   exports.Set("constants", Constants(env));

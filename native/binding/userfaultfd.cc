@@ -14,6 +14,7 @@
 #include "args.h"
 #include "errors.h"
 #include "mapping.h"
+#include "service.h"
 
 namespace pm {
 
@@ -104,6 +105,7 @@ Napi::Function Userfaultfd::Init(Napi::Env env) {
                          InstanceMethod<&Userfaultfd::Fallback>("fallback"),
                          InstanceMethod<&Userfaultfd::ResolveMany>("resolveMany"),
                          InstanceMethod<&Userfaultfd::Serve>("serve"),
+                         InstanceMethod<&Userfaultfd::Reconfigure>("reconfigure"),
                          InstanceMethod<&Userfaultfd::SetRules>("setRules"),
                          InstanceMethod<&Userfaultfd::Stats>("stats"),
                          InstanceMethod<&Userfaultfd::Outstanding>("outstanding"),
@@ -577,7 +579,8 @@ Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// serve(callback, maxBatch): starts the service thread. The callback receives batches.
+// serve(callback, maxBatch?, workers?, pollMode?, spinUs?): starts the service threads. The
+// callback receives batches.
 Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = live_fd(env);
@@ -585,7 +588,7 @@ Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
   if (service_ && service_->running()) throw StateError(env, "ERR_PAGEMIRROR_SERVING", "already serving");
   if (info.Length() < 1 || !info[0].IsFunction())
     throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "callback must be a function");
-  unsigned max_batch = static_cast<unsigned>(info.Length() > 1 ? ToU64(info[1], "maxBatch") : 64);
+  const ServiceConfig config = ConfigArgs(info, 1);
   auto p = std::make_shared<Pending>();
   p->faults.reserve(Pending::kCapacity);
   p->events.reserve(Pending::kCapacity);
@@ -608,11 +611,30 @@ Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
     self_ref_ = true;
   }
   if (!service_) service_ = std::make_unique<sys::FaultService>(fd, sys::page_size());
-  int rc = service_->start(this, max_batch);
+  int rc = service_->start(this, config.max_batch, config.workers, config.poll);
   if (rc) {
     StopService();
     ThrowSystemError(env, rc, "pthread_create");
   }
+  return env.Undefined();
+}
+
+// reconfigure(maxBatch?, workers?, pollMode?, spinUs?): restarts a running service with other
+// settings. The workers stop after their batch in hand (faults they were retrying go to the
+// callback); what the kernel still has queued waits for the new ones.
+Napi::Value Userfaultfd::Reconfigure(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  live_fd(env);
+  if (!service_ || !service_->running() || !pending_) throw StateError(env, "ERR_PAGEMIRROR_NOT_SERVED", "not serving: call serve()");
+  const ServiceConfig config = ConfigArgs(info, 0);
+  service_->stop();
+  int rc = service_->start(this, config.max_batch, config.workers, config.poll);
+  if (rc && service_->start(this, config.max_batch, 1, {}) != 0) {
+    // Not even one worker: nothing would serve the descriptor; stop as close() would, leaving
+    // the outcome to the caller's close().
+    StopService();
+  }
+  if (rc) ThrowSystemError(env, rc, "pthread_create");
   return env.Undefined();
 }
 
@@ -747,6 +769,8 @@ Napi::Value Userfaultfd::Stats(const Napi::CallbackInfo& info) {
   o.Set("eagain", static_cast<double>(s.eagain));
   o.Set("errors", static_cast<double>(s.errors));
   o.Set("serviceNs", static_cast<double>(s.service_ns));
+  SetPollStats(o, s);
+  o.Set("workers", WorkerStats(env, service_ ? service_->worker_stats() : std::vector<sys::ServiceStats>{}));
   return o;
 }
 

@@ -18,6 +18,14 @@ Engine& Engine::get() {
 }
 
 int Engine::ensure() {
+  {
+    // Once open, config_mu_ is not taken here: a caller may hold a mirror's change mutex, which a
+    // worker that configure() is joining may be waiting for.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fd_ >= 0) return 0;
+  }
+  // Opening: no worker exists yet, so nothing can wait on this; configure() must not see half of it.
+  std::lock_guard<std::mutex> config(config_mu_);
   std::lock_guard<std::mutex> lock(mu_);
   if (fd_ >= 0) return 0;
   if (open_error_) return open_error_;
@@ -43,7 +51,7 @@ int Engine::ensure() {
   has_move_ = (want & UFFD_FEATURE_MOVE) != 0;
   user_mode_only_ = r.user_mode_only;
   service_ = std::make_unique<sys::FaultService>(r.fd, sys::page_size());
-  rc = service_->start(this, 64);
+  rc = service_->start(this, 64, workers_, poll_);
   if (rc) {
     service_.reset();
     sys::close_fd(r.fd);
@@ -51,6 +59,30 @@ int Engine::ensure() {
   }
   fd_ = r.fd;
   return 0;
+}
+
+int Engine::configure(unsigned workers, sys::PollOptions poll) {
+  if (workers < 1 || workers > sys::FaultService::kMaxWorkers || poll.spin_us > sys::FaultService::kMaxSpinUs) return -EINVAL;
+  std::lock_guard<std::mutex> config(config_mu_);
+  workers_ = workers;
+  poll_ = poll;
+  // service_ is set once, by ensure() under config_mu_: safe to use without mu_, which the workers
+  // take and must stay free while they are joined.
+  if (!service_) return 0;
+  service_->stop();  // no rules here: every fault a worker read is handled before it stops
+  int rc = service_->start(this, 64, workers_, poll_);
+  if (rc && service_->start(this, 64, 1, {}) == 0) workers_ = 1, poll_ = {};  // never left unserved
+  return rc;
+}
+
+sys::ServiceStats Engine::stats() {
+  std::lock_guard<std::mutex> config(config_mu_);
+  return service_ ? service_->stats() : sys::ServiceStats{};
+}
+
+std::vector<sys::ServiceStats> Engine::worker_stats() {
+  std::lock_guard<std::mutex> config(config_mu_);
+  return service_ ? service_->worker_stats() : std::vector<sys::ServiceStats>{};
 }
 
 uint64_t Engine::next_owner_id() {
@@ -244,8 +276,10 @@ void Engine::release_others(const std::vector<Mirror*>& held) {
   }
 }
 
-// The engine's descriptor negotiates no events (EVENT_FORK in particular), so no fork waits on this
-// thread and its handler may allocate.
+// The engine's descriptor negotiates no events (EVENT_FORK in particular), so no fork waits on these
+// threads and the handler may allocate. With several workers, handlers run concurrently: each
+// takes mu_ only to list the covering mirrors, then their change mutexes in address order (as
+// lock_covering() does), so two handlers, or a handler and a migration, cannot deadlock.
 void Engine::on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg*, size_t) {
   for (size_t i = 0; i < n; i++) handle(faults[i]);
 }

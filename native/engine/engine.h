@@ -26,6 +26,15 @@ class Engine : public sys::FaultSink {
   // and UFFDIO_API; -EOPNOTSUPP when the kernel lacks UFFDIO_MOVE and write protection.
   int ensure();
   int fd() const { return fd_; }
+  // Worker threads and polling of the CPU-fault service, process-wide (a pull-back from a slow disk
+  // then holds up only its own worker). Before first use it only records them; on a running
+  // service the workers finish the faults in hand, stop, and start again with the new setting.
+  // -EINVAL: workers outside 1..FaultService::kMaxWorkers. Call from one thread at a time.
+  int configure(unsigned workers, sys::PollOptions poll);
+  sys::ServiceStats stats();
+  std::vector<sys::ServiceStats> worker_stats();
+  unsigned workers() const { return workers_; }
+  sys::PollOptions poll_options() const { return poll_; }
   bool has_move() const { return has_move_; }
   // The descriptor sees faults raised in user mode only (all that vm.unprivileged_userfaultfd=0
   // leaves an unprivileged process): a fault the kernel itself takes on a registered range (a
@@ -105,6 +114,11 @@ class Engine : public sys::FaultSink {
   bool user_mode_only_ = false;
   int open_error_ = 0;
   std::unique_ptr<sys::FaultService> service_;
+  // Serialises configure() against ensure() and stats(); never held by a service thread (they take
+  // mu_), so stopping the workers under it cannot wait on them.
+  std::mutex config_mu_;
+  unsigned workers_ = 1;
+  sys::PollOptions poll_;
   std::vector<Mirror*> mirrors_;
   std::vector<Mirror*> all_;
   struct Range {
