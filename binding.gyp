@@ -16,6 +16,7 @@
         "native/engine/device.cc",
         "native/engine/engine.cc",
         "native/engine/fork_device.cc",
+        "native/engine/pager.cc",
         "native/binding/errors.cc",
         "native/binding/mapping.cc",
         "native/binding/userfaultfd.cc",
@@ -23,6 +24,7 @@
         "native/binding/introspect.cc",
         "native/binding/device.cc",
         "native/binding/fork_device.cc",
+        "native/binding/pager.cc",
         "native/binding/addon.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

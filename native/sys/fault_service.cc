@@ -178,6 +178,15 @@ bool FaultService::resolve_fast(const Rule& rule, const FaultMsg& msg, int* err,
     stats_.fast_resolved--;
     stats_.fast_pages -= len / page_;
   };
+  if (rule.action == RuleAction::kHandler) {
+    *err = rule.handler->resolve(uffd_, msg, pages);
+    if (*err) unpublish();
+    else if (*pages != len / page_) {
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      stats_.fast_pages = stats_.fast_pages - len / page_ + *pages;
+    }
+    return *err == 0;
+  }
   int64_t done = 0;
   int rc = 0;
   auto apply = [&](uint64_t s, uint64_t l) -> int {
