@@ -70,7 +70,7 @@ int Pager::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
   *pages = 0;
   if (wp) return resolve_wp(uffd, g, page_addr);
   if (minor && cfg_.mode != PagerMode::kShared) return -EINVAL;
-  int rc = resolve_missing(uffd, g, page_addr);
+  int rc = resolve_missing(uffd, g, page_addr, msg.flags & UFFD_PAGEFAULT_FLAG_WRITE);
   if (rc == 0) *pages = cfg_.granule / cfg_.page;
   return rc;
 }
@@ -92,7 +92,7 @@ int Pager::resolve_wp(int uffd, uint64_t g, uint64_t page_addr) {
   return sys::uffd_writeprotect(uffd, addr_of(g), cfg_.granule, 0);
 }
 
-int Pager::resolve_missing(int uffd, uint64_t g, uint64_t page_addr) {
+int Pager::resolve_missing(int uffd, uint64_t g, uint64_t page_addr, bool write) {
   const bool shared = cfg_.mode == PagerMode::kShared;
   bool present = false;
   {
@@ -110,6 +110,13 @@ int Pager::resolve_missing(int uffd, uint64_t g, uint64_t page_addr) {
         return kForward;
       set_st(g, kFilling);
       filling_++;
+      // A write fault: the granule is dirty as soon as it is in, so it goes in writable (no WP
+      // round trip for the write that is waiting). Marked before it is writable: clean granules
+      // are always write-protected (see evict_batch).
+      if (write && !shared && !(state_[g] & kDirty)) {
+        state_[g] |= kDirty;
+        dirty_++;
+      }
     }
   }
   if (present) return resolve_shared_page(uffd, page_addr);
@@ -187,8 +194,14 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
       // Counted before the copy wakes the faulter: whoever waits for its access and then reads
       // stats() finds this fill in them. Taken back below if the copy fails.
       count_fill(prefetched, 1);
-      // Installed write-protected: the first write is a WP fault, which is how a granule becomes dirty.
-      rc = copy_in(uffd, addr, src, cfg_.granule, cfg_.page, UFFDIO_COPY_MODE_WP);
+      // Installed write-protected unless already dirty (a write fault's fill): the first write to
+      // a clean granule is a WP fault, which is how it becomes dirty.
+      bool dirty;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        dirty = state_[g] & kDirty;
+      }
+      rc = copy_in(uffd, addr, src, cfg_.granule, cfg_.page, dirty ? 0 : UFFDIO_COPY_MODE_WP);
       if (rc) count_fill(prefetched, -1);
     }
   }

@@ -107,7 +107,7 @@ class Pager : public sys::FaultHandler {
   void set_st(uint64_t g, uint8_t s) { state_[g] = static_cast<uint8_t>((state_[g] & ~kStateMask) | s); }
   uint64_t addr_of(uint64_t g) const { return cfg_.base + g * cfg_.granule; }
 
-  int resolve_missing(int uffd, uint64_t g, uint64_t page_addr);
+  int resolve_missing(int uffd, uint64_t g, uint64_t page_addr, bool write);
   int resolve_wp(int uffd, uint64_t g, uint64_t page_addr);
   int resolve_shared_page(int uffd, uint64_t page_addr);
   // Fills granule g (state already kFilling) from the file, the rule or `data`. 0, 1 (shared
