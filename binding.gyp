@@ -41,6 +41,13 @@
       "sources": ["bench/c/uffd_baseline.c"],
       "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"],
       "libraries": ["-pthread"]
+    },
+    {
+      "target_name": "pager_c",
+      "type": "executable",
+      "sources": ["bench/c/pager_c.c"],
+      "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+      "libraries": ["-pthread"]
     }
   ]
 }
