@@ -1,7 +1,7 @@
 // The pager: one call pages a file (or a memfd, or nothing) into a region filled by the native
 // fault service, with a bounded resident set, eviction and write-back. Every fault is real.
 import { describe, it, expect } from 'vitest';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -227,6 +227,46 @@ describe('pager', () => {
     expect(p.stats().missing).toBe(before);
     await within(p.close(), 10_000, 'close');
   }, 30_000);
+
+  // The file strategies' guarantee: a granule is clean only once its write was confirmed; when the
+  // file refuses it, it stays resident and dirty, flush() and close() reject with the kernel's
+  // error and the granules, and the next flush() writes them. A full tmpfs refuses pwrite itself.
+  it('write errors: a full file system keeps the granules dirty, flush() and close() reject, nothing is lost', async (ctx) => {
+    needPager(ctx);
+    if (process.getuid?.() !== 0) ctx.skip('mounting a small tmpfs needs root');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-pager-full-'));
+    const mount = (o: string) => {
+      const r = spawnSync('mount', ['-t', 'tmpfs', '-o', o, 'pagemirror-pager-full', dir], { encoding: 'utf8' });
+      if (r.status !== 0) throw new Error(`mount ${o}: ${r.stderr}`);
+    };
+    mount('size=1m');
+    cleanup.push(() => fs.rmdirSync(dir));
+    cleanup.push(() => void spawnSync('umount', [dir]));
+    const file = path.join(dir, 'sparse');
+    const size = 4 << 20; // sparse: 4 MiB of holes on a 1 MiB file system
+    fs.writeFileSync(file, '');
+    fs.truncateSync(file, size);
+    const granule = 64 * 1024;
+    const p = await pager(file, { granule, residentLimit: 1 << 20 });
+    cleanup.push(() => void p.close().catch(() => {}));
+    // Writes go on while evictions fail: the resident set grows past the limit instead.
+    await within(p.access({ op: 'write', seed: 31, unit: 8 }), 20_000, 'write');
+    const s = p.stats();
+    expect(s.writeErrors).toBeGreaterThan(0);
+    expect(s.residentBytes).toBeGreaterThan(1 << 20);
+    const err = await within(p.flush().then(() => null, (e) => e), 20_000, 'flush');
+    expect(err).toMatchObject({ code: 'ENOSPC', errno: -28, syscall: 'pwrite', path: file });
+    expect(err.granules.length).toBeGreaterThan(0);
+    expect(err.ranges[0]).toMatchObject({ length: expect.any(Number) });
+    expect(p.stats().dirty).toBeGreaterThanOrEqual(err.granules.length);
+    await expect(within(p.close(), 20_000, 'close')).rejects.toMatchObject({ code: 'ENOSPC' });
+    expect(p.closed).toBe(false);
+    // Still all there through the pager, then in the file once it has room.
+    expect((await within(p.access({ op: 'verify', seed: 31, unit: 8 }), 20_000, 'verify')).mismatches).toBe(0);
+    mount('remount,size=16m');
+    await within(p.close(), 20_000, 'close');
+    expect(mismatches(file, 31)).toBe(0);
+  }, 60_000);
 
   it('misuse: typed errors before any system call, and no hang', async (ctx) => {
     needPager(ctx);
