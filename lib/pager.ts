@@ -77,6 +77,8 @@ export interface PagerWriteError extends Error {
   ranges: { offset: number; length: number }[];
 }
 
+const CONSTRUCT = Symbol('Pager');
+
 /** A region paged from a file by native threads. Get one with pager(). */
 export class Pager {
   readonly #n: NativePager;
@@ -90,7 +92,8 @@ export class Pager {
   #closed = false;
 
   /** @internal use pager(). */
-  constructor(n: NativePager, uffd: Userfaultfd, region: Mapping, length: number, granule: number, mode: PagerMode | 'anonymous') {
+  constructor(token: symbol, n: NativePager, uffd: Userfaultfd, region: Mapping, length: number, granule: number, mode: PagerMode | 'anonymous') {
+    if (token !== CONSTRUCT) throw typeError('ERR_ILLEGAL_CONSTRUCTOR', 'use pager() to create a Pager');
     this.#n = n;
     this.#uffd = uffd;
     this.#region = region;
@@ -384,7 +387,7 @@ export async function pager(target: string | number | null, options: PagerOption
     uffd.register(region, { length: regionLength, modes: mode === 'shared' ? ['missing', 'minor'] : ['missing', 'wp'] });
     n.attach(uffd.fd);
     setHandlerRule(uffd, region, n);
-    const p = new Pager(n, uffd, region, length, granule, anonymous ? 'anonymous' : mode);
+    const p = new Pager(CONSTRUCT, n, uffd, region, length, granule, anonymous ? 'anonymous' : mode);
     uffd.serve({
       // The engine resolves every fault natively; what reaches here is a fill callback's granule,
       // or a fault the engine could not resolve. Nothing is ever resolved with silent zeros.

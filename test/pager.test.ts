@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as readline from 'node:readline';
-import { pager, mapMemfd } from '../lib/index.js';
+import { pager, Pager, mapMemfd } from '../lib/index.js';
 import { P, PAGE, FIXTURES_DIR, requireCap, within, cleanupAfterEach, fillPattern, rng } from './helpers.js';
 
 const cleanup = cleanupAfterEach();
@@ -298,6 +298,7 @@ describe('pager', () => {
       expect(shared.code).toBe('ERR_INVALID_ARG_VALUE');
       expect(shared.message).toMatch(/tmpfs and memfd/);
     }
+    expect(() => new Pager(Symbol('x'), ...([] as unknown as [never, never, never, never, never, never]))).toThrow(expect.objectContaining({ code: 'ERR_ILLEGAL_CONSTRUCTOR' }));
     const p = await pager(file, { granule: 65536 });
     expect(() => p.read(0, (1 << 20) + 1)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
     expect(() => p.read(-1, 1)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
