@@ -367,18 +367,24 @@ int Pager::evict_batch(int uffd, size_t want) {
 int Pager::write_back(const std::vector<uint64_t>& gs, PagerWriteError* err) {
   const uint64_t t0 = sys::now_ns();
   uint64_t lo = UINT64_MAX, hi = 0, bytes = 0;
-  for (uint64_t g : gs) {
-    const uint64_t off = g * cfg_.granule;
-    if (off >= cfg_.data_length) continue;  // past the file's end: nothing of the file to write
-    const uint64_t len = std::min(cfg_.granule, cfg_.data_length - off);
-    int rc = sys::pwrite_full(cfg_.fd, reinterpret_cast<const void*>(addr_of(g)), len, cfg_.file_offset + off);
+  // Adjacent granules are adjacent in the region and in the file: one pwrite per run of them.
+  std::vector<uint64_t> sorted(gs);
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0; i < sorted.size();) {
+    size_t j = i + 1;
+    while (j < sorted.size() && sorted[j] == sorted[j - 1] + 1) j++;
+    const uint64_t off = sorted[i] * cfg_.granule;
+    const uint64_t end = std::min(sorted[j - 1] * cfg_.granule + cfg_.granule, cfg_.data_length);
+    i = j;
+    if (off >= end) continue;  // past the file's end: nothing of the file to write
+    int rc = sys::pwrite_full(cfg_.fd, reinterpret_cast<const void*>(cfg_.base + off), end - off, cfg_.file_offset + off);
     if (rc) {
       *err = {rc, "pwrite", gs};
       return rc;
     }
     lo = std::min(lo, off);
-    hi = std::max(hi, off + len);
-    bytes += len;
+    hi = std::max(hi, end);
+    bytes += end - off;
   }
   if (cfg_.confirm_writes && hi > lo) {
     int rc = sys::sync_range(cfg_.fd, cfg_.file_offset + lo, hi - lo, true);
