@@ -34,6 +34,11 @@ function mismatches(file: string, seed: number): number {
   return bad;
 }
 
+async function waitForWarning(list: string[], re: RegExp): Promise<void> {
+  for (let i = 0; i < 500 && !list.some((w) => re.test(w)); i++) await new Promise((r) => setTimeout(r, 2));
+  expect(list.some((w) => re.test(w)), `a warning matching ${re}`).toBe(true);
+}
+
 /** A private pager fills with UFFDIO_COPY (MODE_WP) and poisons what it cannot fill. */
 function needPager(ctx: { skip: (note?: string) => void }): void {
   requireCap(ctx, P.experiments.wp, 'uffd-wp');
@@ -202,6 +207,31 @@ describe('pager', () => {
     await within(p.access({ op: 'read', unit: PAGE }), 10_000, 'sweep'); // evicts granule 3
     expect((await p.read(3 * granule, 1))[0]).toBe(99); // from the pager's memfd, not the callback
     expect(calls.filter((o) => o === 3 * granule)).toHaveLength(1);
+    await within(p.close(), 10_000, 'close');
+  }, 30_000);
+
+  it('a fill callback that throws: the access gets SIGBUS, not zeros, and nothing hangs', async (ctx) => {
+    needPager(ctx);
+    const granule = 64 * 1024;
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => warnings.push(w.message);
+    process.on('warning', onWarning);
+    cleanup.push(() => void process.off('warning', onWarning));
+    const p = await pager(null, {
+      length: 1 << 20,
+      granule,
+      prefetch: false,
+      fill: (offset, out) => {
+        if (offset === 2 * granule) throw new Error('no data for this one');
+        out.fill(1);
+      },
+    });
+    cleanup.push(() => void p.close().catch(() => {}));
+    const r = await within(p.access({ op: 'read', unit: PAGE }), 10_000, 'read');
+    expect(r.signal).toBe('SIGBUS');
+    expect(Number(r.signalAddress! & BigInt(~(granule - 1)))).toBeGreaterThan(0);
+    expect((await p.read(0, 1))[0]).toBe(1);
+    await waitForWarning(warnings, /no data for this one/);
     await within(p.close(), 10_000, 'close');
   }, 30_000);
 
