@@ -15,3 +15,5 @@ export type { Protection, Advice, FeatureName, IoctlName, RegisterMode, PageCate
 export { native as _native } from './native.js';
 export { Device, Mirror, FileMirror, decodeEntry, SNAPSHOT } from './device.js';
 export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason, TraceEvent, ForkStep, ForkRunOptions, ForkStepResult, ForkRunResult, FileStrategy, FileMirrorOptions, FileStats, FileAccounting } from './device.js';
+export { pager, Pager } from './pager.js';
+export type { PagerOptions, PagerMode, PagerEviction, PagerFill, PagerStats, PagerWriteError } from './pager.js';

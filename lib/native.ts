@@ -188,7 +188,9 @@ export interface NativeRule {
   mapping: NativeMapping | bigint;
   offset?: number;
   length?: number;
-  action: 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue';
+  action: 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue' | 'handler';
+  /** handler: the pager whose engine resolves every fault in the range. */
+  handler?: NativePager;
   source?: NativeMapping;
   sourceOffset?: number;
   granule?: number;
@@ -196,6 +198,26 @@ export interface NativeRule {
 }
 
 type Target = NativeMapping | bigint;
+
+export interface NativePagerStats {
+  faults: number; missing: number; wp: number; minor: number;
+  fills: number; fillBytes: number; prefetched: number;
+  evictions: number; evictAborts: number;
+  writebacks: number; writebackBytes: number; waits: number;
+  resident: number; dirty: number; limit: number;
+  writeErrors: number; fillErrors: number;
+  fillNs: number; writebackNs: number;
+}
+export interface NativePager {
+  attach(uffdFd: number): void;
+  flush(): Promise<void>;
+  prefetch(firstGranule: number, endGranule: number): Promise<number>;
+  install(granule: number, data: Uint8Array): void;
+  poison(address: bigint): void;
+  stats(): NativePagerStats;
+  lastError(): (Error & { granules: number[] }) | null;
+  close(): void;
+}
 export interface ResolveResult {
   /** Bytes resolved by this call. */
   bytes: number;
@@ -404,6 +426,7 @@ export interface NativeDevice {
 
 export interface NativeAddon {
   createDevice(options: Record<string, unknown>): NativeDevice;
+  createPager(region: NativeMapping, options: Record<string, unknown>): NativePager;
   map(options: Record<string, unknown>): NativeMapping;
   openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean; via?: 'auto' | 'device' | 'syscall' }): NativeUserfaultfd;
   adoptUserfaultfd(fd: number, features: bigint, take?: boolean): NativeUserfaultfd;

@@ -3,7 +3,7 @@
 // The threading rule (DESIGN.md): the JavaScript thread never touches registered memory itself.
 // Faults are read by a native service thread; those a rule covers are resolved there without
 // entering JavaScript (the fast path), the rest reach `onFaults` in batches.
-import { native, K, type NativeUserfaultfd, type NativeBatch, type NativeRule, type NativeStats, type ResolveResult } from './native.js';
+import { native, K, type NativePager, type NativeUserfaultfd, type NativeBatch, type NativeRule, type NativeStats, type ResolveResult } from './native.js';
 import {
   FEATURES,
   OPT_IN_FEATURES,
@@ -177,6 +177,12 @@ export type ServiceStats = NativeStats;
 
 type Target = Mapping | bigint;
 
+/**
+ * @internal The pager's hook (lib/pager.ts): one rule that hands every fault of `mapping` to the
+ * pager's native engine, on the service thread(s). Not exported from the package.
+ */
+export let setHandlerRule: (u: Userfaultfd, mapping: Mapping, handler: NativePager) => void;
+
 export class Userfaultfd implements ServedHolder {
   readonly #n: NativeUserfaultfd;
   #features = 0n;
@@ -190,6 +196,14 @@ export class Userfaultfd implements ServedHolder {
 
   private constructor(n: NativeUserfaultfd) {
     this.#n = n;
+  }
+
+  static {
+    setHandlerRule = (u, mapping, handler) => {
+      u.#live();
+      u.#n.setRules([{ mapping: mapping.native, action: 'handler', handler }]);
+      u.#rules = [];
+    };
   }
 
   /**

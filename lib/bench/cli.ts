@@ -7,8 +7,9 @@ import { barChartSvg, lineChartSvg, textTable, writeReport, type Table } from '.
 import { runBatching, runDirtyTracking, runOversubscription } from './policies.js';
 import { runStrategies, STRATEGY_NAMES, WORKLOADS, WORKLOAD_TEXT } from './strategies.js';
 import { runService, type ServiceRow } from './service.js';
+import { runPagerSuite } from './pager.js';
 
-export const SUITES = ['faults', 'engine', 'batching', 'strategies', 'oversubscription', 'dirty', 'service'] as const;
+export const SUITES = ['faults', 'engine', 'batching', 'strategies', 'oversubscription', 'dirty', 'service', 'pager'] as const;
 export type Suite = (typeof SUITES)[number];
 
 export interface BenchOptions {
@@ -364,6 +365,11 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       files.push(written.json, written.html);
       summary.push(`dirty tracking (kernel ${env.kernel}, ${env.cpu}, node ${env.node}, page ${env.pageSize} B)`);
       summary.push(textTable(table));
+    }
+    if (suite === 'pager') {
+      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quiet: o.quiet, out: o.out, stamp, version: o.version });
+      files.push(...r.files);
+      summary.push(r.summary);
     }
   }
   return { files, ok, summary: summary.join('\n') };

@@ -15,6 +15,7 @@
 #include "mapping.h"
 #include "service.h"
 #include "userfaultfd.h"
+#include "pager.h"
 
 namespace pm {
 
@@ -136,6 +137,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Mirror", mirror);
   exports.Set("createDevice", Napi::Function::New(env, DeviceWrap::Create, "createDevice"));
   exports.Set("Mapping", mapping);
+  exports.Set("Pager", PagerWrap::Init(env));
+  exports.Set("createPager", Napi::Function::New(env, PagerWrap::Create, "createPager"));
   exports.Set("Userfaultfd", uffd);
   exports.Set("map", Napi::Function::New(env, Mapping::Map, "map"));
   exports.Set("openUserfaultfd", Napi::Function::New(env, Userfaultfd::Open, "openUserfaultfd"));

@@ -15,6 +15,7 @@
 #include "errors.h"
 #include "mapping.h"
 #include "service.h"
+#include "pager.h"
 
 namespace pm {
 
@@ -723,6 +724,13 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
     if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "rule length must be > 0");
     r.end = r.start + len;
     std::string action = OptString(o, "action");
+    if (action == "handler") {  // the pager: every fault in the range goes to its engine
+      r.kinds = sys::kFaultMissing | sys::kFaultWp | sys::kFaultMinor;
+      r.action = sys::RuleAction::kHandler;
+      r.handler = PagerHandler(o.Get("handler"));
+      rules.push_back(r);
+      continue;
+    }
     r.kinds = static_cast<uint32_t>(RuleKinds(env, action));
     r.action = action == "copy" ? sys::RuleAction::kCopy : action == "zero" ? sys::RuleAction::kZero
              : action == "move" ? sys::RuleAction::kMove : action == "poison" ? sys::RuleAction::kPoison

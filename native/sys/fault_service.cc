@@ -265,6 +265,15 @@ bool FaultService::resolve_fast(Worker* w, const Rule& rule, const FaultMsg& msg
     w->stats.fast_resolved--;
     w->stats.fast_pages -= len / page_;
   };
+  if (rule.action == RuleAction::kHandler) {
+    *err = rule.handler->resolve(uffd_, msg, pages);
+    if (*err) unpublish();
+    else if (*pages != len / page_) {
+      std::lock_guard<std::mutex> lock(w->stats_mu);
+      w->stats.fast_pages = w->stats.fast_pages - len / page_ + *pages;
+    }
+    return *err == 0;
+  }
   int64_t done = 0;
   int rc = 0;
   auto apply = [&](uint64_t s, uint64_t l) -> int {
@@ -282,6 +291,8 @@ bool FaultService::resolve_fast(Worker* w, const Rule& rule, const FaultMsg& msg
       case RuleAction::kUnprotect:
         done = static_cast<int64_t>(l);
         return uffd_writeprotect(uffd_, s, l, 0);
+      case RuleAction::kHandler:
+        break;  // resolved above
     }
     return -EINVAL;
   };

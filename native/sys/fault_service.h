@@ -34,7 +34,16 @@ struct EventMsg {
   uint64_t a, b, c;  // FORK: child uffd fd; REMAP: from, to, len; REMOVE/UNMAP: start, end
 };
 
-enum class RuleAction : uint32_t { kCopy, kZero, kUnprotect, kContinue, kMove, kPoison };
+enum class RuleAction : uint32_t { kCopy, kZero, kUnprotect, kContinue, kMove, kPoison, kHandler };
+
+// A resolver in C++ for a kHandler rule (the pager): called on the service thread for each fault
+// in the rule's range, it resolves and wakes. 0: resolved, *pages installed; -EAGAIN: retry after
+// the next read; any other -errno: the fault goes to the sink (JavaScript) like an unruled one.
+class FaultHandler {
+ public:
+  virtual ~FaultHandler() = default;
+  virtual int resolve(int uffd, const FaultMsg& msg, uint64_t* pages) = 0;
+};
 
 struct Rule {
   uint64_t start = 0, end = 0;  // the range served (page aligned)
@@ -44,6 +53,7 @@ struct Rule {
   uint64_t granule = 0; // fault-around: resolve the aligned block of this size (0 = one page)
   uint64_t mode = 0;    // ioctl mode bits (COPY_MODE_WP, CONTINUE_MODE_WP, MOVE_ALLOW_SRC_HOLES)
   std::shared_ptr<void> keep;  // keeps the source mapping's owner alive while the rule exists
+  std::shared_ptr<FaultHandler> handler;  // kHandler
 };
 
 struct ServiceStats {
