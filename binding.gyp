@@ -21,13 +21,16 @@
         "native/engine/device.cc",
         "native/engine/engine.cc",
         "native/engine/fork_device.cc",
+        "native/engine/pager.cc",
         "native/binding/errors.cc",
         "native/binding/mapping.cc",
         "native/binding/userfaultfd.cc",
+        "native/binding/service.cc",
         "native/binding/access.cc",
         "native/binding/introspect.cc",
         "native/binding/device.cc",
         "native/binding/fork_device.cc",
+        "native/binding/pager.cc",
         "native/binding/addon.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
@@ -49,6 +52,13 @@
       "target_name": "uffd_baseline",
       "type": "executable",
       "sources": ["bench/c/uffd_baseline.c"],
+      "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+      "libraries": ["-pthread"]
+    },
+    {
+      "target_name": "pager_c",
+      "type": "executable",
+      "sources": ["bench/c/pager_c.c"],
       "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"],
       "libraries": ["-pthread"]
     }

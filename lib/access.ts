@@ -4,6 +4,7 @@ import { native, type NativeAccessResult, type NativeForkResult } from './native
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
 import { checkBoolean, checkOptions } from './validate.js';
+import { checkServed } from './served.js';
 
 export type AccessOp = 'read' | 'write' | 'rmw' | 'verify';
 export type AccessPattern = 'sequential' | 'strided' | 'random';
@@ -77,10 +78,13 @@ function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<strin
 /**
  * Runs an access kernel on native threads and resolves when every thread is done. Faults they take
  * are served meanwhile (the JavaScript thread stays free). Errors: EACCES before starting when the
- * protection forbids the access (it would SIGSEGV); a SIGBUS is reported in the result.
+ * protection forbids the access (it would SIGSEGV); ERR_PAGEMIRROR_NOT_SERVED before starting when
+ * the range is registered with a library userfaultfd that nothing serves and a page would fault
+ * (the access would sleep forever); a SIGBUS is reported in the result.
  */
 export async function access(mapping: Mapping, options: AccessOptions = {}): Promise<AccessResult> {
   const [offset, length, s] = spec(mapping, options);
+  checkServed(mapping, offset, length, s.op !== 'read' && s.op !== 'verify', 'access()');
   return native.runAccess(mapping.native, offset, length, s) as Promise<NativeAccessResult>;
 }
 

@@ -40,7 +40,7 @@ commands:
                      against the plain C baseline
   bench [suite...]   benchmarks against the plain C baseline, in one run; writes JSON (raw
                      samples + environment) and an HTML report with SVG plots to --out
-                     suites: faults, engine, batching, strategies, oversubscription, dirty
+                     suites: faults, engine, batching, strategies, oversubscription, dirty, service
                      (default: all)
                      --pages N (per repetition, default 4096)  --reps N (default 7; strategies 3)
                      --size BYTES (engine bandwidth runs, default 256 MiB; batching: memory read,

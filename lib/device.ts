@@ -6,6 +6,7 @@ import { native, type NativeDevice, type NativeFileStats, type NativeForkDeviceR
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, checkBytes, checkDecodedPages, stateError, typeError } from './errors.js';
 import { checkBoolean, checkNumber, checkOptions, checkString, checkU64 } from './validate.js';
+import { checkServed } from './served.js';
 
 const PAGE = native.uname().pageSize;
 
@@ -235,11 +236,13 @@ export class Mirror {
    * racing), ENODEV (device closed); EINVAL for npages 0.
    */
   async read(offset: number, npages: number): Promise<KernelResult & { data: Buffer }> {
+    checkServed(this.mapping, this.offset + checkInteger('offset', offset), checkInteger('npages', npages) * PAGE, false, 'Mirror.read()');
     return this.#n.read(checkInteger('offset', offset), checkInteger('npages', npages));
   }
 
   /** The device writes data (whole pages) at offset. EPERM if the range is not writable. */
   async write(offset: number, data: Uint8Array): Promise<KernelResult> {
+    checkServed(this.mapping, this.offset + checkInteger('offset', offset), checkBytes('data', data).byteLength, true, 'Mirror.write()');
     return this.#n.write(checkInteger('offset', offset), checkBytes('data', data));
   }
 
@@ -253,6 +256,8 @@ export class Mirror {
     k.op = checkOneOf('op', kernel.op ?? 'read', ['read', 'write', 'atomic', 'verify', 'copy'] as const);
     if (kernel.pattern !== undefined) checkOneOf('pattern', kernel.pattern, ['sequential', 'strided', 'random', 'gather'] as const);
     if (k.op === 'copy' && typeof kernel.copyTo !== 'number') throw typeError('ERR_INVALID_ARG_TYPE', 'a copy kernel needs copyTo (bytes)');
+    const from = kernel.offset === undefined ? 0 : checkInteger('offset', kernel.offset, 0, this.length);
+    checkServed(this.mapping, this.offset + from, this.length - from, k.op !== 'read' && k.op !== 'verify', 'Mirror.run()');
     return this.#n.run(k);
   }
 
@@ -560,8 +565,10 @@ export class Device {
    *
    * pin (default false): long-term GUP emulation. The range is faulted in for write at once
    * (EPERM without write access) and the mirror is never invalidated: when the CPU side changes
-   * (discard, unmap, remap, truncate, protect), the device keeps the page it had, in its own memory,
-   * and from then on the CPU and the device see different pages (info().diverged counts them).
+   * (discard, unmap, truncate, protect, the tail a shrinking remap cuts), the device keeps the page
+   * it had, in its own memory, and from then on the CPU and the device see different pages
+   * (info().diverged counts them). A remap that moves the mapping moves the pinned pages with it:
+   * nothing diverges, the entries are faulted again at the new address.
    * Mirror mode stays coherent through the same changes; pin mode shows what a pin costs.
    * The pin faults the range in on the JavaScript thread: over a range registered with a
    * Userfaultfd (whose faults JavaScript may have to resolve) every page must already be present

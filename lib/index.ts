@@ -1,7 +1,9 @@
 export { Mapping, mapAnonymous, mapMemfd, mapFile, decodePagemapEntry, POPULATE_SYNC_MAX_BYTES } from './mapping.js';
-export type { MapOptions, AnonymousOptions, MemfdOptions, FileOptions, RangeOptions, PageFlags, ScanOptions, ScanRegion, MappingKind } from './mapping.js';
-export { Userfaultfd, Fault } from './uffd.js';
-export type { OpenOptions, RegisterOptions, Registration, FaultKind, UffdEvent, ServeOptions, Rule, RuleAction, ResolveOptions, ResolveResult, CloseOutcome, ServiceStats } from './uffd.js';
+export type { MapOptions, AnonymousOptions, MemfdOptions, FileOptions, RangeOptions, PageFlags, ScanOptions, ScanRegion, MappingKind, RemapOptions } from './mapping.js';
+export { Userfaultfd, Fault, MAX_SERVICE_WORKERS, ADAPTIVE_SPIN_MAX_US } from './uffd.js';
+export type { OpenOptions, RegisterOptions, Registration, FaultKind, UffdEvent, ServeOptions, PollOption, Rule, RuleAction, ResolveOptions, ResolveResult, CloseOutcome, ServiceStats } from './uffd.js';
+export { configureEngine, engineStats } from './engine.js';
+export type { EngineOptions, EngineStats } from './engine.js';
 export { access, forkAccess, FORK_DELAY_MAX_MS } from './access.js';
 export type { AccessOptions, AccessResult, AccessOp, AccessPattern, ForkResult } from './access.js';
 export { probe, formatProbe, fileSystemOf } from './probe.js';
@@ -13,3 +15,5 @@ export type { Protection, Advice, FeatureName, IoctlName, RegisterMode, PageCate
 export { native as _native } from './native.js';
 export { Device, Mirror, FileMirror, decodeEntry, SNAPSHOT } from './device.js';
 export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason, TraceEvent, ForkStep, ForkRunOptions, ForkStepResult, ForkRunResult, FileStrategy, FileMirrorOptions, FileStats, FileAccounting } from './device.js';
+export { pager, Pager } from './pager.js';
+export type { PagerOptions, PagerMode, PagerEviction, PagerFill, PagerStats, PagerWriteError } from './pager.js';

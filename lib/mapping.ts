@@ -4,6 +4,7 @@ import { native, K, type NativeMapping, type NativeMappingInfo, type CacheStat, 
 import { ADVICE, type Advice, parseProt, type Protection, categoryMask, categoryNames, type PageCategory } from './constants.js';
 import { checkBytes, checkDecodedPages, checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
 import { checkBoolean, checkOptions, checkString, checkU64 } from './validate.js';
+import { checkServed } from './served.js';
 
 const BASE_PAGE = native.uname().pageSize;
 
@@ -115,6 +116,28 @@ export interface ScanRegion {
   offset: number;
   length: number;
   categories: PageCategory[];
+}
+
+export interface RemapOptions {
+  /** Let the kernel move the mapping when it cannot grow in place (MREMAP_MAYMOVE). Default true; `address` and `dontUnmap` need it. */
+  mayMove?: boolean;
+  /**
+   * Move to exactly this address (MREMAP_FIXED): aligned to the mapping's page size, not
+   * overlapping the mapping, and free: the range is reserved first (MAP_FIXED_NOREPLACE), so the
+   * move never unmaps other memory (EEXIST instead). Default: the kernel chooses.
+   */
+  address?: bigint;
+  /**
+   * MREMAP_DONTUNMAP: move the pages and leave the old range mapped. The length must not change;
+   * not for hugetlb. This Mapping (and its mirrors) follow the data to the new address; the old
+   * range comes back as a new Mapping that owns it (its own close()): empty for private memory
+   * (reads as zeros), the same pages for shared memory (memfd, shared files). If part of the
+   * mapping was registered with a userfaultfd, the old range stays registered with it (faults there
+   * go to its handler, as a garbage collector using DONTUNMAP expects), and the old range's Mapping never hands
+   * out `bytes` (the library cannot tell when every userfaultfd has let it go).
+   * Default false.
+   */
+  dontUnmap?: boolean;
 }
 
 export type MappingKind = 'anonymous' | 'memfd' | 'file';
@@ -230,11 +253,13 @@ export class Mapping {
    * Makes the range present (MADV_POPULATE_READ, or _WRITE with write: true) on a native thread:
    * any size, and safe on registered memory (its faults are served meanwhile). Default: the whole
    * mapping, read. Errors: EFAULT (a page could not be made present: PROT_NONE, SIGBUS), ENOMEM,
-   * EBUSY from close() meanwhile (the range is pinned until it finishes).
+   * EBUSY from close() meanwhile (the range is pinned until it finishes); ERR_PAGEMIRROR_NOT_SERVED
+   * before starting when a page would fault on a library userfaultfd that nothing serves.
    */
   async populate(options: RangeOptions & { write?: boolean } = {}): Promise<void> {
     const [o, l] = this.#range(options);
     const write = checkBoolean('write', options?.write, false);
+    checkServed(this, o, l, write, 'populate()');
     await native.populateAsync(this.native, o, l, write);
   }
 
@@ -246,9 +271,36 @@ export class Mapping {
     this.native.sync(o, l, flags);
   }
 
-  /** mremap the whole mapping to `length`; returns the (possibly new) address. */
-  remap(length: number, options?: { mayMove?: boolean }): bigint {
-    return this.native.remap(checkInteger('length', length, 1), checkBoolean('mayMove', checkOptions('options', options).mayMove, true));
+  /**
+   * mremap the whole mapping to `length` bytes (a multiple of the page size; of the huge page size
+   * for hugetlb). Returns the (possibly new) address; with `dontUnmap`, the old range as a new
+   * Mapping (see {@link RemapOptions.dontUnmap}). The ArrayBuffer from `bytes` is detached. Mirrors
+   * follow the mapping: their entries are invalidated first and re-faulted at the new address;
+   * pages in device memory stay there (private memory) or come home first (shared memory). A mirror
+   * keeps the range of the mapping it was given: after a shrink, device accesses to the part cut
+   * off fail with EFAULT (a mirror cut off whole dies) until the mapping grows back over it.
+   *
+   * @throws TypeError ERR_INVALID_ARG_TYPE / ERR_INVALID_ARG_VALUE (bad options; `mayMove: false`
+   *   with `address` or `dontUnmap`; `dontUnmap` on hugetlb), RangeError ERR_OUT_OF_RANGE (length
+   *   0; destination overlapping the mapping; `dontUnmap` with a new length),
+   *   ERR_PAGEMIRROR_UNALIGNED (length or address), ERR_PAGEMIRROR_CLOSED.
+   * @throws SystemError EBUSY (native threads use the mapping), EEXIST (something is mapped at
+   *   `address`), ENOMEM (cannot grow in place without mayMove), EINVAL (the kernel refuses: hugetlb
+   *   mappings never grow; DONTUNMAP before 5.7, or on shared memory before 5.13), EFAULT (the
+   *   mapping is split into several VMAs by unmap(), protect() or a partial registration).
+   */
+  remap(length: number, options: RemapOptions & { dontUnmap: true }): Mapping;
+  remap(length: number, options?: RemapOptions): bigint;
+  remap(length: number, options: RemapOptions = {}): bigint | Mapping {
+    options = checkOptions('options', options);
+    const len = checkInteger('length', length, 1);
+    const address = options.address === undefined ? undefined : checkU64('address', options.address);
+    const mayMove = checkBoolean('mayMove', options.mayMove, true);
+    const dontUnmap = checkBoolean('dontUnmap', options.dontUnmap, false);
+    if (!mayMove && (address !== undefined || dontUnmap))
+      throw typeError('ERR_INVALID_ARG_VALUE', 'address and dontUnmap move the mapping: mayMove cannot be false');
+    const r = this.native.remap(len, mayMove, address, dontUnmap);
+    return typeof r === 'bigint' ? r : new Mapping(r);
   }
 
   /** fallocate(PUNCH_HOLE | KEEP_SIZE) on the backing file: frees the pages of a file range. */
@@ -343,15 +395,21 @@ export class Mapping {
     return this.native.writeFrom(checkInteger('offset', offset), checkBytes('data', data));
   }
 
-  /** Copies bytes out on a native thread: safe on registered memory (the fault is served meanwhile). */
+  /**
+   * Copies bytes out on a native thread: safe on registered memory (the fault is served meanwhile).
+   * ERR_PAGEMIRROR_NOT_SERVED before starting when a page would fault on a library userfaultfd
+   * that nothing serves (the copy would sleep forever).
+   */
   async read(offset: number, length: number): Promise<Buffer> {
+    checkServed(this, checkInteger('offset', offset), checkInteger('length', length), false, 'read()');
     const out = Buffer.alloc(checkInteger('length', length));
     await native.copyAsync(this.native, checkInteger('offset', offset), out, false);
     return out;
   }
 
-  /** Copies bytes in on a native thread. */
+  /** Copies bytes in on a native thread. ERR_PAGEMIRROR_NOT_SERVED as read(). */
   write(offset: number, data: Uint8Array): Promise<number> {
+    checkServed(this, checkInteger('offset', offset), checkBytes('data', data).byteLength, true, 'write()');
     return native.copyAsync(this.native, checkInteger('offset', offset), checkBytes('data', data), true);
   }
 

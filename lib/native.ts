@@ -15,7 +15,8 @@ export interface NativeMapping {
   protect(offset: number, length: number, prot: number): void;
   advise(offset: number, length: number, advice: number): void;
   sync(offset: number, length: number, flags: number): void;
-  remap(length: number, mayMove: boolean): bigint;
+  /** A bigint address, or with dontUnmap the old range as a new native mapping. */
+  remap(length: number, mayMove: boolean, address?: bigint, dontUnmap?: boolean): bigint | NativeMapping;
   fallocate(mode: number, offset: number, length: number): void;
   truncate(length: number): void;
   residency(offset: number, length: number): Uint8Array;
@@ -139,13 +140,57 @@ export interface NativeStats {
   eagain: number;
   errors: number;
   serviceNs: number;
+  /** CPU time of the service threads (CLOCK_THREAD_CPUTIME_ID), ns: what polling costs shows here. */
+  cpuNs: number;
+  /** Wall time spent polling the descriptor without sleeping, ns. */
+  spinNs: number;
+  /** Spins that found a message (a sleep and a wake-up saved). */
+  spinHits: number;
+  /** Times a worker slept in poll(). */
+  sleeps: number;
+  /** The spin budget now (adaptive: the largest of the workers'), ns. */
+  spinBudgetNs: number;
+  /** One entry per running worker. */
+  workers: NativeWorkerStats[];
+}
+
+export interface NativeWorkerStats {
+  /** The worker's thread id (/proc/self/task/<tid>). */
+  tid: number;
+  reads: number;
+  faults: number;
+  fastResolved: number;
+  forwarded: number;
+  cpuNs: number;
+  spinNs: number;
+  spinHits: number;
+  sleeps: number;
+  spinBudgetNs: number;
+}
+
+export type NativePollMode = 'off' | 'fixed' | 'adaptive';
+
+export interface NativeEngineStats {
+  faults: number;
+  reads: number;
+  batches: number;
+  maxBatch: number;
+  cpuNs: number;
+  spinNs: number;
+  spinHits: number;
+  sleeps: number;
+  spinBudgetNs: number;
+  workerCount: number;
+  workers: NativeWorkerStats[];
 }
 
 export interface NativeRule {
   mapping: NativeMapping | bigint;
   offset?: number;
   length?: number;
-  action: 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue';
+  action: 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue' | 'handler';
+  /** handler: the pager whose engine resolves every fault in the range. */
+  handler?: NativePager;
   source?: NativeMapping;
   sourceOffset?: number;
   granule?: number;
@@ -153,6 +198,26 @@ export interface NativeRule {
 }
 
 type Target = NativeMapping | bigint;
+
+export interface NativePagerStats {
+  faults: number; missing: number; wp: number; minor: number;
+  fills: number; fillBytes: number; prefetched: number;
+  evictions: number; evictAborts: number;
+  writebacks: number; writebackBytes: number; waits: number;
+  resident: number; dirty: number; limit: number;
+  writeErrors: number; fillErrors: number;
+  fillNs: number; writebackNs: number;
+}
+export interface NativePager {
+  attach(uffdFd: number): void;
+  flush(): Promise<void>;
+  prefetch(firstGranule: number, endGranule: number): Promise<number>;
+  install(granule: number, data: Uint8Array): void;
+  poison(address: bigint): void;
+  stats(): NativePagerStats;
+  lastError(): (Error & { granules: number[] }) | null;
+  close(): void;
+}
 export interface ResolveResult {
   /** Bytes resolved by this call. */
   bytes: number;
@@ -193,7 +258,8 @@ export interface NativeUserfaultfd {
     mode: number,
     replay: boolean,
   ): { bytes: number; exists: number };
-  serve(callback: (batch: NativeBatch) => void, maxBatch: number): void;
+  serve(callback: (batch: NativeBatch) => void, maxBatch: number, workers?: number, pollMode?: NativePollMode, spinUs?: number): void;
+  reconfigure(maxBatch: number, workers?: number, pollMode?: NativePollMode, spinUs?: number): void;
   setRules(rules: NativeRule[]): void;
   stats(): NativeStats;
   outstanding(): BigUint64Array;
@@ -360,8 +426,9 @@ export interface NativeDevice {
 
 export interface NativeAddon {
   createDevice(options: Record<string, unknown>): NativeDevice;
+  createPager(region: NativeMapping, options: Record<string, unknown>): NativePager;
   map(options: Record<string, unknown>): NativeMapping;
-  openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean }): NativeUserfaultfd;
+  openUserfaultfd(options: { nonBlocking?: boolean; userModeOnly?: boolean; via?: 'auto' | 'device' | 'syscall' }): NativeUserfaultfd;
   adoptUserfaultfd(fd: number, features: bigint, take?: boolean): NativeUserfaultfd;
   runAccess(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeAccessResult>;
   forkRun(m: NativeMapping, offset: number, length: number, options: NativeAccessOptions): Promise<NativeForkResult>;
@@ -384,6 +451,8 @@ export interface NativeAddon {
   fsType(path: string): number;
   uname(): { sysname: string; release: string; version: string; machine: string; pageSize: number };
   probeUffd(userModeOnly: boolean): NativeUffdProbe;
+  configureEngine(workers?: number, pollMode?: NativePollMode, spinUs?: number): void;
+  engineStats(): NativeEngineStats;
   setAffinity(cpus: number[]): void;
   getAffinity(): number[];
   constants: Record<string, number>;

@@ -46,6 +46,11 @@ export interface Probe {
   uffd: UffdProbe;
   /** What an unprivileged user gets (user-mode-only variant). */
   uffdUserModeOnly: UffdProbe;
+  /**
+   * Each way of obtaining a full userfaultfd on its own (Userfaultfd.open({ via })): the probe
+   * above stops at the first that works. reason: the error of a way that fails.
+   */
+  uffdVia: Record<'device' | 'syscall', Capability>;
   pagemapScan: Capability;
   cachestat: Capability;
   thp: { enabled: string | null; defrag: string | null; shmemEnabled: string | null };
@@ -105,6 +110,10 @@ function uffdProbe(userModeOnly: boolean): UffdProbe {
     refused: p.eventForkError ? { eventFork: p.eventForkError } : {},
     register,
   };
+}
+
+function viaProbe(via: 'device' | 'syscall'): Capability {
+  return tryCap(() => native.openUserfaultfd({ via }).close('wake'));
 }
 
 function tryCap(fn: () => void): Capability {
@@ -252,6 +261,7 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
     devUserfaultfd: { exists: devMode !== null, mode: devMode, accessible: devAccessible },
     uffd,
     uffdUserModeOnly: umo,
+    uffdVia: { device: viaProbe('device'), syscall: viaProbe('syscall') },
     pagemapScan,
     cachestat,
     thp,
@@ -309,6 +319,7 @@ function format(p: Probe): string {
   lines.push(`sysctl        vm.unprivileged_userfaultfd = ${p.sysctl.unprivilegedUserfaultfd ?? 'absent'}`);
   lines.push(`/dev/userfaultfd  ${p.devUserfaultfd.exists ? `mode ${p.devUserfaultfd.mode}, ${p.devUserfaultfd.accessible ? 'accessible' : 'not accessible'} to this user` : 'absent'}`);
   lines.push(`userfaultfd   ${p.uffd.ok ? `opened via ${p.uffd.openedBy}${p.uffd.userModeOnly ? ' (user-mode-only)' : ''}` : 'unavailable: ' + p.uffd.reason}`);
+  lines.push(`  ways        ${(['device', 'syscall'] as const).map((w) => `${w}: ${p.uffdVia[w].ok ? 'ok' : 'no'}`).join(', ')}`);
   lines.push(`  features    ${p.uffd.features.join(' ') || '-'}`);
   lines.push(`  ioctls      ${p.uffd.ioctls.join(' ') || '-'}`);
   for (const [f, e] of Object.entries(p.uffd.refused)) lines.push(`  refused     ${f}: ${e}`);

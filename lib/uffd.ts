@@ -3,7 +3,7 @@
 // The threading rule (DESIGN.md): the JavaScript thread never touches registered memory itself.
 // Faults are read by a native service thread; those a rule covers are resolved there without
 // entering JavaScript (the fast path), the rest reach `onFaults` in batches.
-import { native, K, type NativeUserfaultfd, type NativeBatch, type NativeRule, type NativeStats, type ResolveResult } from './native.js';
+import { native, K, type NativePager, type NativeUserfaultfd, type NativeBatch, type NativeRule, type NativeStats, type ResolveResult } from './native.js';
 import {
   FEATURES,
   OPT_IN_FEATURES,
@@ -18,6 +18,7 @@ import {
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, stateError, typeError } from './errors.js';
 import { checkBoolean, checkFunction, checkOffsets, checkOptions, checkU64 } from './validate.js';
+import { noteRegistered, noteUnregistered, type ServedHolder } from './served.js';
 
 export type { ResolveResult } from './native.js';
 
@@ -28,8 +29,21 @@ export interface OpenOptions {
    * four events), which must be named. 'all': everything offered.
    */
   features?: 'default' | 'all' | FeatureName[];
-  /** Open a user-mode-only userfaultfd even when a full one is allowed. Default false. */
+  /**
+   * Open a user-mode-only userfaultfd (UFFD_USER_MODE_ONLY: faults raised inside the kernel, such
+   * as read(2) into registered memory, fail with EFAULT instead) even when a full one is allowed.
+   * Default false.
+   */
   userModeOnly?: boolean;
+  /**
+   * How the descriptor is obtained. 'device': USERFAULTFD_IOC_NEW on /dev/userfaultfd (6.1+; for
+   * whoever may open the node, whatever vm.unprivileged_userfaultfd says); 'syscall':
+   * userfaultfd(2) (CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 for full faults). Either uses
+   * that way only, as the kernel's selftests run each test both ways. 'auto' (the default): the
+   * device, then the system call, then (unless userModeOnly already asks for it) the user-mode-only
+   * variants, the most any caller can get.
+   */
+  via?: 'auto' | 'device' | 'syscall';
 }
 
 export interface RegisterOptions {
@@ -91,8 +105,42 @@ export interface ServeOptions {
    * error goes here. Default: the error is reported with process.emitWarning.
    */
   onError?: (err: unknown, faults: Fault[]) => void;
-  /** Most messages read per read(2). Default 64. */
+  /** Most messages read per read(2), per worker. Default 64 (1..4096). */
   maxBatch?: number;
+  /**
+   * Native worker threads reading the descriptor (each reads and resolves its own batches; rules
+   * are shared; batches handed to JavaScript still coalesce while it is busy). Default 1, at most
+   * MAX_SERVICE_WORKERS (64): RangeError ERR_OUT_OF_RANGE otherwise.
+   */
+  workers?: number;
+  /**
+   * How a worker waits for the next fault. false (default): it sleeps in poll() at once.
+   * { spinUs }: it polls the descriptor without sleeping for up to spinUs microseconds first
+   * (0..1000000), which saves the wake-up of a sleeping thread (tens of µs on an idle machine) at
+   * the cost of that much CPU. 'adaptive': spins for a budget, at most ADAPTIVE_SPIN_MAX_US, that
+   * follows the recent gaps between faults (it grows while faults come soon after a worker went to
+   * sleep, halves when they do not). stats() reports the CPU it costs (cpuNs, spinNs).
+   */
+  poll?: PollOption;
+}
+
+/** A worker's way to wait (ServeOptions.poll). */
+export type PollOption = false | 'adaptive' | { spinUs?: number };
+
+/** The most service workers a descriptor (or the engine) can have. */
+export const MAX_SERVICE_WORKERS = 64;
+/** The cap of the adaptive spin budget, µs. */
+export const ADAPTIVE_SPIN_MAX_US = 200;
+
+/** Checks ServeOptions.workers / poll before anything starts; the native (workers, mode, spinUs). */
+export function serviceArgs(workers: unknown, poll: unknown): [number, 'off' | 'fixed' | 'adaptive', number] {
+  const w = checkInteger('workers', workers ?? 1, 1, MAX_SERVICE_WORKERS);
+  if (poll === undefined || poll === false) return [w, 'off', 0];
+  if (poll === 'adaptive') return [w, 'adaptive', ADAPTIVE_SPIN_MAX_US];
+  if (typeof poll !== 'object' || poll === null || Array.isArray(poll))
+    throw typeError('ERR_INVALID_ARG_TYPE', "poll must be false, 'adaptive' or { spinUs }");
+  const us = checkInteger('poll.spinUs', (poll as { spinUs?: unknown }).spinUs ?? 0, 0, 1_000_000);
+  return [w, us === 0 ? 'off' : 'fixed', us];
 }
 
 export type RuleAction = 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue';
@@ -129,12 +177,20 @@ export type ServiceStats = NativeStats;
 
 type Target = Mapping | bigint;
 
-export class Userfaultfd {
+/**
+ * @internal The pager's hook (lib/pager.ts): one rule that hands every fault of `mapping` to the
+ * pager's native engine, on the service thread(s). Not exported from the package.
+ */
+export let setHandlerRule: (u: Userfaultfd, mapping: Mapping, handler: NativePager) => void;
+
+export class Userfaultfd implements ServedHolder {
   readonly #n: NativeUserfaultfd;
   #features = 0n;
   #registrations: Registration[] = [];
   #rules: Rule[] = [];
   #serving = false;
+  // Started by addRule() rather than serve(): a later serve() takes it over.
+  #autoServed = false;
   #options: ServeOptions = {};
   #closed = false;
 
@@ -142,15 +198,29 @@ export class Userfaultfd {
     this.#n = n;
   }
 
+  static {
+    setHandlerRule = (u, mapping, handler) => {
+      u.#live();
+      u.#n.setRules([{ mapping: mapping.native, action: 'handler', handler }]);
+      u.#rules = [];
+    };
+  }
+
   /**
-   * Opens a userfaultfd and negotiates features. Tries /dev/userfaultfd, then userfaultfd(2), then
-   * the user-mode-only variants (all that vm.unprivileged_userfaultfd=0 allows an unprivileged
-   * user). Errors: EPERM with a message that names each attempt and the three ways to get access;
-   * EINVAL when a requested feature is missing.
+   * Opens a userfaultfd and negotiates features. By default (via 'auto') tries /dev/userfaultfd,
+   * then userfaultfd(2), then the user-mode-only variants (all that vm.unprivileged_userfaultfd=0
+   * allows an unprivileged user); `via` picks one way with no fallback.
+   * @throws SystemError EPERM (auto: with a message that names each attempt and the three ways to
+   *   get access; syscall: full faults refused to this user), ENOENT / EACCES with path
+   *   '/dev/userfaultfd' (via 'device': no node here, or not open to this user), EINVAL when a
+   *   requested feature is missing.
+   * @throws TypeError ERR_INVALID_ARG_VALUE (via not 'auto', 'device' or 'syscall'),
+   *   ERR_INVALID_ARG_TYPE (userModeOnly not a boolean).
    */
   static open(options: OpenOptions = {}): Userfaultfd {
     options = checkOptions('options', options);
-    const n = native.openUserfaultfd({ userModeOnly: checkBoolean('userModeOnly', options.userModeOnly, false) });
+    const via = checkOneOf('via', options.via ?? 'auto', ['auto', 'device', 'syscall'] as const);
+    const n = native.openUserfaultfd({ userModeOnly: checkBoolean('userModeOnly', options.userModeOnly, false), via });
     const u = new Userfaultfd(n);
     try {
       u.#negotiate(options.features ?? 'default');
@@ -225,6 +295,10 @@ export class Userfaultfd {
   get closed(): boolean {
     return this.#closed;
   }
+  /** Whether a native service reads this descriptor (serve(), or addRule() on an unserved one). */
+  get serving(): boolean {
+    return this.#serving;
+  }
 
   #live(): void {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the userfaultfd is closed');
@@ -254,6 +328,7 @@ export class Userfaultfd {
     const ioctls = this.#n.register(mapping.native, offset, length, mode);
     const reg: Registration = { mapping, offset, length, modes: [...modes], ioctls: new Set(ioctlNames(ioctls)) };
     this.#registrations.push(reg);
+    noteRegistered(mapping, this);
     return reg;
   }
 
@@ -267,6 +342,7 @@ export class Userfaultfd {
     this.#registrations = this.#registrations.filter(
       (r) => !(r.mapping === mapping && r.offset >= offset && r.offset + r.length <= offset + length),
     );
+    if (!this.#registrations.some((r) => r.mapping === mapping)) noteUnregistered(mapping, this);
   }
 
   #t(target: Target): Mapping['native'] | bigint {
@@ -397,15 +473,27 @@ export class Userfaultfd {
     return this.#n.resolveMany(action, this.#t(target), offs, checkInteger('length', options.length ?? page, 1), src, srcOffs, mode, replay);
   }
 
-  /** Starts the native service thread. Faults no rule covers go to onFaults, in batches. */
+  /**
+   * Starts the native service (`workers` threads, default 1). Faults no rule covers go to onFaults,
+   * in batches. Errors: ERR_PAGEMIRROR_SERVING (serve() was called already), RangeError
+   * ERR_OUT_OF_RANGE (maxBatch, workers, poll.spinUs), TypeError ERR_INVALID_ARG_TYPE (poll), all
+   * before anything starts; EAGAIN (pthread_create) when the threads cannot be created. After
+   * addRule() started the service with no handler, serve() takes it over (with its options).
+   */
   serve(options: ServeOptions = {}): this {
     this.#live();
-    if (this.#serving) throw stateError('ERR_PAGEMIRROR_SERVING', 'already serving');
+    if (this.#serving && !this.#autoServed) throw stateError('ERR_PAGEMIRROR_SERVING', 'already serving');
     options = checkOptions('options', options);
     for (const k of ['onFaults', 'onEvents', 'onError'] as const) checkFunction(k, options[k]);
-    this.#options = options;
     const maxBatch = checkInteger('maxBatch', options.maxBatch ?? 64, 1, 4096);
-    this.#n.serve((batch) => this.#dispatch(batch), maxBatch);
+    const [workers, mode, spinUs] = serviceArgs(options.workers, options.poll);
+    if (this.#autoServed) {
+      this.#n.reconfigure(maxBatch, workers, mode, spinUs);
+      this.#autoServed = false;
+    } else {
+      this.#n.serve((batch) => this.#dispatch(batch), maxBatch, workers, mode, spinUs);
+    }
+    this.#options = options;
     this.#serving = true;
     return this;
   }
@@ -498,7 +586,14 @@ export class Userfaultfd {
     this.#report(err, faults);
   }
 
-  /** Adds a fast-path rule; returns it (pass it to removeRule()). */
+  /**
+   * Adds a fast-path rule; returns it (pass it to removeRule()). On a descriptor that is not served
+   * yet it starts the native service (one worker, no handler), so faults the rule covers are
+   * resolved at once instead of sleeping: faults no rule covers then get the fallback (what the
+   * kernel would do without userfaultfd: a zero page, un-protect, continue) with a warning
+   * (process.emitWarning), until serve() takes the service over with a handler. Errors:
+   * ERR_PAGEMIRROR_CLOSED; TypeError/RangeError for a bad rule, before anything changes.
+   */
   addRule(rule: Rule): Rule {
     this.#live();
     if (!(rule?.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'rule.mapping must be a Mapping');
@@ -513,6 +608,11 @@ export class Userfaultfd {
     const next = [...this.#rules, rule];
     this.#n.setRules(next.map(toNativeRule));
     this.#rules = next;
+    if (!this.#serving) {
+      this.#n.serve((batch) => this.#dispatch(batch), 64);
+      this.#serving = true;
+      this.#autoServed = true;
+    }
     return rule;
   }
 
@@ -538,7 +638,10 @@ export class Userfaultfd {
     return this.#rules;
   }
 
-  /** Counters of the service thread. */
+  /**
+   * Counters of the service, summed over its workers (maxBatch and spinBudgetNs: the largest), with
+   * one entry per running worker in `workers`. cpuNs is the workers' CPU time (what polling costs).
+   */
   stats(): ServiceStats {
     return this.#n.stats();
   }
@@ -560,6 +663,7 @@ export class Userfaultfd {
     this.#n.close(outcome);
     this.#closed = true;
     this.#serving = false;
+    for (const r of this.#registrations) noteUnregistered(r.mapping, this);
     this.#registrations = [];
     this.#rules = [];
   }

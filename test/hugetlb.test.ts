@@ -3,7 +3,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import { mapAnonymous, mapMemfd, Userfaultfd, Device, SNAPSHOT, access, probe } from '../lib/index.js';
-import { P, within, fillPattern } from './helpers.js';
+import { P, PAGE, within, fillPattern } from './helpers.js';
 
 const NR = '/proc/sys/vm/nr_hugepages';
 const HUGE = P.hugetlb.defaultSize || 2 << 20;
@@ -193,4 +193,50 @@ describe('hugetlb', () => {
       fs.writeFileSync(GIG, old);
     }
   }, 60_000);
+});
+
+describe('hugetlb and remap', () => {
+  it('a mirror of hugetlb memory follows a move to a huge-page-aligned address and a shrink; growing is the kernel\'s EINVAL, explained (device reads cover whole huge pages, counted in base pages)', async (ctx) => {
+    if (free < 2) ctx.skip(why);
+    const m = mapAnonymous(2 * HUGE, { hugetlb: true });
+    const dev = Device.create();
+    try {
+      const mir = dev.mirror(m);
+      const data = Buffer.alloc(2 * HUGE);
+      data.writeBigUInt64LE(111n, 0);
+      data.writeBigUInt64LE(222n, HUGE);
+      await within(mir.write(0, data), 10_000, 'device write');
+      const maps = fs.readFileSync('/proc/self/maps', 'utf8');
+      let to = (m.address - (1n << 40n)) & ~BigInt(HUGE - 1);
+      while (maps.includes(to.toString(16) + '-')) to -= BigInt(HUGE);
+      expect(() => m.remap(2 * HUGE, { address: to + 4096n })).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_UNALIGNED' }));
+      expect(() => m.remap(2 * HUGE, { dontUnmap: true })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' }));
+      expect(m.remap(2 * HUGE, { address: to })).toBe(to);
+      expect(mir.info().dead).toBe(false);
+      expect(mir.info().address).toBe(to);
+      expect((await within(mir.read(HUGE, HUGE / PAGE), 10_000, 'device read after the move')).data.readBigUInt64LE()).toBe(222n);
+      expect((await m.read(0, 8)).readBigUInt64LE()).toBe(111n);
+      // The kernel refuses to grow hugetlb mappings (mm/mremap.c: its reservations cannot be
+      // split); should a kernel allow it, the data must survive.
+      let grown = false;
+      try {
+        m.remap(4 * HUGE);
+        grown = true;
+      } catch (err) {
+        expect(err).toMatchObject({ code: 'EINVAL', syscall: 'mremap' });
+        expect((err as Error).message).toMatch(/does not grow hugetlb/);
+      }
+      expect(m.length).toBe(grown ? 4 * HUGE : 2 * HUGE);
+      expect(mir.info().dead).toBe(false);
+      expect((await within(mir.read(0, HUGE / PAGE), 10_000, 'device read after the grow attempt')).data.readBigUInt64LE()).toBe(111n);
+      m.remap(HUGE);
+      expect(m.length).toBe(HUGE);
+      await expect(within(mir.read(HUGE, HUGE / PAGE), 10_000, 'read past the end')).rejects.toMatchObject({ code: 'EFAULT' });
+      expect((await within(mir.read(0, HUGE / PAGE), 10_000, 'device read after the shrink')).data.readBigUInt64LE()).toBe(111n);
+      mir.close();
+    } finally {
+      dev.close();
+      m.close();
+    }
+  });
 });

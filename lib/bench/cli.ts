@@ -6,8 +6,10 @@ import { benchEnv } from './env.js';
 import { barChartSvg, lineChartSvg, textTable, writeReport, type Table } from './report.js';
 import { runBatching, runDirtyTracking, runOversubscription } from './policies.js';
 import { runStrategies, STRATEGY_NAMES, WORKLOADS, WORKLOAD_TEXT } from './strategies.js';
+import { runService, type ServiceRow } from './service.js';
+import { runPagerSuite } from './pager.js';
 
-export const SUITES = ['faults', 'engine', 'batching', 'strategies', 'oversubscription', 'dirty'] as const;
+export const SUITES = ['faults', 'engine', 'batching', 'strategies', 'oversubscription', 'dirty', 'service', 'pager'] as const;
 export type Suite = (typeof SUITES)[number];
 
 export interface BenchOptions {
@@ -59,6 +61,24 @@ export function faultsTable(rows: Comparison[]): Table {
   };
 }
 
+export function serviceTable(rows: ServiceRow[]): Table {
+  return {
+    columns: ['scenario', 'config', 'ns per unit (median)', 'min', 'max', 'worker CPU ns/fault', 'C ns/page (median)', 'ratio', 'target', 'verdict'],
+    rows: rows.map((r) => [
+      r.scenario,
+      r.config,
+      r.addon.n ? r.addon.median.toFixed(0) : 'skipped',
+      r.addon.n ? r.addon.min.toFixed(0) : '-',
+      r.addon.n ? r.addon.max.toFixed(0) : '-',
+      r.cpuPerFault.n ? r.cpuPerFault.median.toFixed(0) : '-',
+      r.c ? r.c.median.toFixed(0) : '-',
+      r.ratio === null ? '-' : `${r.ratio.toFixed(2)}x ${r.versus}`,
+      r.target === null ? '-' : `<= ${r.target.toFixed(2)}x`,
+      r.pass === null ? (r.skipped ? `skipped: ${r.skipped}` : 'reported') : r.pass ? 'pass' : 'FAIL',
+    ]),
+  };
+}
+
 export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: boolean; summary: string }> {
   const files: string[] = [];
   const summary: string[] = [];
@@ -100,6 +120,41 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       files.push(written.json, written.html);
       ok &&= rows.every((r) => r.pass !== false);
       summary.push(`faults (kernel ${env.kernel}, ${env.cpu}, node ${env.node}, page ${env.pageSize} B${pin ? ', pinned to one CPU' : ''})`);
+      summary.push(textTable(table));
+    }
+    if (suite === 'service') {
+      const env = benchEnv(false, o.version);
+      const rows = await runService({ pages: o.pages, reps: o.reps, size: o.size, quiet: o.quiet });
+      const table = serviceTable(rows);
+      const measured = rows.filter((r) => r.addon.n > 0);
+      const bars = (scenario: ServiceRow['scenario'], unit: number) =>
+        measured.filter((r) => r.scenario === scenario).map((r) => ({
+          label: r.config,
+          bars: [
+            { series: 'pagemirror', value: r.addon.median / unit, min: r.addon.min / unit, max: r.addon.max / unit },
+            ...(r.c ? [{ series: 'plain C baseline (no spin)', value: r.c.median / unit, min: r.c.min / unit, max: r.c.max / unit }] : []),
+          ],
+        }));
+      const written = writeReport(path.resolve(o.out), `service-${stamp}`, env, rows, [
+        {
+          title: 'Fault service: polling and workers',
+          text:
+            `wake-4k: one thread reads one word per page of ${o.pages ?? 2048} fresh pages through a 4 KiB copy rule, not pinned, so a worker that sleeps between ` +
+            `faults pays the wake-up of an idle CPU; the C baseline's MISSING+COPY handler (poll() then read(), never spinning) runs in the same run, also unpinned. ` +
+            `wake-4k-busy: the same while one spinning process per CPU keeps the machine busy. ` +
+            `workers-2m: 2 threads read one word per 2 MiB granule of ${(o.size ?? 256 << 20) >> 20} MiB through a 2 MiB copy rule, 1 worker against 2. ` +
+            `${o.reps ?? 7} repetitions, alternating. Worker CPU ns/fault: the workers' thread CPU time over the faults they read (spinning shows here).`,
+          svg: [
+            barChartSvg('Idle-machine 4 KiB fault (median, min-max)', 'us per page', bars('wake-4k', 1000)),
+            barChartSvg('Busy-machine 4 KiB fault (median, min-max)', 'us per page', bars('wake-4k-busy', 1000)),
+            barChartSvg('2 MiB-granule copy rule, 2 threads (median, min-max)', 'us per granule', bars('workers-2m', 1000)),
+          ],
+          table,
+        },
+      ]);
+      files.push(written.json, written.html);
+      ok &&= rows.every((r) => r.pass !== false);
+      summary.push(`service (kernel ${env.kernel}, ${env.cpu}, ${env.cpus} CPUs, node ${env.node}, page ${env.pageSize} B, not pinned)`);
       summary.push(textTable(table));
     }
     if (suite === 'engine') {
@@ -310,6 +365,11 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       files.push(written.json, written.html);
       summary.push(`dirty tracking (kernel ${env.kernel}, ${env.cpu}, node ${env.node}, page ${env.pageSize} B)`);
       summary.push(textTable(table));
+    }
+    if (suite === 'pager') {
+      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quiet: o.quiet, out: o.out, stamp, version: o.version });
+      files.push(...r.files);
+      summary.push(r.summary);
     }
   }
   return { files, ok, summary: summary.join('\n') };

@@ -13,7 +13,9 @@
 #include "../engine/mirror.h"
 #include "device.h"
 #include "mapping.h"
+#include "service.h"
 #include "userfaultfd.h"
+#include "pager.h"
 
 namespace pm {
 
@@ -135,6 +137,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Mirror", mirror);
   exports.Set("createDevice", Napi::Function::New(env, DeviceWrap::Create, "createDevice"));
   exports.Set("Mapping", mapping);
+  exports.Set("Pager", PagerWrap::Init(env));
+  exports.Set("createPager", Napi::Function::New(env, PagerWrap::Create, "createPager"));
   exports.Set("Userfaultfd", uffd);
   exports.Set("map", Napi::Function::New(env, Mapping::Map, "map"));
   exports.Set("openUserfaultfd", Napi::Function::New(env, Userfaultfd::Open, "openUserfaultfd"));
@@ -149,6 +153,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fsType", Napi::Function::New(env, FsType, "fsType"));
   exports.Set("uname", Napi::Function::New(env, Uname, "uname"));
   exports.Set("probeUffd", Napi::Function::New(env, ProbeUffd, "probeUffd"));
+  exports.Set("configureEngine", Napi::Function::New(env, ConfigureEngine, "configureEngine"));
+  exports.Set("engineStats", Napi::Function::New(env, EngineStats, "engineStats"));
   exports.Set("setAffinity", Napi::Function::New(env, SetAffinity, "setAffinity"));
   exports.Set("getAffinity", Napi::Function::New(env, GetAffinity, "getAffinity"));
   exports.Set("constants", Constants(env));

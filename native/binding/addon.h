@@ -30,6 +30,7 @@ struct AddonData {
   Napi::FunctionReference uffd_ctor;
   Napi::FunctionReference device_ctor;
   Napi::FunctionReference mirror_ctor;
+  Napi::FunctionReference pager_ctor;
   // Open userfaultfds: closed by the environment's cleanup hook so no thread stays asleep on a
   // fault after the environment goes away.
   std::mutex mu;

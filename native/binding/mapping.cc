@@ -68,6 +68,12 @@ Region::Invalidation::Invalidation(Region* r, uint64_t off, uint64_t len, Invali
   for (RangeNotifier* n : told_) n->invalidate_start(start_, end_, cause);
 }
 
+void Region::Invalidation::moved(uint64_t old_addr, uint64_t new_addr, uint64_t new_length, bool old_kept) {
+  for (RangeNotifier* n : told_) n->remapped(old_addr, new_addr, new_length, old_kept);
+  start_ = start_ - old_addr + new_addr;
+  end_ = end_ - old_addr + new_addr;
+}
+
 Region::Invalidation::~Invalidation() {
   for (RangeNotifier* n : told_) n->invalidate_end(start_, end_);
 }
@@ -411,24 +417,102 @@ Napi::Value Mapping::Sync(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// mremap of the whole mapping. The address may change: the old ArrayBuffer is detached first.
+// remap(length, mayMove, address?, dontUnmap?): mremap of the whole mapping. The address may
+// change: the old ArrayBuffer is detached first. Mirrors follow the mapping (Region::Invalidation::
+// moved). address: MREMAP_FIXED, into a range that must be free (reserved first with
+// MAP_FIXED_NOREPLACE, since MREMAP_FIXED would silently unmap whatever lies there, another
+// Mapping's memory included). dontUnmap: MREMAP_DONTUNMAP; the old range stays mapped and is
+// returned as a new Mapping (empty for private memory; the same pages for shared memory).
 Napi::Value Mapping::Remap(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Region& r = live(env);
   uint64_t new_len = ToU64(info[0], "length");
   bool may_move = info.Length() > 1 && info[1].ToBoolean().Value();
+  const bool fixed = info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsNull();
+  if (fixed && !info[2].IsBigInt()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "address must be a bigint");
+  const uint64_t to = fixed ? ToU64(info[2], "address") : 0;
+  bool dont_unmap = false;
+  if (info.Length() > 3 && !info[3].IsUndefined()) {
+    if (!info[3].IsBoolean()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "dontUnmap must be a boolean");
+    dont_unmap = info[3].As<Napi::Boolean>().Value();
+  }
   if (new_len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be > 0");
   CheckAligned(env, new_len, r.page, "length");
+  if ((fixed || dont_unmap) && !may_move)
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "address and dontUnmap move the mapping: mayMove cannot be false");
+  if (fixed) {
+    CheckAligned(env, to, r.page, "address");
+    if (to > UINT64_MAX - new_len)
+      throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "address + length overflows the address space");
+    if (to < r.addr + r.length && r.addr < to + new_len)
+      throw CodedRangeError(env, "ERR_OUT_OF_RANGE",
+                            "the destination overlaps the mapping itself: mremap moves to a disjoint range");
+  }
+  if (dont_unmap && new_len != r.length)
+    throw CodedRangeError(env, "ERR_OUT_OF_RANGE",
+                          "dontUnmap keeps the length: the kernel moves the pages and leaves the old range as it was "
+                          "(remap to " + std::to_string(r.length) + " bytes, then resize)");
+  if (dont_unmap && r.hugetlb)
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE",
+                         "dontUnmap does not apply to hugetlb mappings (the kernel refuses MREMAP_DONTUNMAP on "
+                         "VM_DONTEXPAND mappings)");
   if (r.pins.load() > 0)
     throw SystemError(env, -EBUSY, "mremap", {nullptr, "native threads are using this mapping"});
+  const char* path = r.path.empty() ? nullptr : r.path.c_str();
+  // An fd for the old range's Mapping, taken before anything changes.
+  int kept_fd = -1;
+  if (dont_unmap && r.fd >= 0) {
+    kept_fd = fcntl(r.fd, F_DUPFD_CLOEXEC, 0);
+    if (kept_fd < 0) ThrowSystemError(env, -errno, "fcntl", {path});
+  }
+  void* reserved = nullptr;
+  if (fixed) {
+    int rc = sys::map(&reserved, reinterpret_cast<void*>(to), new_len, PROT_NONE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+    if (rc == 0 && reinterpret_cast<uint64_t>(reserved) != to) {  // a kernel before 4.17 took it as a hint
+      sys::unmap(reserved, new_len);
+      rc = -EEXIST;
+    }
+    if (rc) {
+      if (kept_fd >= 0) sys::close_fd(kept_fd);
+      ThrowSystemError(env, rc, "mmap",
+                       {nullptr, rc == -EEXIST ? "something is already mapped at the destination: moving there would "
+                                                 "unmap it; choose a free range" : nullptr, -1, to});
+    }
+  }
   DetachBuffer();
-  // Device pages come home first: mremap moves the CPU's page tables, and a device-private page
-  // must be an ordinary page to travel with them.
-  engine::Engine::get().bring_home(&r);
+  // Shared memory: device pages come home first, since the page cache is the data every mapping of
+  // the file sees (the old range of a dontUnmap too). Private memory: device pages stay in device
+  // memory and their holes move with the page tables, as device-private entries do in the kernel.
+  if (r.shared) engine::Engine::get().bring_home(&r);
+  // A shrink unmaps the tail: mirrors drop it as they would for munmap (their entries there go, and
+  // a device access to it fails with EFAULT until the mapping grows back).
+  if (new_len < r.length) {
+    Region::Invalidation tail(&r, new_len, r.length - new_len, InvalidateCause::kUnmap);
+  }
+  const uint64_t old_addr = r.addr, old_len = r.length;
   std::optional<Region::Invalidation> inv(std::in_place, &r, 0, r.length, InvalidateCause::kRemap);
+  int flags = may_move ? MREMAP_MAYMOVE : 0;
+  if (fixed) flags |= MREMAP_FIXED;
+  if (dont_unmap) flags |= MREMAP_DONTUNMAP;
   void* out = nullptr;
-  int rc = sys::remap(&out, reinterpret_cast<void*>(r.addr), r.length, new_len, may_move ? MREMAP_MAYMOVE : 0, nullptr);
-  if (rc) ThrowSystemError(env, rc, "mremap", {r.path.empty() ? nullptr : r.path.c_str()});
+  int rc = sys::remap(&out, reinterpret_cast<void*>(r.addr), r.length, new_len, flags, reserved);
+  if (rc) {
+    if (reserved) sys::unmap(reserved, new_len);
+    if (kept_fd >= 0) sys::close_fd(kept_fd);
+    inv.reset();
+    const char* hint = nullptr;
+    if (rc == -EINVAL && r.hugetlb && new_len > r.length)
+      hint = "the kernel does not grow hugetlb mappings (its huge page reservations cannot be split): map a larger one";
+    else if (rc == -EINVAL && dont_unmap)
+      hint = "MREMAP_DONTUNMAP needs Linux 5.7, and a private anonymous mapping before 5.13";
+    else if (rc == -EFAULT)
+      hint = "the mapping is no longer one kernel VMA (unmap() holes, protect() segments or a partial userfaultfd "
+             "registration split it), and mremap moves one VMA";
+    else if (rc == -ENOMEM && !may_move)
+      hint = "the range after the mapping is taken: allow mayMove";
+    ThrowSystemError(env, rc, "mremap", {path, hint});
+  }
   if (new_len < r.length) {
     // Growing needs nothing: the last segment runs to the end, as the kernel extends the last VMA.
     std::lock_guard<std::mutex> lock(r.mu);
@@ -436,7 +520,32 @@ Napi::Value Mapping::Remap(const Napi::CallbackInfo& info) {
   }
   r.addr = reinterpret_cast<uint64_t>(out);
   r.length = new_len;
-  return Napi::BigInt::New(env, r.addr);
+  inv->moved(old_addr, r.addr, new_len, dont_unmap);
+  inv.reset();
+  if (!dont_unmap) return Napi::BigInt::New(env, r.addr);
+
+  auto k = std::make_shared<Region>();
+  k->id = engine::Engine::next_owner_id();
+  k->addr = old_addr;
+  k->length = old_len;
+  k->page = r.page;
+  k->kind = r.kind;
+  k->shared = r.shared;
+  k->fd = kept_fd;
+  k->file_offset = r.file_offset;
+  k->path = r.path;
+  k->name = r.name;
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    k->prot = r.prot;
+  }
+  // The kernel keeps the old range registered with every userfaultfd that had it (what a garbage
+  // collector wants: faults there go to its handler). The engine's registrations moved with the
+  // mirrors; any left are the user's, so JavaScript gets no view of the old range.
+  if (r.registered.load() > engine::Engine::get().registered_mirrors(&r)) k->registered.store(1);
+  AddonData* data = env.GetInstanceData<AddonData>();
+  std::shared_ptr<Region> holder = k;
+  return data->mapping_ctor.Value().New({Napi::External<std::shared_ptr<Region>>::New(env, &holder)});
 }
 
 Napi::Value Mapping::Fallocate(const Napi::CallbackInfo& info) {

@@ -44,6 +44,11 @@ class RangeNotifier {
   virtual void invalidate_end(uint64_t start, uint64_t end) = 0;
   // A writeback (msync) of [start, end) failed with -errno, between start() and end().
   virtual void writeback_error(uint64_t, uint64_t, int) {}
+  // mremap, between invalidate_start and invalidate_end: the mapping now starts at new_addr and is
+  // new_length bytes long (old_kept: MREMAP_DONTUNMAP left the old range mapped, empty or, for
+  // shared memory, mapping the same pages). A mirror follows the mapping, as the kernel's mirror of
+  // an address space sees the pages at their new address.
+  virtual void remapped(uint64_t old_addr, uint64_t new_addr, uint64_t new_length, bool old_kept) {}
 };
 
 enum class RegionKind { kAnonymous, kMemfd, kFile };
@@ -98,6 +103,9 @@ struct Region {
     void writeback_error(int err) {
       for (RangeNotifier* n : told_) n->writeback_error(start_, end_, err);
     }
+    // After mremap: every notifier told at the start follows the move, and the end is reported at
+    // the new address.
+    void moved(uint64_t old_addr, uint64_t new_addr, uint64_t new_length, bool old_kept);
    private:
     std::vector<RangeNotifier*> told_;
     uint64_t start_, end_;

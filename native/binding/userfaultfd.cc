@@ -14,6 +14,8 @@
 #include "args.h"
 #include "errors.h"
 #include "mapping.h"
+#include "service.h"
+#include "pager.h"
 
 namespace pm {
 
@@ -104,6 +106,7 @@ Napi::Function Userfaultfd::Init(Napi::Env env) {
                          InstanceMethod<&Userfaultfd::Fallback>("fallback"),
                          InstanceMethod<&Userfaultfd::ResolveMany>("resolveMany"),
                          InstanceMethod<&Userfaultfd::Serve>("serve"),
+                         InstanceMethod<&Userfaultfd::Reconfigure>("reconfigure"),
                          InstanceMethod<&Userfaultfd::SetRules>("setRules"),
                          InstanceMethod<&Userfaultfd::Stats>("stats"),
                          InstanceMethod<&Userfaultfd::Outstanding>("outstanding"),
@@ -145,12 +148,43 @@ int Userfaultfd::live_fd(Napi::Env env) {
   return fd_;
 }
 
+// The one way asked for failed: say which step and what would make it work.
+[[noreturn]] static void ThrowOpenViaError(Napi::Env env, bool device, bool umo, const sys::UffdOpenResult& r, int rc) {
+  if (!device) {
+    const char* hint = rc == -EPERM ? (umo ? "the kernel refused even a user-mode-only userfaultfd"
+                                           : "full userfaultfd(2) needs CAP_SYS_PTRACE or sysctl "
+                                             "vm.unprivileged_userfaultfd=1; ask for userModeOnly, or use via 'device' "
+                                             "with read-write access to /dev/userfaultfd")
+                       : rc == -ENOSYS ? "this kernel has no userfaultfd(2) (CONFIG_USERFAULTFD)" : nullptr;
+    ThrowSystemError(env, rc, "userfaultfd", {nullptr, hint});
+  }
+  if (r.device_ioctl_failed)
+    ThrowSystemError(env, rc, "ioctl(USERFAULTFD_IOC_NEW)", {"/dev/userfaultfd", nullptr});
+  const char* hint = rc == -ENOENT ? "no /dev/userfaultfd here (Linux 6.1+, and it must be visible in this mount "
+                                     "namespace); use via 'syscall' or 'auto'"
+                     : rc == -EACCES || rc == -EPERM
+                         ? "the device node is not open to this user (root-only by default): give read-write access "
+                           "to /dev/userfaultfd, or use via 'syscall' or 'auto'"
+                         : nullptr;
+  ThrowSystemError(env, rc, "open", {"/dev/userfaultfd", hint});
+}
+
 Napi::Value Userfaultfd::Open(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = info.Length() > 0 && info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
   bool nonblocking = OptBool(o, "nonBlocking", true);
   bool umo = OptBool(o, "userModeOnly", false);
+  const std::string via = OptString(o, "via", "auto");
+  if (via != "auto" && via != "device" && via != "syscall")
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "via must be 'auto', 'device' or 'syscall'");
   sys::UffdOpenResult r;
+  if (via != "auto") {
+    const bool device = via == "device";
+    int rc = sys::uffd_open_via(device ? sys::UffdVia::kDevice : sys::UffdVia::kSyscall, nonblocking, umo, &r);
+    if (rc) ThrowOpenViaError(env, device, umo, r, rc);
+    AddonData* data = env.GetInstanceData<AddonData>();
+    return data->uffd_ctor.Value().New({Napi::External<sys::UffdOpenResult>::New(env, &r)});
+  }
   int rc = sys::uffd_open(nonblocking, umo, &r);
   if (rc) {
     std::string hint =
@@ -556,7 +590,8 @@ Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// serve(callback, maxBatch): starts the service thread. The callback receives batches.
+// serve(callback, maxBatch?, workers?, pollMode?, spinUs?): starts the service threads. The
+// callback receives batches.
 Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = live_fd(env);
@@ -564,7 +599,7 @@ Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
   if (service_ && service_->running()) throw StateError(env, "ERR_PAGEMIRROR_SERVING", "already serving");
   if (info.Length() < 1 || !info[0].IsFunction())
     throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "callback must be a function");
-  unsigned max_batch = static_cast<unsigned>(info.Length() > 1 ? ToU64(info[1], "maxBatch") : 64);
+  const ServiceConfig config = ConfigArgs(info, 1);
   auto p = std::make_shared<Pending>();
   p->faults.reserve(Pending::kCapacity);
   p->events.reserve(Pending::kCapacity);
@@ -587,11 +622,30 @@ Napi::Value Userfaultfd::Serve(const Napi::CallbackInfo& info) {
     self_ref_ = true;
   }
   if (!service_) service_ = std::make_unique<sys::FaultService>(fd, sys::page_size());
-  int rc = service_->start(this, max_batch);
+  int rc = service_->start(this, config.max_batch, config.workers, config.poll);
   if (rc) {
     StopService();
     ThrowSystemError(env, rc, "pthread_create");
   }
+  return env.Undefined();
+}
+
+// reconfigure(maxBatch?, workers?, pollMode?, spinUs?): restarts a running service with other
+// settings. The workers stop after their batch in hand (faults they were retrying go to the
+// callback); what the kernel still has queued waits for the new ones.
+Napi::Value Userfaultfd::Reconfigure(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  live_fd(env);
+  if (!service_ || !service_->running() || !pending_) throw StateError(env, "ERR_PAGEMIRROR_NOT_SERVED", "not serving: call serve()");
+  const ServiceConfig config = ConfigArgs(info, 0);
+  service_->stop();
+  int rc = service_->start(this, config.max_batch, config.workers, config.poll);
+  if (rc && service_->start(this, config.max_batch, 1, {}) != 0) {
+    // Not even one worker: nothing would serve the descriptor; stop as close() would, leaving
+    // the outcome to the caller's close().
+    StopService();
+  }
+  if (rc) ThrowSystemError(env, rc, "pthread_create");
   return env.Undefined();
 }
 
@@ -680,6 +734,13 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
     if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "rule length must be > 0");
     r.end = r.start + len;
     std::string action = OptString(o, "action");
+    if (action == "handler") {  // the pager: every fault in the range goes to its engine
+      r.kinds = sys::kFaultMissing | sys::kFaultWp | sys::kFaultMinor;
+      r.action = sys::RuleAction::kHandler;
+      r.handler = PagerHandler(o.Get("handler"));
+      rules.push_back(r);
+      continue;
+    }
     r.kinds = static_cast<uint32_t>(RuleKinds(env, action));
     r.action = action == "copy" ? sys::RuleAction::kCopy : action == "zero" ? sys::RuleAction::kZero
              : action == "move" ? sys::RuleAction::kMove : action == "poison" ? sys::RuleAction::kPoison
@@ -726,6 +787,8 @@ Napi::Value Userfaultfd::Stats(const Napi::CallbackInfo& info) {
   o.Set("eagain", static_cast<double>(s.eagain));
   o.Set("errors", static_cast<double>(s.errors));
   o.Set("serviceNs", static_cast<double>(s.service_ns));
+  SetPollStats(o, s);
+  o.Set("workers", WorkerStats(env, service_ ? service_->worker_stats() : std::vector<sys::ServiceStats>{}));
   return o;
 }
 

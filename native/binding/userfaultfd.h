@@ -51,6 +51,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   Napi::Value Fallback(const Napi::CallbackInfo& info);
   Napi::Value ResolveMany(const Napi::CallbackInfo& info);
   Napi::Value Serve(const Napi::CallbackInfo& info);
+  Napi::Value Reconfigure(const Napi::CallbackInfo& info);
   Napi::Value SetRules(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value Outstanding(const Napi::CallbackInfo& info);

@@ -18,6 +18,14 @@ Engine& Engine::get() {
 }
 
 int Engine::ensure() {
+  {
+    // Once open, config_mu_ is not taken here: a caller may hold a mirror's change mutex, which a
+    // worker that configure() is joining may be waiting for.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fd_ >= 0) return 0;
+  }
+  // Opening: no worker exists yet, so nothing can wait on this; configure() must not see half of it.
+  std::lock_guard<std::mutex> config(config_mu_);
   std::lock_guard<std::mutex> lock(mu_);
   if (fd_ >= 0) return 0;
   if (open_error_) return open_error_;
@@ -43,7 +51,7 @@ int Engine::ensure() {
   has_move_ = (want & UFFD_FEATURE_MOVE) != 0;
   user_mode_only_ = r.user_mode_only;
   service_ = std::make_unique<sys::FaultService>(r.fd, sys::page_size());
-  rc = service_->start(this, 64);
+  rc = service_->start(this, 64, workers_, poll_);
   if (rc) {
     service_.reset();
     sys::close_fd(r.fd);
@@ -51,6 +59,30 @@ int Engine::ensure() {
   }
   fd_ = r.fd;
   return 0;
+}
+
+int Engine::configure(unsigned workers, sys::PollOptions poll) {
+  if (workers < 1 || workers > sys::FaultService::kMaxWorkers || poll.spin_us > sys::FaultService::kMaxSpinUs) return -EINVAL;
+  std::lock_guard<std::mutex> config(config_mu_);
+  workers_ = workers;
+  poll_ = poll;
+  // service_ is set once, by ensure() under config_mu_: safe to use without mu_, which the workers
+  // take and must stay free while they are joined.
+  if (!service_) return 0;
+  service_->stop();  // no rules here: every fault a worker read is handled before it stops
+  int rc = service_->start(this, 64, workers_, poll_);
+  if (rc && service_->start(this, 64, 1, {}) == 0) workers_ = 1, poll_ = {};  // never left unserved
+  return rc;
+}
+
+sys::ServiceStats Engine::stats() {
+  std::lock_guard<std::mutex> config(config_mu_);
+  return service_ ? service_->stats() : sys::ServiceStats{};
+}
+
+std::vector<sys::ServiceStats> Engine::worker_stats() {
+  std::lock_guard<std::mutex> config(config_mu_);
+  return service_ ? service_->worker_stats() : std::vector<sys::ServiceStats>{};
 }
 
 uint64_t Engine::next_owner_id() {
@@ -74,7 +106,7 @@ int Engine::register_range(uint64_t start, uint64_t len, uint64_t owner, bool mi
   return 0;
 }
 
-void Engine::unregister_range(uint64_t start, uint64_t len, uint64_t owner) {
+void Engine::unregister_range(uint64_t start, uint64_t len, uint64_t owner, bool still_mapped) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = std::find_if(registered_.begin(), registered_.end(),
                          [&](const Range& r) { return r.start == start && r.len == len && r.owner == owner; });
@@ -82,7 +114,7 @@ void Engine::unregister_range(uint64_t start, uint64_t len, uint64_t owner) {
   registered_.erase(it);
   for (const Range& r : registered_)
     if (r.start < start + len && start < r.start + r.len) return;  // someone still needs (part of) it
-  sys::uffd_unregister(fd_, start, len);  // ENOMEM/EINVAL once unmapped: nothing left to undo
+  if (still_mapped) sys::uffd_unregister(fd_, start, len);  // ENOMEM/EINVAL once unmapped: nothing left to undo
 }
 
 void Engine::add_mirror(Mirror* m) {
@@ -115,8 +147,7 @@ Engine::Holding::~Holding() {
   tl_holding = nullptr;
 }
 
-Engine::Holding Engine::lock_covering(Mirror* self, uint64_t start, uint64_t end) {
-  Holding h;
+void Engine::lock_into(Holding& h, Mirror* self, uint64_t start, uint64_t end) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (Mirror* m : all_)
@@ -127,6 +158,27 @@ Engine::Holding Engine::lock_covering(Mirror* self, uint64_t start, uint64_t end
   }
   std::sort(h.mirrors.begin(), h.mirrors.end());
   for (Mirror* m : h.mirrors) h.locks_.emplace_back(m->change_mutex());
+}
+
+Engine::Holding Engine::lock_covering(Mirror* self, uint64_t start, uint64_t end) {
+  Holding h;
+  lock_into(h, self, start, end);
+  tl_holding = &h.mirrors;
+  return h;
+}
+
+Engine::Holding Engine::lock_pages(Mirror* self, uint64_t first, uint64_t last) {
+  Holding h;
+  for (;;) {
+    const uint64_t at = self->start();
+    lock_into(h, self, at + first * self->page(), at + last * self->page());
+    // A remap moves a mirror only under its change mutex, ours now: if it moved before we had it,
+    // the mirrors were chosen at the old address.
+    if (self->start() == at) break;
+    h.locks_.clear();
+    for (Mirror* m : h.mirrors) m->release();
+    h.mirrors.clear();
+  }
   tl_holding = &h.mirrors;
   return h;
 }
@@ -174,6 +226,11 @@ void Engine::bring_home(const Region* r) {
   }
 }
 
+int Engine::registered_mirrors(const Region* r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(std::count_if(mirrors_.begin(), mirrors_.end(), [&](Mirror* m) { return m->region() == r; }));
+}
+
 void Engine::region_mirrors(const Region* r, int* total, int* single_writers) {
   std::lock_guard<std::mutex> lock(mu_);
   *total = *single_writers = 0;
@@ -219,8 +276,10 @@ void Engine::release_others(const std::vector<Mirror*>& held) {
   }
 }
 
-// The engine's descriptor negotiates no events (EVENT_FORK in particular), so no fork waits on this
-// thread and its handler may allocate.
+// The engine's descriptor negotiates no events (EVENT_FORK in particular), so no fork waits on these
+// threads and the handler may allocate. With several workers, handlers run concurrently: each
+// takes mu_ only to list the covering mirrors, then their change mutexes in address order (as
+// lock_covering() does), so two handlers, or a handler and a migration, cannot deadlock.
 void Engine::on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg*, size_t) {
   for (size_t i = 0; i < n; i++) handle(faults[i]);
 }
@@ -231,14 +290,6 @@ void Engine::on_batch(const sys::FaultMsg* faults, size_t n, const sys::EventMsg
 void Engine::handle(const sys::FaultMsg& f) {
   const uint64_t page = f.address & ~(sys::page_size() - 1);
   std::vector<Mirror*> covering;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (Mirror* m : mirrors_)
-      if (m->covers(page)) {
-        m->acquire();  // a mirror closing meanwhile waits for this before it goes
-        covering.push_back(m);
-      }
-  }
   struct Release {
     std::vector<Mirror*>& v;
     ~Release() {
@@ -249,11 +300,38 @@ void Engine::handle(const sys::FaultMsg& f) {
   // handlers or a migration cannot deadlock): a migration or invalidation must not run between
   // "nobody owns this page" and the zero-fill or un-protect that follows, or a write-protect
   // lifted here could let a CPU write slip past a copy in progress.
-  std::sort(covering.begin(), covering.end());
   std::vector<std::unique_lock<std::mutex>> locks;
-  locks.reserve(covering.size());
-  for (Mirror* m : covering) locks.emplace_back(m->change_mutex());
-  for (Mirror* m : covering) {
+  auto unlisted = [&](Mirror* m) { return m->covers(page) && std::find(covering.begin(), covering.end(), m) == covering.end(); };
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (Mirror* m : mirrors_)
+        if (m->covers(page)) {
+          m->acquire();  // a mirror closing meanwhile waits for this before it goes
+          covering.push_back(m);
+        }
+    }
+    std::sort(covering.begin(), covering.end());
+    for (Mirror* m : covering) locks.emplace_back(m->change_mutex());
+    // A mirror that moved here (mremap re-bases a region's mirrors one by one) after the list was
+    // made is not locked, and its device page could be taken for a first touch: list again.
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (std::none_of(mirrors_.begin(), mirrors_.end(), unlisted)) break;
+    }
+    locks.clear();
+    for (Mirror* m : covering) m->release();
+    covering.clear();
+  }
+  // A mirror moved by mremap before its lock was ours covers other addresses now.
+  std::vector<Mirror*> now;
+  for (Mirror* m : covering)
+    if (m->covers(page)) now.push_back(m);
+  if (now.empty() && !(f.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR))) {
+    resolve_uncovered(page);
+    return;
+  }
+  for (Mirror* m : now) {
     if (m->cpu_fault(m->index_of(page), f.flags)) return;  // counted by its device (migratedToHost)
   }
   int64_t done = 0;
@@ -262,7 +340,7 @@ void Engine::handle(const sys::FaultMsg& f) {
     // back (re-protecting it) until the CPU's write access is restored: held across the
     // un-protect, as an invalidation would be.
     std::vector<Mirror*> held;
-    for (Mirror* m : covering)
+    for (Mirror* m : now)
       if (m->single_writer()) {
         m->hold_page(m->index_of(page), InvalidateCause::kCpuWrite);
         held.push_back(m);
@@ -278,7 +356,25 @@ void Engine::handle(const sys::FaultMsg& f) {
     return;
   }
   int rc = sys::uffd_zeropage(fd_, page, sys::page_size(), 0, &done);
-  if (rc == -EEXIST) sys::uffd_wake(fd_, page, sys::page_size());
+  // EEXIST: resolved by someone else. Any other failure (the range moved or went since the fault
+  // was queued: ENOENT, EINVAL) wakes the faulter too, whose retried access then meets the new
+  // layout; a failed resolve wakes nobody, and the faulter would sleep forever.
+  if (rc) sys::uffd_wake(fd_, page, sys::page_size());
+}
+
+// A missing fault no mirror covers: a device pool's hole, or a fault queued at an address a
+// mirror has moved away from. Decided and resolved under mu_: a mirror that moves here covers the
+// address before it registers the range (Mirror::remapped, register_range takes mu_), so either it
+// covers the page now (wake: the retried fault finds it) or the zero-fill meets an unregistered
+// range and fails (wake too), never a device page's hole.
+void Engine::resolve_uncovered(uint64_t page) {
+  std::lock_guard<std::mutex> lock(mu_);
+  int rc = -EAGAIN;
+  if (std::none_of(mirrors_.begin(), mirrors_.end(), [&](Mirror* m) { return m->covers(page); })) {
+    int64_t done = 0;
+    rc = sys::uffd_zeropage(fd_, page, sys::page_size(), 0, &done);
+  }
+  if (rc) sys::uffd_wake(fd_, page, sys::page_size());
 }
 
 }  // namespace pm::engine

@@ -26,6 +26,15 @@ class Engine : public sys::FaultSink {
   // and UFFDIO_API; -EOPNOTSUPP when the kernel lacks UFFDIO_MOVE and write protection.
   int ensure();
   int fd() const { return fd_; }
+  // Worker threads and polling of the CPU-fault service, process-wide (a pull-back from a slow disk
+  // then holds up only its own worker). Before first use it only records them; on a running
+  // service the workers finish the faults in hand, stop, and start again with the new setting.
+  // -EINVAL: workers outside 1..FaultService::kMaxWorkers. Call from one thread at a time.
+  int configure(unsigned workers, sys::PollOptions poll);
+  sys::ServiceStats stats();
+  std::vector<sys::ServiceStats> worker_stats();
+  unsigned workers() const { return workers_; }
+  sys::PollOptions poll_options() const { return poll_; }
   bool has_move() const { return has_move_; }
   // The descriptor sees faults raised in user mode only (all that vm.unprivileged_userfaultfd=0
   // leaves an unprivileged process): a fault the kernel itself takes on a registered range (a
@@ -36,7 +45,9 @@ class Engine : public sys::FaultSink {
   // owner while a stale entry lingers, and that one must be registered anew. -EBUSY: the range is
   // registered with another userfaultfd (the user's own).
   int register_range(uint64_t start, uint64_t len, uint64_t owner, bool minor = false);
-  void unregister_range(uint64_t start, uint64_t len, uint64_t owner);
+  // still_mapped false: the range was unmapped (moved away by mremap): only the bookkeeping goes,
+  // since another mapping may have taken those addresses.
+  void unregister_range(uint64_t start, uint64_t len, uint64_t owner, bool still_mapped = true);
   // Ids for owners that are not Regions (device pools); Regions take theirs from the same counter.
   static uint64_t next_owner_id();
 
@@ -54,6 +65,8 @@ class Engine : public sys::FaultSink {
   void region_mirrors(const Region* r, int* total, int* single_writers);
   // Before mremap of a region: its mirrors' device pages come home.
   void bring_home(const Region* r);
+  // How many of a region's registrations (Region::registered) are the engine's, one per mirror.
+  int registered_mirrors(const Region* r);
   // Whether a mirror other than self holds addr's data in its device memory.
   bool owned_by_other(Mirror* self, uint64_t addr);
   // Whether another mirror pins addr (a pinned page cannot migrate, as in the kernel).
@@ -83,12 +96,17 @@ class Engine : public sys::FaultSink {
     std::vector<std::unique_lock<std::mutex>> locks_;
   };
   Holding lock_covering(Mirror* self, uint64_t start, uint64_t end);
+  // The same for self's pages [first, last), chosen at self's address once its mutex is held (the
+  // mirror may move by mremap until then).
+  Holding lock_pages(Mirror* self, uint64_t first, uint64_t last);
   // Whether this thread holds m's change mutex through lock_covering().
   static bool holds(Mirror* m);
 
  private:
   Engine() = default;
+  void lock_into(Holding& h, Mirror* self, uint64_t start, uint64_t end);
   void handle(const sys::FaultMsg& f);
+  void resolve_uncovered(uint64_t page);
 
   std::mutex mu_;
   int fd_ = -1;
@@ -96,6 +114,11 @@ class Engine : public sys::FaultSink {
   bool user_mode_only_ = false;
   int open_error_ = 0;
   std::unique_ptr<sys::FaultService> service_;
+  // Serialises configure() against ensure() and stats(); never held by a service thread (they take
+  // mu_), so stopping the workers under it cannot wait on them.
+  std::mutex config_mu_;
+  unsigned workers_ = 1;
+  sys::PollOptions poll_;
   std::vector<Mirror*> mirrors_;
   std::vector<Mirror*> all_;
   struct Range {

@@ -82,7 +82,7 @@ void Mirror::detach() {
     // Device-resident pages come home first: closing a mirror must not lose data.
     migrate_to_host(0, npages_, Trigger::kRelease);
     Engine::get().remove_mirror(this);
-    Engine::get().unregister_range(start_, npages_ * page_, region_->id);
+    Engine::get().unregister_range(start_, engine_len_, region_->id);
     region_->registered.fetch_sub(1);
   }
   // Off every list now; wait for those who took us from one before (engine handler, eviction).
@@ -130,7 +130,7 @@ void* Mirror::pin(uint64_t i, bool write) {
     if (!(e & kAccessed)) entry.fetch_or(kAccessed, std::memory_order_relaxed);
     return device_->slot_address(e >> kSlotShift);
   }
-  return reinterpret_cast<void*>((alias_ ? alias_ : start_) + i * page_);
+  return reinterpret_cast<void*>((alias_ ? alias_ : start_.load(std::memory_order_relaxed)) + i * page_);
 }
 
 void Mirror::mark_dirty(uint64_t i) {
@@ -169,11 +169,29 @@ void Mirror::wait_inflight(uint64_t first, uint64_t last) {
   }
 }
 
+namespace {
+// The mirrors whose invalidation this thread started and has not ended: invalidate_end() releases
+// exactly those, even if the mirror moved (remapped()) in between.
+thread_local std::vector<const Mirror*> tl_invalidating;
+}  // namespace
+
 void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause cause) {
-  const uint64_t s = std::max(start, start_), e = std::min(end, start_ + npages_ * page_);
-  if (s >= e) return;
-  const uint64_t first = (s - start_) / page_, last = (e - start_ + page_ - 1) / page_;
+  uint64_t first = 0, last = 0;
+  auto overlap = [&](uint64_t at) {
+    const uint64_t s = std::max(start, at), e = std::min(end, at + npages_ * page_);
+    first = (s - at) / page_;
+    last = (e - at + page_ - 1) / page_;
+    return s < e;
+  };
+  const uint64_t at = start_.load();
+  if (!overlap(at)) return;
   change_mu_.lock();  // released by invalidate_end(), on this thread (Region::Invalidation's scope)
+  // start_ moves only under change_mu_: read again now that it cannot.
+  if (start_.load() != at && !overlap(start_.load())) {
+    change_mu_.unlock();
+    return;
+  }
+  tl_invalidating.push_back(this);
   begin_change();
   // The data of a device-resident page survives an invalidation that leaves the memory in place
   // (protect, writeback); it goes with an unmap, a discard or a truncate.
@@ -192,8 +210,9 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
       file_flush_locked(first, last);
     }
   }
-  if (pinned_) {
-    // A pinned page is not the CPU's to take: the device keeps a page of its own.
+  if (pinned_ && cause != InvalidateCause::kRemap) {
+    // A pinned page is not the CPU's to take: the device keeps a page of its own. (One that only
+    // moves, by mremap, stays the same page: its entries go below and are faulted at the new address.)
     if (cause != InvalidateCause::kFork && cause != InvalidateCause::kWriteback)
       for (uint64_t i = pt_.next_present(first, last); i < last; i = pt_.next_present(i + 1, last)) keep_pinned_page(i);
     stats_.invalidations.fetch_add(1, std::memory_order_relaxed);
@@ -215,9 +234,52 @@ void Mirror::invalidate_start(uint64_t start, uint64_t end, InvalidateCause caus
   if (cause == InvalidateCause::kUnmap && first == 0 && last == npages_) dead_.store(true, std::memory_order_release);
 }
 
-void Mirror::invalidate_end(uint64_t start, uint64_t end) {
-  const uint64_t s = std::max(start, start_), e = std::min(end, start_ + npages_ * page_);
-  if (s >= e) return;
+// Caller: Region::Invalidation, between this mirror's invalidate_start and invalidate_end, so the
+// entries are cleared, no device access is in flight and no range fault can program an entry: none
+// can have computed an address from the old start. Device pages stay in device memory (their
+// holes moved with the page tables), as device-private pages do in the kernel.
+void Mirror::remapped(uint64_t, uint64_t new_addr, uint64_t new_length, bool old_kept) {
+  const uint64_t old_start = start_.load(), new_start = new_addr + offset_;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    start_.store(new_start);
+    gen_++;
+  }
+  if (!engine_registered_) return;
+  // The kernel drops a moved range's userfaultfd registration unless the descriptor asked for REMAP
+  // events (the engine's asks for none: mremap would then wait for the engine's thread). Register
+  // the new range before the change ends, or a CPU touch of a device page's hole would map zeros.
+  const uint64_t len = offset_ >= new_length ? 0 : std::min(npages_ * page_, new_length - offset_);
+  const bool minor = file_ && file_->shmem && file_copies();
+  const int rc = len ? Engine::get().register_range(new_start, len, region_->id, minor) : 0;
+  Engine::get().unregister_range(old_start, engine_len_, region_->id, old_kept || old_start == new_start);
+  engine_len_ = rc ? 0 : len;
+  const uint64_t n = len / page_;
+  if (rc == 0) {
+    // Until the registration, a range fault that had computed an address here before (a mapping
+    // moving back to where it was) could populate a device page's hole with a zero page. Nobody
+    // used it (every range fault since the move retries), and none can appear now: zap those.
+    for (uint64_t a, b, from = 0; next_device_run(from, n, &a, &b); from = b) {
+      std::vector<uint64_t> pm(b - a);
+      if (sys::pagemap_read(new_start + a * page_, b - a, pm.data()) != 0) continue;
+      for (uint64_t k = 0; k < b - a; k++)
+        if (pm[k] >> 63 & 1) sys::advise(reinterpret_cast<void*>(new_start + (a + k) * page_), page_, MADV_DONTNEED);
+    }
+    return;
+  }
+  // Cannot happen short of ENOMEM; the data must still not be lost: copy it into the new range.
+  for (uint64_t i = 0; i < n; i++) {
+    const uint64_t e = pt_[i].exchange(0, std::memory_order_seq_cst);
+    if (!(e & kOnDevice)) continue;
+    sys::guarded_copy(reinterpret_cast<void*>(new_start + i * page_), device_->slot_address(e >> kSlotShift), page_, nullptr);
+    device_->free_slot(e >> kSlotShift);
+  }
+}
+
+void Mirror::invalidate_end(uint64_t, uint64_t) {
+  auto it = std::find(tl_invalidating.begin(), tl_invalidating.end(), this);
+  if (it == tl_invalidating.end()) return;
+  tl_invalidating.erase(it);
   end_change();
   change_mu_.unlock();
 }
@@ -225,6 +287,8 @@ void Mirror::invalidate_end(uint64_t start, uint64_t end) {
 // One attempt of a range fault: 0 done, 1 raced (retry), or -errno.
 int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::steady_clock::time_point deadline) {
   if (dead() || region_->closed.load()) return -EFAULT;
+  // Pages a shrinking remap cut off have no CPU side, until the mapping grows back over them.
+  if (offset_ + last * page_ > region_->length) return -EFAULT;
   uint64_t gen0;
   {
     std::unique_lock<std::mutex> lock(mu_);
@@ -240,8 +304,8 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   // the CPU side and stay so; populate the runs between them. A single-writer mirror populates
   // through its own view: the same pages, but not registered, so no write-protect fault is raised
   // inside the kernel (which a user-mode-only engine descriptor would never see).
-  const uint64_t base = alias_ ? alias_ : start_;
   auto populate = [&](uint64_t a, uint64_t b) {
+    const uint64_t base = alias_ ? alias_ : start_.load(std::memory_order_relaxed);
     return sys::advise(reinterpret_cast<void*>(base + a * page_), (b - a) * page_,
                        write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
   };
@@ -271,6 +335,12 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
       if (rc == -EFAULT && region_->fd >= 0 && sys::fs_full(region_->fd, write) == 1) return -ENOSPC;
       return rc;
     }
+    if (rc == -EINVAL) {
+      // Incompatible memory (PROT_NONE) although the protection allows the access: the address
+      // was computed before a remap moved the mapping (it may now be the next move's reserved
+      // destination). If a change ran meanwhile, retry at the new address.
+      if (raced(gen0)) return 1;
+    }
     if (rc) return rc == -EINVAL ? -EFAULT : rc;
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -284,7 +354,7 @@ int Mirror::fault_once(uint64_t first, uint64_t last, bool write, std::chrono::s
   }
   for (uint64_t k = first; k < last; k++) {
     const uint64_t e = pt_[k].load(std::memory_order_relaxed);
-    const uint64_t kept = e & (kOnDevice | kDirty | kUnit | (~0ull << kSlotShift));
+    const uint64_t kept = e & (kOnDevice | kPinned | kDirty | kUnit | (~0ull << kSlotShift));
     pt_[k].store(kept | kValid | (write ? kWrite : (e & kWrite)), std::memory_order_release);
   }
   return 0;
@@ -350,6 +420,7 @@ int Mirror::ensure_engine() {
     e.remove_mirror(this);
     return rc;
   }
+  engine_len_ = npages_ * page_;
   region_->registered.fetch_add(1);
   engine_registered_ = true;
   return 0;
@@ -358,7 +429,7 @@ int Mirror::ensure_engine() {
 void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic,
                                Trigger trigger, uint64_t granule_pages) {
   *out = MigrateResult{};
-  if (dead() || region_->closed.load()) {
+  if (dead() || region_->closed.load() || offset_ + last * page_ > region_->length) {
     out->error = -EFAULT;
     return;
   }
@@ -422,14 +493,20 @@ void Mirror::migrate_to_device(uint64_t first, uint64_t last, bool use_move, Mig
     out->error = -ENOENT;
     return;
   }
+  // Every mirror of these pages (ours included) holds still while they move: two migrations of one
+  // page, or a migration and the engine's CPU-fault handler, take turns.
+  Engine::Holding holding = Engine::get().lock_pages(this, first, last);
+  if (offset_ + last * page_ > region_->length) {  // a shrinking remap got there first
+    out->error = -EFAULT;
+    return;
+  }
+  // Registered under the change mutex, which a remap holds while it moves the mirror: the range
+  // registered is the one the mirror covers.
   if (int rc = ensure_engine()) {
     if (rc == -EINVAL && private_file()) return refuse_private();
     out->error = rc;
     return;
   }
-  // Every mirror of these pages (ours included) holds still while they move: two migrations of one
-  // page, or a migration and the engine's CPU-fault handler, take turns.
-  Engine::Holding holding = Engine::get().lock_covering(this, start_ + first * page_, start_ + last * page_);
   // Which pages are present, read under the change mutex: the range is registered with the engine
   // by now, so a CPU touch of a hole waits in the engine for this mutex and cannot populate a page
   // we think is absent (a zero-filled device page would later overwrite the CPU's data).

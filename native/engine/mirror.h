@@ -113,8 +113,8 @@ class Mirror : public RangeNotifier {
   void release() { users_.fetch_sub(1, std::memory_order_acq_rel); }
   // detach() ran: by the mirror's own close, its mapping's close, or the environment's teardown.
   bool closed() const { return !attached_.load(std::memory_order_acquire); }
-  // Detached, unmapped whole, or moved by mremap (the range it mirrors is not there any more).
-  bool dead() const { return dead_.load(std::memory_order_acquire) || region_->addr + offset_ != start_; }
+  // Detached, or its whole range unmapped (a mapping that moves takes its mirrors along: remapped()).
+  bool dead() const { return dead_.load(std::memory_order_acquire); }
 
   Device* device() const { return device_; }
   Region* region() const { return region_.get(); }
@@ -143,6 +143,7 @@ class Mirror : public RangeNotifier {
   // RangeNotifier
   void invalidate_start(uint64_t start, uint64_t end, InvalidateCause cause) override;
   void invalidate_end(uint64_t start, uint64_t end) override;
+  void remapped(uint64_t old_addr, uint64_t new_addr, uint64_t new_length, bool old_kept) override;
 
   // Why a page did not move. kNone: it moved (or was already on this device).
   // kUnregistrable: a page the CPU copied on write in a private mapping of a file system
@@ -179,9 +180,10 @@ class Mirror : public RangeNotifier {
   // revokes the device's write access first. Registers the range with the engine. -errno on failure.
   int enable_single_writer();
   // Pin mode (long-term GUP): the whole range is faulted in for write now and never invalidated.
-  // When the CPU side changes (discard, unmap, remap, truncate, protect), the device keeps the page
-  // it had, as a pinned page stays with its holder, in a page of device memory: from then on the
-  // CPU and the device see different pages. That divergence is the hazard pin mode shows.
+  // When the CPU side changes (discard, unmap, truncate, protect), the device keeps the page it
+  // had, as a pinned page stays with its holder, in a page of device memory: from then on the CPU
+  // and the device see different pages. That divergence is the hazard pin mode shows. (A move by
+  // mremap takes the pinned page along: the entries are faulted again at the new address.)
   int enable_pin(int timeout_ms);
 
   // File strategies (mirror_file.cc). enable_file() once, before any access. Errors: -EINVAL (not a
@@ -254,6 +256,18 @@ class Mirror : public RangeNotifier {
     return true;
   }
 
+  // The next run of pages in [from, last) whose data is in device memory: [*a, *b).
+  bool next_device_run(uint64_t from, uint64_t last, uint64_t* a, uint64_t* b) const {
+    uint64_t i = from;
+    while (i < last && !(pt_[i].load(std::memory_order_relaxed) & kOnDevice)) i++;
+    if (i >= last) return false;
+    uint64_t j = i;
+    while (j < last && (pt_[j].load(std::memory_order_relaxed) & kOnDevice)) j++;
+    *a = i;
+    *b = j;
+    return true;
+  }
+
   // The kernel test device's snapshot encoding, one byte per base page (sys::page_size(); pages
   // [first, last) of the mirrored range, so a hugetlb entry gives page_ / base of them, each with
   // the PMD or PUD flag), without faulting anything.
@@ -282,7 +296,10 @@ class Mirror : public RangeNotifier {
   Device* const device_;
   const std::shared_ptr<Region> region_;
   const uint64_t offset_;  // within the region
-  const uint64_t start_, npages_, page_;
+  // Moves with the mapping (remapped(), between an invalidation's start and end): device threads
+  // read it only through an entry programmed after the move.
+  std::atomic<uint64_t> start_;
+  const uint64_t npages_, page_;
   PageTable pt_;
   // Sequence-count protocol: gen_ moves on every invalidation start and end; active_ counts
   // invalidations between their start and end. A range fault that saw either change retries.
@@ -296,6 +313,7 @@ class Mirror : public RangeNotifier {
   // resolves a CPU fault on this mirror: these three must not interleave on one page.
   std::mutex change_mu_;
   bool engine_registered_ = false;
+  uint64_t engine_len_ = 0;  // bytes from start_ registered with the engine (clipped by a shrink)
   bool single_writer_ = false;
   std::atomic<int> users_{0};
   bool pinned_ = false;

@@ -111,6 +111,7 @@ int Mirror::enable_file(const FileOptions& o) {
         if (rc) e.remove_mirror(this);
         else {
           engine_registered_ = true;  // CPU faults on the mapping now come to the engine
+          engine_len_ = npages_ * page_;
           region_->registered.fetch_add(1);
         }
       }
@@ -296,7 +297,8 @@ int Mirror::file_wait(uint64_t a, uint64_t b, bool whole, bool locked, WriteErro
 void Mirror::writeback_error(uint64_t start, uint64_t end, int err) {
   if (!file_ || file_->shmem) return;
   // Inside the msync's invalidation: change_mu_ is held if the range overlaps ours.
-  const bool held = std::max(start, start_) < std::min(end, start_ + npages_ * page_);
+  const uint64_t at = start_.load(std::memory_order_relaxed);
+  const bool held = std::max(start, at) < std::min(end, at + npages_ * page_);
   std::unique_lock<std::mutex> change(change_mu_, std::defer_lock);
   if (!held && file_copies()) change.lock();
   file_wait_failed(err, "msync");

@@ -14,12 +14,13 @@ namespace pm::sys {
 
 namespace {
 
-int try_device(int flags) {
+int try_device(int flags, bool* ioctl_failed = nullptr) {
   int dev = ::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
   if (dev < 0) return -errno;
   int fd = ::ioctl(dev, USERFAULTFD_IOC_NEW, flags);
   int err = fd < 0 ? -errno : 0;
   ::close(dev);
+  if (ioctl_failed) *ioctl_failed = fd < 0;
   return fd < 0 ? err : fd;
 }
 
@@ -89,6 +90,22 @@ int uffd_open(bool nonblocking, bool force_user_mode_only, UffdOpenResult* out) 
     return 0;
   }
   if (!out->syscall_error) out->syscall_error = fd;
+  return fd;
+}
+
+int uffd_open_via(UffdVia via, bool nonblocking, bool user_mode_only, UffdOpenResult* out) {
+  if (via == UffdVia::kAuto) return uffd_open(nonblocking, user_mode_only, out);
+  const int flags = O_CLOEXEC | (nonblocking ? O_NONBLOCK : 0) | (user_mode_only ? UFFD_USER_MODE_ONLY : 0);
+  *out = UffdOpenResult{};
+  out->user_mode_only = user_mode_only;
+  const bool device = via == UffdVia::kDevice;
+  out->opened_by = device ? UffdOpenedBy::kDevice : UffdOpenedBy::kSyscall;
+  const int fd = device ? try_device(flags, &out->device_ioctl_failed) : try_syscall(flags);
+  if (fd >= 0) {
+    out->fd = fd;
+    return 0;
+  }
+  (device ? out->device_error : out->syscall_error) = fd;
   return fd;
 }
 

@@ -9,6 +9,9 @@
 namespace pm::sys {
 
 enum class UffdOpenedBy { kDevice = 0, kSyscall = 1 };
+// How to obtain the descriptor: kAuto tries the device node, then the system call (the kernel's
+// selftests run every test both ways, uffd-unit-tests.c's "dev" and "syscall" variants).
+enum class UffdVia { kAuto = 0, kDevice = 1, kSyscall = 2 };
 
 struct UffdOpenResult {
   int fd = -1;
@@ -17,6 +20,8 @@ struct UffdOpenResult {
   // Why each earlier attempt failed (-errno), so a final EPERM can explain the whole path.
   int device_error = 0;
   int syscall_error = 0;
+  // device_error came from USERFAULTFD_IOC_NEW (the node opened), not from open().
+  bool device_ioctl_failed = false;
 };
 
 // Opens a userfaultfd: /dev/userfaultfd first (works for non-root when the node's mode allows,
@@ -25,6 +30,11 @@ struct UffdOpenResult {
 // force_user_mode_only skips straight to the user-mode-only variants.
 // Errors: the last attempt's -errno (-EPERM typically), with every attempt in *out.
 int uffd_open(bool nonblocking, bool force_user_mode_only, UffdOpenResult* out);
+// One way only (kDevice: /dev/userfaultfd; kSyscall: userfaultfd(2)), full or user-mode-only as
+// asked, with no fallback; kAuto is the chain above. Errors: -ENOENT (no device node), -EACCES (the
+// node is not ours to open), -EPERM (the system call refused full faults to an unprivileged user),
+// -ENOSYS (no userfaultfd at all), with the failed attempt in *out.
+int uffd_open_via(UffdVia via, bool nonblocking, bool user_mode_only, UffdOpenResult* out);
 
 // Whether fd is a userfaultfd (its /proc/self/fd link reads "anon_inode:[userfaultfd]"): 1 yes,
 // 0 no, or -errno (-EBADF: not an open descriptor). *what gets the link, to say what it is instead.

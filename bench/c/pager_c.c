@@ -1,0 +1,250 @@
+/*
+ * pager_c: a plain C user-space pager, the baseline of `pagemirror bench pager`.
+ *
+ * One userfaultfd, N fill threads reading it, pread + UFFDIO_COPY of one granule per fault, and,
+ * with a resident limit, FIFO eviction: pwrite of the granule (write workloads) then
+ * MADV_DONTNEED. No dirty tracking (every evicted granule of a write workload is written) and no
+ * protection against a write racing the eviction: the floor of the work, not a safe pager.
+ *
+ * Build: by node-gyp (binding.gyp), or gcc -O2 -pthread -o pager_c pager_c.c
+ * Usage:
+ *   pager_c run FILE --granule G --threads T --fillers N --op read|write --pattern seq|random
+ *               [--limit GRANULES] [--seed S]
+ *       maps FILE's size in a fresh region, T application threads touch one word per 4 KiB page
+ *       of their share (seq: in order; random: as many pages, at random), timed. Prints
+ *       {"ns":..,"pages":..,"faults":..,"evictions":..}.
+ *   pager_c pwrite FILE --granule G --batch B
+ *       pwrites the whole file in granules, sync_file_range (wait) after every B granules, the way
+ *       the pager writes back under eviction. Prints {"ns":..,"bytes":..}.
+ *   pager_c drop FILE
+ *       fdatasync, then POSIX_FADV_DONTNEED: the next read comes from the disk.
+ * Exit 2 on error with a message on stderr.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+
+static void die(const char *what) {
+	fprintf(stderr, "pager_c: %s: %s\n", what, strerror(errno));
+	exit(2);
+}
+
+static uint64_t now_ns(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static int fd_file, uffd, stop_fd;
+static uint8_t *base;
+static uint64_t size, region, granule, limit, ngran;
+static int writing, random_pattern;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static uint8_t *state;     /* 0 absent, 1 filling, 2 resident */
+static uint64_t *ring, ring_head, ring_len, resident, faults, evictions;
+
+static void evict_one(void) {
+	/* mu held */
+	while (ring_len) {
+		uint64_t g = ring[ring_head];
+		ring_head = (ring_head + 1) % ngran;
+		ring_len--;
+		if (state[g] != 2) continue;
+		uint64_t off = g * granule;
+		if (writing && off < size) {
+			uint64_t len = size - off < granule ? size - off : granule;
+			if (pwrite(fd_file, base + off, len, (off_t)off) != (ssize_t)len) die("pwrite");
+		}
+		if (madvise(base + off, granule, MADV_DONTNEED)) die("madvise");
+		state[g] = 0;
+		resident--;
+		evictions++;
+		return;
+	}
+}
+
+static void *filler(void *arg) {
+	(void)arg;
+	uint8_t *buf = aligned_alloc(4096, granule);
+	struct uffd_msg msgs[64];
+	struct pollfd p[2] = {{uffd, POLLIN, 0}, {stop_fd, POLLIN, 0}};
+	for (;;) {
+		if (poll(p, 2, -1) < 0 && errno != EINTR) die("poll");
+		if (p[1].revents) break;
+		ssize_t n = read(uffd, msgs, sizeof(msgs));
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR) continue;
+			die("read");
+		}
+		for (int i = 0; i < (int)(n / (ssize_t)sizeof(msgs[0])); i++) {
+			if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
+			uint64_t a = msgs[i].arg.pagefault.address & ~4095ull;
+			uint64_t g = (a - (uint64_t)base) / granule;
+			pthread_mutex_lock(&mu);
+			__atomic_fetch_add(&faults, 1, __ATOMIC_RELAXED);
+			if (state[g] != 0) {
+				pthread_mutex_unlock(&mu);
+				if (state[g] == 2) {
+					struct uffdio_range r = {a, 4096};
+					ioctl(uffd, UFFDIO_WAKE, &r);
+				}
+				continue;
+			}
+			state[g] = 1;
+			if (limit)
+				while (resident >= limit && ring_len) evict_one();
+			pthread_mutex_unlock(&mu);
+			uint64_t off = g * granule;
+			uint64_t in_file = off >= size ? 0 : (size - off < granule ? size - off : granule);
+			if (in_file && pread(fd_file, buf, in_file, (off_t)off) < 0) die("pread");
+			memset(buf + in_file, 0, granule - in_file);
+			struct uffdio_copy c = {(uint64_t)base + off, (uint64_t)buf, granule, 0, 0};
+			while (ioctl(uffd, UFFDIO_COPY, &c) && errno == EAGAIN) c.copy = 0;
+			pthread_mutex_lock(&mu);
+			state[g] = 2;
+			resident++;
+			ring[(ring_head + ring_len) % ngran] = g;
+			ring_len++;
+			pthread_mutex_unlock(&mu);
+		}
+	}
+	free(buf);
+	return NULL;
+}
+
+struct app {
+	uint64_t first, count, seed, sum;
+	pthread_barrier_t *bar;
+};
+
+static void *app(void *arg) {
+	struct app *a = arg;
+	uint64_t rng = a->seed * 0x9E3779B97F4A7C15ull + 1, sum = 0;
+	pthread_barrier_wait(a->bar);
+	for (uint64_t i = 0; i < a->count; i++) {
+		uint64_t pg = a->first + i;
+		if (random_pattern) {
+			rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+			pg = a->first + rng % a->count;
+		}
+		volatile uint64_t *w = (volatile uint64_t *)(base + pg * 4096);
+		if (writing) *w = pg;
+		else sum += *w;
+	}
+	a->sum = sum;
+	return NULL;
+}
+
+static uint64_t opt(int argc, char **argv, const char *name, uint64_t def) {
+	for (int i = 0; i + 1 < argc; i++)
+		if (!strcmp(argv[i], name)) return strtoull(argv[i + 1], NULL, 0);
+	return def;
+}
+static const char *sopt(int argc, char **argv, const char *name, const char *def) {
+	for (int i = 0; i + 1 < argc; i++)
+		if (!strcmp(argv[i], name)) return argv[i + 1];
+	return def;
+}
+
+int main(int argc, char **argv) {
+	if (argc < 3) {
+		fprintf(stderr, "usage: pager_c run|pwrite|drop FILE [options]\n");
+		return 2;
+	}
+	const char *cmd = argv[1], *file = argv[2];
+	fd_file = open(file, O_RDWR | O_CLOEXEC);
+	if (fd_file < 0) die(file);
+	struct stat st;
+	if (fstat(fd_file, &st)) die("fstat");
+	size = (uint64_t)st.st_size;
+	granule = opt(argc, argv, "--granule", 65536);
+	if (!strcmp(cmd, "drop")) {
+		if (fdatasync(fd_file)) die("fdatasync");
+		if (posix_fadvise(fd_file, 0, 0, POSIX_FADV_DONTNEED)) die("posix_fadvise");
+		printf("{\"dropped\":true}\n");
+		return 0;
+	}
+	if (!strcmp(cmd, "pwrite")) {
+		uint64_t batch = opt(argc, argv, "--batch", 1);
+		uint8_t *buf = aligned_alloc(4096, granule);
+		memset(buf, 7, granule);
+		uint64_t t0 = now_ns(), lo = 0, n = 0;
+		for (uint64_t off = 0; off < size; off += granule) {
+			uint64_t len = size - off < granule ? size - off : granule;
+			if (pwrite(fd_file, buf, len, (off_t)off) != (ssize_t)len) die("pwrite");
+			if (++n % batch == 0 || off + len >= size) {
+				if (sync_file_range(fd_file, (off_t)lo, (off_t)(off + len - lo),
+				                    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER))
+					die("sync_file_range");
+				lo = off + len;
+			}
+		}
+		printf("{\"ns\":%llu,\"bytes\":%llu}\n", (unsigned long long)(now_ns() - t0), (unsigned long long)size);
+		return 0;
+	}
+	if (strcmp(cmd, "run")) {
+		fprintf(stderr, "pager_c: unknown command %s\n", cmd);
+		return 2;
+	}
+	int threads = (int)opt(argc, argv, "--threads", 1), fillers = (int)opt(argc, argv, "--fillers", 1);
+	limit = opt(argc, argv, "--limit", 0);
+	writing = !strcmp(sopt(argc, argv, "--op", "read"), "write");
+	random_pattern = !strcmp(sopt(argc, argv, "--pattern", "seq"), "random");
+	region = (size + granule - 1) / granule * granule;
+	ngran = region / granule;
+	state = calloc(ngran, 1);
+	ring = calloc(ngran, sizeof(*ring));
+	/* A region aligned to the granule, as the pager's. */
+	uint8_t *raw = mmap(NULL, region + granule, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (raw == MAP_FAILED) die("mmap");
+	base = (uint8_t *)(((uint64_t)raw + granule - 1) & ~(granule - 1));
+	uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+	if (uffd < 0) die("userfaultfd");
+	struct uffdio_api api = {UFFD_API, 0, 0};
+	if (ioctl(uffd, UFFDIO_API, &api)) die("UFFDIO_API");
+	struct uffdio_register reg = {{(uint64_t)base, region}, UFFDIO_REGISTER_MODE_MISSING, 0};
+	if (ioctl(uffd, UFFDIO_REGISTER, &reg)) die("UFFDIO_REGISTER");
+	stop_fd = eventfd(0, EFD_CLOEXEC);
+	pthread_t f[64], a[64];
+	struct app apps[64];
+	if (fillers < 1 || fillers > 64 || threads < 1 || threads > 64) {
+		fprintf(stderr, "pager_c: 1-64 threads and fillers\n");
+		return 2;
+	}
+	for (int i = 0; i < fillers; i++) pthread_create(&f[i], NULL, filler, NULL);
+	pthread_barrier_t bar;
+	pthread_barrier_init(&bar, NULL, (unsigned)threads + 1);
+	uint64_t pages = size / 4096, share = pages / (uint64_t)threads;
+	for (int i = 0; i < threads; i++) {
+		apps[i] = (struct app){(uint64_t)i * share, i == threads - 1 ? pages - (uint64_t)i * share : share, (uint64_t)i + 1, 0, &bar};
+		pthread_create(&a[i], NULL, app, &apps[i]);
+	}
+	pthread_barrier_wait(&bar);
+	uint64_t t0 = now_ns();
+	for (int i = 0; i < threads; i++) pthread_join(a[i], NULL);
+	uint64_t ns = now_ns() - t0;
+	uint64_t one = 1;
+	if (write(stop_fd, &one, sizeof(one)) < 0) die("write");
+	for (int i = 0; i < fillers; i++) pthread_join(f[i], NULL);
+	printf("{\"ns\":%llu,\"pages\":%llu,\"faults\":%llu,\"evictions\":%llu}\n", (unsigned long long)ns,
+	       (unsigned long long)pages, (unsigned long long)faults, (unsigned long long)evictions);
+	return 0;
+}

@@ -1,0 +1,266 @@
+// `bench pager`: the pager against a plain mmap of the file and a plain C pager (bench/c/pager_c.c)
+// doing the same work: sequential and random reads and writes, one word per 4 KiB page, on tmpfs
+// and on the disk file system (page cache dropped before each repetition), granules 4 KiB, 64 KiB
+// and 2 MiB, 1 and 2 application threads, resident limit unbounded and 25 % of the file. Also the
+// write-back throughput under eviction against pwrite of the same pages.
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { access } from '../access.js';
+import { mapFile } from '../mapping.js';
+import { pager } from '../pager.js';
+import { fileSystemOf, probe } from '../probe.js';
+import { benchEnv } from './env.js';
+import { Progress } from './progress.js';
+import { barChartSvg, textTable, writeReport, type Table } from './report.js';
+import { summarize, type Summary } from './stats.js';
+
+const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const PAGE = 4096;
+
+export const PAGER_WORKLOADS = ['seq-read', 'rand-read', 'seq-write', 'rand-write'] as const;
+export type PagerWorkload = (typeof PAGER_WORKLOADS)[number];
+
+export interface PagerBenchOptions {
+  /** File bytes. Default 8 MiB (the suite then runs in a few minutes). */
+  size?: number;
+  /** Repetitions per cell (medians reported). Default 3. */
+  reps?: number;
+  /** Directory of the disk file. Default the OS temp dir (or /var/tmp when that is tmpfs). */
+  dir?: string;
+  /** Fault service threads of the pager and fill threads of the C pager. Default 1. */
+  workers?: number;
+  quiet?: boolean;
+}
+
+export interface PagerCell {
+  fs: 'tmpfs' | 'disk';
+  granule: number;
+  threads: number;
+  limit: 'unbounded' | '25%';
+  workload: PagerWorkload;
+  /** ns per 4 KiB page touched. */
+  pager: Summary;
+  c: Summary;
+  mmap: Summary;
+  ratioC: number;
+  ratioMmap: number;
+}
+
+export interface WritebackRow {
+  fs: 'tmpfs' | 'disk';
+  granule: number;
+  /** MB/s of the pager's write-back under eviction (pwrite from the region + waits). */
+  pager: Summary;
+  /** MB/s of pwrite of the same bytes in the same batches, with the same waits. */
+  pwrite: Summary;
+  ratio: number;
+}
+
+function binary(): string {
+  for (const p of [path.join(root, 'build', 'Release', 'pager_c'), path.join(root, 'build', 'Debug', 'pager_c')]) if (fs.existsSync(p)) return p;
+  throw Object.assign(new Error('the C pager is not built (build/Release/pager_c): run npm install'), { code: 'ERR_PAGEMIRROR_NOT_BUILT' });
+}
+
+function runC(args: string[]): Promise<Record<string, number>> {
+  return new Promise((resolve, reject) => {
+    execFile(binary(), args, { timeout: 300_000, maxBuffer: 1 << 20 }, (err, stdout, stderr) => {
+      if (err) return reject(Object.assign(new Error(`C pager ${args.join(' ')} failed: ${stderr || err.message}`), { code: 'ERR_PAGEMIRROR_BASELINE' }));
+      resolve(JSON.parse(stdout) as Record<string, number>);
+    });
+  });
+}
+
+function diskDir(dir?: string): string {
+  if (dir) return dir;
+  const t = os.tmpdir();
+  return fileSystemOf(t) === 'tmpfs' ? '/var/tmp' : t;
+}
+
+interface Cell {
+  fsName: 'tmpfs' | 'disk';
+  file: string;
+  granule: number;
+  threads: number;
+  limit: boolean;
+  workload: PagerWorkload;
+}
+
+function accessSpec(c: Cell) {
+  return {
+    op: c.workload.endsWith('write') ? ('write' as const) : ('read' as const),
+    pattern: c.workload.startsWith('rand') ? ('random' as const) : ('sequential' as const),
+    unit: PAGE,
+    threads: c.threads,
+  };
+}
+
+async function pagerRep(c: Cell, size: number, workers: number): Promise<number> {
+  const p = await pager(c.file, { granule: c.granule, residentLimit: c.limit ? Math.max(c.granule, size / 4) : undefined, prefetch: false, workers });
+  try {
+    const r = await p.access(accessSpec(c));
+    return r.elapsedNs / (size / PAGE);
+  } finally {
+    await p.close();
+  }
+}
+
+async function mmapRep(c: Cell, size: number): Promise<number> {
+  const m = mapFile(c.file);
+  try {
+    const r = await access(m, accessSpec(c));
+    return r.elapsedNs / (size / PAGE);
+  } finally {
+    m.close();
+  }
+}
+
+async function cRep(c: Cell, size: number, workers: number): Promise<number> {
+  const s = accessSpec(c);
+  const limit = c.limit ? Math.max(1, Math.floor(size / 4 / c.granule)) : 0;
+  const r = await runC(['run', c.file, '--granule', String(c.granule), '--threads', String(c.threads), '--fillers', String(workers), '--op', s.op, '--pattern', s.pattern === 'random' ? 'random' : 'seq', '--limit', String(limit)]);
+  return r.ns! / (size / PAGE);
+}
+
+export async function runPager(o: PagerBenchOptions = {}): Promise<{ cells: PagerCell[]; writeback: WritebackRow[] }> {
+  const size = o.size ?? 8 << 20;
+  const reps = o.reps ?? 3;
+  const workers = o.workers ?? 1;
+  const p = probe();
+  if (!p.experiments.wp.ok) throw Object.assign(new Error(`the pager needs uffd-wp: ${p.experiments.wp.reason}`), { code: 'ERR_PAGEMIRROR_UNSUPPORTED' });
+  const files: { fsName: 'tmpfs' | 'disk'; file: string }[] = [
+    { fsName: 'tmpfs', file: path.join('/dev/shm', `pagemirror-bench-pager-${process.pid}`) },
+    { fsName: 'disk', file: path.join(diskDir(o.dir), `pagemirror-bench-pager-${process.pid}`) },
+  ];
+  const content = Buffer.alloc(size);
+  for (let i = 0; i < size; i += 8) content.writeBigUInt64LE(BigInt(i / 8), i);
+  for (const f of files) fs.writeFileSync(f.file, content);
+  const cells: Cell[] = [];
+  for (const f of files)
+    for (const granule of [4096, 64 << 10, 2 << 20])
+      for (const threads of [1, 2])
+        for (const limit of [false, true])
+          for (const workload of PAGER_WORKLOADS) cells.push({ fsName: f.fsName, file: f.file, granule, threads, limit, workload });
+  const granules = [4096, 64 << 10, 2 << 20];
+  const progress = new Progress(cells.length + files.length * granules.length, 'pager', o.quiet);
+  const out: PagerCell[] = [];
+  const writeback: WritebackRow[] = [];
+  try {
+    for (const c of cells) {
+      const drop = () => (c.fsName === 'disk' ? runC(['drop', c.file]) : Promise.resolve({}));
+      const ps: number[] = [];
+      const cs: number[] = [];
+      const ms: number[] = [];
+      // The three alternate within each repetition, so drift of this noisy machine falls on all.
+      for (let i = 0; i < reps; i++) {
+        await drop();
+        ps.push(await pagerRep(c, size, workers));
+        await drop();
+        cs.push(await cRep(c, size, workers));
+        await drop();
+        ms.push(await mmapRep(c, size));
+      }
+      const cell: PagerCell = {
+        fs: c.fsName,
+        granule: c.granule,
+        threads: c.threads,
+        limit: c.limit ? '25%' : 'unbounded',
+        workload: c.workload,
+        pager: summarize(ps),
+        c: summarize(cs),
+        mmap: summarize(ms),
+        ratioC: 0,
+        ratioMmap: 0,
+      };
+      cell.ratioC = cell.pager.median / cell.c.median;
+      cell.ratioMmap = cell.pager.median / cell.mmap.median;
+      out.push(cell);
+      progress.step(`${c.fsName} ${c.granule >> 10}K x${c.threads} ${cell.limit} ${c.workload}: ${cell.ratioC.toFixed(2)}x C, ${cell.ratioMmap.toFixed(2)}x mmap`);
+    }
+    for (const f of files)
+      for (const granule of granules) {
+        const limitGranules = Math.max(1, Math.floor(size / 4 / granule));
+        const batch = Math.max(1, Math.floor(limitGranules / 8)); // the engine's eviction batch
+        const pw: number[] = [];
+        const cw: number[] = [];
+        for (let i = 0; i < reps; i++) {
+          const pg = await pager(f.file, { granule, residentLimit: limitGranules * granule, prefetch: false });
+          try {
+            await pg.access({ op: 'write', unit: PAGE, seed: i + 1 });
+            const s = pg.stats();
+            if (s.writebackNs > 0) pw.push(s.writebackBytes / (s.writebackNs / 1e9) / 1e6);
+          } finally {
+            await pg.close();
+          }
+          const r = await runC(['pwrite', f.file, '--granule', String(granule), '--batch', String(batch)]);
+          cw.push(r.bytes! / (r.ns! / 1e9) / 1e6);
+        }
+        const row: WritebackRow = { fs: f.fsName, granule, pager: summarize(pw), pwrite: summarize(cw), ratio: 0 };
+        row.ratio = row.pager.median / row.pwrite.median;
+        writeback.push(row);
+        progress.step(`write-back ${f.fsName} ${granule >> 10}K: ${row.ratio.toFixed(2)}x pwrite`);
+      }
+  } finally {
+    progress.end();
+    for (const f of files) fs.rmSync(f.file, { force: true });
+  }
+  return { cells: out, writeback };
+}
+
+const kib = (g: number) => (g >= 1 << 20 ? `${g >> 20}M` : `${g >> 10}K`);
+
+export function pagerTable(cells: PagerCell[]): Table {
+  return {
+    columns: ['fs', 'granule', 'threads', 'limit', 'workload', 'pager ns/page', 'C pager', 'mmap', 'pager/C', 'pager/mmap', 'target <= 1.1x C'],
+    rows: cells.map((c) => [
+      c.fs,
+      kib(c.granule),
+      c.threads,
+      c.limit,
+      c.workload,
+      c.pager.median.toFixed(0),
+      c.c.median.toFixed(0),
+      c.mmap.median.toFixed(0),
+      c.ratioC.toFixed(2) + 'x',
+      c.ratioMmap.toFixed(2) + 'x',
+      c.ratioC <= 1.1 ? 'pass' : 'FAIL',
+    ]),
+  };
+}
+
+export function writebackTable(rows: WritebackRow[]): Table {
+  return {
+    columns: ['fs', 'granule', 'pager write-back MB/s', 'pwrite MB/s', 'ratio', 'target >= 0.8x'],
+    rows: rows.map((r) => [r.fs, kib(r.granule), r.pager.median.toFixed(0), r.pwrite.median.toFixed(0), r.ratio.toFixed(2) + 'x', r.ratio >= 0.8 ? 'pass' : 'FAIL']),
+  };
+}
+
+/** Runs the suite and writes its JSON + HTML report; returns the files and a text summary. */
+export async function runPagerSuite(o: PagerBenchOptions & { out: string; stamp: string; version: string }): Promise<{ files: string[]; summary: string }> {
+  const env = benchEnv(false, o.version);
+  const size = o.size ?? 8 << 20;
+  const { cells, writeback } = await runPager(o);
+  const table = pagerTable(cells);
+  const wtable = writebackTable(writeback);
+  const svg = barChartSvg(
+    'Pager / C pager (median ns per page; 1 = same)',
+    'ratio',
+    cells.map((c) => ({ label: `${c.fs} ${kib(c.granule)} x${c.threads} ${c.limit} ${c.workload}`, bars: [{ series: 'pager/C', value: c.ratioC }, { series: 'pager/mmap', value: c.ratioMmap }] })),
+  );
+  const written = writeReport(path.resolve(o.out), `pager-${o.stamp}`, env, { size, reps: o.reps ?? 3, workers: o.workers ?? 1, cells, writeback }, [
+    {
+      title: 'Pager: reads and writes of a file through pager(), a plain C pager and mmap',
+      text: `A ${size >> 20} MiB file, one word per 4 KiB page, ${o.reps ?? 3} repetitions (medians). The pager runs with prefetch off (the C pager has no read-ahead) and ${o.workers ?? 1} service thread(s); the C pager with as many fill threads, FIFO eviction that writes every evicted granule of a write workload and no dirty tracking or race protection. The disk file's page cache is dropped before every run. mmap has no resident limit: its figure is the same work with the kernel's paging.`,
+      svg: [svg],
+      table,
+    },
+    {
+      title: 'Write-back under eviction against pwrite',
+      text: 'A sequential write of the whole file through a pager limited to 25 % of it: MB/s of its write-back (pwrite from the region and the sync_file_range waits, per eviction batch) against pwrite of the same bytes in the same batches with the same waits.',
+      table: wtable,
+    },
+  ]);
+  return { files: [written.json, written.html], summary: [`pager (kernel ${env.kernel}, ${env.cpu}, node ${env.node})`, textTable(table), textTable(wtable)].join('\n') };
+}

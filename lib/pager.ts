@@ -1,0 +1,428 @@
+// A user-space pager in one call: a file (or a memfd, or nothing) paged into a region on demand by
+// the native fault service, with a bounded resident set, eviction, write-back and read-ahead.
+// The engine is native/engine/pager.cc; this file validates, names and forwards. See docs/pager.md.
+import * as fs from 'node:fs';
+import { native, type NativePager, type NativePagerStats } from './native.js';
+import { Mapping, mapAnonymous, mapFile, mapMemfd } from './mapping.js';
+import { Userfaultfd, setHandlerRule, MAX_SERVICE_WORKERS, type Fault, type ServiceStats } from './uffd.js';
+import { access as runAccess, type AccessOptions, type AccessResult } from './access.js';
+import { fileSystemOf } from './probe.js';
+import { checkBytes, checkInteger, checkOneOf, rangeError, stateError, typeError } from './errors.js';
+
+const PAGE = native.uname().pageSize;
+const MAX_GRANULE = 2 << 20;
+
+export type PagerMode = 'private' | 'shared';
+export type PagerEviction = 'fifo' | 'clock';
+/** A fill for anonymous pagers: zeros, the word pattern seed + word index, or a callback. */
+export type PagerFill = 'zero' | { seed: number } | ((offset: number, out: Uint8Array) => void);
+
+export interface PagerOptions {
+  /**
+   * Bytes filled per fault, and the unit of residency and write-back: a power of two from 4 KiB to
+   * 2 MiB. The region is aligned to it. Default 64 KiB.
+   */
+  granule?: number;
+  /**
+   * 'private' (default): the region is private memory filled by pread + UFFDIO_COPY, and dirty
+   * granules are written back with pwrite. 'shared': the region maps the file's own pages (tmpfs or
+   * memfd only: MINOR faults + UFFDIO_CONTINUE); writes are in the file at once.
+   */
+  mode?: PagerMode;
+  /** Most bytes resident at once (rounded down to granules, at least one). Default: unbounded. */
+  residentLimit?: number;
+  /** Which granule leaves first: 'fifo' (default) or 'clock' (second chance; see docs/pager.md). */
+  eviction?: PagerEviction;
+  /**
+   * Sequential read-ahead: the window doubles with each fault of a stream, up to this many bytes
+   * (true: 16 granules, at most a quarter of the resident limit). Default true; false turns it off.
+   */
+  prefetch?: boolean | number;
+  /**
+   * 'confirmed' (default): a written granule counts as clean only after a sync_file_range wait on
+   * it returned 0. 'pagecache': once pwrite returned (faster on disks; an I/O error at writeback is
+   * then the kernel's to report, at the next fsync).
+   */
+  writeback?: 'confirmed' | 'pagecache';
+  /**
+   * Fault service threads reading the pager's userfaultfd (1..64). Default 1. Passed to
+   * Userfaultfd.serve({ workers }): each worker fills the granules of the faults it reads.
+   */
+  workers?: number;
+  /** File offset of the first byte paged, page aligned. Default 0. */
+  offset?: number;
+  /** Bytes paged. Default: the file's size past `offset`. Required for an anonymous pager. */
+  length?: number;
+  /** Anonymous pagers only: how a granule never written is filled. Default 'zero'. */
+  fill?: PagerFill;
+}
+
+export interface PagerStats extends NativePagerStats {
+  granule: number;
+  /** Bytes resident now. */
+  residentBytes: number;
+  /** The fault service's own counters. */
+  service: ServiceStats;
+}
+
+/** The error flush() and close() reject with when the file did not take a write: a SystemError. */
+export interface PagerWriteError extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+  path?: string;
+  /** Granules kept resident and dirty. */
+  granules: number[];
+  /** The same, as byte ranges of the pager. */
+  ranges: { offset: number; length: number }[];
+}
+
+const CONSTRUCT = Symbol('Pager');
+
+/** A region paged from a file by native threads. Get one with pager(). */
+export class Pager {
+  readonly #n: NativePager;
+  readonly #uffd: Userfaultfd;
+  readonly #region: Mapping;
+  readonly #length: number;
+  readonly #granule: number;
+  readonly #mode: PagerMode | 'anonymous';
+  readonly #inflight = new Set<Promise<unknown>>();
+  #closing = false;
+  #closed = false;
+
+  /** @internal use pager(). */
+  constructor(token: symbol, n: NativePager, uffd: Userfaultfd, region: Mapping, length: number, granule: number, mode: PagerMode | 'anonymous') {
+    if (token !== CONSTRUCT) throw typeError('ERR_ILLEGAL_CONSTRUCTOR', 'use pager() to create a Pager');
+    this.#n = n;
+    this.#uffd = uffd;
+    this.#region = region;
+    this.#length = length;
+    this.#granule = granule;
+    this.#mode = mode;
+  }
+
+  /** Bytes paged (the file's bytes: writes past them within the last granule are not kept). */
+  get length(): number {
+    return this.#length;
+  }
+  get granule(): number {
+    return this.#granule;
+  }
+  get mode(): PagerMode | 'anonymous' {
+    return this.#mode;
+  }
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  #live(): void {
+    if (this.#closed || this.#closing) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the pager is closed');
+  }
+
+  #range(offset: unknown, length: unknown, min = 1): [number, number] {
+    const o = checkInteger('offset', offset);
+    const l = checkInteger('length', length, min);
+    if (o + l > this.#length) throw rangeError('ERR_OUT_OF_RANGE', `[${o}, ${o + l}) is past the pager's ${this.#length} bytes`);
+    return [o, l];
+  }
+
+  #track<T>(p: Promise<T>): Promise<T> {
+    this.#inflight.add(p);
+    const done = () => this.#inflight.delete(p);
+    p.then(done, done);
+    return p;
+  }
+
+  /** Copies bytes out on a native thread (the faults it takes are served meanwhile). */
+  read(offset: number, length: number): Promise<Buffer> {
+    this.#live();
+    const [o, l] = this.#range(offset, length);
+    return this.#track(this.#region.read(o, l));
+  }
+
+  /** Copies bytes in on a native thread. Resolves with the bytes written. */
+  write(offset: number, data: Uint8Array): Promise<number> {
+    this.#live();
+    checkBytes('data', data);
+    const [o] = this.#range(offset, data.byteLength);
+    return this.#track(this.#region.write(o, data));
+  }
+
+  /** Runs an access kernel (see access()) over the pager's bytes on native threads. */
+  access(options: AccessOptions = {}): Promise<AccessResult> {
+    this.#live();
+    if (options === null || typeof options !== 'object') throw typeError('ERR_INVALID_ARG_TYPE', 'options must be an object');
+    const offset = options.offset ?? 0;
+    const [o, l] = this.#range(offset, options.length ?? this.#length - checkInteger('offset', offset), 8);
+    return this.#track(runAccess(this.#region, { ...options, offset: o, length: l }));
+  }
+
+  /**
+   * A hint: reads the granules of [offset, offset + length) ahead, on a native thread (at most the
+   * resident limit of them). Resolves with the granules read.
+   */
+  prefetch(offset: number, length: number): Promise<number> {
+    this.#live();
+    const [o, l] = this.#range(offset, length);
+    const g0 = Math.floor(o / this.#granule);
+    return this.#track(this.#n.prefetch(g0, Math.ceil((o + l) / this.#granule)));
+  }
+
+  /**
+   * Writes every dirty granule back and waits for it (see `writeback`). Rejects with a
+   * PagerWriteError (the kernel's code, negative errno, syscall, path, granules and ranges kept
+   * dirty) when the file did not take them; a later flush() writes them again.
+   */
+  async flush(): Promise<void> {
+    this.#live();
+    await this.#flush();
+  }
+
+  async #flush(): Promise<void> {
+    try {
+      await this.#n.flush();
+    } catch (err) {
+      throw this.#decorate(err);
+    }
+  }
+
+  #decorate(err: unknown): unknown {
+    const e = err as Partial<PagerWriteError>;
+    if (Array.isArray(e.granules)) {
+      const ranges: { offset: number; length: number }[] = [];
+      for (const g of e.granules) {
+        const last = ranges[ranges.length - 1];
+        if (last && last.offset + last.length === g * this.#granule) last.length += this.#granule;
+        else ranges.push({ offset: g * this.#granule, length: this.#granule });
+      }
+      e.ranges = ranges;
+    }
+    return err;
+  }
+
+  /** Counters of the engine (granules) and of the fault service. */
+  stats(): PagerStats {
+    this.#live();
+    const s = this.#n.stats();
+    return { ...s, granule: this.#granule, residentBytes: s.resident * this.#granule, service: this.#uffd.stats() };
+  }
+
+  /**
+   * Waits for the pager's own reads, writes, accesses and prefetches, writes every dirty granule
+   * back (as flush()), then stops the service and unmaps. If the write-back fails, close() rejects
+   * with flush()'s error and the pager stays open with its dirty granules (call close() again once
+   * the file can take them). Idempotent once closed.
+   */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    if (this.#closing) throw stateError('ERR_PAGEMIRROR_CLOSING', 'close() is already running');
+    this.#closing = true;
+    try {
+      await Promise.allSettled([...this.#inflight]);
+      await this.#flush();
+    } catch (err) {
+      this.#closing = false;
+      throw err;
+    }
+    // No thread of ours can fault any more: stop the service, then let the memory go.
+    this.#uffd.close();
+    this.#n.close();
+    this.#region.close();
+    this.#closed = true;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+function pow2(x: number): boolean {
+  return x > 0 && (x & (x - 1)) === 0;
+}
+
+function isMemfd(fd: number): boolean {
+  try {
+    return fs.readlinkSync(`/proc/self/fd/${fd}`).startsWith('/memfd:');
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Pages `target` (a path, an open descriptor, or null for anonymous memory) into a new region whose
+ * pages the native fault service fills on demand. Misuse throws TypeError/RangeError with an
+ * ERR_* code before any system call; the file's own errors are Node's (ENOENT, EACCES...).
+ */
+export async function pager(target: string | number | null, options: PagerOptions = {}): Promise<Pager> {
+  if (target !== null && typeof target !== 'string' && typeof target !== 'number')
+    throw typeError('ERR_INVALID_ARG_TYPE', 'target must be a path, a file descriptor or null (anonymous)');
+  if (options === null || typeof options !== 'object') throw typeError('ERR_INVALID_ARG_TYPE', 'options must be an object');
+  const granule = checkInteger('granule', options.granule ?? 64 * 1024, PAGE, MAX_GRANULE);
+  if (!pow2(granule)) throw rangeError('ERR_OUT_OF_RANGE', `granule must be a power of two from ${PAGE} to ${MAX_GRANULE} bytes, got ${granule}`);
+  const anonymous = target === null;
+  const mode = checkOneOf('mode', options.mode ?? 'private', ['private', 'shared'] as const);
+  if (anonymous && mode === 'shared') throw typeError('ERR_INVALID_ARG_VALUE', "an anonymous pager has no file to share: mode must be 'private'");
+  if (!anonymous && options.fill !== undefined) throw typeError('ERR_INVALID_ARG_VALUE', 'fill applies to anonymous pagers (target null); a file pager fills from the file');
+  const eviction = checkOneOf('eviction', options.eviction ?? 'fifo', ['fifo', 'clock'] as const);
+  const writeback = checkOneOf('writeback', options.writeback ?? 'confirmed', ['confirmed', 'pagecache'] as const);
+  const workers = checkInteger('workers', options.workers ?? 1, 1, MAX_SERVICE_WORKERS);
+  const offset = checkInteger('offset', options.offset ?? 0);
+  if (offset % PAGE) throw rangeError('ERR_OUT_OF_RANGE', `offset must be a multiple of the page size (${PAGE})`);
+  if (anonymous && offset) throw typeError('ERR_INVALID_ARG_VALUE', 'offset applies to file pagers');
+  if (anonymous && options.length === undefined) throw typeError('ERR_MISSING_ARGS', 'an anonymous pager needs options.length');
+  let limitGranules = 0;
+  if (options.residentLimit !== undefined && options.residentLimit !== Infinity) {
+    const limit = checkInteger('residentLimit', options.residentLimit, 1);
+    if (limit < granule) throw rangeError('ERR_OUT_OF_RANGE', `residentLimit (${limit}) must hold at least one granule (${granule} bytes)`);
+    limitGranules = Math.floor(limit / granule);
+  }
+  let prefetchGranules = 0;
+  const pf = options.prefetch ?? true;
+  if (pf === true) prefetchGranules = 16;
+  else if (typeof pf === 'number') prefetchGranules = Math.floor(checkInteger('prefetch', pf) / granule);
+  else if (pf !== false) throw typeError('ERR_INVALID_ARG_TYPE', 'prefetch must be a boolean or a number of bytes');
+  if (limitGranules) prefetchGranules = Math.min(prefetchGranules, Math.floor(limitGranules / 4));
+  let fill: 'zero' | 'pattern' | 'callback' = 'zero';
+  let seed = 0;
+  let callback: ((offset: number, out: Uint8Array) => void) | undefined;
+  const f = options.fill ?? 'zero';
+  if (typeof f === 'function') {
+    fill = 'callback';
+    callback = f;
+  } else if (typeof f === 'object' && f !== null) {
+    fill = 'pattern';
+    seed = checkInteger('fill.seed', f.seed);
+  } else if (f !== 'zero') throw typeError('ERR_INVALID_ARG_VALUE', "fill must be 'zero', { seed } or a function");
+
+  // The file and its length (nothing is mapped yet: errors here leave nothing behind).
+  let fd = -1;
+  let ownFd = false;
+  let path: string | undefined;
+  let length: number;
+  if (anonymous) {
+    length = checkInteger('length', options.length, 1);
+  } else {
+    if (typeof target === 'string') {
+      path = target;
+      fd = fs.openSync(target, 'r+');
+      ownFd = true;
+    } else {
+      fd = checkInteger('fd', target);
+    }
+    try {
+      const st = fs.fstatSync(fd);
+      if (!st.isFile()) throw typeError('ERR_INVALID_ARG_VALUE', `${path ?? `fd ${fd}`} is not a regular file`);
+      if (offset >= st.size && options.length === undefined)
+        throw rangeError('ERR_OUT_OF_RANGE', `nothing to page: the file has ${st.size} bytes and offset is ${offset}`);
+      length = options.length === undefined ? st.size - offset : checkInteger('length', options.length, 1);
+      if (mode === 'shared' && !isMemfd(fd)) {
+        const where = path ?? fs.readlinkSync(`/proc/self/fd/${fd}`);
+        let type = 'other';
+        try {
+          type = fileSystemOf(where);
+        } catch {
+          /* a deleted file: let the kernel decide at registration */
+          type = 'tmpfs';
+        }
+        if (type !== 'tmpfs')
+          throw typeError('ERR_INVALID_ARG_VALUE', `shared mode maps the file's own pages with MINOR faults, which only tmpfs and memfd files have (${where} is on ${type}): use mode 'private'`);
+      }
+    } catch (err) {
+      if (ownFd) fs.closeSync(fd);
+      throw err;
+    }
+  }
+  const regionLength = Math.ceil(length / granule) * granule;
+
+  // Undone in reverse if a later step fails.
+  const cleanup: (() => void)[] = [];
+  const undo = () => {
+    for (const c of cleanup.reverse()) {
+      try {
+        c();
+      } catch {
+        /* already failing */
+      }
+    }
+  };
+  // Closed once the engine holds its own duplicate of the descriptor.
+  const transient: (() => void)[] = [];
+  if (ownFd) transient.push(() => fs.closeSync(fd));
+  try {
+    if (anonymous) {
+      // Evicted granules of an anonymous pager go to a memfd of its own (swap-like, in memory).
+      const m = mapMemfd(regionLength, { name: 'pagemirror-pager' });
+      fd = m.fd;
+      transient.push(() => m.close());
+    }
+    const region =
+      mode === 'shared'
+        ? mapFile({ fd, path }, { offset, length: regionLength, shared: true })
+        : mapAnonymous(regionLength, { align: granule });
+    cleanup.push(() => region.close());
+    const n = native.createPager(region.native, {
+      fd,
+      path,
+      fileOffset: offset,
+      dataLength: length,
+      granule,
+      mode: anonymous ? 'anonymous' : mode,
+      residentLimit: limitGranules,
+      policy: eviction,
+      prefetch: prefetchGranules,
+      fill,
+      seed,
+      confirm: writeback === 'confirmed' && !anonymous,
+    });
+    cleanup.push(() => n.close());
+    for (const c of transient.splice(0)) c();
+    // User-mode-only: a fault raised inside the kernel (a pwrite from the region) fails with EFAULT
+    // instead of waiting for a service that may be the very thread that made it.
+    const uffd = Userfaultfd.open({
+      features: mode === 'shared' ? ['missingShmem', 'minorShmem', 'poison'] : ['pagefaultFlagWp', 'poison'],
+      userModeOnly: true,
+    });
+    cleanup.push(() => uffd.close());
+    uffd.register(region, { length: regionLength, modes: mode === 'shared' ? ['missing', 'minor'] : ['missing', 'wp'] });
+    n.attach(uffd.fd);
+    setHandlerRule(uffd, region, n);
+    const p = new Pager(CONSTRUCT, n, uffd, region, length, granule, anonymous ? 'anonymous' : mode);
+    uffd.serve({
+      // The engine resolves every fault natively; what reaches here is a fill callback's granule,
+      // or a fault the engine could not resolve. Nothing is ever resolved with silent zeros.
+      onFaults: (faults) => forwarded(n, uffd, faults, granule, callback),
+      maxBatch: 64,
+      workers,
+    });
+    uffd.unref();
+    return p;
+  } catch (err) {
+    for (const c of transient) c();
+    undo();
+    throw err;
+  }
+}
+
+function forwarded(n: NativePager, uffd: Userfaultfd, faults: Fault[], granule: number, callback?: (offset: number, out: Uint8Array) => void): void {
+  const done = new Set<number>();
+  for (const f of faults) {
+    if (f.kind === 'wp') {
+      uffd.unprotect(f.address & ~BigInt(PAGE - 1), 0, PAGE);
+      continue;
+    }
+    const g = Math.floor(f.offset / granule);
+    try {
+      if (!callback) throw new Error('the pager could not fill this page');
+      if (done.has(g)) continue;
+      const buf = new Uint8Array(granule);
+      callback(g * granule, buf);
+      n.install(g, buf);
+      done.add(g);
+    } catch (err) {
+      // The access gets SIGBUS (its result says so) rather than zeros it never wrote.
+      n.poison(f.address);
+      process.emitWarning(`pagemirror: pager fill failed at offset ${g * granule}: ${String(err)}`);
+    }
+  }
+}

@@ -1,0 +1,148 @@
+// A user-space pager: the pages of a region are filled on demand from a file (or a fill rule),
+// the resident set is bounded, and dirty pages go back to the file before they are dropped. The
+// fault service calls resolve() on its thread(s) for every fault in the region (a handler rule);
+// flush() and prefetch() run on native job threads. Plain C++ over native/sys, no Node-API.
+//
+// Modes:
+//   private   the region is private anonymous memory registered MISSING|WP. A MISSING fault
+//             preads the granule from the file and installs it write-protected (UFFDIO_COPY with
+//             MODE_WP); the first write to a clean granule is a WP fault that marks it dirty and
+//             lifts the protection. Dirty granules are written to the file (pwrite) on eviction,
+//             flush() and close().
+//   shared    (tmpfs, memfd) the region maps the file itself, registered MISSING|MINOR: a MINOR
+//             fault maps the page cache's pages (UFFDIO_CONTINUE), a MISSING fault (a hole)
+//             allocates a zeroed page in the file. Writes land in the file's own pages, so
+//             eviction only unmaps (MADV_DONTNEED) and there is nothing to write back.
+//   anonymous private mode over an internal memfd: a granule never written back is filled by the
+//             rule (zeros, or the word pattern seed + word index) or by the caller's callback.
+//
+// The eviction protocol (why no write is lost to a concurrent writer): see pager.cc, evict_batch().
+#pragma once
+
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../sys/fault_service.h"
+
+namespace pm::engine {
+
+enum class PagerMode { kPrivate, kShared, kAnonymous };
+enum class EvictPolicy { kFifo, kClock };
+enum class FillRule { kZero, kPattern, kCallback };
+
+struct PagerConfig {
+  uint64_t base = 0;            // region start (granule aligned in private/anonymous mode)
+  uint64_t length = 0;          // region bytes (a multiple of the granule)
+  uint64_t data_length = 0;     // bytes backed by the file: writes past it are not written back
+  uint64_t granule = 4096;
+  uint64_t page = 4096;
+  int fd = -1;                  // owned: the file, or the anonymous mode's memfd
+  uint64_t file_offset = 0;
+  PagerMode mode = PagerMode::kPrivate;
+  uint64_t resident_limit = 0;  // granules; 0 = unbounded
+  EvictPolicy policy = EvictPolicy::kFifo;
+  uint64_t prefetch_max = 0;    // granules of sequential read-ahead at most; 0 = none
+  FillRule fill = FillRule::kZero;
+  uint64_t seed = 0;
+  bool confirm_writes = true;   // a written granule is clean only after a sync_file_range wait
+  std::string path;             // for errors
+};
+
+struct PagerStats {
+  uint64_t faults = 0, missing = 0, wp = 0, minor = 0;
+  uint64_t fills = 0, fill_bytes = 0, prefetched = 0;  // granules installed; of them, read ahead
+  uint64_t evictions = 0, evict_aborts = 0;            // granules dropped; evictions undone by a write
+  uint64_t writebacks = 0, writeback_bytes = 0, waits = 0;
+  uint64_t resident = 0, dirty = 0, limit = 0;
+  uint64_t write_errors = 0, fill_errors = 0;
+  uint64_t fill_ns = 0, writeback_ns = 0;
+};
+
+// A write that no wait confirmed: the granules stay resident and dirty.
+struct PagerWriteError {
+  int err = 0;                  // -errno
+  const char* syscall = "";
+  std::vector<uint64_t> granules;
+};
+
+class Pager : public sys::FaultHandler {
+ public:
+  // Resolving handler error: the fault goes to JavaScript (the fill callback).
+  static constexpr int kForward = -ENOEXEC;
+
+  explicit Pager(PagerConfig cfg);
+  ~Pager() override;
+  Pager(const Pager&) = delete;
+  Pager& operator=(const Pager&) = delete;
+
+  void set_uffd(int uffd) { uffd_.store(uffd); }
+  const PagerConfig& config() const { return cfg_; }
+
+  // sys::FaultHandler: called on the fault service's thread(s).
+  int resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) override;
+
+  // Installs data (one granule, from the fill callback) at granule g, as a fill would.
+  int install(uint64_t g, const uint8_t* data);
+  // Poisons the page at addr (a fill that could not be done): the access gets SIGBUS, not zeros.
+  int poison(uint64_t addr);
+  // Writes every dirty granule back and waits for it. 0, or -errno with *out filled.
+  int flush(PagerWriteError* out);
+  // Fills the absent granules of [g0, g1) (a hint): returns granules filled, or -errno.
+  int64_t prefetch(uint64_t g0, uint64_t g1);
+  PagerStats stats();
+  // The first write error not yet reported by flush() (sticky until a flush succeeds).
+  bool last_error(PagerWriteError* out);
+  // Closes the descriptor; later faults are forwarded (the binding closes the userfaultfd first).
+  void close();
+
+ private:
+  enum : uint8_t { kAbsent = 0, kFilling = 1, kResident = 2, kBusy = 3, kStateMask = 3,
+                   kDirty = 4, kRef = 8, kBacked = 16 };
+  uint8_t st(uint64_t g) const { return state_[g] & kStateMask; }
+  void set_st(uint64_t g, uint8_t s) { state_[g] = static_cast<uint8_t>((state_[g] & ~kStateMask) | s); }
+  uint64_t addr_of(uint64_t g) const { return cfg_.base + g * cfg_.granule; }
+
+  int resolve_missing(int uffd, uint64_t g, uint64_t page_addr, bool write);
+  int resolve_wp(int uffd, uint64_t g, uint64_t page_addr);
+  int resolve_shared_page(int uffd, uint64_t page_addr);
+  // Fills granule g (state already kFilling) from the file, the rule or `data`. 0, 1 (shared
+  // mode: some pages were holes and stay unmapped), or -errno (the granule is absent again).
+  int fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched);
+  void count_fill(bool prefetched, int64_t n);
+  int64_t prefetch_range(int uffd, uint64_t g0, uint64_t g1, bool stream);
+  void make_room(int uffd);
+  int evict_batch(int uffd, size_t want);
+  bool pick_victims(int uffd, size_t want, std::vector<uint64_t>* out);
+  int write_back(const std::vector<uint64_t>& gs, PagerWriteError* err);
+  void read_ahead(int uffd, uint64_t g);
+  uint8_t* buffer();
+
+  PagerConfig cfg_;
+  std::atomic<int> uffd_{-1};
+  std::atomic<bool> closed_{false};
+  const uint64_t ngran_;
+
+  // mu_ guards the granule states, the FIFO, the clock hand, stats and the stream. It is held
+  // across the few ioctls that must be atomic with a state change (unprotect with dirty, the
+  // drop with its re-check), never across file I/O.
+  std::mutex mu_;
+  std::vector<uint8_t> state_;
+  std::deque<uint64_t> fifo_;
+  uint64_t hand_ = 0;
+  uint64_t resident_ = 0, filling_ = 0, dirty_ = 0;
+  PagerStats stats_;
+  uint64_t next_expected_ = UINT64_MAX, window_ = 0;
+  PagerWriteError sticky_;
+  bool has_error_ = false;
+
+  // Held by whoever writes back (evictions, flush): one writer at a time, so a granule that one
+  // has taken for writing is never dropped or written by another.
+  std::mutex wb_mu_;
+};
+
+}  // namespace pm::engine
