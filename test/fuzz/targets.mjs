@@ -62,6 +62,16 @@ function forkSteps() {
     return { value: steps, kind, text: `[${texts.join(', ')}]` };
   };
 }
+// ServeOptions.poll / EngineOptions.poll: false, 'adaptive' or { spinUs }.
+function pollOption() {
+  return (r) => {
+    const x = r();
+    if (x < 0.3) return { value: undefined, kind: 'valid' };
+    if (x < 0.6) return { value: [false, 'adaptive', { spinUs: 10 }, {}][Math.floor(r() * 4)], kind: 'valid' };
+    if (x < 0.7) return { value: { spinUs: [0, 10 ** 9][Math.floor(r() * 2)] }, kind: 'edge' };
+    return { value: ['x', true, 5, [], { spinUs: -1 }, { spinUs: 'x' }][Math.floor(r() * 6)], kind: 'bad' };
+  };
+}
 // The child is killed well inside the worker's bound on an async call.
 const forkOptions = { memory: int([16 * PAGE], [1, PAGE + 1], { optional: true }), timeoutMs: int([1000, 2500], [0, 600_001], { optional: true }) };
 
@@ -119,17 +129,46 @@ export function targets(lib, ctx) {
       (c, a) => lib.forkAccess(...a),
       { async: true, needsUnregistered: true, rare: true },
     ),
-    call('Userfaultfd.open', [options({ features: (r) => (r() < 0.4 ? oneOf(['default', 'all'])(r) : namesArray(['move', 'poison', 'pagefaultFlagWp'])(r)), userModeOnly: bool() })], (c, a) => c.own(lib.Userfaultfd.open(...a))),
+    call('Userfaultfd.open', [options({ features: (r) => (r() < 0.4 ? oneOf(['default', 'all'])(r) : namesArray(['move', 'poison', 'pagefaultFlagWp'])(r)), userModeOnly: bool(), via: oneOf(['auto', 'device', 'syscall'], { optional: true }) })], (c, a) => c.own(lib.Userfaultfd.open(...a))),
     // adopt() takes any descriptor number this process has: only refusals are fuzzed.
     call('Userfaultfd.adopt', [(r) => ({ value: [-1, 1.5, 'x', null, undefined, NaN, 2 ** 53][Math.floor(r() * 7)], kind: 'bad' }), bigintU64()], (c, a) => c.own(lib.Userfaultfd.adopt(...a))),
     call('Device.create', [options({ name: str(['d'], [], { optional: true }), memory: int([16 * PAGE, 1 << 20], [PAGE + 1], { optional: true }), faultBatch: int([1, 32], [0, 65537], { optional: true }), faultAround: int([PAGE, 16 * PAGE], [PAGE + 1, 3 * PAGE], { optional: true }), timeoutMs: int([100, 1000], [0], { optional: true }), placement: oneOf(['host', 'device'], { optional: true }), eviction: oneOf(['off', 'fifo', 'lru'], { optional: true }), watermark: (r) => (r() < 0.5 ? { value: [0.5, 1][Math.floor(r() * 2)], kind: 'valid' } : r() < 0.6 ? { value: undefined, kind: 'valid' } : { value: [-1, 2, NaN, 'x', Infinity, {}][Math.floor(r() * 6)], kind: 'bad' }), prefetch: oneOf(['off', 'sequential', 'density'], { optional: true }), preallocate: bool(), trace: bool(), traceCapacity: int([16, 1024], [0], { optional: true }) })], (c, a) => c.own(lib.Device.create(...a))),
+    call(
+      'pager',
+      [
+        (r, c) => {
+          const x = r();
+          if (x < 0.4) return { value: null, kind: 'valid' };
+          if (x < 0.7) return { value: c.filePath, kind: 'valid' };
+          if (x < 0.8) return { value: [path.join(c.dir, 'missing'), -1, 2 ** 31][Math.floor(r() * 3)], kind: 'edge' };
+          return { value: [undefined, {}, [], true, 1.5, c.filePath + '\0'][Math.floor(r() * 6)], kind: 'bad' };
+        },
+        options({
+          granule: int([PAGE, 4 * PAGE], [3 * PAGE, 4 << 20], { optional: true }),
+          mode: oneOf(['private', 'shared'], { optional: true }),
+          residentLimit: int([2 * PAGE, 4 * PAGE], [0, 1], { optional: true }),
+          eviction: oneOf(['fifo', 'clock'], { optional: true }),
+          prefetch: bool(),
+          writeback: oneOf(['confirmed', 'pagecache'], { optional: true }),
+          workers: int([1, 2], [0, 65], { optional: true }),
+          offset: int([0, PAGE], [1, 2 ** 40], { optional: true }),
+          length: int([4 * PAGE], [0, 1, 2 ** 40], { optional: true }),
+          fill: (r) => (r() < 0.5 ? { value: [undefined, 'zero', { seed: 3 }][Math.floor(r() * 3)], kind: 'valid' } : { value: ['bogus', { seed: 'x' }, 5][Math.floor(r() * 3)], kind: 'bad' }),
+        }),
+      ],
+      async (c, a) => c.own(await lib.pager(...a)),
+      { async: true },
+    ),
+    call('configureEngine', [options({ workers: int([1, 2], [0, 65], { optional: true }), poll: pollOption() })], (c, a) => lib.configureEngine(...a)),
+    call('engineStats', [], () => lib.engineStats()),
 
     // Mapping.
     ...[
       ['protect', [prot(), range()]],
       ['advise', [oneOf(['normal', 'random', 'sequential', 'willneed', 'dontneed', 'cold', 'pageout'], { edge: ['remove', 'free', 'hugepage', 'collapse', 'populateRead', 'populateWrite'] }), range()]],
       ['sync', [options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), async: bool(), invalidate: bool() })]],
-      ['remap', [int(LEN, [1, 64 * PAGE]), options({ mayMove: bool() })]],
+      // address: the mapping's own start (overlaps: refused), or somewhere that may be taken (EEXIST) or free.
+      ['remap', [int(LEN, [1, 64 * PAGE]), options({ mayMove: bool(), dontUnmap: bool(), address: (r, c) => (r() < 0.5 ? { value: undefined, kind: 'valid' } : r() < 0.7 ? { value: [c.anon?.closed ? 0n : c.anon?.address ?? 0n, 2n ** 46n, 4096n][Math.floor(r() * 3)], kind: 'edge' } : { value: [1n, -1n, 2n ** 64n, 4096, 'x', null][Math.floor(r() * 6)], kind: 'bad' }) })]],
       ['punchHole', [int(SMALL, FAR), int(LEN, [1])]],
       ['allocate', [int(SMALL, [1]), int(LEN, [1]), options({ keepSize: bool(), zero: bool() })]],
       ['truncateFile', [int(LEN, [0, 1])]],
@@ -167,7 +206,7 @@ export function targets(lib, ctx) {
     ].map(([m, params, extra]) =>
       call(`Mapping.${m}`, [self((c, r) => c.pick(r, [c.anon, c.memfd, c.file]), (c) => c.closedMap), ...params], (c, [self, ...a]) => {
         const out = self[m](...a);
-        if (m === 'alias') c.own(out);
+        if (m === 'alias' || (m === 'remap' && out instanceof Mapping)) c.own(out);
         return out;
       }, { ...extra, self: true, rare: m === 'close' || m === 'unmap' || m === 'truncateFile' || m === 'remap' }),
     ),
@@ -200,7 +239,7 @@ export function targets(lib, ctx) {
           options({ length: int([PAGE], [1], { optional: true }), source: (r, c) => (r() < 0.5 ? bytes([4 * PAGE])(r) : anyMapping(r, c)), sourceOffsets: (r) => (r() < 0.5 ? { value: [0], kind: 'valid' } : { value: [null, 'x', [NaN], [-1], [1.5], 5][Math.floor(r() * 6)], kind: 'bad' }), dontWake: bool(), wp: bool(), allowSrcHoles: bool(), replay: bool() }),
         ],
       ],
-      ['serve', [options({ onFaults: fn(), onEvents: fn(), onError: fn(), maxBatch: int([1, 64], [0, 4097], { optional: true }) })], { dangerous: true }],
+      ['serve', [options({ onFaults: fn(), onEvents: fn(), onError: fn(), maxBatch: int([1, 64], [0, 4097], { optional: true }), workers: int([1, 2], [0, 65], { optional: true }), poll: pollOption() })], { dangerous: true }],
       ['unref', []],
       ['ref', []],
       [
@@ -304,6 +343,22 @@ export function targets(lib, ctx) {
         return self[m](...a);
       }, { ...extra, self: true }),
     ),
+
+    // Pager: the worker's anonymous pager of 4 pages (made asynchronously: each call waits for it).
+    ...[
+      ['read', [int(SMALL, FAR), int([0, 8, PAGE], [2 ** 31])]],
+      ['write', [int(SMALL, FAR), bytes([8, PAGE], [0])]],
+      ['access', [options({ offset: int(SMALL, FAR, { optional: true }), length: int([8, PAGE], FAR, { optional: true }), op: oneOf(['read', 'write', 'rmw', 'verify'], { optional: true }), ops: int([1, 16], [0], { optional: true }), threads: int([1, 2], [0, 65], { optional: true }) })]],
+      ['prefetch', [int(SMALL, FAR), int(LEN, [0, 2 ** 40])]],
+      ['flush', []],
+      ['stats', []],
+      ['close', []],
+    ].map(([m, params]) =>
+      call(`Pager.${m}`, [(r) => ({ value: r() < 0.2 ? 'closedPager' : 'pager', kind: 'valid', text: 'pager' }), ...params], async (c, [which, ...a]) => {
+        const p = await c[which];
+        return p[m](...a);
+      }, { async: true, self: true, rare: m === 'close' }),
+    ),
   ];
 }
 
@@ -337,10 +392,12 @@ export function nativeTargets(lib, ctx) {
     ['populateAsync', 4, { async: true, needsUnregistered: true }],
     ['forkRun', 4, { async: true, needsUnregistered: true, rare: true }],
     ['forkDevice', 5, { async: true, needsUnregistered: true, rare: true }],
+    ['configureEngine', 3],
+    ['engineStats', 0],
   ];
   const methods = {
-    memfd3: ['info', 'buffer', 'protect:3', 'advise:3', 'sync:3', 'remap:2', 'fallocate:3', 'truncate:1', 'residency:2', 'cachestat:2', 'pagemap:2', 'statx', 'readInto:2', 'writeFrom:2', 'unmap:2', 'close'],
-    nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'stats', 'outstanding', 'serve:2', 'ref', 'unref', 'close:1'],
+    memfd3: ['info', 'buffer', 'protect:3', 'advise:3', 'sync:3', 'remap:4', 'fallocate:3', 'truncate:1', 'residency:2', 'cachestat:2', 'pagemap:2', 'statx', 'readInto:2', 'writeFrom:2', 'unmap:2', 'close'],
+    nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'stats', 'outstanding', 'serve:5', 'reconfigure:4', 'ref', 'unref', 'close:1'],
     nDevice: ['mirror:6', 'counters', 'memory', 'drainTrace', 'release', 'close'],
     nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'acknowledgeLoss', 'close'],
   };
@@ -352,7 +409,9 @@ export function nativeTargets(lib, ctx) {
     call('_native.createDevice', [options({ memory: int([16 * PAGE], [1]), faultBatch: raw(), placement: raw(), eviction: raw(), trace: raw(), name: raw() })], (c, [o]) => c.own(n.createDevice(o)), { edgeOnly: true }),
     call('_native.openUserfaultfd', [options({ userModeOnly: raw(), nonBlocking: raw() })], (c, [o]) => c.own(n.openUserfaultfd(o)), { edgeOnly: true }),
     call('_native.adoptUserfaultfd', [(r) => ({ value: [-1, 1.5, 'x', null, NaN, 2 ** 53][Math.floor(r() * 6)], kind: 'edge' }), raw()], (c, a) => c.own(n.adoptUserfaultfd(...a)), { edgeOnly: true }),
-    ...['Mapping', 'Userfaultfd', 'Device', 'Mirror'].map((k) => call(`new _native.${k}`, [raw()], (c, a) => new n[k](...a), { edgeOnly: true })),
+    // createPager() over a region nobody serves makes a pager object only: nothing faults.
+    call('_native.createPager', [raw(), raw()], (c, a) => c.own(n.createPager(...a)), { edgeOnly: true }),
+    ...['Mapping', 'Userfaultfd', 'Device', 'Mirror', 'Pager'].map((k) => call(`new _native.${k}`, [raw()], (c, a) => new n[k](...a), { edgeOnly: true })),
   );
   for (const [obj, list] of Object.entries(methods)) {
     for (const spec of list) {

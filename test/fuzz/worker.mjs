@@ -53,10 +53,16 @@ function attempt(f) {
   }
 }
 
+function settle(x) {
+  if (x && typeof x.then === 'function') x.then(undefined, () => {});
+}
+
 function closeAll() {
   // Userfaultfds first (wakes anything asleep), then mirrors and devices, then the memory.
   const order = [ctx.uffd, ctx.nUffd, ...owned.filter((o) => o instanceof lib.Userfaultfd || o instanceof lib._native.Userfaultfd), ctx.mirror, ctx.fileMirror, ctx.nMirror, ...owned.filter((o) => o instanceof lib.Mirror || o instanceof lib._native.Mirror), ctx.device, ctx.nDevice, ...owned.filter((o) => o instanceof lib.Device || o instanceof lib._native.Device), ...owned, ctx.anon, ctx.anon2, ctx.anon3, ctx.memfd, ctx.memfd2, ctx.memfd3, ctx.file];
-  for (const o of order) if (o) attempt(() => o.close());
+  for (const o of order) if (o) settle(attempt(() => o.close()));
+  // Pagers close asynchronously (write-back first); a rejection is not this worker's finding.
+  if (ctx.pager) settle(ctx.pager.then((p) => p.close()));
   owned.length = 0;
 }
 
@@ -88,6 +94,14 @@ function fixtures() {
     u.close();
     return u;
   });
+  // Made asynchronously: the Pager calls await it (a rejection is their outcome).
+  ctx.pager = lib.pager(null, { length: 4 * PAGE, granule: PAGE });
+  settle(ctx.pager);
+  ctx.closedPager ??= lib.pager(null, { length: PAGE, granule: PAGE }).then(async (p) => {
+    await p.close();
+    return p;
+  });
+  settle(ctx.closedPager);
   ctx.device = lib.Device.create({ memory: 64 * PAGE });
   ctx.mirror = attempt(() => ctx.device.mirror(ctx.anon2));
   ctx.fileMirror = attempt(() => ctx.device.mirrorFile(ctx.memfd2, { strategy: 'copy' }));
