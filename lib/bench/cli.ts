@@ -24,6 +24,16 @@ export interface BenchOptions {
   dir?: string;
 }
 
+/** One line per suite for `pagemirror bench --help` (a suite without one is listed bare). */
+export const SUITE_TEXT: Partial<Record<string, string>> = {
+  faults: 'cost per fault kind: native fast path and TypeScript handler vs plain C',
+  engine: 'device faults, migration to device memory and back, CPU faults on device pages',
+  batching: 'device read bandwidth by fault batch size, fault-around and prefetch',
+  strategies: 'remote, copy, bounce and pin over four workloads on memfd, tmpfs and a disk file',
+  oversubscription: 'working sets of 50 % to 200 % of device memory: eviction and prefetch',
+  dirty: 'the same writes tracked three ways: cost per dirty page',
+};
+
 export function engineTable(rows: EngineRow[]): Table {
   return {
     columns: ['scenario', 'metric', 'addon (median)', 'min', 'max', 'C baseline', 'C (median)', 'ratio', 'target', 'verdict'],
