@@ -248,7 +248,7 @@ export async function runStrategies(o: { pages?: number; reps?: number; dir?: st
             p50: quantile(sorted, 0.5),
             p99: quantile(sorted, 0.99),
             unit: 'µs',
-            what: w === 'fsync' ? 'fsync()' : w === 'sparse' ? 'per access' : w === 'alternating' ? 'device window (64 KiB) and CPU phase' : 'device window (64 KiB)',
+            what: w === 'fsync' ? 'fsync()' : w === 'sparse' ? 'per access' : w === 'alternating' ? '64 KiB window, CPU phase' : '64 KiB window',
           },
           ...(skipped ? { skipped } : {}),
         });
