@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { Browser, findChromium, problems } from '../scripts/render-reports.mjs';
 import { barChartSvg, writeReport } from '../lib/bench/report.js';
 import { benchEnv } from '../lib/bench/env.js';
+import { SUITES } from '../lib/bench/cli.js';
 import { P, requireCap, within } from './helpers.js';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -78,7 +79,7 @@ function needs(ctx: { skip: (note?: string) => void }): void {
 }
 
 describe('reports in headless Chromium', () => {
-  for (const suite of ['faults', 'engine', 'batching', 'strategies', 'oversubscription', 'dirty'])
+  for (const suite of SUITES)
     it(`${suite}: no console error, nothing a person would call broken, a screenshot kept`, async (ctx) => {
       needs(ctx);
       expect(reports[suite], `no ${suite} report`).toBeTruthy();
