@@ -232,7 +232,7 @@ const COMMANDS: Record<string, Command> = {
       const size = bytes('size', values.size);
       for (const f of ['dir', 'out'] as const) if (values[f] === '') throw new UsageError(`--${f} needs a directory`, 'bench');
       if (values.dir !== undefined && !fs.statSync(values.dir, { throwIfNoEntry: false })?.isDirectory())
-        throw new UsageError(`--dir ${values.dir}: no such directory`, 'bench');
+        throw new UsageError(`--dir ${values.dir} is not an existing directory`, 'bench');
       const { runBench, SUITES } = await import('./bench/cli.js');
       for (const n of positionals)
         if (!(SUITES as readonly string[]).includes(n)) throw new UsageError(`unknown suite '${n}' (suites: ${SUITES.join(', ')})`, 'bench');

@@ -114,7 +114,7 @@ describe('command line: help, version, strict flags', () => {
     [['bench', '--pages'], /--pages .*missing/],
     [['bench', '--size', '3000'], /--size must be a whole number of MiB/],
     [['bench', '--size', '1T'], /--size must be a size in bytes/],
-    [['bench', '--dir', '/nonexistent-pagemirror'], /--dir .*no such directory/],
+    [['bench', '--dir', '/nonexistent-pagemirror'], /--dir .* is not an existing directory/],
     [['bench', '--json=yes'], /'--json' does not take an argument/],
     [['bench', '64'], /unknown suite '64'/],
     [['probe', '--frob'], /unknown option '--frob'/],

@@ -153,6 +153,11 @@ export interface Table {
   rows: (string | number)[][];
 }
 
+/** Numbers align right, words left: a column is numeric when every cell that says something is a number. */
+function numericColumns(t: Table): boolean[] {
+  return t.columns.map((_, i) => t.rows.every((r) => /^(-|[-+]?\d+(\.\d+)?(x| %)?)?$/.test(String(r[i] ?? ''))));
+}
+
 /** A verdict cell's class: what the report's CSS highlights. */
 function verdictClass(cell: string): string | undefined {
   if (cell === 'FAIL') return 'fail';
@@ -163,8 +168,7 @@ function verdictClass(cell: string): string | undefined {
 
 /** A table in a box that scrolls sideways on a narrow window (its cells never wrap); FAIL rows highlighted. */
 export function htmlTable(t: Table): string {
-  // Numbers align right, words left: a column is numeric when every cell that says something is a number.
-  const numeric = t.columns.map((_, i) => t.rows.every((r) => /^(-|[-+]?\d+(\.\d+)?(x| %)?)?$/.test(String(r[i] ?? ''))));
+  const numeric = numericColumns(t);
   const head = t.columns.map((c, i) => `<th${numeric[i] ? '' : ' class="l"'}>${esc(c)}</th>`).join('');
   const body = t.rows
     .map((r) => {
@@ -181,7 +185,8 @@ export function htmlTable(t: Table): string {
 export function textTable(t: Table): string {
   const cells = [t.columns, ...t.rows.map((r) => r.map(String))];
   const widths = t.columns.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
-  return cells.map((r) => r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ')).join('\n');
+  const numeric = numericColumns(t);
+  return cells.map((r) => r.map((c, i) => (numeric[i] ? c.padStart(widths[i]!) : c.padEnd(widths[i]!))).join('  ').trimEnd()).join('\n');
 }
 
 export interface Section {
