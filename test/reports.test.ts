@@ -6,6 +6,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 // A plain ES module script (npm run render-reports), the same code as the test's.
@@ -142,7 +143,9 @@ describe('reports in headless Chromium', () => {
 
   it('the renderer itself catches a console error and a broken layout', async (ctx) => {
     if (!chromium.bin) ctx.skip(chromium.reason);
-    const bad = path.join(out, 'broken.html');
+    // Not in results/: a deliberately broken page would fail `npm run render-reports` there.
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-render-'));
+    const bad = path.join(dir, 'broken.html');
     // An SVG attribute Chromium cannot parse (a NaN from a chart with no data) is a console error.
     fs.writeFileSync(
       bad,
@@ -150,7 +153,7 @@ describe('reports in headless Chromium', () => {
         '<rect x="10" y="60" width="12" height="12" fill="#3366cc"/><text x="26" y="70">one</text><rect x="150" y="60" width="12" height="12" fill="#3366cc"/><text x="166" y="70">two, past the edge</text></svg>' +
         '<table style="width:80px"><tr><td>a cell that has to wrap</td><td>FAIL</td></tr></table>',
     );
-    const r = await render(bad);
+    const r = await render(bad).finally(() => fs.rmSync(dir, { recursive: true, force: true }));
     expect(r.errors.join('\n')).toMatch(/NaN/);
     const p = problems(r.facts).join('\n');
     expect(p).toMatch(/text outside the chart: two, past the edge/);
