@@ -303,6 +303,13 @@ async function main(argv: string[]): Promise<number> {
   return c.run(rest);
 }
 
+// `pagemirror probe --json | head -1`: a reader that stops early is no error of ours (and its
+// EPIPE, unhandled, would be a stack trace). Exiting still removes the bench's temp files.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code !== 'EPIPE') throw err;
+  process.exit(process.exitCode ?? EXIT_OK);
+});
+
 main(process.argv.slice(2)).then(
   (code) => {
     process.exitCode = code;

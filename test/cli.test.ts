@@ -200,6 +200,18 @@ describe('command line: failures are one line', () => {
   });
 });
 
+describe('command line: a reader that stops early', () => {
+  it('probe --json into a closed pipe: no stack trace, exit 0', async () => {
+    const child = spawn(process.execPath, [cli, 'probe', '--json'], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 30_000 });
+    child.stdout.destroy(); // closed before the probe is written, as `| head -c0` would
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    const code = await within(new Promise((res) => child.on('close', res)), 30_000, 'probe into a closed pipe');
+    expect(stderr).toBe('');
+    expect(code).toBe(0);
+  });
+});
+
 describe('command line: interrupted bench strategies leaves no files', () => {
   /** Starts a strategies run, waits for a dataset file matching `where`, sends `sig`. */
   async function interrupt(where: 'tmpfs' | 'disk', sig: 'SIGINT' | 'SIGTERM') {
