@@ -1,4 +1,9 @@
 {
+  "variables": {
+    # 1: AddressSanitizer + UndefinedBehaviorSanitizer (scripts/test-sanitize.mjs sets it through
+    # GYP_DEFINES and builds in its own directory, so build/Release stays the plain addon).
+    "sanitize%": 0
+  },
   "targets": [
     {
       "target_name": "pagemirror",
@@ -31,7 +36,14 @@
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
       "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
       "cflags_cc": ["-std=c++17", "-O2", "-fexceptions", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
-      "libraries": ["-pthread"]
+      "libraries": ["-pthread"],
+      "conditions": [
+        ["sanitize==1", {
+          "cflags": ["-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"],
+          "cflags_cc": ["-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"],
+          "ldflags": ["-fsanitize=address,undefined"]
+        }]
+      ]
     },
     {
       "target_name": "uffd_baseline",

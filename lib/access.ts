@@ -2,13 +2,14 @@
 // without ever faulting on the JavaScript thread.
 import { native, type NativeAccessResult, type NativeForkResult } from './native.js';
 import { Mapping } from './mapping.js';
-import { checkInteger, checkOneOf, typeError } from './errors.js';
+import { checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
+import { checkBoolean, checkOptions } from './validate.js';
 
 export type AccessOp = 'read' | 'write' | 'rmw' | 'verify';
 export type AccessPattern = 'sequential' | 'strided' | 'random';
 
 export interface AccessOptions {
-  /** Byte offset into the mapping. Default 0. */
+  /** Byte offset into the mapping, a multiple of 8 (the kernels use 8-byte words). Default 0. */
   offset?: number;
   /** Bytes; default to the end. */
   length?: number;
@@ -52,7 +53,9 @@ export interface AccessResult {
 
 function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<string, unknown>] {
   if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+  o = checkOptions('options', o);
   const offset = checkInteger('offset', o.offset ?? 0);
+  if (offset % 8 !== 0) throw rangeError('ERR_PAGEMIRROR_UNALIGNED', `offset (${offset}) must be a multiple of 8: the access kernels use 8-byte words`);
   const length = checkInteger('length', o.length ?? mapping.length - offset, 8);
   return [
     offset,
@@ -65,8 +68,8 @@ function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<strin
       ops: o.ops === undefined ? undefined : checkInteger('ops', o.ops),
       seed: o.seed === undefined ? undefined : checkInteger('seed', o.seed),
       threads: checkInteger('threads', o.threads ?? 1, 1, 1024),
-      latency: o.latency ?? false,
-      barrier: o.barrier ?? true,
+      latency: checkBoolean('latency', o.latency, false),
+      barrier: checkBoolean('barrier', o.barrier, true),
     },
   ];
 }
@@ -105,6 +108,6 @@ export const FORK_DELAY_MAX_MS = 60_000;
  */
 export async function forkAccess(mapping: Mapping, options: AccessOptions & { delayMs?: number } = {}): Promise<ForkResult> {
   const [offset, length, s] = spec(mapping, options);
-  s.delayMs = checkInteger('delayMs', options.delayMs ?? 0, 0, FORK_DELAY_MAX_MS);
+  s.delayMs = checkInteger('delayMs', options?.delayMs ?? 0, 0, FORK_DELAY_MAX_MS);
   return native.forkRun(mapping.native, offset, length, s) as Promise<NativeForkResult>;
 }

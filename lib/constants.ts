@@ -1,20 +1,32 @@
 // Names for the kernel's bits, so users write 'wp' and 'minorShmem' rather than 1 << 10.
 import { K } from './native.js';
+import { checkInteger, typeError } from './errors.js';
+import { checkNames, checkU64 } from './validate.js';
 
 export const Prot = { none: K.PROT_NONE!, read: K.PROT_READ!, write: K.PROT_WRITE!, exec: K.PROT_EXEC! } as const;
 
 /** A protection: a PROT_* number or a string of 'r', 'w', 'x' ('' or 'none' for PROT_NONE). */
 export type Protection = number | string;
 
+/**
+ * A protection as a PROT_* number. @throws ERR_INVALID_ARG_TYPE (neither number nor string),
+ * ERR_INVALID_ARG_VALUE (a letter other than r, w, x, -), ERR_OUT_OF_RANGE (a number outside
+ * PROT_READ | PROT_WRITE | PROT_EXEC).
+ */
 export function parseProt(p: Protection): number {
-  if (typeof p === 'number') return p;
+  const all = K.PROT_READ! | K.PROT_WRITE! | K.PROT_EXEC!;
+  if (typeof p === 'number') {
+    // PROT_READ | PROT_WRITE | PROT_EXEC are 1, 2 and 4: every other value has a bit mprotect rejects.
+    return checkInteger('protection', p, 0, all);
+  }
+  if (typeof p !== 'string') throw typeError('ERR_INVALID_ARG_TYPE', `protection must be a string of r, w, x or a PROT_* number, got ${p === null ? 'null' : typeof p}`);
   if (p === 'none' || p === '') return 0;
   let v = 0;
   for (const ch of p) {
     if (ch === 'r') v |= K.PROT_READ!;
     else if (ch === 'w') v |= K.PROT_WRITE!;
     else if (ch === 'x') v |= K.PROT_EXEC!;
-    else if (ch !== '-') throw new TypeError(`protection ${JSON.stringify(p)}: use r, w, x`);
+    else if (ch !== '-') throw typeError('ERR_INVALID_ARG_VALUE', `protection ${JSON.stringify(p)}: use r, w, x (or 'none')`);
   }
   return v;
 }
@@ -95,10 +107,12 @@ export const REGISTER_MODES = {
 export type RegisterMode = keyof typeof REGISTER_MODES;
 
 export function featureNames(mask: bigint): FeatureName[] {
+  checkU64('mask', mask);
   return (Object.keys(FEATURES) as FeatureName[]).filter((n) => (mask & BigInt(FEATURES[n])) !== 0n);
 }
 
 export function ioctlNames(mask: bigint): IoctlName[] {
+  checkU64('mask', mask);
   return (Object.keys(IOCTLS) as IoctlName[]).filter((n) => (mask >> BigInt(IOCTLS[n])) & 1n);
 }
 
@@ -116,13 +130,9 @@ export const PAGE_IS = {
 } as const;
 export type PageCategory = keyof typeof PAGE_IS;
 
-export function categoryMask(names: readonly PageCategory[] | undefined): number {
+export function categoryMask(names: readonly PageCategory[] | undefined, what = 'categories'): number {
   let m = 0;
-  for (const n of names ?? []) {
-    const bit = PAGE_IS[n];
-    if (bit === undefined) throw new TypeError(`unknown page category ${String(n)}`);
-    m |= bit;
-  }
+  for (const n of checkNames(what, names, Object.keys(PAGE_IS) as PageCategory[])) m |= PAGE_IS[n];
   return m;
 }
 

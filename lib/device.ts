@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { native, type NativeDevice, type NativeFileStats, type NativeForkDeviceResult, type NativeForkStepResult, type NativeMirror, type NativeDeviceCounters, type NativeMigrateResult, type NativeTraceEvent } from './native.js';
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, checkBytes, checkDecodedPages, stateError, typeError } from './errors.js';
+import { checkBoolean, checkNumber, checkOptions, checkString, checkU64 } from './validate.js';
 
 const PAGE = native.uname().pageSize;
 
@@ -66,6 +67,7 @@ export interface MirrorEntry {
 }
 
 export function decodeEntry(e: bigint): MirrorEntry {
+  checkU64('entry', e);
   return {
     valid: (e & 1n) !== 0n,
     write: (e & 2n) !== 0n,
@@ -243,6 +245,10 @@ export class Mirror {
 
   /** Runs an access kernel on device threads through the mirror. */
   async run(kernel: KernelOptions = {}): Promise<KernelResult> {
+    kernel = checkOptions('kernel', kernel);
+    // Numbers only: the addon would also take a bigint here.
+    for (const f of ['offset', 'npages', 'unit', 'stride', 'ops', 'seed', 'threads'] as const) if (kernel[f] !== undefined) checkInteger(f, kernel[f]);
+    if (kernel.copyTo !== undefined) checkInteger('copyTo', kernel.copyTo, -Number.MAX_SAFE_INTEGER);
     const k: Record<string, unknown> = { ...kernel };
     k.op = checkOneOf('op', kernel.op ?? 'read', ['read', 'write', 'atomic', 'verify', 'copy'] as const);
     if (kernel.pattern !== undefined) checkOneOf('pattern', kernel.pattern, ['sequential', 'strided', 'random', 'gather'] as const);
@@ -254,9 +260,11 @@ export class Mirror {
    * The mirror's entries for base pages [page, page + npages) (a hugetlb page's entry repeats for
    * each of its pages). At most MAX_DECODED_PAGES (4194304) at once (ERR_OUT_OF_RANGE).
    */
-  entries(page = 0, npages = this.npages - page): MirrorEntry[] {
-    checkDecodedPages('entries()', checkInteger('npages', npages, 1), 'smaller windows (page, npages)');
-    return Array.from(this.#n.entries(checkInteger('page', page), npages), decodeEntry);
+  entries(page = 0, npages?: number): MirrorEntry[] {
+    checkInteger('page', page);
+    const n = checkInteger('npages', npages ?? this.npages - page, 1);
+    checkDecodedPages('entries()', n, 'smaller windows (page, npages)');
+    return Array.from(this.#n.entries(page, n), decodeEntry);
   }
 
   /**
@@ -271,10 +279,11 @@ export class Mirror {
    * granule (bytes, default 2 MiB): aligned chunks that can move whole go in one ioctl.
    */
   async migrateToDevice(offset: number, npages: number, options: { useMove?: boolean; granule?: number } = {}): Promise<MigrateResult> {
+    options = checkOptions('options', options);
     return (await this.#n.migrateToDevice(
       checkInteger('offset', offset),
       checkInteger('npages', npages),
-      options.useMove ?? true,
+      checkBoolean('useMove', options.useMove, true),
       false,
       options.granule === undefined ? undefined : checkInteger('granule', options.granule, PAGE),
     )) as MigrateResult;
@@ -309,8 +318,9 @@ export class Mirror {
    * faulting anything. offset: bytes, a multiple of the base page size, default 0; npages: default
    * to the end of the mirror. Errors: RangeError ERR_OUT_OF_RANGE / ERR_PAGEMIRROR_UNALIGNED.
    */
-  snapshot(offset = 0, npages = this.npages - offset / PAGE): Uint8Array {
-    return this.#n.snapshot(checkInteger('offset', offset), checkInteger('npages', npages));
+  snapshot(offset = 0, npages?: number): Uint8Array {
+    checkInteger('offset', offset);
+    return this.#n.snapshot(offset, checkInteger('npages', npages ?? this.npages - offset / PAGE));
   }
 
   /** Page-table size, invalidation and range-fault counts. */
@@ -447,9 +457,10 @@ export class FileMirror extends Mirror {
    * @throws ERR_PAGEMIRROR_CLOSED after close().
    */
   writeback(range: { offset?: number; length?: number; sync?: boolean } = {}): Promise<{ pages: number; bytesCopied: number; elapsedNs: number }> {
+    range = checkOptions('range', range);
     const offset = checkInteger('offset', range.offset ?? 0);
     const length = checkInteger('length', range.length ?? this.length - offset);
-    return this.#f.writeback(offset, length, range.sync ?? false);
+    return this.#f.writeback(offset, length, checkBoolean('sync', range.sync, false));
   }
 
   /**
@@ -517,7 +528,8 @@ export class Device {
 
   /** Creates a device and starts its fault service thread. */
   static create(options: DeviceOptions = {}): Device {
-    const name = options.name ?? 'device';
+    options = checkOptions('options', options);
+    const name = checkString('name', options.name ?? 'device');
     return new Device(
       native.createDevice({
         name,
@@ -527,10 +539,10 @@ export class Device {
         timeoutMs: checkInteger('timeoutMs', options.timeoutMs ?? 1000, 1),
         placement: checkOneOf('placement', options.placement ?? 'host', ['host', 'device'] as const),
         eviction: checkOneOf('eviction', options.eviction ?? 'off', ['off', 'fifo', 'lru'] as const),
-        watermark: options.watermark ?? 1,
-        preallocate: options.preallocate ?? false,
+        watermark: checkNumber('watermark', options.watermark ?? 1, 0, 1),
+        preallocate: checkBoolean('preallocate', options.preallocate, false),
         prefetch: checkOneOf('prefetch', options.prefetch ?? 'off', ['off', 'sequential', 'density'] as const),
-        trace: options.trace ?? false,
+        trace: checkBoolean('trace', options.trace, false),
         traceCapacity: checkInteger('traceCapacity', options.traceCapacity ?? 1 << 16, 1, 1 << 24),
       }),
       name,
@@ -555,10 +567,12 @@ export class Device {
   mirror(mapping: Mapping, options: { offset?: number; length?: number; writeMode?: 'shared' | 'single'; pin?: boolean } = {}): Mirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
     if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+    options = checkOptions('options', options);
     const offset = checkInteger('offset', options.offset ?? 0);
     const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
     const writeMode = checkOneOf('writeMode', options.writeMode ?? 'shared', ['shared', 'single'] as const);
-    return new Mirror(this.#n.mirror(mapping.native, offset, length, writeMode, options.pin ?? false), this, mapping, offset, length);
+    const pin = checkBoolean('pin', options.pin, false);
+    return new Mirror(this.#n.mirror(mapping.native, offset, length, writeMode, pin), this, mapping, offset, length);
   }
 
   /**
@@ -570,6 +584,8 @@ export class Device {
   mirrorFile(mapping: Mapping, options: FileMirrorOptions = {}): FileMirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
     if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+    options = checkOptions('options', options);
+    const lease = checkBoolean('lease', options.lease, false);
     const offset = checkInteger('offset', options.offset ?? 0);
     const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
     const strategy = checkOneOf('strategy', options.strategy ?? 'remote', ['remote', 'copy', 'bounce', 'pin'] as const);
@@ -581,7 +597,7 @@ export class Device {
     };
     const n = this.#n.mirror(mapping.native, offset, length, 'shared', false, file);
     const fm = new FileMirror(n, this, mapping, offset, length, strategy);
-    if (options.lease) {
+    if (lease) {
       try {
         fm.takeLease();
       } catch (err) {

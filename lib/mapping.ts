@@ -3,6 +3,7 @@
 import { native, K, type NativeMapping, type NativeMappingInfo, type CacheStat, type StatxResult } from './native.js';
 import { ADVICE, type Advice, parseProt, type Protection, categoryMask, categoryNames, type PageCategory } from './constants.js';
 import { checkBytes, checkDecodedPages, checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
+import { checkBoolean, checkOptions, checkString, checkU64 } from './validate.js';
 
 const BASE_PAGE = native.uname().pageSize;
 
@@ -73,7 +74,9 @@ export interface PageFlags {
   pfn: bigint;
 }
 
+/** @throws ERR_INVALID_ARG_TYPE (not a bigint), ERR_OUT_OF_RANGE (outside 64 bits). */
 export function decodePagemapEntry(e: bigint): PageFlags {
+  checkU64('entry', e);
   return {
     present: ((e >> 63n) & 1n) === 1n,
     swapped: ((e >> 62n) & 1n) === 1n,
@@ -195,6 +198,7 @@ export class Mapping {
   }
 
   #range(o: RangeOptions | undefined): [number, number] {
+    o = checkOptions('range', o);
     const offset = checkInteger('offset', o?.offset ?? 0);
     const length = checkInteger('length', o?.length ?? Math.max(0, this.length - offset));
     return [offset, length];
@@ -233,14 +237,14 @@ export class Mapping {
   /** msync. Default MS_SYNC. Errors: EBUSY (MS_INVALIDATE on locked pages), ENOMEM. */
   sync(range?: RangeOptions & { async?: boolean; invalidate?: boolean }): void {
     const [o, l] = this.#range(range);
-    let flags = range?.async ? K.MS_ASYNC! : K.MS_SYNC!;
-    if (range?.invalidate) flags |= K.MS_INVALIDATE!;
+    let flags = checkBoolean('async', range?.async, false) ? K.MS_ASYNC! : K.MS_SYNC!;
+    if (checkBoolean('invalidate', range?.invalidate, false)) flags |= K.MS_INVALIDATE!;
     this.native.sync(o, l, flags);
   }
 
   /** mremap the whole mapping to `length`; returns the (possibly new) address. */
   remap(length: number, options?: { mayMove?: boolean }): bigint {
-    return this.native.remap(checkInteger('length', length, 1), options?.mayMove ?? true);
+    return this.native.remap(checkInteger('length', length, 1), checkBoolean('mayMove', checkOptions('options', options).mayMove, true));
   }
 
   /** fallocate(PUNCH_HOLE | KEEP_SIZE) on the backing file: frees the pages of a file range. */
@@ -254,8 +258,9 @@ export class Mapping {
    * available (MemAvailable + SwapFree) is refused with ENOMEM instead of waking the OOM killer.
    */
   allocate(fileOffset: number, length: number, options?: { keepSize?: boolean; zero?: boolean }): void {
-    let mode = options?.keepSize ? K.FALLOC_FL_KEEP_SIZE! : 0;
-    if (options?.zero) mode |= K.FALLOC_FL_ZERO_RANGE!;
+    const o = checkOptions('options', options);
+    let mode = checkBoolean('keepSize', o.keepSize, false) ? K.FALLOC_FL_KEEP_SIZE! : 0;
+    if (checkBoolean('zero', o.zero, false)) mode |= K.FALLOC_FL_ZERO_RANGE!;
     this.native.fallocate(mode, checkInteger('fileOffset', fileOffset), checkInteger('length', length, 1));
   }
 
@@ -273,8 +278,9 @@ export class Mapping {
 
   /** cachestat(2) over a file range (6.5+; ENOSYS elsewhere). Default: the mapped range. */
   cachestat(range?: { fileOffset?: number; length?: number }): CacheStat {
-    const off = checkInteger('fileOffset', range?.fileOffset ?? this.#info.fileOffset);
-    const len = checkInteger('length', range?.length ?? this.length);
+    const r = checkOptions('range', range);
+    const off = checkInteger('fileOffset', r.fileOffset ?? this.#info.fileOffset);
+    const len = checkInteger('length', r.length ?? this.length);
     return this.native.cachestat(off, len);
   }
 
@@ -294,19 +300,18 @@ export class Mapping {
   /** PAGEMAP_SCAN (6.7+): regions of pages matching the categories; optionally write-protect them. */
   scan(options: ScanOptions = {}): { regions: ScanRegion[]; walkEnd: number } {
     const [o, l] = this.#range(options);
-    const req = categoryMask(options.require);
-    const exc = categoryMask(options.exclude);
-    const any = categoryMask(options.anyOf);
+    const req = categoryMask(options.require, 'require');
+    const exc = categoryMask(options.exclude, 'exclude');
+    const any = categoryMask(options.anyOf, 'anyOf');
+    const wp = checkBoolean('writeProtect', options.writeProtect, false);
     const r = native.pagemapScan(this.native, o, l, {
-      flags:
-        (options.writeProtect ? K.PM_SCAN_WP_MATCHING! : 0) |
-        ((options.checkWpAsync ?? options.writeProtect) ? K.PM_SCAN_CHECK_WPASYNC! : 0),
+      flags: (wp ? K.PM_SCAN_WP_MATCHING! : 0) | (checkBoolean('checkWpAsync', options.checkWpAsync, wp) ? K.PM_SCAN_CHECK_WPASYNC! : 0),
       categoryMask: req | exc,
       categoryInverted: exc,
       anyOf: any,
-      returnMask: options.report ? categoryMask(options.report) : 0x1ff,
-      maxPages: options.maxPages ?? 0,
-      maxRegions: options.maxRegions ?? 1024,
+      returnMask: options.report === undefined ? 0x1ff : categoryMask(options.report, 'report'),
+      maxPages: checkInteger('maxPages', options.maxPages ?? 0),
+      maxRegions: checkInteger('maxRegions', options.maxRegions ?? 1024, 1),
     });
     return {
       regions: r.regions.map((x) => ({ offset: x.offset, length: x.length, categories: categoryNames(x.categories) })),
@@ -351,6 +356,7 @@ export class Mapping {
    * resolved, by writing the page cache through an unregistered alias and then UFFDIO_CONTINUE).
    */
   alias(options?: { prot?: Protection; offset?: number; length?: number }): Mapping {
+    const o = checkOptions('options', options);
     const fd = this.fd;
     if (fd < 0) throw typeError('ERR_INVALID_ARG_VALUE', 'only memfd and file mappings can be aliased');
     return new Mapping(
@@ -359,9 +365,9 @@ export class Mapping {
         fd,
         path: this.path,
         shared: true,
-        prot: parseProt(options?.prot ?? 'rw'),
-        offset: options?.offset ?? this.#info.fileOffset,
-        length: options?.length ?? this.length,
+        prot: parseProt(o.prot ?? 'rw'),
+        offset: checkInteger('offset', o.offset ?? this.#info.fileOffset),
+        length: checkInteger('length', o.length ?? this.length, 1),
         hugetlb: this.hugetlb,
       }),
     );
@@ -398,16 +404,17 @@ export class Mapping {
 
 /** Anonymous memory (private by default). */
 export function mapAnonymous(length: number, options: AnonymousOptions = {}): Mapping {
+  options = checkOptions('options', options);
   return new Mapping(
     native.map({
       kind: 'anonymous',
       length: checkInteger('length', length, 1),
       prot: parseProt(options.prot ?? 'rw'),
-      shared: options.shared ?? false,
-      populate: options.populate ?? false,
-      noReserve: options.noReserve ?? false,
-      hugetlb: options.hugetlb ?? false,
-      hugePageSize: options.hugePageSize ?? 0,
+      shared: checkBoolean('shared', options.shared, false),
+      populate: checkBoolean('populate', options.populate, false),
+      noReserve: checkBoolean('noReserve', options.noReserve, false),
+      hugetlb: checkBoolean('hugetlb', options.hugetlb, false),
+      hugePageSize: checkInteger('hugePageSize', options.hugePageSize ?? 0),
       align: options.align === undefined ? 0 : checkInteger('align', options.align, 1),
     }),
   );
@@ -415,39 +422,41 @@ export function mapAnonymous(length: number, options: AnonymousOptions = {}): Ma
 
 /** A fresh memfd (shmem, or hugetlbfs with hugetlb), sized to `length` and mapped shared. */
 export function mapMemfd(length: number, options: MemfdOptions = {}): Mapping {
+  options = checkOptions('options', options);
   return new Mapping(
     native.map({
       kind: 'memfd',
       length: checkInteger('length', length, 1),
-      name: options.name ?? 'pagemirror',
+      name: checkString('name', options.name ?? 'pagemirror'),
       prot: parseProt(options.prot ?? 'rw'),
       shared: true,
-      populate: options.populate ?? false,
-      noReserve: options.noReserve ?? false,
-      hugetlb: options.hugetlb ?? false,
-      hugePageSize: options.hugePageSize ?? 0,
+      populate: checkBoolean('populate', options.populate, false),
+      noReserve: checkBoolean('noReserve', options.noReserve, false),
+      hugetlb: checkBoolean('hugetlb', options.hugetlb, false),
+      hugePageSize: checkInteger('hugePageSize', options.hugePageSize ?? 0),
     }),
   );
 }
 
 /** A file by path or by descriptor (which is duplicated: the mapping owns its own). */
 export function mapFile(file: string | { fd: number; path?: string }, options: FileOptions = {}): Mapping {
-  const byFd = typeof file === 'object' && file !== null;
+  const byFd = typeof file === 'object' && file !== null && !Array.isArray(file);
   if (!byFd && typeof file !== 'string') throw typeError('ERR_INVALID_ARG_TYPE', 'file must be a path or { fd }');
+  options = checkOptions('options', options);
   return new Mapping(
     native.map({
       kind: 'file',
-      path: byFd ? file.path : file,
-      fd: byFd ? checkInteger('fd', file.fd) : undefined,
+      path: byFd ? (file.path === undefined ? undefined : checkString('path', file.path)) : checkString('file', file),
+      fd: byFd ? checkInteger('fd', file.fd, 0, 0x7fffffff) : undefined,
       length: options.length === undefined ? 0 : checkInteger('length', options.length, 1),
       offset: checkInteger('offset', options.offset ?? 0),
       prot: parseProt(options.prot ?? 'rw'),
-      shared: options.shared ?? true,
-      populate: options.populate ?? false,
-      noReserve: options.noReserve ?? false,
-      sync: options.sync ?? false,
-      create: options.create ?? false,
-      mode: options.mode ?? 0o600,
+      shared: checkBoolean('shared', options.shared, true),
+      populate: checkBoolean('populate', options.populate, false),
+      noReserve: checkBoolean('noReserve', options.noReserve, false),
+      sync: checkBoolean('sync', options.sync, false),
+      create: checkBoolean('create', options.create, false),
+      mode: checkInteger('mode', options.mode ?? 0o600, 0, 0o7777),
     }),
   );
 }

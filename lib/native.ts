@@ -390,6 +390,10 @@ export interface NativeAddon {
 }
 
 function load(): NativeAddon {
+  // PAGEMIRROR_ADDON names another build of the addon (the sanitizer build of `npm run
+  // test:sanitize`); it must load, or the run would silently test the plain addon instead.
+  const chosen = process.env.PAGEMIRROR_ADDON;
+  if (chosen) return require(path.resolve(chosen)) as NativeAddon;
   const candidates = [
     path.join(here, '..', 'build', 'Release', 'pagemirror.node'),
     path.join(here, '..', 'build', 'Debug', 'pagemirror.node'),

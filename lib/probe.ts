@@ -6,6 +6,8 @@ import os from 'node:os';
 import { native } from './native.js';
 import { featureNames, ioctlNames, type FeatureName, type IoctlName } from './constants.js';
 import { mapAnonymous, mapMemfd } from './mapping.js';
+import { typeError } from './errors.js';
+import { checkBoolean, checkOptions, checkString } from './validate.js';
 
 export interface Capability {
   ok: boolean;
@@ -117,7 +119,7 @@ function tryCap(fn: () => void): Capability {
 
 /** The file system type of a path ('tmpfs', 'ext4', 'xfs', ...; 'other' when unknown). */
 export function fileSystemOf(p: string): string {
-  return FS_NAMES[native.fsType(p)] ?? 'other';
+  return FS_NAMES[native.fsType(checkString('path', p))] ?? 'other';
 }
 
 function fsProbe(p: string): FsProbe | null {
@@ -174,7 +176,8 @@ let cached: Probe | undefined;
 
 /** The probe, computed once per process (pass refresh to recompute). */
 export function probe(options: { refresh?: boolean } = {}): Probe {
-  if (cached && !options.refresh) return cached;
+  const refresh = checkBoolean('refresh', checkOptions('options', options).refresh, false);
+  if (cached && !refresh) return cached;
   const u = native.uname();
   const uffd = uffdProbe(false);
   const umo = uffdProbe(true);
@@ -282,8 +285,22 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
   return cached;
 }
 
-/** The probe for a person: one line per fact, what works, and why not where it does not. */
+/**
+ * The probe for a person: one line per fact, what works, and why not where it does not.
+ * @throws ERR_INVALID_ARG_VALUE when `p` is not what probe() returns.
+ */
 export function formatProbe(p: Probe): string {
+  try {
+    return format(p);
+  } catch (err) {
+    // format() reads nothing but p: any failure means p is not what probe() returns.
+    const e = typeError('ERR_INVALID_ARG_VALUE', `formatProbe() takes the object probe() returns (${(err as Error).message})`);
+    (e as Error & { cause: unknown }).cause = err;
+    throw e;
+  }
+}
+
+function format(p: Probe): string {
   const yes = (c: Capability) => (c.ok ? 'yes' : 'no ') + (c.reason ? `  (${c.reason})` : '');
   const lines: string[] = [];
   lines.push(`kernel        ${p.kernel.release} ${p.kernel.machine}, page size ${p.pageSize}`);

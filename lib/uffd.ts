@@ -17,6 +17,7 @@ import {
 } from './constants.js';
 import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, stateError, typeError } from './errors.js';
+import { checkBoolean, checkFunction, checkOffsets, checkOptions, checkU64 } from './validate.js';
 
 export type { ResolveResult } from './native.js';
 
@@ -148,7 +149,8 @@ export class Userfaultfd {
    * EINVAL when a requested feature is missing.
    */
   static open(options: OpenOptions = {}): Userfaultfd {
-    const n = native.openUserfaultfd({ userModeOnly: options.userModeOnly ?? false });
+    options = checkOptions('options', options);
+    const n = native.openUserfaultfd({ userModeOnly: checkBoolean('userModeOnly', options.userModeOnly, false) });
     const u = new Userfaultfd(n);
     try {
       u.#negotiate(options.features ?? 'default');
@@ -171,8 +173,7 @@ export class Userfaultfd {
 
   // take: the library's own fork-event descriptors, which the returned object owns as they are.
   static #wrap(fd: number, features: bigint, take: boolean): Userfaultfd {
-    if (typeof features !== 'bigint') throw typeError('ERR_INVALID_ARG_TYPE', 'features must be a bigint (featureMask)');
-    const u = new Userfaultfd(native.adoptUserfaultfd(fd, features, take));
+    const u = new Userfaultfd(native.adoptUserfaultfd(fd, checkU64('features', features), take));
     u.#features = features;
     return u;
   }
@@ -208,6 +209,7 @@ export class Userfaultfd {
     return this.#features;
   }
   has(feature: FeatureName): boolean {
+    checkOneOf('feature', feature, Object.keys(FEATURES) as FeatureName[]);
     return (this.#features & BigInt(FEATURES[feature])) !== 0n;
   }
   /** How the descriptor was obtained, and whether faults raised inside the kernel are excluded. */
@@ -237,6 +239,7 @@ export class Userfaultfd {
   register(mapping: Mapping, options: RegisterOptions = {}): Registration {
     this.#live();
     if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+    options = checkOptions('options', options);
     if (!this.#serving && EVENT_FEATURES.some((f) => this.has(f)))
       throw stateError(
         'ERR_PAGEMIRROR_NOT_SERVING',
@@ -256,6 +259,8 @@ export class Userfaultfd {
 
   unregister(mapping: Mapping, options: { offset?: number; length?: number } = {}): void {
     this.#live();
+    if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+    options = checkOptions('options', options);
     const offset = checkInteger('offset', options.offset ?? 0);
     const length = checkInteger('length', options.length ?? mapping.length - offset, 1);
     this.#n.unregister(mapping.native, offset, length);
@@ -278,8 +283,9 @@ export class Userfaultfd {
    */
   copy(target: Target, offset: number, length: number, source: Mapping | Uint8Array | bigint, options: ResolveOptions & { sourceOffset?: number; wp?: boolean } = {}): ResolveResult {
     this.#live();
-    let mode = options.dontWake ? K.UFFDIO_COPY_MODE_DONTWAKE! : 0;
-    if (options.wp) mode |= K.UFFDIO_COPY_MODE_WP!;
+    const f = flags(options);
+    let mode = f.dontWake ? K.UFFDIO_COPY_MODE_DONTWAKE! : 0;
+    if (f.wp) mode |= K.UFFDIO_COPY_MODE_WP!;
     const src = source instanceof Mapping ? source.native : source;
     return this.#n.copy(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), src, checkInteger('sourceOffset', options.sourceOffset ?? 0), mode);
   }
@@ -287,14 +293,15 @@ export class Userfaultfd {
   /** UFFDIO_ZEROPAGE: maps the zero page (anonymous) or a zeroed page (shmem). Errors as copy(). */
   zeropage(target: Target, offset: number, length: number, options: ResolveOptions = {}): ResolveResult {
     this.#live();
-    return this.#n.zeropage(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), options.dontWake ? K.UFFDIO_ZEROPAGE_MODE_DONTWAKE! : 0);
+    return this.#n.zeropage(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), flags(options).dontWake ? K.UFFDIO_ZEROPAGE_MODE_DONTWAKE! : 0);
   }
 
   /** UFFDIO_CONTINUE: maps the page already in the page cache (MINOR faults). Errors as copy(). */
   continue(target: Target, offset: number, length: number, options: ResolveOptions & { wp?: boolean } = {}): ResolveResult {
     this.#live();
-    let mode = options.dontWake ? K.UFFDIO_CONTINUE_MODE_DONTWAKE! : 0;
-    if (options.wp) mode |= K.UFFDIO_CONTINUE_MODE_WP!;
+    const f = flags(options);
+    let mode = f.dontWake ? K.UFFDIO_CONTINUE_MODE_DONTWAKE! : 0;
+    if (f.wp) mode |= K.UFFDIO_CONTINUE_MODE_WP!;
     return this.#n.continue(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), mode);
   }
 
@@ -305,8 +312,9 @@ export class Userfaultfd {
    */
   move(target: Target, offset: number, length: number, source: Mapping | bigint, options: ResolveOptions & { sourceOffset?: number; allowSrcHoles?: boolean } = {}): ResolveResult {
     this.#live();
-    let mode = options.dontWake ? K.UFFDIO_MOVE_MODE_DONTWAKE! : 0;
-    if (options.allowSrcHoles) mode |= K.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES!;
+    const f = flags(options);
+    let mode = f.dontWake ? K.UFFDIO_MOVE_MODE_DONTWAKE! : 0;
+    if (f.allowSrcHoles) mode |= K.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES!;
     const src = source instanceof Mapping ? source.native : source;
     return this.#n.move(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), src, checkInteger('sourceOffset', options.sourceOffset ?? 0), mode);
   }
@@ -314,7 +322,7 @@ export class Userfaultfd {
   /** UFFDIO_POISON: resolves with a poison marker; every later access gets SIGBUS. */
   poison(target: Target, offset: number, length: number, options: ResolveOptions = {}): ResolveResult {
     this.#live();
-    return this.#n.poison(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), options.dontWake ? K.UFFDIO_POISON_MODE_DONTWAKE! : 0);
+    return this.#n.poison(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), flags(options).dontWake ? K.UFFDIO_POISON_MODE_DONTWAKE! : 0);
   }
 
   /** UFFDIO_WRITEPROTECT with MODE_WP: CPU writes to the range now raise WP faults. */
@@ -326,7 +334,7 @@ export class Userfaultfd {
   /** UFFDIO_WRITEPROTECT without MODE_WP: lifts write protection and wakes WP faulters. */
   unprotect(target: Target, offset: number, length: number, options: ResolveOptions = {}): void {
     this.#live();
-    this.#n.writeProtect(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), options.dontWake ? K.UFFDIO_WRITEPROTECT_MODE_DONTWAKE! : 0);
+    this.#n.writeProtect(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), flags(options).dontWake ? K.UFFDIO_WRITEPROTECT_MODE_DONTWAKE! : 0);
   }
 
   /** UFFDIO_WAKE: wakes threads waiting on the range (after DONTWAKE resolves). */
@@ -360,17 +368,17 @@ export class Userfaultfd {
     this.#live();
     checkOneOf('action', action, ['copy', 'zeropage', 'continue', 'move', 'unprotect', 'poison'] as const);
     const page = target instanceof Mapping ? target.pageSize : BASE_PAGE;
-    const dw = options.dontWake === true;
+    const { dontWake: dw, wp, allowSrcHoles } = flags(options);
     let mode = 0;
     switch (action) {
       case 'copy':
-        mode = (dw ? K.UFFDIO_COPY_MODE_DONTWAKE! : 0) | (options.wp ? K.UFFDIO_COPY_MODE_WP! : 0);
+        mode = (dw ? K.UFFDIO_COPY_MODE_DONTWAKE! : 0) | (wp ? K.UFFDIO_COPY_MODE_WP! : 0);
         break;
       case 'continue':
-        mode = (dw ? K.UFFDIO_CONTINUE_MODE_DONTWAKE! : 0) | (options.wp ? K.UFFDIO_CONTINUE_MODE_WP! : 0);
+        mode = (dw ? K.UFFDIO_CONTINUE_MODE_DONTWAKE! : 0) | (wp ? K.UFFDIO_CONTINUE_MODE_WP! : 0);
         break;
       case 'move':
-        mode = (dw ? K.UFFDIO_MOVE_MODE_DONTWAKE! : 0) | (options.allowSrcHoles ? K.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES! : 0);
+        mode = (dw ? K.UFFDIO_MOVE_MODE_DONTWAKE! : 0) | (allowSrcHoles ? K.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES! : 0);
         break;
       case 'unprotect':
         mode = dw ? K.UFFDIO_WRITEPROTECT_MODE_DONTWAKE! : 0;
@@ -378,11 +386,11 @@ export class Userfaultfd {
       default:
         mode = dw ? K.UFFDIO_ZEROPAGE_MODE_DONTWAKE! : 0;
     }
-    const offs = offsets instanceof Float64Array ? offsets : Float64Array.from(offsets);
-    const srcOffs = options.sourceOffsets === undefined ? undefined : options.sourceOffsets instanceof Float64Array ? options.sourceOffsets : Float64Array.from(options.sourceOffsets);
+    const offs = checkOffsets('offsets', offsets);
+    const srcOffs = options.sourceOffsets === undefined ? undefined : checkOffsets('sourceOffsets', options.sourceOffsets);
     const src = options.source instanceof Mapping ? options.source.native : options.source;
     if ((action === 'copy' || action === 'move') && src === undefined) throw typeError('ERR_INVALID_ARG_TYPE', `${action} needs a source`);
-    const replay = !dw && (options.replay ?? true);
+    const replay = !dw && checkBoolean('replay', options.replay, true);
     return this.#n.resolveMany(action, this.#t(target), offs, checkInteger('length', options.length ?? page, 1), src, srcOffs, mode, replay);
   }
 
@@ -390,6 +398,8 @@ export class Userfaultfd {
   serve(options: ServeOptions = {}): this {
     this.#live();
     if (this.#serving) throw stateError('ERR_PAGEMIRROR_SERVING', 'already serving');
+    options = checkOptions('options', options);
+    for (const k of ['onFaults', 'onEvents', 'onError'] as const) checkFunction(k, options[k]);
     this.#options = options;
     const maxBatch = checkInteger('maxBatch', options.maxBatch ?? 64, 1, 4096);
     this.#n.serve((batch) => this.#dispatch(batch), maxBatch);
@@ -491,6 +501,12 @@ export class Userfaultfd {
     if (!(rule?.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'rule.mapping must be a Mapping');
     checkOneOf('action', rule.action, ['copy', 'zero', 'move', 'poison', 'unprotect', 'continue'] as const);
     if (rule.granule !== undefined) checkInteger('granule', rule.granule, 1);
+    if (rule.offset !== undefined) checkInteger('offset', rule.offset);
+    if (rule.length !== undefined) checkInteger('length', rule.length, 1);
+    if (rule.sourceOffset !== undefined) checkInteger('sourceOffset', rule.sourceOffset);
+    if (rule.source !== undefined && !(rule.source instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'rule.source must be a Mapping');
+    checkBoolean('wp', rule.wp, false);
+    checkBoolean('allowSrcHoles', rule.allowSrcHoles, false);
     const next = [...this.#rules, rule];
     this.#n.setRules(next.map(toNativeRule));
     this.#rules = next;
@@ -536,8 +552,8 @@ export class Userfaultfd {
    * first. 'sigbus': they are poisoned, so the faulting accesses get SIGBUS (needs 'poison').
    */
   close(outcome: CloseOutcome = 'wake'): void {
-    if (this.#closed) return;
     checkOneOf('outcome', outcome, ['wake', 'zero', 'sigbus'] as const);
+    if (this.#closed) return;
     this.#n.close(outcome);
     this.#closed = true;
     this.#serving = false;
@@ -551,6 +567,12 @@ export class Userfaultfd {
 }
 
 const BASE_PAGE = native.uname().pageSize;
+
+/** The flags of the resolve calls, checked: options is undefined or an object of booleans. */
+function flags(options: ResolveOptions & { wp?: boolean; allowSrcHoles?: boolean } | undefined): { dontWake: boolean; wp: boolean; allowSrcHoles: boolean } {
+  const o = checkOptions('options', options);
+  return { dontWake: checkBoolean('dontWake', o.dontWake, false), wp: checkBoolean('wp', o.wp, false), allowSrcHoles: checkBoolean('allowSrcHoles', o.allowSrcHoles, false) };
+}
 const offered = new Map<boolean, bigint>();
 /** Features the kernel offers, learnt once per process on a throw-away descriptor. */
 function offeredFeatures(userModeOnly: boolean): bigint {

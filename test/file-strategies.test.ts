@@ -6,7 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import { Device, mapFile, mapMemfd, mapAnonymous, access, fileSystemOf, type FileStrategy, type Mapping } from '../lib/index.js';
-import { P, PAGE, FIXTURES_DIR, within, requireCap, cleanupAfterEach } from './helpers.js';
+import { P, PAGE, FIXTURES_DIR, within, requireCap, cleanupAfterEach, smallTmpfs } from './helpers.js';
 
 const WORDS = PAGE / 8;
 const STRATEGIES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
@@ -486,24 +486,11 @@ describe('second review regressions', () => {
 // errors are typed, a CPU access to such a page is a SIGBUS (not a stale page), and close() says
 // what was lost. Needs root (a small tmpfs is mounted for it).
 describe('a full file system (ENOSPC)', () => {
-  let mnt: string | undefined;
-  let why = '';
-  beforeAll(() => {
-    if (process.getuid?.() !== 0) return void (why = 'mounting a small tmpfs needs root');
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-full-'));
-    const r = spawnSync('mount', ['-t', 'tmpfs', '-o', `size=${16 * PAGE}`, 'pagemirror-full', dir], { encoding: 'utf8', timeout: 30_000 });
-    if (r.status !== 0) throw new Error(`mount -t tmpfs failed: ${r.stderr.trim()}`);
-    mnt = dir;
-  });
-  afterAll(() => {
-    if (mnt) {
-      spawnSync('umount', [mnt], { timeout: 30_000 });
-      fs.rmSync(mnt, { recursive: true, force: true });
-    }
-  });
+  const tmp = smallTmpfs(16, 'pagemirror-full');
 
   it('bounce: writeback fails with ENOSPC and loses nothing; a CPU access is a SIGBUS; close() reports the loss', async (ctx) => {
-    if (!mnt) return ctx.skip(why);
+    const mnt = tmp.dir;
+    if (!mnt) return ctx.skip(tmp.why);
     requireCap(ctx, P.experiments.fileCpuFaults, 'CPU fault interception on tmpfs');
     requireCap(ctx, P.experiments.poison, 'UFFDIO_POISON');
     const file = path.join(mnt, 'data');

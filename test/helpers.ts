@@ -1,7 +1,10 @@
 // Shared test helpers: the probe (skips cite it), page size, and a bounded wait.
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { afterEach } from 'vitest';
+import { afterAll, afterEach, beforeAll } from 'vitest';
 import { probe, type Capability } from '../lib/index.js';
 
 export const P = probe();
@@ -45,16 +48,9 @@ export function fillPattern(buf: Uint8Array, seed: number): Uint8Array {
   return buf;
 }
 
-/** A small deterministic PRNG (a run is reproducible from its seed). */
-export function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    return (s >>> 0) / 0x100000000;
-  };
-}
+/** A small deterministic PRNG (a run is reproducible from its seed); the fuzz workers use it too. */
+// @ts-expect-error plain JavaScript module (the fuzz workers run it without a TypeScript step)
+export { rng } from './fuzz/values.mjs';
 
 /**
  * A list of closers run (last first) after each test of the file that calls this, whatever the
@@ -72,4 +68,25 @@ export function cleanupAfterEach(): (() => void)[] {
     }
   });
   return list;
+}
+
+/**
+ * A small tmpfs of `pages` pages mounted for the enclosing describe() (root only): `dir` is its
+ * mount point once mounted, `why` says why not. Set-up failures fail the suite; unmounted after it.
+ */
+export function smallTmpfs(pages: number, name: string): { dir?: string; why: string } {
+  const t: { dir?: string; why: string } = { why: '' };
+  beforeAll(() => {
+    if (process.getuid?.() !== 0) return void (t.why = 'mounting a small tmpfs needs root');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), `${name}-`));
+    const r = spawnSync('mount', ['-t', 'tmpfs', '-o', `size=${pages * PAGE}`, name, dir], { encoding: 'utf8', timeout: 30_000 });
+    if (r.status !== 0) throw new Error(`mount -t tmpfs failed: ${r.stderr.trim()}`);
+    t.dir = dir;
+  });
+  afterAll(() => {
+    if (!t.dir) return;
+    spawnSync('umount', [t.dir], { timeout: 30_000 });
+    fs.rmSync(t.dir, { recursive: true, force: true });
+  });
+  return t;
 }

@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { Device, Userfaultfd, mapAnonymous, mapFile, mapMemfd, POPULATE_SYNC_MAX_BYTES } from '../lib/index.js';
-import { P, PAGE, FIXTURES_DIR, requireCap, cleanupAfterEach, within } from './helpers.js';
+import { P, PAGE, FIXTURES_DIR, requireCap, cleanupAfterEach, within, smallTmpfs } from './helpers.js';
 
 const NOBODY = 65534;
 const cleanup = cleanupAfterEach();
@@ -75,24 +75,11 @@ describe('a read-only shared file mapping cannot be registered: the error says s
 });
 
 describe('a device write on a full tmpfs', () => {
-  let mnt: string | undefined;
-  let why = '';
-  beforeAll(() => {
-    if (process.getuid?.() !== 0) return void (why = 'mounting a small tmpfs needs root');
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-enospc-'));
-    const r = spawnSync('mount', ['-t', 'tmpfs', '-o', `size=${16 * PAGE}`, 'pagemirror-enospc', dir], { encoding: 'utf8', timeout: 30_000 });
-    if (r.status !== 0) throw new Error(`mount -t tmpfs failed: ${r.stderr.trim()}`);
-    mnt = dir;
-  });
-  afterAll(() => {
-    if (mnt) {
-      spawnSync('umount', [mnt], { timeout: 30_000 });
-      fs.rmSync(mnt, { recursive: true, force: true });
-    }
-  });
+  const tmp = smallTmpfs(16, 'pagemirror-enospc');
 
   it('remote: a write to a page the file system cannot allocate fails at once with ENOSPC, not EBUSY after timeoutMs', async (ctx) => {
-    if (!mnt) return ctx.skip(why);
+    const mnt = tmp.dir;
+    if (!mnt) return ctx.skip(tmp.why);
     const file = path.join(mnt, 'sparse');
     fs.writeFileSync(file, Buffer.alloc(0));
     fs.truncateSync(file, 8 * PAGE); // a hole: its pages take blocks only when written

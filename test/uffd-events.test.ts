@@ -474,7 +474,10 @@ describe('FORK events', () => {
     // thread sleeps in the kernel; every thread that then calls malloc sleeps on a lock). 300
     // rounds of: open with eventFork, serve, register, forkAccess; native threads keep the CPUs
     // busy meanwhile, so the new service thread is rarely running before the fork starts.
-    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-fork-race.mjs'), '300'], {
+    // Under the sanitizers (npm run test:sanitize) a fork costs 15 times as much (ASan's shadow
+    // memory): fewer rounds, the same bound, which tells a deadlock from slowness.
+    const rounds = process.env.PAGEMIRROR_SANITIZED ? '60' : '300';
+    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-fork-race.mjs'), rounds], {
       encoding: 'utf8',
       timeout: 10_000,
       killSignal: 'SIGKILL',

@@ -49,6 +49,9 @@ sys::AccessSpec ParseSpec(const Napi::CallbackInfo& info, Mapping* m) {
   uint64_t off = ToU64(info[1], "offset");
   uint64_t len = ToU64(info[2], "length");
   if (len < 8) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "length must be at least 8 bytes");
+  // The kernels load and store aligned 8-byte words (atomically for rmw): a misaligned word is
+  // undefined behaviour, and one that straddles two pages takes two faults for one access.
+  if (off % 8) throw CodedRangeError(env, "ERR_PAGEMIRROR_UNALIGNED", "offset (" + std::to_string(off) + ") must be a multiple of 8: the access kernels use 8-byte words");
   uint64_t addr = m->Range(env, off, len, false);
   Napi::Object o = info.Length() > 3 && info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
   sys::AccessSpec s;

@@ -67,7 +67,7 @@ class Engine : public sys::FaultSink {
   // Resolves a missing-page fault at addr as a CPU fault on it would be, for a caller whose own
   // access would not reach the engine (a kernel-mode fault on a user-mode-only descriptor). A
   // page already present is left as it is. The caller holds no mirror's change mutex.
-  void resolve_cpu_fault(uint64_t addr, uint64_t flags = 0) { handle(sys::FaultMsg{addr, flags, 0}); }
+  void resolve_cpu_fault(uint64_t addr, uint32_t flags = 0) { handle(sys::FaultMsg{addr, flags, 0}); }
 
   // Locks the change mutex of every live mirror covering [start, end) (self included), in address
   // order, for this thread; they are released when the returned object goes. Two migrations of one

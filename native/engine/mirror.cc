@@ -307,7 +307,7 @@ bool Mirror::fill_holes(uint64_t a, uint64_t b, uint64_t gen0) {
   if (e.fd() < 0 || !e.user_mode_only() || region_->shared) return false;
   if (region_->kind != RegionKind::kAnonymous && !private_file()) return false;
   if (raced(gen0)) return false;
-  const uint64_t flags = private_file() ? UFFD_PAGEFAULT_FLAG_MINOR : 0;
+  const uint32_t flags = private_file() ? UFFD_PAGEFAULT_FLAG_MINOR : 0;
   for (uint64_t i, j, from = a; next_host_run(from, b, &i, &j); from = j)
     for (uint64_t k = i; k < j; k++) e.resolve_cpu_fault(start_ + k * page_, flags);
   return true;

@@ -1,0 +1,334 @@
+// What the fuzzer calls: every exported function of lib/index.ts and every method of its classes,
+// each with a generator per parameter (see values.mjs for valid / edge / bad). Valid values are
+// small on purpose: the fuzzer must never map, allocate or run anything big for real.
+import path from 'node:path';
+import { PAGE, int, bool, oneOf, namesArray, bigintU64, bytes, str, fn, options, object, wrongType } from './values.mjs';
+
+const SMALL = [0, PAGE, 2 * PAGE];
+const LEN = [PAGE, 2 * PAGE, 4 * PAGE];
+// Right type, beyond the fixtures' 4 pages: must be refused with a code (or be a no-op).
+const FAR = [PAGE - 1, 1, 64 * PAGE, 2 ** 40, Number.MAX_SAFE_INTEGER];
+const NPAGES = [1, 2, 4];
+const PROT_STRINGS = ['rw', 'r', 'rwx', '', 'none', 'r-', '-w-'];
+
+const range = () => options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }) });
+
+function prot({ optional = false } = {}) {
+  return (r) => {
+    const x = r();
+    if (x < 0.3) return { value: PROT_STRINGS[Math.floor(r() * PROT_STRINGS.length)], kind: 'valid' };
+    if (x < 0.45) return { value: Math.floor(r() * 8), kind: 'valid' };
+    if (optional && x < 0.55) return { value: undefined, kind: 'valid' };
+    const bad = ['bogus', 'rwq', 'R', 'w\0', -1, 8, 1.5, NaN, Infinity, 2 ** 53, 4n, {}, ['r'], true, Symbol('p')];
+    if (!optional) bad.push(null, undefined);
+    return { value: bad[Math.floor(r() * bad.length)], kind: 'bad' };
+  };
+}
+
+// Targets: a Mapping (live or closed), a bigint address, or something else (bad).
+const mappingOf = (kinds) => object((c, r) => c.pick(r, kinds.map((k) => c[k]).filter(Boolean)), (c) => c.closedMap);
+const anyMapping = mappingOf(['anon', 'memfd', 'file']);
+function target() {
+  return (r, c) => {
+    const x = r();
+    if (x < 0.6) return anyMapping(r, c);
+    if (x < 0.75) return { value: c.anon?.closed ? 0n : c.anon?.address ?? 0n, kind: 'edge' };
+    return { value: [null, undefined, 5, 'x', {}, c.impostor][Math.floor(r() * 6)], kind: 'bad' };
+  };
+}
+
+const call = (name, params, run, extra = {}) => ({ name, params, run, ...extra });
+
+// The receiver: a live object or a closed one. A foreign `this` is not an argument: not fuzzed.
+const self = (getLive, getClosed) => (r, c) => {
+  const closed = r() < 0.2 ? getClosed(c) : undefined;
+  return closed ? { value: closed, kind: 'edge' } : { value: getLive(c, r), kind: 'valid' };
+};
+
+/** Every target; `run(ctx, args)` performs the call. `safe`: a fully valid call is harmless. */
+export function targets(lib, ctx) {
+  const { Mapping } = lib;
+  const live = (k) => (c) => c[k];
+  return [
+    // Functions exported by lib/index.ts.
+    call('mapAnonymous', [int(LEN, [1, 3 * PAGE + 1]), options({ prot: prot({ optional: true }), populate: bool(), noReserve: bool(), shared: bool(), hugetlb: bool(), hugePageSize: int([2 << 20], [12345], { optional: true }), align: int([PAGE, 65536, 2 << 20], [3, 3 * PAGE], { optional: true }) })], (c, a) => c.own(lib.mapAnonymous(...a))),
+    call('mapMemfd', [int(LEN, [1]), options({ name: str(['fuzz', ''], ['a'.repeat(300)], { optional: true }), prot: prot({ optional: true }), populate: bool(), noReserve: bool(), hugetlb: bool(), hugePageSize: int([2 << 20], [12345], { optional: true }) })], (c, a) => c.own(lib.mapMemfd(...a))),
+    call(
+      'mapFile',
+      [
+        (r, c) => {
+          const x = r();
+          if (x < 0.4) return { value: c.filePath, kind: 'valid' };
+          if (x < 0.5) return { value: path.join(c.dir, 'missing'), kind: 'edge' };
+          if (x < 0.6) return { value: { fd: c.file?.closed ? 0 : c.file?.fd ?? 0 }, kind: 'valid' };
+          if (x < 0.7) return { value: { fd: [-1, 1.5, 'x', null, 2 ** 40][Math.floor(r() * 5)] }, kind: 'bad' };
+          return { value: [c.filePath + '\0x', 5, null, undefined, [], true][Math.floor(r() * 6)], kind: 'bad' };
+        },
+        options({ length: int(LEN, [1], { optional: true }), offset: int([0, PAGE], [PAGE + 1, 2 ** 40], { optional: true }), prot: prot({ optional: true }), shared: bool(), populate: bool(), noReserve: bool(), sync: bool(), create: bool(), mode: int([0o600, 0o644], [0o7777, 0o100000], { optional: true }) }),
+      ],
+      (c, a) => c.own(lib.mapFile(...a)),
+    ),
+    call('decodePagemapEntry', [bigintU64()], (c, a) => lib.decodePagemapEntry(...a)),
+    call('decodeEntry', [bigintU64()], (c, a) => lib.decodeEntry(...a)),
+    call('featureNames', [bigintU64()], (c, a) => lib.featureNames(...a)),
+    call('ioctlNames', [bigintU64()], (c, a) => lib.ioctlNames(...a)),
+    call('parseProt', [prot()], (c, a) => lib.parseProt(...a)),
+    call('isSystemError', [(r) => ({ value: wrongType(r), kind: 'valid' })], (c, a) => lib.isSystemError(...a)),
+    call(
+      'formatProbe',
+      [(r, c) => (r() < 0.4 ? { value: c.probe, kind: 'valid' } : { value: [undefined, null, {}, { kernel: {} }, 5, 'x', { ...c.probe, uffd: {} }][Math.floor(r() * 7)], kind: 'bad' })],
+      (c, a) => lib.formatProbe(...a),
+    ),
+    call('probe', [options({ refresh: bool() })], (c, a) => lib.probe(...a)),
+    call('fileSystemOf', [str(['/dev/shm', '/'], ['/nonexistent-pagemirror-fuzz'])], (c, a) => lib.fileSystemOf(...a)),
+    call(
+      'access',
+      [mappingOf(['anon', 'memfd']), options({ offset: int(SMALL, FAR, { optional: true }), length: int([8, PAGE], FAR, { optional: true }), op: oneOf(['read', 'write', 'rmw', 'verify'], { optional: true }), pattern: oneOf(['sequential', 'strided', 'random'], { optional: true }), unit: int([8, PAGE], [7, 9], { optional: true }), stride: int([PAGE], [0], { optional: true }), ops: int([1, 16], [0], { optional: true }), seed: int([1, 7], [], { optional: true }), threads: int([1, 2], [], { optional: true }), latency: bool(), barrier: bool() })],
+      (c, a) => lib.access(...a),
+      { async: true, needsUnregistered: true },
+    ),
+    call(
+      'forkAccess',
+      [mappingOf(['anon', 'memfd']), options({ offset: int(SMALL, [], { optional: true }), length: int([8, PAGE], [], { optional: true }), op: oneOf(['read', 'write', 'rmw', 'verify'], { optional: true }), ops: int([1, 4], [], { optional: true }), delayMs: int([0, 1], [], { optional: true }) })],
+      (c, a) => lib.forkAccess(...a),
+      { async: true, needsUnregistered: true, rare: true },
+    ),
+    call('Userfaultfd.open', [options({ features: (r) => (r() < 0.4 ? oneOf(['default', 'all'])(r) : namesArray(['move', 'poison', 'pagefaultFlagWp'])(r)), userModeOnly: bool() })], (c, a) => c.own(lib.Userfaultfd.open(...a))),
+    // adopt() takes any descriptor number this process has: only refusals are fuzzed.
+    call('Userfaultfd.adopt', [(r) => ({ value: [-1, 1.5, 'x', null, undefined, NaN, 2 ** 53][Math.floor(r() * 7)], kind: 'bad' }), bigintU64()], (c, a) => c.own(lib.Userfaultfd.adopt(...a))),
+    call('Device.create', [options({ name: str(['d'], [], { optional: true }), memory: int([16 * PAGE, 1 << 20], [PAGE + 1], { optional: true }), faultBatch: int([1, 32], [0, 65537], { optional: true }), faultAround: int([PAGE, 16 * PAGE], [PAGE + 1, 3 * PAGE], { optional: true }), timeoutMs: int([100, 1000], [0], { optional: true }), placement: oneOf(['host', 'device'], { optional: true }), eviction: oneOf(['off', 'fifo', 'lru'], { optional: true }), watermark: (r) => (r() < 0.5 ? { value: [0.5, 1][Math.floor(r() * 2)], kind: 'valid' } : r() < 0.6 ? { value: undefined, kind: 'valid' } : { value: [-1, 2, NaN, 'x', Infinity, {}][Math.floor(r() * 6)], kind: 'bad' }), prefetch: oneOf(['off', 'sequential', 'density'], { optional: true }), preallocate: bool(), trace: bool(), traceCapacity: int([16, 1024], [0], { optional: true }) })], (c, a) => c.own(lib.Device.create(...a))),
+
+    // Mapping.
+    ...[
+      ['protect', [prot(), range()]],
+      ['advise', [oneOf(['normal', 'random', 'sequential', 'willneed', 'dontneed', 'cold', 'pageout'], { edge: ['remove', 'free', 'hugepage', 'collapse', 'populateRead'] }), range()], { needsUnregistered: true }],
+      ['sync', [options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), async: bool(), invalidate: bool() })]],
+      ['remap', [int(LEN, [1, 64 * PAGE]), options({ mayMove: bool() })]],
+      ['punchHole', [int(SMALL, FAR), int(LEN, [1])]],
+      ['allocate', [int(SMALL, [1]), int(LEN, [1]), options({ keepSize: bool(), zero: bool() })]],
+      ['truncateFile', [int(LEN, [0, 1])]],
+      ['residency', [range()]],
+      ['cachestat', [options({ fileOffset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }) })]],
+      ['pagemap', [range()]],
+      ['pagemapRaw', [range()]],
+      [
+        'scan',
+        [
+          options({
+            offset: int(SMALL, FAR, { optional: true }),
+            length: int(LEN, FAR, { optional: true }),
+            require: namesArray(['present', 'written', 'file']),
+            exclude: namesArray(['swapped', 'huge']),
+            anyOf: namesArray(['present', 'pfnZero']),
+            report: namesArray(['present', 'written']),
+            writeProtect: bool(),
+            checkWpAsync: bool(),
+            maxPages: int([0, 1, 16], [], { optional: true }),
+            maxRegions: int([1, 16], [0], { optional: true }),
+          }),
+        ],
+      ],
+      ['statx', []],
+      ['readSync', [int(SMALL, FAR), int([0, 8, PAGE], FAR.filter((x) => x < 2 ** 31))]],
+      ['writeSync', [int(SMALL, FAR), bytes([8, PAGE], [0])]],
+      ['read', [int(SMALL, FAR), int([0, 8, PAGE], FAR.filter((x) => x < 2 ** 31))], { async: true, needsUnregistered: true }],
+      ['write', [int(SMALL, FAR), bytes([8, PAGE], [0])], { async: true, needsUnregistered: true }],
+      ['alias', [options({ prot: prot({ optional: true }), offset: int([0, PAGE], [1, 2 ** 40], { optional: true }), length: int(LEN, [1, 2 ** 40], { optional: true }) })]],
+      ['unmap', [int([3 * PAGE], [1, 2 ** 40]), int([PAGE], [1])]],
+      ['close', []],
+    ].map(([m, params, extra]) =>
+      call(`Mapping.${m}`, [self((c, r) => c.pick(r, [c.anon, c.memfd, c.file]), (c) => c.closedMap), ...params], (c, [self, ...a]) => {
+        const out = self[m](...a);
+        if (m === 'alias') c.own(out);
+        return out;
+      }, { ...extra, self: true, rare: m === 'close' || m === 'unmap' || m === 'truncateFile' || m === 'remap' }),
+    ),
+
+    // Userfaultfd.
+    ...[
+      ['has', [oneOf(['move', 'poison', 'sigbus', 'threadId'])]],
+      ['register', [anyMapping, options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), modes: namesArray(['missing', 'wp', 'minor'], { empty: 'bad' }) })], { dangerous: true }],
+      ['unregister', [anyMapping, range()]],
+      ['copy', [target(), int(SMALL, FAR), int(LEN, [1]), (r, c) => (r() < 0.5 ? bytes([4 * PAGE])(r) : anyMapping(r, c)), options({ sourceOffset: int([0, PAGE], FAR, { optional: true }), dontWake: bool(), wp: bool() })]],
+      ['zeropage', [target(), int(SMALL, FAR), int(LEN, [1]), options({ dontWake: bool() })]],
+      ['continue', [target(), int(SMALL, FAR), int(LEN, [1]), options({ dontWake: bool(), wp: bool() })]],
+      ['move', [target(), int(SMALL, FAR), int(LEN, [1]), anyMapping, options({ sourceOffset: int([0, PAGE], FAR, { optional: true }), dontWake: bool(), allowSrcHoles: bool() })]],
+      ['poison', [target(), int(SMALL, FAR), int(LEN, [1]), options({ dontWake: bool() })]],
+      ['writeProtect', [target(), int(SMALL, FAR), int(LEN, [1])]],
+      ['unprotect', [target(), int(SMALL, FAR), int(LEN, [1]), options({ dontWake: bool() })]],
+      ['wake', [target(), int(SMALL, FAR), int(LEN, [1])]],
+      [
+        'resolveMany',
+        [
+          oneOf(['copy', 'zeropage', 'continue', 'move', 'unprotect', 'poison']),
+          target(),
+          (r) => {
+            const x = r();
+            if (x < 0.4) return { value: [0, PAGE].slice(0, 1 + Math.floor(r() * 2)), kind: 'valid' };
+            if (x < 0.5) return { value: Float64Array.of(0), kind: 'valid' };
+            if (x < 0.55) return { value: [2 ** 40], kind: 'edge' };
+            return { value: [null, undefined, 'x', 5, {}, [NaN], [-1], [1.5], ['0'], [Infinity], { length: 1, 0: 0 }][Math.floor(r() * 11)], kind: 'bad' };
+          },
+          options({ length: int([PAGE], [1], { optional: true }), source: (r, c) => (r() < 0.5 ? bytes([4 * PAGE])(r) : anyMapping(r, c)), sourceOffsets: (r) => (r() < 0.5 ? { value: [0], kind: 'valid' } : { value: [null, 'x', [NaN], [-1], [1.5], 5][Math.floor(r() * 6)], kind: 'bad' }), dontWake: bool(), wp: bool(), allowSrcHoles: bool(), replay: bool() }),
+        ],
+      ],
+      ['serve', [options({ onFaults: fn(), onEvents: fn(), onError: fn(), maxBatch: int([1, 64], [0, 4097], { optional: true }) })], { dangerous: true }],
+      ['unref', []],
+      ['ref', []],
+      [
+        'addRule',
+        [
+          (r, c) => {
+            const g = options(
+              {
+                mapping: anyMapping,
+                offset: int(SMALL, FAR, { optional: true }),
+                length: int(LEN, FAR, { optional: true }),
+                action: oneOf(['zero', 'poison', 'unprotect', 'continue', 'copy', 'move']),
+                source: anyMapping,
+                sourceOffset: int([0, PAGE], FAR, { optional: true }),
+                granule: int([PAGE, 16 * PAGE], [3 * PAGE], { optional: true }),
+                wp: bool(),
+                allowSrcHoles: bool(),
+              },
+              { optional: false, required: ['mapping', 'action'] },
+            );
+            return g(r, c);
+          },
+        ],
+      ],
+      ['removeRule', [(r) => ({ value: [{}, null, undefined, 5][Math.floor(r() * 4)], kind: 'edge' })]],
+      ['clearRules', []],
+      ['stats', []],
+      ['outstanding', []],
+      ['close', [oneOf(['wake', 'zero', 'sigbus'], { optional: true })]],
+    ].map(([m, params, extra]) =>
+      call(`Userfaultfd.${m}`, [self((c) => c.uffd, (c) => c.closedUffd), ...params], (c, [self, ...a]) => {
+        return self[m](...a);
+      }, { ...extra, self: true, rare: m === 'close' }),
+    ),
+
+    // Device.
+    ...[
+      ['mirror', [anyMapping, options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), writeMode: oneOf(['shared', 'single'], { optional: true }), pin: bool() })], { needsUnregistered: 1 }],
+      ['mirrorFile', [mappingOf(['memfd', 'file']), options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), strategy: oneOf(['remote', 'copy', 'bounce', 'pin'], { optional: true }), snapshot: oneOf(['pagecache', 'buffer'], { optional: true }), writebackIntervalMs: int([0, 50], [], { optional: true }), chunkPages: int([1, 64], [0], { optional: true }), lease: (r) => ({ value: ['x', 1, {}][Math.floor(r() * 3)], kind: 'bad' }) })], { needsUnregistered: 1 }],
+      ['counters', []],
+      ['release', [], { async: true }],
+      ['drainTrace', []],
+      ['drainTraceLines', []],
+      ['memory', []],
+      ['close', []],
+    ].map(([m, params, extra]) =>
+      call(`Device.${m}`, [self(live('device'), (c) => c.closedDevice), ...params], (c, [self, ...a]) => {
+        const out = self[m](...a);
+        if (m === 'mirror' || m === 'mirrorFile') c.own(out);
+        return out;
+      }, { ...extra, self: true, rare: m === 'close' }),
+    ),
+
+    // Mirror (and FileMirror, which is one).
+    ...[
+      ['read', [int(SMALL, FAR), int(NPAGES, [0, 2 ** 40])], { async: true }],
+      ['write', [int(SMALL, FAR), bytes([PAGE], [0, 1, PAGE + 1])], { async: true }],
+      [
+        'run',
+        [
+          options({
+            offset: int(SMALL, FAR, { optional: true }),
+            npages: int(NPAGES, [0, 2 ** 40], { optional: true }),
+            op: oneOf(['read', 'write', 'atomic', 'verify'], { optional: true }),
+            pattern: oneOf(['sequential', 'strided', 'random'], { optional: true }),
+            unit: int([8, PAGE], [7], { optional: true }),
+            stride: int([PAGE], [0], { optional: true }),
+            ops: int([1, 16], [0], { optional: true }),
+            seed: int([1], [], { optional: true }),
+            threads: int([1, 2], [0, 65], { optional: true }),
+          }),
+        ],
+        { async: true },
+      ],
+      ['entries', [int([0, 1], [2 ** 40], { optional: true }), int([1, 2], [0, 2 ** 40], { optional: true })]],
+      ['migrateToDevice', [int(SMALL, FAR), int(NPAGES, [0]), options({ useMove: bool(), granule: int([PAGE, 2 << 20], [3 * PAGE], { optional: true }) })], { async: true }],
+      ['exclusive', [int(SMALL, FAR), int(NPAGES, [0])], { async: true }],
+      ['checkExclusive', [int(SMALL, FAR), int(NPAGES, [0])]],
+      ['migrateToHost', [int(SMALL, FAR), int(NPAGES, [0])], { async: true }],
+      ['snapshot', [int(SMALL, FAR, { optional: true }), int(NPAGES, [0, 2 ** 40], { optional: true })]],
+      ['info', []],
+      ['close', []],
+    ].map(([m, params, extra]) =>
+      call(`Mirror.${m}`, [self((c, r) => c.pick(r, [c.mirror, c.fileMirror]), (c) => c.closedMirror), ...params], (c, [self, ...a]) => {
+        return self[m](...a);
+      }, { ...extra, self: true, rare: m === 'close' }),
+    ),
+    ...[
+      ['pread', [int(SMALL, FAR), int([0, 8, PAGE], [2 ** 31])], { async: true }],
+      ['pwrite', [int(SMALL, FAR), bytes([8, PAGE], [0])], { async: true }],
+      ['writeback', [options({ offset: int(SMALL, FAR, { optional: true }), length: int(LEN, FAR, { optional: true }), sync: bool() })], { async: true }],
+      ['fsync', [], { async: true }],
+      ['stats', []],
+      ['accounting', []],
+    ].map(([m, params, extra]) =>
+      call(`FileMirror.${m}`, [self(live('fileMirror'), (c) => c.closedFileMirror), ...params], (c, [self, ...a]) => {
+        return self[m](...a);
+      }, { ...extra, self: true }),
+    ),
+  ];
+}
+
+// The addon itself (exported as _native): a direct caller must not be able to crash or hang the
+// process either, though the bindings may coerce what the TypeScript layer refuses. Every argument
+// is drawn from one pool, so every outcome but a crash, a hang or an uncoded error is accepted.
+// Numbers stay small (a length is at most 4 pages); descriptors are never valid numbers (adopting
+// or mapping the worker's own descriptors would close or truncate them).
+function raw() {
+  return (r, c) => {
+    const pool = [0, 1, 8, PAGE, 2 * PAGE, 4 * PAGE, -1, 1.5, NaN, Infinity, 2 ** 53, 0n, 8n, -1n, 2n ** 64n, '', 'x', 'a\0b', null, undefined, true, {}, [], [0], new Uint8Array(8), Buffer.alloc(PAGE), Float64Array.of(0), BigUint64Array.of(0n), Uint32Array.of(0), () => {}, c.anon?.native, c.memfd3?.native, c.nUffd, c.nDevice, c.nMirror];
+    return { value: pool[Math.floor(r() * pool.length)], kind: 'edge' };
+  };
+}
+
+export function nativeTargets(lib, ctx) {
+  const n = lib._native;
+  const fns = [
+    ['runAccess', 4, { async: true, needsUnregistered: true }],
+    ['copyAsync', 4, { async: true, needsUnregistered: true }],
+    ['pagemapScan', 4],
+    ['statx', 1],
+    ['fsType', 1],
+    ['uname', 0],
+    ['probeUffd', 1],
+    ['getAffinity', 0],
+  ];
+  const methods = {
+    memfd3: ['info', 'buffer', 'protect:3', 'advise:3', 'sync:3', 'remap:2', 'fallocate:3', 'truncate:1', 'residency:2', 'cachestat:2', 'pagemap:2', 'statx', 'readInto:2', 'writeFrom:2', 'unmap:2'],
+    nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'stats', 'outstanding', 'close:1'],
+    nDevice: ['mirror:6', 'counters', 'memory', 'drainTrace', 'release', 'close'],
+    nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'close'],
+  };
+  const out = fns.map(([name, arity, extra = {}]) =>
+    call(`_native.${name}`, Array.from({ length: arity }, raw), (c, a) => n[name](...a), { ...extra, edgeOnly: true }),
+  );
+  out.push(
+    call('_native.map', [options({ kind: oneOf(['anonymous', 'memfd', 'file']), length: int(LEN, [0, 1]), prot: raw(), populate: raw(), shared: raw(), path: (r, c) => ({ value: [c.filePath, 'a\0b', 5][Math.floor(r() * 3)], kind: 'edge' }), name: raw(), hugetlb: raw(), offset: int([0], [1]) })], (c, [o]) => c.own(n.map(o)), { edgeOnly: true }),
+    call('_native.createDevice', [options({ memory: int([16 * PAGE], [1]), faultBatch: raw(), placement: raw(), eviction: raw(), trace: raw(), name: raw() })], (c, [o]) => c.own(n.createDevice(o)), { edgeOnly: true }),
+    call('_native.openUserfaultfd', [options({ userModeOnly: raw(), nonBlocking: raw() })], (c, [o]) => c.own(n.openUserfaultfd(o)), { edgeOnly: true }),
+    call('_native.adoptUserfaultfd', [(r) => ({ value: [-1, 1.5, 'x', null, NaN, 2 ** 53][Math.floor(r() * 6)], kind: 'edge' }), raw()], (c, a) => c.own(n.adoptUserfaultfd(...a)), { edgeOnly: true }),
+    ...['Mapping', 'Userfaultfd', 'Device', 'Mirror'].map((k) => call(`new _native.${k}`, [raw()], (c, a) => new n[k](...a), { edgeOnly: true })),
+  );
+  for (const [obj, list] of Object.entries(methods)) {
+    for (const spec of list) {
+      const [m, arity = '0'] = spec.split(':');
+      const isAsync = ['release', 'run', 'read', 'write', 'migrateToDevice', 'migrateToHost', 'fileRead', 'fileWrite', 'writeback'].includes(m);
+      out.push(
+        call(`_native.${obj}.${m}`, Array.from({ length: Number(arity) }, raw), (c, a) => {
+          const self = obj === 'memfd3' ? c.memfd3?.native : c[obj];
+          if (!self) return undefined;
+          const ret = self[m](...a);
+          if (obj === 'nDevice' && m === 'mirror') c.own(ret);
+          return ret;
+        }, { edgeOnly: true, async: isAsync, rare: m === 'close' || m === 'unmap' || m === 'truncate' || m === 'remap'}),
+      );
+    }
+  }
+  return out;
+}
