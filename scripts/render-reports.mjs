@@ -18,10 +18,15 @@ import { pathToFileURL, fileURLToPath } from 'node:url';
 
 const CANDIDATES = ['chromium', 'chromium-browser', 'google-chrome'];
 
+// Chromium is not ours to sanitize: under `npm run test:sanitize` the suite's environment preloads
+// ASan/UBSan into every child, and Chromium must start as it would anywhere else.
+const SANITIZER_VARS = ['LD_PRELOAD', 'ASAN_OPTIONS', 'UBSAN_OPTIONS', 'LSAN_OPTIONS'];
+const chromiumEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !SANITIZER_VARS.includes(k)));
+
 /** The Chromium binary on PATH, or null with why not. */
 export function findChromium() {
   for (const c of CANDIDATES) {
-    const r = spawnSync(c, ['--version'], { encoding: 'utf8', timeout: 30_000 });
+    const r = spawnSync(c, ['--version'], { encoding: 'utf8', timeout: 30_000, env: chromiumEnv() });
     if (r.status === 0) return { bin: c, version: r.stdout.trim() };
   }
   return { bin: null, reason: `no Chromium on PATH (tried ${CANDIDATES.join(', ')}): apt-get install -y chromium` };
@@ -120,7 +125,7 @@ export class Browser {
     this.#child = spawn(
       bin,
       ['--headless', '--no-sandbox', '--disable-gpu', '--hide-scrollbars', '--no-first-run', '--no-default-browser-check', '--mute-audio', '--remote-debugging-pipe', `--user-data-dir=${this.#dataDir}`, 'about:blank'],
-      { stdio: ['ignore', 'ignore', 'pipe', 'pipe', 'pipe'] },
+      { stdio: ['ignore', 'ignore', 'pipe', 'pipe', 'pipe'], env: chromiumEnv() },
     );
     this.stderr = '';
     this.#child.stdio[2].setEncoding('utf8').on('data', (d) => (this.stderr = (this.stderr + d).slice(-4000)));
