@@ -185,8 +185,10 @@ describe('command line: failures are one line', () => {
       fs.cpSync(path.join(root, 'dist'), path.join(dir, 'dist'), { recursive: true });
       fs.copyFileSync(path.join(root, 'package.json'), path.join(dir, 'package.json'));
       const bare = path.join(dir, 'dist', 'cli.js');
+      // PAGEMIRROR_ADDON (the sanitizer run's) would name an addon that is built.
+      const env = { ...process.env, PAGEMIRROR_ADDON: '' };
       for (const cmd of ['probe', 'demo', 'bench']) {
-        const r = spawnSync(process.execPath, [bare, cmd], { encoding: 'utf8', timeout: 30_000, cwd: dir });
+        const r = spawnSync(process.execPath, [bare, cmd], { encoding: 'utf8', timeout: 30_000, cwd: dir, env });
         expect(r.status, r.stderr).toBe(1);
         expect(r.stderr).toMatch(/^pagemirror: ERR_PAGEMIRROR_NOT_BUILT: the native addon is not built .*npm install/);
         expect(r.stderr.trimEnd().split('\n')).toHaveLength(1);
