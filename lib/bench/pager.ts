@@ -16,6 +16,7 @@ import { benchEnv } from './env.js';
 import { Progress } from './progress.js';
 import { barChartSvg, textTable, writeReport, type Table } from './report.js';
 import { summarize, type Summary } from './stats.js';
+import { registerTempFile, releaseTempFile } from './tempfiles.js';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const PAGE = 4096;
@@ -136,7 +137,10 @@ export async function runPager(o: PagerBenchOptions = {}): Promise<{ cells: Page
   ];
   const content = Buffer.alloc(size);
   for (let i = 0; i < size; i += 8) content.writeBigUInt64LE(BigInt(i / 8), i);
-  for (const f of files) fs.writeFileSync(f.file, content);
+  for (const f of files) {
+    registerTempFile(f.file); // removed on exit and on SIGINT/SIGTERM/SIGHUP too
+    fs.writeFileSync(f.file, content);
+  }
   const cells: Cell[] = [];
   for (const f of files)
     for (const granule of [4096, 64 << 10, 2 << 20])
@@ -204,7 +208,10 @@ export async function runPager(o: PagerBenchOptions = {}): Promise<{ cells: Page
       }
   } finally {
     progress.end();
-    for (const f of files) fs.rmSync(f.file, { force: true });
+    for (const f of files) {
+      fs.rmSync(f.file, { force: true });
+      releaseTempFile(f.file);
+    }
   }
   return { cells: out, writeback };
 }
