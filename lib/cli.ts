@@ -248,6 +248,7 @@ const COMMANDS: Record<string, Command> = {
         pin: values['no-pin'] !== true,
         quiet,
         dir: values.dir,
+        quick,
         version: version(),
       });
       const text = r.summary + '\n\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n';

@@ -24,6 +24,8 @@ export interface BenchOptions {
   version: string;
   /** strategies suite: directory for the disk file (default: the OS temp dir). */
   dir?: string;
+  /** --quick: suites whose matrix is long (pager) run a smoke-sized subset of it. */
+  quick?: boolean;
 }
 
 /** One line per suite for `pagemirror bench --help` (a suite without one is listed bare). */
@@ -402,7 +404,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       summary.push(textTable(table));
     }
     if (suite === 'pager') {
-      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quiet: o.quiet, out: o.out, stamp, version: o.version });
+      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quick: o.quick, quiet: o.quiet, out: o.out, stamp, version: o.version });
       files.push(...r.files);
       summary.push(r.summary);
     }

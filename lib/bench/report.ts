@@ -88,11 +88,18 @@ export function barChartSvg(title: string, unit: string, groups: BarGroup[], opt
   const minV = Math.min(...values, maxV);
   const log = maxV / minV > 30;
   const W = 860,
-    left = 70,
     right = 20,
     top = 40,
     plotH = 210;
-  // Room for the group labels, written at -40 degrees below the axis: as deep as the longest one.
+  // Room for the group labels, written at -40 degrees below the axis: as deep as the longest one,
+  // and, to the left, as wide as the first groups' labels reach past the axis (a long first label
+  // would start outside the chart).
+  const reach = (g: BarGroup) => g.label.length * 6.6 * Math.cos((40 * Math.PI) / 180);
+  let left = 70;
+  for (let k = 0; k < 4; k++) {
+    const gw0 = (W - left - right) / Math.max(groups.length, 1);
+    left = Math.max(70, ...groups.map((g, gi) => Math.ceil(reach(g) - gi * gw0 - gw0 / 2 + 4)));
+  }
   const bottom = 24 + Math.ceil(Math.max(4, ...groups.map((g) => g.label.length)) * 6.6 * Math.sin((40 * Math.PI) / 180) + 8);
   const plotW = W - left - right;
   const legend = legendSvg(
