@@ -1,9 +1,25 @@
 #!/usr/bin/env node
 // pagemirror command line: probe, demo (the README's main job), bench (the benchmark suites).
+// Each command parses its own flags strictly (node:util parseArgs): a flag nobody knows, or a value
+// that cannot be used, stops the command before it runs anything, with one line on stderr and
+// exit status 2. Everything that loads the addon is imported only once a command runs, so --help,
+// --version and a usage error work without it, and a missing addon is one line, not a stack trace.
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { probe, formatProbe } from './probe.js';
+import { parseArgs } from 'node:util';
+
+const EXIT_OK = 0;
+const EXIT_FAILURE = 1;
+const EXIT_USAGE = 2;
+const EXIT_TARGET_MISSED = 3;
+
+const EXIT_CODES = `exit status:
+  0  success
+  1  failure (an error, or this machine cannot run what was asked; one line on stderr says why)
+  2  usage error (an unknown command, flag or suite, or a bad value)
+  3  a benchmark ran but missed one of its targets (bench)`;
 
 function version(): string {
   const pkg = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'package.json');
@@ -14,98 +30,304 @@ function version(): string {
   }
 }
 
-function option(rest: string[], name: string): string | undefined {
-  const i = rest.indexOf(name);
-  if (i < 0) return undefined;
-  const v = rest[i + 1];
-  if (v === undefined || v.startsWith('--')) throw Object.assign(new Error(`${name} needs a value`), { code: 'ERR_USAGE' });
-  return v;
+/** A mistake in the command line: exit status 2, one line. */
+class UsageError extends Error {
+  constructor(
+    message: string,
+    readonly command?: string,
+  ) {
+    super(message);
+  }
 }
 
-function intOption(rest: string[], name: string): number | undefined {
-  const v = option(rest, name);
+type Flags = Record<string, { type: 'string' | 'boolean'; short?: string }>;
+
+const HELP_FLAG: Flags = { help: { type: 'boolean', short: 'h' } };
+
+/** The closest known flag, for a typo such as --pagse. */
+function closest(name: string, known: string[]): string | undefined {
+  const dist = (a: string, b: string) => {
+    const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array<number>(b.length).fill(0)]);
+    for (let j = 1; j <= b.length; j++) d[0]![j] = j;
+    for (let i = 1; i <= a.length; i++)
+      for (let j = 1; j <= b.length; j++)
+        d[i]![j] = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    return d[a.length]![b.length]!;
+  };
+  let best: string | undefined;
+  let bestD = 3;
+  for (const k of known) {
+    const n = dist(name, k);
+    if (n < bestD) [best, bestD] = [k, n];
+  }
+  return best;
+}
+
+type Values<F extends Flags> = { [K in keyof F]?: F[K]['type'] extends 'string' ? string : boolean } & { help?: boolean };
+
+function parse<F extends Flags>(command: string, args: string[], flags: F, positionals: boolean): { values: Values<F>; positionals: string[] } {
+  const options = { ...HELP_FLAG, ...flags };
+  try {
+    return parseArgs({ args, options, strict: true, allowPositionals: positionals }) as { values: Values<F>; positionals: string[] };
+  } catch (err) {
+    const e = err as { code?: string; message: string };
+    if (!e.code?.startsWith('ERR_PARSE_ARGS_')) throw err;
+    const unknown = /^Unknown option '(-{1,2})([^']*)'/.exec(e.message);
+    if (unknown) {
+      const near = unknown[1] === '--' ? closest(unknown[2]!.split('=')[0]!, Object.keys(options)) : undefined;
+      throw new UsageError(`unknown option '${unknown[1]}${unknown[2]}'${near ? ` (did you mean --${near}?)` : ''}`, command);
+    }
+    const positional = /^Unexpected argument '([^']*)'/.exec(e.message);
+    if (positional) throw new UsageError(`unexpected argument '${positional[1]}'`, command);
+    // Node's text for a missing or ambiguous value: its first line says it.
+    throw new UsageError(e.message.split('\n')[0]!.replace(/^Option/, 'option').replace(/\.$/, ''), command);
+  }
+}
+
+function positiveInt(flag: string, v: string | undefined, max: number): number | undefined {
   if (v === undefined) return undefined;
+  if (!/^\d+$/.test(v)) throw new UsageError(`--${flag} must be a positive integer, got '${v}'`, 'bench');
   const n = Number(v);
-  if (!Number.isSafeInteger(n) || n <= 0) throw Object.assign(new Error(`${name} must be a positive integer, got ${v}`), { code: 'ERR_USAGE' });
+  if (n < 1 || n > max) throw new UsageError(`--${flag} must be from 1 to ${max}, got ${v}`, 'bench');
   return n;
 }
 
-const USAGE = `usage: pagemirror <command> [options]
-
-commands:
-  probe [--json]     what this kernel offers: userfaultfd features and ioctls per memory kind,
-                     THP/hugetlb, PAGEMAP_SCAN, cachestat, tmpfs/ext4/DAX, and what can run here
-  demo [--json]      real faults on built-in defaults (anonymous memory, memfd): each fault kind
-                     resolved by the native fast path and by a TypeScript batch handler, timed
-                     against the plain C baseline
-  bench [suite...]   benchmarks against the plain C baseline, in one run; writes JSON (raw
-                     samples + environment) and an HTML report with SVG plots to --out
-                     suites: faults, engine, batching, strategies, oversubscription, dirty, service
-                     (default: all)
-                     --pages N (per repetition, default 4096)  --reps N (default 7; strategies 3)
-                     --size BYTES (engine bandwidth runs, default 256 MiB; batching: memory read,
-                     default 64 MiB; oversubscription: device memory = size / 8, default 8 MiB)
-                     --dir DIR (strategies: where the disk file goes, default the OS temp dir)
-                     --out DIR (default ./results)  --no-pin (do not pin to one CPU)  --quiet
-  help               this text
-`;
+/** Bytes, with an optional binary suffix: 8388608, 8M, 8MiB, 1G; whole MiB (so whole pages of any size). */
+function bytes(flag: string, v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const m = /^(\d+)(?:([KMG])(?:i?B)?)?$/i.exec(v);
+  if (!m) throw new UsageError(`--${flag} must be a size in bytes (e.g. 8388608, 8M, 8MiB), got '${v}'`, 'bench');
+  const n = Number(m[1]) * 1024 ** ' KMG'.indexOf((m[2] ?? ' ').toUpperCase());
+  if (n < 1 << 20 || n % (1 << 20)) throw new UsageError(`--${flag} must be a whole number of MiB (at least 1), got ${v}`, 'bench');
+  if (n > os.totalmem()) throw new UsageError(`--${flag} ${v} is more than this machine's memory (${os.totalmem()} bytes)`, 'bench');
+  return n;
+}
 
 function replacer(_k: string, v: unknown): unknown {
   return typeof v === 'bigint' ? v.toString() : v;
 }
 
-async function main(argv: string[]): Promise<number> {
-  const [cmd = 'help', ...rest] = argv;
-  const json = rest.includes('--json');
-  switch (cmd) {
-    case 'probe': {
+interface Command {
+  summary: string;
+  help: () => Promise<string>;
+  run: (args: string[]) => Promise<number>;
+}
+
+const PROBE_HELP = `usage: pagemirror probe [--json]
+
+What this kernel offers: userfaultfd features and ioctls per memory kind, THP/hugetlb,
+PAGEMAP_SCAN, cachestat, tmpfs/ext4/DAX, and which experiments can run here (and why not).
+
+options:
+  --json      the probe as JSON on stdout
+  -h, --help  this text
+
+${EXIT_CODES}
+`;
+
+const DEMO_HELP = `usage: pagemirror demo [--json]
+
+Real faults on built-in defaults (anonymous memory, a memfd, files in /dev/shm and the temp dir):
+the probe, then each fault kind resolved by the native fast path and by a TypeScript batch
+handler, the engine, and the four file strategies, timed against the plain C baseline in the same
+run (several minutes). Reports (JSON + HTML) go to ./results.
+
+options:
+  --json      only a JSON line on stdout (the report files and whether every target was met);
+              progress on stderr
+  -h, --help  this text
+
+${EXIT_CODES}
+`;
+
+/** --quick: a smoke-sized run (seconds per suite): numbers too small to compare, output complete. */
+const QUICK = { pages: 256, reps: 2, size: 8 << 20 };
+
+async function benchHelp(): Promise<string> {
+  let suites: string;
+  try {
+    const { SUITES, SUITE_TEXT } = await import('./bench/cli.js');
+    const w = Math.max(...SUITES.map((s) => s.length));
+    suites = SUITES.map((s) => `  ${s.padEnd(w)}  ${(SUITE_TEXT as Record<string, string | undefined>)[s] ?? ''}`.trimEnd()).join('\n');
+  } catch (err) {
+    suites = `  (the list needs the addon: ${(err as Error).message.replace(/^pagemirror: /, '')})`;
+  }
+  return `usage: pagemirror bench [suite...] [options]
+
+Benchmarks against the plain C baseline, in one run: writes JSON (raw samples + environment) and
+an HTML report with SVG plots per suite to --out, and prints a summary. No suite named: all.
+
+suites:
+${suites}
+
+options:
+  --pages N      pages per repetition (default 4096; 16 to 4194304)
+  --reps N       repetitions (default 7; strategies 3)
+  --size BYTES   engine: bytes per bandwidth repetition (default 256M); batching: memory read
+                 (default 64M); oversubscription: device memory = size / 8 (default 8M)
+                 (whole MiB: bytes, or with a suffix: 8M, 8MiB, 1G)
+  --dir DIR      strategies: where the disk file goes (default the OS temp dir)
+  --out DIR      where the reports go (default ./results)
+  --quick        a smoke-sized run: --pages ${QUICK.pages} --reps ${QUICK.reps} --size ${QUICK.size >> 20}M unless given
+  --json         the results (every report's environment and data) as JSON on stdout; the
+                 summary and progress go to stderr
+  --no-pin       do not pin the benchmark and the C baseline to one CPU
+  --quiet        no progress and no summary on stderr
+  -h, --help     this text
+
+Temporary files (strategies) are removed on exit and on SIGINT/SIGTERM/SIGHUP.
+
+${EXIT_CODES}
+`;
+}
+
+const COMMANDS: Record<string, Command> = {
+  probe: {
+    summary: 'what this kernel offers, and which experiments can run here',
+    help: async () => PROBE_HELP,
+    async run(args) {
+      const { values } = parse('probe', args, { json: { type: 'boolean' } }, false);
+      if (values.help) return help('probe');
+      const { probe, formatProbe } = await import('./probe.js');
       const p = probe();
-      process.stdout.write(json ? JSON.stringify(p, replacer, 2) + '\n' : formatProbe(p) + '\n');
-      return 0;
-    }
-    case 'demo': {
+      process.stdout.write(values.json ? JSON.stringify(p, replacer, 2) + '\n' : formatProbe(p) + '\n');
+      return EXIT_OK;
+    },
+  },
+  demo: {
+    summary: 'real faults on built-in defaults, timed against the plain C baseline',
+    help: async () => DEMO_HELP,
+    async run(args) {
+      const { values } = parse('demo', args, { json: { type: 'boolean' } }, false);
+      if (values.help) return help('demo');
       const { runDemo } = await import('./demo.js');
-      return runDemo({ json, version: version() });
-    }
-    case 'bench': {
+      return runDemo({ json: values.json === true, version: version() });
+    },
+  },
+  bench: {
+    summary: 'the benchmark suites against the plain C baseline, with JSON and HTML reports',
+    help: benchHelp,
+    async run(args) {
+      const { values, positionals } = parse(
+        'bench',
+        args,
+        {
+          pages: { type: 'string' },
+          reps: { type: 'string' },
+          size: { type: 'string' },
+          dir: { type: 'string' },
+          out: { type: 'string' },
+          quick: { type: 'boolean' },
+          json: { type: 'boolean' },
+          'no-pin': { type: 'boolean' },
+          quiet: { type: 'boolean' },
+        },
+        true,
+      );
+      if (values.help) return help('bench');
+      const pages = positiveInt('pages', values.pages, 1 << 22);
+      // 16: one device window of the strategies suite, a dirty page in each quarter.
+      if (pages !== undefined && pages < 16) throw new UsageError(`--pages must be from 16 to ${1 << 22}, got ${pages}`, 'bench');
+      const reps = positiveInt('reps', values.reps, 1000);
+      const size = bytes('size', values.size);
+      for (const f of ['dir', 'out'] as const) if (values[f] === '') throw new UsageError(`--${f} needs a directory`, 'bench');
+      if (values.dir !== undefined && !fs.statSync(values.dir, { throwIfNoEntry: false })?.isDirectory())
+        throw new UsageError(`--dir ${values.dir} is not an existing directory`, 'bench');
       const { runBench, SUITES } = await import('./bench/cli.js');
-      const valued = new Set(['--pages', '--reps', '--out', '--size', '--dir']);
-      const names = rest.filter((a, i) => !a.startsWith('--') && !valued.has(rest[i - 1] ?? ''));
-      for (const n of names)
-        if (!(SUITES as readonly string[]).includes(n))
-          throw Object.assign(new Error(`unknown suite '${n}' (suites: ${SUITES.join(', ')})`), { code: 'ERR_USAGE' });
+      for (const n of positionals)
+        if (!(SUITES as readonly string[]).includes(n)) throw new UsageError(`unknown suite '${n}' (suites: ${SUITES.join(', ')})`, 'bench');
+      const json = values.json === true;
+      const quiet = values.quiet === true;
+      const quick = values.quick === true;
       const r = await runBench({
-        suites: (names.length ? names : [...SUITES]) as (typeof SUITES)[number][],
-        out: option(rest, '--out') ?? 'results',
-        pages: intOption(rest, '--pages'),
-        reps: intOption(rest, '--reps'),
-        size: intOption(rest, '--size'),
-        pin: !rest.includes('--no-pin'),
-        quiet: rest.includes('--quiet'),
-        dir: option(rest, '--dir'),
+        suites: (positionals.length ? [...new Set(positionals)] : [...SUITES]) as (typeof SUITES)[number][],
+        out: values.out ?? 'results',
+        pages: pages ?? (quick ? QUICK.pages : undefined),
+        reps: reps ?? (quick ? QUICK.reps : undefined),
+        size: size ?? (quick ? QUICK.size : undefined),
+        pin: values['no-pin'] !== true,
+        quiet,
+        dir: values.dir,
+        quick,
         version: version(),
       });
-      process.stdout.write(r.summary + '\n\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n');
-      return r.ok ? 0 : 3;
-    }
-    case 'help':
-    case '--help':
-    case '-h':
-      process.stdout.write(USAGE);
-      return 0;
-    default:
-      process.stderr.write(`pagemirror: unknown command '${cmd}'\n\n${USAGE}`);
-      return 2;
-  }
+      const text = r.summary + '\n\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n';
+      if (json) {
+        // The same objects as the JSON reports, read back: stdout is exactly what was written.
+        const reports = r.files
+          .filter((f) => f.endsWith('.json'))
+          .map((f) => ({ suite: path.basename(f).replace(/-\d{4}-\d\d-\d\dT[\d-]+Z\.json$/, ''), file: f, html: f.replace(/\.json$/, '.html'), ...JSON.parse(fs.readFileSync(f, 'utf8')) }));
+        process.stdout.write(JSON.stringify({ version: version(), ok: r.ok, reports }) + '\n');
+        if (!quiet) process.stderr.write(text);
+      } else process.stdout.write(text);
+      return r.ok ? EXIT_OK : EXIT_TARGET_MISSED;
+    },
+  },
+};
+
+function usage(): string {
+  const w = Math.max(...Object.keys(COMMANDS).map((c) => c.length));
+  return `usage: pagemirror <command> [options]
+       pagemirror <command> --help
+       pagemirror --version
+
+commands:
+${Object.entries(COMMANDS)
+  .map(([name, c]) => `  ${name.padEnd(w)}  ${c.summary}`)
+  .join('\n')}
+  ${'help'.padEnd(w)}  this text, or a command's: pagemirror help <command>
+
+${EXIT_CODES}
+`;
 }
+
+async function help(command?: string): Promise<number> {
+  const c = command === undefined ? undefined : COMMANDS[command];
+  if (command !== undefined && !c) throw new UsageError(`unknown command '${command}'`);
+  process.stdout.write(c ? await c.help() : usage());
+  return EXIT_OK;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  if (cmd === undefined || cmd === '--help' || cmd === '-h') return help();
+  if (cmd === 'help') {
+    if (rest.length > 1) throw new UsageError(`help takes one command, got ${rest.join(' ')}`);
+    return help(rest[0]);
+  }
+  if (cmd === '--version' || cmd === '-V') {
+    process.stdout.write(version() + '\n');
+    return EXIT_OK;
+  }
+  const c = COMMANDS[cmd];
+  if (!c) throw new UsageError(cmd.startsWith('-') ? `unknown option '${cmd}'` : `unknown command '${cmd}'`);
+  return c.run(rest);
+}
+
+// `pagemirror probe --json | head -1`: a reader that stops early is no error of ours (and its
+// EPIPE, unhandled, would be a stack trace). Exiting still removes the bench's temp files.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code !== 'EPIPE') throw err;
+  process.exit(process.exitCode ?? EXIT_OK);
+});
 
 main(process.argv.slice(2)).then(
   (code) => {
     process.exitCode = code;
   },
   (err: unknown) => {
-    const e = err as { code?: string; message?: string };
-    process.stderr.write(`pagemirror: ${e.code ? e.code + ': ' : ''}${e.message ?? String(err)}\n`);
-    process.exitCode = 1;
+    if (err instanceof UsageError) {
+      const where = err.command ? `pagemirror ${err.command}` : 'pagemirror';
+      process.stderr.write(`${where}: ${err.message}; see '${where} --help'\n`);
+      process.exitCode = EXIT_USAGE;
+      return;
+    }
+    // A failure is one line: the code says what kind, the message what to do. The stack is for
+    // reporting a bug, on request.
+    const e = err as { code?: string; message?: string; stack?: string };
+    const message = (e.message ?? String(err)).replace(/^pagemirror: /, '').split('\n')[0];
+    process.stderr.write(`pagemirror: ${e.code ? e.code + ': ' : ''}${message}\n`);
+    if (process.env.PAGEMIRROR_DEBUG) process.stderr.write(`${e.stack ?? ''}\n`);
+    process.exitCode = EXIT_FAILURE;
   },
 );

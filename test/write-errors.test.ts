@@ -206,8 +206,17 @@ describe('write errors: ext4 on a loop device over a full tmpfs', () => {
       if (copies(strategy)) {
         expect(onDisk.every(Boolean), `${strategy}: pages holding the device's data after a remount`).toBe(true);
       } else {
-        // Not silently "fixed": what is not on the disk was reported lost (all of it, here).
-        expect(onDisk.filter(Boolean).length).toBe(0);
+        // The page cache held the only copy, and the library reported it lost (above), sticky until
+        // acknowledged. Whether the kernel wrote it after all is the kernel's business, not a
+        // promise of ours: ext4 may keep a page whose delayed allocation failed dirty and write it
+        // once space is freed (seen here under load), or drop it. Every page is either the
+        // device's data or the file's old content (zeros), never anything else.
+        const bytes = fs.readFileSync(file);
+        for (let p = 0; p < N; p++) {
+          if (onDisk[p]) continue;
+          const page = bytes.subarray(p * PAGE, (p + 1) * PAGE);
+          expect(page.every((b) => b === 0), `${strategy}: page ${p} is neither the device's data nor zeros`).toBe(true);
+        }
       }
     },
     120_000,

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { runFaults, type Comparison } from './faults.js';
 import { runEngine, type EngineRow } from './engine.js';
 import { benchEnv } from './env.js';
-import { barChartSvg, lineChartSvg, textTable, writeReport, type Table } from './report.js';
+import { barChartSvg, lineChartSvg, textTable, tint, writeReport, type Table } from './report.js';
 import { runBatching, runDirtyTracking, runOversubscription } from './policies.js';
 import { runStrategies, STRATEGY_NAMES, WORKLOADS, WORKLOAD_TEXT } from './strategies.js';
 import { runService, type ServiceRow } from './service.js';
@@ -24,6 +24,29 @@ export interface BenchOptions {
   version: string;
   /** strategies suite: directory for the disk file (default: the OS temp dir). */
   dir?: string;
+  /** --quick: suites whose matrix is long (pager) run a smoke-sized subset of it. */
+  quick?: boolean;
+}
+
+/** One line per suite for `pagemirror bench --help` (a suite without one is listed bare). */
+export const SUITE_TEXT: Partial<Record<string, string>> = {
+  faults: 'cost per fault kind: native fast path and TypeScript handler vs plain C',
+  engine: 'device faults, migration to device memory and back, CPU faults on device pages',
+  batching: 'device read bandwidth by fault batch size, fault-around and prefetch',
+  strategies: 'remote, copy, bounce and pin over four workloads on memfd, tmpfs and a disk file',
+  oversubscription: 'working sets of 50 % to 200 % of device memory: eviction and prefetch',
+  dirty: 'the same writes tracked three ways: cost per dirty page',
+  service: 'the fault service: one 4 KiB fault with and without polling, 2 MiB copies with 1 and 2 workers',
+  pager: 'pager() against a plain C pager and mmap: reads and writes, granules, resident limits',
+};
+
+/** One colour per file strategy, the same in every chart of the strategies report. */
+const STRATEGY_COLORS: Record<(typeof STRATEGY_NAMES)[number], string> = { remote: '#3366cc', copy: '#dc3912', bounce: '#ff9900', pin: '#109618' };
+
+/** The number in an engine target ('>= 0.7x', '<= 1.3x'), for its line on the ratio chart. */
+function targetRatio(target: string | null): number | undefined {
+  const m = target === null ? null : /([\d.]+)x/.exec(target);
+  return m ? Number(m[1]) : undefined;
 }
 
 export function engineTable(rows: EngineRow[]): Table {
@@ -105,7 +128,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       const ratioSvg = barChartSvg(
         'Ratio to the C baseline (lower is better; targets 1.2x native, 2x TypeScript batch)',
         'ratio',
-        measured.filter((r) => r.ratio !== null).map((r) => ({ label: `${r.scenario} (${r.path})`, bars: [{ series: 'addon / C', value: r.ratio! }] })),
+        measured.filter((r) => r.ratio !== null).map((r) => ({ label: `${r.scenario} (${r.path})`, bars: [{ series: 'addon / C', value: r.ratio! }], target: r.target ?? undefined })),
       );
       const written = writeReport(path.resolve(o.out), `faults-${stamp}`, env, rows, [
         {
@@ -185,11 +208,16 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
           ],
         })),
       );
+      const ratio = barChartSvg(
+        'Ratio to the C baseline (GB/s: higher is better; ns/page: lower is better)',
+        'ratio',
+        measured.filter((r) => r.ratio !== null).map((r) => ({ label: r.scenario, bars: [{ series: 'addon / C', value: r.ratio! }], target: targetRatio(r.target) })),
+      );
       const written = writeReport(path.resolve(o.out), `engine-${stamp}`, env, rows, [
         {
           title: 'Engine: device faults, migration, CPU faults on device memory',
           text: rows.map((r) => `${r.scenario}: ${r.note ?? ''}`).join(' | '),
-          svg: [bw, lat],
+          svg: [bw, lat, ratio],
           table,
         },
       ]);
@@ -253,6 +281,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
               return { series: s, value: x.throughput.median || 0, min: x.throughput.min || 0, max: x.throughput.max || 0 };
             }),
           })),
+          { colors: STRATEGY_COLORS },
         ),
       );
       const memory = barChartSvg(
@@ -264,6 +293,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
             return { label: `${f} ${s}`, bars: [{ series: 'page cache', value: Number(mib(x.pageCachePages)) }, { series: 'device memory', value: Number(mib(x.devicePages)) }] };
           }),
         ),
+        { colors: { 'page cache': '#7f7f7f', 'device memory': '#990099' } }, // not a strategy's colour
       );
       const latency = barChartSvg(
         'fsync() latency by strategy (µs, p50 and p99)',
@@ -275,6 +305,8 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
             return [{ series: `${s} p50`, value: x.latency.p50 || 0 }, { series: `${s} p99`, value: x.latency.p99 || 0 }];
           }),
         })),
+        // Each strategy keeps its colour from the other charts: p99 in it, p50 a lighter shade.
+        { colors: Object.fromEntries(STRATEGY_NAMES.flatMap((s) => [[`${s} p50`, tint(STRATEGY_COLORS[s], 0.55)], [`${s} p99`, STRATEGY_COLORS[s]]])) },
       );
       const wbSvg = barChartSvg(
         'Bounce-page writeback vs plain pwrite of the same pages (+ fdatasync), MB/s',
@@ -286,6 +318,11 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
             { series: 'plain pwrite', value: w.pwrite.median, min: w.pwrite.min, max: w.pwrite.max },
           ],
         })),
+      );
+      const wbRatio = barChartSvg(
+        'Ratio of bounce writeback to plain pwrite (higher is better)',
+        'ratio',
+        r.writeback.map((w) => ({ label: `${w.fs} (${w.snapshot})`, bars: [{ series: 'writeback / pwrite', value: w.ratio }], target: w.target ?? undefined })),
       );
       const written = writeReport(path.resolve(o.out), `strategies-${stamp}`, env, r, [
         {
@@ -300,7 +337,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
         {
           title: 'Bounce-page writeback against plain pwrite',
           text: "All pages dirty in device memory; writeback writes a consistent image of each, then fdatasync. snapshot 'pagecache' (default): the page-cache page pwrite fills is the bounce page, the device's writes to those pages waiting while pwrite copies them; 'buffer': a private bounce buffer first (one more copy, shorter waits). The baseline writes the same number of pages from a buffer with pwrite, in the same 64-page pieces, then fdatasync, alternating with the writeback in the same run.",
-          svg: [wbSvg],
+          svg: [wbSvg, wbRatio],
           table: wbTable,
         },
       ]);
@@ -367,7 +404,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       summary.push(textTable(table));
     }
     if (suite === 'pager') {
-      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quiet: o.quiet, out: o.out, stamp, version: o.version });
+      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quick: o.quick, quiet: o.quiet, out: o.out, stamp, version: o.version });
       files.push(...r.files);
       summary.push(r.summary);
     }

@@ -10,6 +10,7 @@ import { native } from '../native.js';
 import { fileSystemOf } from '../probe.js';
 import { quantile, summarize, type Summary } from './stats.js';
 import { Progress } from './progress.js';
+import { registerTempFile, releaseTempFile } from './tempfiles.js';
 
 const PAGE = native.uname().pageSize;
 export const STRATEGY_NAMES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
@@ -90,25 +91,40 @@ interface Fixture {
 function fixture(place: Place, pages: number, strategy: FileStrategy, interval: number, snapshot: 'pagecache' | 'buffer' = 'pagecache'): Fixture {
   const bytes = pages * PAGE;
   let file: string | undefined;
-  let m: Mapping;
+  let m: Mapping | undefined;
   // Real pages with data in them, as in a file someone wrote.
   const fill = (fd: number) => {
     const chunk = Buffer.alloc(Math.min(bytes, 1 << 20), 0x5a);
     for (let off = 0; off < bytes; off += chunk.length) fs.writeSync(fd, chunk, 0, Math.min(chunk.length, bytes - off), off);
   };
-  if (place.dir) {
-    file = path.join(place.dir, `pagemirror-bench-${process.pid}-${strategy}`);
-    const fd = fs.openSync(file, 'w+');
-    fill(fd);
-    fs.fdatasyncSync(fd);
-    fs.closeSync(fd);
-    m = mapFile(file);
-  } else {
-    m = mapMemfd(bytes, { name: 'pagemirror-bench' });
-    fill(m.fd);
+  // A fixture that fails half-made (a full disk, a refused mirror) is reported as a skipped cell:
+  // what it made must go, the dataset-sized file first.
+  let dev: Device | undefined;
+  let fm: FileMirror;
+  try {
+    if (place.dir) {
+      file = path.join(place.dir, `pagemirror-bench-${process.pid}-${strategy}`);
+      registerTempFile(file);
+      const fd = fs.openSync(file, 'w+');
+      try {
+        fill(fd);
+        fs.fdatasyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      m = mapFile(file);
+    } else {
+      m = mapMemfd(bytes, { name: 'pagemirror-bench' });
+      fill(m.fd);
+    }
+    dev = Device.create({ name: strategy, memory: bytes + (2 << 20), faultAround: 64 << 10, faultBatch: 64, preallocate: true });
+    fm = dev.mirrorFile(m, { strategy, writebackIntervalMs: interval, snapshot });
+  } catch (err) {
+    dev?.close();
+    m?.close();
+    if (file) releaseTempFile(file);
+    throw err;
   }
-  const dev = Device.create({ name: strategy, memory: bytes + (2 << 20), faultAround: 64 << 10, faultBatch: 64, preallocate: true });
-  const fm = dev.mirrorFile(m, { strategy, writebackIntervalMs: interval, snapshot });
   return {
     m,
     dev,
@@ -117,7 +133,7 @@ function fixture(place: Place, pages: number, strategy: FileStrategy, interval: 
       fm.close();
       dev.close();
       m.close();
-      if (file) fs.rmSync(file, { force: true });
+      if (file) releaseTempFile(file);
     },
   };
 }
@@ -232,7 +248,7 @@ export async function runStrategies(o: { pages?: number; reps?: number; dir?: st
             p50: quantile(sorted, 0.5),
             p99: quantile(sorted, 0.99),
             unit: 'µs',
-            what: w === 'fsync' ? 'fsync()' : w === 'sparse' ? 'per access' : w === 'alternating' ? 'device window (64 KiB) and CPU phase' : 'device window (64 KiB)',
+            what: w === 'fsync' ? 'fsync()' : w === 'sparse' ? 'per access' : w === 'alternating' ? '64 KiB window, CPU phase' : '64 KiB window',
           },
           ...(skipped ? { skipped } : {}),
         });
