@@ -152,8 +152,15 @@ describe('a device in a forked child (hmm-tests)', () => {
     const mir = dev.mirror(m);
     await mir.run({ op: 'write', seed: 100, unit: 8 }); // the parent's device holds write access to every page
     expect((await mir.migrateToDevice(0, N / 2)).cpages).toBe(N / 2);
-    const children = () =>
-      fs.readdirSync('/proc/self/task').flatMap((t) => fs.readFileSync(`/proc/self/task/${t}/children`, 'utf8').split(' ').filter(Boolean));
+    // A thread listed may exit before its children file is read (ENOENT): it has none then.
+    const childrenOf = (t: string) => {
+      try {
+        return fs.readFileSync(`/proc/self/task/${t}/children`, 'utf8').split(' ').filter(Boolean);
+      } catch {
+        return [];
+      }
+    };
+    const children = () => fs.readdirSync('/proc/self/task').flatMap(childrenOf);
     const before = new Set(children());
     let finished = false;
     const run = mir.forkRun(Array.from({ length: 600 }, () => ({ op: 'verify' as const, seed: 100 })), { timeoutMs: 120_000 });
