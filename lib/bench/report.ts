@@ -33,7 +33,7 @@ export function tint(color: string, amount: number): string {
   return '#' + [(n >> 16) & 255, (n >> 8) & 255, n & 255].map((c) => mix(c).toString(16).padStart(2, '0')).join('');
 }
 
-function seriesColors(series: string[], fixed: Record<string, string> = {}): Map<string, string> {
+export function seriesColors(series: string[], fixed: Record<string, string> = {}): Map<string, string> {
   const taken = new Set(Object.values(fixed));
   const free = COLORS.filter((c) => !taken.has(c));
   let next = 0;
