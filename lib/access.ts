@@ -81,6 +81,19 @@ function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<strin
  * protection forbids the access (it would SIGSEGV); ERR_PAGEMIRROR_NOT_SERVED before starting when
  * the range is registered with a library userfaultfd that nothing serves and a page would fault
  * (the access would sleep forever); a SIGBUS is reported in the result.
+ *
+ * @throws {SystemError} `EACCES` (the protection forbids the access).
+ * @throws {Error} `ERR_PAGEMIRROR_NOT_SERVED`, `ERR_PAGEMIRROR_CLOSED`, `ERR_PAGEMIRROR_FILE_STRATEGY`.
+ * @throws {RangeError} `ERR_OUT_OF_RANGE`, `ERR_PAGEMIRROR_UNALIGNED` (offset not a multiple of 8);
+ *   {TypeError} `ERR_INVALID_ARG_VALUE` (op, pattern), before anything starts.
+ * @example
+ * ```ts
+ * import { mapAnonymous, access } from 'pagemirror';
+ * const m = mapAnonymous(64 << 20);
+ * const w = await access(m, { op: 'write', seed: 3, threads: 2 });     // first touch: real faults
+ * const r = await access(m, { op: 'verify', seed: 3, pattern: 'random', latency: true });
+ * console.log(w.elapsedNs, r.checksum);
+ * ```
  */
 export async function access(mapping: Mapping, options: AccessOptions = {}): Promise<AccessResult> {
   const [offset, length, s] = spec(mapping, options);

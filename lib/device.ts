@@ -10,6 +10,7 @@ import { checkServed } from './served.js';
 
 const PAGE = native.uname().pageSize;
 
+/** Options of {@link Device.create}. */
 export interface DeviceOptions {
   /** Shown in counters and traces. Default 'device'. */
   name?: string;
@@ -58,6 +59,7 @@ export interface DeviceOptions {
 export type TraceEvent = NativeTraceEvent & { device: string };
 
 /** One mirror entry, decoded. */
+/** One device page-table entry: its permissions, dirty bit and where the data is (host page or device slot). */
 export interface MirrorEntry {
   valid: boolean;
   write: boolean;
@@ -67,6 +69,7 @@ export interface MirrorEntry {
   slot: number;
 }
 
+/** Decodes one raw 64-bit device page-table entry (what {@link Mirror.entries} decodes for you). */
 export function decodeEntry(e: bigint): MirrorEntry {
   checkU64('entry', e);
   return {
@@ -79,8 +82,10 @@ export function decodeEntry(e: bigint): MirrorEntry {
   };
 }
 
+/** What an access kernel does to each unit: read, write, atomic add, verify a written pattern, copy. */
 export type KernelOp = 'read' | 'write' | 'atomic' | 'verify' | 'copy';
 
+/** Options of {@link Mirror.run}: the access kernel the device threads run. */
 export interface KernelOptions {
   /** Byte offset into the mirror (page aligned). Default 0. */
   offset?: number;
@@ -110,6 +115,7 @@ export interface KernelOptions {
   threads?: number;
 }
 
+/** What {@link Mirror.run} measured. */
 export interface KernelResult {
   ops: number;
   checksum: bigint;
@@ -121,6 +127,7 @@ export interface KernelResult {
   elapsedNs: number;
 }
 
+/** A device's fault, migration and invalidation counters: {@link Device.counters}. */
 export type DeviceCounters = NativeDeviceCounters;
 
 /**
@@ -131,6 +138,7 @@ export type DeviceCounters = NativeDeviceCounters;
  */
 export type SkipReason = 'shared' | 'file-backed' | 'dax' | 'other-device' | 'device-memory-full' | 'pinned' | 'error' | 'userfaultfd-unsupported';
 
+/** What a migration moved and what it skipped, and why. */
 export interface MigrateResult extends NativeMigrateResult {
   /** Pages on this device afterwards (the kernel device's cpages), not only those moved now. */
   cpages: number;
@@ -182,6 +190,7 @@ export interface ForkStep {
   seed?: number;
 }
 
+/** Options of a fork scenario run by a device (parent, child and device touching the same pages). */
 export interface ForkRunOptions {
   /** Byte offset of the range the child's device mirrors, within the mapping (page aligned). Default 0. */
   offset?: number;
@@ -201,12 +210,17 @@ export interface ForkRunOptions {
  */
 export type ForkStepResult = NativeForkStepResult & { op: ForkStep['op']; skipped: Partial<Record<SkipReason, number>> };
 
+/** What a fork scenario measured, step by step. */
 export interface ForkRunResult extends NativeForkDeviceResult {
   steps: ForkStepResult[];
 }
 
 const FORK_OPS = ['read', 'write', 'verify', 'migrate', 'migrate-back', 'cpu-read', 'cpu-write', 'cpu-verify'] as const;
 
+/**
+ * A device's mirror of a range of a mapping (its page table over it): run kernels, fault, migrate
+ * and inspect entries. Made by {@link Device.mirror}; for files with a strategy, {@link FileMirror}.
+ */
 export class Mirror {
   readonly #n: NativeMirror;
   readonly mapping: Mapping;
@@ -353,6 +367,7 @@ export class Mirror {
 /** How a device's use of a file's pages stays right with the page cache, writeback and truncate. */
 export type FileStrategy = 'remote' | 'copy' | 'bounce' | 'pin';
 
+/** Options of {@link Device.mirrorFile}. */
 export interface FileMirrorOptions {
   /** Byte offset into the mapping (page aligned). Default 0. */
   offset?: number;
@@ -395,6 +410,7 @@ export interface FileMirrorOptions {
   lease?: boolean;
 }
 
+/** A file mirror's counters (loads, writebacks, snapshots, pull-backs). */
 export type FileStats = NativeFileStats;
 
 /** Host and device memory of one file mirror, and what its strategy has cost so far. */
@@ -521,6 +537,11 @@ export class FileMirror extends Mirror {
   }
 }
 
+/**
+ * An emulated device (a GPU, a NIC): native threads that run access kernels through mirrors of
+ * this process's memory, with their own page table, device memory, batched device faults, eviction
+ * and migration. Made by {@link Device.create}.
+ */
 export class Device {
   readonly #n: NativeDevice;
   readonly name: string;
@@ -531,7 +552,23 @@ export class Device {
     this.name = name;
   }
 
-  /** Creates a device and starts its fault service thread. */
+  /**
+   * Creates a device and starts its fault service thread.
+   *
+   * @throws {RangeError} `ERR_OUT_OF_RANGE` (memory, faultBatch, ...), {TypeError} `ERR_INVALID_ARG_VALUE`
+   *   (placement, eviction) or `ERR_INVALID_ARG_TYPE`, before any system call; SystemError `ENOMEM`
+   *   (device memory) or `EAGAIN` (threads).
+   * @example
+   * ```ts
+   * import { Device, mapAnonymous } from 'pagemirror';
+   * const gpu = Device.create({ name: 'gpu0', memory: 32 << 20, faultAround: 64 << 10 });
+   * const m = mapAnonymous(16 << 20);
+   * const mirror = gpu.mirror(m);
+   * await mirror.run({ op: 'write', seed: 7, threads: 4 });   // device threads fault the range in
+   * await mirror.migrateToDevice(0, 1024);                      // 1024 pages into device memory
+   * gpu.close();
+   * ```
+   */
   static create(options: DeviceOptions = {}): Device {
     options = checkOptions('options', options);
     const name = checkString('name', options.name ?? 'device');
@@ -570,6 +607,15 @@ export class Device {
    * (info().diverged counts them). A remap that moves the mapping moves the pinned pages with it:
    * nothing diverges, the entries are faulted again at the new address.
    * Mirror mode stays coherent through the same changes; pin mode shows what a pin costs.
+   * @throws `ERR_PAGEMIRROR_CLOSED` (device or mapping), `ERR_OUT_OF_RANGE`, `ERR_PAGEMIRROR_UNALIGNED`;
+   *   SystemError `EOPNOTSUPP` ('single' on private memory), `EPERM` (pin without write access).
+   * @example
+   * ```ts
+   * const m = mapMemfd(8 << 20);
+   * const mirror = device.mirror(m, { writeMode: 'single' });  // CPU writes revoke device write access
+   * await mirror.run({ op: 'atomic', unit: 64, threads: 2 });
+   * m.bytes[0] = 1;                                              // a real uffd WP fault first
+   * ```
    */
   mirror(mapping: Mapping, options: { offset?: number; length?: number; writeMode?: 'shared' | 'single'; pin?: boolean } = {}): Mirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
@@ -587,6 +633,16 @@ export class Device {
    * FileMirrorOptions. Errors: EINVAL (not a shared file mapping), EOPNOTSUPP (copy/bounce on
    * hugetlbfs or DAX: use remote or pin), EBUSY (copy/bounce share their memory with no other
    * mirror), EAGAIN (lease: the file is open elsewhere).
+   * @throws `ERR_PAGEMIRROR_CLOSED`, `ERR_INVALID_ARG_VALUE` (strategy, snapshot), `ERR_OUT_OF_RANGE`.
+   * @example
+   * ```ts
+   * import { Device, mapFile } from 'pagemirror';
+   * const dev = Device.create({ memory: 64 << 20 });
+   * const fm = dev.mirrorFile(mapFile('/tmp/data.bin'), { strategy: 'bounce', writebackIntervalMs: 20 });
+   * await fm.run({ op: 'write', unit: 64, threads: 2 });
+   * await fm.fsync();                  // the device's data, written through a stable snapshot
+   * console.log(fm.accounting());
+   * ```
    */
   mirrorFile(mapping: Mapping, options: FileMirrorOptions = {}): FileMirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');

@@ -11,6 +11,7 @@ const BASE_PAGE = native.uname().pageSize;
 /** The most advise('populateRead' | 'populateWrite') populates on the JavaScript thread: 1 GiB. */
 export const POPULATE_SYNC_MAX_BYTES = 1 << 30;
 
+/** Options every mapping function takes. */
 export interface MapOptions {
   /** Protection; default 'rw'. */
   prot?: Protection;
@@ -20,6 +21,7 @@ export interface MapOptions {
   noReserve?: boolean;
 }
 
+/** Options of {@link mapAnonymous}. */
 export interface AnonymousOptions extends MapOptions {
   /** MAP_SHARED (shmem-backed: survives fork shared, supports MINOR faults). Default false. */
   shared?: boolean;
@@ -31,6 +33,7 @@ export interface AnonymousOptions extends MapOptions {
   align?: number;
 }
 
+/** Options of {@link mapMemfd}. */
 export interface MemfdOptions extends MapOptions {
   /** Name shown in /proc/self/maps. Default 'pagemirror'. */
   name?: string;
@@ -38,6 +41,7 @@ export interface MemfdOptions extends MapOptions {
   hugePageSize?: number;
 }
 
+/** Options of {@link mapFile}. */
 export interface FileOptions extends MapOptions {
   /** Bytes to map; default the file's size past `offset`, rounded up to pages. */
   length?: number;
@@ -53,6 +57,7 @@ export interface FileOptions extends MapOptions {
   mode?: number;
 }
 
+/** A byte range of a mapping: `offset` (default 0) and `length` (default to the end). */
 export interface RangeOptions {
   /** Byte offset into the mapping. Default 0. */
   offset?: number;
@@ -89,6 +94,7 @@ export function decodePagemapEntry(e: bigint): PageFlags {
   };
 }
 
+/** Options of {@link Mapping.scan}. */
 export interface ScanOptions extends RangeOptions {
   /** Pages must have all of these. */
   require?: PageCategory[];
@@ -112,12 +118,14 @@ export interface ScanOptions extends RangeOptions {
   maxRegions?: number;
 }
 
+/** One run of pages of the same categories, as {@link Mapping.scan} reports it. */
 export interface ScanRegion {
   offset: number;
   length: number;
   categories: PageCategory[];
 }
 
+/** Options of {@link Mapping.remap}. */
 export interface RemapOptions {
   /** Let the kernel move the mapping when it cannot grow in place (MREMAP_MAYMOVE). Default true; `address` and `dontUnmap` need it. */
   mayMove?: boolean;
@@ -140,8 +148,14 @@ export interface RemapOptions {
   dontUnmap?: boolean;
 }
 
+/** What a {@link Mapping} maps: anonymous memory, a memfd, or a file. */
 export type MappingKind = 'anonymous' | 'memfd' | 'file';
 
+/**
+ * A range of this process's address space made by {@link mapAnonymous}, {@link mapMemfd} or
+ * {@link mapFile}: protect, advise, sync, remap, inspect (residency, pagemap, cachestat) and read
+ * or write it without faulting the JavaScript thread. Closing it unmaps it and closes its mirrors.
+ */
 export class Mapping {
   /** @internal */
   readonly native: NativeMapping;
@@ -460,7 +474,22 @@ export class Mapping {
   }
 }
 
-/** Anonymous memory (private by default). */
+/**
+ * Anonymous memory (private by default).
+ *
+ * @param length Bytes, at least 1 (rounded up to whole pages by the kernel).
+ * @throws {RangeError} `ERR_OUT_OF_RANGE` (length, hugePageSize, align), before any system call.
+ * @throws {TypeError} `ERR_INVALID_ARG_TYPE` (an option of the wrong type), `ERR_INVALID_ARG_VALUE` (prot).
+ * @throws {SystemError} `ENOMEM` (mmap), `EINVAL` (hugetlb with a size the kernel has no pool for).
+ * @example
+ * ```ts
+ * import { mapAnonymous } from 'pagemirror';
+ * const m = mapAnonymous(1 << 20);          // 1 MiB, read-write, private
+ * m.bytes.fill(7);                          // an ordinary Uint8Array over the mapping
+ * m.protect(0, m.pageSize, 'r');            // mprotect(2) the first page read-only
+ * m.close();
+ * ```
+ */
 export function mapAnonymous(length: number, options: AnonymousOptions = {}): Mapping {
   options = checkOptions('options', options);
   return new Mapping(
@@ -478,7 +507,20 @@ export function mapAnonymous(length: number, options: AnonymousOptions = {}): Ma
   );
 }
 
-/** A fresh memfd (shmem, or hugetlbfs with hugetlb), sized to `length` and mapped shared. */
+/**
+ * A fresh memfd (shmem, or hugetlbfs with hugetlb), sized to `length` and mapped shared.
+ *
+ * @throws {RangeError} `ERR_OUT_OF_RANGE` (length, hugePageSize), before any system call.
+ * @throws {TypeError} `ERR_INVALID_ARG_VALUE` (a name with a NUL byte, prot), `ERR_INVALID_ARG_TYPE`.
+ * @throws {SystemError} `ENOMEM`, `EINVAL` (memfd_create, ftruncate, mmap).
+ * @example
+ * ```ts
+ * import { mapMemfd } from 'pagemirror';
+ * const m = mapMemfd(4 << 20, { name: 'dataset' });
+ * console.log(m.fd, m.kind); // a descriptor another process can map; 'memfd'
+ * m.close();
+ * ```
+ */
 export function mapMemfd(length: number, options: MemfdOptions = {}): Mapping {
   options = checkOptions('options', options);
   return new Mapping(
@@ -496,7 +538,19 @@ export function mapMemfd(length: number, options: MemfdOptions = {}): Mapping {
   );
 }
 
-/** A file by path or by descriptor (which is duplicated: the mapping owns its own). */
+/**
+ * A file by path or by descriptor (which is duplicated: the mapping owns its own).
+ *
+ * @throws {TypeError} `ERR_INVALID_ARG_TYPE` / `ERR_INVALID_ARG_VALUE` (a path with a NUL byte), before any system call.
+ * @throws {SystemError} `ENOENT`, `EACCES` (with `path`), `EINVAL` (an empty file, offset not page aligned).
+ * @example
+ * ```ts
+ * import { mapFile } from 'pagemirror';
+ * const m = mapFile('/dev/shm/data.bin');        // shared, read-write
+ * await m.write(0, Buffer.from('hello'));         // on a native thread
+ * m.close();
+ * ```
+ */
 export function mapFile(file: string | { fd: number; path?: string }, options: FileOptions = {}): Mapping {
   const byFd = typeof file === 'object' && file !== null && !Array.isArray(file);
   if (!byFd && typeof file !== 'string') throw typeError('ERR_INVALID_ARG_TYPE', 'file must be a path or { fd }');

@@ -253,6 +253,19 @@ function isMemfd(fd: number): boolean {
  * Pages `target` (a path, an open descriptor, or null for anonymous memory) into a new region whose
  * pages the native fault service fills on demand. Misuse throws TypeError/RangeError with an
  * ERR_* code before any system call; the file's own errors are Node's (ENOENT, EACCES...).
+ *
+ * @throws {TypeError} `ERR_INVALID_ARG_TYPE` / `ERR_INVALID_ARG_VALUE`, {RangeError} `ERR_OUT_OF_RANGE` /
+ *   `ERR_PAGEMIRROR_UNALIGNED` (granule, residentLimit), before any system call; SystemError `ENOENT`,
+ *   `EACCES` (with `path`), `EPERM` (no userfaultfd for this user).
+ * @example
+ * ```ts
+ * import { pager } from 'pagemirror';
+ * const p = await pager('/data/big.bin', { granule: 64 << 10, residentLimit: 64 << 20, eviction: 'clock' });
+ * const { checksum } = await p.access({ op: 'read', unit: 8, threads: 2 });  // paged in on demand
+ * await p.access({ op: 'rmw', unit: 8, threads: 2 });                        // dirty granules tracked by uffd-wp
+ * await p.flush();                                                            // written back, confirmed
+ * await p.close();
+ * ```
  */
 export async function pager(target: string | number | null, options: PagerOptions = {}): Promise<Pager> {
   if (target !== null && typeof target !== 'string' && typeof target !== 'number')
