@@ -6,9 +6,12 @@ import { checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
 import { checkBoolean, checkOptions } from './validate.js';
 import { checkServed } from './served.js';
 
+/** What an {@link access} kernel does to each word: read, write, read-modify-write, or verify a written pattern. */
 export type AccessOp = 'read' | 'write' | 'rmw' | 'verify';
+/** The order in which an {@link access} kernel visits its units. */
 export type AccessPattern = 'sequential' | 'strided' | 'random';
 
+/** Options of {@link access}: the kernel native threads run over a mapping. */
 export interface AccessOptions {
   /** Byte offset into the mapping, a multiple of 8 (the kernels use 8-byte words). Default 0. */
   offset?: number;
@@ -38,6 +41,7 @@ export interface AccessOptions {
   barrier?: boolean;
 }
 
+/** What {@link access} did and measured. */
 export interface AccessResult {
   ops: number;
   /** Wrapping 64-bit sum of words read (read/rmw/verify) or written (write). */
@@ -101,6 +105,7 @@ export async function access(mapping: Mapping, options: AccessOptions = {}): Pro
   return native.runAccess(mapping.native, offset, length, s) as Promise<NativeAccessResult>;
 }
 
+/** What {@link forkAccess} measured in the parent and the child. */
 export interface ForkResult {
   pid: number;
   exitCode?: number;

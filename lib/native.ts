@@ -225,6 +225,7 @@ export interface NativePager {
   lastError(): (Error & { granules: number[] }) | null;
   close(): void;
 }
+/** What a resolve ioctl did: bytes resolved, and whether a page already existed (EEXIST). */
 export interface ResolveResult {
   /** Bytes resolved by this call. */
   bytes: number;

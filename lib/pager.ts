@@ -12,11 +12,14 @@ import { checkBytes, checkInteger, checkOneOf, rangeError, stateError, typeError
 const PAGE = native.uname().pageSize;
 const MAX_GRANULE = 2 << 20;
 
+/** How a {@link pager} holds a file's pages: 'private' (copies, written back) or 'shared' (the file's own pages). */
 export type PagerMode = 'private' | 'shared';
+/** The order in which a {@link pager} evicts granules over its resident limit. */
 export type PagerEviction = 'fifo' | 'clock';
 /** A fill for anonymous pagers: zeros, the word pattern seed + word index, or a callback. */
 export type PagerFill = 'zero' | { seed: number } | ((offset: number, out: Uint8Array) => void);
 
+/** Options of {@link pager}. */
 export interface PagerOptions {
   /**
    * Bytes filled per fault, and the unit of residency and write-back: a power of two from 4 KiB to
@@ -57,6 +60,7 @@ export interface PagerOptions {
   fill?: PagerFill;
 }
 
+/** A pager's counters: {@link Pager.stats}. */
 export interface PagerStats extends NativePagerStats {
   granule: number;
   /** Bytes resident now. */

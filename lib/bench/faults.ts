@@ -9,6 +9,7 @@ import { summarize, type Summary } from './stats.js';
 import { runBaseline } from './baseline.js';
 import { Progress } from './progress.js';
 
+/** Options of {@link runFaults}. */
 export interface FaultsOptions {
   /** Pages per repetition. Default 4096 (16 MiB). */
   pages?: number;
@@ -21,6 +22,7 @@ export interface FaultsOptions {
   quiet?: boolean;
 }
 
+/** One fault kind through the addon against the plain C baseline: medians and their ratio. */
 export interface Comparison {
   scenario: string;
   path: 'native' | 'typescript';
@@ -188,6 +190,7 @@ async function batchRep(pages: number, threads: number, configure: (u: Userfault
   }
 }
 
+/** The faults suite: the cost of each fault kind through the native fast path and a TypeScript handler against plain C. */
 export async function runFaults(options: FaultsOptions = {}): Promise<Comparison[]> {
   const pages = options.pages ?? 4096;
   const reps = options.reps ?? 7;

@@ -1,4 +1,5 @@
 // Progress on stderr for long runs: a single rewritten line on a terminal, plain lines otherwise.
+/** Progress on stderr: one rewritten line on a terminal, plain lines otherwise, nothing when quiet. */
 export class Progress {
   #done = 0;
   readonly #tty = process.stderr.isTTY === true;

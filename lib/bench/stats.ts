@@ -1,5 +1,6 @@
 // Summary statistics for benchmark samples: medians (these machines are noisy), min, max, percentiles.
 
+/** Median, min, max and mean of a set of samples. */
 export interface Summary {
   n: number;
   median: number;
@@ -8,6 +9,7 @@ export interface Summary {
   mean: number;
 }
 
+/** The q-quantile (0..1) of sorted samples, interpolated. */
 export function quantile(sorted: ArrayLike<number>, q: number): number {
   if (sorted.length === 0) return NaN;
   const pos = (sorted.length - 1) * q;
@@ -16,6 +18,7 @@ export function quantile(sorted: ArrayLike<number>, q: number): number {
   return sorted[lo]! + (sorted[hi]! - sorted[lo]!) * (pos - lo);
 }
 
+/** The {@link Summary} of samples (any order). */
 export function summarize(samples: readonly number[]): Summary {
   const s = [...samples].sort((a, b) => a - b);
   return {
