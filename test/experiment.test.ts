@@ -73,6 +73,10 @@ describe('pagemirror/bench: custom experiments', () => {
     expect(() => defineExperiment({ ...base, reps: 0 })).toThrow(bad({}));
     expect(() => defineExperiment({ ...base, baseline: { a: 3 as 1 } })).toThrow(bad({}));
     expect(() => defineExperiment({ ...base, run: undefined as never })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => defineExperiment({ ...base, metrics: { m: { better: 'up' as 'lower' } } })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' }));
+    expect(() => defineExperiment({ ...base, metrics: { m: { target: -1 } } })).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    await expect(runExperiment(defineExperiment(base), null as never)).rejects.toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    await expect(runExperiment(defineExperiment(base), { out: 5 as never })).rejects.toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
     const out = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-experiment-'));
     try {
       let torn = 0;

@@ -6,7 +6,8 @@ import { Progress } from './progress.js';
 import { barChartSvg, seriesColors, writeReport, type BarGroup, type Section, type Table } from './report.js';
 import { summarize, type Summary } from './stats.js';
 import fs from 'node:fs';
-import { rangeError, typeError } from '../errors.js';
+import { checkOneOf, rangeError, typeError } from '../errors.js';
+import { checkBoolean, checkFunction, checkNumber, checkOptions, checkString } from '../validate.js';
 
 function packageVersion(): string {
   try {
@@ -104,7 +105,9 @@ const NAME = /^[A-Za-z0-9._-]+$/;
  * Checks an experiment's definition and returns it, typed: the cells `run` receives are checked
  * against the axes at compile time.
  *
- * @throws {TypeError} `ERR_INVALID_ARG_TYPE` when `run` is not a function or `axes` not an object.
+ * @throws {TypeError} `ERR_INVALID_ARG_TYPE` when `run` is not a function, `axes` not an object, or an
+ *   option has the wrong type; `ERR_INVALID_ARG_VALUE` for a `better` other than 'lower' or 'higher'.
+ * @throws {RangeError} `ERR_OUT_OF_RANGE` for a target that is not a positive number.
  * @throws {RangeError} `ERR_PAGEMIRROR_BAD_EXPERIMENT` when the name is not a file name, an axis has
  *   no values, `reps` is not a positive integer, or `baseline` names an unknown axis or value.
  * @example
@@ -138,7 +141,15 @@ export function defineExperiment<const A extends Axes>(def: ExperimentDefinition
   if (def.reps !== undefined && !(Number.isInteger(def.reps) && def.reps >= 1)) {
     throw rangeError('ERR_PAGEMIRROR_BAD_EXPERIMENT', `reps must be a positive integer, got ${String(def.reps)}`);
   }
-  for (const [k, v] of Object.entries(def.baseline ?? {})) {
+  checkFunction('setup', def.setup);
+  checkFunction('teardown', def.teardown);
+  for (const [k, m] of Object.entries(checkOptions('metrics', def.metrics))) {
+    checkOptions(`metrics.${k}`, m);
+    if (m.unit !== undefined) checkString(`metrics.${k}.unit`, m.unit);
+    if (m.better !== undefined) checkOneOf(`metrics.${k}.better`, m.better, ['lower', 'higher'] as const);
+    if (m.target !== undefined) checkNumber(`metrics.${k}.target`, m.target, Number.MIN_VALUE, Number.MAX_VALUE);
+  }
+  for (const [k, v] of Object.entries(checkOptions('baseline', def.baseline))) {
     const values = def.axes[k];
     if (!values || !values.includes(v as never)) {
       throw rangeError('ERR_PAGEMIRROR_BAD_EXPERIMENT', `baseline ${k}=${JSON.stringify(v)} is not a value of an axis of the experiment`);
@@ -168,11 +179,17 @@ const label = (c: object, skip: string[] = []): string =>
  * min, max and ratio; a chart per metric; with a baseline, a ratio chart with its target line per
  * metric that has a target).
  *
+ * @throws what {@link defineExperiment} throws, and `ERR_INVALID_ARG_TYPE` for options of the wrong
+ *   type, before anything runs.
  * @throws whatever `run`, `setup` or `teardown` throws (teardown still runs); `ERR_PAGEMIRROR_BAD_EXPERIMENT`
  *   when `run` returns something other than an object of finite numbers, or other metrics than the first run.
  */
 export async function runExperiment<A extends Axes>(exp: ExperimentDefinition<A>, options: ExperimentOptions = {}): Promise<ExperimentResult<A>> {
   defineExperiment(exp);
+  options = checkOptions('options', options);
+  const out = options.out === undefined ? 'results' : checkString('options.out', options.out);
+  const quiet = checkBoolean('options.quiet', options.quiet, false);
+  const version = options.version === undefined ? packageVersion() : checkString('options.version', options.version);
   const reps = exp.reps ?? 5;
   const all = cells(exp.axes);
   const base = exp.baseline && Object.keys(exp.baseline).length > 0 ? exp.baseline : undefined;
@@ -186,7 +203,7 @@ export async function runExperiment<A extends Axes>(exp: ExperimentDefinition<A>
   }
   const samples = new Map<string, Record<string, number[]>>(order.map((c) => [key(c), {}]));
   let names: string[] | undefined;
-  const progress = new Progress(order.length * reps, exp.name, options.quiet);
+  const progress = new Progress(order.length * reps, exp.name, quiet);
   await exp.setup?.();
   try {
     for (let rep = 0; rep < reps; rep++) {
@@ -233,7 +250,7 @@ export async function runExperiment<A extends Axes>(exp: ExperimentDefinition<A>
     return r;
   });
   const sections = reportSections(exp, results, metricNames, spec);
-  const files = writeReport(options.out ?? 'results', exp.name, benchEnv(false, options.version ?? packageVersion()), { name: exp.name, axes: exp.axes, reps, baseline: base ?? null, metrics: exp.metrics ?? {}, cells: results }, sections);
+  const files = writeReport(out, exp.name, benchEnv(false, version), { name: exp.name, axes: exp.axes, reps, baseline: base ?? null, metrics: exp.metrics ?? {}, cells: results }, sections);
   return { name: exp.name, cells: results, files, ok };
 }
 
