@@ -13,7 +13,7 @@ export type AccessPattern = 'sequential' | 'strided' | 'random';
 
 /** Options of {@link access}: the kernel native threads run over a mapping. */
 export interface AccessOptions {
-  /** Byte offset into the mapping, a multiple of 8 (the kernels use 8-byte words). Default 0. */
+  /** Byte offset into the mapping, a multiple of 8 (the kernels use 8-byte words). @default 0 */
   offset?: number;
   /** Bytes; default to the end. */
   length?: number;
@@ -23,7 +23,7 @@ export interface AccessOptions {
    * Default 'read'.
    */
   op?: AccessOp;
-  /** Default 'sequential'. */
+  /** @default 'sequential' */
   pattern?: AccessPattern;
   /** Sequential: bytes between touched words. Default the base page size (one word per page). */
   unit?: number;
@@ -31,13 +31,13 @@ export interface AccessOptions {
   stride?: number;
   /** Accesses in all. Default length / unit. */
   ops?: number;
-  /** Random-pattern seed and write/verify value base. Default 1. */
+  /** Random-pattern seed and write/verify value base. @default 1 */
   seed?: number;
-  /** Threads sharing the accesses (contiguous shares). Default 1. */
+  /** Threads sharing the accesses (contiguous shares). @default 1 */
   threads?: number;
-  /** Record each access's latency (ns). Default false. */
+  /** Record each access's latency (ns). @default false */
   latency?: boolean;
-  /** Start all threads together, so their faults arrive at once. Default true. */
+  /** Start all threads together, so their faults arrive at once. @default true */
   barrier?: boolean;
 }
 

@@ -12,15 +12,15 @@ const PAGE = native.uname().pageSize;
 
 /** Options of {@link Device.create}. */
 export interface DeviceOptions {
-  /** Shown in counters and traces. Default 'device'. */
+  /** Shown in counters and traces. @default 'device' */
   name?: string;
   /** Device memory in bytes (a pool of page slots; real memory, committed as used). Default 64 MiB. */
   memory?: number;
-  /** Faults serviced per round. Default 32 (the kernel's test device). */
+  /** Faults serviced per round (the default is the kernel's test device's). @default 32 */
   faultBatch?: number;
   /** Fault-around granule in bytes: a miss faults the aligned block around it. Default one page. */
   faultAround?: number;
-  /** How long a range fault retries while invalidations race it, then EBUSY. Default 1000 ms. */
+  /** How long a range fault retries while invalidations race it, then EBUSY. @default 1000 */
   timeoutMs?: number;
   /**
    * Where a device fault puts the data. 'host' (default): the device maps the host page (HMM
@@ -31,7 +31,7 @@ export interface DeviceOptions {
   placement?: 'host' | 'device';
   /** When device memory is full: 'off' (default: the page stays on the host), 'fifo' (oldest allocation), 'lru' (second chance on the device's access bit). */
   eviction?: 'off' | 'fifo' | 'lru';
-  /** With eviction on: after each migration, evict down to this fraction of device memory in use. Default 1 (only when full). */
+  /** With eviction on: after each migration, evict down to this fraction of device memory in use (1: evict only when full). @default 1 */
   watermark?: number;
   /**
    * Prefetch after each fault round, before the replay: 'sequential' fetches ahead, a window that
@@ -44,9 +44,9 @@ export interface DeviceOptions {
    * (no allocation per page) and freed slots keep them. Default false (memory committed as used).
    */
   preallocate?: boolean;
-  /** Record a trace of events (fault batches, migrations with their trigger, invalidations with their cause). Default false. */
+  /** Record a trace of events (fault batches, migrations with their trigger, invalidations with their cause). @default false */
   trace?: boolean;
-  /** Trace ring size in events; the oldest are dropped (and counted) past it. Default 65536. */
+  /** Trace ring size in events; the oldest are dropped (and counted) past it. @default 65536 */
   traceCapacity?: number;
 }
 
@@ -87,7 +87,7 @@ export type KernelOp = 'read' | 'write' | 'atomic' | 'verify' | 'copy';
 
 /** Options of {@link Mirror.run}: the access kernel the device threads run. */
 export interface KernelOptions {
-  /** Byte offset into the mirror (page aligned). Default 0. */
+  /** Byte offset into the mirror (page aligned). @default 0 */
   offset?: number;
   /**
    * Pages covered, in base pages (the system page size): a hugetlb mirror's kernels cover whole
@@ -111,7 +111,7 @@ export interface KernelOptions {
   /** Accesses in all. Default npages * pageSize / unit. */
   ops?: number;
   seed?: number;
-  /** Device threads. Default 1. */
+  /** Device threads. @default 1 */
   threads?: number;
 }
 
@@ -182,17 +182,17 @@ export const SNAPSHOT = {
  */
 export interface ForkStep {
   op: 'read' | 'write' | 'verify' | 'migrate' | 'migrate-back' | 'cpu-read' | 'cpu-write' | 'cpu-verify';
-  /** Byte offset within the forked range (page aligned). Default 0. */
+  /** Byte offset within the forked range (page aligned). @default 0 */
   offset?: number;
   /** Pages. Default to the end of the range. */
   npages?: number;
-  /** Default 1. */
+  /** @default 1 */
   seed?: number;
 }
 
 /** Options of a fork scenario run by a device (parent, child and device touching the same pages). */
 export interface ForkRunOptions {
-  /** Byte offset of the range the child's device mirrors, within the mapping (page aligned). Default 0. */
+  /** Byte offset of the range the child's device mirrors, within the mapping (page aligned). @default 0 */
   offset?: number;
   /** Bytes. Default to the end of the mapping. */
   length?: number;
@@ -369,7 +369,7 @@ export type FileStrategy = 'remote' | 'copy' | 'bounce' | 'pin';
 
 /** Options of {@link Device.mirrorFile}. */
 export interface FileMirrorOptions {
-  /** Byte offset into the mapping (page aligned). Default 0. */
+  /** Byte offset into the mapping (page aligned). @default 0 */
   offset?: number;
   /** Bytes mirrored. Default to the end of the mapping. */
   length?: number;
@@ -400,7 +400,7 @@ export interface FileMirrorOptions {
   snapshot?: 'pagecache' | 'buffer';
   /** Periodic writeback every this many ms, as the kernel's flusher (dirty_writeback_centisecs). 0 (default): only writeback()/fsync(). */
   writebackIntervalMs?: number;
-  /** Pages per writeback step: bounds how long a device write waits on a page under writeback. Default 64. */
+  /** Pages per writeback step: bounds how long a device write waits on a page under writeback. @default 64 */
   chunkPages?: number;
   /**
    * Take a write lease on the file (F_SETLEASE): another process opening or truncating it makes

@@ -15,17 +15,17 @@ export const POPULATE_SYNC_MAX_BYTES = 1 << 30;
 export interface MapOptions {
   /** Protection; default 'rw'. */
   prot?: Protection;
-  /** Pre-fault every page (MAP_POPULATE). Default false. */
+  /** Pre-fault every page (MAP_POPULATE). @default false */
   populate?: boolean;
-  /** MAP_NORESERVE. Default false. */
+  /** MAP_NORESERVE. @default false */
   noReserve?: boolean;
 }
 
 /** Options of {@link mapAnonymous}. */
 export interface AnonymousOptions extends MapOptions {
-  /** MAP_SHARED (shmem-backed: survives fork shared, supports MINOR faults). Default false. */
+  /** MAP_SHARED (shmem-backed: survives fork shared, supports MINOR faults). @default false */
   shared?: boolean;
-  /** Back with hugetlb pages (needs pages reserved in /proc/sys/vm/nr_hugepages). Default false. */
+  /** Back with hugetlb pages (needs pages reserved in /proc/sys/vm/nr_hugepages). @default false */
   hugetlb?: boolean;
   /** Huge page size in bytes (2 MiB, 1 GiB); default the system's default huge page size. */
   hugePageSize?: number;
@@ -35,7 +35,7 @@ export interface AnonymousOptions extends MapOptions {
 
 /** Options of {@link mapMemfd}. */
 export interface MemfdOptions extends MapOptions {
-  /** Name shown in /proc/self/maps. Default 'pagemirror'. */
+  /** Name shown in /proc/self/maps. @default 'pagemirror' */
   name?: string;
   hugetlb?: boolean;
   hugePageSize?: number;
@@ -45,13 +45,13 @@ export interface MemfdOptions extends MapOptions {
 export interface FileOptions extends MapOptions {
   /** Bytes to map; default the file's size past `offset`, rounded up to pages. */
   length?: number;
-  /** File offset, page aligned. Default 0. */
+  /** File offset, page aligned. @default 0 */
   offset?: number;
-  /** MAP_SHARED (writes reach the file) or MAP_PRIVATE (copy on write). Default true. */
+  /** MAP_SHARED (writes reach the file) or MAP_PRIVATE (copy on write). @default true */
   shared?: boolean;
-  /** MAP_SYNC | MAP_SHARED_VALIDATE: only on DAX file systems (EOPNOTSUPP elsewhere). Default false. */
+  /** MAP_SYNC | MAP_SHARED_VALIDATE: only on DAX file systems (EOPNOTSUPP elsewhere). @default false */
   sync?: boolean;
-  /** Create the file (and extend it to offset + length) if needed. Default false. */
+  /** Create the file (and extend it to offset + length) if needed. @default false */
   create?: boolean;
   /** Mode for a created file. Default 0o600. */
   mode?: number;
@@ -59,7 +59,7 @@ export interface FileOptions extends MapOptions {
 
 /** A byte range of a mapping: `offset` (default 0) and `length` (default to the end). */
 export interface RangeOptions {
-  /** Byte offset into the mapping. Default 0. */
+  /** Byte offset into the mapping. @default 0 */
   offset?: number;
   /** Bytes; default to the end of the mapping. */
   length?: number;
@@ -114,7 +114,7 @@ export interface ScanOptions extends RangeOptions {
   checkWpAsync?: boolean;
   /** Stop after this many matching pages. Default: no limit. */
   maxPages?: number;
-  /** Stop after this many regions. Default 1024. */
+  /** Stop after this many regions. @default 1024 */
   maxRegions?: number;
 }
 

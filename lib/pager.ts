@@ -52,11 +52,11 @@ export interface PagerOptions {
    * Userfaultfd.serve({ workers }): each worker fills the granules of the faults it reads.
    */
   workers?: number;
-  /** File offset of the first byte paged, page aligned. Default 0. */
+  /** File offset of the first byte paged, page aligned. @default 0 */
   offset?: number;
   /** Bytes paged. Default: the file's size past `offset`. Required for an anonymous pager. */
   length?: number;
-  /** Anonymous pagers only: how a granule never written is filled. Default 'zero'. */
+  /** Anonymous pagers only: how a granule never written is filled. @default 'zero' */
   fill?: PagerFill;
 }
 

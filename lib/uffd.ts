@@ -119,7 +119,7 @@ export interface ServeOptions {
    * error goes here. Default: the error is reported with process.emitWarning.
    */
   onError?: (err: unknown, faults: Fault[]) => void;
-  /** Most messages read per read(2), per worker. Default 64 (1..4096). */
+  /** Most messages read per read(2), per worker (1..4096). @default 64 */
   maxBatch?: number;
   /**
    * Native worker threads reading the descriptor (each reads and resolves its own batches; rules

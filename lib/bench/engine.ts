@@ -16,7 +16,7 @@ const PAGE = native.uname().pageSize;
 export interface EngineOptions {
   /** Bytes per repetition for the bandwidth scenarios. Default 256 MiB. */
   size?: number;
-  /** Pages for the CPU-fault scenario. Default 4096. */
+  /** Pages for the CPU-fault scenario. @default 4096 */
   pages?: number;
   reps?: number;
   pin?: boolean;

@@ -11,13 +11,13 @@ import { Progress } from './progress.js';
 
 /** Options of {@link runFaults}. */
 export interface FaultsOptions {
-  /** Pages per repetition. Default 4096 (16 MiB). */
+  /** Pages per repetition (16 MiB). @default 4096 */
   pages?: number;
   /** Repetitions (median of). Default 7, at least 5 for a reported ratio. */
   reps?: number;
-  /** Pin this process and the C baseline to one CPU (faulter and handler share it). Default true. */
+  /** Pin this process and the C baseline to one CPU (faulter and handler share it). @default true */
   pin?: boolean;
-  /** CPU to pin to. Default 0. */
+  /** CPU to pin to. @default 0 */
   cpu?: number;
   quiet?: boolean;
 }

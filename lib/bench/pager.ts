@@ -30,13 +30,13 @@ export type PagerWorkload = (typeof PAGER_WORKLOADS)[number];
 export interface PagerBenchOptions {
   /** File bytes. Default 8 MiB (the suite then runs in a few minutes). */
   size?: number;
-  /** Repetitions per cell (medians reported). Default 3. */
+  /** Repetitions per cell (medians reported). @default 3 */
   reps?: number;
   /** Directory of the disk file. Default the OS temp dir (or /var/tmp when that is tmpfs). */
   dir?: string;
-  /** Fault service threads of the pager and fill threads of the C pager. Default 1. */
+  /** Fault service threads of the pager and fill threads of the C pager. @default 1 */
   workers?: number;
-  /** A smoke-sized matrix: 64 KiB granules and one application thread only. Default false. */
+  /** A smoke-sized matrix: 64 KiB granules and one application thread only. @default false */
   quick?: boolean;
   quiet?: boolean;
 }

@@ -17,9 +17,9 @@ import { Progress } from './progress.js';
 
 /** Options of {@link runService}. */
 export interface ServiceOptions {
-  /** Pages per repetition of the 4 KiB case. Default 2048. */
+  /** Pages per repetition of the 4 KiB case. @default 2048 */
   pages?: number;
-  /** Repetitions (median of). Default 7. */
+  /** Repetitions (median of). @default 7 */
   reps?: number;
   /** Bytes of the 2 MiB-granule case. Default 256 MiB. */
   size?: number;
