@@ -611,6 +611,8 @@ export class Device {
    *   SystemError `EOPNOTSUPP` ('single' on private memory), `EPERM` (pin without write access).
    * @example
    * ```ts
+   * import { Device, mapMemfd } from 'pagemirror';
+   * const device = Device.create();
    * const m = mapMemfd(8 << 20);
    * const mirror = device.mirror(m, { writeMode: 'single' });  // CPU writes revoke device write access
    * await mirror.run({ op: 'atomic', unit: 64, threads: 2 });

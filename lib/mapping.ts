@@ -486,7 +486,7 @@ export class Mapping {
  * import { mapAnonymous } from 'pagemirror';
  * const m = mapAnonymous(1 << 20);          // 1 MiB, read-write, private
  * m.bytes.fill(7);                          // an ordinary Uint8Array over the mapping
- * m.protect(0, m.pageSize, 'r');            // mprotect(2) the first page read-only
+ * m.protect('r', { length: m.pageSize });   // mprotect(2) the first page read-only
  * m.close();
  * ```
  */
