@@ -223,9 +223,13 @@ const FORK_OPS = ['read', 'write', 'verify', 'migrate', 'migrate-back', 'cpu-rea
  */
 export class Mirror {
   readonly #n: NativeMirror;
+  /** The mapping mirrored. */
   readonly mapping: Mapping;
+  /** The device whose page table this is. */
   readonly device: Device;
+  /** Byte offset of the mirrored range in the mapping. */
   readonly offset: number;
+  /** Bytes mirrored. */
   readonly length: number;
 
   /** @internal use device.mirror() */
@@ -432,6 +436,7 @@ export interface FileAccounting extends FileStats {
  */
 export class FileMirror extends Mirror {
   readonly #f: NativeMirror;
+  /** The file strategy this mirror keeps (see FileMirrorOptions.strategy). */
   readonly strategy: FileStrategy;
 
   /** @internal use device.mirrorFile() */
@@ -544,6 +549,7 @@ export class FileMirror extends Mirror {
  */
 export class Device {
   readonly #n: NativeDevice;
+  /** The name given at create() (in counters and traces). */
   readonly name: string;
   #closed = false;
 
@@ -704,6 +710,7 @@ export class Device {
     return native.forkDevice(mapping.native, offset, length, list, { memory, timeoutMs }) as Promise<ForkRunResult>;
   }
 
+  /** Fault, migration and invalidation counters since create(). */
   counters(): DeviceCounters {
     return this.#n.counters();
   }
@@ -741,6 +748,7 @@ export class Device {
     this.#n.close();
   }
 
+  /** close(), for `using`. */
   [Symbol.dispose](): void {
     this.close();
   }

@@ -159,10 +159,15 @@ export type MappingKind = 'anonymous' | 'memfd' | 'file';
 export class Mapping {
   /** @internal */
   readonly native: NativeMapping;
+  /** What is mapped: anonymous memory, a memfd or a file. */
   readonly kind: MappingKind;
+  /** The page size of this mapping in bytes (the huge page size for hugetlb). */
   readonly pageSize: number;
+  /** MAP_SHARED (true) or MAP_PRIVATE. */
   readonly shared: boolean;
+  /** Backed by hugetlb pages. */
   readonly hugetlb: boolean;
+  /** The file's path (mapFile by path), else undefined. */
   readonly path: string | undefined;
   #info: NativeMappingInfo;
 
@@ -181,6 +186,7 @@ export class Mapping {
   get address(): bigint {
     return this.native.address;
   }
+  /** The mapped length in bytes (remap() changes it; unmap() leaves a hole and does not). */
   get length(): number {
     return this.native.length;
   }
@@ -192,6 +198,7 @@ export class Mapping {
   get fd(): number {
     return this.native.info().fd;
   }
+  /** Whether close() was called. */
   get closed(): boolean {
     return this.native.info().closed;
   }
@@ -469,6 +476,7 @@ export class Mapping {
     this.native.close();
   }
 
+  /** close(), for `using`. */
   [Symbol.dispose](): void {
     this.close();
   }

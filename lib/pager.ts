@@ -110,12 +110,15 @@ export class Pager {
   get length(): number {
     return this.#length;
   }
+  /** Bytes filled per fault and the unit of residency and write-back. */
   get granule(): number {
     return this.#granule;
   }
+  /** 'private', 'shared', or 'anonymous' for a pager of anonymous memory. */
   get mode(): PagerMode | 'anonymous' {
     return this.#mode;
   }
+  /** Whether close() was called. */
   get closed(): boolean {
     return this.#closed;
   }
@@ -236,6 +239,7 @@ export class Pager {
     this.#closed = true;
   }
 
+  /** close(), for `await using`. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }

@@ -299,6 +299,7 @@ export class Userfaultfd implements ServedHolder {
     this.#features = want;
   }
 
+  /** The descriptor's number (owned by this object: closed by close()). */
   get fd(): number {
     return this.#n.info().fd;
   }
@@ -306,6 +307,7 @@ export class Userfaultfd implements ServedHolder {
   get features(): Set<FeatureName> {
     return new Set(featureNames(this.#features));
   }
+  /** The negotiated features as the kernel's UFFD_FEATURE_* bit mask. */
   get featureMask(): bigint {
     return this.#features;
   }
@@ -317,12 +319,15 @@ export class Userfaultfd implements ServedHolder {
   get openedBy(): 'device' | 'syscall' | 'adopted' {
     return this.#n.info().openedBy;
   }
+  /** Opened with UFFD_USER_MODE_ONLY: faults raised inside the kernel fail with EFAULT instead of waiting. */
   get userModeOnly(): boolean {
     return this.#n.info().userModeOnly;
   }
+  /** The ranges registered, in registration order. */
   get registrations(): readonly Registration[] {
     return this.#registrations;
   }
+  /** Whether close() was called. */
   get closed(): boolean {
     return this.#closed;
   }
@@ -363,6 +368,7 @@ export class Userfaultfd implements ServedHolder {
     return reg;
   }
 
+  /** UFFDIO_UNREGISTER a range (default: the whole mapping); its faults go back to the kernel's default handling. */
   unregister(mapping: Mapping, options: { offset?: number; length?: number } = {}): void {
     this.#live();
     if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
@@ -546,6 +552,7 @@ export class Userfaultfd implements ServedHolder {
     this.#n.unref();
     return this;
   }
+  /** Keeps the event loop alive while serving (the default; undoes unref()). */
   ref(): this {
     this.#n.ref();
     return this;
@@ -671,12 +678,14 @@ export class Userfaultfd implements ServedHolder {
     this.#rules = next;
   }
 
+  /** Removes every rule: their faults go to onFaults (or the default resolution) from now on. */
   clearRules(): void {
     this.#live();
     this.#n.setRules([]);
     this.#rules = [];
   }
 
+  /** The rules in force, in the order they are tried. */
   get rules(): readonly Rule[] {
     return this.#rules;
   }
@@ -711,6 +720,7 @@ export class Userfaultfd implements ServedHolder {
     this.#rules = [];
   }
 
+  /** close('wake'), for `using`. */
   [Symbol.dispose](): void {
     this.close();
   }
