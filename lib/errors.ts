@@ -9,6 +9,7 @@ export interface SystemError extends Error {
   errno: number;
   /** The system call or ioctl, e.g. 'mmap', 'ioctl(UFFDIO_COPY)'. */
   syscall: string;
+  /** The file concerned, when there is one. */
   path?: string;
   /** Partial progress of a resolve ioctl before it failed, in bytes. */
   bytes?: number;

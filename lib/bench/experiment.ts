@@ -79,9 +79,11 @@ export interface ExperimentOptions {
 
 /** One cell's results. */
 export interface CellResult<A extends Axes> {
+  /** The cell's value on every axis. */
   cell: Cell<A>;
   /** Every sample, by metric, in repetition order. */
   samples: Record<string, number[]>;
+  /** Per metric: median, min, max and mean of the samples. */
   summary: Record<string, Summary>;
   /** With a baseline, per metric: the per-repetition ratios cell / baseline, summarized. Absent for the baseline cells themselves. */
   ratio?: Record<string, Summary>;
@@ -91,7 +93,9 @@ export interface CellResult<A extends Axes> {
 
 /** What {@link runExperiment} returns. */
 export interface ExperimentResult<A extends Axes> {
+  /** The experiment's name (the report's file name). */
   name: string;
+  /** Every cell's results, in the order of {@link cells} (the first axis varying slowest). */
   cells: CellResult<A>[];
   /** The report files written. */
   files: { json: string; html: string };

@@ -2,10 +2,15 @@
 
 /** Median, min, max and mean of a set of samples. */
 export interface Summary {
+  /** Samples. */
   n: number;
+  /** The median (what the reports compare). */
   median: number;
+  /** The smallest sample. */
   min: number;
+  /** The largest sample. */
   max: number;
+  /** The arithmetic mean. */
   mean: number;
 }
 
