@@ -6,11 +6,14 @@ import { checkInteger, checkOneOf, rangeError, typeError } from './errors.js';
 import { checkBoolean, checkOptions } from './validate.js';
 import { checkServed } from './served.js';
 
+/** What an {@link access} kernel does to each word: read, write, read-modify-write, or verify a written pattern. */
 export type AccessOp = 'read' | 'write' | 'rmw' | 'verify';
+/** The order in which an {@link access} kernel visits its units. */
 export type AccessPattern = 'sequential' | 'strided' | 'random';
 
+/** Options of {@link access}: the kernel native threads run over a mapping. */
 export interface AccessOptions {
-  /** Byte offset into the mapping, a multiple of 8 (the kernels use 8-byte words). Default 0. */
+  /** Byte offset into the mapping, a multiple of 8 (the kernels use 8-byte words). @default 0 */
   offset?: number;
   /** Bytes; default to the end. */
   length?: number;
@@ -20,7 +23,7 @@ export interface AccessOptions {
    * Default 'read'.
    */
   op?: AccessOp;
-  /** Default 'sequential'. */
+  /** @default 'sequential' */
   pattern?: AccessPattern;
   /** Sequential: bytes between touched words. Default the base page size (one word per page). */
   unit?: number;
@@ -28,16 +31,17 @@ export interface AccessOptions {
   stride?: number;
   /** Accesses in all. Default length / unit. */
   ops?: number;
-  /** Random-pattern seed and write/verify value base. Default 1. */
+  /** Random-pattern seed and write/verify value base. @default 1 */
   seed?: number;
-  /** Threads sharing the accesses (contiguous shares). Default 1. */
+  /** Threads sharing the accesses (contiguous shares). @default 1 */
   threads?: number;
-  /** Record each access's latency (ns). Default false. */
+  /** Record each access's latency (ns). @default false */
   latency?: boolean;
-  /** Start all threads together, so their faults arrive at once. Default true. */
+  /** Start all threads together, so their faults arrive at once. @default true */
   barrier?: boolean;
 }
 
+/** What {@link access} did and measured. */
 export interface AccessResult {
   ops: number;
   /** Wrapping 64-bit sum of words read (read/rmw/verify) or written (write). */
@@ -81,6 +85,19 @@ function spec(mapping: Mapping, o: AccessOptions): [number, number, Record<strin
  * protection forbids the access (it would SIGSEGV); ERR_PAGEMIRROR_NOT_SERVED before starting when
  * the range is registered with a library userfaultfd that nothing serves and a page would fault
  * (the access would sleep forever); a SIGBUS is reported in the result.
+ *
+ * @throws {SystemError} `EACCES` (the protection forbids the access).
+ * @throws {Error} `ERR_PAGEMIRROR_NOT_SERVED`, `ERR_PAGEMIRROR_CLOSED`, `ERR_PAGEMIRROR_FILE_STRATEGY`.
+ * @throws {RangeError} `ERR_OUT_OF_RANGE`, `ERR_PAGEMIRROR_UNALIGNED` (offset not a multiple of 8);
+ *   {TypeError} `ERR_INVALID_ARG_VALUE` (op, pattern), before anything starts.
+ * @example
+ * ```ts
+ * import { mapAnonymous, access } from 'pagemirror';
+ * const m = mapAnonymous(64 << 20);
+ * const w = await access(m, { op: 'write', seed: 3, threads: 2 });     // first touch: real faults
+ * const r = await access(m, { op: 'verify', seed: 3, pattern: 'random', latency: true });
+ * console.log(w.elapsedNs, r.checksum);
+ * ```
  */
 export async function access(mapping: Mapping, options: AccessOptions = {}): Promise<AccessResult> {
   const [offset, length, s] = spec(mapping, options);
@@ -88,6 +105,7 @@ export async function access(mapping: Mapping, options: AccessOptions = {}): Pro
   return native.runAccess(mapping.native, offset, length, s) as Promise<NativeAccessResult>;
 }
 
+/** What {@link forkAccess} measured in the parent and the child. */
 export interface ForkResult {
   pid: number;
   exitCode?: number;

@@ -3,6 +3,7 @@ import { K } from './native.js';
 import { checkInteger, typeError } from './errors.js';
 import { checkNames, checkU64 } from './validate.js';
 
+/** The PROT_* bits for {@link Mapping.protect} (which also takes 'rwx' letters). */
 export const Prot = { none: K.PROT_NONE!, read: K.PROT_READ!, write: K.PROT_WRITE!, exec: K.PROT_EXEC! } as const;
 
 /** A protection: a PROT_* number or a string of 'r', 'w', 'x' ('' or 'none' for PROT_NONE). */
@@ -31,6 +32,7 @@ export function parseProt(p: Protection): number {
   return v;
 }
 
+/** madvise(2) advice by name, for {@link Mapping.advise}. */
 export const ADVICE = {
   normal: K.MADV_NORMAL!,
   random: K.MADV_RANDOM!,
@@ -49,6 +51,7 @@ export const ADVICE = {
   populateWrite: K.MADV_POPULATE_WRITE!,
   collapse: K.MADV_COLLAPSE!,
 } as const;
+/** A name of {@link ADVICE}. */
 export type Advice = keyof typeof ADVICE;
 
 /** userfaultfd features by name (UFFD_FEATURE_*). */
@@ -71,6 +74,7 @@ export const FEATURES = {
   wpAsync: K.UFFD_FEATURE_WP_ASYNC!,
   move: K.UFFD_FEATURE_MOVE!,
 } as const;
+/** A userfaultfd feature by name (a key of {@link FEATURES}). */
 export type FeatureName = keyof typeof FEATURES;
 
 /** Features that change what faults mean or make the kernel wait for the handler; opt-in only. */
@@ -97,20 +101,25 @@ export const IOCTLS = {
   poison: K._UFFDIO_POISON!,
   api: K._UFFDIO_API!,
 } as const;
+/** A userfaultfd ioctl by name (a key of {@link IOCTLS}). */
 export type IoctlName = keyof typeof IOCTLS;
 
+/** UFFDIO_REGISTER modes by name: missing, wp, minor. */
 export const REGISTER_MODES = {
   missing: K.UFFDIO_REGISTER_MODE_MISSING!,
   wp: K.UFFDIO_REGISTER_MODE_WP!,
   minor: K.UFFDIO_REGISTER_MODE_MINOR!,
 } as const;
+/** A name of {@link REGISTER_MODES}. */
 export type RegisterMode = keyof typeof REGISTER_MODES;
 
+/** The names of the feature bits set in `mask`. */
 export function featureNames(mask: bigint): FeatureName[] {
   checkU64('mask', mask);
   return (Object.keys(FEATURES) as FeatureName[]).filter((n) => (mask & BigInt(FEATURES[n])) !== 0n);
 }
 
+/** The names of the ioctl bits set in `mask`. */
 export function ioctlNames(mask: bigint): IoctlName[] {
   checkU64('mask', mask);
   return (Object.keys(IOCTLS) as IoctlName[]).filter((n) => (mask >> BigInt(IOCTLS[n])) & 1n);
@@ -128,6 +137,7 @@ export const PAGE_IS = {
   softDirty: K.PAGE_IS_SOFT_DIRTY!,
   guard: K.PAGE_IS_GUARD!,
 } as const;
+/** A name of {@link PAGE_IS}: a page category PAGEMAP_SCAN reports. */
 export type PageCategory = keyof typeof PAGE_IS;
 
 export function categoryMask(names: readonly PageCategory[] | undefined, what = 'categories'): number {

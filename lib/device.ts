@@ -10,16 +10,17 @@ import { checkServed } from './served.js';
 
 const PAGE = native.uname().pageSize;
 
+/** Options of {@link Device.create}. */
 export interface DeviceOptions {
-  /** Shown in counters and traces. Default 'device'. */
+  /** Shown in counters and traces. @default 'device' */
   name?: string;
   /** Device memory in bytes (a pool of page slots; real memory, committed as used). Default 64 MiB. */
   memory?: number;
-  /** Faults serviced per round. Default 32 (the kernel's test device). */
+  /** Faults serviced per round (the default is the kernel's test device's). @default 32 */
   faultBatch?: number;
   /** Fault-around granule in bytes: a miss faults the aligned block around it. Default one page. */
   faultAround?: number;
-  /** How long a range fault retries while invalidations race it, then EBUSY. Default 1000 ms. */
+  /** How long a range fault retries while invalidations race it, then EBUSY. @default 1000 */
   timeoutMs?: number;
   /**
    * Where a device fault puts the data. 'host' (default): the device maps the host page (HMM
@@ -30,7 +31,7 @@ export interface DeviceOptions {
   placement?: 'host' | 'device';
   /** When device memory is full: 'off' (default: the page stays on the host), 'fifo' (oldest allocation), 'lru' (second chance on the device's access bit). */
   eviction?: 'off' | 'fifo' | 'lru';
-  /** With eviction on: after each migration, evict down to this fraction of device memory in use. Default 1 (only when full). */
+  /** With eviction on: after each migration, evict down to this fraction of device memory in use (1: evict only when full). @default 1 */
   watermark?: number;
   /**
    * Prefetch after each fault round, before the replay: 'sequential' fetches ahead, a window that
@@ -43,9 +44,9 @@ export interface DeviceOptions {
    * (no allocation per page) and freed slots keep them. Default false (memory committed as used).
    */
   preallocate?: boolean;
-  /** Record a trace of events (fault batches, migrations with their trigger, invalidations with their cause). Default false. */
+  /** Record a trace of events (fault batches, migrations with their trigger, invalidations with their cause). @default false */
   trace?: boolean;
-  /** Trace ring size in events; the oldest are dropped (and counted) past it. Default 65536. */
+  /** Trace ring size in events; the oldest are dropped (and counted) past it. @default 65536 */
   traceCapacity?: number;
 }
 
@@ -58,6 +59,7 @@ export interface DeviceOptions {
 export type TraceEvent = NativeTraceEvent & { device: string };
 
 /** One mirror entry, decoded. */
+/** One device page-table entry: its permissions, dirty bit and where the data is (host page or device slot). */
 export interface MirrorEntry {
   valid: boolean;
   write: boolean;
@@ -67,6 +69,7 @@ export interface MirrorEntry {
   slot: number;
 }
 
+/** Decodes one raw 64-bit device page-table entry (what {@link Mirror.entries} decodes for you). */
 export function decodeEntry(e: bigint): MirrorEntry {
   checkU64('entry', e);
   return {
@@ -79,10 +82,12 @@ export function decodeEntry(e: bigint): MirrorEntry {
   };
 }
 
+/** What an access kernel does to each unit: read, write, atomic add, verify a written pattern, copy. */
 export type KernelOp = 'read' | 'write' | 'atomic' | 'verify' | 'copy';
 
+/** Options of {@link Mirror.run}: the access kernel the device threads run. */
 export interface KernelOptions {
-  /** Byte offset into the mirror (page aligned). Default 0. */
+  /** Byte offset into the mirror (page aligned). @default 0 */
   offset?: number;
   /**
    * Pages covered, in base pages (the system page size): a hugetlb mirror's kernels cover whole
@@ -106,10 +111,11 @@ export interface KernelOptions {
   /** Accesses in all. Default npages * pageSize / unit. */
   ops?: number;
   seed?: number;
-  /** Device threads. Default 1. */
+  /** Device threads. @default 1 */
   threads?: number;
 }
 
+/** What {@link Mirror.run} measured. */
 export interface KernelResult {
   ops: number;
   checksum: bigint;
@@ -121,6 +127,7 @@ export interface KernelResult {
   elapsedNs: number;
 }
 
+/** A device's fault, migration and invalidation counters: {@link Device.counters}. */
 export type DeviceCounters = NativeDeviceCounters;
 
 /**
@@ -131,6 +138,7 @@ export type DeviceCounters = NativeDeviceCounters;
  */
 export type SkipReason = 'shared' | 'file-backed' | 'dax' | 'other-device' | 'device-memory-full' | 'pinned' | 'error' | 'userfaultfd-unsupported';
 
+/** What a migration moved and what it skipped, and why. */
 export interface MigrateResult extends NativeMigrateResult {
   /** Pages on this device afterwards (the kernel device's cpages), not only those moved now. */
   cpages: number;
@@ -174,16 +182,17 @@ export const SNAPSHOT = {
  */
 export interface ForkStep {
   op: 'read' | 'write' | 'verify' | 'migrate' | 'migrate-back' | 'cpu-read' | 'cpu-write' | 'cpu-verify';
-  /** Byte offset within the forked range (page aligned). Default 0. */
+  /** Byte offset within the forked range (page aligned). @default 0 */
   offset?: number;
   /** Pages. Default to the end of the range. */
   npages?: number;
-  /** Default 1. */
+  /** @default 1 */
   seed?: number;
 }
 
+/** Options of a fork scenario run by a device (parent, child and device touching the same pages). */
 export interface ForkRunOptions {
-  /** Byte offset of the range the child's device mirrors, within the mapping (page aligned). Default 0. */
+  /** Byte offset of the range the child's device mirrors, within the mapping (page aligned). @default 0 */
   offset?: number;
   /** Bytes. Default to the end of the mapping. */
   length?: number;
@@ -201,17 +210,26 @@ export interface ForkRunOptions {
  */
 export type ForkStepResult = NativeForkStepResult & { op: ForkStep['op']; skipped: Partial<Record<SkipReason, number>> };
 
+/** What a fork scenario measured, step by step. */
 export interface ForkRunResult extends NativeForkDeviceResult {
   steps: ForkStepResult[];
 }
 
 const FORK_OPS = ['read', 'write', 'verify', 'migrate', 'migrate-back', 'cpu-read', 'cpu-write', 'cpu-verify'] as const;
 
+/**
+ * A device's mirror of a range of a mapping (its page table over it): run kernels, fault, migrate
+ * and inspect entries. Made by {@link Device.mirror}; for files with a strategy, {@link FileMirror}.
+ */
 export class Mirror {
   readonly #n: NativeMirror;
+  /** The mapping mirrored. */
   readonly mapping: Mapping;
+  /** The device whose page table this is. */
   readonly device: Device;
+  /** Byte offset of the mirrored range in the mapping. */
   readonly offset: number;
+  /** Bytes mirrored. */
   readonly length: number;
 
   /** @internal use device.mirror() */
@@ -353,8 +371,9 @@ export class Mirror {
 /** How a device's use of a file's pages stays right with the page cache, writeback and truncate. */
 export type FileStrategy = 'remote' | 'copy' | 'bounce' | 'pin';
 
+/** Options of {@link Device.mirrorFile}. */
 export interface FileMirrorOptions {
-  /** Byte offset into the mapping (page aligned). Default 0. */
+  /** Byte offset into the mapping (page aligned). @default 0 */
   offset?: number;
   /** Bytes mirrored. Default to the end of the mapping. */
   length?: number;
@@ -385,7 +404,7 @@ export interface FileMirrorOptions {
   snapshot?: 'pagecache' | 'buffer';
   /** Periodic writeback every this many ms, as the kernel's flusher (dirty_writeback_centisecs). 0 (default): only writeback()/fsync(). */
   writebackIntervalMs?: number;
-  /** Pages per writeback step: bounds how long a device write waits on a page under writeback. Default 64. */
+  /** Pages per writeback step: bounds how long a device write waits on a page under writeback. @default 64 */
   chunkPages?: number;
   /**
    * Take a write lease on the file (F_SETLEASE): another process opening or truncating it makes
@@ -395,6 +414,7 @@ export interface FileMirrorOptions {
   lease?: boolean;
 }
 
+/** A file mirror's counters (loads, writebacks, snapshots, pull-backs). */
 export type FileStats = NativeFileStats;
 
 /** Host and device memory of one file mirror, and what its strategy has cost so far. */
@@ -416,6 +436,7 @@ export interface FileAccounting extends FileStats {
  */
 export class FileMirror extends Mirror {
   readonly #f: NativeMirror;
+  /** The file strategy this mirror keeps (see FileMirrorOptions.strategy). */
   readonly strategy: FileStrategy;
 
   /** @internal use device.mirrorFile() */
@@ -521,8 +542,14 @@ export class FileMirror extends Mirror {
   }
 }
 
+/**
+ * An emulated device (a GPU, a NIC): native threads that run access kernels through mirrors of
+ * this process's memory, with their own page table, device memory, batched device faults, eviction
+ * and migration. Made by {@link Device.create}.
+ */
 export class Device {
   readonly #n: NativeDevice;
+  /** The name given at create() (in counters and traces). */
   readonly name: string;
   #closed = false;
 
@@ -531,7 +558,23 @@ export class Device {
     this.name = name;
   }
 
-  /** Creates a device and starts its fault service thread. */
+  /**
+   * Creates a device and starts its fault service thread.
+   *
+   * @throws {RangeError} `ERR_OUT_OF_RANGE` (memory, faultBatch, ...), {TypeError} `ERR_INVALID_ARG_VALUE`
+   *   (placement, eviction) or `ERR_INVALID_ARG_TYPE`, before any system call; SystemError `ENOMEM`
+   *   (device memory) or `EAGAIN` (threads).
+   * @example
+   * ```ts
+   * import { Device, mapAnonymous } from 'pagemirror';
+   * const gpu = Device.create({ name: 'gpu0', memory: 32 << 20, faultAround: 64 << 10 });
+   * const m = mapAnonymous(16 << 20);
+   * const mirror = gpu.mirror(m);
+   * await mirror.run({ op: 'write', seed: 7, threads: 4 });   // device threads fault the range in
+   * await mirror.migrateToDevice(0, 1024);                      // 1024 pages into device memory
+   * gpu.close();
+   * ```
+   */
   static create(options: DeviceOptions = {}): Device {
     options = checkOptions('options', options);
     const name = checkString('name', options.name ?? 'device');
@@ -576,8 +619,19 @@ export class Device {
    * itself; `await mapping.populate({ write: true })` first (a native thread, served meanwhile), or
    * pin before registering.
    *
-   * @throws ERR_PAGEMIRROR_WOULD_FAULT (pin over registered memory that is not present), EPERM (pin
-   * without write access), EBUSY, EEXIST (this device already mirrors part of the range).
+   * @throws `ERR_PAGEMIRROR_WOULD_FAULT` (pin over registered memory that is not present),
+   *   `ERR_PAGEMIRROR_CLOSED` (device or mapping), `ERR_OUT_OF_RANGE`, `ERR_PAGEMIRROR_UNALIGNED`;
+   *   SystemError `EOPNOTSUPP` ('single' on private memory), `EPERM` (pin without write access),
+   *   `EBUSY`, `EEXIST` (this device already mirrors part of the range).
+   * @example
+   * ```ts
+   * import { Device, mapMemfd } from 'pagemirror';
+   * const device = Device.create();
+   * const m = mapMemfd(8 << 20);
+   * const mirror = device.mirror(m, { writeMode: 'single' });  // CPU writes revoke device write access
+   * await mirror.run({ op: 'atomic', unit: 64, threads: 2 });
+   * m.bytes[0] = 1;                                              // a real uffd WP fault first
+   * ```
    */
   mirror(mapping: Mapping, options: { offset?: number; length?: number; writeMode?: 'shared' | 'single'; pin?: boolean } = {}): Mirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
@@ -597,6 +651,16 @@ export class Device {
    * mirror), EAGAIN (lease: the file is open elsewhere); strategy 'pin' faults the range in on
    * the JavaScript thread as mirror({ pin: true }) does, and throws ERR_PAGEMIRROR_WOULD_FAULT as it
    * does over memory a Userfaultfd serves.
+   * @throws `ERR_PAGEMIRROR_CLOSED`, `ERR_INVALID_ARG_VALUE` (strategy, snapshot), `ERR_OUT_OF_RANGE`.
+   * @example
+   * ```ts
+   * import { Device, mapFile } from 'pagemirror';
+   * const dev = Device.create({ memory: 64 << 20 });
+   * const fm = dev.mirrorFile(mapFile('/tmp/data.bin'), { strategy: 'bounce', writebackIntervalMs: 20 });
+   * await fm.run({ op: 'write', unit: 64, threads: 2 });
+   * await fm.fsync();                  // the device's data, written through a stable snapshot
+   * console.log(fm.accounting());
+   * ```
    */
   mirrorFile(mapping: Mapping, options: FileMirrorOptions = {}): FileMirror {
     if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the device is closed');
@@ -657,6 +721,7 @@ export class Device {
     return native.forkDevice(mapping.native, offset, length, list, { memory, timeoutMs }) as Promise<ForkRunResult>;
   }
 
+  /** Fault, migration and invalidation counters since create(). */
   counters(): DeviceCounters {
     return this.#n.counters();
   }
@@ -694,6 +759,7 @@ export class Device {
     this.#n.close();
   }
 
+  /** close(), for `using`. */
   [Symbol.dispose](): void {
     this.close();
   }

@@ -5,6 +5,7 @@ import { native, type NativeEngineStats } from './native.js';
 import { serviceArgs, type PollOption } from './uffd.js';
 import { checkOptions } from './validate.js';
 
+/** Options of {@link configureEngine}: the engine's fault-service workers and polling. */
 export interface EngineOptions {
   /** Worker threads reading the engine's userfaultfd. Default 1, 1..MAX_SERVICE_WORKERS (64). */
   workers?: number;
@@ -12,6 +13,7 @@ export interface EngineOptions {
   poll?: PollOption;
 }
 
+/** The engine's fault-service counters: {@link engineStats}. */
 export type EngineStats = NativeEngineStats;
 
 /**

@@ -9,6 +9,7 @@ export interface SystemError extends Error {
   errno: number;
   /** The system call or ioctl, e.g. 'mmap', 'ioctl(UFFDIO_COPY)'. */
   syscall: string;
+  /** The file concerned, when there is one. */
   path?: string;
   /** Partial progress of a resolve ioctl before it failed, in bytes. */
   bytes?: number;
@@ -24,6 +25,45 @@ export function isSystemError(err: unknown): err is SystemError {
     typeof (err as Partial<SystemError>).syscall === 'string'
   );
 }
+
+/**
+ * Every `code` the library's own errors carry (besides the kernel's `E*` codes and Node's
+ * `ERR_INVALID_ARG_TYPE`/`ERR_OUT_OF_RANGE`/`ERR_INVALID_ARG_VALUE`...). What each means and what
+ * to do: docs/errors.md. test/error-codes.test.ts fails when a code in lib/ or native/ is missing
+ * here or there.
+ *
+ * @example
+ * ```ts
+ * import { PAGEMIRROR_ERROR_CODES, type PagemirrorErrorCode } from 'pagemirror';
+ * function isOurs(err: unknown): err is Error & { code: PagemirrorErrorCode } {
+ *   return PAGEMIRROR_ERROR_CODES.includes((err as { code?: never }).code!);
+ * }
+ * ```
+ */
+export const PAGEMIRROR_ERROR_CODES = [
+  'ERR_PAGEMIRROR_BAD_EXPERIMENT',
+  'ERR_PAGEMIRROR_BASELINE',
+  'ERR_PAGEMIRROR_CLOSED',
+  'ERR_PAGEMIRROR_CLOSING',
+  'ERR_PAGEMIRROR_DATA_LOST',
+  'ERR_PAGEMIRROR_FEATURE',
+  'ERR_PAGEMIRROR_FILE_STRATEGY',
+  'ERR_PAGEMIRROR_NOT_BUILT',
+  'ERR_PAGEMIRROR_NOT_NEGOTIATED',
+  'ERR_PAGEMIRROR_NOT_SERVED',
+  'ERR_PAGEMIRROR_NOT_SERVING',
+  'ERR_PAGEMIRROR_NOT_WRITABLE',
+  'ERR_PAGEMIRROR_NO_FILE',
+  'ERR_PAGEMIRROR_REGISTERED',
+  'ERR_PAGEMIRROR_SERVING',
+  'ERR_PAGEMIRROR_UNALIGNED',
+  'ERR_PAGEMIRROR_UNSUPPORTED',
+  'ERR_PAGEMIRROR_VIEW_TOO_LARGE',
+  'ERR_PAGEMIRROR_WOULD_FAULT',
+] as const;
+
+/** One of {@link PAGEMIRROR_ERROR_CODES}: the `code` of an error the library raises itself. */
+export type PagemirrorErrorCode = (typeof PAGEMIRROR_ERROR_CODES)[number];
 
 type Coded<E extends Error> = E & { code: string };
 

@@ -11,19 +11,21 @@ const BASE_PAGE = native.uname().pageSize;
 /** The most advise('populateRead' | 'populateWrite') populates on the JavaScript thread: 1 GiB. */
 export const POPULATE_SYNC_MAX_BYTES = 1 << 30;
 
+/** Options every mapping function takes. */
 export interface MapOptions {
   /** Protection; default 'rw'. */
   prot?: Protection;
-  /** Pre-fault every page (MAP_POPULATE). Default false. */
+  /** Pre-fault every page (MAP_POPULATE). @default false */
   populate?: boolean;
-  /** MAP_NORESERVE. Default false. */
+  /** MAP_NORESERVE. @default false */
   noReserve?: boolean;
 }
 
+/** Options of {@link mapAnonymous}. */
 export interface AnonymousOptions extends MapOptions {
-  /** MAP_SHARED (shmem-backed: survives fork shared, supports MINOR faults). Default false. */
+  /** MAP_SHARED (shmem-backed: survives fork shared, supports MINOR faults). @default false */
   shared?: boolean;
-  /** Back with hugetlb pages (needs pages reserved in /proc/sys/vm/nr_hugepages). Default false. */
+  /** Back with hugetlb pages (needs pages reserved in /proc/sys/vm/nr_hugepages). @default false */
   hugetlb?: boolean;
   /** Huge page size in bytes (2 MiB, 1 GiB); default the system's default huge page size. */
   hugePageSize?: number;
@@ -31,30 +33,33 @@ export interface AnonymousOptions extends MapOptions {
   align?: number;
 }
 
+/** Options of {@link mapMemfd}. */
 export interface MemfdOptions extends MapOptions {
-  /** Name shown in /proc/self/maps. Default 'pagemirror'. */
+  /** Name shown in /proc/self/maps. @default 'pagemirror' */
   name?: string;
   hugetlb?: boolean;
   hugePageSize?: number;
 }
 
+/** Options of {@link mapFile}. */
 export interface FileOptions extends MapOptions {
   /** Bytes to map; default the file's size past `offset`, rounded up to pages. */
   length?: number;
-  /** File offset, page aligned. Default 0. */
+  /** File offset, page aligned. @default 0 */
   offset?: number;
-  /** MAP_SHARED (writes reach the file) or MAP_PRIVATE (copy on write). Default true. */
+  /** MAP_SHARED (writes reach the file) or MAP_PRIVATE (copy on write). @default true */
   shared?: boolean;
-  /** MAP_SYNC | MAP_SHARED_VALIDATE: only on DAX file systems (EOPNOTSUPP elsewhere). Default false. */
+  /** MAP_SYNC | MAP_SHARED_VALIDATE: only on DAX file systems (EOPNOTSUPP elsewhere). @default false */
   sync?: boolean;
-  /** Create the file (and extend it to offset + length) if needed. Default false. */
+  /** Create the file (and extend it to offset + length) if needed. @default false */
   create?: boolean;
   /** Mode for a created file. Default 0o600. */
   mode?: number;
 }
 
+/** A byte range of a mapping: `offset` (default 0) and `length` (default to the end). */
 export interface RangeOptions {
-  /** Byte offset into the mapping. Default 0. */
+  /** Byte offset into the mapping. @default 0 */
   offset?: number;
   /** Bytes; default to the end of the mapping. */
   length?: number;
@@ -89,6 +94,7 @@ export function decodePagemapEntry(e: bigint): PageFlags {
   };
 }
 
+/** Options of {@link Mapping.scan}. */
 export interface ScanOptions extends RangeOptions {
   /** Pages must have all of these. */
   require?: PageCategory[];
@@ -108,16 +114,18 @@ export interface ScanOptions extends RangeOptions {
   checkWpAsync?: boolean;
   /** Stop after this many matching pages. Default: no limit. */
   maxPages?: number;
-  /** Stop after this many regions. Default 1024. */
+  /** Stop after this many regions. @default 1024 */
   maxRegions?: number;
 }
 
+/** One run of pages of the same categories, as {@link Mapping.scan} reports it. */
 export interface ScanRegion {
   offset: number;
   length: number;
   categories: PageCategory[];
 }
 
+/** Options of {@link Mapping.remap}. */
 export interface RemapOptions {
   /** Let the kernel move the mapping when it cannot grow in place (MREMAP_MAYMOVE). Default true; `address` and `dontUnmap` need it. */
   mayMove?: boolean;
@@ -140,15 +148,26 @@ export interface RemapOptions {
   dontUnmap?: boolean;
 }
 
+/** What a {@link Mapping} maps: anonymous memory, a memfd, or a file. */
 export type MappingKind = 'anonymous' | 'memfd' | 'file';
 
+/**
+ * A range of this process's address space made by {@link mapAnonymous}, {@link mapMemfd} or
+ * {@link mapFile}: protect, advise, sync, remap, inspect (residency, pagemap, cachestat) and read
+ * or write it without faulting the JavaScript thread. Closing it unmaps it and closes its mirrors.
+ */
 export class Mapping {
   /** @internal */
   readonly native: NativeMapping;
+  /** What is mapped: anonymous memory, a memfd or a file. */
   readonly kind: MappingKind;
+  /** The page size of this mapping in bytes (the huge page size for hugetlb). */
   readonly pageSize: number;
+  /** MAP_SHARED (true) or MAP_PRIVATE. */
   readonly shared: boolean;
+  /** Backed by hugetlb pages. */
   readonly hugetlb: boolean;
+  /** The file's path (mapFile by path), else undefined. */
   readonly path: string | undefined;
   #info: NativeMappingInfo;
 
@@ -167,6 +186,7 @@ export class Mapping {
   get address(): bigint {
     return this.native.address;
   }
+  /** The mapped length in bytes (remap() changes it; unmap() leaves a hole and does not). */
   get length(): number {
     return this.native.length;
   }
@@ -178,6 +198,7 @@ export class Mapping {
   get fd(): number {
     return this.native.info().fd;
   }
+  /** Whether close() was called. */
   get closed(): boolean {
     return this.native.info().closed;
   }
@@ -461,12 +482,28 @@ export class Mapping {
     this.native.close();
   }
 
+  /** close(), for `using`. */
   [Symbol.dispose](): void {
     this.close();
   }
 }
 
-/** Anonymous memory (private by default). */
+/**
+ * Anonymous memory (private by default).
+ *
+ * @param length Bytes, at least 1 (rounded up to whole pages by the kernel).
+ * @throws {RangeError} `ERR_OUT_OF_RANGE` (length, hugePageSize, align), before any system call.
+ * @throws {TypeError} `ERR_INVALID_ARG_TYPE` (an option of the wrong type), `ERR_INVALID_ARG_VALUE` (prot).
+ * @throws {SystemError} `ENOMEM` (mmap), `EINVAL` (hugetlb with a size the kernel has no pool for).
+ * @example
+ * ```ts
+ * import { mapAnonymous } from 'pagemirror';
+ * const m = mapAnonymous(1 << 20);          // 1 MiB, read-write, private
+ * m.bytes.fill(7);                          // an ordinary Uint8Array over the mapping
+ * m.protect('r', { length: m.pageSize });   // mprotect(2) the first page read-only
+ * m.close();
+ * ```
+ */
 export function mapAnonymous(length: number, options: AnonymousOptions = {}): Mapping {
   options = checkOptions('options', options);
   return new Mapping(
@@ -484,7 +521,20 @@ export function mapAnonymous(length: number, options: AnonymousOptions = {}): Ma
   );
 }
 
-/** A fresh memfd (shmem, or hugetlbfs with hugetlb), sized to `length` and mapped shared. */
+/**
+ * A fresh memfd (shmem, or hugetlbfs with hugetlb), sized to `length` and mapped shared.
+ *
+ * @throws {RangeError} `ERR_OUT_OF_RANGE` (length, hugePageSize), before any system call.
+ * @throws {TypeError} `ERR_INVALID_ARG_VALUE` (a name with a NUL byte, prot), `ERR_INVALID_ARG_TYPE`.
+ * @throws {SystemError} `ENOMEM`, `EINVAL` (memfd_create, ftruncate, mmap).
+ * @example
+ * ```ts
+ * import { mapMemfd } from 'pagemirror';
+ * const m = mapMemfd(4 << 20, { name: 'dataset' });
+ * console.log(m.fd, m.kind); // a descriptor another process can map; 'memfd'
+ * m.close();
+ * ```
+ */
 export function mapMemfd(length: number, options: MemfdOptions = {}): Mapping {
   options = checkOptions('options', options);
   return new Mapping(
@@ -502,7 +552,19 @@ export function mapMemfd(length: number, options: MemfdOptions = {}): Mapping {
   );
 }
 
-/** A file by path or by descriptor (which is duplicated: the mapping owns its own). */
+/**
+ * A file by path or by descriptor (which is duplicated: the mapping owns its own).
+ *
+ * @throws {TypeError} `ERR_INVALID_ARG_TYPE` / `ERR_INVALID_ARG_VALUE` (a path with a NUL byte), before any system call.
+ * @throws {SystemError} `ENOENT`, `EACCES` (with `path`), `EINVAL` (an empty file, offset not page aligned).
+ * @example
+ * ```ts
+ * import { mapFile } from 'pagemirror';
+ * const m = mapFile('/dev/shm/data.bin');        // shared, read-write
+ * await m.write(0, Buffer.from('hello'));         // on a native thread
+ * m.close();
+ * ```
+ */
 export function mapFile(file: string | { fd: number; path?: string }, options: FileOptions = {}): Mapping {
   const byFd = typeof file === 'object' && file !== null && !Array.isArray(file);
   if (!byFd && typeof file !== 'string') throw typeError('ERR_INVALID_ARG_TYPE', 'file must be a path or { fd }');

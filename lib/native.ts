@@ -29,6 +29,7 @@ export interface NativeMapping {
   close(): void;
 }
 
+/** @inline */
 export interface NativeFileStats {
   strategy: 'remote' | 'copy' | 'bounce' | 'pin';
   /** shmem (tmpfs, memfd) copy/bounce: CPU mmap accesses fault and pull device pages back. */
@@ -70,6 +71,7 @@ export interface NativeFileStats {
 }
 
 /** Pages of a write error: how many, and where (byte ranges of the mirror). */
+/** @inline */
 export interface NativeWriteErrorPages {
   pages: number;
   ranges: { offset: number; length: number }[];
@@ -93,6 +95,7 @@ export interface NativeMappingInfo {
   holes: { offset: number; length: number }[];
 }
 
+/** @inline */
 export interface CacheStat {
   cache: number;
   dirty: number;
@@ -101,6 +104,7 @@ export interface CacheStat {
   recentlyEvicted: number;
 }
 
+/** @inline */
 export interface StatxResult {
   size: number;
   blocks: number;
@@ -126,6 +130,7 @@ export type NativeEvent =
   | { type: 'remove'; start: bigint; end: bigint }
   | { type: 'unmap'; start: bigint; end: bigint };
 
+/** @inline */
 export interface NativeStats {
   reads: number;
   messages: number;
@@ -154,6 +159,7 @@ export interface NativeStats {
   workers: NativeWorkerStats[];
 }
 
+/** @inline */
 export interface NativeWorkerStats {
   /** The worker's thread id (/proc/self/task/<tid>). */
   tid: number;
@@ -170,6 +176,7 @@ export interface NativeWorkerStats {
 
 export type NativePollMode = 'off' | 'fixed' | 'adaptive';
 
+/** @inline */
 export interface NativeEngineStats {
   faults: number;
   reads: number;
@@ -218,6 +225,7 @@ export interface NativePager {
   lastError(): (Error & { granules: number[] }) | null;
   close(): void;
 }
+/** What a resolve ioctl did: bytes resolved, and whether a page already existed (EEXIST). */
 export interface ResolveResult {
   /** Bytes resolved by this call. */
   bytes: number;
@@ -303,6 +311,7 @@ export interface NativeForkResult {
   signalAddress?: bigint;
 }
 
+/** @inline */
 export interface NativeForkStepResult {
   op: string;
   offset: number;
@@ -344,6 +353,7 @@ export interface NativeUffdProbe {
   register?: Record<string, Record<string, bigint | string>>;
 }
 
+/** @inline */
 export interface NativeDeviceCounters {
   faultRounds: number;
   faultRequests: number;
@@ -357,6 +367,7 @@ export interface NativeDeviceCounters {
   migratedToHost: Record<string, number>;
 }
 
+/** @inline */
 export type NativeTraceEvent =
   | { type: 'fault-batch'; tNs: number; mirror: bigint; faults: number; pages: number; serviceNs: number }
   | { type: 'migrate-to-device' | 'migrate-to-host'; tNs: number; mirror: bigint; offset: number; pages: number; bytes: number; trigger: string }

@@ -12,11 +12,14 @@ import { checkBytes, checkInteger, checkOneOf, rangeError, stateError, typeError
 const PAGE = native.uname().pageSize;
 const MAX_GRANULE = 2 << 20;
 
+/** How a {@link pager} holds a file's pages: 'private' (copies, written back) or 'shared' (the file's own pages). */
 export type PagerMode = 'private' | 'shared';
+/** The order in which a {@link pager} evicts granules over its resident limit. */
 export type PagerEviction = 'fifo' | 'clock';
 /** A fill for anonymous pagers: zeros, the word pattern seed + word index, or a callback. */
 export type PagerFill = 'zero' | { seed: number } | ((offset: number, out: Uint8Array) => void);
 
+/** Options of {@link pager}. */
 export interface PagerOptions {
   /**
    * Bytes filled per fault, and the unit of residency and write-back: a power of two from 4 KiB to
@@ -49,14 +52,15 @@ export interface PagerOptions {
    * Userfaultfd.serve({ workers }): each worker fills the granules of the faults it reads.
    */
   workers?: number;
-  /** File offset of the first byte paged, page aligned. Default 0. */
+  /** File offset of the first byte paged, page aligned. @default 0 */
   offset?: number;
   /** Bytes paged. Default: the file's size past `offset`. Required for an anonymous pager. */
   length?: number;
-  /** Anonymous pagers only: how a granule never written is filled. Default 'zero'. */
+  /** Anonymous pagers only: how a granule never written is filled. @default 'zero' */
   fill?: PagerFill;
 }
 
+/** A pager's counters: {@link Pager.stats}. */
 export interface PagerStats extends NativePagerStats {
   granule: number;
   /** Bytes resident now. */
@@ -106,12 +110,15 @@ export class Pager {
   get length(): number {
     return this.#length;
   }
+  /** Bytes filled per fault and the unit of residency and write-back. */
   get granule(): number {
     return this.#granule;
   }
+  /** 'private', 'shared', or 'anonymous' for a pager of anonymous memory. */
   get mode(): PagerMode | 'anonymous' {
     return this.#mode;
   }
+  /** Whether close() was called. */
   get closed(): boolean {
     return this.#closed;
   }
@@ -232,6 +239,7 @@ export class Pager {
     this.#closed = true;
   }
 
+  /** close(), for `await using`. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
@@ -253,6 +261,19 @@ function isMemfd(fd: number): boolean {
  * Pages `target` (a path, an open descriptor, or null for anonymous memory) into a new region whose
  * pages the native fault service fills on demand. Misuse throws TypeError/RangeError with an
  * ERR_* code before any system call; the file's own errors are Node's (ENOENT, EACCES...).
+ *
+ * @throws {TypeError} `ERR_INVALID_ARG_TYPE` / `ERR_INVALID_ARG_VALUE`, {RangeError} `ERR_OUT_OF_RANGE` /
+ *   `ERR_PAGEMIRROR_UNALIGNED` (granule, residentLimit), before any system call; SystemError `ENOENT`,
+ *   `EACCES` (with `path`), `EPERM` (no userfaultfd for this user).
+ * @example
+ * ```ts
+ * import { pager } from 'pagemirror';
+ * const p = await pager('/data/big.bin', { granule: 64 << 10, residentLimit: 64 << 20, eviction: 'clock' });
+ * const { checksum } = await p.access({ op: 'read', unit: 8, threads: 2 });  // paged in on demand
+ * await p.access({ op: 'rmw', unit: 8, threads: 2 });                        // dirty granules tracked by uffd-wp
+ * await p.flush();                                                            // written back, confirmed
+ * await p.close();
+ * ```
  */
 export async function pager(target: string | number | null, options: PagerOptions = {}): Promise<Pager> {
   if (target !== null && typeof target !== 'string' && typeof target !== 'number')

@@ -9,12 +9,14 @@ import { mapAnonymous, mapMemfd } from './mapping.js';
 import { typeError } from './errors.js';
 import { checkBoolean, checkOptions, checkString } from './validate.js';
 
+/** Whether an experiment can run here and, if not, why. */
 export interface Capability {
   ok: boolean;
   /** Why not (or a note when ok). */
   reason?: string;
 }
 
+/** What userfaultfd offers this process: how it can be opened, its features and ioctls. */
 export interface UffdProbe extends Capability {
   openedBy?: 'device' | 'syscall';
   userModeOnly?: boolean;
@@ -28,6 +30,7 @@ export interface UffdProbe extends Capability {
   register: Record<string, Record<string, IoctlName[] | string>>;
 }
 
+/** A mounted file system the probe looked at. */
 export interface FsProbe {
   path: string;
   type: string;
@@ -35,6 +38,7 @@ export interface FsProbe {
   dax: boolean;
 }
 
+/** What this kernel and machine offer: {@link probe}. */
 export interface Probe {
   kernel: { release: string; machine: string; version: string };
   pageSize: number;

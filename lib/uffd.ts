@@ -22,6 +22,7 @@ import { noteRegistered, noteUnregistered, type ServedHolder } from './served.js
 
 export type { ResolveResult } from './native.js';
 
+/** Options of {@link Userfaultfd.open}. */
 export interface OpenOptions {
   /**
    * Features to negotiate. 'default' (the default): every feature the kernel offers except those
@@ -46,22 +47,31 @@ export interface OpenOptions {
   via?: 'auto' | 'device' | 'syscall';
 }
 
+/** Options of {@link Userfaultfd.register}. */
 export interface RegisterOptions {
+  /** Byte offset into the mapping (page aligned). @default 0 */
   offset?: number;
+  /** Bytes to register. @default to the end of the mapping */
   length?: number;
   /** Default ['missing']. */
   modes?: RegisterMode[];
 }
 
+/** A registered range, as {@link Userfaultfd.register} returns it. */
 export interface Registration {
+  /** The mapping registered. */
   mapping: Mapping;
+  /** Byte offset of the range in the mapping. */
   offset: number;
+  /** Bytes registered. */
   length: number;
+  /** The fault kinds registered for. */
   modes: RegisterMode[];
   /** Ioctls the kernel allows on this range (not every ioctl works on every memory kind). */
   ioctls: Set<IoctlName>;
 }
 
+/** A fault's kind: a missing page, a write to a write-protected page, a minor fault (page in the page cache, not mapped). */
 export type FaultKind = 'missing' | 'wp' | 'minor';
 
 /** One page fault as the kernel reported it. */
@@ -78,9 +88,11 @@ export class Fault {
     /** Byte offset within `mapping` of the page that faulted (page aligned: ready for copy/zeropage). */
     readonly offset: number,
   ) {}
+  /** A write fault. */
   get write(): boolean {
     return (this.flags & K.UFFD_PAGEFAULT_FLAG_WRITE!) !== 0;
   }
+  /** What kind of fault it is. */
   get kind(): FaultKind {
     if (this.flags & K.UFFD_PAGEFAULT_FLAG_MINOR!) return 'minor';
     if (this.flags & K.UFFD_PAGEFAULT_FLAG_WP!) return 'wp';
@@ -88,12 +100,14 @@ export class Fault {
   }
 }
 
+/** A non-fault event the kernel queues when the matching feature is negotiated (eventFork, eventRemap, eventRemove, eventUnmap). */
 export type UffdEvent =
   | { type: 'fork'; fd: number; /** Take ownership of the child's userfaultfd (else it is closed, which wakes the child's faults). */ adopt(): Userfaultfd }
   | { type: 'remap'; from: bigint; to: bigint; length: number }
   | { type: 'remove'; start: bigint; end: bigint }
   | { type: 'unmap'; start: bigint; end: bigint };
 
+/** Options of {@link Userfaultfd.serve}. */
 export interface ServeOptions {
   /** Faults that no rule resolved, one call per batch. May be async: faults stay asleep until resolved. */
   onFaults?: (faults: Fault[], uffd: Userfaultfd) => void | Promise<void>;
@@ -105,7 +119,7 @@ export interface ServeOptions {
    * error goes here. Default: the error is reported with process.emitWarning.
    */
   onError?: (err: unknown, faults: Fault[]) => void;
-  /** Most messages read per read(2), per worker. Default 64 (1..4096). */
+  /** Most messages read per read(2), per worker (1..4096). @default 64 */
   maxBatch?: number;
   /**
    * Native worker threads reading the descriptor (each reads and resolves its own batches; rules
@@ -143,6 +157,7 @@ export function serviceArgs(workers: unknown, poll: unknown): [number, 'off' | '
   return [w, us === 0 ? 'off' : 'fixed', us];
 }
 
+/** How a {@link Rule} resolves its faults natively (UFFDIO_COPY, ZEROPAGE, MOVE, POISON, WRITEPROTECT off, CONTINUE). */
 export type RuleAction = 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue';
 
 /** A fast-path rule: faults of the right kind in the range are resolved natively, never in JS. */
@@ -166,15 +181,19 @@ export interface Rule {
   allowSrcHoles?: boolean;
 }
 
+/** Options every resolve call takes. */
 export interface ResolveOptions {
   /** Do not wake the faulting threads (resolve several ranges, then wake() once). */
   dontWake?: boolean;
 }
 
+/** What {@link Userfaultfd.close} does to threads still asleep on a fault: wake them to retry, resolve with zero pages, or poison (SIGBUS). */
 export type CloseOutcome = 'wake' | 'zero' | 'sigbus';
 
+/** Counters of the native fault service: {@link Userfaultfd.stats}. */
 export type ServiceStats = NativeStats;
 
+/** A mapping, or a raw address for an adopted descriptor. @inline */
 type Target = Mapping | bigint;
 
 /**
@@ -183,6 +202,11 @@ type Target = Mapping | bigint;
  */
 export let setHandlerRule: (u: Userfaultfd, mapping: Mapping, handler: NativePager) => void;
 
+/**
+ * A userfaultfd: register ranges of mappings, resolve their faults (copy, zeropage, continue, move,
+ * poison, write-protect) by hand, by native rules ({@link Userfaultfd.addRule}) or in JavaScript
+ * batches ({@link Userfaultfd.serve}), on native service threads. Made by {@link Userfaultfd.open}.
+ */
 export class Userfaultfd implements ServedHolder {
   readonly #n: NativeUserfaultfd;
   #features = 0n;
@@ -216,6 +240,13 @@ export class Userfaultfd implements ServedHolder {
    *   requested feature is missing.
    * @throws TypeError ERR_INVALID_ARG_VALUE (via not 'auto', 'device' or 'syscall'),
    *   ERR_INVALID_ARG_TYPE (userModeOnly not a boolean).
+   * @example
+   * ```ts
+   * import { Userfaultfd, mapAnonymous } from 'pagemirror';
+   * const uffd = Userfaultfd.open();              // every feature the kernel offers, by default
+   * console.log(uffd.openedBy, [...uffd.features]);
+   * uffd.register(mapAnonymous(1 << 20), { modes: ['missing'] });
+   * ```
    */
   static open(options: OpenOptions = {}): Userfaultfd {
     options = checkOptions('options', options);
@@ -268,6 +299,7 @@ export class Userfaultfd implements ServedHolder {
     this.#features = want;
   }
 
+  /** The descriptor's number (owned by this object: closed by close()). */
   get fd(): number {
     return this.#n.info().fd;
   }
@@ -275,6 +307,7 @@ export class Userfaultfd implements ServedHolder {
   get features(): Set<FeatureName> {
     return new Set(featureNames(this.#features));
   }
+  /** The negotiated features as the kernel's UFFD_FEATURE_* bit mask. */
   get featureMask(): bigint {
     return this.#features;
   }
@@ -286,12 +319,15 @@ export class Userfaultfd implements ServedHolder {
   get openedBy(): 'device' | 'syscall' | 'adopted' {
     return this.#n.info().openedBy;
   }
+  /** Opened with UFFD_USER_MODE_ONLY: faults raised inside the kernel fail with EFAULT instead of waiting. */
   get userModeOnly(): boolean {
     return this.#n.info().userModeOnly;
   }
+  /** The ranges registered, in registration order. */
   get registrations(): readonly Registration[] {
     return this.#registrations;
   }
+  /** Whether close() was called. */
   get closed(): boolean {
     return this.#closed;
   }
@@ -332,6 +368,7 @@ export class Userfaultfd implements ServedHolder {
     return reg;
   }
 
+  /** UFFDIO_UNREGISTER a range (default: the whole mapping); its faults go back to the kernel's default handling. */
   unregister(mapping: Mapping, options: { offset?: number; length?: number } = {}): void {
     this.#live();
     if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
@@ -479,6 +516,21 @@ export class Userfaultfd implements ServedHolder {
    * ERR_OUT_OF_RANGE (maxBatch, workers, poll.spinUs), TypeError ERR_INVALID_ARG_TYPE (poll), all
    * before anything starts; EAGAIN (pthread_create) when the threads cannot be created. After
    * addRule() started the service with no handler, serve() takes it over (with its options).
+   * @throws `ERR_PAGEMIRROR_SERVING`, `ERR_OUT_OF_RANGE`, `ERR_INVALID_ARG_TYPE`; SystemError `EAGAIN`.
+   * @example
+   * ```ts
+   * import { Userfaultfd, mapAnonymous, access } from 'pagemirror';
+   * const src = mapAnonymous(1 << 20), dst = mapAnonymous(1 << 20);
+   * const uffd = Userfaultfd.open();
+   * uffd.register(dst, { modes: ['missing'] });
+   * uffd.serve({
+   *   onFaults(faults) {                          // a batch; the faulting threads sleep meanwhile
+   *     uffd.resolveMany('copy', dst, faults.map((f) => f.offset), { source: src });
+   *   },
+   * });
+   * await access(dst, { op: 'read', threads: 4 });  // native threads fault, JavaScript resolves
+   * uffd.close();
+   * ```
    */
   serve(options: ServeOptions = {}): this {
     this.#live();
@@ -503,6 +555,7 @@ export class Userfaultfd implements ServedHolder {
     this.#n.unref();
     return this;
   }
+  /** Keeps the event loop alive while serving (the default; undoes unref()). */
   ref(): this {
     this.#n.ref();
     return this;
@@ -628,12 +681,14 @@ export class Userfaultfd implements ServedHolder {
     this.#rules = next;
   }
 
+  /** Removes every rule: their faults go to onFaults (or the default resolution) from now on. */
   clearRules(): void {
     this.#live();
     this.#n.setRules([]);
     this.#rules = [];
   }
 
+  /** The rules in force, in the order they are tried. */
   get rules(): readonly Rule[] {
     return this.#rules;
   }
@@ -668,6 +723,7 @@ export class Userfaultfd implements ServedHolder {
     this.#rules = [];
   }
 
+  /** close('wake'), for `using`. */
   [Symbol.dispose](): void {
     this.close();
   }

@@ -9,9 +9,12 @@ import { runStrategies, STRATEGY_NAMES, WORKLOADS, WORKLOAD_TEXT } from './strat
 import { runService, type ServiceRow } from './service.js';
 import { runPagerSuite } from './pager.js';
 
+/** The built-in benchmark suites, in the order `pagemirror bench` runs them. */
 export const SUITES = ['faults', 'engine', 'batching', 'strategies', 'oversubscription', 'dirty', 'service', 'pager'] as const;
+/** A name of {@link SUITES}. */
 export type Suite = (typeof SUITES)[number];
 
+/** Options of {@link runBench} (the command line's flags). */
 export interface BenchOptions {
   suites: Suite[];
   out: string;
@@ -102,6 +105,7 @@ export function serviceTable(rows: ServiceRow[]): Table {
   };
 }
 
+/** Runs suites as `pagemirror bench` does: progress on stderr, a JSON and an HTML report per suite in `out`. `ok` is false when a target was missed. */
 export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: boolean; summary: string }> {
   const files: string[] = [];
   const summary: string[] = [];

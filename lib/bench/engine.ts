@@ -12,10 +12,11 @@ import { Progress } from './progress.js';
 
 const PAGE = native.uname().pageSize;
 
+/** Options of {@link runEngine}. */
 export interface EngineOptions {
   /** Bytes per repetition for the bandwidth scenarios. Default 256 MiB. */
   size?: number;
-  /** Pages for the CPU-fault scenario. Default 4096. */
+  /** Pages for the CPU-fault scenario. @default 4096 */
   pages?: number;
   reps?: number;
   pin?: boolean;
@@ -23,6 +24,7 @@ export interface EngineOptions {
   quiet?: boolean;
 }
 
+/** One engine scenario's metric, against its C baseline and target. */
 export interface EngineRow {
   scenario: string;
   metric: 'GB/s' | 'ns/page';
@@ -98,6 +100,7 @@ function gbps(nsPerPage: number): number {
   return PAGE / nsPerPage;
 }
 
+/** The engine suite: device faults, migration to device memory and back, CPU faults on device pages. */
 export async function runEngine(o: EngineOptions = {}): Promise<EngineRow[]> {
   const size = o.size ?? 256 << 20;
   const pages = o.pages ?? 4096;

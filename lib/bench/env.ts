@@ -3,6 +3,7 @@ import os from 'node:os';
 import { probe } from '../probe.js';
 import { native } from '../native.js';
 
+/** The environment every report records: numbers without it cannot be compared. */
 export interface BenchEnv {
   date: string;
   kernel: string;
@@ -18,6 +19,7 @@ export interface BenchEnv {
   pagemirror: string;
 }
 
+/** Probes the environment now (kernel, CPU, Node, page size, THP, file systems, affinity). */
 export function benchEnv(pinned: boolean, version: string): BenchEnv {
   const p = probe();
   return {

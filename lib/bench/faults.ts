@@ -9,18 +9,20 @@ import { summarize, type Summary } from './stats.js';
 import { runBaseline } from './baseline.js';
 import { Progress } from './progress.js';
 
+/** Options of {@link runFaults}. */
 export interface FaultsOptions {
-  /** Pages per repetition. Default 4096 (16 MiB). */
+  /** Pages per repetition (16 MiB). @default 4096 */
   pages?: number;
   /** Repetitions (median of). Default 7, at least 5 for a reported ratio. */
   reps?: number;
-  /** Pin this process and the C baseline to one CPU (faulter and handler share it). Default true. */
+  /** Pin this process and the C baseline to one CPU (faulter and handler share it). @default true */
   pin?: boolean;
-  /** CPU to pin to. Default 0. */
+  /** CPU to pin to. @default 0 */
   cpu?: number;
   quiet?: boolean;
 }
 
+/** One fault kind through the addon against the plain C baseline: medians and their ratio. */
 export interface Comparison {
   scenario: string;
   path: 'native' | 'typescript';
@@ -188,6 +190,7 @@ async function batchRep(pages: number, threads: number, configure: (u: Userfault
   }
 }
 
+/** The faults suite: the cost of each fault kind through the native fast path and a TypeScript handler against plain C. */
 export async function runFaults(options: FaultsOptions = {}): Promise<Comparison[]> {
   const pages = options.pages ?? 4096;
   const reps = options.reps ?? 7;

@@ -21,23 +21,27 @@ import { registerTempFile, releaseTempFile } from './tempfiles.js';
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const PAGE = 4096;
 
+/** The pager suite's workloads. */
 export const PAGER_WORKLOADS = ['seq-read', 'rand-read', 'seq-write', 'rand-write'] as const;
+/** A name of {@link PAGER_WORKLOADS}. */
 export type PagerWorkload = (typeof PAGER_WORKLOADS)[number];
 
+/** Options of {@link runPager}. */
 export interface PagerBenchOptions {
   /** File bytes. Default 8 MiB (the suite then runs in a few minutes). */
   size?: number;
-  /** Repetitions per cell (medians reported). Default 3. */
+  /** Repetitions per cell (medians reported). @default 3 */
   reps?: number;
   /** Directory of the disk file. Default the OS temp dir (or /var/tmp when that is tmpfs). */
   dir?: string;
-  /** Fault service threads of the pager and fill threads of the C pager. Default 1. */
+  /** Fault service threads of the pager and fill threads of the C pager. @default 1 */
   workers?: number;
-  /** A smoke-sized matrix: 64 KiB granules and one application thread only. Default false. */
+  /** A smoke-sized matrix: 64 KiB granules and one application thread only. @default false */
   quick?: boolean;
   quiet?: boolean;
 }
 
+/** One pager-suite cell: pager(), the C pager and mmap on one workload, granule and limit. */
 export interface PagerCell {
   fs: 'tmpfs' | 'disk';
   granule: number;
@@ -52,6 +56,7 @@ export interface PagerCell {
   ratioMmap: number;
 }
 
+/** One write-back measurement of the pager suite. */
 export interface WritebackRow {
   fs: 'tmpfs' | 'disk';
   granule: number;
@@ -127,6 +132,7 @@ async function cRep(c: Cell, size: number, workers: number): Promise<number> {
   return r.ns! / (size / PAGE);
 }
 
+/** The pager suite: pager() against a plain C pager and mmap. */
 export async function runPager(o: PagerBenchOptions = {}): Promise<{ cells: PagerCell[]; writeback: WritebackRow[] }> {
   const size = o.size ?? 8 << 20;
   const reps = o.reps ?? 3;

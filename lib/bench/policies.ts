@@ -9,6 +9,7 @@ import { Progress } from './progress.js';
 
 const PAGE = native.uname().pageSize;
 
+/** One point of {@link runBatching}: bandwidth at one batch size and fault-around. */
 export interface BatchingPoint {
   faultBatch: number;
   faultAround: number;
@@ -24,6 +25,7 @@ function anon(bytes: number): Mapping {
 }
 
 /** Device threads streaming through never-mirrored memory: GB/s and fault rounds per setting. */
+/** The batching suite: device read bandwidth by fault batch size, fault-around and prefetch. */
 export async function runBatching(o: { size?: number; reps?: number; threads?: number; quiet?: boolean } = {}): Promise<BatchingPoint[]> {
   const size = o.size ?? 64 << 20;
   const reps = o.reps ?? 5;
@@ -60,6 +62,7 @@ export async function runBatching(o: { size?: number; reps?: number; threads?: n
   return out;
 }
 
+/** One point of {@link runOversubscription}: a working set as a fraction of device memory. */
 export interface OversubPoint {
   eviction: 'fifo' | 'lru';
   prefetch: 'off' | 'density';
@@ -72,6 +75,7 @@ export interface OversubPoint {
 }
 
 /** A device sweeping a working set of 50 % to 200 % of its memory, twice, per eviction policy. */
+/** The oversubscription suite: working sets of 50 % to 200 % of device memory, with eviction and prefetch. */
 export async function runOversubscription(o: { deviceMemory?: number; reps?: number; quiet?: boolean } = {}): Promise<OversubPoint[]> {
   const memory = o.deviceMemory ?? 8 << 20;
   const reps = o.reps ?? 5;
@@ -114,6 +118,7 @@ export async function runOversubscription(o: { deviceMemory?: number; reps?: num
   return out;
 }
 
+/** One way of tracking dirty pages and its cost per page. */
 export interface DirtyRow {
   method: 'uffd-wp' | 'wp-async+scan' | 'mprotect';
   /** ns per written page: the writes plus collecting the dirty set and re-arming tracking. */
@@ -128,6 +133,7 @@ export interface DirtyRow {
  * userfaultfd write protection (a fault per first write, resolved natively) against WP_ASYNC with
  * PAGEMAP_SCAN (no fault messages: the kernel records, a scan collects and re-protects).
  */
+/** The dirty suite: the same writes tracked three ways. */
 export async function runDirtyTracking(o: { pages?: number; reps?: number; quiet?: boolean } = {}): Promise<DirtyRow[]> {
   const pages = o.pages ?? 4096;
   const reps = o.reps ?? 5;

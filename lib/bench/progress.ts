@@ -1,13 +1,18 @@
 // Progress on stderr for long runs: a single rewritten line on a terminal, plain lines otherwise.
+/** Progress on stderr: one rewritten line on a terminal, plain lines otherwise, nothing when quiet. */
 export class Progress {
   #done = 0;
   readonly #tty = process.stderr.isTTY === true;
   constructor(
+    /** Steps in all (100 %). */
     readonly total: number,
+    /** Shown before the bar. */
     readonly label: string,
+    /** Show nothing. */
     readonly quiet = false,
   ) {}
 
+  /** Counts one step done and shows `what` beside the bar. */
   step(what: string): void {
     this.#done++;
     if (this.quiet) return;
@@ -20,6 +25,7 @@ export class Progress {
     else process.stderr.write(line + '\n');
   }
 
+  /** Ends the line on a terminal (call once after the last step). */
   end(): void {
     if (!this.quiet && this.#tty) process.stderr.write('\n');
   }

@@ -4,12 +4,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { BenchEnv } from './env.js';
 
+/** One bar of a bar chart: a series' value with optional min-max whiskers. */
 export interface Bar {
   series: string;
   value: number;
   min?: number;
   max?: number;
 }
+/** A group of bars under one label. */
 export interface BarGroup {
   label: string;
   bars: Bar[];
@@ -17,6 +19,7 @@ export interface BarGroup {
   target?: number;
 }
 
+/** Options of the chart functions. */
 export interface ChartOptions {
   /** A fixed colour per series name (e.g. one per strategy, the same in every chart); the rest take the palette in order. */
   colors?: Record<string, string>;
@@ -33,7 +36,8 @@ export function tint(color: string, amount: number): string {
   return '#' + [(n >> 16) & 255, (n >> 8) & 255, n & 255].map((c) => mix(c).toString(16).padStart(2, '0')).join('');
 }
 
-function seriesColors(series: string[], fixed: Record<string, string> = {}): Map<string, string> {
+/** One colour per series name, `fixed` ones first, the rest from a ten-colour palette in order. */
+export function seriesColors(series: string[], fixed: Record<string, string> = {}): Map<string, string> {
   const taken = new Set(Object.values(fixed));
   const free = COLORS.filter((c) => !taken.has(c));
   let next = 0;
@@ -155,6 +159,7 @@ export function barChartSvg(title: string, unit: string, groups: BarGroup[], opt
   return out.join('\n');
 }
 
+/** A table for the HTML report and the terminal. */
 export interface Table {
   columns: string[];
   rows: (string | number)[][];
@@ -189,6 +194,7 @@ export function htmlTable(t: Table): string {
   return `<div class="table"><table>${thead}<tbody>${body}</tbody></table></div>`;
 }
 
+/** A table as aligned text for a terminal. */
 export function textTable(t: Table): string {
   const cells = [t.columns, ...t.rows.map((r) => r.map(String))];
   const widths = t.columns.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
@@ -196,6 +202,7 @@ export function textTable(t: Table): string {
   return cells.map((r) => r.map((c, i) => (numeric[i] ? c.padStart(widths[i]!) : c.padEnd(widths[i]!))).join('  ').trimEnd()).join('\n');
 }
 
+/** One section of an HTML report: a title, a paragraph, charts and a table. */
 export interface Section {
   title: string;
   text?: string;
@@ -203,6 +210,7 @@ export interface Section {
   table?: Table;
 }
 
+/** Writes `<dir>/<name>.json` (environment and data) and `<dir>/<name>.html` (the sections, the environment). */
 export function writeReport(dir: string, name: string, env: BenchEnv, data: unknown, sections: Section[]): { json: string; html: string } {
   fs.mkdirSync(dir, { recursive: true });
   const json = path.join(dir, `${name}.json`);
@@ -239,6 +247,7 @@ ${htmlTable({ columns: ['', ''], rows: envRows })}
   return { json, html };
 }
 
+/** One line of a line chart. */
 export interface Series {
   name: string;
   points: { x: number; y: number; min?: number; max?: number }[];

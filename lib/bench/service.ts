@@ -15,16 +15,18 @@ import { summarize, type Summary } from './stats.js';
 import { runBaseline } from './baseline.js';
 import { Progress } from './progress.js';
 
+/** Options of {@link runService}. */
 export interface ServiceOptions {
-  /** Pages per repetition of the 4 KiB case. Default 2048. */
+  /** Pages per repetition of the 4 KiB case. @default 2048 */
   pages?: number;
-  /** Repetitions (median of). Default 7. */
+  /** Repetitions (median of). @default 7 */
   reps?: number;
   /** Bytes of the 2 MiB-granule case. Default 256 MiB. */
   size?: number;
   quiet?: boolean;
 }
 
+/** One fault-service configuration's measurement. */
 export interface ServiceRow {
   scenario: 'wake-4k' | 'wake-4k-busy' | 'workers-2m';
   config: string;
@@ -110,6 +112,7 @@ async function compare(scenario: ServiceRow['scenario'], configs: Config[], reps
   });
 }
 
+/** The service suite: one fault with and without polling, large copies with one and two workers. */
 export async function runService(options: ServiceOptions = {}): Promise<ServiceRow[]> {
   const pages = options.pages ?? 2048;
   const reps = options.reps ?? 7;

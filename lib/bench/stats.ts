@@ -1,13 +1,20 @@
 // Summary statistics for benchmark samples: medians (these machines are noisy), min, max, percentiles.
 
+/** Median, min, max and mean of a set of samples. */
 export interface Summary {
+  /** Samples. */
   n: number;
+  /** The median (what the reports compare). */
   median: number;
+  /** The smallest sample. */
   min: number;
+  /** The largest sample. */
   max: number;
+  /** The arithmetic mean. */
   mean: number;
 }
 
+/** The q-quantile (0..1) of sorted samples, interpolated. */
 export function quantile(sorted: ArrayLike<number>, q: number): number {
   if (sorted.length === 0) return NaN;
   const pos = (sorted.length - 1) * q;
@@ -16,6 +23,7 @@ export function quantile(sorted: ArrayLike<number>, q: number): number {
   return sorted[lo]! + (sorted[hi]! - sorted[lo]!) * (pos - lo);
 }
 
+/** The {@link Summary} of samples (any order). */
 export function summarize(samples: readonly number[]): Summary {
   const s = [...samples].sort((a, b) => a - b);
   return {

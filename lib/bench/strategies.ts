@@ -13,8 +13,11 @@ import { Progress } from './progress.js';
 import { registerTempFile, releaseTempFile } from './tempfiles.js';
 
 const PAGE = native.uname().pageSize;
+/** The file strategies the strategies suite compares. */
 export const STRATEGY_NAMES: FileStrategy[] = ['remote', 'copy', 'bounce', 'pin'];
+/** The strategies suite's workloads. */
 export const WORKLOADS = ['read-once', 'alternating', 'fsync', 'sparse'] as const;
+/** A name of {@link WORKLOADS}. */
 export type Workload = (typeof WORKLOADS)[number];
 
 export const WORKLOAD_TEXT: Record<Workload, string> = {
@@ -24,6 +27,7 @@ export const WORKLOAD_TEXT: Record<Workload, string> = {
   sparse: 'device threads make random one-word accesses (reads and writes) over the dataset, touching a sparse subset of its pages',
 };
 
+/** Where a strategies-suite file lives: a directory (tmpfs, a disk) or a memfd. */
 export interface Place {
   /** memfd, tmpfs, or the disk file system's name. */
   fs: string;
@@ -31,6 +35,7 @@ export interface Place {
   dir?: string;
 }
 
+/** One strategy on one workload and file system: times, latencies and page-cache footprint. */
 export interface StrategyRow {
   fs: string;
   strategy: FileStrategy;
@@ -50,6 +55,7 @@ export interface StrategyRow {
   skipped?: string;
 }
 
+/** One bounce writeback measurement: how long device writers wait while pages are written. */
 export interface WritebackRow {
   fs: string;
   /** pagecache: the page-cache page pwrite fills is the bounce page; buffer: a private bounce buffer first. */
@@ -64,6 +70,7 @@ export interface WritebackRow {
   pass: boolean | null;
 }
 
+/** What {@link runStrategies} returns. */
 export interface StrategiesResult {
   dataset: { pages: number; bytes: number };
   places: Place[];
@@ -72,6 +79,7 @@ export interface StrategiesResult {
 }
 
 /** memfd, /dev/shm and a file under the OS temp dir (or --dir): the built-in defaults. */
+/** memfd, tmpfs (/dev/shm) and a file in `dir` (default: the OS temp dir). */
 export function defaultPlaces(dir?: string): Place[] {
   const places: Place[] = [{ fs: 'memfd' }];
   if (fs.existsSync('/dev/shm')) places.push({ fs: 'tmpfs', dir: '/dev/shm' });
@@ -197,6 +205,7 @@ async function runWorkload(f: Fixture, w: Workload, pages: number, lat: number[]
   return ops / (ns / 1e9) / 1e6;
 }
 
+/** The strategies suite: remote, copy, bounce and pin over four workloads and file systems. */
 export async function runStrategies(o: { pages?: number; reps?: number; dir?: string; quiet?: boolean; places?: Place[] } = {}): Promise<StrategiesResult> {
   const pages = o.pages ?? 4096;
   const reps = o.reps ?? 3;
