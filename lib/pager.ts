@@ -8,6 +8,7 @@ import { Userfaultfd, setHandlerRule, MAX_SERVICE_WORKERS, type Fault, type Serv
 import { access as runAccess, type AccessOptions, type AccessResult } from './access.js';
 import { fileSystemOf } from './probe.js';
 import { checkBytes, checkInteger, checkOneOf, rangeError, stateError, typeError } from './errors.js';
+import { checkOptions } from './validate.js';
 
 const PAGE = native.uname().pageSize;
 const MAX_GRANULE = 2 << 20;
@@ -159,7 +160,7 @@ export class Pager {
   /** Runs an access kernel (see access()) over the pager's bytes on native threads. */
   access(options: AccessOptions = {}): Promise<AccessResult> {
     this.#live();
-    if (options === null || typeof options !== 'object') throw typeError('ERR_INVALID_ARG_TYPE', 'options must be an object');
+    options = checkOptions('options', options);
     const offset = options.offset ?? 0;
     const [o, l] = this.#range(offset, options.length ?? this.#length - checkInteger('offset', offset), 8);
     return this.#track(runAccess(this.#region, { ...options, offset: o, length: l }));
@@ -278,7 +279,7 @@ function isMemfd(fd: number): boolean {
 export async function pager(target: string | number | null, options: PagerOptions = {}): Promise<Pager> {
   if (target !== null && typeof target !== 'string' && typeof target !== 'number')
     throw typeError('ERR_INVALID_ARG_TYPE', 'target must be a path, a file descriptor or null (anonymous)');
-  if (options === null || typeof options !== 'object') throw typeError('ERR_INVALID_ARG_TYPE', 'options must be an object');
+  options = checkOptions('options', options);
   const granule = checkInteger('granule', options.granule ?? 64 * 1024, PAGE, MAX_GRANULE);
   if (!pow2(granule)) throw rangeError('ERR_OUT_OF_RANGE', `granule must be a power of two from ${PAGE} to ${MAX_GRANULE} bytes, got ${granule}`);
   const anonymous = target === null;
