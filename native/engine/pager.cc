@@ -207,6 +207,7 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
   }
   std::lock_guard<std::mutex> lock(mu_);
   filling_--;
+  filled_.notify_all();
   if (rc) {
     if (state_[g] & kDirty) dirty_--;
     state_[g] = static_cast<uint8_t>(state_[g] & kBacked);  // absent
@@ -410,6 +411,21 @@ int Pager::flush(PagerWriteError* out) {
     return rc;
   }
   const int uffd = uffd_.load();
+  {
+    // A fill wakes its faulter (the copy ioctl) before it marks the granule resident, so a write
+    // that completed before this flush may sit in a granule still marked filling, which the scan
+    // below would skip: wait for every fill that is dirty now (a write fault's fill, or a WP fault
+    // taken during the fill) to end. Not under wb_mu_: a fill may be evicting (make_room) and
+    // needs it. A fill dirtied after this point holds a write concurrent with the flush, which
+    // the flush does not promise.
+    std::unique_lock<std::mutex> lock(mu_);
+    std::vector<uint64_t> pending;
+    for (uint64_t g = 0; g < ngran_; g++)
+      if (st(g) == kFilling && (state_[g] & kDirty)) pending.push_back(g);
+    filled_.wait(lock, [&] {
+      return std::none_of(pending.begin(), pending.end(), [&](uint64_t g) { return st(g) == kFilling; });
+    });
+  }
   std::lock_guard<std::mutex> wb(wb_mu_);
   std::vector<uint64_t> gs;
   {

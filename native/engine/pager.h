@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <mutex>
@@ -90,7 +91,8 @@ class Pager : public sys::FaultHandler {
   int install(uint64_t g, const uint8_t* data);
   // Poisons the page at addr (a fill that could not be done): the access gets SIGBUS, not zeros.
   int poison(uint64_t addr);
-  // Writes every dirty granule back and waits for it. 0, or -errno with *out filled.
+  // Writes every dirty granule back and waits for it, after the dirty fills in progress end (a
+  // fill wakes its writer before it marks the granule resident). 0, or -errno with *out filled.
   int flush(PagerWriteError* out);
   // Fills the absent granules of [g0, g1) (a hint): returns granules filled, or -errno.
   int64_t prefetch(uint64_t g0, uint64_t g1);
@@ -139,6 +141,9 @@ class Pager : public sys::FaultHandler {
   uint64_t next_expected_ = UINT64_MAX, window_ = 0;
   PagerWriteError sticky_;
   bool has_error_ = false;
+  // Signalled (under mu_) when a fill ends: flush() waits on it for fills whose faulter may
+  // already have written (see flush()).
+  std::condition_variable filled_;
 
   // Held by whoever writes back (evictions, flush): one writer at a time, so a granule that one
   // has taken for writing is never dropped or written by another.
