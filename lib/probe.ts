@@ -126,7 +126,10 @@ function tryCap(fn: () => void): Capability {
     return { ok: true };
   } catch (err) {
     const e = err as { code?: string; message?: string };
-    return { ok: false, reason: `${e.code ?? 'error'}: ${e.message ?? String(err)}` };
+    const message = e.message ?? String(err);
+    // A SystemError's message already starts with its code ("EPERM: Operation not permitted, ...").
+    const code = e.code ?? 'error';
+    return { ok: false, reason: message.startsWith(`${code}:`) ? message : `${code}: ${message}` };
   }
 }
 
