@@ -22,6 +22,7 @@
         "native/engine/engine.cc",
         "native/engine/fork_device.cc",
         "native/engine/pager.cc",
+        "native/engine/region.cc",
         "native/binding/errors.cc",
         "native/binding/mapping.cc",
         "native/binding/userfaultfd.cc",

@@ -1,4 +1,4 @@
-// Mapping: one mmap()ed region, owned once. See region.h for the lifetime rules.
+// Mapping: one mmap()ed region, owned once. See native/engine/region.h for the lifetime rules.
 #pragma once
 
 #include <napi.h>
@@ -7,7 +7,7 @@
 #include <optional>
 #include <vector>
 
-#include "region.h"
+#include "../engine/region.h"
 
 namespace pm {
 

@@ -6,7 +6,7 @@
 #include <memory>
 
 #include "../engine/pager.h"
-#include "region.h"
+#include "../engine/region.h"
 
 namespace pm {
 

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "../sys/fault_service.h"
-#include "region.h"
+#include "../engine/region.h"
 
 namespace pm {
 

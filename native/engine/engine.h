@@ -10,7 +10,7 @@
 #include <mutex>
 #include <vector>
 
-#include "../binding/region.h"
+#include "region.h"
 #include "../sys/fault_service.h"
 
 namespace pm::engine {

@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "../binding/region.h"
+#include "region.h"
 #include "page_table.h"
 
 namespace pm::engine {
