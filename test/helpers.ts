@@ -12,6 +12,44 @@ export const PAGE = P.pageSize;
 /** Scripts run as separate processes; they import ../../dist (compiled by test/global-setup.ts). */
 export const FIXTURES_DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fixtures');
 
+/** What a fixture process did: its output split into lines, and how long it ran. */
+export interface FixtureRun {
+  status: number | null;
+  signal: NodeJS.Signals | null;
+  error?: Error;
+  stdout: string;
+  stderr: string;
+  lines: string[];
+  ms: number;
+  /** The last line reached and the stderr, for assertion messages. */
+  progress: string;
+}
+
+/**
+ * Runs test/fixtures/NAME in its own Node process, killed with SIGKILL after timeoutMs: a fixture
+ * looks for hangs (a deadlocked fork, a thread asleep on a fault) that cannot be interrupted in
+ * the test's own process.
+ */
+export function runFixture(name: string, args: string[] = [], timeoutMs = 10_000): FixtureRun {
+  const t0 = Date.now();
+  const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, name), ...args], {
+    encoding: 'utf8',
+    timeout: timeoutMs,
+    killSignal: 'SIGKILL',
+  });
+  const lines = res.stdout.split('\n').filter(Boolean);
+  return {
+    status: res.status,
+    signal: res.signal,
+    error: res.error,
+    stdout: res.stdout,
+    stderr: res.stderr,
+    lines,
+    ms: Date.now() - t0,
+    progress: `reached ${lines.at(-1) ?? 'no line'}; stderr: ${res.stderr}`,
+  };
+}
+
 /** Skips the running test, visibly, with the probe's reason, when a capability is absent. */
 export function requireCap(ctx: { skip: (note?: string) => void }, cap: Capability, what: string): void {
   if (!cap.ok) ctx.skip(`${what}: ${cap.reason ?? 'not available'}`);

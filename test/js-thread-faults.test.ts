@@ -4,14 +4,11 @@
 // faulted in on a native thread (Mapping.populate()). Each runs in a child process, killed if it
 // hangs.
 import { describe, it, expect } from 'vitest';
-import path from 'node:path';
-import { spawnSync } from 'node:child_process';
-import { FIXTURES_DIR, P, requireCap } from './helpers.js';
+import { P, requireCap, runFixture } from './helpers.js';
 
 // dist/ (which the fixture imports) is compiled once per run by test/global-setup.ts.
 function run(what: string, populated: boolean) {
-  const args = [path.join(FIXTURES_DIR, 'js-thread-faults.mjs'), what, ...(populated ? ['populated'] : [])];
-  const res = spawnSync(process.execPath, args, { encoding: 'utf8', timeout: 10_000, killSignal: 'SIGKILL' });
+  const res = runFixture('js-thread-faults.mjs', [what, ...(populated ? ['populated'] : [])]);
   if (res.signal) throw new Error(`${what}: the child was killed by ${res.signal} (hung on the JavaScript thread?); stderr: ${res.stderr}`);
   expect(res.status, res.stderr).toBe(0);
   return JSON.parse(res.stdout.trim().split('\n').at(-1)!) as Record<string, unknown>;

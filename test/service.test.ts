@@ -2,11 +2,9 @@
 // rule: a rule on an unserved descriptor starts the service, and an access to registered memory that
 // nothing serves fails at once instead of sleeping forever.
 import { describe, it, expect } from 'vitest';
-import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
 import { mapAnonymous, Userfaultfd, access, Device, configureEngine, engineStats, type Fault, type Mapping } from '../lib/index.js';
-import { P, PAGE, FIXTURES_DIR, within, fillPattern, requireCap, waitFor } from './helpers.js';
+import { P, PAGE, within, fillPattern, requireCap, waitFor, runFixture } from './helpers.js';
 
 const N = 256;
 
@@ -171,13 +169,8 @@ describe('workers', () => {
     // glibc's fork() holds the malloc locks until a worker reads the FORK event: no worker may
     // allocate or wait on a lock an allocating thread holds (see uffd-events.test.ts). In its own
     // process: such a deadlock cannot be interrupted.
-    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-fork-traffic.mjs'), '4', '4', 'adaptive'], {
-      encoding: 'utf8',
-      timeout: 12_000,
-      killSignal: 'SIGKILL',
-    });
-    const lines = res.stdout.split('\n').filter(Boolean);
-    const progress = `reached ${lines.at(-1) ?? 'no round'}; stderr: ${res.stderr}`;
+    const res = runFixture('events-fork-traffic.mjs', ['4', '4', 'adaptive'], 12_000);
+    const { lines, progress } = res;
     expect(res.signal, `the fixture deadlocked and was killed: ${progress}`).toBeNull();
     expect(res.status, progress).toBe(0);
     expect(lines.at(-1)).toMatch(/^all rounds done: [1-9]\d* forks, [1-9]\d* faults/);

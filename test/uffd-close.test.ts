@@ -1,18 +1,10 @@
 // Closing a userfaultfd with threads asleep on it, POISON, process exit and failing handlers:
 // nothing may be left asleep. Faults are taken by native access threads only.
 import { describe, it, expect } from 'vitest';
-import path from 'node:path';
-import { spawnSync } from 'node:child_process';
 import { mapAnonymous, Userfaultfd, access, type Fault } from '../lib/index.js';
-import { FIXTURES_DIR, P, PAGE, requireCap, waitFor, within } from './helpers.js';
+import { P, PAGE, requireCap, waitFor, within, runFixture } from './helpers.js';
 
 // dist/ (which the fixtures import) is compiled once per run by test/global-setup.ts.
-
-function runFixture(name: string) {
-  const t0 = Date.now();
-  const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, name)], { encoding: 'utf8', timeout: 10_000, killSignal: 'SIGKILL' });
-  return { ...res, ms: Date.now() - t0, lines: res.stdout.split('\n').filter(Boolean) };
-}
 
 /** N native threads, one page each, all asleep on MISSING faults that onFaults leaves unresolved. */
 async function sleepers(n: number, features?: Parameters<typeof Userfaultfd.open>[0]) {

@@ -3,10 +3,8 @@
 // by a forked child's access kernel); the JavaScript thread never touches registered memory.
 import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
-import path from 'node:path';
-import { spawnSync } from 'node:child_process';
 import { mapAnonymous, Userfaultfd, access, forkAccess, type Mapping, type UffdEvent, type Fault } from '../lib/index.js';
-import { FIXTURES_DIR, P, PAGE, requireCap, waitFor, within, fillPattern, written } from './helpers.js';
+import { P, PAGE, requireCap, waitFor, within, fillPattern, written, runFixture } from './helpers.js';
 
 // dist/ (which the fixtures import) is compiled once per run by test/global-setup.ts.
 
@@ -477,13 +475,8 @@ describe('FORK events', () => {
     // Under the sanitizers (npm run test:sanitize) a fork costs 15 times as much (ASan's shadow
     // memory): fewer rounds, the same bound, which tells a deadlock from slowness.
     const rounds = process.env.PAGEMIRROR_SANITIZED ? '60' : '300';
-    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-fork-race.mjs'), rounds], {
-      encoding: 'utf8',
-      timeout: 10_000,
-      killSignal: 'SIGKILL',
-    });
-    const lines = res.stdout.split('\n').filter(Boolean);
-    const progress = `reached ${lines.at(-1) ?? 'no round'}; stderr: ${res.stderr}`;
+    const res = runFixture('events-fork-race.mjs', [rounds], 10_000);
+    const { lines, progress } = res;
     expect(res.signal, `the fixture deadlocked and was killed: ${progress}`).toBeNull();
     expect(res.status, progress).toBe(0);
     expect(lines.at(-1)).toBe('all rounds done');
@@ -494,13 +487,8 @@ describe('FORK events', () => {
     // Same hazard, other path: the service thread no longer allocates, but it waits for locks the
     // JavaScript thread holds while allocating (the pending batch, outstanding()). 6 s of faults
     // resolved in JavaScript on 4 threads, with forks of a registered mapping all along.
-    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-fork-traffic.mjs'), '6'], {
-      encoding: 'utf8',
-      timeout: 14_000,
-      killSignal: 'SIGKILL',
-    });
-    const lines = res.stdout.split('\n').filter(Boolean);
-    const progress = `reached ${lines.at(-1) ?? 'no round'}; stderr: ${res.stderr}`;
+    const res = runFixture('events-fork-traffic.mjs', ['6'], 14_000);
+    const { lines, progress } = res;
     expect(res.signal, `the fixture deadlocked and was killed: ${progress}`).toBeNull();
     expect(res.status, progress).toBe(0);
     expect(lines.at(-1)).toMatch(/^all rounds done: [1-9]\d* forks, [1-9]\d* faults/);
@@ -513,7 +501,7 @@ describe('EAGAIN while an event is unread', () => {
     requireCap(ctx, P.experiments.events, 'uffd events');
     // Needs a second thread of this address space raising the event while nobody reads it: see
     // the fixture's header. A separate process, because the fixture double-owns one descriptor.
-    const res = spawnSync(process.execPath, [path.join(FIXTURES_DIR, 'events-eagain.mjs')], { encoding: 'utf8', timeout: 10_000, killSignal: 'SIGKILL' });
+    const res = runFixture('events-eagain.mjs');
     expect(res.error, String(res.error)).toBeUndefined();
     expect(res.signal, res.stderr).toBeNull();
     expect(res.status, res.stdout + res.stderr).toBe(0);
