@@ -202,11 +202,7 @@ void Engine::before_fork() {
   } guard{all};
   for (Mirror* m : all) {
     m->migrate_to_host(0, m->npages(), Trigger::kFork);
-    if (!m->region()->shared) {
-      const uint64_t len = m->npages() * m->page();
-      m->invalidate_start(m->start(), m->start() + len, InvalidateCause::kFork);
-      m->invalidate_end(m->start(), m->start() + len);
-    }
+    if (!m->region()->shared) m->invalidate_whole(InvalidateCause::kFork);
   }
 }
 

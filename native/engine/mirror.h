@@ -143,6 +143,13 @@ class Mirror : public RangeNotifier {
   // RangeNotifier
   void invalidate_start(uint64_t start, uint64_t end, InvalidateCause cause) override;
   void invalidate_end(uint64_t start, uint64_t end) override;
+  // Invalidates every entry of the mirror wherever its mapping is when the change lock is taken:
+  // a range computed from start() before that could name the old place of a mapping an mremap
+  // just moved, and invalidate nothing.
+  void invalidate_whole(InvalidateCause cause) {
+    invalidate_start(0, UINT64_MAX, cause);
+    invalidate_end(0, UINT64_MAX);
+  }
   void remapped(uint64_t old_addr, uint64_t new_addr, uint64_t new_length, bool old_kept) override;
 
   // Why a page did not move. kNone: it moved (or was already on this device).

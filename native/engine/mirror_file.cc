@@ -876,8 +876,7 @@ void Mirror::break_lease() {
     // This mirror's entries go (other mirrors of the mapping hold no lease): a device access
     // faults again and sees the file as it is then (past a new end of file: EFAULT). A truncate
     // that lands after that fault is what no lease covers any more: see docs/file-strategies.md.
-    invalidate_start(start_, start_ + npages_ * page_, InvalidateCause::kTruncate);
-    invalidate_end(start_, start_ + npages_ * page_);
+    invalidate_whole(InvalidateCause::kTruncate);
   } else {
     // A long-term pin cannot be revoked: the device keeps its pages as its own (as pinned pages
     // outlive a truncate), detached from the file from now on.
