@@ -232,13 +232,13 @@ describe('bench --link: modeled device time beside host time in the reports', ()
     expect(r.stderr).toMatch(/unknown --link preset 'pcie9x16' \(presets: pcie3x16, pcie4x16, pcie5x16, nvlink-c2c, cxl\)/);
   });
 
-  it('engine and batching (smoke size): a modeled column and series per preset', (ctx) => {
+  it('engine, batching and oversubscription (smoke size): a modeled column and series per preset', (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');
     const out = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-link-bench-'));
     try {
       const r = spawnSync(
         process.execPath,
-        [cli, 'bench', 'engine', 'batching', '--size', String(2 << 20), '--pages', '64', '--reps', '1', '--link', 'pcie3x16', '--link', 'cxl', '--out', out, '--quiet', '--no-pin'],
+        [cli, 'bench', 'engine', 'batching', 'oversubscription', '--size', String(2 << 20), '--pages', '64', '--reps', '1', '--link', 'pcie3x16', '--link', 'cxl', '--out', out, '--quiet', '--no-pin'],
         { encoding: 'utf8', timeout: 150_000 },
       );
       expect([0, 3], r.stderr).toContain(r.status);
@@ -259,6 +259,17 @@ describe('bench --link: modeled device time beside host time in the reports', ()
       expect(batching.data).toHaveLength(30);
       for (const p of batching.data) for (const l of ['pcie3x16', 'cxl']) expect(p.modeledGbps[l].samples).toHaveLength(1);
       expect(fs.readFileSync(path.join(out, read('batching-').replace('.json', '.html')), 'utf8')).toContain('Modeled device read bandwidth, link cxl');
+      const over = JSON.parse(fs.readFileSync(path.join(out, read('oversubscription-')), 'utf8'));
+      expect(over.data).toHaveLength(18);
+      for (const p of over.data)
+        for (const l of ['pcie3x16', 'cxl']) {
+          // A working set that fits stays resident: its second pass costs the link nothing.
+          if (p.ratio <= 0.5) expect(p.modeledNsPerPage[l].median).toBe(0);
+          if (p.ratio > 1) expect(p.modeledNsPerPage[l].median).toBeGreaterThan(0);
+        }
+      const overHtml = fs.readFileSync(path.join(out, read('oversubscription-').replace('.json', '.html')), 'utf8');
+      expect(overHtml).toContain('modeled ns/page pcie3x16');
+      expect(overHtml).toContain('Second pass in modeled device time, link cxl');
     } finally {
       fs.rmSync(out, { recursive: true, force: true });
     }
