@@ -9,6 +9,8 @@ import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { _native, Device, LINK_PRESETS, mapAnonymous, mapFile, access, type DeviceCounters, type LinkPreset } from '../lib/index.js';
 import { P, PAGE, within, requireCap } from './helpers.js';
+// The reports as a person sees them (the same renderer as test/reports.test.ts).
+import { Browser, findChromium } from '../scripts/render-reports.mjs';
 
 // 1 GB/s is 1 ns per byte, 0.5 GB/s 2 ns, 2 GB/s 0.5 ns: every charge is an exact integer.
 const LINK = { latencyUs: 2, bandwidthGBs: 1, toHostBandwidthGBs: 0.5, faultRoundUs: 10, remoteAccessNs: 3, remoteBandwidthGBs: 2 };
@@ -232,7 +234,7 @@ describe('bench --link: modeled device time beside host time in the reports', ()
     expect(r.stderr).toMatch(/unknown --link preset 'pcie9x16' \(presets: pcie3x16, pcie4x16, pcie5x16, nvlink-c2c, cxl\)/);
   });
 
-  it('engine, batching and oversubscription (smoke size): a modeled column and series per preset', (ctx) => {
+  it('engine, batching and oversubscription (smoke size): a modeled column and series per preset', async (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');
     const out = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-link-bench-'));
     try {
@@ -270,6 +272,24 @@ describe('bench --link: modeled device time beside host time in the reports', ()
       const overHtml = fs.readFileSync(path.join(out, read('oversubscription-').replace('.json', '.html')), 'utf8');
       expect(overHtml).toContain('modeled ns/page pcie3x16');
       expect(overHtml).toContain('Second pass in modeled device time, link cxl');
+      // Rendered: the extra columns and series break nothing (no wrapped cell, no shared colour, no
+      // text outside a chart). A screenshot of each stays in results/link-render/.
+      const chromium = findChromium() as { bin: string | null; reason?: string };
+      if (!chromium.bin) return console.log(`reports not rendered: ${chromium.reason}`);
+      const browser = new Browser(chromium.bin);
+      try {
+        const keep = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'results', 'link-render');
+        fs.mkdirSync(keep, { recursive: true });
+        for (const prefix of ['engine-', 'batching-', 'oversubscription-']) {
+          const html = path.join(out, read(prefix).replace('.json', '.html'));
+          const r = await within(browser.render(html), 60_000, `rendering ${prefix}`);
+          fs.writeFileSync(path.join(keep, `${prefix}link.png`), r.png);
+          expect(r.errors, prefix).toEqual([]);
+          expect(r.problems, prefix).toEqual([]);
+        }
+      } finally {
+        await browser.close();
+      }
     } finally {
       fs.rmSync(out, { recursive: true, force: true });
     }

@@ -333,11 +333,12 @@ void Device::service() {
           counters_.faulted_pages.load(std::memory_order_relaxed) - pages0, ns, round_ns);
     const uint64_t round = counters_.fault_rounds.fetch_add(1, std::memory_order_relaxed);
     // Each kernel waited for this round once, however many of its threads' faults it served.
-    for (Request* r : batch)
-      if (r->acct && r->acct->last_round != round) {
-        r->acct->last_round = round;
-        r->acct->fault_ns += round_ns;
-      }
+    if (link_)
+      for (Request* r : batch)
+        if (r->acct && r->acct->last_round != round) {
+          r->acct->last_round = round;
+          r->acct->fault_ns += round_ns;
+        }
     uint64_t n = batch.size(), prev = counters_.max_batch.load();
     while (n > prev && !counters_.max_batch.compare_exchange_weak(prev, n)) {
     }
