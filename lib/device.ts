@@ -153,7 +153,7 @@ export interface KernelResult {
   remoteBytes?: number;
 }
 
-/** A device's fault, migration and invalidation counters: {@link Device.counters}. */
+/** A device's fault, migration and invalidation counters, and with a link its modeled time: {@link Device.counters}. */
 export type DeviceCounters = NativeDeviceCounters;
 
 /**
@@ -749,7 +749,11 @@ export class Device {
     return native.forkDevice(mapping.native, offset, length, list, { memory, timeoutMs }) as Promise<ForkRunResult>;
   }
 
-  /** Fault, migration and invalidation counters since create(). */
+  /**
+   * Fault, migration and invalidation counters since create(); with a link, also `modeledNs` and
+   * `modeled` (modeled device time by category: faults, migrateToDevice, migrateToHost, evictions,
+   * writeback, remoteAccess, each with ns, count and bytes).
+   */
   counters(): DeviceCounters {
     return this.#n.counters();
   }

@@ -82,6 +82,36 @@ describe('link model: modeled device time', () => {
     mir2.close();
   });
 
+  it('several device threads, prefetch and eviction: each round counts once for the kernel, and the parts add up', async (ctx) => {
+    requireCap(ctx, P.experiments.uffd, 'userfaultfd (migration to device memory)');
+    const dev = own(Device.create({ memory: 256 * PAGE, placement: 'device', eviction: 'lru', prefetch: 'sequential', faultBatch: 8, link: LINK, trace: true }));
+    const m = own(mapAnonymous(1024 * PAGE));
+    await access(m, { op: 'write', seed: 4, unit: 512 });
+    const mir = dev.mirror(m);
+    const r = await within(mir.run({ op: 'verify', seed: 4, unit: 512, threads: 4 }), 30_000, 'device verify');
+    expect(r.mismatches).toBe(0);
+    const c = dev.counters();
+    const k = modeled(c);
+    const { events, dropped } = dev.drainTrace();
+    expect(dropped).toBe(0);
+    const batches = events.filter((e) => e.type === 'fault-batch');
+    // Every round served this kernel (the only one): its fault time is the rounds' sum, once each,
+    // although rounds of up to 8 faults replayed several of its threads at once.
+    expect(c.maxBatch).toBeGreaterThan(1);
+    expect(r.modeledFaultNs).toBe(batches.reduce((a, e) => a + e.modeledNs!, 0));
+    expect(k.faults.ns).toBe(c.faultRounds * FAULT);
+    // Everything moved was moved inside a round (device faults, prefetches, the evictions they forced).
+    expect(r.modeledFaultNs).toBe(k.faults.ns + k.migrateToDevice.ns + k.evictions.ns + k.migrateToHost.ns);
+    expect(k.migrateToDevice.ns).toBe(k.migrateToDevice.count * LAT + k.migrateToDevice.bytes);
+    expect(k.evictions.ns).toBe(k.evictions.count * LAT + 2 * k.evictions.bytes);
+    expect(c.migratedToDevice.prefetch ?? 0).toBeGreaterThan(0);
+    expect(c.migratedToHost.eviction ?? 0).toBeGreaterThan(0);
+    // Remote: the slowest thread's, never more than all of them.
+    expect(r.modeledRemoteNs).toBeLessThanOrEqual(k.remoteAccess.ns);
+    expect(r.modeledNs).toBe(r.modeledFaultNs! + r.modeledRemoteNs!);
+    mir.close();
+  });
+
   it('charges remote accesses per access and per byte; threads in parallel, rounds once per kernel', async () => {
     const dev = own(Device.create({ memory: 1 << 20, link: LINK }));
     const m = own(mapAnonymous(8 * PAGE));
