@@ -36,7 +36,7 @@ describe('link model: modeled device time', () => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd (migration to device memory)');
     const dev = own(Device.create({ memory: 16 * PAGE, placement: 'device', eviction: 'fifo', link: LINK, trace: true }));
     const m = own(mapAnonymous(32 * PAGE));
-    await access(m, { op: 'write', seed: 3, unit: PAGE });
+    await within(access(m, { op: 'write', seed: 3, unit: PAGE }), 20_000, 'device or CPU access');
     const mir = dev.mirror(m);
     // One access per page, one thread: each miss is its own round migrating one page; past 16
     // pages each migration evicts the oldest page first.
@@ -71,12 +71,12 @@ describe('link model: modeled device time', () => {
     mir.close();
     const mir2 = dev.mirror(m);
     const before = modeled(dev.counters());
-    const moved = await mir2.migrateToDevice(0, 8);
+    const moved = await within(mir2.migrateToDevice(0, 8), 20_000, 'device or CPU access');
     const after = modeled(dev.counters());
     expect(after.migrateToDevice.count - before.migrateToDevice.count).toBe(1); // one call, one transfer
     expect(after.migrateToDevice.ns - before.migrateToDevice.ns).toBe(LAT + moved.cpages * PAGE);
     expect(after.faults).toEqual(before.faults);
-    const home = await mir2.migrateToHost(0, 8);
+    const home = await within(mir2.migrateToHost(0, 8), 20_000, 'device or CPU access');
     const back = modeled(dev.counters());
     expect(back.migrateToHost.ns - after.migrateToHost.ns).toBe(LAT + home.cpages * PAGE * 2);
     mir2.close();
@@ -86,9 +86,9 @@ describe('link model: modeled device time', () => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd (migration to device memory)');
     const dev = own(Device.create({ memory: 256 * PAGE, placement: 'device', eviction: 'lru', prefetch: 'sequential', faultBatch: 8, link: LINK, trace: true }));
     const m = own(mapAnonymous(1024 * PAGE));
-    await access(m, { op: 'write', seed: 4, unit: 512 });
+    await within(access(m, { op: 'write', seed: 4, unit: 512 }), 20_000, 'device or CPU access');
     const mir = dev.mirror(m);
-    const r = await within(mir.run({ op: 'verify', seed: 4, unit: 512, threads: 4 }), 30_000, 'device verify');
+    const r = await within(mir.run({ op: 'verify', seed: 4, unit: 512, threads: 4 }), 15_000, 'device verify');
     expect(r.mismatches).toBe(0);
     const c = dev.counters();
     const k = modeled(c);
@@ -133,7 +133,7 @@ describe('link model: modeled device time', () => {
     expect(r.modeledNs).toBe(r.modeledFaultNs! + r.modeledRemoteNs!);
     expect(modeled(c).migrateToDevice.count).toBe(0);
     // Pages the device already maps: no fault, all remote.
-    const again = await mir.run({ op: 'read', unit: 64 });
+    const again = await within(mir.run({ op: 'read', unit: 64 }), 20_000, 'device or CPU access');
     expect(again.faults).toBe(0);
     expect(again.modeledNs).toBe(512 * perAccess);
     mir.close();
@@ -166,7 +166,7 @@ describe('link model: modeled device time', () => {
     const dev = own(Device.create({ memory: 1 << 20, placement: 'device', link: {}, trace: true }));
     const m = own(mapAnonymous(8 * PAGE));
     const mir = dev.mirror(m);
-    const r = await mir.run({ op: 'write', seed: 1, unit: PAGE });
+    const r = await within(mir.run({ op: 'write', seed: 1, unit: PAGE }), 20_000, 'device or CPU access');
     const c = dev.counters();
     expect(c.modeledNs).toBe(0);
     expect(r.modeledNs).toBe(0);
@@ -177,7 +177,7 @@ describe('link model: modeled device time', () => {
 
     const plain = own(Device.create({ memory: 1 << 20, trace: true }));
     const mir2 = plain.mirror(m);
-    const r2 = await mir2.run({ op: 'read' });
+    const r2 = await within(mir2.run({ op: 'read' }), 20_000, 'device or CPU access');
     expect(r2.modeledNs).toBeUndefined();
     expect(plain.counters().modeledNs).toBeUndefined();
     expect(plain.counters().modeled).toBeUndefined();
@@ -197,15 +197,15 @@ describe('link model: modeled device time', () => {
     const dev = own(Device.create({ memory: 1 << 20, link: 'pcie3x16' }));
     const m = own(mapAnonymous(16 * PAGE));
     const mir = dev.mirror(m);
-    await mir.run({ op: 'write', seed: 2, unit: PAGE });
+    await within(mir.run({ op: 'write', seed: 2, unit: PAGE }), 20_000, 'device or CPU access');
     const c = dev.counters();
     expect(modeled(c).faults.ns).toBe(c.faultRounds * 45_000);
     const curve = (bytes: number) => Math.round(bytes / (12 * (2 / Math.PI) * Math.atan((0.07292 * bytes) / 1024)));
     // One page (≈ 2.2 GB/s by the fit), then 15 pages in one transfer.
-    await mir.migrateToDevice(0, 1);
+    await within(mir.migrateToDevice(0, 1), 20_000, 'device or CPU access');
     const one = modeled(dev.counters()).migrateToDevice.ns;
     expect(Math.abs(one - curve(PAGE))).toBeLessThanOrEqual(1);
-    await mir.migrateToDevice(PAGE, 15);
+    await within(mir.migrateToDevice(PAGE, 15), 20_000, 'device or CPU access');
     const two = modeled(dev.counters()).migrateToDevice.ns - one;
     expect(Math.abs(two - curve(15 * PAGE))).toBeLessThanOrEqual(1);
     if (PAGE === 4096) expect(Math.round(one / 10)).toBe(Math.round(4096 / 2.168 / 10)); // 4 KiB ≈ 2.17 GB/s
@@ -213,7 +213,7 @@ describe('link model: modeled device time', () => {
     const slow = own(Device.create({ memory: 16 * PAGE, link: { preset: 'pcie4x16', faultRoundUs: 1 } }));
     const m2 = own(mapAnonymous(PAGE));
     const mir2 = slow.mirror(m2);
-    await mir2.run({ op: 'read' });
+    await within(mir2.run({ op: 'read' }), 20_000, 'device or CPU access');
     expect(modeled(slow.counters()).faults.ns).toBe(slow.counters().faultRounds * 1000);
     mir.close();
     mir2.close();
