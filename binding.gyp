@@ -19,6 +19,7 @@
         "native/engine/mirror_file.cc",
         "native/engine/lease.cc",
         "native/engine/device.cc",
+        "native/engine/link.cc",
         "native/engine/engine.cc",
         "native/engine/fork_device.cc",
         "native/engine/pager.cc",

@@ -23,5 +23,7 @@ export { Prot, ADVICE, FEATURES, IOCTLS, REGISTER_MODES, PAGE_IS, parseProt, fea
 export type { Protection, Advice, FeatureName, IoctlName, RegisterMode, PageCategory } from './constants.js';
 export { Device, Mirror, FileMirror, decodeEntry, SNAPSHOT } from './device.js';
 export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason, TraceEvent, ForkStep, ForkRunOptions, ForkStepResult, ForkRunResult, FileStrategy, FileMirrorOptions, FileStats, FileAccounting } from './device.js';
+export { LINK_PRESETS } from './link.js';
+export type { LinkOptions, LinkParams, LinkPreset } from './link.js';
 export { pager, Pager } from './pager.js';
 export type { PagerOptions, PagerMode, PagerEviction, PagerFill, PagerStats, PagerWriteError } from './pager.js';

@@ -40,7 +40,7 @@ class UsageError extends Error {
   }
 }
 
-type Flags = Record<string, { type: 'string' | 'boolean'; short?: string }>;
+type Flags = Record<string, { type: 'string' | 'boolean'; short?: string; multiple?: boolean }>;
 
 const HELP_FLAG: Flags = { help: { type: 'boolean', short: 'h' } };
 
@@ -63,7 +63,7 @@ function closest(name: string, known: string[]): string | undefined {
   return best;
 }
 
-type Values<F extends Flags> = { [K in keyof F]?: F[K]['type'] extends 'string' ? string : boolean } & { help?: boolean };
+type Values<F extends Flags> = { [K in keyof F]?: F[K] extends { multiple: true } ? string[] : F[K]['type'] extends 'string' ? string : boolean } & { help?: boolean };
 
 function parse<F extends Flags>(command: string, args: string[], flags: F, positionals: boolean): { values: Values<F>; positionals: string[] } {
   const options = { ...HELP_FLAG, ...flags };
@@ -172,6 +172,9 @@ options:
   --json         the results (every report's environment and data) as JSON on stdout; the
                  summary and progress go to stderr
   --no-pin       do not pin the benchmark and the C baseline to one CPU
+  --link PRESET  engine, batching, oversubscription: also report modeled device time over this
+                 link (pcie3x16, pcie4x16, pcie5x16, nvlink-c2c, cxl; docs/link-model.md);
+                 repeat for several (each adds a run per repetition)
   --quiet        no progress and no summary on stderr
   -h, --help     this text
 
@@ -221,10 +224,15 @@ const COMMANDS: Record<string, Command> = {
           json: { type: 'boolean' },
           'no-pin': { type: 'boolean' },
           quiet: { type: 'boolean' },
+          link: { type: 'string', multiple: true },
         },
         true,
       );
       if (values.help) return help('bench');
+      const { LINK_PRESETS } = await import('./link.js');
+      const presets = Object.keys(LINK_PRESETS);
+      for (const l of values.link ?? [])
+        if (!presets.includes(l)) throw new UsageError(`unknown --link preset '${l}' (presets: ${presets.join(', ')})`, 'bench');
       const pages = positiveInt('pages', values.pages, 1 << 22);
       // 16: one device window of the strategies suite, a dirty page in each quarter.
       if (pages !== undefined && pages < 16) throw new UsageError(`--pages must be from 16 to ${1 << 22}, got ${pages}`, 'bench');
@@ -250,6 +258,7 @@ const COMMANDS: Record<string, Command> = {
         dir: values.dir,
         quick,
         version: version(),
+        links: values.link ? ([...new Set(values.link)] as (keyof typeof LINK_PRESETS)[]) : undefined,
       });
       const text = r.summary + '\n\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n';
       if (json) {

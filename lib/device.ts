@@ -7,6 +7,7 @@ import { Mapping } from './mapping.js';
 import { checkInteger, checkOneOf, checkBytes, checkDecodedPages, stateError, typeError } from './errors.js';
 import { checkBoolean, checkNumber, checkOptions, checkString, checkU64 } from './validate.js';
 import { checkServed } from './served.js';
+import { resolveLink, type LinkOptions } from './link.js';
 
 const PAGE = native.uname().pageSize;
 
@@ -48,6 +49,15 @@ export interface DeviceOptions {
   trace?: boolean;
   /** Trace ring size in events; the oldest are dropped (and counted) past it. @default 65536 */
   traceCapacity?: number;
+  /**
+   * The link between host memory and this device, for "modeled device time": a preset
+   * ('pcie3x16', 'pcie4x16', 'pcie5x16', 'nvlink-c2c', 'cxl') or {@link LinkParams} (optionally
+   * `{ preset, ...overrides }`). Every fault round, migration, eviction, writeback of a device copy
+   * and remote access the engine performs is then charged in modeled nanoseconds: counters()
+   * gains `modeledNs` and `modeled`, kernel results `modeledNs`, trace events `modeledNs`
+   * (docs/link-model.md). Nothing changes in what the engine does. Default: no link, nothing modeled.
+   */
+  link?: LinkOptions;
 }
 
 /**
@@ -55,6 +65,8 @@ export interface DeviceOptions {
  * pages moved and why (explicit, device-fault, cpu-fault, prefetch, eviction, release, fork).
  * invalidate: entries cleared and the cause (protect, discard, unmap, remap, truncate,
  * writeback, fork, cpu-access...). tNs is CLOCK_MONOTONIC; offset is within the mirror's mapping range.
+ * With a link, fault-batch and migrate-* events carry modeledNs: what the link model charged for
+ * them (a batch: its round trip plus the transfers made in it).
  */
 export type TraceEvent = NativeTraceEvent & { device: string };
 
@@ -125,9 +137,23 @@ export interface KernelResult {
   /** Pages copied (read/write), the kernel device's `cpages`: base pages (a 2 MiB hugetlb page counts 512). */
   cpages: number;
   elapsedNs: number;
+  /**
+   * With a link: the kernel's modeled device time, `modeledFaultNs + modeledRemoteNs`. Fault rounds
+   * are serialised on the device's service thread, so each round that served the kernel counts
+   * once; device threads run side by side, so the remote share is the slowest thread's.
+   */
+  modeledNs?: number;
+  /** With a link: the fault rounds the kernel waited for (round trip and the transfers made in them). */
+  modeledFaultNs?: number;
+  /** With a link: accesses to host-resident pages, the slowest thread's. */
+  modeledRemoteNs?: number;
+  /** With a link: accesses to host-resident pages (words; pages for read/write), all threads. */
+  remoteAccesses?: number;
+  /** With a link: their bytes (8 per word, a page per page copied). */
+  remoteBytes?: number;
 }
 
-/** A device's fault, migration and invalidation counters: {@link Device.counters}. */
+/** A device's fault, migration and invalidation counters, and with a link its modeled time: {@link Device.counters}. */
 export type DeviceCounters = NativeDeviceCounters;
 
 /**
@@ -561,8 +587,9 @@ export class Device {
   /**
    * Creates a device and starts its fault service thread.
    *
-   * @throws {RangeError} `ERR_OUT_OF_RANGE` (memory, faultBatch, ...), {TypeError} `ERR_INVALID_ARG_VALUE`
-   *   (placement, eviction) or `ERR_INVALID_ARG_TYPE`, before any system call; SystemError `ENOMEM`
+   * @throws {RangeError} `ERR_OUT_OF_RANGE` (memory, faultBatch, a link cost negative, NaN or
+   *   infinite, ...), {TypeError} `ERR_INVALID_ARG_VALUE` (placement, eviction, an unknown link preset
+   *   or field) or `ERR_INVALID_ARG_TYPE`, before any system call; SystemError `ENOMEM`
    *   (device memory) or `EAGAIN` (threads).
    * @example
    * ```ts
@@ -592,6 +619,7 @@ export class Device {
         prefetch: checkOneOf('prefetch', options.prefetch ?? 'off', ['off', 'sequential', 'density'] as const),
         trace: checkBoolean('trace', options.trace, false),
         traceCapacity: checkInteger('traceCapacity', options.traceCapacity ?? 1 << 16, 1, 1 << 24),
+        link: resolveLink('link', options.link),
       }),
       name,
     );
@@ -721,7 +749,11 @@ export class Device {
     return native.forkDevice(mapping.native, offset, length, list, { memory, timeoutMs }) as Promise<ForkRunResult>;
   }
 
-  /** Fault, migration and invalidation counters since create(). */
+  /**
+   * Fault, migration and invalidation counters since create(); with a link, also `modeledNs` and
+   * `modeled` (modeled device time by category: faults, migrateToDevice, migrateToHost, evictions,
+   * writeback, remoteAccess, each with ns, count and bytes).
+   */
   counters(): DeviceCounters {
     return this.#n.counters();
   }

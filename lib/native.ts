@@ -365,12 +365,19 @@ export interface NativeDeviceCounters {
   invalidations: Record<string, number>;
   migratedToDevice: Record<string, number>;
   migratedToHost: Record<string, number>;
+  /** With a link: modeled device time in all (the sum of `modeled`'s categories), ns. */
+  modeledNs?: number;
+  /**
+   * With a link: modeled time by what was charged. count: fault rounds, transfers (migrations,
+   * evictions, writeback runs) or remote accesses; bytes: what crossed the link.
+   */
+  modeled?: Record<'faults' | 'migrateToDevice' | 'migrateToHost' | 'evictions' | 'writeback' | 'remoteAccess', { ns: number; count: number; bytes: number }>;
 }
 
 /** @inline */
 export type NativeTraceEvent =
-  | { type: 'fault-batch'; tNs: number; mirror: bigint; faults: number; pages: number; serviceNs: number }
-  | { type: 'migrate-to-device' | 'migrate-to-host'; tNs: number; mirror: bigint; offset: number; pages: number; bytes: number; trigger: string }
+  | { type: 'fault-batch'; tNs: number; mirror: bigint; faults: number; pages: number; serviceNs: number; modeledNs?: number }
+  | { type: 'migrate-to-device' | 'migrate-to-host'; tNs: number; mirror: bigint; offset: number; pages: number; bytes: number; trigger: string; modeledNs?: number }
   | { type: 'invalidate'; tNs: number; mirror: bigint; offset: number; pages: number; cause: string };
 
 export interface NativeKernelResult {
@@ -380,6 +387,11 @@ export interface NativeKernelResult {
   faults: number;
   cpages: number;
   elapsedNs: number;
+  modeledNs?: number;
+  modeledFaultNs?: number;
+  modeledRemoteNs?: number;
+  remoteAccesses?: number;
+  remoteBytes?: number;
   data?: Buffer;
 }
 

@@ -8,6 +8,7 @@ import { runBatching, runDirtyTracking, runOversubscription } from './policies.j
 import { runStrategies, STRATEGY_NAMES, WORKLOADS, WORKLOAD_TEXT } from './strategies.js';
 import { runService, type ServiceRow } from './service.js';
 import { runPagerSuite } from './pager.js';
+import type { LinkPreset } from '../link.js';
 
 /** The built-in benchmark suites, in the order `pagemirror bench` runs them. */
 export const SUITES = ['faults', 'engine', 'batching', 'strategies', 'oversubscription', 'dirty', 'service', 'pager'] as const;
@@ -29,6 +30,8 @@ export interface BenchOptions {
   dir?: string;
   /** --quick: suites whose matrix is long (pager) run a smoke-sized subset of it. */
   quick?: boolean;
+  /** --link: engine, batching and oversubscription also report modeled device time under each preset. */
+  links?: LinkPreset[];
 }
 
 /** One line per suite for `pagemirror bench --help` (a suite without one is listed bare). */
@@ -52,9 +55,14 @@ function targetRatio(target: string | null): number | undefined {
   return m ? Number(m[1]) : undefined;
 }
 
-export function engineTable(rows: EngineRow[]): Table {
+/** The modeled-time cells of a row, one per link (the median, 2 decimals; '-' where none). */
+function modeledCells(links: readonly string[], m: Record<string, { n: number; median: number }> | undefined, digits = 2): string[] {
+  return links.map((l) => (m?.[l]?.n ? m[l]!.median.toFixed(digits) : '-'));
+}
+
+export function engineTable(rows: EngineRow[], links: readonly string[] = []): Table {
   return {
-    columns: ['scenario', 'metric', 'addon (median)', 'min', 'max', 'C baseline', 'C (median)', 'ratio', 'target', 'verdict'],
+    columns: ['scenario', 'metric', 'addon (median)', 'min', 'max', 'C baseline', 'C (median)', 'ratio', 'target', 'verdict', ...links.map((l) => `modeled ${l} (median)`)],
     rows: rows.map((r) => [
       r.scenario,
       r.metric,
@@ -66,6 +74,7 @@ export function engineTable(rows: EngineRow[]): Table {
       r.ratio === null ? '-' : r.ratio.toFixed(2) + 'x',
       r.target ?? '-',
       r.pass === null ? (r.skipped ? `skipped: ${r.skipped}` : 'reported') : r.pass ? 'pass' : 'FAIL',
+      ...modeledCells(links, r.modeled),
     ]),
   };
 }
@@ -187,8 +196,9 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
     if (suite === 'engine') {
       const pin = o.pin ?? true;
       const env = benchEnv(pin, o.version);
-      const rows = await runEngine({ size: o.size, pages: o.pages, reps: o.reps, pin, quiet: o.quiet });
-      const table = engineTable(rows);
+      const links = o.links ?? [];
+      const rows = await runEngine({ size: o.size, pages: o.pages, reps: o.reps, pin, quiet: o.quiet, links });
+      const table = engineTable(rows, links);
       const measured = rows.filter((r) => r.addon.n > 0);
       const bw = barChartSvg(
         'Bandwidth: device reads and migrations vs the C baselines (median, min-max)',
@@ -198,6 +208,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
           bars: [
             { series: 'pagemirror', value: r.addon.median, min: r.addon.min, max: r.addon.max },
             ...(r.c ? [{ series: `C: ${r.baseline}`, value: r.c.median, min: r.c.min, max: r.c.max }] : []),
+            ...links.flatMap((l) => (r.modeled?.[l]?.n ? [{ series: `modeled: ${l}`, value: r.modeled[l]!.median, min: r.modeled[l]!.min, max: r.modeled[l]!.max }] : [])),
           ],
         })),
       );
@@ -209,6 +220,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
           bars: [
             { series: 'pagemirror', value: r.addon.median, min: r.addon.min, max: r.addon.max },
             ...(r.c ? [{ series: 'C baseline', value: r.c.median, min: r.c.min, max: r.c.max }] : []),
+            ...links.flatMap((l) => (r.modeled?.[l]?.n ? [{ series: `modeled: ${l}`, value: r.modeled[l]!.median, min: r.modeled[l]!.min, max: r.modeled[l]!.max }] : [])),
           ],
         })),
       );
@@ -220,7 +232,9 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       const written = writeReport(path.resolve(o.out), `engine-${stamp}`, env, rows, [
         {
           title: 'Engine: device faults, migration, CPU faults on device memory',
-          text: rows.map((r) => `${r.scenario}: ${r.note ?? ''}`).join(' | '),
+          text:
+            rows.map((r) => `${r.scenario}: ${r.note ?? ''}`).join(' | ') +
+            (links.length ? ` | modeled: the same metric in modeled device time under ${links.join(', ')} (docs/link-model.md)` : ''),
           svg: [bw, lat, ratio],
           table,
         },
@@ -233,7 +247,8 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
     if (suite === 'batching') {
       const env = benchEnv(false, o.version);
       const size = o.size ?? 64 << 20;
-      const rows = await runBatching({ size, reps: o.reps, quiet: o.quiet });
+      const links = o.links ?? [];
+      const rows = await runBatching({ size, reps: o.reps, quiet: o.quiet, links });
       const label = (r: (typeof rows)[number]) => `around ${r.faultAround / 1024} KiB${r.prefetch === 'off' ? '' : ', prefetch'}`;
       const keys = [...new Set(rows.map(label))];
       const series = (metric: 'gbps' | 'rounds') =>
@@ -241,15 +256,21 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
           name: k,
           points: rows.filter((r) => label(r) === k).map((r) => ({ x: r.faultBatch, y: r[metric].median, min: r[metric].min, max: r[metric].max })),
         }));
+      const modeledSeries = (l: string) =>
+        keys.map((k) => ({ name: k, points: rows.filter((r) => label(r) === k).map((r) => ({ x: r.faultBatch, y: r.modeledGbps![l]!.median, min: r.modeledGbps![l]!.min, max: r.modeledGbps![l]!.max })) }));
       const table: Table = {
-        columns: ['fault batch', 'fault-around', 'prefetch', 'GB/s (median)', 'min', 'max', 'fault rounds'],
-        rows: rows.map((r) => [r.faultBatch, `${r.faultAround / 1024} KiB`, r.prefetch, r.gbps.median.toFixed(2), r.gbps.min.toFixed(2), r.gbps.max.toFixed(2), r.rounds.median]),
+        columns: ['fault batch', 'fault-around', 'prefetch', 'GB/s (median)', 'min', 'max', 'fault rounds', ...links.map((l) => `modeled GB/s ${l}`)],
+        rows: rows.map((r) => [r.faultBatch, `${r.faultAround / 1024} KiB`, r.prefetch, r.gbps.median.toFixed(2), r.gbps.min.toFixed(2), r.gbps.max.toFixed(2), r.rounds.median, ...modeledCells(links, r.modeledGbps, 3)]),
       };
       const written = writeReport(path.resolve(o.out), `batching-${stamp}`, env, rows, [
         {
           title: 'Batching: where device-fault speed comes from',
           text: `8 device threads read one word per page of ${size >> 20} MiB of never-mirrored anonymous memory. Fault batch size on the x axis; one line per fault-around granule, with and without sequential prefetch.`,
-          svg: [lineChartSvg('Device read bandwidth', 'fault batch size', 'GB/s', series('gbps')), lineChartSvg('Fault rounds (service batches)', 'fault batch size', 'rounds', series('rounds'))],
+          svg: [
+            lineChartSvg('Device read bandwidth', 'fault batch size', 'GB/s', series('gbps')),
+            lineChartSvg('Fault rounds (service batches)', 'fault batch size', 'rounds', series('rounds')),
+            ...links.map((l) => lineChartSvg(`Modeled device read bandwidth, link ${l}`, 'fault batch size', 'GB/s (modeled)', modeledSeries(l))),
+          ],
           table,
         },
       ]);
@@ -354,7 +375,8 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
     if (suite === 'oversubscription') {
       const env = benchEnv(false, o.version);
       const deviceMemory = o.size ? Math.max(1 << 20, o.size / 8) : 8 << 20;
-      const rows = await runOversubscription({ deviceMemory, reps: o.reps, quiet: o.quiet });
+      const links = o.links ?? [];
+      const rows = await runOversubscription({ deviceMemory, reps: o.reps, quiet: o.quiet, links });
       const label = (r: (typeof rows)[number]) => `${r.eviction}${r.prefetch === 'off' ? '' : ' + density prefetch'}`;
       const keys = [...new Set(rows.map(label))];
       const base = new Map(keys.map((k) => [k, rows.find((r) => label(r) === k && r.ratio === 0.5)!.nsPerPage.median]));
@@ -364,14 +386,19 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       }));
       const mb = (x: Record<string, number>) => Object.entries(x).map(([k, v]) => `${k} ${(v / 2 ** 20).toFixed(1)}`).join(', ') || '-';
       const table: Table = {
-        columns: ['policy', 'working set', 'ns/page (median)', 'slowdown vs 50 %', 'MiB to device', 'MiB to host'],
-        rows: rows.map((r) => [label(r), `${Math.round(r.ratio * 100)} %`, r.nsPerPage.median.toFixed(0), (r.nsPerPage.median / base.get(label(r))!).toFixed(2) + 'x', mb(r.migrated.toDevice), mb(r.migrated.toHost)]),
+        columns: ['policy', 'working set', 'ns/page (median)', 'slowdown vs 50 %', 'MiB to device', 'MiB to host', ...links.map((l) => `modeled ns/page ${l}`)],
+        rows: rows.map((r) => [label(r), `${Math.round(r.ratio * 100)} %`, r.nsPerPage.median.toFixed(0), (r.nsPerPage.median / base.get(label(r))!).toFixed(2) + 'x', mb(r.migrated.toDevice), mb(r.migrated.toHost), ...modeledCells(links, r.modeledNsPerPage, 0)]),
       };
+      const modeledPerPage = (l: string) =>
+        keys.map((k) => ({ name: k, points: rows.filter((r) => label(r) === k).map((r) => ({ x: Math.round(r.ratio * 100), y: r.modeledNsPerPage![l]!.median, min: r.modeledNsPerPage![l]!.min, max: r.modeledNsPerPage![l]!.max })) }));
       const written = writeReport(path.resolve(o.out), `oversubscription-${stamp}`, env, rows, [
         {
           title: 'Oversubscription: working set against device memory',
           text: `A device with ${deviceMemory >> 20} MiB of memory migrates on faults (placement 'device') and reads a working set of 50 % to 200 % of its memory twice; the second pass is timed. Migrated bytes by trigger show what eviction and prefetch did.`,
-          svg: [lineChartSvg('Slowdown of the second pass', 'working set, % of device memory', 'x of the 50 % case', slowdown)],
+          svg: [
+            lineChartSvg('Slowdown of the second pass', 'working set, % of device memory', 'x of the 50 % case', slowdown),
+            ...links.map((l) => lineChartSvg(`Second pass in modeled device time, link ${l}`, 'working set, % of device memory', 'ns per page (modeled)', modeledPerPage(l))),
+          ],
           table,
         },
       ]);

@@ -2,6 +2,7 @@
 // what oversubscription costs per eviction policy. Each point is the median of repetitions.
 import { mapAnonymous, type Mapping } from '../mapping.js';
 import { Device, type DeviceOptions } from '../device.js';
+import type { LinkPreset } from '../link.js';
 import { access } from '../access.js';
 import { native } from '../native.js';
 import { summarize, type Summary } from './stats.js';
@@ -16,6 +17,13 @@ export interface BatchingPoint {
   prefetch: 'off' | 'sequential';
   gbps: Summary & { samples: number[] };
   rounds: Summary & { samples: number[] };
+  /** With links: GB/s in modeled device time, per link preset. */
+  modeledGbps?: Record<string, Summary & { samples: number[] }>;
+}
+
+/** Per link preset, the summary of its samples (undefined without links). */
+function byLink(links: LinkPreset[], samples: Record<string, number[]>): Record<string, Summary & { samples: number[] }> | undefined {
+  return links.length ? Object.fromEntries(links.map((l) => [l, { ...summarize(samples[l] ?? []), samples: samples[l] ?? [] }])) : undefined;
 }
 
 function anon(bytes: number): Mapping {
@@ -26,7 +34,9 @@ function anon(bytes: number): Mapping {
 
 /** Device threads streaming through never-mirrored memory: GB/s and fault rounds per setting. */
 /** The batching suite: device read bandwidth by fault batch size, fault-around and prefetch. */
-export async function runBatching(o: { size?: number; reps?: number; threads?: number; quiet?: boolean } = {}): Promise<BatchingPoint[]> {
+export async function runBatching(o: { size?: number; reps?: number; threads?: number; quiet?: boolean; links?: LinkPreset[] } = {}): Promise<BatchingPoint[]> {
+  // With links, each repetition runs once per link (host time from every run).
+  const links = o.links ?? [];
   const size = o.size ?? 64 << 20;
   const reps = o.reps ?? 5;
   const threads = o.threads ?? 8;
@@ -41,21 +51,24 @@ export async function runBatching(o: { size?: number; reps?: number; threads?: n
       for (const faultBatch of batches) {
         const g: number[] = [];
         const r: number[] = [];
-        for (let i = 0; i < reps; i++) {
+        const mg: Record<string, number[]> = Object.fromEntries(links.map((l) => [l, []]));
+        for (let i = 0; i < reps * Math.max(1, links.length); i++) {
           const m = anon(size);
-          const dev = Device.create({ memory: PAGE * 16, faultBatch, faultAround, prefetch });
+          const link = links[i % Math.max(1, links.length)] as LinkPreset | undefined;
+          const dev = Device.create({ memory: PAGE * 16, faultBatch, faultAround, prefetch, link });
           try {
             const mir = dev.mirror(m);
             const res = await mir.run({ op: 'read', unit: PAGE, threads });
             g.push(size / res.elapsedNs);
             r.push(dev.counters().faultRounds);
+            if (link) mg[link]!.push(size / res.modeledNs!);
             mir.close();
           } finally {
             dev.close();
             m.close();
           }
         }
-        out.push({ faultBatch, faultAround, prefetch, gbps: { ...summarize(g), samples: g }, rounds: { ...summarize(r), samples: r } });
+        out.push({ faultBatch, faultAround, prefetch, gbps: { ...summarize(g), samples: g }, rounds: { ...summarize(r), samples: r }, modeledGbps: byLink(links, mg) });
         progress.step(`batch ${faultBatch}, around ${faultAround / 1024} KiB, prefetch ${prefetch}`);
       }
   progress.end();
@@ -72,11 +85,14 @@ export interface OversubPoint {
   nsPerPage: Summary & { samples: number[] };
   /** Bytes migrated, by direction and trigger, in the last repetition. */
   migrated: { toDevice: Record<string, number>; toHost: Record<string, number> };
+  /** With links: the second pass in modeled device time, ns per page, per link preset. */
+  modeledNsPerPage?: Record<string, Summary & { samples: number[] }>;
 }
 
 /** A device sweeping a working set of 50 % to 200 % of its memory, twice, per eviction policy. */
 /** The oversubscription suite: working sets of 50 % to 200 % of device memory, with eviction and prefetch. */
-export async function runOversubscription(o: { deviceMemory?: number; reps?: number; quiet?: boolean } = {}): Promise<OversubPoint[]> {
+export async function runOversubscription(o: { deviceMemory?: number; reps?: number; quiet?: boolean; links?: LinkPreset[] } = {}): Promise<OversubPoint[]> {
+  const links = o.links ?? [];
   const memory = o.deviceMemory ?? 8 << 20;
   const reps = o.reps ?? 5;
   const ratios = [0.5, 0.75, 1, 1.25, 1.5, 2];
@@ -91,10 +107,12 @@ export async function runOversubscription(o: { deviceMemory?: number; reps?: num
     for (const ratio of ratios) {
       const bytes = Math.round((memory * ratio) / PAGE) * PAGE;
       const samples: number[] = [];
+      const ms: Record<string, number[]> = Object.fromEntries(links.map((l) => [l, []]));
       let migrated = { toDevice: {} as Record<string, number>, toHost: {} as Record<string, number> };
-      for (let i = 0; i < reps; i++) {
+      for (let i = 0; i < reps * Math.max(1, links.length); i++) {
         const m = anon(bytes);
-        const opts: DeviceOptions = { memory, placement: 'device', eviction: s.eviction, prefetch: s.prefetch };
+        const link = links[i % Math.max(1, links.length)] as LinkPreset | undefined;
+        const opts: DeviceOptions = { memory, placement: 'device', eviction: s.eviction, prefetch: s.prefetch, link };
         const dev = Device.create(opts);
         try {
           await access(m, { op: 'write', seed: 1, unit: PAGE });
@@ -102,6 +120,7 @@ export async function runOversubscription(o: { deviceMemory?: number; reps?: num
           await mir.run({ op: 'read', unit: PAGE }); // first touch: everything faults
           const r = await mir.run({ op: 'read', unit: PAGE }); // second pass: what stays resident helps
           samples.push(r.elapsedNs / (bytes / PAGE));
+          if (link) ms[link]!.push(r.modeledNs! / (bytes / PAGE));
           const c = dev.counters();
           const bytesOf = (x: Record<string, number>) => Object.fromEntries(Object.entries(x).map(([k, v]) => [k, v * PAGE]));
           migrated = { toDevice: bytesOf(c.migratedToDevice), toHost: bytesOf(c.migratedToHost) };
@@ -111,7 +130,7 @@ export async function runOversubscription(o: { deviceMemory?: number; reps?: num
           m.close();
         }
       }
-      out.push({ ...s, ratio, nsPerPage: { ...summarize(samples), samples }, migrated });
+      out.push({ ...s, ratio, nsPerPage: { ...summarize(samples), samples }, migrated, modeledNsPerPage: byLink(links, ms) });
       progress.step(`${s.eviction}/${s.prefetch} at ${Math.round(ratio * 100)} %`);
     }
   progress.end();

@@ -77,6 +77,29 @@ Napi::Value DeviceWrap::Create(const Napi::CallbackInfo& info) {
   else if (prefetch == "sequential") c.prefetch = engine::DeviceConfig::Prefetch::kSequential;
   else if (prefetch == "density") c.prefetch = engine::DeviceConfig::Prefetch::kDensity;
   else throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "prefetch must be 'off', 'sequential' or 'density'");
+  Napi::Value link = o.Get("link");
+  if (!link.IsUndefined()) {
+    // Resolved and validated in TypeScript (lib/link.ts); checked again so that a direct caller of
+    // the addon cannot hand the model a NaN or a negative cost.
+    if (!link.IsObject()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "link must be an object");
+    Napi::Object lo = link.As<Napi::Object>();
+    auto num = [&](const char* key) {
+      Napi::Value v = lo.Get(key);
+      if (v.IsUndefined()) return 0.0;
+      if (!v.IsNumber()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", std::string("link.") + key + " must be a number");
+      const double d = v.As<Napi::Number>().DoubleValue();
+      if (!(d >= 0 && d < 1e15)) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", std::string("link.") + key + " must be a finite number >= 0");
+      return d;
+    };
+    c.link = true;
+    c.link_params.latency_us = num("latencyUs");
+    c.link_params.bandwidth_gbs = num("bandwidthGBs");
+    c.link_params.to_host_bandwidth_gbs = num("toHostBandwidthGBs");
+    c.link_params.curve_per_kib = num("curvePerKiB");
+    c.link_params.fault_round_us = num("faultRoundUs");
+    c.link_params.remote_access_ns = num("remoteAccessNs");
+    c.link_params.remote_bandwidth_gbs = num("remoteBandwidthGBs");
+  }
   c.trace = OptBool(o, "trace", false);
   c.trace_capacity = OptU64(o, "traceCapacity", 1 << 16);
   if (c.trace_capacity == 0 || c.trace_capacity > (1u << 24)) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "traceCapacity must be 1..16777216");
@@ -231,6 +254,19 @@ Napi::Value DeviceWrap::Counters(const Napi::CallbackInfo& info) {
   }
   o.Set("migratedToDevice", to_dev);
   o.Set("migratedToHost", to_host);
+  if (const engine::LinkModel* link = device_->link()) {
+    Napi::Object modeled = Napi::Object::New(env);
+    for (unsigned i = 0; i < static_cast<unsigned>(engine::LinkCategory::kCount); i++) {
+      const auto& k = link->counter(static_cast<engine::LinkCategory>(i));
+      Napi::Object e = Napi::Object::New(env);
+      e.Set("ns", static_cast<double>(k.ns.load()));
+      e.Set("count", static_cast<double>(k.events.load()));
+      e.Set("bytes", static_cast<double>(k.bytes.load()));
+      modeled.Set(engine::LinkCategoryName(static_cast<engine::LinkCategory>(i)), e);
+    }
+    o.Set("modeledNs", static_cast<double>(link->total_ns()));
+    o.Set("modeled", modeled);
+  }
   return o;
 }
 
@@ -246,6 +282,7 @@ Napi::Value DeviceWrap::DrainTrace(const Napi::CallbackInfo& info) {
     Napi::Object o = Napi::Object::New(env);
     o.Set("tNs", static_cast<double>(e.t_ns));
     o.Set("mirror", Napi::BigInt::New(env, e.mirror));
+    if (device_->link() && e.kind != engine::TraceKind::kInvalidate) o.Set("modeledNs", static_cast<double>(e.modeled_ns));
     switch (e.kind) {
       case engine::TraceKind::kFaultBatch:
         o.Set("type", "fault-batch");
@@ -397,7 +434,7 @@ EntryRange ToEntries(Napi::Env env, engine::Mirror& m, uint64_t off, uint64_t n,
   return {off / base / ratio, (off / base + n + ratio - 1) / ratio, ratio};
 }
 
-Napi::Object ResultObject(Napi::Env env, const engine::KernelResult& r, uint64_t ratio) {
+Napi::Object ResultObject(Napi::Env env, const engine::KernelResult& r, uint64_t ratio, bool link) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("ops", static_cast<double>(r.ops));
   o.Set("checksum", Napi::BigInt::New(env, r.checksum));
@@ -405,6 +442,13 @@ Napi::Object ResultObject(Napi::Env env, const engine::KernelResult& r, uint64_t
   o.Set("faults", static_cast<double>(r.faults));
   o.Set("cpages", static_cast<double>(r.cpages * ratio));
   o.Set("elapsedNs", static_cast<double>(r.elapsed_ns));
+  if (link) {
+    o.Set("modeledNs", static_cast<double>(r.modeled_ns));
+    o.Set("modeledFaultNs", static_cast<double>(r.modeled_fault_ns));
+    o.Set("modeledRemoteNs", static_cast<double>(r.modeled_remote_ns));
+    o.Set("remoteAccesses", static_cast<double>(r.remote_accesses));
+    o.Set("remoteBytes", static_cast<double>(r.remote_bytes));
+  }
   return o;
 }
 
@@ -424,7 +468,7 @@ Napi::Value Start(Napi::Env env, std::unique_ptr<KernelJob> job, bool copy_out) 
           err.Value().Set("faults", static_cast<double>(j.result.faults));
           throw err;
         }
-        Napi::Object o = ResultObject(env, j.result, j.mirror->page() / sys::page_size());
+        Napi::Object o = ResultObject(env, j.result, j.mirror->page() / sys::page_size(), j.device->link() != nullptr);
         if (copy_out) o.Set("data", Napi::Buffer<uint8_t>::Copy(env, j.buffer.data(), j.buffer.size()));
         return o;
       });

@@ -24,11 +24,26 @@ const char* TriggerName(Trigger t) {
   return "unknown";
 }
 
-Device::Device(const DeviceConfig& config) : config_(config) {}
+Device::Device(const DeviceConfig& config)
+    : config_(config), link_(config.link ? std::make_unique<LinkModel>(config.link_params) : nullptr) {}
 
-void Device::trace(TraceKind kind, Mirror* m, uint64_t a, uint64_t b, uint64_t c) {
+namespace {
+// The fault round the calling thread is servicing (the device's service thread, inside
+// service_batch): transfers made there are part of the round's modeled cost.
+thread_local Device* tl_round_device = nullptr;
+thread_local uint64_t tl_round_ns = 0;
+}  // namespace
+
+uint64_t Device::charge_transfer(uint64_t bytes, LinkDir dir, LinkCategory category) {
+  if (!link_ || !bytes) return 0;
+  const uint64_t ns = link_->charge_transfer(bytes, dir, category);
+  if (tl_round_device == this) tl_round_ns += ns;
+  return ns;
+}
+
+void Device::trace(TraceKind kind, Mirror* m, uint64_t a, uint64_t b, uint64_t c, uint64_t modeled_ns) {
   if (!config_.trace) return;
-  TraceEvent e{sys::now_ns(), kind, m ? m->start() : 0, a, b, c};
+  TraceEvent e{sys::now_ns(), kind, m ? m->start() : 0, a, b, c, modeled_ns};
   std::lock_guard<std::mutex> lock(trace_mu_);
   if (trace_.size() < config_.trace_capacity) {
     trace_.push_back(e);
@@ -54,7 +69,12 @@ std::vector<TraceEvent> Device::drain_trace(uint64_t* dropped) {
 void Device::on_migrate(Mirror* m, bool to_device, uint64_t first, uint64_t pages, Trigger trigger) {
   if (!pages) return;
   (to_device ? counters_.to_device : counters_.to_host)[static_cast<unsigned>(trigger)].fetch_add(pages, std::memory_order_relaxed);
-  trace(to_device ? TraceKind::kMigrateToDevice : TraceKind::kMigrateToHost, m, first, pages, static_cast<uint64_t>(trigger));
+  // One migration call is one transfer over the link (its pages are batched into one DMA).
+  const uint64_t ns = charge_transfer(pages * m->page(), to_device ? LinkDir::kToDevice : LinkDir::kToHost,
+                                      trigger == Trigger::kEviction ? LinkCategory::kEviction
+                                      : to_device                   ? LinkCategory::kToDevice
+                                                                    : LinkCategory::kToHost);
+  trace(to_device ? TraceKind::kMigrateToDevice : TraceKind::kMigrateToHost, m, first, pages, static_cast<uint64_t>(trigger), ns);
 }
 
 Device::~Device() {
@@ -275,8 +295,8 @@ uint64_t Device::table_bytes() {
   return n;
 }
 
-int Device::fault(Mirror* m, uint64_t first, uint64_t last, bool write) {
-  Request r{m, first, last, write};
+int Device::fault(Mirror* m, uint64_t first, uint64_t last, bool write, KernelLink* acct) {
+  Request r{m, first, last, write, acct};
   std::unique_lock<std::mutex> lock(queue_mu_);
   if (stopping_) return -ENODEV;
   queue_.push_back(&r);
@@ -300,12 +320,25 @@ void Device::service() {
     }
     const uint64_t t0 = sys::now_ns();
     const uint64_t pages0 = counters_.faulted_pages.load(std::memory_order_relaxed);
+    tl_round_device = this;
+    tl_round_ns = 0;
     service_batch(batch);
+    tl_round_device = nullptr;
+    // The round's modeled cost: the far-fault round trip plus every transfer it made (migrations,
+    // the evictions they forced, prefetches), all before the replay.
+    const uint64_t round_ns = link_ ? link_->charge_fault_round() + tl_round_ns : 0;
     const uint64_t ns = sys::now_ns() - t0;
     counters_.service_ns.fetch_add(ns, std::memory_order_relaxed);
     trace(TraceKind::kFaultBatch, batch.empty() ? nullptr : batch.front()->mirror, batch.size(),
-          counters_.faulted_pages.load(std::memory_order_relaxed) - pages0, ns);
-    counters_.fault_rounds.fetch_add(1, std::memory_order_relaxed);
+          counters_.faulted_pages.load(std::memory_order_relaxed) - pages0, ns, round_ns);
+    const uint64_t round = counters_.fault_rounds.fetch_add(1, std::memory_order_relaxed);
+    // Each kernel waited for this round once, however many of its threads' faults it served.
+    if (link_)
+      for (Request* r : batch)
+        if (r->acct && r->acct->last_round != round) {
+          r->acct->last_round = round;
+          r->acct->fault_ns += round_ns;
+        }
     uint64_t n = batch.size(), prev = counters_.max_batch.load();
     while (n > prev && !counters_.max_batch.compare_exchange_weak(prev, n)) {
     }
@@ -510,6 +543,11 @@ void Device::run_share_body(const KernelSpec& s, uint64_t first_op, uint64_t las
   const unsigned page_shift = static_cast<unsigned>(__builtin_ctzll(page));
   uint64_t held = kNone;  // the page currently pinned (published in pins[0])
   uint8_t* base = nullptr;
+  // With a link model: whether the held page is host-resident (each access to it is remote), and
+  // the op count when it was pinned. Counted per page, not per word.
+  const bool model = link_ != nullptr;
+  bool held_remote = false;
+  uint64_t ops_at_pin = 0;
   for (uint64_t k = first_op; k < last_op; k++) {
     uint64_t off;  // byte offset within the kernel's range
     if (copy) {
@@ -531,11 +569,13 @@ void Device::run_share_body(const KernelSpec& s, uint64_t first_op, uint64_t las
     // Consecutive accesses to one page keep it pinned: one pin per page, not per word.
     if (i != held) {
       if (held != kNone) m->unpin(held);
+      if (held_remote) out->remote_accesses += out->ops - ops_at_pin;
+      held_remote = false;
       held = pins[0] = kNone;
       uint64_t tries = 0;
       while ((base = static_cast<uint8_t*>(m->pin(i, writes))) == nullptr) {
         const uint64_t last = s.fault_to_end ? s.first + s.npages : i + 1;
-        int rc = fault(m, i, last, writes);
+        int rc = fault(m, i, last, writes, s.link);
         out->faults++;
         if (rc) {
           out->error = rc;
@@ -551,6 +591,10 @@ void Device::run_share_body(const KernelSpec& s, uint64_t first_op, uint64_t las
       }
       held = pins[0] = i;
       if (writes) m->mark_dirty(i);
+      if (model) {
+        held_remote = !(m->entry(i) & kOnDevice);
+        ops_at_pin = out->ops;
+      }
     }
     const uint64_t in_page = off & (page - 1);
     // Streaming fast path: the rest of this page's words in one tight loop (vectorised loads).
@@ -584,7 +628,7 @@ void Device::run_share_body(const KernelSpec& s, uint64_t first_op, uint64_t las
       while ((dst = static_cast<uint8_t*>(m->pin(di, true))) == nullptr) {
         m->unpin(held);  // never sleep on a fault while holding a pin
         held = pins[0] = kNone;
-        int rc = fault(m, di, di + 1, true);
+        int rc = fault(m, di, di + 1, true, s.link);
         out->faults++;
         if (rc || ++tries > 1000) {
           out->error = rc ? rc : -EBUSY;
@@ -641,6 +685,7 @@ void Device::run_share_body(const KernelSpec& s, uint64_t first_op, uint64_t las
     out->ops++;
   }
   if (held != kNone) m->unpin(held);
+  if (held_remote) out->remote_accesses += out->ops - ops_at_pin;
   pins[0] = kNone;
 }
 
@@ -651,6 +696,8 @@ void Device::run(const KernelSpec& spec_in, KernelResult* out) {
   const bool copy = spec.op == KernelOp::kCopyOut || spec.op == KernelOp::kCopyIn;
   const uint64_t total = copy ? spec.npages : (spec.ops ? spec.ops : spec.npages * spec.mirror->page() / spec.unit);
   std::vector<KernelResult> parts(spec.threads);
+  KernelLink acct;
+  spec.link = &acct;
   const uint64_t t0 = sys::now_ns();
   if (spec.threads == 1) {
     run_share(spec, 0, total, 0, &parts[0]);
@@ -669,11 +716,21 @@ void Device::run(const KernelSpec& spec_in, KernelResult* out) {
     out->mismatches += p.mismatches;
     out->faults += p.faults;
     out->cpages += p.cpages;
+    if (link_) {
+      // Device threads run side by side: the kernel's remote time is its slowest thread's.
+      const uint64_t bytes = p.remote_accesses * (copy ? spec.mirror->page() : 8);
+      out->remote_accesses += p.remote_accesses;
+      out->remote_bytes += bytes;
+      out->modeled_remote_ns = std::max(out->modeled_remote_ns, link_->charge_remote(p.remote_accesses, bytes));
+    }
     if (p.error && !out->error) {
       out->error = p.error;
       out->error_page = p.error_page;
     }
   }
+  // Fault rounds are serialised on the device's one service thread: they add up (each once).
+  out->modeled_fault_ns = acct.fault_ns;
+  out->modeled_ns = out->modeled_fault_ns + out->modeled_remote_ns;
 }
 
 }  // namespace pm::engine

@@ -17,6 +17,7 @@
 
 #include "../sys/access.h"
 #include "engine.h"
+#include "link.h"
 #include "mirror.h"
 
 namespace pm::engine {
@@ -25,12 +26,14 @@ namespace pm::engine {
 enum class TraceKind : uint32_t { kFaultBatch, kMigrateToDevice, kMigrateToHost, kInvalidate };
 
 // One trace event. a/b/c by kind: batch (requests, pages, service ns); migrate (first page,
-// pages, trigger); invalidate (first page, pages cleared, cause).
+// pages, trigger); invalidate (first page, pages cleared, cause). modeled_ns: the link model's
+// charge for the event (a batch: its round and the transfers made in it), 0 without a link.
 struct TraceEvent {
   uint64_t t_ns;
   TraceKind kind;
   uint64_t mirror;  // the mirror's start address
   uint64_t a, b, c;
+  uint64_t modeled_ns = 0;
 };
 
 struct DeviceConfig {
@@ -55,6 +58,9 @@ struct DeviceConfig {
   // Allocate all device memory up front (as a GPU's memory is): migrations then copy into slots
   // that exist instead of allocating a page per slot, and freed slots keep their pages.
   bool preallocate = false;
+  // The interconnect model (link.h): absent (the default), nothing is modeled or charged.
+  bool link = false;
+  LinkParams link_params;
 };
 
 struct DeviceCounters {
@@ -68,6 +74,13 @@ struct DeviceCounters {
   std::atomic<uint64_t> prefetched_pages{0};
   std::atomic<uint64_t> to_device[static_cast<unsigned>(Trigger::kCount)] = {};  // pages, by trigger
   std::atomic<uint64_t> to_host[static_cast<unsigned>(Trigger::kCount)] = {};
+};
+
+// The fault rounds one kernel waited for, written by the service thread only: each round that
+// served at least one of the kernel's requests is charged to the kernel once.
+struct KernelLink {
+  uint64_t fault_ns = 0;
+  uint64_t last_round = ~0ull;
 };
 
 enum class KernelOp { kRead, kWrite, kAtomicInc, kVerify, kCopy, kCopyOut, kCopyIn };
@@ -87,6 +100,7 @@ struct KernelSpec {
   const uint64_t* gather = nullptr; // gather pattern: word indices within the range
   uint64_t gather_count = 0;
   bool fault_to_end = false;        // a miss faults from the page to the end of the range in one round
+  KernelLink* link = nullptr;       // set by run(): where the kernel's fault rounds are charged
 };
 
 struct KernelResult {
@@ -96,7 +110,12 @@ struct KernelResult {
   int error = 0;        // -errno of a failed range fault: EPERM, EFAULT, EBUSY
   uint64_t error_page = 0;
   uint64_t elapsed_ns = 0;
+  // With a link model: modeled time of the kernel, its fault rounds' share and its remote
+  // accesses' share (see Device::run), and the accesses to host-resident pages counted for it.
+  uint64_t modeled_ns = 0, modeled_fault_ns = 0, modeled_remote_ns = 0;
+  uint64_t remote_accesses = 0, remote_bytes = 0;
 };
+
 
 class Device {
  public:
@@ -133,7 +152,8 @@ class Device {
 
   // Posts a fault for [first, last) of m and sleeps until it is serviced. Returns the range fault's
   // result (0, -EPERM, -EFAULT, -EBUSY) or -ENODEV if the device closed.
-  int fault(Mirror* m, uint64_t first, uint64_t last, bool write);
+  // acct: the kernel the fault belongs to (its modeled fault time), or null.
+  int fault(Mirror* m, uint64_t first, uint64_t last, bool write, KernelLink* acct = nullptr);
 
   // Runs a kernel on spec.threads device threads and waits for them (call from a native thread).
   void run(const KernelSpec& spec, KernelResult* out);
@@ -148,7 +168,12 @@ class Device {
   void on_migrate(Mirror* m, bool to_device, uint64_t first, uint64_t pages, Trigger trigger);
   // Takes the trace recorded so far (and how many events were dropped since the last call).
   std::vector<TraceEvent> drain_trace(uint64_t* dropped);
-  void trace(TraceKind kind, Mirror* m, uint64_t a, uint64_t b, uint64_t c);
+  void trace(TraceKind kind, Mirror* m, uint64_t a, uint64_t b, uint64_t c, uint64_t modeled_ns = 0);
+
+  // The link model, or null (no link configured). Every charge goes through it; charge_transfer
+  // also adds the cost to the fault round in progress when the service thread makes the transfer.
+  LinkModel* link() { return link_.get(); }
+  uint64_t charge_transfer(uint64_t bytes, LinkDir dir, LinkCategory category);
 
   void on_invalidate(Mirror* m, uint64_t first, uint64_t last, InvalidateCause cause, uint64_t cleared);
 
@@ -157,6 +182,7 @@ class Device {
     Mirror* mirror;
     uint64_t first, last;
     bool write;
+    KernelLink* acct;
     int result = 0;
     bool done = false;
   };
@@ -205,6 +231,7 @@ class Device {
   bool stopping_ = false;
   std::thread service_;
   DeviceCounters counters_;
+  std::unique_ptr<LinkModel> link_;
 };
 
 }  // namespace pm::engine

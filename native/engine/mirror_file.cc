@@ -689,6 +689,8 @@ int Mirror::file_writeback_chunk_locked(uint64_t a, uint64_t b, WritebackResult*
       if (bytes < n * page_) iov[k + n - 1].iov_len = page_ - (n * page_ - bytes);
       rc = sys::pwritev_full(file_->fd, iov.data() + k, static_cast<int>(n), at);
       if (rc == 0) {
+        // The device's copies cross the link to reach the file: one transfer per run written.
+        device_->charge_transfer(bytes, LinkDir::kToHost, LinkCategory::kWriteback);
         out->pages += n;
         file_->stats.written_pages.fetch_add(n, std::memory_order_relaxed);
         file_note_written(pages[k].i, pages[k].i + n);
@@ -819,6 +821,7 @@ int Mirror::file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
       const uint64_t old = file_take(i);
       int err = 0;
       if (!file_release_page(i, old, &err)) return err ? err : -EIO;
+      device_->charge_transfer(page_, LinkDir::kToHost, LinkCategory::kToHost);
       device_->on_invalidate(this, i, i + 1, InvalidateCause::kCpuWrite, (old & kValid) ? 1 : 0);
       file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
       if (int rc = file_io_run(true, at, n, buf + done)) return rc;
@@ -830,6 +833,7 @@ int Mirror::file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
         int rc = file_store(i, old);
         pt_[i].fetch_or((old & kWrite) | (rc ? (old & kDirty) : 0), std::memory_order_release);
         if (rc) return rc;
+        device_->charge_transfer(page_, LinkDir::kToHost, LinkCategory::kWriteback);
         file_->stats.pulled_back.fetch_add(1, std::memory_order_relaxed);
       }
       if (int rc = file_io_run(false, at, n, buf + done)) return rc;
@@ -844,6 +848,9 @@ int Mirror::file_io(bool write, uint64_t off, uint64_t len, uint8_t* buf) {
       wait_inflight(i, i + 1);
       if (write) std::memcpy(slot, buf + done, n);
       else std::memcpy(buf + done, slot, n);
+      // The device's only copy is read or written across the link.
+      device_->charge_transfer(n, write ? LinkDir::kToDevice : LinkDir::kToHost,
+                               write ? LinkCategory::kToDevice : LinkCategory::kToHost);
       pt_[i].fetch_or((old & kWrite) | (write ? static_cast<uint64_t>(kDirty) : 0ull), std::memory_order_release);
     }
     done += n;

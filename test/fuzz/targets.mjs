@@ -72,6 +72,17 @@ function pollOption() {
     return { value: ['x', true, 5, [], { spinUs: -1 }, { spinUs: 'x' }][Math.floor(r() * 6)], kind: 'bad' };
   };
 }
+// DeviceOptions.link: a preset, parameters (from a preset or not), or something no link is.
+function linkOption() {
+  return (r) => {
+    const x = r();
+    if (x < 0.3) return { value: undefined, kind: 'valid' };
+    if (x < 0.6)
+      return { value: ['pcie3x16', 'cxl', {}, { latencyUs: 1, bandwidthGBs: 2, faultRoundUs: 3, remoteAccessNs: 4 }, { preset: 'pcie4x16', curvePerKiB: 0.1 }][Math.floor(r() * 5)], kind: 'valid' };
+    const bad = ['pcie9', '', 5, true, [], null, { latencyUs: -1 }, { bandwidthGBs: 0 }, { faultRoundUs: NaN }, { remoteAccessNs: Infinity }, { latencyMs: 1 }, { preset: 'x' }, { bandwidthGBs: '1' }];
+    return { value: bad[Math.floor(r() * bad.length)], kind: 'bad' };
+  };
+}
 // The child is killed well inside the worker's bound on an async call.
 const forkOptions = { memory: int([16 * PAGE], [1, PAGE + 1], { optional: true }), timeoutMs: int([1000, 2500], [0, 600_001], { optional: true }) };
 
@@ -132,7 +143,7 @@ export function targets(lib, ctx) {
     call('Userfaultfd.open', [options({ features: (r) => (r() < 0.4 ? oneOf(['default', 'all'])(r) : namesArray(['move', 'poison', 'pagefaultFlagWp'])(r)), userModeOnly: bool(), via: oneOf(['auto', 'device', 'syscall'], { optional: true }) })], (c, a) => c.own(lib.Userfaultfd.open(...a))),
     // adopt() takes any descriptor number this process has: only refusals are fuzzed.
     call('Userfaultfd.adopt', [(r) => ({ value: [-1, 1.5, 'x', null, undefined, NaN, 2 ** 53][Math.floor(r() * 7)], kind: 'bad' }), bigintU64()], (c, a) => c.own(lib.Userfaultfd.adopt(...a))),
-    call('Device.create', [options({ name: str(['d'], [], { optional: true }), memory: int([16 * PAGE, 1 << 20], [PAGE + 1], { optional: true }), faultBatch: int([1, 32], [0, 65537], { optional: true }), faultAround: int([PAGE, 16 * PAGE], [PAGE + 1, 3 * PAGE], { optional: true }), timeoutMs: int([100, 1000], [0], { optional: true }), placement: oneOf(['host', 'device'], { optional: true }), eviction: oneOf(['off', 'fifo', 'lru'], { optional: true }), watermark: (r) => (r() < 0.5 ? { value: [0.5, 1][Math.floor(r() * 2)], kind: 'valid' } : r() < 0.6 ? { value: undefined, kind: 'valid' } : { value: [-1, 2, NaN, 'x', Infinity, {}][Math.floor(r() * 6)], kind: 'bad' }), prefetch: oneOf(['off', 'sequential', 'density'], { optional: true }), preallocate: bool(), trace: bool(), traceCapacity: int([16, 1024], [0], { optional: true }) })], (c, a) => c.own(lib.Device.create(...a))),
+    call('Device.create', [options({ name: str(['d'], [], { optional: true }), memory: int([16 * PAGE, 1 << 20], [PAGE + 1], { optional: true }), faultBatch: int([1, 32], [0, 65537], { optional: true }), faultAround: int([PAGE, 16 * PAGE], [PAGE + 1, 3 * PAGE], { optional: true }), timeoutMs: int([100, 1000], [0], { optional: true }), placement: oneOf(['host', 'device'], { optional: true }), eviction: oneOf(['off', 'fifo', 'lru'], { optional: true }), watermark: (r) => (r() < 0.5 ? { value: [0.5, 1][Math.floor(r() * 2)], kind: 'valid' } : r() < 0.6 ? { value: undefined, kind: 'valid' } : { value: [-1, 2, NaN, 'x', Infinity, {}][Math.floor(r() * 6)], kind: 'bad' }), prefetch: oneOf(['off', 'sequential', 'density'], { optional: true }), preallocate: bool(), trace: bool(), traceCapacity: int([16, 1024], [0], { optional: true }), link: linkOption() })], (c, a) => c.own(lib.Device.create(...a))),
     call(
       'pager',
       [
