@@ -400,9 +400,10 @@ export async function pager(target: string | number | null, options: PagerOption
     cleanup.push(() => n.close());
     for (const c of transient.splice(0)) c();
     // User-mode-only: a fault raised inside the kernel (a pwrite from the region) fails with EFAULT
-    // instead of waiting for a service that may be the very thread that made it.
+    // instead of waiting for a service that may be the very thread that made it. Thread ids: the
+    // engine keeps the granule a thread faulted on until that thread comes back (docs/pager.md).
     const uffd = Userfaultfd.open({
-      features: mode === 'shared' ? ['missingShmem', 'minorShmem', 'poison'] : ['pagefaultFlagWp', 'poison'],
+      features: mode === 'shared' ? ['missingShmem', 'minorShmem', 'poison', 'threadId'] : ['pagefaultFlagWp', 'poison', 'threadId'],
       userModeOnly: true,
     });
     cleanup.push(() => uffd.close());
