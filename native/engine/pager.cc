@@ -218,7 +218,7 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
   set_st(g, kResident);  // a write during the fill (a WP fault) has already set kDirty
   state_[g] |= kRef;
   resident_++;
-  fifo_.push_back(g);
+  if (cfg_.policy == EvictPolicy::kFifo) fifo_.push_back(g);  // the clock never pops it: it would only grow
   stats_.fill_ns += sys::now_ns() - t0;
   return partial ? 1 : 0;
 }
@@ -402,7 +402,7 @@ int Pager::evict_batch(int uffd, size_t want) {
       }
       if (state_[g] & kDirty) {
         set_st(g, kResident);
-        fifo_.push_back(g);
+        if (cfg_.policy == EvictPolicy::kFifo) fifo_.push_back(g);
         if (!rc) stats_.evict_aborts++;
         continue;
       }
