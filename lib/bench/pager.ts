@@ -325,10 +325,10 @@ export async function runPagerSuite(o: PagerBenchOptions & { out: string; stamp:
         ),
       );
     }
-  const written = writeReport(path.resolve(o.out), `pager-${o.stamp}`, env, { size, reps: o.reps ?? 3, workers: o.workers ?? 1, cells, writeback }, [
+  const written = writeReport(path.resolve(o.out), `pager-${o.stamp}`, env, { size, reps: o.reps ?? 3, workers: o.workers ?? 1, only: o.cells ?? null, cells, writeback }, [
     {
       title: 'Pager: reads and writes of a file through pager(), a plain C pager and mmap',
-      text: `A ${size >> 20} MiB file, one word per 4 KiB page, ${o.reps ?? 3} repetitions (medians). The pager runs with prefetch off (the C pager has no read-ahead) and ${o.workers ?? 1} service thread(s); the C pager with as many fill threads, FIFO eviction that writes every evicted granule of a write workload and no dirty tracking or race protection. The disk file's page cache is dropped before every run. mmap has no resident limit: its figure is the same work with the kernel's paging.`,
+      text: `A ${size >> 20} MiB file, one word per 4 KiB page, ${o.reps ?? 3} repetitions (medians). The pager runs with prefetch off (the C pager has no read-ahead) and ${o.workers ?? 1} service thread(s); the C pager with as many fill threads, FIFO eviction that writes every evicted granule of a write workload and no dirty tracking or race protection. The disk file's page cache is dropped before every run. mmap has no resident limit: its figure is the same work with the kernel's paging.${o.cells ? ` Only the cells matching --cells '${o.cells}'.` : ''}`,
       svg: svgs,
       table,
     },
