@@ -144,6 +144,47 @@ describe('pager', () => {
     for (const r of out) expect(r).toEqual({ fills: 4, faults: 4, mismatches: 0, signal: null });
   }, 60_000);
 
+  // A fill that fails (here: the file system shut down under it) left the granule absent, but a
+  // fault that had found it filling was waiting for that fill's wake and slept forever. The
+  // prefetch's fill is kept filling for as long as the test wants by its eviction's write-back,
+  // which waits for a frozen file system (ext4 on a loop device, made and removed here).
+  it('a fill that fails wakes the faults waiting for it (no hang: they fault again and get SIGBUS)', async (ctx) => {
+    needPager(ctx);
+    if (process.getuid?.() !== 0) ctx.skip('needs root (a loop-mounted ext4 to freeze and shut down)');
+    for (const tool of ['mkfs.ext4', 'fsfreeze', 'xfs_io'])
+      if (spawnSync(tool, ['-V']).error) ctx.skip(`needs ${tool} (e2fsprogs, util-linux, xfsprogs)`);
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-pager-shutdown-'));
+    const img = `${dir}.img`;
+    const mnt = path.join(dir, 'mnt');
+    fs.mkdirSync(mnt);
+    cleanup.push(() => fs.rmSync(dir, { recursive: true, force: true }));
+    cleanup.push(() => fs.rmSync(img, { force: true }));
+    fs.writeFileSync(img, '');
+    fs.truncateSync(img, 64 << 20);
+    const mk = spawnSync('mkfs.ext4', ['-q', '-F', img], { encoding: 'utf8', timeout: 30_000 });
+    if (mk.status !== 0) throw new Error(`mkfs.ext4: ${mk.stderr}`);
+    const mount = spawnSync('mount', ['-o', 'loop', img, mnt], { encoding: 'utf8', timeout: 30_000 });
+    if (mount.status !== 0) ctx.skip(`a loop mount failed here: ${mount.stderr.trim()}`);
+    cleanup.push(() => {
+      spawnSync('fsfreeze', ['-u', mnt], { timeout: 10_000 });
+      spawnSync('umount', [mnt], { timeout: 30_000 });
+    });
+    const file = path.join(mnt, 'data');
+    fs.writeFileSync(file, pattern(16 * 64 * 1024, 1));
+    const child = spawn(process.execPath, [path.join(FIXTURES_DIR, 'pager-fill-failure.mjs'), file, mnt], { stdio: ['ignore', 'pipe', 'inherit'] });
+    cleanup.push(() => child.kill('SIGKILL'));
+    let out = '';
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
+    const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
+    // Old behaviour: the access thread sleeps forever on the granule whose fill failed.
+    const code = await within(exited, 30_000, 'an access waiting on a fill that failed');
+    expect(code).toBe(0);
+    const r = JSON.parse(out);
+    expect(r.faultSeen).toBe(true);
+    expect(r.access).toEqual({ signal: 'SIGBUS', checksum: '0' });
+    expect(r.prefetch).toEqual({ granules: 0 });
+  }, 60_000);
+
   it('write-back survives a SIGKILL after flush()', async (ctx) => {
     needPager(ctx);
     const granule = 16 * 1024;
