@@ -33,7 +33,11 @@ export interface PagerOptions {
    * memfd only: MINOR faults + UFFDIO_CONTINUE); writes are in the file at once.
    */
   mode?: PagerMode;
-  /** Most bytes resident at once (rounded down to granules, at least one). Default: unbounded. */
+  /**
+   * Most bytes resident at once (rounded down to granules, at least one). Default: unbounded. The
+   * granule a thread last faulted on stays until that thread faults again or exits, so a fault's
+   * fill may pass the limit by one granule per such thread (docs/pager.md, "Progress").
+   */
   residentLimit?: number;
   /** Which granule leaves first: 'fifo' (default) or 'clock' (second chance; see docs/pager.md). */
   eviction?: PagerEviction;
