@@ -188,7 +188,9 @@ export class Pager {
    */
   async flush(): Promise<void> {
     this.#live();
-    await this.#flush();
+    // Tracked: close() waits for it before it closes the file, which a flush still to come would
+    // otherwise find closed (a spurious EBADF from its sync_file_range).
+    await this.#track(this.#flush());
   }
 
   async #flush(): Promise<void> {
@@ -221,7 +223,7 @@ export class Pager {
   }
 
   /**
-   * Waits for the pager's own reads, writes, accesses and prefetches, writes every dirty granule
+   * Waits for the pager's own reads, writes, accesses, prefetches and flushes, writes every dirty granule
    * back (as flush()), then stops the service and unmaps. If the write-back fails, close() rejects
    * with flush()'s error and the pager stays open with its dirty granules (call close() again once
    * the file can take them). Idempotent once closed.
