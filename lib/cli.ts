@@ -162,11 +162,17 @@ ${suites}
 
 options:
   --pages N      pages per repetition (default 4096; 16 to 4194304)
-  --reps N       repetitions (default 7; strategies 3)
+  --reps N       repetitions (default 7; strategies and pager 3)
   --size BYTES   engine: bytes per bandwidth repetition (default 256M); batching: memory read
-                 (default 64M); oversubscription: device memory = size / 8 (default 8M)
+                 (default 64M); oversubscription: device memory = size / 8 (default 8M);
+                 pager: the file (default 8M: about 3 minutes in all, two thirds of it in the
+                 eight random cells at 2 MiB granules and a 25 % limit, which thrash: three of
+                 four 4 KiB accesses refill 2 MiB, some 400 times the file's bytes per run)
                  (whole MiB: bytes, or with a suffix: 8M, 8MiB, 1G)
-  --dir DIR      strategies: where the disk file goes (default the OS temp dir)
+  --dir DIR      strategies, pager: where the disk file goes (default the OS temp dir)
+  --cells SPEC   pager: only the cells whose label, as the progress shows it, holds every word of
+                 SPEC; a comma between patterns means or. E.g. --cells '2M x2 25%',
+                 --cells 'disk rand-write, write-back tmpfs'
   --out DIR      where the reports go (default ./results)
   --quick        a smoke-sized run: --pages ${QUICK.pages} --reps ${QUICK.reps} --size ${QUICK.size >> 20}M unless given
   --json         the results (every report's environment and data) as JSON on stdout; the
@@ -221,6 +227,7 @@ const COMMANDS: Record<string, Command> = {
           dir: { type: 'string' },
           out: { type: 'string' },
           quick: { type: 'boolean' },
+          cells: { type: 'string' },
           json: { type: 'boolean' },
           'no-pin': { type: 'boolean' },
           quiet: { type: 'boolean' },
@@ -247,6 +254,15 @@ const COMMANDS: Record<string, Command> = {
       const json = values.json === true;
       const quiet = values.quiet === true;
       const quick = values.quick === true;
+      if (values.cells !== undefined) {
+        if (positionals.length && !positionals.includes('pager')) throw new UsageError('--cells applies to the pager suite: name it (bench pager --cells ...)', 'bench');
+        const { pagerCellFilter } = await import('./bench/pager.js');
+        try {
+          pagerCellFilter(values.cells, quick);
+        } catch (err) {
+          throw new UsageError(`--${(err as Error).message}`, 'bench');
+        }
+      }
       const r = await runBench({
         suites: (positionals.length ? [...new Set(positionals)] : [...SUITES]) as (typeof SUITES)[number][],
         out: values.out ?? 'results',
@@ -257,6 +273,7 @@ const COMMANDS: Record<string, Command> = {
         quiet,
         dir: values.dir,
         quick,
+        cells: values.cells,
         version: version(),
         links: values.link ? ([...new Set(values.link)] as (keyof typeof LINK_PRESETS)[]) : undefined,
       });

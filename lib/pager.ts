@@ -33,7 +33,11 @@ export interface PagerOptions {
    * memfd only: MINOR faults + UFFDIO_CONTINUE); writes are in the file at once.
    */
   mode?: PagerMode;
-  /** Most bytes resident at once (rounded down to granules, at least one). Default: unbounded. */
+  /**
+   * Most bytes resident at once (rounded down to granules, at least one). Default: unbounded. The
+   * granule a thread last faulted on stays until that thread faults again or exits, so a fault's
+   * fill may pass the limit by one granule per such thread (docs/pager.md, "Progress").
+   */
   residentLimit?: number;
   /** Which granule leaves first: 'fifo' (default) or 'clock' (second chance; see docs/pager.md). */
   eviction?: PagerEviction;
@@ -184,7 +188,9 @@ export class Pager {
    */
   async flush(): Promise<void> {
     this.#live();
-    await this.#flush();
+    // Tracked: close() waits for it before it closes the file, which a flush still to come would
+    // otherwise find closed (a spurious EBADF from its sync_file_range).
+    await this.#track(this.#flush());
   }
 
   async #flush(): Promise<void> {
@@ -217,7 +223,7 @@ export class Pager {
   }
 
   /**
-   * Waits for the pager's own reads, writes, accesses and prefetches, writes every dirty granule
+   * Waits for the pager's own reads, writes, accesses, prefetches and flushes, writes every dirty granule
    * back (as flush()), then stops the service and unmaps. If the write-back fails, close() rejects
    * with flush()'s error and the pager stays open with its dirty granules (call close() again once
    * the file can take them). Idempotent once closed.
@@ -400,9 +406,10 @@ export async function pager(target: string | number | null, options: PagerOption
     cleanup.push(() => n.close());
     for (const c of transient.splice(0)) c();
     // User-mode-only: a fault raised inside the kernel (a pwrite from the region) fails with EFAULT
-    // instead of waiting for a service that may be the very thread that made it.
+    // instead of waiting for a service that may be the very thread that made it. Thread ids: the
+    // engine keeps the granule a thread faulted on until that thread comes back (docs/pager.md).
     const uffd = Userfaultfd.open({
-      features: mode === 'shared' ? ['missingShmem', 'minorShmem', 'poison'] : ['pagefaultFlagWp', 'poison'],
+      features: mode === 'shared' ? ['missingShmem', 'minorShmem', 'poison', 'threadId'] : ['pagefaultFlagWp', 'poison', 'threadId'],
       userModeOnly: true,
     });
     cleanup.push(() => uffd.close());

@@ -4,7 +4,10 @@
  * One userfaultfd, N fill threads reading it, pread + UFFDIO_COPY of one granule per fault, and,
  * with a resident limit, FIFO eviction: pwrite of the granule (write workloads) then
  * MADV_DONTNEED. No dirty tracking (every evicted granule of a write workload is written) and no
- * protection against a write racing the eviction: the floor of the work, not a safe pager.
+ * protection against a write racing the eviction: the floor of the work, not a safe pager. It
+ * keeps the pager's progress rule (docs/pager.md, "Progress"), without which a limit smaller than
+ * the threads' granules livelocks: the granule of a thread's last fault is not evicted until that
+ * thread faults again or exits (fault messages carry the thread id).
  *
  * Build: by node-gyp (binding.gyp), or gcc -O2 -pthread -o pager_c pager_c.c
  * Usage:
@@ -61,13 +64,55 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static uint8_t *state;     /* 0 absent, 1 filling, 2 resident */
 static uint64_t *ring, ring_head, ring_len, resident, faults, evictions;
 
-static void evict_one(void) {
+#define MAX_PINS 64
+static struct {
+	uint32_t tid;
+	uint64_t g, seq;
+} pins[MAX_PINS];
+static int npins;
+static uint64_t pin_seq;
+
+static void pin(uint32_t tid, uint64_t g) {
 	/* mu held */
-	while (ring_len) {
+	int i, oldest = 0;
+	for (i = 0; i < npins; i++) {
+		if (pins[i].tid == tid) break;
+		if (pins[i].seq < pins[oldest].seq) oldest = i;
+	}
+	if (i == npins) i = npins < MAX_PINS ? npins++ : oldest;
+	pins[i].tid = tid;
+	pins[i].g = g;
+	pins[i].seq = ++pin_seq;
+}
+
+static int pinned(uint64_t g) {
+	/* mu held */
+	for (int i = 0; i < npins;) {
+		char path[48];
+		if (pins[i].g != g) {
+			i++;
+			continue;
+		}
+		snprintf(path, sizeof(path), "/proc/self/task/%u", pins[i].tid);
+		if (access(path, F_OK) == 0) return 1;
+		pins[i] = pins[--npins]; /* the thread exited */
+	}
+	return 0;
+}
+
+/* 1 if a granule was evicted, 0 if every resident one is pinned. */
+static int evict_one(void) {
+	/* mu held */
+	for (uint64_t n = ring_len; n > 0; n--) {
 		uint64_t g = ring[ring_head];
 		ring_head = (ring_head + 1) % ngran;
 		ring_len--;
 		if (state[g] != 2) continue;
+		if (pinned(g)) {
+			ring[(ring_head + ring_len) % ngran] = g;
+			ring_len++;
+			continue;
+		}
 		uint64_t off = g * granule;
 		if (writing && off < size) {
 			uint64_t len = size - off < granule ? size - off : granule;
@@ -77,8 +122,9 @@ static void evict_one(void) {
 		state[g] = 0;
 		resident--;
 		evictions++;
-		return;
+		return 1;
 	}
+	return 0;
 }
 
 static void *filler(void *arg) {
@@ -100,6 +146,7 @@ static void *filler(void *arg) {
 			uint64_t g = (a - (uint64_t)base) / granule;
 			pthread_mutex_lock(&mu);
 			__atomic_fetch_add(&faults, 1, __ATOMIC_RELAXED);
+			pin(msgs[i].arg.pagefault.feat.ptid, g);
 			if (state[g] != 0) {
 				pthread_mutex_unlock(&mu);
 				if (state[g] == 2) {
@@ -110,7 +157,8 @@ static void *filler(void *arg) {
 			}
 			state[g] = 1;
 			if (limit)
-				while (resident >= limit && ring_len) evict_one();
+				while (resident >= limit && evict_one()) {
+				}
 			pthread_mutex_unlock(&mu);
 			uint64_t off = g * granule;
 			uint64_t in_file = off >= size ? 0 : (size - off < granule ? size - off : granule);
@@ -218,7 +266,7 @@ int main(int argc, char **argv) {
 	base = (uint8_t *)(((uint64_t)raw + granule - 1) & ~(granule - 1));
 	uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
 	if (uffd < 0) die("userfaultfd");
-	struct uffdio_api api = {UFFD_API, 0, 0};
+	struct uffdio_api api = {UFFD_API, UFFD_FEATURE_THREAD_ID, 0};
 	if (ioctl(uffd, UFFDIO_API, &api)) die("UFFDIO_API");
 	struct uffdio_register reg = {{(uint64_t)base, region}, UFFDIO_REGISTER_MODE_MISSING, 0};
 	if (ioctl(uffd, UFFDIO_REGISTER, &reg)) die("UFFDIO_REGISTER");

@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { access } from '../access.js';
+import { typeError } from '../errors.js';
 import { mapFile } from '../mapping.js';
 import { pager } from '../pager.js';
 import { fileSystemOf, probe } from '../probe.js';
@@ -38,6 +39,13 @@ export interface PagerBenchOptions {
   workers?: number;
   /** A smoke-sized matrix: 64 KiB granules and one application thread only. @default false */
   quick?: boolean;
+  /**
+   * Only some cells: those whose label (as the progress shows it, `disk 2M x2 25% rand-write`, or
+   * `write-back disk 2M`) holds every word of one of these comma-separated patterns, e.g.
+   * `'2M x2 25%'` or `'tmpfs seq-read, write-back'`. Default: every cell. A word that names
+   * nothing, or a pattern that matches no cell, is a TypeError `ERR_INVALID_ARG_VALUE`.
+   */
+  cells?: string;
   quiet?: boolean;
 }
 
@@ -96,6 +104,43 @@ interface Cell {
   workload: PagerWorkload;
 }
 
+const FILE_SYSTEMS = ['tmpfs', 'disk'] as const;
+const granulesOf = (quick?: boolean) => (quick ? [64 << 10] : [4096, 64 << 10, 2 << 20]);
+const kib = (g: number) => (g >= 1 << 20 ? `${g >> 20}M` : `${g >> 10}K`);
+const cellLabel = (c: Omit<Cell, 'file'>) => `${c.fsName} ${kib(c.granule)} x${c.threads} ${c.limit ? '25%' : 'unbounded'} ${c.workload}`;
+const writebackLabel = (fsName: string, granule: number) => `write-back ${fsName} ${kib(granule)}`;
+
+/** The labels of the matrix's cells (pager and write-back), in the order the suite runs them. */
+function matrix(quick?: boolean): { cells: Omit<Cell, 'file'>[]; writeback: { fsName: 'tmpfs' | 'disk'; granule: number }[] } {
+  const cells: Omit<Cell, 'file'>[] = [];
+  for (const fsName of FILE_SYSTEMS)
+    for (const granule of granulesOf(quick))
+      for (const threads of quick ? [1] : [1, 2])
+        for (const limit of [false, true]) for (const workload of PAGER_WORKLOADS) cells.push({ fsName, granule, threads, limit, workload });
+  return { cells, writeback: FILE_SYSTEMS.flatMap((fsName) => granulesOf(quick).map((granule) => ({ fsName, granule }))) };
+}
+
+/**
+ * The filter of {@link PagerBenchOptions.cells}: a predicate on labels. Throws a TypeError
+ * `ERR_INVALID_ARG_VALUE` for a word no label has or a pattern that matches no cell.
+ */
+export function pagerCellFilter(spec: string | undefined, quick?: boolean): (label: string) => boolean {
+  if (spec === undefined) return () => true;
+  if (typeof spec !== 'string') throw typeError('ERR_INVALID_ARG_TYPE', 'cells must be a string');
+  const m = matrix(quick);
+  const labels = [...m.cells.map(cellLabel), ...m.writeback.map((w) => writebackLabel(w.fsName, w.granule))];
+  const words = new Set(labels.flatMap((l) => l.split(' ')));
+  const patterns = spec.split(',').map((p) => p.trim().split(/\s+/).filter(Boolean));
+  const which = quick ? 'the --quick matrix' : 'the matrix';
+  for (const p of patterns) {
+    if (p.length === 0) throw typeError('ERR_INVALID_ARG_VALUE', `cells has an empty pattern: '${spec}'`);
+    const unknown = p.filter((w) => !words.has(w));
+    if (unknown.length) throw typeError('ERR_INVALID_ARG_VALUE', `cells: '${unknown.join(' ')}' names nothing in ${which} (words: ${[...words].join(' ')})`);
+    if (!labels.some((l) => p.every((w) => l.split(' ').includes(w)))) throw typeError('ERR_INVALID_ARG_VALUE', `cells: '${p.join(' ')}' matches no cell of ${which}`);
+  }
+  return (label) => patterns.some((p) => p.every((w) => label.split(' ').includes(w)));
+}
+
 function accessSpec(c: Cell) {
   return {
     op: c.workload.endsWith('write') ? ('write' as const) : ('read' as const),
@@ -137,30 +182,31 @@ export async function runPager(o: PagerBenchOptions = {}): Promise<{ cells: Page
   const size = o.size ?? 8 << 20;
   const reps = o.reps ?? 3;
   const workers = o.workers ?? 1;
+  const wanted = pagerCellFilter(o.cells, o.quick);
   const p = probe();
   if (!p.experiments.wp.ok) throw Object.assign(new Error(`the pager needs uffd-wp: ${p.experiments.wp.reason}`), { code: 'ERR_PAGEMIRROR_UNSUPPORTED' });
-  const files: { fsName: 'tmpfs' | 'disk'; file: string }[] = [
-    { fsName: 'tmpfs', file: path.join('/dev/shm', `pagemirror-bench-pager-${process.pid}`) },
-    { fsName: 'disk', file: path.join(diskDir(o.dir), `pagemirror-bench-pager-${process.pid}`) },
-  ];
+  const m = matrix(o.quick);
+  const todo = m.cells.filter((c) => wanted(cellLabel(c)));
+  const todoWriteback = m.writeback.filter((w) => wanted(writebackLabel(w.fsName, w.granule)));
+  const files = [
+    { fsName: 'tmpfs' as const, file: path.join('/dev/shm', `pagemirror-bench-pager-${process.pid}`) },
+    { fsName: 'disk' as const, file: path.join(diskDir(o.dir), `pagemirror-bench-pager-${process.pid}`) },
+  ].filter((f) => todo.some((c) => c.fsName === f.fsName) || todoWriteback.some((w) => w.fsName === f.fsName));
+  const fileOf = (fsName: 'tmpfs' | 'disk') => files.find((f) => f.fsName === fsName)!.file;
   const content = Buffer.alloc(size);
   for (let i = 0; i < size; i += 8) content.writeBigUInt64LE(BigInt(i / 8), i);
   for (const f of files) {
     registerTempFile(f.file); // removed on exit and on SIGINT/SIGTERM/SIGHUP too
     fs.writeFileSync(f.file, content);
   }
-  const cells: Cell[] = [];
-  for (const f of files)
-    for (const granule of o.quick ? [64 << 10] : [4096, 64 << 10, 2 << 20])
-      for (const threads of o.quick ? [1] : [1, 2])
-        for (const limit of [false, true])
-          for (const workload of PAGER_WORKLOADS) cells.push({ fsName: f.fsName, file: f.file, granule, threads, limit, workload });
-  const granules = o.quick ? [64 << 10] : [4096, 64 << 10, 2 << 20];
-  const progress = new Progress(cells.length + files.length * granules.length, 'pager', o.quiet);
+  const cells: Cell[] = todo.map((c) => ({ ...c, file: fileOf(c.fsName) }));
+  const progress = new Progress(cells.length + todoWriteback.length, 'pager', o.quiet);
   const out: PagerCell[] = [];
   const writeback: WritebackRow[] = [];
   try {
     for (const c of cells) {
+      const t0 = performance.now();
+      progress.start(cellLabel(c));
       const drop = () => (c.fsName === 'disk' ? runC(['drop', c.file]) : Promise.resolve({}));
       const ps: number[] = [];
       const cs: number[] = [];
@@ -189,31 +235,33 @@ export async function runPager(o: PagerBenchOptions = {}): Promise<{ cells: Page
       cell.ratioC = cell.pager.median / cell.c.median;
       cell.ratioMmap = cell.pager.median / cell.mmap.median;
       out.push(cell);
-      progress.step(`${c.fsName} ${c.granule >> 10}K x${c.threads} ${cell.limit} ${c.workload}: ${cell.ratioC.toFixed(2)}x C, ${cell.ratioMmap.toFixed(2)}x mmap`);
+      progress.step(`${cellLabel(c)}: ${cell.ratioC.toFixed(2)}x C, ${cell.ratioMmap.toFixed(2)}x mmap (${seconds(t0)})`);
     }
-    for (const f of files)
-      for (const granule of granules) {
-        const limitGranules = Math.max(1, Math.floor(size / 4 / granule));
-        const batch = Math.max(1, Math.floor(limitGranules / 8)); // the engine's eviction batch
-        const pw: number[] = [];
-        const cw: number[] = [];
-        for (let i = 0; i < reps; i++) {
-          const pg = await pager(f.file, { granule, residentLimit: limitGranules * granule, prefetch: false });
-          try {
-            await pg.access({ op: 'write', unit: PAGE, seed: i + 1 });
-            const s = pg.stats();
-            if (s.writebackNs > 0) pw.push(s.writebackBytes / (s.writebackNs / 1e9) / 1e6);
-          } finally {
-            await pg.close();
-          }
-          const r = await runC(['pwrite', f.file, '--granule', String(granule), '--batch', String(batch)]);
-          cw.push(r.bytes! / (r.ns! / 1e9) / 1e6);
+    for (const { fsName, granule } of todoWriteback) {
+      const file = fileOf(fsName);
+      const t0 = performance.now();
+      progress.start(writebackLabel(fsName, granule));
+      const limitGranules = Math.max(1, Math.floor(size / 4 / granule));
+      const batch = Math.max(1, Math.floor(limitGranules / 8)); // the engine's eviction batch
+      const pw: number[] = [];
+      const cw: number[] = [];
+      for (let i = 0; i < reps; i++) {
+        const pg = await pager(file, { granule, residentLimit: limitGranules * granule, prefetch: false });
+        try {
+          await pg.access({ op: 'write', unit: PAGE, seed: i + 1 });
+          const s = pg.stats();
+          if (s.writebackNs > 0) pw.push(s.writebackBytes / (s.writebackNs / 1e9) / 1e6);
+        } finally {
+          await pg.close();
         }
-        const row: WritebackRow = { fs: f.fsName, granule, pager: summarize(pw), pwrite: summarize(cw), ratio: 0 };
-        row.ratio = row.pager.median / row.pwrite.median;
-        writeback.push(row);
-        progress.step(`write-back ${f.fsName} ${granule >> 10}K: ${row.ratio.toFixed(2)}x pwrite`);
+        const r = await runC(['pwrite', file, '--granule', String(granule), '--batch', String(batch)]);
+        cw.push(r.bytes! / (r.ns! / 1e9) / 1e6);
       }
+      const row: WritebackRow = { fs: fsName, granule, pager: summarize(pw), pwrite: summarize(cw), ratio: 0 };
+      row.ratio = row.pager.median / row.pwrite.median;
+      writeback.push(row);
+      progress.step(`${writebackLabel(fsName, granule)}: ${row.ratio.toFixed(2)}x pwrite (${seconds(t0)})`);
+    }
   } finally {
     progress.end();
     for (const f of files) {
@@ -224,7 +272,7 @@ export async function runPager(o: PagerBenchOptions = {}): Promise<{ cells: Page
   return { cells: out, writeback };
 }
 
-const kib = (g: number) => (g >= 1 << 20 ? `${g >> 20}M` : `${g >> 10}K`);
+const seconds = (t0: number) => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
 
 export function pagerTable(cells: PagerCell[]): Table {
   return {
@@ -277,10 +325,10 @@ export async function runPagerSuite(o: PagerBenchOptions & { out: string; stamp:
         ),
       );
     }
-  const written = writeReport(path.resolve(o.out), `pager-${o.stamp}`, env, { size, reps: o.reps ?? 3, workers: o.workers ?? 1, cells, writeback }, [
+  const written = writeReport(path.resolve(o.out), `pager-${o.stamp}`, env, { size, reps: o.reps ?? 3, workers: o.workers ?? 1, only: o.cells ?? null, cells, writeback }, [
     {
       title: 'Pager: reads and writes of a file through pager(), a plain C pager and mmap',
-      text: `A ${size >> 20} MiB file, one word per 4 KiB page, ${o.reps ?? 3} repetitions (medians). The pager runs with prefetch off (the C pager has no read-ahead) and ${o.workers ?? 1} service thread(s); the C pager with as many fill threads, FIFO eviction that writes every evicted granule of a write workload and no dirty tracking or race protection. The disk file's page cache is dropped before every run. mmap has no resident limit: its figure is the same work with the kernel's paging.`,
+      text: `A ${size >> 20} MiB file, one word per 4 KiB page, ${o.reps ?? 3} repetitions (medians). The pager runs with prefetch off (the C pager has no read-ahead) and ${o.workers ?? 1} service thread(s); the C pager with as many fill threads, FIFO eviction that writes every evicted granule of a write workload and no dirty tracking or race protection. The disk file's page cache is dropped before every run. mmap has no resident limit: its figure is the same work with the kernel's paging.${o.cells ? ` Only the cells matching --cells '${o.cells}'.` : ''}`,
       svg: svgs,
       table,
     },

@@ -16,13 +16,25 @@ export class Progress {
   step(what: string): void {
     this.#done++;
     if (this.quiet) return;
+    const line = this.#line(what);
+    if (this.#tty) process.stderr.write(`\r\x1b[K${line}`);
+    else process.stderr.write(line + '\n');
+  }
+
+  /**
+   * Shows the step that starts now (`what`), on a terminal only: a long step is then named while
+   * it runs. A log gets one line per step, from step().
+   */
+  start(what: string): void {
+    if (!this.quiet && this.#tty) process.stderr.write(`\r\x1b[K${this.#line(`running ${what}`)}`);
+  }
+
+  #line(what: string): string {
     const pct = Math.round((100 * this.#done) / this.total);
     const width = 24;
     const filled = Math.round((width * this.#done) / this.total);
     const bar = '#'.repeat(filled) + '.'.repeat(width - filled);
-    const line = `${this.label} [${bar}] ${String(pct).padStart(3)}% ${what}`;
-    if (this.#tty) process.stderr.write(`\r\x1b[K${line}`);
-    else process.stderr.write(line + '\n');
+    return `${this.label} [${bar}] ${String(pct).padStart(3)}% ${what}`;
   }
 
   /** Ends the line on a terminal (call once after the last step). */

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -38,6 +39,7 @@ int copy_in(int uffd, uint64_t addr, const uint8_t* src, uint64_t len, uint64_t 
 
 Pager::Pager(PagerConfig cfg) : cfg_(std::move(cfg)), ngran_(cfg_.length / cfg_.granule), state_(ngran_, kAbsent) {
   stats_.limit = cfg_.resident_limit;
+  pins_.reserve(kMaxPins);
 }
 
 Pager::~Pager() { close(); }
@@ -66,6 +68,7 @@ int Pager::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.faults++;
     (wp ? stats_.wp : minor ? stats_.minor : stats_.missing)++;
+    pin(msg.tid, g);
   }
   *pages = 0;
   if (wp) return resolve_wp(uffd, g, page_addr);
@@ -206,19 +209,29 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
-  filling_--;
-  filled_.notify_all();
   if (rc) {
-    if (state_[g] & kDirty) dirty_--;
-    state_[g] = static_cast<uint8_t>(state_[g] & kBacked);  // absent
+    unfill(uffd, g);
     return rc;
   }
+  filling_--;
+  filled_.notify_all();
   set_st(g, kResident);  // a write during the fill (a WP fault) has already set kDirty
   state_[g] |= kRef;
   resident_++;
-  fifo_.push_back(g);
+  if (cfg_.policy == EvictPolicy::kFifo) fifo_.push_back(g);  // the clock never pops it: it would only grow
   stats_.fill_ns += sys::now_ns() - t0;
   return partial ? 1 : 0;
+}
+
+// A fill given up (failed, or read-ahead with no room): the granule is absent again. Faults that
+// found it filling were left asleep for this fill's wake: wake them, so that each faults again and
+// gets a fill (or its own SIGBUS) instead of sleeping forever. mu_ held.
+void Pager::unfill(int uffd, uint64_t g) {
+  filling_--;
+  filled_.notify_all();
+  if (state_[g] & kDirty) dirty_--;
+  state_[g] = static_cast<uint8_t>(state_[g] & kBacked);  // absent
+  sys::uffd_wake(uffd, addr_of(g), cfg_.granule);
 }
 
 void Pager::count_fill(bool prefetched, int64_t n) {
@@ -255,20 +268,60 @@ int Pager::poison(uint64_t addr) {
   return rc;
 }
 
-void Pager::make_room(int uffd) {
-  if (cfg_.resident_limit == 0) return;
+bool Pager::make_room(int uffd) {
+  if (cfg_.resident_limit == 0) return true;
   const size_t batch = std::max<uint64_t>(1, cfg_.resident_limit / 8);
   for (;;) {
     size_t over;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (resident_ + filling_ <= cfg_.resident_limit) return;
+      if (resident_ + filling_ <= cfg_.resident_limit) return true;
       over = resident_ + filling_ - cfg_.resident_limit;
     }
-    // Nothing could be evicted (every resident granule is being filled or written by others, or
-    // the file refuses writes): stay over the limit rather than make the faulter wait forever.
-    if (evict_batch(uffd, std::max(over, batch)) <= 0) return;
+    // Nothing could be evicted (every resident granule is pinned, being filled or written by
+    // others, or the file refuses writes): a fault's fill goes over the limit rather than make
+    // the faulter wait forever.
+    if (evict_batch(uffd, std::max(over, batch)) <= 0) return false;
   }
+}
+
+// The livelock this prevents: with room for fewer granules than threads fault at once (a 25 %
+// limit of an 8 MiB file at 2 MiB granules is one granule; two threads), the fill for one thread
+// evicted the granule just filled for the other, which had been woken but not yet run: on an idle
+// machine the wake-up of a sleeping thread (tens of µs) is slower than the next eviction, and each
+// thread's retry evicted the other's granule again, forever, at full CPU. A granule stays until
+// its thread either faults again (its access went on, or needs another granule) or exits: every
+// fault's fill is used at least once, at the cost of one granule per such thread over the limit.
+void Pager::pin(uint32_t tid, uint64_t g) {
+  if (tid == 0) return;  // no thread ids (UFFD_FEATURE_THREAD_ID): no pins
+  Pin* oldest = nullptr;
+  for (Pin& p : pins_) {
+    if (p.tid == tid) {
+      p.g = g;
+      p.seq = ++pin_seq_;
+      return;
+    }
+    if (!oldest || p.seq < oldest->seq) oldest = &p;
+  }
+  if (pins_.size() < kMaxPins) pins_.push_back({tid, g, ++pin_seq_});
+  else *oldest = {tid, g, ++pin_seq_};
+}
+
+bool Pager::pinned(uint64_t g) {
+  for (size_t i = 0; i < pins_.size();) {
+    if (pins_[i].g != g) {
+      i++;
+      continue;
+    }
+    // A thread that exited never comes back for its granule (its id may be reused: then the pin
+    // lasts until that thread's next fault, which is harmless).
+    char path[48];
+    std::snprintf(path, sizeof(path), "/proc/self/task/%u", pins_[i].tid);
+    if (::access(path, F_OK) == 0) return true;
+    pins_[i] = pins_.back();
+    pins_.pop_back();
+  }
+  return false;
 }
 
 // Victims, under mu_, marked busy. FIFO: in fill order. Clock: a granule whose reference bit is
@@ -277,10 +330,14 @@ void Pager::make_room(int uffd) {
 // present page cannot be seen from user space on this kernel (see docs/pager.md).
 bool Pager::pick_victims(int uffd, size_t want, std::vector<uint64_t>* out) {
   if (cfg_.policy == EvictPolicy::kFifo) {
-    while (out->size() < want && !fifo_.empty()) {
+    for (size_t n = fifo_.size(); n > 0 && out->size() < want; n--) {
       const uint64_t g = fifo_.front();
       fifo_.pop_front();
       if (st(g) != kResident) continue;  // stale: evicted and maybe refilled (pushed again then)
+      if (pinned(g)) {
+        fifo_.push_back(g);  // its thread has not come back: after the others
+        continue;
+      }
       set_st(g, kBusy);
       out->push_back(g);
     }
@@ -288,7 +345,7 @@ bool Pager::pick_victims(int uffd, size_t want, std::vector<uint64_t>* out) {
     for (uint64_t steps = 0; out->size() < want && steps < 2 * ngran_; steps++) {
       const uint64_t g = hand_;
       hand_ = hand_ + 1 == ngran_ ? 0 : hand_ + 1;
-      if (st(g) != kResident) continue;
+      if (st(g) != kResident || pinned(g)) continue;
       if (state_[g] & kRef) {
         state_[g] &= static_cast<uint8_t>(~kRef);
         if ((state_[g] & kDirty) && cfg_.mode != PagerMode::kShared)
@@ -345,7 +402,7 @@ int Pager::evict_batch(int uffd, size_t want) {
       }
       if (state_[g] & kDirty) {
         set_st(g, kResident);
-        fifo_.push_back(g);
+        if (cfg_.policy == EvictPolicy::kFifo) fifo_.push_back(g);
         if (!rc) stats_.evict_aborts++;
         continue;
       }
@@ -504,7 +561,12 @@ int64_t Pager::prefetch_range(int uffd, uint64_t g0, uint64_t g1, bool stream) {
       set_st(g, kFilling);
       filling_++;
     }
-    make_room(uffd);
+    if (!make_room(uffd)) {
+      // Read-ahead never takes the set past the limit (a fault's fill may, see pin()).
+      std::lock_guard<std::mutex> lock(mu_);
+      unfill(uffd, g);
+      break;
+    }
     int rc = fill(uffd, g, nullptr, true);
     if (rc < 0) {
       if (!stream) return rc;

@@ -115,14 +115,21 @@ class Pager : public sys::FaultHandler {
   // Fills granule g (state already kFilling) from the file, the rule or `data`. 0, 1 (shared
   // mode: some pages were holes and stay unmapped), or -errno (the granule is absent again).
   int fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched);
+  void unfill(int uffd, uint64_t g);
   void count_fill(bool prefetched, int64_t n);
   int64_t prefetch_range(int uffd, uint64_t g0, uint64_t g1, bool stream);
-  void make_room(int uffd);
+  // false when it could not get under the limit (every resident granule pinned, being filled or
+  // written by others, or the file refuses writes).
+  bool make_room(int uffd);
   int evict_batch(int uffd, size_t want);
   bool pick_victims(int uffd, size_t want, std::vector<uint64_t>* out);
   int write_back(const std::vector<uint64_t>& gs, PagerWriteError* err);
   void read_ahead(int uffd, uint64_t g);
   uint8_t* buffer();
+  // Progress guarantee (mu_ held): the granule each faulting thread last faulted on is not evicted
+  // until that thread faults again or exits. See docs/pager.md, "Progress".
+  void pin(uint32_t tid, uint64_t g);
+  bool pinned(uint64_t g);
 
   PagerConfig cfg_;
   std::atomic<int> uffd_{-1};
@@ -144,6 +151,15 @@ class Pager : public sys::FaultHandler {
   // Signalled (under mu_) when a fill ends: flush() waits on it for fills whose faulter may
   // already have written (see flush()).
   std::condition_variable filled_;
+  // The pins: at most kMaxPins threads (the oldest pin gives way to a new thread past that).
+  // Reserved up front: a fault service worker must not allocate.
+  static constexpr size_t kMaxPins = 64;
+  struct Pin {
+    uint32_t tid;
+    uint64_t g, seq;
+  };
+  std::vector<Pin> pins_;
+  uint64_t pin_seq_ = 0;
 
   // Held by whoever writes back (evictions, flush): one writer at a time, so a granule that one
   // has taken for writing is never dropped or written by another.
