@@ -24,4 +24,7 @@ export type { Protection, Advice, FeatureName, IoctlName, RegisterMode, PageCate
 export { Device, Mirror, FileMirror, decodeEntry, SNAPSHOT } from './device.js';
 export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult, DeviceCounters, MigrateResult, SkipReason, TraceEvent, ForkStep, ForkRunOptions, ForkStepResult, ForkRunResult, FileStrategy, FileMirrorOptions, FileStats, FileAccounting } from './device.js';
 export { pager, Pager } from './pager.js';
+export { readTrace, writeTrace, recordTrace, Trace, TraceRecorder, TRACE_FORMAT, TRACE_VERSION } from './trace.js';
+export type { TraceHeader, TraceRange, TraceRecord, TraceFault, TraceSample, TraceDropped, TraceEnd, TraceSummary, SampleMethod, RecordRange, RecordTraceOptions, RecordingSummary } from './trace.js';
+export type { ReplayOptions, ReplayResult, MigrationCounts } from './replay.js';
 export type { PagerOptions, PagerMode, PagerEviction, PagerFill, PagerStats, PagerWriteError } from './pager.js';
