@@ -1,8 +1,10 @@
 // Access traces (issue 12 §3): recording a served userfaultfd's faults natively, the file format's
 // reader on good and hostile files, and deterministic replay through a device.
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { describe, it, expect } from 'vitest';
 import { access, Device, mapAnonymous, readTrace, recordTrace, Userfaultfd, writeTrace, type TraceFault, type TraceRecord, type TraceSample } from '../lib/index.js';
 import { P, PAGE, cleanupAfterEach, requireCap, within } from './helpers.js';
@@ -22,6 +24,7 @@ function written(samples: TraceSample[]): number[] {
   return [...pages].sort((a, b) => a - b);
 }
 
+const cli = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'dist', 'cli.js');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 describe('recording a served userfaultfd', () => {
@@ -221,6 +224,18 @@ describe('replay through a device', () => {
     expect(a.evictions).toBeGreaterThan(pages);
     expect(a.toDevice['device-fault']! - a.evictions).toBeLessThanOrEqual(64);
     expect(a.modeledDeviceNs).toBeUndefined();
+    // Device threads only run the hits of a step: their number changes no count.
+    const one = await (async () => {
+      const dev = Device.create(small);
+      const m = mapAnonymous(pages * PAGE);
+      try {
+        return await within(dev.mirror(m).replay(tracePath, { threads: 1 }), 30000, 'replay');
+      } finally {
+        dev.close();
+        m.close();
+      }
+    })();
+    expect({ ...counts(one), threads: 2 }).toEqual(counts(a));
     // Host placement: the first pass maps pages read-only, so each write of the second pass is an
     // upgrade fault; a sequential prefetcher maps ahead of the stream and takes most first-pass misses.
     const d = await replayWith({ memory: 1024 * PAGE });
@@ -247,5 +262,50 @@ describe('replay through a device', () => {
       dev.close();
       m.close();
     }
+  });
+});
+
+describe('pagemirror replay', () => {
+  const run = (...args: string[]) => spawnSync(process.execPath, [cli, 'replay', ...args], { encoding: 'utf8', timeout: 60_000 });
+
+  it('replays under each combination of policies: counts as JSON, the same twice, a JSON + HTML report when asked', async () => {
+    const t = file('cli.pmtrace');
+    const recs: TraceRecord[] = [];
+    for (let pass = 0; pass < 2; pass++) for (let p = 0; p < 128; p++) recs.push({ type: 'fault', kind: 'missing', write: pass === 1, range: 0, page: p, tNs: p, tid: 1 });
+    await writeTrace(t, { ranges: [{ index: 0, length: 128 * PAGE }] }, recs);
+    const out = file('reports');
+    const r = run(t, '--device-memory', `${32 * PAGE},${256 * PAGE}`, '--placement', 'device', '--eviction', 'fifo', '--json', '--out', out);
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    const j = JSON.parse(r.stdout);
+    expect(j.rows.map((x: { device: { memory: number } }) => x.device.memory)).toEqual([32 * PAGE, 256 * PAGE]);
+    const [small, large] = j.rows.map((x: { result: { misses: number; evictions: number } }) => x.result);
+    expect(large).toMatchObject({ misses: 128, evictions: 0 });
+    expect(small.misses).toBe(256); // the second pass finds every page evicted
+    expect(small.evictions).toBeGreaterThan(128);
+    expect(j.files.map((f: string) => path.extname(f))).toEqual(['.json', '.html']);
+    expect(fs.readFileSync(j.files[1], 'utf8')).toContain('<svg');
+    const again = JSON.parse(run(t, '--device-memory', `${32 * PAGE},${256 * PAGE}`, '--placement', 'device', '--eviction', 'fifo', '--json').stdout);
+    const strip = (rows: { result: { hostNs: number } }[]) => rows.map((x) => ({ ...x, result: { ...x.result, hostNs: 0 } }));
+    expect(strip(again.rows)).toEqual(strip(j.rows));
+    const text = run(t, '--prefetch', 'sequential');
+    expect(text.status).toBe(0);
+    expect(text.stdout).toMatch(/^policy\s+accesses\s+misses/m);
+  }, 60000);
+
+  it('usage errors exit 2 with one line, a bad trace exits 1 with its code, --help exits 0', () => {
+    for (const args of [[], ['a', 'b'], [file('x'), '--eviction', 'bogus'], [file('x'), '--device-memory', '12'], [file('x'), '--threads', '0'], [file('x'), '--bogus']]) {
+      const r = run(...args);
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    }
+    const bad = file('not-a-trace');
+    fs.writeFileSync(bad, 'hello');
+    const r = run(bad);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/^pagemirror: ERR_PAGEMIRROR_TRACE_CORRUPT: /);
+    const h = run('--help');
+    expect(h.status).toBe(0);
+    expect(h.stdout).toMatch(/^usage: pagemirror replay TRACE/);
   });
 });
