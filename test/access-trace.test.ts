@@ -105,6 +105,59 @@ describe('recording a served userfaultfd', () => {
     expect(t.summary.faults).toBe(8);
   }, 20000);
 
+  it('with two workers and a JavaScript handler: every fault once, in time order; closing the descriptor first leaves stop() working', async () => {
+    const n = 256;
+    const m = mapAnonymous(n * PAGE);
+    closers.push(() => m.close());
+    const uffd = Userfaultfd.open({ features: ['threadId'] });
+    closers.push(() => uffd.close());
+    uffd.register(m);
+    let handled = 0;
+    uffd.serve({
+      workers: 2,
+      onFaults: (faults) => {
+        for (const f of faults) {
+          uffd.zeropage(m, f.offset, PAGE);
+          handled++;
+        }
+      },
+    });
+    const rec = recordTrace(uffd, { path: file('workers.pmtrace'), ranges: [{ mapping: m }], sampleIntervalMs: 0 });
+    expect(rec.header.recorder.rings).toBe(2);
+    await within(access(m, { op: 'read', threads: 4 }), 20000, 'four readers');
+    const served = uffd.stats().faults;
+    uffd.close(); // the recorder outlives the descriptor's service
+    const s = rec.stop();
+    expect(s.faults).toBe(served);
+    expect(s.faults).toBe(handled);
+    expect(s.dropped).toBe(0);
+    const t = await readTrace(rec.path);
+    const faults = (await all(t.records())).filter((r): r is TraceFault => r.type === 'fault');
+    expect(new Set(faults.map((f) => f.page)).size).toBe(faults.length); // each page faulted once
+    for (let i = 1; i < faults.length; i++) expect(faults[i]!.tNs).toBeGreaterThanOrEqual(faults[i - 1]!.tNs);
+    expect(t.summary.threads.length).toBeGreaterThanOrEqual(1);
+  }, 30000);
+
+  it('a ring too small for the burst drops faults, counts them and says where, and the trace still reads', async () => {
+    const n = 2048;
+    const m = mapAnonymous(n * PAGE);
+    closers.push(() => m.close());
+    const uffd = Userfaultfd.open();
+    closers.push(() => uffd.close());
+    uffd.register(m);
+    uffd.addRule({ mapping: m, action: 'zero' });
+    const rec = recordTrace(uffd, { path: file('small-ring.pmtrace'), ranges: [{ mapping: m }], sampleIntervalMs: 0, ringCapacity: 16 });
+    await within(access(m, { op: 'read' }), 20000, 'reader');
+    const s = rec.stop();
+    expect(s.faults + s.dropped).toBe(n);
+    // 2048 faults in a burst against 16 slots: the writer would have to run every 8 faults.
+    expect(s.dropped).toBeGreaterThan(0);
+    const t = await readTrace(rec.path);
+    expect(t.summary.faults).toBe(s.faults);
+    expect(t.summary.dropped).toBe(s.dropped);
+    expect((await all(t.records())).some((r) => r.type === 'dropped')).toBe(true);
+  }, 30000);
+
   it('refuses bad options before any system call, with codes', () => {
     const m = mapAnonymous(4 * PAGE);
     closers.push(() => m.close());
