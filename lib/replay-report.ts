@@ -17,7 +17,7 @@ export interface ReplayRow {
 }
 
 function label(d: DeviceOptions): string {
-  const kib = (b: number | undefined) => (b === undefined ? '64M' : b % (1 << 20) === 0 ? `${b >> 20}M` : `${b >> 10}K`);
+  const kib = (b: number | undefined) => (b === undefined ? '64M' : b % 2 ** 20 === 0 ? `${b / 2 ** 20}M` : `${b / 1024}K`);
   return [`mem ${kib(d.memory)}`, d.placement ?? 'host', `evict ${d.eviction ?? 'off'}`, `prefetch ${d.prefetch ?? 'off'}`, ...(d.faultAround ? [`around ${kib(d.faultAround)}`] : []), ...(d.faultBatch ? [`batch ${d.faultBatch}`] : [])].join(', ');
 }
 

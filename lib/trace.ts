@@ -454,7 +454,9 @@ export interface RecordTraceOptions {
   /** The trace file to write (created or truncated). */
   path: string;
   /** The ranges to record (faults elsewhere on the descriptor are counted as ignored). */
-  ranges: RecordRange[];
+  ranges?: RecordRange[];
+  /** Shorthand for `ranges: [{ mapping }]`: the whole mapping. One of ranges and mapping. */
+  mapping?: Mapping;
   /**
    * Interval between access samples in ms (0: none). Samples need the range registered for
    * write-protect on a userfaultfd with 'wpAsync'; otherwise the header says why there are none.
@@ -551,7 +553,7 @@ const SAMPLING_REASONS: Record<number, string> = {
  * const uffd = Userfaultfd.open();
  * uffd.register(m);
  * uffd.addRule({ mapping: m, action: 'zero' });
- * const rec = recordTrace(uffd, { path: 'run.pmtrace', ranges: [{ mapping: m }] });
+ * const rec = recordTrace(uffd, { path: 'run.pmtrace', mapping: m });
  * await access(m, { op: 'write' });
  * console.log(rec.stop());
  * ```
@@ -561,12 +563,15 @@ export function recordTrace(uffd: Userfaultfd, options: RecordTraceOptions): Tra
   const o = checkOptions('options', options);
   const path = checkString('path', o.path);
   if (path === '') throw typeError('ERR_INVALID_ARG_VALUE', 'path must not be empty');
-  if (!Array.isArray(o.ranges) || o.ranges.length === 0 || o.ranges.length > 65535)
+  if (o.mapping !== undefined && !(o.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');
+  if ((o.mapping === undefined) === (o.ranges === undefined)) throw typeError('ERR_INVALID_ARG_TYPE', 'give ranges or mapping (one of them)');
+  const given: RecordRange[] = o.mapping ? [{ mapping: o.mapping }] : (o.ranges as RecordRange[]);
+  if (!Array.isArray(given) || given.length === 0 || given.length > 65535)
     throw typeError('ERR_INVALID_ARG_TYPE', 'ranges must be a non-empty array of { mapping, offset?, length? } or { address, length } (at most 65535)');
   const interval = checkInteger('sampleIntervalMs', o.sampleIntervalMs ?? 100, 0, 3600000);
   const ringCapacity = checkInteger('ringCapacity', o.ringCapacity ?? 65536, 16, 1 << 24);
   const pid = checkInteger('pid', o.pid ?? 0, 0, 4194304);
-  const ranges: { start: bigint; length: number; info: TraceRange }[] = o.ranges.map((r: RecordRange, i: number) => {
+  const ranges: { start: bigint; length: number; info: TraceRange }[] = given.map((r: RecordRange, i: number) => {
     checkOptions(`ranges[${i}]`, r);
     if ('mapping' in r && r.mapping !== undefined) {
       if (!(r.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', `ranges[${i}].mapping must be a Mapping`);

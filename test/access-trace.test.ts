@@ -94,7 +94,7 @@ describe('recording a served userfaultfd', () => {
     closers.push(() => uffd.close());
     uffd.register(m);
     uffd.addRule({ mapping: m, action: 'zero' });
-    const rec = recordTrace(uffd, { path: file('nosample.pmtrace'), ranges: [{ mapping: m }] });
+    const rec = recordTrace(uffd, { path: file('nosample.pmtrace'), mapping: m });
     expect(rec.header.sampling.method).toBe('none');
     expect(rec.header.sampling.reason).toMatch(/wpAsync|PAGEMAP_SCAN/);
     await within(access(m, { op: 'read' }), 10000, 'reader');
@@ -168,6 +168,8 @@ describe('recording a served userfaultfd', () => {
     uffd.register(m);
     expect(() => recordTrace({} as Userfaultfd, { path: p, ranges: [{ mapping: m }] })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
     expect(() => recordTrace(uffd, { path: p, ranges: [] })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => recordTrace(uffd, { path: p, ranges: [{ mapping: m }], mapping: m })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => recordTrace(uffd, { path: p })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
     expect(() => recordTrace(uffd, { path: p, ranges: [{ mapping: m }], sampleIntervalMs: -1 })).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
     expect(() => recordTrace(uffd, { path: p, ranges: [{ mapping: m, offset: 1 }] })).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_UNALIGNED' }));
     expect(() => recordTrace(uffd, { path: p, ranges: [{ address: 4096n, length: 0 }] })).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));

@@ -226,6 +226,7 @@ export function targets(lib, ctx) {
           {
             path: (r, c) => (r() < 0.7 ? { value: path.join(c.dir, 'r.pmtrace'), kind: 'valid' } : { value: ['', 'a\0b', 5, null][Math.floor(r() * 4)], kind: 'bad' }),
             ranges: (r, c) => (r() < 0.6 ? { value: [{ address: c.anon3?.closed ? 4096n : c.anon3?.address ?? 4096n, length: PAGE }], kind: 'valid' } : { value: [[], 'x', [{ address: 1n, length: PAGE }], [{ mapping: 5 }], [{ address: 4096n, length: 1 }], [null]][Math.floor(r() * 6)], kind: 'bad' }),
+            mapping: (r, c) => (r() < 0.8 ? { value: undefined, kind: 'valid' } : { value: [5, {}, null][Math.floor(r() * 3)], kind: 'bad' }),
             sampleIntervalMs: int([0, 10], [3600001], { optional: true }),
             ringCapacity: int([16, 1024], [0, 2 ** 30], { optional: true }),
             pid: int([0], [2 ** 23], { optional: true }),
