@@ -6,7 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, it, expect } from 'vitest';
-import { access, Device, mapAnonymous, readTrace, recordTrace, Userfaultfd, writeTrace, type TraceFault, type TraceRecord, type TraceSample } from '../lib/index.js';
+import { access, Device, mapAnonymous, mapMemfd, readTrace, recordTrace, Userfaultfd, writeTrace, type TraceFault, type TraceRecord, type TraceSample } from '../lib/index.js';
 import { P, PAGE, cleanupAfterEach, requireCap, within } from './helpers.js';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pm-trace-'));
@@ -179,6 +179,29 @@ describe('recording a served userfaultfd', () => {
     expect(t.summary.faults).toBe(s.faults);
     expect(t.summary.dropped).toBe(s.dropped);
     expect((await all(t.records())).some((r) => r.type === 'dropped')).toBe(true);
+  }, 30000);
+
+  it('records MINOR faults on shared memory as minor, with their access', async (ctx) => {
+    requireCap(ctx, P.experiments.minor, 'userfaultfd MINOR');
+    const n = 16;
+    const m = mapMemfd(n * PAGE);
+    closers.push(() => m.close());
+    const alias = m.alias();
+    closers.push(() => alias.close());
+    await within(access(alias, { op: 'write', seed: 9 }), 10000, 'page cache filled through an alias');
+    const uffd = Userfaultfd.open();
+    closers.push(() => uffd.close());
+    uffd.register(m, { modes: ['minor'] });
+    uffd.addRule({ mapping: m, action: 'continue' });
+    const rec = recordTrace(uffd, { path: file('minor.pmtrace'), mapping: m, sampleIntervalMs: 0 });
+    await within(access(m, { length: 8 * PAGE, op: 'read' }), 10000, 'reader');
+    await within(access(m, { offset: 8 * PAGE, length: 8 * PAGE, op: 'write', seed: 9 }), 10000, 'writer');
+    expect(rec.stop().faults).toBe(n);
+    const t = await readTrace(rec.path);
+    expect(t.summary.byKind).toEqual({ missing: 0, wp: 0, minor: n });
+    const faults = (await all(t.records())).filter((r): r is TraceFault => r.type === 'fault');
+    expect(faults.map((f) => [f.page, f.write])).toEqual([...Array(n).keys()].map((p) => [p, p >= 8]));
+    expect(t.header.ranges[0]).toMatchObject({ kind: 'memfd', shared: true, modes: ['minor'] });
   }, 30000);
 
   it('refuses bad options before any system call, with codes', () => {
