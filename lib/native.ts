@@ -420,6 +420,8 @@ export interface NativeMirror {
 
 /** What a trace recorder counted (lib/trace.ts). */
 export interface NativeRecorderStats {
+  /** Records written: faults, samples, dropped and the end record. */
+  records: number;
   faults: number;
   samples: number;
   sampleRuns: number;

@@ -62,6 +62,7 @@ describe('recording a served userfaultfd', () => {
     expect(summary.writerCpuNs).toBeGreaterThan(0);
     expect(summary.tapNsPerFault).toBeGreaterThan(0);
     expect(summary.bytes).toBe(fs.statSync(rec.path).size);
+    expect(summary.records).toBe(64 + summary.samples + 1); // and the end record
 
     const trace = await readTrace(rec.path);
     expect(trace.header).toMatchObject({ format: 'pagemirror-trace', version: 1, pageSize: PAGE, sampling: { method: 'pagemap-scan-written' } });

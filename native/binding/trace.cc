@@ -100,6 +100,7 @@ namespace {
 
 Napi::Object StatsObject(Napi::Env env, const engine::RecorderStats& s) {
   Napi::Object o = Napi::Object::New(env);
+  o.Set("records", static_cast<double>(s.records));
   o.Set("faults", static_cast<double>(s.faults));
   o.Set("samples", static_cast<double>(s.samples));
   o.Set("sampleRuns", static_cast<double>(s.sample_runs));

@@ -154,7 +154,10 @@ void TraceRecorder::emit_bytes(const void* p, size_t n) {
   }
 }
 
-void TraceRecorder::emit(const TraceFileRecord& r) { emit_bytes(&r, sizeof(r)); }
+void TraceRecorder::emit(const TraceFileRecord& r) {
+  emit_bytes(&r, sizeof(r));
+  records_++;
+}
 
 void TraceRecorder::flush() {
   // Only this thread (the writer, or start() before it runs) writes stats_; it locks for the
@@ -174,6 +177,7 @@ void TraceRecorder::flush() {
   }
   std::lock_guard<std::mutex> lock(mu_);
   stats_.bytes += done;
+  stats_.records = records_;
   if (err) {
     stats_.error = err;
     stats_.error_call = "write";

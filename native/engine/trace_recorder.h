@@ -54,6 +54,7 @@ struct RecorderConfig {
 };
 
 struct RecorderStats {
+  uint64_t records = 0;     // records written (faults, samples, dropped, end)
   uint64_t faults = 0;      // fault records written
   uint64_t samples = 0;     // sample records written
   uint64_t sample_runs = 0;
@@ -117,6 +118,7 @@ class TraceRecorder : public sys::FaultTap {
   std::vector<sys::ScanRegion> regions_;
   std::vector<std::pair<uint64_t, uint64_t>> runs_;  // one sample's runs, before they are written
   std::vector<Entry> merge_;
+  uint64_t records_ = 0;  // writer only; published in stats_ by flush()
   uint64_t last_sample_ns_ = 0;
   std::atomic<uint64_t> tap_ns_{0}, tapped_{0}, ignored_{0};
   std::mutex mu_;  // stopping_, stats_ (the writer and the owner)
