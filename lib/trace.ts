@@ -500,6 +500,11 @@ export class TraceRecorder {
     this.header = header;
   }
 
+  /** Whether stop() was called. */
+  get stopped(): boolean {
+    return this.#summary !== undefined;
+  }
+
   /** Counters so far (faults written, dropped, the writer's CPU time, the time spent in the tap). */
   stats(): NativeRecorderStats {
     if (this.#summary) return this.#summary;
@@ -545,7 +550,8 @@ const SAMPLING_REASONS: Record<number, string> = {
  * every `sampleIntervalMs`, the pages written since the last sample (PAGEMAP_SCAN on uffd-wp
  * async memory). Faults are recorded only while the descriptor is served (rules or serve()).
  * Errors: TypeError/RangeError (ERR_INVALID_ARG_*, ERR_OUT_OF_RANGE, ERR_PAGEMIRROR_UNALIGNED)
- * before any system call; ERR_PAGEMIRROR_CLOSED; SystemError from creating the file (`path`).
+ * before any system call; ERR_PAGEMIRROR_CLOSED; ERR_PAGEMIRROR_RECORDING (a recorder of this
+ * descriptor is running); SystemError from creating the file (`path`).
  * @example
  * ```ts
  * import { Userfaultfd, mapAnonymous, recordTrace, access } from 'pagemirror';
@@ -589,6 +595,8 @@ export function recordTrace(uffd: Userfaultfd, options: RecordTraceOptions): Tra
     return { start, length, info: { index: i, length, start: '0x' + start.toString(16), kind: 'address' } };
   });
   if (uffd.closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the userfaultfd is closed');
+  if (recording.get(uffd)?.stopped === false)
+    throw stateError('ERR_PAGEMIRROR_RECORDING', `this userfaultfd is already being recorded (to ${recording.get(uffd)!.path}): stop() that recorder first`);
   let sampling: TraceHeader['sampling'] = { method: 'none', reason: 'sampleIntervalMs is 0' };
   if (interval) {
     const failed = ranges.map((r) => native.probeTraceSampling(r.start, r.length, pid)).find((rc) => rc !== 0);
@@ -620,5 +628,11 @@ export function recordTrace(uffd: Userfaultfd, options: RecordTraceOptions): Tra
     n.stop();
     throw err;
   }
-  return new TraceRecorder(n, uffd, path, header);
+  const rec = new TraceRecorder(n, uffd, path, header);
+  recording.set(uffd, rec);
+  return rec;
 }
+
+// One recorder per descriptor at a time: the service has one tap, and a second would silently
+// take the first one's faults.
+const recording = new WeakMap<Userfaultfd, TraceRecorder>();

@@ -120,6 +120,7 @@ describe('recording a served userfaultfd', () => {
     uffd.addRule({ mapping: m, action: 'zero' });
     const rec = recordTrace(uffd, { path: file('nosample.pmtrace'), mapping: m });
     expect(rec.header.sampling.method).toBe('none');
+    expect(() => recordTrace(uffd, { path: file('second.pmtrace'), mapping: m })).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_RECORDING' }));
     expect(rec.header.sampling.reason).toMatch(/wpAsync|PAGEMAP_SCAN/);
     await within(access(m, { op: 'read' }), 10000, 'reader');
     const s = rec.stop();
