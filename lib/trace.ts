@@ -1,7 +1,8 @@
 // Access traces: the versioned binary format (docs/trace-format.md), its reader and writer, and
 // the recorder that captures a served Userfaultfd's faults natively (native/engine/
 // trace_recorder.cc) with periodic written-page samples from PAGEMAP_SCAN.
-import { open, writeFile } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, writeFile, type FileHandle } from 'node:fs/promises';
 import { availableParallelism, hostname } from 'node:os';
 import { native, type NativeRecorderStats, type NativeTraceRecorder } from './native.js';
 import { Mapping } from './mapping.js';
@@ -142,6 +143,17 @@ function checkHeader(path: string, h: unknown, fileVersion: number): TraceHeader
   return h as unknown as TraceHeader;
 }
 
+// Opens without blocking (a FIFO would wait for a writer forever) and only a regular file.
+async function openTrace(path: string): Promise<{ fh: FileHandle; size: number }> {
+  const fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  const st = await fh.stat();
+  if (!st.isFile()) {
+    await fh.close();
+    throw corrupt(path, 0, 'not a regular file');
+  }
+  return { fh, size: st.size };
+}
+
 /**
  * A trace file, opened and checked whole by {@link readTrace}: its header, a summary, and its
  * records again on demand (read in chunks, never the whole file at once).
@@ -210,10 +222,9 @@ export class Trace {
  */
 export async function readTrace(path: string): Promise<Trace> {
   checkString('path', path);
-  const fh = await open(path, 'r');
+  const { fh, size } = await openTrace(path);
   let header: TraceHeader, dataStart: number;
   try {
-    const size = (await fh.stat()).size;
     const head = Buffer.alloc(16);
     const { bytesRead } = await fh.read(head, 0, 16, 0);
     if (bytesRead < 16 || !head.subarray(0, 8).equals(MAGIC)) throw corrupt(path, 0, 'no pagemirror trace magic (PMTRACE)');
@@ -262,9 +273,8 @@ export async function readTrace(path: string): Promise<Trace> {
 // The records after the header, checked as they are read. With `summary`, also the file's size
 // and that the end record is last and agrees with the faults counted.
 async function* readRecords(path: string, header: TraceHeader, dataStart: number, summary: TraceSummary | undefined): AsyncGenerator<TraceRecord> {
-  const fh = await open(path, 'r');
+  const { fh, size } = await openTrace(path);
   try {
-    const size = (await fh.stat()).size;
     if (summary) summary.bytes = size;
     const rangePages = header.ranges.map((r) => r.length / header.pageSize);
     let buf = Buffer.alloc(1 << 20);

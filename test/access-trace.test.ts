@@ -271,6 +271,12 @@ describe('the trace reader on hostile files', () => {
     fs.writeFileSync(bad, 'not a trace at all');
     await expect(readTrace(bad)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT', offset: 0 });
     await expect(readTrace(file('missing.pmtrace'))).rejects.toMatchObject({ code: 'ENOENT' });
+    // Not a regular file: refused at once, never waited on (a FIFO with no writer would block an open).
+    const fifo = file('fifo');
+    expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+    await expect(within(readTrace(fifo), 5000, 'readTrace(FIFO)')).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT' });
+    await expect(within(readTrace('/dev/zero'), 5000, 'readTrace(/dev/zero)')).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT' });
+    await expect(readTrace(dir)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT' });
   }, 60000);
 });
 
