@@ -224,6 +224,10 @@ describe('recording a served userfaultfd', () => {
     expect(() => recordTrace(uffd, { path: 'a\0b', ranges: [{ mapping: m }] })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' }));
     expect(fs.existsSync(p)).toBe(false);
     expect(() => recordTrace(uffd, { path: path.join(dir, 'no', 'such', 'dir'), ranges: [{ mapping: m }] })).toThrow(expect.objectContaining({ code: 'ENOENT', syscall: 'open' }));
+    // A FIFO nobody reads: refused at once (opening it for writing would block this thread for good).
+    const fifo = file('out-fifo');
+    expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+    expect(() => recordTrace(uffd, { path: fifo, ranges: [{ mapping: m }] })).toThrow(expect.objectContaining({ code: 'ENXIO', path: fifo }));
   });
 });
 

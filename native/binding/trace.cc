@@ -83,7 +83,7 @@ TraceRecorderWrap::TraceRecorderWrap(const Napi::CallbackInfo& info) : Napi::Obj
   auto rec = std::make_shared<engine::TraceRecorder>(std::move(c));  // owns the pagemap fd now
   const char* call = "open";
   int rc = rec->start(&call);
-  if (rc) throw SystemError(env, rc, call, {path.c_str()});
+  if (rc) throw SystemError(env, rc, call, {path.c_str(), rc == -EINVAL ? "a trace is written to a regular file" : nullptr});
   recorder_ = std::move(rec);
   info.This().As<Napi::Object>().TypeTag(&kRecorderTag);
 }

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -71,7 +72,9 @@ int TraceRecorder::start(const char** call) {
   } catch (const std::length_error&) {
     return -ENOMEM;
   }
-  fd_ = ::open(config_.path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // Non-blocking: this runs on the JavaScript thread, and opening a FIFO nobody reads would wait
+  // for a reader forever. A trace goes to a file (or a character device such as /dev/null).
+  fd_ = ::open(config_.path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK, 0644);
   if (fd_ < 0) return -errno;
   auto fail = [&](int err, const char* what) {
     ::close(fd_);
@@ -79,6 +82,11 @@ int TraceRecorder::start(const char** call) {
     *call = what;
     return err;
   };
+  struct stat st{};
+  if (::fstat(fd_, &st) != 0) return fail(-errno, "fstat");
+  if (!S_ISREG(st.st_mode) && !S_ISCHR(st.st_mode)) return fail(-EINVAL, "open");
+  const int fl = ::fcntl(fd_, F_GETFL);
+  if (fl < 0 || ::fcntl(fd_, F_SETFL, fl & ~O_NONBLOCK) != 0) return fail(-errno, "fcntl");
   // The header: magic, version, length, then the JSON padded to 8 bytes so records stay aligned.
   std::string json = config_.header;
   json.append((8 - json.size() % 8) % 8, ' ');
