@@ -461,7 +461,7 @@ export type RecordRange = { mapping: Mapping; offset?: number; length?: number }
 
 /** Options of {@link recordTrace}. */
 export interface RecordTraceOptions {
-  /** The trace file to write (created or truncated). */
+  /** The trace file to write (created or truncated): a regular file, or a character device such as /dev/null (a FIFO is refused, EINVAL or ENXIO). */
   path: string;
   /** The ranges to record (faults elsewhere on the descriptor are counted as ignored). */
   ranges?: RecordRange[];
