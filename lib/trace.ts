@@ -328,10 +328,12 @@ async function* readRecords(path: string, header: TraceHeader, dataStart: number
         if (bytes && !(await fill(bytes))) throw corrupt(path, pos, 'truncated sample');
         const rv = new DataView(buf.buffer, buf.byteOffset + (pos - at), bytes);
         const runs: { first: number; count: number }[] = [];
-        for (let k = 0; k < c; k++) {
+        for (let k = 0, end = 0; k < c; k++) {
           const first = u64(rv, k * RUN), count = u64(rv, k * RUN + 8);
           if (first === undefined || count === undefined || count === 0 || first + count > rangePages[range]!)
             throw corrupt(path, pos + k * RUN, `sample run ${k} outside range ${range}`);
+          if (first < end) throw corrupt(path, pos + k * RUN, `sample run ${k} overlaps or precedes the one before`);
+          end = first + count;
           runs.push({ first, count });
         }
         pos += bytes;
@@ -356,7 +358,7 @@ async function* readRecords(path: string, header: TraceHeader, dataStart: number
 /**
  * Writes a trace file from a header and records (synthetic traces, conversions from other tools;
  * the recorder writes its own natively). Missing header fields get defaults; each record is
- * checked against the ranges, and the end record is added. Errors: TypeError/RangeError with
+ * checked against the ranges (a sample's runs ascending and disjoint), and the end record is added. Errors: TypeError/RangeError with
  * ERR_INVALID_ARG_* / ERR_OUT_OF_RANGE before anything is written; SystemError from the write.
  */
 export async function writeTrace(path: string, header: Pick<TraceHeader, 'ranges'> & Partial<TraceHeader>, records: Iterable<TraceRecord>): Promise<{ bytes: number; faults: number }> {
@@ -404,9 +406,11 @@ export async function writeTrace(path: string, header: Pick<TraceHeader, 'ranges
       const pages = pagesOf(r.range, 'sample');
       if (!Array.isArray(r.runs)) throw typeError('ERR_INVALID_ARG_TYPE', 'sample.runs must be an array');
       const body = Buffer.alloc(r.runs.length * RUN);
+      let end = 0;
       r.runs.forEach((run, k) => {
-        const first = checkInteger('run.first', run?.first, 0, pages - 1);
+        const first = checkInteger('run.first', run?.first, end, pages - 1);
         const count = checkInteger('run.count', run?.count, 1, pages - first);
+        end = first + count;
         body.writeBigUInt64LE(BigInt(first), k * RUN);
         body.writeBigUInt64LE(BigInt(count), k * RUN + 8);
       });
