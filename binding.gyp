@@ -24,6 +24,8 @@
         "native/engine/fork_device.cc",
         "native/engine/pager.cc",
         "native/engine/region.cc",
+        "native/engine/trace_recorder.cc",
+        "native/engine/replay.cc",
         "native/binding/errors.cc",
         "native/binding/mapping.cc",
         "native/binding/userfaultfd.cc",
@@ -33,6 +35,7 @@
         "native/binding/device.cc",
         "native/binding/fork_device.cc",
         "native/binding/pager.cc",
+        "native/binding/trace.cc",
         "native/binding/addon.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

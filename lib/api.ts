@@ -26,4 +26,7 @@ export type { DeviceOptions, MirrorEntry, KernelOp, KernelOptions, KernelResult,
 export { LINK_PRESETS } from './link.js';
 export type { LinkOptions, LinkParams, LinkPreset } from './link.js';
 export { pager, Pager } from './pager.js';
+export { readTrace, writeTrace, recordTrace, Trace, TraceRecorder, TRACE_FORMAT, TRACE_VERSION } from './trace.js';
+export type { TraceHeader, TraceRange, TraceRecord, TraceFault, TraceSample, TraceDropped, TraceEnd, TraceSummary, SampleMethod, RecordRange, RecordTraceOptions, RecordingSummary } from './trace.js';
+export type { ReplayOptions, ReplayResult, MigrationCounts } from './replay.js';
 export type { PagerOptions, PagerMode, PagerEviction, PagerFill, PagerStats, PagerWriteError } from './pager.js';

@@ -190,6 +190,65 @@ ${EXIT_CODES}
 `;
 }
 
+const REPLAY_HELP = `usage: pagemirror replay TRACE [options]
+
+Replays an access trace (recordTrace(), docs/trace-format.md) through an emulated device, on a
+fresh device and mirror for each policy, and prints what the device did: misses, device faults,
+fault rounds, migrations both ways, evictions, prefetches, host time (and modeled device time when
+the device has a link model). Counts are deterministic for a trace and its options. A flag given a
+comma-separated list replays every combination, e.g. --eviction fifo,lru --device-memory 1M,4M.
+
+options:
+  --device-memory SIZE   device memory (default 64M; bytes or with K/M/G, whole pages)
+  --placement P          host (map the host page, default) or device (migrate on fault)
+  --eviction E           off (default), fifo or lru
+  --prefetch P           off (default), sequential or density
+  --fault-around SIZE    fault-around granule (default one page)
+  --fault-batch N        faults per service round (default 32)
+  --threads N            device threads (default: the trace's threads, at most 64)
+  --window N             accesses per replay step (default: the fault batch)
+  --range N              the trace range to replay (default 0)
+  --no-samples           replay only the faults, not the sampled writes
+  --json                 the results as JSON on stdout
+  --out DIR              also write a JSON + HTML report to DIR
+  -h, --help             this text
+
+${EXIT_CODES}
+`;
+
+/** A comma-separated list of flag values, each checked by `one`; [undefined] when the flag is absent. */
+function list<T>(flag: string, v: string | undefined, one: (x: string) => T): (T | undefined)[] {
+  if (v === undefined) return [undefined];
+  const items = v.split(',');
+  if (items.some((x) => x === '')) throw new UsageError(`--${flag} has an empty item: '${v}'`, 'replay');
+  return [...new Set(items)].map(one);
+}
+
+function choice<T extends string>(flag: string, allowed: readonly T[]): (x: string) => T {
+  return (x) => {
+    if (!(allowed as readonly string[]).includes(x)) throw new UsageError(`--${flag} must be ${allowed.join(', ')}, got '${x}'`, 'replay');
+    return x as T;
+  };
+}
+
+/** A size in bytes (K/M/G suffixes, binary), a whole number of pages. */
+function pageBytes(flag: string): (x: string) => number {
+  return (x) => {
+    const m = /^(\d+)(?:([KMG])(?:i?B)?)?$/i.exec(x);
+    const n = m ? Number(m[1]) * 1024 ** ' KMG'.indexOf((m[2] ?? ' ').toUpperCase()) : NaN;
+    const page = 4096;
+    if (!(n >= page) || n % page || n > os.totalmem()) throw new UsageError(`--${flag} must be a size in whole pages up to this machine's memory (e.g. 65536, 256K, 4M), got '${x}'`, 'replay');
+    return n;
+  };
+}
+
+function count(flag: string, max: number): (x: string) => number {
+  return (x) => {
+    if (!/^\d+$/.test(x) || Number(x) < 1 || Number(x) > max) throw new UsageError(`--${flag} must be from 1 to ${max}, got '${x}'`, 'replay');
+    return Number(x);
+  };
+}
+
 const COMMANDS: Record<string, Command> = {
   probe: {
     summary: 'what this kernel offers, and which experiments can run here',
@@ -287,6 +346,60 @@ const COMMANDS: Record<string, Command> = {
         if (!quiet) process.stderr.write(text);
       } else process.stdout.write(text);
       return r.ok ? EXIT_OK : EXIT_TARGET_MISSED;
+    },
+  },
+  replay: {
+    summary: 'replay an access trace through a device under one or more policies',
+    help: async () => REPLAY_HELP,
+    async run(args) {
+      const { values, positionals } = parse(
+        'replay',
+        args,
+        {
+          'device-memory': { type: 'string' },
+          placement: { type: 'string' },
+          eviction: { type: 'string' },
+          prefetch: { type: 'string' },
+          'fault-around': { type: 'string' },
+          'fault-batch': { type: 'string' },
+          threads: { type: 'string' },
+          window: { type: 'string' },
+          range: { type: 'string' },
+          'no-samples': { type: 'boolean' },
+          json: { type: 'boolean' },
+          out: { type: 'string' },
+        },
+        true,
+      );
+      if (values.help) return help('replay');
+      if (positionals.length !== 1) throw new UsageError(positionals.length ? `one trace file, got ${positionals.length}` : 'which trace? pagemirror replay TRACE', 'replay');
+      if (values.out === '') throw new UsageError('--out needs a directory', 'replay');
+      const one = <T>(flag: string, v: string | undefined, f: (x: string) => T): T | undefined => (v === undefined ? undefined : f(v));
+      const replay = {
+        threads: one('threads', values.threads, count('threads', 64)),
+        window: one('window', values.window, count('window', 1 << 20)),
+        range: one('range', values.range, (x) => {
+          if (!/^\d+$/.test(x) || Number(x) > 65534) throw new UsageError(`--range must be a range index from 0 to 65534, got '${x}'`, 'replay');
+          return Number(x);
+        }),
+        samples: values['no-samples'] !== true,
+      };
+      const policies = [];
+      for (const memory of list('device-memory', values['device-memory'], pageBytes('device-memory')))
+        for (const placement of list('placement', values.placement, choice('placement', ['host', 'device'] as const)))
+          for (const eviction of list('eviction', values.eviction, choice('eviction', ['off', 'fifo', 'lru'] as const)))
+            for (const prefetch of list('prefetch', values.prefetch, choice('prefetch', ['off', 'sequential', 'density'] as const)))
+              for (const faultAround of list('fault-around', values['fault-around'], pageBytes('fault-around')))
+                for (const faultBatch of list('fault-batch', values['fault-batch'], count('fault-batch', 65536)))
+                  policies.push(Object.fromEntries(Object.entries({ memory, placement, eviction, prefetch, faultAround, faultBatch }).filter(([, v]) => v !== undefined)));
+      if (policies.length > 64) throw new UsageError(`${policies.length} combinations of policies; at most 64 in one run`, 'replay');
+      const { replayPolicies, reportReplay } = await import('./replay-report.js');
+      const json = values.json === true;
+      const { trace, rows } = await replayPolicies(positionals[0]!, policies, replay, json ? undefined : (l) => process.stderr.write(l + '\n'));
+      const r = reportReplay(positionals[0]!, trace, rows, values.out, version());
+      if (json) process.stdout.write(JSON.stringify({ version: version(), trace: { path: positionals[0], header: trace.header, summary: trace.summary }, rows, files: r.files }, replacer) + '\n');
+      else process.stdout.write(r.text + (r.files.length ? '\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n' : ''));
+      return EXIT_OK;
     },
   },
 };

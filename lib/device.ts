@@ -8,6 +8,8 @@ import { checkInteger, checkOneOf, checkBytes, checkDecodedPages, stateError, ty
 import { checkBoolean, checkNumber, checkOptions, checkString, checkU64 } from './validate.js';
 import { checkServed } from './served.js';
 import { resolveLink, type LinkOptions } from './link.js';
+import { replayOnMirror, type ReplayOptions, type ReplayResult } from './replay.js';
+import type { Trace } from './trace.js';
 
 const PAGE = native.uname().pageSize;
 
@@ -303,6 +305,30 @@ export class Mirror {
     const from = kernel.offset === undefined ? 0 : checkInteger('offset', kernel.offset, 0, this.length);
     checkServed(this.mapping, this.offset + from, this.length - from, k.op !== 'read' && k.op !== 'verify', 'Mirror.run()');
     return this.#n.run(k);
+  }
+
+  /**
+   * Replays a recorded trace's accesses (see {@link recordTrace}, docs/trace-format.md) through
+   * this mirror on device threads, under the device's policies (placement, faultBatch,
+   * faultAround, eviction, prefetch, memory), and counts what the device did. Deterministic: the
+   * same trace and options on a device and mirror in the same state (fresh ones) give the same
+   * counts, whatever the timing; only the trace's order is used, not its times. Nothing else
+   * should use the device meanwhile (its counters are shared).
+   * @throws ERR_PAGEMIRROR_TRACE_CORRUPT / ERR_PAGEMIRROR_TRACE_VERSION (a path that is not a
+   *   readable trace), RangeError ERR_OUT_OF_RANGE (range not in the trace, or larger than the
+   *   mirror), TypeError ERR_INVALID_ARG_*; SystemError from a device fault (EFAULT, EPERM, ENODEV)
+   *   with `access`, the index it failed on.
+   * @example
+   * ```ts
+   * import { Device, mapAnonymous, readTrace } from 'pagemirror';
+   * const trace = await readTrace('run.pmtrace');
+   * const gpu = Device.create({ memory: 1 << 20, placement: 'device', eviction: 'lru' });
+   * const r = await gpu.mirror(mapAnonymous(trace.header.ranges[0]!.length)).replay(trace);
+   * console.log(r.deviceFaults, r.faultRounds, r.evictions);
+   * ```
+   */
+  async replay(trace: Trace | string, options: ReplayOptions = {}): Promise<ReplayResult> {
+    return replayOnMirror(this, this.#n, trace, options);
   }
 
   /**

@@ -256,6 +256,7 @@ export interface NativeUserfaultfd {
   writeProtect(dst: Target, offset: number, length: number, mode: number): void;
   wake(dst: Target, offset: number, length: number): void;
   fallback(addresses: BigUint64Array, flags: Uint32Array): void;
+  setTap(recorder: NativeTraceRecorder | null): void;
   resolveMany(
     action: 'copy' | 'zeropage' | 'continue' | 'move' | 'unprotect' | 'poison',
     dst: Target,
@@ -426,6 +427,44 @@ export interface NativeMirror {
   fileStats(): NativeFileStats;
   takeLease(): void;
   acknowledgeLoss(): (NativeWriteErrorPages & { code: string; errno: number; syscall: string }) | null;
+  replay(pages: Float64Array, ops: Uint8Array, options: { threads: number; window: number; seed: number }): Promise<NativeReplayResult>;
+}
+
+/** What a trace recorder counted (lib/trace.ts). */
+export interface NativeRecorderStats {
+  /** Records written: faults, samples, dropped and the end record. */
+  records: number;
+  faults: number;
+  samples: number;
+  sampleRuns: number;
+  dropped: number;
+  ignored: number;
+  bytes: number;
+  writerCpuNs: number;
+  sampleNs: number;
+  tapNs: number;
+  tapped: number;
+}
+export interface NativeTraceRecorder {
+  stop(): NativeRecorderStats;
+  stats(): NativeRecorderStats;
+}
+/** What a replay counted (lib/replay.ts); migrations are pages, by trigger. */
+export interface NativeReplayResult {
+  accesses: number;
+  hits: number;
+  misses: number;
+  refaults: number;
+  windows: number;
+  deviceFaults: number;
+  faultRounds: number;
+  faultedPages: number;
+  prefetchedPages: number;
+  invalidatedPages: number;
+  toDevice: Record<string, number>;
+  toHost: Record<string, number>;
+  checksum: bigint;
+  hostNs: number;
 }
 
 export interface NativeMigrateResult {
@@ -474,6 +513,16 @@ export interface NativeAddon {
   fsType(path: string): number;
   uname(): { sysname: string; release: string; version: string; machine: string; pageSize: number };
   probeUffd(userModeOnly: boolean): NativeUffdProbe;
+  TraceRecorder: new (options: {
+    ranges: { start: bigint; length: number }[];
+    path: string;
+    header: string;
+    rings: number;
+    ringCapacity: number;
+    sampleIntervalMs: number;
+    pid: number;
+  }) => NativeTraceRecorder;
+  probeTraceSampling(start: bigint, length: number, pid: number): number;
   configureEngine(workers?: number, pollMode?: NativePollMode, spinUs?: number): void;
   engineStats(): NativeEngineStats;
   setAffinity(cpus: number[]): void;

@@ -201,6 +201,8 @@ type Target = Mapping | bigint;
  * pager's native engine, on the service thread(s). Not exported from the package.
  */
 export let setHandlerRule: (u: Userfaultfd, mapping: Mapping, handler: NativePager) => void;
+/** @internal The trace recorder's hook (lib/trace.ts): the addon object, to attach a tap to its service. */
+export let nativeUffd: (u: Userfaultfd) => NativeUserfaultfd;
 
 /**
  * A userfaultfd: register ranges of mappings, resolve their faults (copy, zeropage, continue, move,
@@ -227,6 +229,10 @@ export class Userfaultfd implements ServedHolder {
       u.#live();
       u.#n.setRules([{ mapping: mapping.native, action: 'handler', handler }]);
       u.#rules = [];
+    };
+    nativeUffd = (u) => {
+      u.#live();
+      return u.#n;
     };
   }
 

@@ -16,6 +16,7 @@
 #include "service.h"
 #include "userfaultfd.h"
 #include "pager.h"
+#include "trace.h"
 
 namespace pm {
 
@@ -140,6 +141,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Pager", PagerWrap::Init(env));
   exports.Set("createPager", Napi::Function::New(env, PagerWrap::Create, "createPager"));
   exports.Set("Userfaultfd", uffd);
+  exports.Set("TraceRecorder", TraceRecorderWrap::Init(env));
+  exports.Set("probeTraceSampling", Napi::Function::New(env, ProbeTraceSampling, "probeTraceSampling"));
   exports.Set("map", Napi::Function::New(env, Mapping::Map, "map"));
   exports.Set("openUserfaultfd", Napi::Function::New(env, Userfaultfd::Open, "openUserfaultfd"));
   exports.Set("adoptUserfaultfd", Napi::Function::New(env, Userfaultfd::Adopt, "adoptUserfaultfd"));

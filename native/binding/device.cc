@@ -349,6 +349,7 @@ Napi::Function MirrorWrap::Init(Napi::Env env) {
   return DefineClass(env, "Mirror",
                      {
                          InstanceMethod<&MirrorWrap::Run>("run"),
+                         InstanceMethod<&MirrorWrap::Replay>("replay"),
                          InstanceMethod<&MirrorWrap::Read>("read"),
                          InstanceMethod<&MirrorWrap::Write>("write"),
                          InstanceMethod<&MirrorWrap::Entries>("entries"),

@@ -43,6 +43,7 @@ class MirrorWrap : public Napi::ObjectWrap<MirrorWrap> {
  private:
   std::shared_ptr<engine::Mirror> live(Napi::Env env);
   Napi::Value Run(const Napi::CallbackInfo& info);
+  Napi::Value Replay(const Napi::CallbackInfo& info);  // native/binding/trace.cc
   Napi::Value Read(const Napi::CallbackInfo& info);
   Napi::Value Write(const Napi::CallbackInfo& info);
   Napi::Value Entries(const Napi::CallbackInfo& info);

@@ -108,6 +108,7 @@ Napi::Function Userfaultfd::Init(Napi::Env env) {
                          InstanceMethod<&Userfaultfd::Serve>("serve"),
                          InstanceMethod<&Userfaultfd::Reconfigure>("reconfigure"),
                          InstanceMethod<&Userfaultfd::SetRules>("setRules"),
+                         InstanceMethod<&Userfaultfd::SetTap>("setTap"),
                          InstanceMethod<&Userfaultfd::Stats>("stats"),
                          InstanceMethod<&Userfaultfd::Outstanding>("outstanding"),
                          InstanceMethod<&Userfaultfd::Ref>("ref"),

@@ -53,6 +53,7 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   Napi::Value Serve(const Napi::CallbackInfo& info);
   Napi::Value Reconfigure(const Napi::CallbackInfo& info);
   Napi::Value SetRules(const Napi::CallbackInfo& info);
+  Napi::Value SetTap(const Napi::CallbackInfo& info);  // native/binding/trace.cc
   Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value Outstanding(const Napi::CallbackInfo& info);
   Napi::Value Ref(const Napi::CallbackInfo& info);

@@ -306,6 +306,22 @@ int Device::fault(Mirror* m, uint64_t first, uint64_t last, bool write, KernelLi
   return r.result;
 }
 
+void Device::fault_group(Mirror* m, const uint64_t* pages, const uint8_t* writes, size_t n, int* results) {
+  std::vector<Request> reqs;
+  reqs.reserve(n);
+  for (size_t i = 0; i < n; i++) reqs.push_back({m, pages[i], pages[i] + 1, writes[i] != 0});
+  std::unique_lock<std::mutex> lock(queue_mu_);
+  if (stopping_) {
+    for (size_t i = 0; i < n; i++) results[i] = -ENODEV;
+    return;
+  }
+  for (Request& r : reqs) queue_.push_back(&r);
+  counters_.fault_requests.fetch_add(n, std::memory_order_relaxed);
+  queue_cv_.notify_one();
+  done_cv_.wait(lock, [&] { return std::all_of(reqs.begin(), reqs.end(), [](const Request& r) { return r.done; }); });
+  for (size_t i = 0; i < n; i++) results[i] = reqs[i].result;
+}
+
 void Device::service() {
   std::vector<Request*> batch;
   for (;;) {

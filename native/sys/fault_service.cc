@@ -55,6 +55,7 @@ int FaultService::start(FaultSink* sink, unsigned max_batch, unsigned workers, P
   workers_.clear();
   for (unsigned i = 0; i < workers; i++) {
     auto w = std::make_unique<Worker>();
+    w->index = i;
     w->msgs.assign(max_batch_, uffd_msg_storage{});
     w->work.reserve(4 * max_batch_);
     w->retry.reserve(4 * max_batch_);
@@ -121,6 +122,13 @@ void FaultService::set_rules(std::vector<Rule> rules) {
     rules_ = std::move(next);
   }
   if (running_.load()) retired_.push_back(std::move(old));  // the service may hold it: never its last ref
+}
+
+void FaultService::set_tap(std::shared_ptr<FaultTap> tap) {
+  tap_.store(tap.get(), std::memory_order_seq_cst);
+  // A worker that loaded the old tap counted itself first (both sides sequentially consistent).
+  while (tap_users_.load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
+  tap_keep_ = std::move(tap);
 }
 
 bool FaultService::wait_rules_quiescent(int timeout_ms) {
@@ -413,6 +421,17 @@ void FaultService::loop(Worker* w) {
       ssize_t n = room ? ::read(uffd_, msgs, room * sizeof(uffd_msg)) : 0;
       if (n < 0 && errno != EAGAIN && errno != EINTR) break;
       size_t count = n > 0 ? static_cast<size_t>(n) / sizeof(uffd_msg) : 0;
+      // The tap (a trace recorder) sees each fault as it is read, before any rule resolves it.
+      FaultTap* tap = nullptr;
+      struct TapUse {
+        std::atomic<unsigned>* users = nullptr;
+        ~TapUse() { if (users) users->fetch_sub(1, std::memory_order_seq_cst); }
+      } tap_use;
+      if (count && tap_.load(std::memory_order_relaxed)) {
+        tap_users_.fetch_add(1, std::memory_order_seq_cst);
+        tap_use.users = &tap_users_;
+        tap = tap_.load(std::memory_order_seq_cst);
+      }
       if (count) {
         delta.reads = 1;
         delta.messages = count;
@@ -425,6 +444,7 @@ void FaultService::loop(Worker* w) {
             delta.faults++;
             w->work.push_back({m.arg.pagefault.address, static_cast<uint32_t>(m.arg.pagefault.flags),
                                m.arg.pagefault.feat.ptid});
+            if (tap) tap->on_fault(w->index, w->work.back());
             break;
           case UFFD_EVENT_FORK:
             w->events.push_back({EventKind::kFork, m.arg.fork.ufd, 0, 0});

@@ -88,6 +88,15 @@ struct PollOptions {
   uint32_t spin_us = 0;  // kFixed: the spin; kAdaptive: the budget's cap
 };
 
+// Sees every page fault a worker reads, as it reads it (before any rule resolves it): the trace
+// recorder (native/engine/trace_recorder.h). Called on service threads, so the same rule as
+// FaultSink::on_batch holds: no allocation, no lock an allocating thread may hold.
+class FaultTap {
+ public:
+  virtual ~FaultTap() = default;
+  virtual void on_fault(unsigned worker, const FaultMsg& msg) = 0;
+};
+
 class FaultSink {
  public:
   virtual ~FaultSink() = default;
@@ -127,6 +136,9 @@ class FaultService {
   PollOptions poll_options() const { return poll_; }
 
   void set_rules(std::vector<Rule> rules);
+  // Installs (or, with nullptr, removes) the tap, kept across stop()/start(). Returns once no
+  // worker still calls the previous one, which the caller may then destroy.
+  void set_tap(std::shared_ptr<FaultTap> tap);
   // Waits (up to timeout_ms) until no batch started before this call still resolves with an older
   // rule snapshot: after set_rules() and this, a removed rule's source is no longer read. False on
   // timeout (a batch stuck in an ioctl, e.g. a copy from a source that is itself faulting).
@@ -147,6 +159,7 @@ class FaultService {
   // One reader of the descriptor: its own buffers, counters and rule epoch.
   struct Worker {
     std::thread thread;
+    unsigned index = 0;  // 0..workers-1: the tap's ring
     // Odd while this worker resolves a batch with a rule snapshot.
     std::atomic<uint64_t> rules_epoch{0};
     mutable std::mutex stats_mu;
@@ -192,6 +205,10 @@ class FaultService {
   // Snapshots replaced while the service runs: kept here (by the caller's thread) so that neither
   // the lock holder nor the service thread frees one (see FaultSink::on_batch); freed by stop().
   std::vector<std::shared_ptr<const std::vector<Rule>>> retired_;
+
+  std::shared_ptr<FaultTap> tap_keep_;  // owner's thread only
+  std::atomic<FaultTap*> tap_{nullptr};
+  std::atomic<unsigned> tap_users_{0};  // workers between loading tap_ and their last call on it
 
   std::mutex outstanding_mu_;
   std::vector<FaultMsg> outstanding_;  // bounded (capacity set by start())

@@ -60,13 +60,20 @@ int pagemap_read_fd(int fd, uint64_t addr, size_t npages, uint64_t* out) {
 long pagemap_scan(const ScanRequest& req, std::vector<ScanRegion>* regions, uint64_t* walk_end) {
   int fd = pagemap_fd();
   if (fd < 0) return fd;
-  std::vector<page_region> vec(req.max_regions ? req.max_regions : 1);
+  regions->resize(req.max_regions ? req.max_regions : 1);
+  long n = pagemap_scan_fd(fd, req, regions->data(), walk_end);
+  regions->resize(n < 0 ? 0 : static_cast<size_t>(n));
+  return n;
+}
+
+long pagemap_scan_fd(int fd, const ScanRequest& req, ScanRegion* regions, uint64_t* walk_end) {
+  static_assert(sizeof(ScanRegion) == sizeof(page_region), "ScanRegion is the kernel's page_region");
   pm_scan_arg arg{};
   arg.size = sizeof(arg);
   arg.flags = req.flags;
   arg.start = req.start;
   arg.end = req.end;
-  arg.vec = reinterpret_cast<uint64_t>(vec.data());
+  arg.vec = reinterpret_cast<uint64_t>(regions);
   arg.vec_len = req.max_regions;
   arg.max_pages = req.max_pages;
   arg.category_inverted = req.category_inverted;
@@ -78,8 +85,6 @@ long pagemap_scan(const ScanRequest& req, std::vector<ScanRegion>* regions, uint
     n = ::ioctl(fd, PAGEMAP_SCAN, &arg);
   } while (n < 0 && errno == EINTR);
   if (n < 0) return -errno;
-  regions->clear();
-  for (long i = 0; i < n; i++) regions->push_back({vec[i].start, vec[i].end, vec[i].categories});
   if (walk_end) *walk_end = arg.walk_end;
   return n;
 }

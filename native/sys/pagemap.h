@@ -30,6 +30,9 @@ struct ScanRequest {
 // Errors: -ENOTTY (kernel lacks the ioctl), -EINVAL (bad masks, or WP_MATCHING on memory not
 // registered for uffd-wp), -EFAULT, -EPERM.
 long pagemap_scan(const ScanRequest& req, std::vector<ScanRegion>* regions, uint64_t* walk_end);
+// The same on a pagemap the caller opened (/proc/PID/pagemap of another process), into regions
+// the caller sized (at least req.max_regions): allocates nothing.
+long pagemap_scan_fd(int fd, const ScanRequest& req, ScanRegion* regions, uint64_t* walk_end);
 
 struct StatxInfo {
   uint64_t size = 0, blocks = 0, attributes = 0, attributes_mask = 0;

@@ -1,6 +1,7 @@
 // What the fuzzer calls: every exported function of lib/index.ts and every method of its classes,
 // each with a generator per parameter (see values.mjs for valid / edge / bad). Valid values are
 // small on purpose: the fuzzer must never map, allocate or run anything big for real.
+import fs from 'node:fs';
 import path from 'node:path';
 import { PAGE, int, bool, oneOf, namesArray, bigintU64, bytes, str, fn, options, object, wrongType, describe } from './values.mjs';
 
@@ -38,6 +39,43 @@ function target() {
 }
 
 const call = (name, params, run, extra = {}) => ({ name, params, run, ...extra });
+
+// A small valid trace (docs/trace-format.md) in the worker's directory: one fault, then the end.
+function traceFile(c) {
+  const p = path.join(c.dir, 'fuzz.pmtrace');
+  if (fs.existsSync(p)) return p;
+  let json = JSON.stringify({ format: 'pagemirror-trace', version: 1, pageSize: PAGE, clock: 'monotonic-ns-since-start', ranges: [{ index: 0, length: 4 * PAGE }], sampling: { method: 'none' } });
+  json += ' '.repeat((8 - (json.length % 8)) % 8);
+  const head = Buffer.alloc(16);
+  head.write('PMTRACE\0', 0, 'latin1');
+  head.writeUInt32LE(1, 8);
+  head.writeUInt32LE(json.length, 12);
+  const rec = Buffer.alloc(48);
+  rec.writeUInt8(1, 0); // a write fault on page 1
+  rec.writeUInt8(1, 1);
+  rec.writeBigUInt64LE(1n, 8);
+  rec.writeUInt8(4, 24); // end: one fault
+  rec.writeBigUInt64LE(1n, 32);
+  fs.writeFileSync(p, Buffer.concat([head, Buffer.from(json), rec]));
+  return p;
+}
+// A trace to read: the valid one, a file that is not a trace or none (edge), or no path (bad).
+function tracePath() {
+  return (r, c) => {
+    const x = r();
+    if (x < 0.6) return { value: traceFile(c), kind: 'valid' };
+    if (x < 0.75) return { value: [c.filePath, path.join(c.dir, 'missing.pmtrace')][Math.floor(r() * 2)], kind: 'edge' };
+    return { value: [5, null, undefined, 'a\0b', {}, []][Math.floor(r() * 6)], kind: 'bad' };
+  };
+}
+// A recorder over a page of the worker's memory on a userfaultfd of its own (stopped at cleanup).
+function recorder(c, lib) {
+  if (c.recorder) return c.recorder;
+  const u = c.own(lib.Userfaultfd.open());
+  const rec = lib.recordTrace(u, { path: path.join(c.dir, 'rec.pmtrace'), ranges: [{ address: c.anon3.address, length: PAGE }], sampleIntervalMs: 0 });
+  c.own({ close: () => rec.stop() });
+  return (c.recorder = rec);
+}
 
 const FORK_OPS = ['read', 'write', 'verify', 'migrate', 'migrate-back', 'cpu-read', 'cpu-write', 'cpu-verify'];
 // forkRun()'s step list: up to three small steps, or something that is no list of steps. A step out
@@ -169,6 +207,49 @@ export function targets(lib, ctx) {
       ],
       async (c, a) => c.own(await lib.pager(...a)),
       { async: true },
+    ),
+    call('readTrace', [tracePath()], (c, a) => lib.readTrace(...a), { async: true }),
+    call(
+      'writeTrace',
+      [
+        str(['w.pmtrace']),
+        options(
+          {
+            ranges: (r) => (r() < 0.6 ? { value: [{ length: PAGE }, { length: 4 * PAGE }].slice(0, 1 + Math.floor(r() * 2)), kind: 'valid' } : { value: [[], 'x', [{ length: 1 }], [{ length: -PAGE }], [null]][Math.floor(r() * 5)], kind: 'bad' }),
+            pageSize: int([PAGE], [3, 1, 2 ** 31], { optional: true }),
+          },
+          { optional: false, required: ['ranges'] },
+        ),
+        (r) => {
+          const fault = { type: 'fault', kind: 'missing', write: true, range: 0, page: 0, tNs: 1, tid: 0 };
+          if (r() < 0.6) return { value: [[], [fault], [fault, { type: 'sample', method: 'pagemap-scan-written', range: 0, startNs: 0, endNs: 2, runs: [{ first: 0, count: 1 }] }]][Math.floor(r() * 3)], kind: 'valid' };
+          return { value: [5, null, [{ type: 'x' }], [{ ...fault, page: 2 ** 40 }], [{ ...fault, kind: 'y' }], [{ ...fault, range: 9 }], [null]][Math.floor(r() * 7)], kind: 'bad' };
+        },
+      ],
+      (c, [p, ...a]) => lib.writeTrace(typeof p === 'string' && !p.includes('\0') ? path.join(c.dir, p) : p, ...a),
+      { async: true },
+    ),
+    call(
+      'recordTrace',
+      [
+        object((c) => c.uffd, (c) => c.closedUffd),
+        options(
+          {
+            path: (r, c) => (r() < 0.7 ? { value: path.join(c.dir, 'r.pmtrace'), kind: 'valid' } : { value: ['', 'a\0b', 5, null][Math.floor(r() * 4)], kind: 'bad' }),
+            ranges: (r, c) => (r() < 0.6 ? { value: [{ address: c.anon3?.closed ? 4096n : c.anon3?.address ?? 4096n, length: PAGE }], kind: 'valid' } : { value: [[], 'x', [{ address: 1n, length: PAGE }], [{ mapping: 5 }], [{ address: 4096n, length: 1 }], [null]][Math.floor(r() * 6)], kind: 'bad' }),
+            mapping: (r, c) => (r() < 0.8 ? { value: undefined, kind: 'valid' } : { value: [5, {}, null][Math.floor(r() * 3)], kind: 'bad' }),
+            sampleIntervalMs: int([0, 10], [3600001], { optional: true }),
+            ringCapacity: int([16, 1024], [0, 2 ** 30], { optional: true }),
+            pid: int([0], [2 ** 23], { optional: true }),
+          },
+          { optional: false, required: ['path', 'ranges'] },
+        ),
+      ],
+      (c, a) => {
+        const rec = lib.recordTrace(...a);
+        c.own({ close: () => rec.stop() });
+        return rec;
+      },
     ),
     call('configureEngine', [options({ workers: int([1, 2], [0, 65], { optional: true }), poll: pollOption() })], (c, a) => lib.configureEngine(...a)),
     call('engineStats', [], () => lib.engineStats()),
@@ -333,6 +414,7 @@ export function targets(lib, ctx) {
       ['migrateToHost', [int(SMALL, FAR), int(NPAGES, [0])], { async: true }],
       ['snapshot', [int(SMALL, FAR, { optional: true }), int(NPAGES, [0, 2 ** 40], { optional: true })]],
       ['info', []],
+      ['replay', [tracePath(), options({ range: int([0], [1, 2 ** 40], { optional: true }), threads: int([1, 2], [0, 65], { optional: true }), window: int([0, 4], [2 ** 21], { optional: true }), samples: bool(), seed: int([1], [], { optional: true }) })], { async: true }],
       ['forkRun', [forkSteps(), options(forkOptions)], { async: true, rare: true }],
       ['close', []],
     ].map(([m, params, extra]) =>
@@ -353,6 +435,25 @@ export function targets(lib, ctx) {
       call(`FileMirror.${m}`, [self(live('fileMirror'), (c) => c.closedFileMirror), ...params], (c, [self, ...a]) => {
         return self[m](...a);
       }, { ...extra, self: true }),
+    ),
+
+    // Trace and TraceRecorder: the worker's trace file, read once, and a recorder of its own.
+    ...[
+      ['records', []],
+      ['jsonLines', []],
+      ['exportJsonLines', [(r, c) => (r() < 0.6 ? { value: path.join(c.dir, 'out.jsonl'), kind: 'valid' } : { value: [5, null, 'a\0b'][Math.floor(r() * 3)], kind: 'bad' })]],
+    ].map(([m, params]) =>
+      call(`Trace.${m}`, [(r) => ({ value: 'trace', kind: 'valid', text: 'trace' }), ...params], async (c, [, ...a]) => {
+        const t = await (c.traceP ??= lib.readTrace(traceFile(c)));
+        const out = t[m](...a);
+        if (typeof out?.[Symbol.asyncIterator] !== 'function') return out;
+        const items = [];
+        for await (const x of out) items.push(x);
+        return items;
+      }, { async: true, self: true }),
+    ),
+    ...[['stats', []], ['stop', []]].map(([m, params]) =>
+      call(`TraceRecorder.${m}`, [(r) => ({ value: 'recorder', kind: 'valid', text: 'recorder' }), ...params], (c) => recorder(c, lib)[m](), { self: true }),
     ),
 
     // Pager: the worker's anonymous pager of 4 pages (made asynchronously: each call waits for it).
@@ -405,12 +506,13 @@ export function nativeTargets(lib, ctx) {
     ['forkDevice', 5, { async: true, needsUnregistered: true, rare: true }],
     ['configureEngine', 3],
     ['engineStats', 0],
+    ['probeTraceSampling', 3],
   ];
   const methods = {
     memfd3: ['info', 'buffer', 'protect:3', 'advise:3', 'sync:3', 'remap:4', 'fallocate:3', 'truncate:1', 'residency:2', 'cachestat:2', 'pagemap:2', 'statx', 'readInto:2', 'writeFrom:2', 'unmap:2', 'close'],
-    nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'stats', 'outstanding', 'serve:5', 'reconfigure:4', 'ref', 'unref', 'close:1'],
+    nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'setTap:1', 'stats', 'outstanding', 'serve:5', 'reconfigure:4', 'ref', 'unref', 'close:1'],
     nDevice: ['mirror:6', 'counters', 'memory', 'drainTrace', 'release', 'close'],
-    nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'acknowledgeLoss', 'close'],
+    nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'acknowledgeLoss', 'replay:3', 'close'],
   };
   const out = fns.map(([name, arity, extra = {}]) =>
     call(`_native.${name}`, Array.from({ length: arity }, raw), (c, a) => n[name](...a), { ...extra, edgeOnly: true }),
@@ -422,12 +524,12 @@ export function nativeTargets(lib, ctx) {
     call('_native.adoptUserfaultfd', [(r) => ({ value: [-1, 1.5, 'x', null, NaN, 2 ** 53][Math.floor(r() * 6)], kind: 'edge' }), raw()], (c, a) => c.own(n.adoptUserfaultfd(...a)), { edgeOnly: true }),
     // createPager() over a region nobody serves makes a pager object only: nothing faults.
     call('_native.createPager', [raw(), raw()], (c, a) => c.own(n.createPager(...a)), { edgeOnly: true }),
-    ...['Mapping', 'Userfaultfd', 'Device', 'Mirror', 'Pager'].map((k) => call(`new _native.${k}`, [raw()], (c, a) => new n[k](...a), { edgeOnly: true })),
+    ...['Mapping', 'Userfaultfd', 'Device', 'Mirror', 'Pager', 'TraceRecorder'].map((k) => call(`new _native.${k}`, [raw()], (c, a) => new n[k](...a), { edgeOnly: true })),
   );
   for (const [obj, list] of Object.entries(methods)) {
     for (const spec of list) {
       const [m, arity = '0'] = spec.split(':');
-      const isAsync = ['release', 'run', 'read', 'write', 'migrateToDevice', 'migrateToHost', 'fileRead', 'fileWrite', 'writeback'].includes(m);
+      const isAsync = ['release', 'run', 'read', 'write', 'migrateToDevice', 'migrateToHost', 'fileRead', 'fileWrite', 'writeback', 'replay'].includes(m);
       out.push(
         call(`_native.${obj}.${m}`, Array.from({ length: Number(arity) }, raw), (c, a) => {
           const self = obj === 'memfd3' ? c.memfd3?.native : c[obj];

@@ -1,0 +1,424 @@
+// Access traces (issue 12 §3): recording a served userfaultfd's faults natively, the file format's
+// reader on good and hostile files, and deterministic replay through a device.
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, it, expect } from 'vitest';
+import { access, Device, mapAnonymous, mapMemfd, readTrace, recordTrace, Userfaultfd, writeTrace, type TraceFault, type TraceRecord, type TraceSample } from '../lib/index.js';
+import { P, PAGE, cleanupAfterEach, requireCap, within } from './helpers.js';
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pm-trace-'));
+const file = (name: string) => path.join(dir, name);
+
+async function all(records: AsyncIterable<TraceRecord>): Promise<TraceRecord[]> {
+  const out: TraceRecord[] = [];
+  for await (const r of records) out.push(r);
+  return out;
+}
+
+function written(samples: TraceSample[]): number[] {
+  const pages = new Set<number>();
+  for (const s of samples) for (const r of s.runs) for (let p = r.first; p < r.first + r.count; p++) pages.add(p);
+  return [...pages].sort((a, b) => a - b);
+}
+
+const cli = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'dist', 'cli.js');
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+describe('recording a served userfaultfd', () => {
+  const closers = cleanupAfterEach();
+
+  it('records each fault natively: first-touch order, write vs read, thread ids, as many as the service counted; samples catch writes that raise no fault', async (ctx) => {
+    requireCap(ctx, P.experiments.wpAsync, 'uffd-wp async');
+    requireCap(ctx, P.pagemapScan, 'PAGEMAP_SCAN');
+    const n = 64;
+    const m = mapAnonymous(n * PAGE);
+    const src = mapAnonymous(n * PAGE);
+    closers.push(() => m.close(), () => src.close());
+    src.bytes.fill(7);
+    const uffd = Userfaultfd.open({ features: ['threadId', 'wpAsync', 'wpUnpopulated'] });
+    closers.push(() => uffd.close());
+    uffd.register(m, { modes: ['missing', 'wp'] });
+    // Pages arrive write-protected: a write after the copy is an async WP fault the kernel resolves
+    // itself (no message), and the page then reads as written to PAGEMAP_SCAN.
+    uffd.addRule({ mapping: m, action: 'copy', source: src, wp: true });
+    const rec = recordTrace(uffd, { path: file('workload.pmtrace'), ranges: [{ mapping: m }], sampleIntervalMs: 20 });
+    expect(rec.header.sampling).toEqual({ method: 'pagemap-scan-written' });
+    await within(access(m, { length: 32 * PAGE, op: 'write', seed: 3 }), 10000, 'sequential writer');
+    await within(access(m, { offset: 32 * PAGE, length: 32 * PAGE, op: 'read' }), 10000, 'sequential reader');
+    await sleep(60); // past a sample: the next one sees only what follows
+    await within(access(m, { offset: 40 * PAGE, length: 4 * PAGE, op: 'write', seed: 5 }), 10000, 'writes without faults');
+    const served = uffd.stats().faults;
+    const summary = rec.stop();
+    // Recording changed nothing the rule did: every fault resolved natively, the data is the workload's.
+    expect(uffd.stats()).toMatchObject({ fastResolved: 64, forwarded: 0 });
+    const check = await within(access(m, { length: 32 * PAGE, op: 'verify', seed: 3 }), 10000, 'verify');
+    expect(check.mismatches).toBe(0);
+    expect(summary).toMatchObject({ faults: 64, dropped: 0, ignored: 0, tapped: 64 });
+    expect(served).toBe(64);
+    expect(summary.samples).toBeGreaterThanOrEqual(2);
+    expect(summary.writerCpuNs).toBeGreaterThan(0);
+    expect(summary.tapNsPerFault).toBeGreaterThan(0);
+    expect(summary.bytes).toBe(fs.statSync(rec.path).size);
+    expect(summary.records).toBe(64 + summary.samples + 1); // and the end record
+
+    const trace = await readTrace(rec.path);
+    expect(trace.header).toMatchObject({ format: 'pagemirror-trace', version: 1, pageSize: PAGE, sampling: { method: 'pagemap-scan-written' } });
+    expect(trace.header.ranges).toEqual([expect.objectContaining({ index: 0, length: n * PAGE, kind: 'anonymous', modes: ['missing', 'wp'] })]);
+    expect(trace.summary).toMatchObject({ faults: served, byKind: { missing: 64, wp: 0, minor: 0 }, writes: 32, dropped: 0 });
+    const records = await all(trace.records());
+    const faults = records.filter((r): r is TraceFault => r.type === 'fault');
+    // First touch order of two sequential jobs, the writer's then the reader's.
+    expect(faults.map((f) => f.page)).toEqual([...Array(n).keys()]);
+    expect(faults.map((f) => f.write)).toEqual([...Array(n).keys()].map((i) => i < 32));
+    const tids = new Set(faults.map((f) => f.tid));
+    expect(tids.has(0)).toBe(false);
+    expect(new Set(faults.slice(0, 32).map((f) => f.tid)).size).toBe(1);
+    expect(trace.summary.threads.length).toBe(tids.size);
+    for (let i = 1; i < faults.length; i++) expect(faults[i]!.tNs).toBeGreaterThanOrEqual(faults[i - 1]!.tNs);
+    const samples = records.filter((r): r is TraceSample => r.type === 'sample');
+    // Written: the writer's pages, and the four pages written later with no fault at all; never a page only read.
+    expect(written(samples)).toEqual([...[...Array(32).keys()], 40, 41, 42, 43]);
+    // Those four came in samples of their own (one, or two when the writes straddled a scan).
+    const late = samples.filter((s) => s.runs.some((r) => r.first <= 43 && r.first + r.count > 40));
+    expect(late.length).toBeGreaterThanOrEqual(1);
+    expect(written(late)).toEqual([40, 41, 42, 43]);
+    expect(records.at(-1)).toMatchObject({ type: 'end', faults: 64 });
+    // JSON lines: the header, then each record.
+    const lines: string[] = [];
+    for await (const l of trace.jsonLines()) lines.push(l);
+    expect(lines.length).toBe(records.length + 1);
+    expect(JSON.parse(lines[1]!)).toEqual(records[0]);
+    // The recorded trace replays, the same way twice.
+    const replays = [];
+    for (let i = 0; i < 2; i++) {
+      const dev = Device.create({ memory: 16 * PAGE, placement: 'device', eviction: 'lru' });
+      const mem = mapAnonymous(n * PAGE);
+      try {
+        replays.push({ ...(await within(dev.mirror(mem).replay(trace), 20000, 'replay')), hostNs: 0 });
+      } finally {
+        dev.close();
+        mem.close();
+      }
+    }
+    expect(replays[0]).toEqual(replays[1]);
+    // A page written across a sample's scan shows in both samples: 36 sampled writes at least.
+    expect(replays[0]!.fromFaults).toBe(64);
+    expect(replays[0]!.fromSamples).toBeGreaterThanOrEqual(36);
+    expect(replays[0]!.accesses).toBe(64 + replays[0]!.fromSamples);
+    expect(replays[0]!.evictions).toBeGreaterThan(0);
+  }, 30000);
+
+  it('records without samples when the range is not wp-async, and says why in the header', async () => {
+    const m = mapAnonymous(8 * PAGE);
+    closers.push(() => m.close());
+    const uffd = Userfaultfd.open();
+    closers.push(() => uffd.close());
+    uffd.register(m);
+    uffd.addRule({ mapping: m, action: 'zero' });
+    const rec = recordTrace(uffd, { path: file('nosample.pmtrace'), mapping: m });
+    expect(rec.header.sampling.method).toBe('none');
+    expect(() => recordTrace(uffd, { path: file('second.pmtrace'), mapping: m })).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_RECORDING' }));
+    expect(rec.header.sampling.reason).toMatch(/wpAsync|PAGEMAP_SCAN/);
+    await within(access(m, { op: 'read' }), 10000, 'reader');
+    const s = rec.stop();
+    expect(s).toMatchObject({ faults: 8, samples: 0 });
+    expect(rec.stop()).toBe(s); // once
+    const t = await readTrace(rec.path);
+    expect(t.summary.faults).toBe(8);
+  }, 20000);
+
+  it('with two workers and a JavaScript handler: every fault once, in time order; closing the descriptor first leaves stop() working', async () => {
+    const n = 256;
+    const m = mapAnonymous(n * PAGE);
+    closers.push(() => m.close());
+    const uffd = Userfaultfd.open({ features: ['threadId'] });
+    closers.push(() => uffd.close());
+    uffd.register(m);
+    let handled = 0;
+    uffd.serve({
+      workers: 2,
+      onFaults: (faults) => {
+        for (const f of faults) {
+          uffd.zeropage(m, f.offset, PAGE);
+          handled++;
+        }
+      },
+    });
+    const rec = recordTrace(uffd, { path: file('workers.pmtrace'), ranges: [{ mapping: m }], sampleIntervalMs: 0 });
+    expect(rec.header.recorder.rings).toBe(2);
+    await within(access(m, { op: 'read', threads: 4 }), 20000, 'four readers');
+    const served = uffd.stats().faults;
+    uffd.close(); // the recorder outlives the descriptor's service
+    const s = rec.stop();
+    expect(s.faults).toBe(served);
+    expect(s.faults).toBe(handled);
+    expect(s.dropped).toBe(0);
+    const t = await readTrace(rec.path);
+    const faults = (await all(t.records())).filter((r): r is TraceFault => r.type === 'fault');
+    expect(new Set(faults.map((f) => f.page)).size).toBe(faults.length); // each page faulted once
+    for (let i = 1; i < faults.length; i++) expect(faults[i]!.tNs).toBeGreaterThanOrEqual(faults[i - 1]!.tNs);
+    expect(t.summary.threads.length).toBeGreaterThanOrEqual(1);
+  }, 30000);
+
+  it('a ring too small for the burst drops faults, counts them and says where, and the trace still reads', async () => {
+    const n = 2048;
+    const m = mapAnonymous(n * PAGE);
+    closers.push(() => m.close());
+    const uffd = Userfaultfd.open();
+    closers.push(() => uffd.close());
+    uffd.register(m);
+    uffd.addRule({ mapping: m, action: 'zero' });
+    const rec = recordTrace(uffd, { path: file('small-ring.pmtrace'), ranges: [{ mapping: m }], sampleIntervalMs: 0, ringCapacity: 16 });
+    await within(access(m, { op: 'read' }), 20000, 'reader');
+    const s = rec.stop();
+    expect(s.faults + s.dropped).toBe(n);
+    // 2048 faults in a burst against 16 slots: the writer would have to run every 8 faults.
+    expect(s.dropped).toBeGreaterThan(0);
+    const t = await readTrace(rec.path);
+    expect(t.summary.faults).toBe(s.faults);
+    expect(t.summary.dropped).toBe(s.dropped);
+    expect((await all(t.records())).some((r) => r.type === 'dropped')).toBe(true);
+  }, 30000);
+
+  it('records MINOR faults on shared memory as minor, with their access', async (ctx) => {
+    requireCap(ctx, P.experiments.minor, 'userfaultfd MINOR');
+    const n = 16;
+    const m = mapMemfd(n * PAGE);
+    closers.push(() => m.close());
+    const alias = m.alias();
+    closers.push(() => alias.close());
+    await within(access(alias, { op: 'write', seed: 9 }), 10000, 'page cache filled through an alias');
+    const uffd = Userfaultfd.open();
+    closers.push(() => uffd.close());
+    uffd.register(m, { modes: ['minor'] });
+    uffd.addRule({ mapping: m, action: 'continue' });
+    const rec = recordTrace(uffd, { path: file('minor.pmtrace'), mapping: m, sampleIntervalMs: 0 });
+    await within(access(m, { length: 8 * PAGE, op: 'read' }), 10000, 'reader');
+    await within(access(m, { offset: 8 * PAGE, length: 8 * PAGE, op: 'write', seed: 9 }), 10000, 'writer');
+    expect(rec.stop().faults).toBe(n);
+    const t = await readTrace(rec.path);
+    expect(t.summary.byKind).toEqual({ missing: 0, wp: 0, minor: n });
+    const faults = (await all(t.records())).filter((r): r is TraceFault => r.type === 'fault');
+    expect(faults.map((f) => [f.page, f.write])).toEqual([...Array(n).keys()].map((p) => [p, p >= 8]));
+    expect(t.header.ranges[0]).toMatchObject({ kind: 'memfd', shared: true, modes: ['minor'] });
+  }, 30000);
+
+  it('refuses bad options before any system call, with codes', () => {
+    const m = mapAnonymous(4 * PAGE);
+    closers.push(() => m.close());
+    const uffd = Userfaultfd.open();
+    closers.push(() => uffd.close());
+    const p = file('never.pmtrace');
+    expect(() => recordTrace(uffd, { path: p, ranges: [{ mapping: m }] })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' })); // not registered
+    uffd.register(m);
+    expect(() => recordTrace({} as Userfaultfd, { path: p, ranges: [{ mapping: m }] })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => recordTrace(uffd, { path: p, ranges: [] })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => recordTrace(uffd, { path: p, ranges: [{ mapping: m }], mapping: m })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => recordTrace(uffd, { path: p })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => recordTrace(uffd, { path: p, ranges: [{ mapping: m }], sampleIntervalMs: -1 })).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => recordTrace(uffd, { path: p, ranges: [{ mapping: m, offset: 1 }] })).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_UNALIGNED' }));
+    expect(() => recordTrace(uffd, { path: p, ranges: [{ address: 4096n, length: 0 }] })).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => recordTrace(uffd, { path: 'a\0b', ranges: [{ mapping: m }] })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' }));
+    expect(fs.existsSync(p)).toBe(false);
+    expect(() => recordTrace(uffd, { path: path.join(dir, 'no', 'such', 'dir'), ranges: [{ mapping: m }] })).toThrow(expect.objectContaining({ code: 'ENOENT', syscall: 'open' }));
+    // A FIFO nobody reads: refused at once (opening it for writing would block this thread for good).
+    const fifo = file('out-fifo');
+    expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+    expect(() => recordTrace(uffd, { path: fifo, ranges: [{ mapping: m }] })).toThrow(expect.objectContaining({ code: 'ENXIO', path: fifo }));
+  });
+});
+
+describe('the trace reader on hostile files', () => {
+  const good = file('good.pmtrace');
+  const records: TraceRecord[] = [
+    { type: 'fault', kind: 'missing', write: true, range: 0, page: 3, tNs: 10, tid: 7 },
+    { type: 'sample', method: 'pagemap-scan-written', range: 0, startNs: 0, endNs: 20, runs: [{ first: 0, count: 4 }] },
+  ];
+
+  it('reads what writeTrace wrote', async () => {
+    await writeTrace(good, { ranges: [{ index: 0, length: 8 * PAGE }] }, records);
+    const t = await readTrace(good);
+    expect(await all(t.records())).toEqual([...records, { type: 'end', faults: 1, tNs: 20 }]);
+  });
+
+  it('every truncation and a future version give typed errors, never a crash or a hang', async () => {
+    await writeTrace(good, { ranges: [{ index: 0, length: 8 * PAGE }] }, records);
+    const bytes = fs.readFileSync(good);
+    const bad = file('bad.pmtrace');
+    for (let len = 0; len < bytes.length; len++) {
+      fs.writeFileSync(bad, bytes.subarray(0, len));
+      await expect(readTrace(bad), `truncated to ${len}`).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT', path: bad });
+    }
+    const future = Buffer.from(bytes);
+    future.writeUInt32LE(2, 8);
+    fs.writeFileSync(bad, future);
+    await expect(readTrace(bad)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_VERSION', version: 2 });
+    // Flipping any single byte of the records either still reads or is refused with the code.
+    const dataStart = 16 + bytes.readUInt32LE(12);
+    for (let i = dataStart; i < bytes.length; i++) {
+      const b = Buffer.from(bytes);
+      b[i] = b[i]! ^ 0xff;
+      fs.writeFileSync(bad, b);
+      await readTrace(bad).then(
+        (t) => expect(t.summary.faults).toBeGreaterThanOrEqual(0),
+        (err) => expect(err.code, `byte ${i}`).toBe('ERR_PAGEMIRROR_TRACE_CORRUPT'),
+      );
+    }
+    // A sample claiming 2^32-1 runs is refused before anything that size is allocated.
+    const huge = Buffer.from(bytes);
+    huge.writeUInt32LE(0xffffffff, dataStart + 24 + 4);
+    fs.writeFileSync(bad, huge);
+    await expect(readTrace(bad)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT' });
+    fs.writeFileSync(bad, 'not a trace at all');
+    await expect(readTrace(bad)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT', offset: 0 });
+    await expect(readTrace(file('missing.pmtrace'))).rejects.toMatchObject({ code: 'ENOENT' });
+    // Not a regular file: refused at once, never waited on (a FIFO with no writer would block an open).
+    const fifo = file('fifo');
+    expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+    await expect(within(readTrace(fifo), 5000, 'readTrace(FIFO)')).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT' });
+    await expect(within(readTrace('/dev/zero'), 5000, 'readTrace(/dev/zero)')).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT' });
+    await expect(readTrace(dir)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT' });
+  }, 60000);
+});
+
+describe('replay through a device', () => {
+  // A synthetic trace with the shape of a real one: two threads streaming over 256 pages twice,
+  // then a random sweep, faults and samples.
+  const tracePath = file('replay.pmtrace');
+  const pages = 256;
+  async function makeTrace(): Promise<void> {
+    const recs: TraceRecord[] = [];
+    let t = 0;
+    for (let pass = 0; pass < 2; pass++)
+      for (let p = 0; p < pages; p++) recs.push({ type: 'fault', kind: 'missing', write: pass === 1, range: 0, page: p, tNs: t++, tid: 100 + (p % 2) });
+    let x = 12345;
+    for (let k = 0; k < 512; k++) {
+      x = (x * 1103515245 + 12345) % 2147483648;
+      recs.push({ type: 'fault', kind: 'wp', write: true, range: 0, page: x % pages, tNs: t++, tid: 100 });
+    }
+    recs.push({ type: 'sample', method: 'pagemap-scan-written', range: 0, startNs: 0, endNs: t, runs: [{ first: 0, count: 64 }, { first: 128, count: 16 }] });
+    await writeTrace(tracePath, { ranges: [{ index: 0, length: pages * PAGE }] }, recs);
+  }
+
+  async function replayWith(options: Parameters<typeof Device.create>[0]) {
+    const dev = Device.create(options);
+    const m = mapAnonymous(pages * PAGE);
+    try {
+      const mirror = dev.mirror(m);
+      return await within(mirror.replay(tracePath, { threads: 2 }), 30000, 'replay');
+    } finally {
+      dev.close();
+      m.close();
+    }
+  }
+
+  it('is deterministic, and a small evicting device memory gives more faults and evictions than a large one', async () => {
+    await makeTrace();
+    const small = { memory: 64 * PAGE, placement: 'device' as const, eviction: 'fifo' as const };
+    const large = { memory: 1024 * PAGE, placement: 'device' as const, eviction: 'fifo' as const };
+    const a = await replayWith(small);
+    const b = await replayWith(small);
+    const counts = (r: Awaited<ReturnType<typeof replayWith>>) => ({ ...r, hostNs: 0 });
+    expect(counts(a)).toEqual(counts(b));
+    expect(a.accesses).toBe(2 * pages + 512 + 80);
+    expect(a.fromSamples).toBe(80);
+    expect(a.threads).toBe(2);
+    const c = await replayWith(large);
+    // A large memory: each page faults in once (first pass), everything after hits.
+    expect(c.misses).toBe(pages);
+    expect(c.evictions).toBe(0);
+    expect(c.toDevice['device-fault']).toBe(pages);
+    // 64 pages of device memory under a 256-page stream: every page of the second pass was
+    // evicted by the first, so it misses again; evictions carry the pages out.
+    expect(a.misses).toBeGreaterThan(2 * pages);
+    expect(a.evictions).toBeGreaterThan(pages);
+    expect(a.toDevice['device-fault']! - a.evictions).toBeLessThanOrEqual(64);
+    expect(a.modeledDeviceNs).toBeUndefined();
+    // Device threads only run the hits of a step: their number changes no count.
+    const one = await (async () => {
+      const dev = Device.create(small);
+      const m = mapAnonymous(pages * PAGE);
+      try {
+        return await within(dev.mirror(m).replay(tracePath, { threads: 1 }), 30000, 'replay');
+      } finally {
+        dev.close();
+        m.close();
+      }
+    })();
+    expect({ ...counts(one), threads: 2 }).toEqual(counts(a));
+    // Host placement: the first pass maps pages read-only, so each write of the second pass is an
+    // upgrade fault; a sequential prefetcher maps ahead of the stream and takes most first-pass misses.
+    const d = await replayWith({ memory: 1024 * PAGE });
+    expect(d.misses).toBe(2 * pages);
+    const e = await replayWith({ memory: 1024 * PAGE, prefetch: 'sequential' });
+    expect(e.accesses).toBe(d.accesses);
+    expect(e.prefetchedPages).toBeGreaterThan(0);
+    expect(e.misses + e.prefetchedPages).toBe(d.misses); // each page prefetched is one read miss saved
+    expect(e.checksum).toBe(d.checksum); // the same accesses, whatever the policy
+  }, 60000);
+
+  it('refuses a trace larger than the mirror, and bad options, with codes', async () => {
+    await makeTrace();
+    const dev = Device.create();
+    const m = mapAnonymous(16 * PAGE);
+    try {
+      const mirror = dev.mirror(m);
+      await expect(mirror.replay(tracePath)).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+      await expect(mirror.replay(tracePath, { range: 1 })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+      await expect(mirror.replay(tracePath, { threads: 0 })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+      await expect(mirror.replay(42 as unknown as string)).rejects.toMatchObject({ code: 'ERR_INVALID_ARG_TYPE' });
+      await expect(mirror.replay(file('missing.pmtrace'))).rejects.toMatchObject({ code: 'ENOENT' });
+    } finally {
+      dev.close();
+      m.close();
+    }
+  });
+});
+
+describe('pagemirror replay', () => {
+  const run = (...args: string[]) => spawnSync(process.execPath, [cli, 'replay', ...args], { encoding: 'utf8', timeout: 60_000 });
+
+  it('replays under each combination of policies: counts as JSON, the same twice, a JSON + HTML report when asked', async () => {
+    const t = file('cli.pmtrace');
+    const recs: TraceRecord[] = [];
+    for (let pass = 0; pass < 2; pass++) for (let p = 0; p < 128; p++) recs.push({ type: 'fault', kind: 'missing', write: pass === 1, range: 0, page: p, tNs: p, tid: 1 });
+    await writeTrace(t, { ranges: [{ index: 0, length: 128 * PAGE }] }, recs);
+    const out = file('reports');
+    const r = run(t, '--device-memory', `${32 * PAGE},${256 * PAGE}`, '--placement', 'device', '--eviction', 'fifo', '--json', '--out', out);
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    const j = JSON.parse(r.stdout);
+    expect(j.rows.map((x: { device: { memory: number } }) => x.device.memory)).toEqual([32 * PAGE, 256 * PAGE]);
+    const [small, large] = j.rows.map((x: { result: { misses: number; evictions: number } }) => x.result);
+    expect(large).toMatchObject({ misses: 128, evictions: 0 });
+    expect(small.misses).toBe(256); // the second pass finds every page evicted
+    expect(small.evictions).toBeGreaterThan(128);
+    expect(j.files.map((f: string) => path.extname(f))).toEqual(['.json', '.html']);
+    expect(fs.readFileSync(j.files[1], 'utf8')).toContain('<svg');
+    const again = JSON.parse(run(t, '--device-memory', `${32 * PAGE},${256 * PAGE}`, '--placement', 'device', '--eviction', 'fifo', '--json').stdout);
+    const strip = (rows: { result: { hostNs: number } }[]) => rows.map((x) => ({ ...x, result: { ...x.result, hostNs: 0 } }));
+    expect(strip(again.rows)).toEqual(strip(j.rows));
+    const text = run(t, '--prefetch', 'sequential');
+    expect(text.status).toBe(0);
+    expect(text.stdout).toMatch(/^policy\s+accesses\s+misses/m);
+  }, 60000);
+
+  it('usage errors exit 2 with one line, a bad trace exits 1 with its code, --help exits 0', () => {
+    for (const args of [[], ['a', 'b'], [file('x'), '--eviction', 'bogus'], [file('x'), '--device-memory', '12'], [file('x'), '--threads', '0'], [file('x'), '--bogus']]) {
+      const r = run(...args);
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    }
+    const bad = file('not-a-trace');
+    fs.writeFileSync(bad, 'hello');
+    const r = run(bad);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/^pagemirror: ERR_PAGEMIRROR_TRACE_CORRUPT: /);
+    const h = run('--help');
+    expect(h.status).toBe(0);
+    expect(h.stdout).toMatch(/^usage: pagemirror replay TRACE/);
+  });
+});
