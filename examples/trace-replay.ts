@@ -49,26 +49,30 @@ const policies: Record<string, DeviceOptions> = {
   'migrate, 1/4 memory, LRU + prefetch': { memory: (pages / 4) * page, placement: 'device', eviction: 'lru', prefetch: 'sequential' },
 };
 const rows = [];
-for (const [name, options] of Object.entries(policies)) {
-  const device = Device.create(options);
-  const mem = mapAnonymous(pages * page);
-  try {
-    const r = await device.mirror(mem).replay(trace);
-    rows.push({
-      policy: name,
-      accesses: r.accesses,
-      'device faults': r.deviceFaults,
-      'fault rounds': r.faultRounds,
-      'to device': Object.values(r.toDevice).reduce((a, b) => a + b, 0),
-      evictions: r.evictions,
-      prefetched: r.prefetchedPages,
-      'host ms': +(r.hostNs / 1e6).toFixed(1),
-    });
-  } finally {
-    device.close();
-    mem.close();
+// Each policy under two links (docs/link-model.md): the same counts, different modeled device time.
+for (const [name, options] of Object.entries(policies))
+  for (const link of ['pcie3x16', 'nvlink-c2c'] as const) {
+    const device = Device.create({ ...options, link });
+    const mem = mapAnonymous(pages * page);
+    try {
+      const r = await device.mirror(mem).replay(trace);
+      rows.push({
+        policy: name,
+        link,
+        accesses: r.accesses,
+        'device faults': r.deviceFaults,
+        'fault rounds': r.faultRounds,
+        'to device': Object.values(r.toDevice).reduce((a, b) => a + b, 0),
+        evictions: r.evictions,
+        prefetched: r.prefetchedPages,
+        'host ms': +(r.hostNs / 1e6).toFixed(1),
+        'modeled ms': +((r.modeledNs ?? 0) / 1e6).toFixed(2),
+      });
+    } finally {
+      device.close();
+      mem.close();
+    }
   }
-}
 console.table(rows);
-if (keep) console.log(`trace kept in ${file}: try pagemirror replay ${file} --device-memory 1M,4M --placement device --eviction fifo,lru`);
+if (keep) console.log(`trace kept in ${file}: try pagemirror replay ${file} --device-memory 1M,4M --placement device --eviction fifo,lru --link pcie3x16,nvlink-c2c --out reports`);
 else fs.rmSync(file);

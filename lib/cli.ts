@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import type { LinkPreset } from './link.js';
 
 const EXIT_OK = 0;
 const EXIT_FAILURE = 1;
@@ -205,6 +206,8 @@ options:
   --prefetch P           off (default), sequential or density
   --fault-around SIZE    fault-around granule (default one page)
   --fault-batch N        faults per service round (default 32)
+  --link PRESET          model the device link and report modeled device time: pcie3x16,
+                         pcie4x16, pcie5x16, nvlink-c2c or cxl (docs/link-model.md; default none)
   --threads N            device threads (default: the trace's threads, at most 64)
   --window N             accesses per replay step (default: the fault batch)
   --range N              the trace range to replay (default 0)
@@ -362,6 +365,7 @@ const COMMANDS: Record<string, Command> = {
           prefetch: { type: 'string' },
           'fault-around': { type: 'string' },
           'fault-batch': { type: 'string' },
+          link: { type: 'string' },
           threads: { type: 'string' },
           window: { type: 'string' },
           range: { type: 'string' },
@@ -384,6 +388,7 @@ const COMMANDS: Record<string, Command> = {
         }),
         samples: values['no-samples'] !== true,
       };
+      const { LINK_PRESETS } = await import('./link.js');
       const policies = [];
       for (const memory of list('device-memory', values['device-memory'], pageBytes('device-memory')))
         for (const placement of list('placement', values.placement, choice('placement', ['host', 'device'] as const)))
@@ -391,7 +396,8 @@ const COMMANDS: Record<string, Command> = {
             for (const prefetch of list('prefetch', values.prefetch, choice('prefetch', ['off', 'sequential', 'density'] as const)))
               for (const faultAround of list('fault-around', values['fault-around'], pageBytes('fault-around')))
                 for (const faultBatch of list('fault-batch', values['fault-batch'], count('fault-batch', 65536)))
-                  policies.push(Object.fromEntries(Object.entries({ memory, placement, eviction, prefetch, faultAround, faultBatch }).filter(([, v]) => v !== undefined)));
+                  for (const link of list('link', values.link, choice('link', Object.keys(LINK_PRESETS) as LinkPreset[])))
+                    policies.push(Object.fromEntries(Object.entries({ memory, placement, eviction, prefetch, faultAround, faultBatch, link }).filter(([, v]) => v !== undefined)));
       if (policies.length > 64) throw new UsageError(`${policies.length} combinations of policies; at most 64 in one run`, 'replay');
       const { replayPolicies, reportReplay } = await import('./replay-report.js');
       const json = values.json === true;

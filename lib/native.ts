@@ -465,6 +465,12 @@ export interface NativeReplayResult {
   toHost: Record<string, number>;
   checksum: bigint;
   hostNs: number;
+  /** With the device's link model only (docs/link-model.md). */
+  modeledNs?: number;
+  modeledFaultNs?: number;
+  modeledRemoteNs?: number;
+  remoteAccesses?: number;
+  remoteBytes?: number;
 }
 
 export interface NativeMigrateResult {

@@ -16,9 +16,19 @@ export interface ReplayRow {
   result: ReplayResult;
 }
 
-function label(d: DeviceOptions): string {
+/** The policy without its link: rows that differ only by link are one group in the modeled-time chart. */
+function policyLabel(d: DeviceOptions): string {
   const kib = (b: number | undefined) => (b === undefined ? '64M' : b % 2 ** 20 === 0 ? `${b / 2 ** 20}M` : `${b / 1024}K`);
   return [`mem ${kib(d.memory)}`, d.placement ?? 'host', `evict ${d.eviction ?? 'off'}`, `prefetch ${d.prefetch ?? 'off'}`, ...(d.faultAround ? [`around ${kib(d.faultAround)}`] : []), ...(d.faultBatch ? [`batch ${d.faultBatch}`] : [])].join(', ');
+}
+
+function linkLabel(d: DeviceOptions): string | undefined {
+  return d.link === undefined ? undefined : typeof d.link === 'string' ? d.link : 'custom link';
+}
+
+function label(d: DeviceOptions): string {
+  const link = linkLabel(d);
+  return link === undefined ? policyLabel(d) : `${policyLabel(d)}, link ${link}`;
 }
 
 /** Replays the trace under each policy in turn. */
@@ -60,7 +70,7 @@ export function replayTable(rows: ReplayRow[]): Table {
       r.evictions,
       r.prefetchedPages,
       ms(r.hostNs),
-      ms(r.modeledDeviceNs),
+      ms(r.modeledNs),
     ]),
   };
 }
@@ -82,11 +92,22 @@ export function reportReplay(tracePath: string, trace: Awaited<ReturnType<typeof
       { series: 'prefetched', value: r.result.prefetchedPages },
     ],
   }));
+  // Modeled device time: one group per policy, one bar per link, side by side.
+  const links = [...new Set(rows.map((r) => linkLabel(r.device)).filter((l): l is string => l !== undefined))];
+  const modeled = new Map<string, { series: string; value: number }[]>();
+  for (const r of rows) {
+    const link = linkLabel(r.device);
+    if (link === undefined || r.result.modeledNs === undefined) continue;
+    const key = policyLabel(r.device);
+    modeled.set(key, [...(modeled.get(key) ?? []), { series: link, value: r.result.modeledNs / 1e6 }]);
+  }
+  const svg = [barChartSvg('What each policy did', 'pages or events', groups)];
+  if (modeled.size) svg.push(barChartSvg(`Modeled device time by policy and link (${links.join(', ')})`, 'modeled ms', [...modeled].map(([label, bars]) => ({ label, bars }))));
   const written = writeReport(path.resolve(out), `replay-${stamp}`, benchEnv(false, version), { trace: { path: tracePath, header: trace.header, summary: s }, rows }, [
     {
       title: `Replay of ${path.basename(tracePath)}`,
-      text: `${s.faults} recorded faults and ${s.samples} samples, replayed in trace order under each policy on a fresh device (counts are deterministic for a trace and its options; host time is not). Modeled device time needs a device link model.`,
-      svg: [barChartSvg('What each policy did', 'pages or events', groups)],
+      text: `${s.faults} recorded faults and ${s.samples} samples, replayed in trace order under each policy on a fresh device (counts, and modeled device time, are deterministic for a trace and its options; host time is not). ${links.length ? `Modeled device time under ${links.join(', ')} (docs/link-model.md): the fault rounds that served the replay, with their migrations, and each step's slowest device thread's accesses to host memory.` : 'Modeled device time needs a link: --link PRESET.'}`,
+      svg,
       table,
     },
   ]);

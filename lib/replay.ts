@@ -1,7 +1,7 @@
 // Trace replay: a recorded trace's accesses run through a device mirror on device threads
 // (native/engine/replay.cc), deterministic for a given trace, options and starting state.
 import type { NativeMirror, NativeReplayResult } from './native.js';
-import type { Device, Mirror } from './device.js';
+import type { Mirror } from './device.js';
 import { readTrace, Trace } from './trace.js';
 import { checkInteger, rangeError, typeError } from './errors.js';
 import { checkBoolean, checkOptions } from './validate.js';
@@ -39,23 +39,18 @@ export interface ReplayResult extends Omit<NativeReplayResult, 'toDevice' | 'toH
   /** Pages evicted from device memory (toHost['eviction']). */
   evictions: number;
   /**
-   * Modeled device time in ns, from the device's link model (issue 12 §4) when there is one:
-   * undefined without it. hostNs is the time the replay took on this machine.
+   * With a device link (`Device.create({ link })`, docs/link-model.md) only: modeled device time in
+   * ns, `modeledFaultNs + modeledRemoteNs`. The fault rounds that served the replay's faults, each
+   * once, with the migrations and evictions made in them; plus, per step, its slowest device
+   * thread's accesses to host-resident pages (8 bytes each), steps one after another. `hostNs` is
+   * the time the replay took on this machine. Deterministic for a trace, its options and the link.
    */
-  modeledDeviceNs: number | undefined;
-}
-
-/**
- * The device link model's hook: charges a replay's counters with modeled device time. The link
- * model (written separately) sets it with {@link setReplayTimeModel}; until then replays report
- * `modeledDeviceNs: undefined`.
- * @internal
- */
-export type ReplayTimeModel = (device: Device, result: Omit<ReplayResult, 'modeledDeviceNs'>) => number | undefined;
-let replayTimeModel: ReplayTimeModel | undefined;
-/** @internal Installs the link model's charge for replays (undefined: none). */
-export function setReplayTimeModel(model: ReplayTimeModel | undefined): void {
-  replayTimeModel = model;
+  modeledNs?: number;
+  modeledFaultNs?: number;
+  modeledRemoteNs?: number;
+  /** With a link: replayed accesses that hit a page not in device memory, and their bytes. */
+  remoteAccesses?: number;
+  remoteBytes?: number;
 }
 
 /** A trace's accesses to one range, in replay order: page, op (bit 0 write, bits 1.. device thread). */
@@ -125,6 +120,5 @@ export async function replayOnMirror(mirror: Mirror, n: NativeMirror, trace: Tra
   const acc = await traceAccesses(tr, range, threads, samples);
   checkServed(mirror.mapping, mirror.offset, mirror.length, acc.writes, 'Mirror.replay()');
   const r = await n.replay(acc.pages, acc.ops, { threads, window, seed });
-  const result = { ...r, fromFaults: acc.fromFaults, fromSamples: acc.fromSamples, threads, evictions: r.toHost['eviction'] ?? 0 };
-  return { ...result, modeledDeviceNs: replayTimeModel?.(mirror.device, result) };
+  return { ...r, fromFaults: acc.fromFaults, fromSamples: acc.fromSamples, threads, evictions: r.toHost['eviction'] ?? 0 };
 }

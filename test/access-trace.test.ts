@@ -336,7 +336,7 @@ describe('replay through a device', () => {
     expect(a.misses).toBeGreaterThan(2 * pages);
     expect(a.evictions).toBeGreaterThan(pages);
     expect(a.toDevice['device-fault']! - a.evictions).toBeLessThanOrEqual(64);
-    expect(a.modeledDeviceNs).toBeUndefined();
+    expect(a.modeledNs).toBeUndefined(); // no link, no modeled time
     // Device threads only run the hits of a step: their number changes no count.
     const one = await (async () => {
       const dev = Device.create(small);
@@ -358,6 +358,47 @@ describe('replay through a device', () => {
     expect(e.prefetchedPages).toBeGreaterThan(0);
     expect(e.misses + e.prefetchedPages).toBe(d.misses); // each page prefetched is one read miss saved
     expect(e.checksum).toBe(d.checksum); // the same accesses, whatever the policy
+  }, 60000);
+
+  it('with a device link: modeled time is the rounds that served the replay plus its remote accesses, deterministic, and follows the link', async () => {
+    await makeTrace();
+    const run = async (options: Parameters<typeof Device.create>[0], threads = 2) => {
+      const dev = Device.create(options);
+      const m = mapAnonymous(pages * PAGE);
+      try {
+        const r = await within(dev.mirror(m).replay(tracePath, { threads }), 30000, 'replay');
+        return { r, c: dev.counters() };
+      } finally {
+        dev.close();
+        m.close();
+      }
+    };
+    // Round figures: a round 10 µs, a transfer 1 µs + 1 ns per byte, a remote access 100 ns + 8 ns.
+    const link = { faultRoundUs: 10, latencyUs: 1, bandwidthGBs: 1, remoteAccessNs: 100 };
+    const evicting = { memory: 64 * PAGE, placement: 'device' as const, eviction: 'fifo' as const };
+    const { r: a, c } = await run({ ...evicting, link });
+    const m = c.modeled!;
+    expect(m.faults.ns).toBe(a.faultRounds * 10_000);
+    // Device placement: every migration and eviction happens inside a round that served the replay.
+    expect(a.modeledFaultNs).toBe(m.faults.ns + m.migrateToDevice.ns + m.migrateToHost.ns + m.evictions.ns);
+    expect(m.migrateToDevice.ns).toBe(m.migrateToDevice.count * 1000 + m.migrateToDevice.bytes);
+    expect(a.remoteAccesses).toBe(0); // every access hit a page in device memory
+    expect(a.modeledNs).toBe(a.modeledFaultNs! + a.modeledRemoteNs!);
+    const again = await run({ ...evicting, link });
+    expect({ ...again.r, hostNs: 0 }).toEqual({ ...a, hostNs: 0 });
+    // Host placement, one device thread: every access that completes is remote, one after another.
+    const { r: h } = await run({ memory: 1024 * PAGE, link }, 1);
+    expect(h.remoteAccesses).toBe(h.accesses);
+    expect(h.modeledRemoteNs).toBe(h.accesses * 108);
+    // The same counts under another link, a different modeled time: NVLink-C2C's transfers are
+    // cheaper than PCIe 3.0's at 4 KiB, with the same 45 µs round.
+    const p3 = await run({ ...evicting, link: 'pcie3x16' });
+    const c2c = await run({ ...evicting, link: 'nvlink-c2c' });
+    const counts = (r: typeof a) => ({ ...r, hostNs: 0, modeledNs: 0, modeledFaultNs: 0, modeledRemoteNs: 0 });
+    expect(counts(p3.r)).toEqual(counts(a));
+    expect(counts(c2c.r)).toEqual(counts(a));
+    expect(p3.r.modeledNs!).toBeGreaterThan(c2c.r.modeledNs!);
+    expect(c2c.r.modeledFaultNs).toBeGreaterThanOrEqual(a.faultRounds * 45_000);
   }, 60000);
 
   it('refuses a trace larger than the mirror, and bad options, with codes', async () => {
@@ -404,10 +445,18 @@ describe('pagemirror replay', () => {
     const text = run(t, '--prefetch', 'sequential');
     expect(text.status).toBe(0);
     expect(text.stdout).toMatch(/^policy\s+accesses\s+misses/m);
+    // Two policies under two links: modeled time per row, and a chart of it, links side by side.
+    const linked = run(t, '--device-memory', `${32 * PAGE},${256 * PAGE}`, '--placement', 'device', '--eviction', 'fifo', '--link', 'pcie3x16,nvlink-c2c', '--json', '--out', out);
+    expect(linked.status, linked.stderr).toBe(0);
+    const lj = JSON.parse(linked.stdout);
+    expect(lj.rows.map((x: { device: { link: string } }) => x.device.link)).toEqual(['pcie3x16', 'nvlink-c2c', 'pcie3x16', 'nvlink-c2c']);
+    for (const x of lj.rows) expect(x.result.modeledNs).toBeGreaterThanOrEqual(x.result.faultRounds * 45_000);
+    expect(lj.rows[0].result.modeledNs).toBeGreaterThan(lj.rows[1].result.modeledNs);
+    expect(fs.readFileSync(lj.files[1], 'utf8')).toContain('Modeled device time by policy and link (pcie3x16, nvlink-c2c)');
   }, 60000);
 
   it('usage errors exit 2 with one line, a bad trace exits 1 with its code, --help exits 0', () => {
-    for (const args of [[], ['a', 'b'], [file('x'), '--eviction', 'bogus'], [file('x'), '--device-memory', '12'], [file('x'), '--threads', '0'], [file('x'), '--bogus']]) {
+    for (const args of [[], ['a', 'b'], [file('x'), '--eviction', 'bogus'], [file('x'), '--device-memory', '12'], [file('x'), '--threads', '0'], [file('x'), '--link', 'pcie9'], [file('x'), '--bogus']]) {
       const r = run(...args);
       expect(r.status, args.join(' ')).toBe(2);
       expect(r.stderr.trim().split('\n')).toHaveLength(1);

@@ -306,10 +306,11 @@ int Device::fault(Mirror* m, uint64_t first, uint64_t last, bool write, KernelLi
   return r.result;
 }
 
-void Device::fault_group(Mirror* m, const uint64_t* pages, const uint8_t* writes, size_t n, int* results) {
+void Device::fault_group(Mirror* m, const uint64_t* pages, const uint8_t* writes, size_t n, int* results,
+                         KernelLink* acct) {
   std::vector<Request> reqs;
   reqs.reserve(n);
-  for (size_t i = 0; i < n; i++) reqs.push_back({m, pages[i], pages[i] + 1, writes[i] != 0});
+  for (size_t i = 0; i < n; i++) reqs.push_back({m, pages[i], pages[i] + 1, writes[i] != 0, acct});
   std::unique_lock<std::mutex> lock(queue_mu_);
   if (stopping_) {
     for (size_t i = 0; i < n; i++) results[i] = -ENODEV;

@@ -157,7 +157,9 @@ class Device {
   // Posts n faults of m at once (pages[i], write if writes[i]) and sleeps until all are serviced;
   // results[i] as fault() returns. The service takes them in order, faultBatch per round, so
   // the rounds depend on the requests only (trace replay's determinism).
-  void fault_group(Mirror* m, const uint64_t* pages, const uint8_t* writes, size_t n, int* results);
+  // acct: as fault()'s.
+  void fault_group(Mirror* m, const uint64_t* pages, const uint8_t* writes, size_t n, int* results,
+                   KernelLink* acct = nullptr);
 
   // Runs a kernel on spec.threads device threads and waits for them (call from a native thread).
   void run(const KernelSpec& spec, KernelResult* out);

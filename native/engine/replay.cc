@@ -13,6 +13,9 @@ namespace pm::engine {
 
 namespace {
 
+// A replayed access reads or writes one word, as a device kernel's does.
+constexpr uint64_t kReplayWordBytes = 8;
+
 class Barrier {
  public:
   explicit Barrier(unsigned n) : n_(n) {}
@@ -56,10 +59,13 @@ struct Touch {
 // One word of page i, if its entry is valid (a hit): false on a miss, which touches nothing. The
 // access itself runs under the SIGBUS guard (a file truncated behind the library's back), with the
 // page pinned outside it so the pin is always dropped; -EFAULT then.
-int touch(Mirror* m, uint64_t i, bool write, uint64_t index, uint64_t seed, uint64_t* sum, bool* hit) {
+// remote (with a link model): counts a hit on a page that is not in device memory, an access the
+// link carries.
+int touch(Mirror* m, uint64_t i, bool write, uint64_t index, uint64_t seed, uint64_t* sum, bool* hit, uint64_t* remote) {
   auto* base = static_cast<uint8_t*>(m->pin(i, write));
   *hit = base != nullptr;
   if (!base) return 0;
+  if (remote && !(m->entry(i) & kOnDevice)) ++*remote;
   if (write) m->mark_dirty(i);
   Touch t{reinterpret_cast<volatile uint64_t*>(base) + index % (m->page() / 8), seed + index, write, 0};
   uint64_t bad = 0;
@@ -106,8 +112,15 @@ void replay(Device& device, const ReplaySpec& spec, ReplayResult* out) {
   const Counts before = read_counts(device.counters());
   const uint64_t t0 = sys::now_ns();
 
+  // With a link: the rounds that served the replay's faults (each once), and the device threads'
+  // accesses to host-resident pages. A window's threads run side by side, so a window costs its
+  // slowest thread's remote time; windows, and step 3's retries on this thread, follow each other.
+  LinkModel* const link = device.link();
+  KernelLink acct;
+  KernelLink* const acct_or_null = link ? &acct : nullptr;
+  uint64_t serial_remote = 0;
   struct PerThread {
-    uint64_t hits = 0, sum = 0;
+    uint64_t hits = 0, sum = 0, remote = 0;
     int error = 0;
     uint64_t error_index = 0;
   };
@@ -128,7 +141,7 @@ void replay(Device& device, const ReplaySpec& spec, ReplayResult* out) {
     for (uint64_t i = w0; i < w1 && !p.error; i++) {
       if (((spec.ops[i] >> 1) % threads) != t) continue;
       bool hit = false;
-      int rc = touch(m, spec.pages[i], spec.ops[i] & 1, i, spec.seed, &p.sum, &hit);
+      int rc = touch(m, spec.pages[i], spec.ops[i] & 1, i, spec.seed, &p.sum, &hit, link ? &p.remote : nullptr);
       if (rc) {
         p.error = rc;
         p.error_index = i;
@@ -173,6 +186,15 @@ void replay(Device& device, const ReplaySpec& spec, ReplayResult* out) {
       try_window(0);
     }
     out->windows++;
+    if (link) {
+      uint64_t slowest = 0;
+      for (PerThread& p : per) {
+        slowest = std::max(slowest, link->charge_remote(p.remote, p.remote * kReplayWordBytes));
+        out->remote_accesses += p.remote;
+        p.remote = 0;
+      }
+      out->modeled_remote_ns += slowest;
+    }
     for (const PerThread& p : per)
       if (p.error && !out->error) {
         out->error = p.error;
@@ -191,20 +213,20 @@ void replay(Device& device, const ReplaySpec& spec, ReplayResult* out) {
     if (miss_index.empty()) continue;
     out->misses += miss_index.size();
     results.assign(miss_index.size(), 0);
-    device.fault_group(m, miss_pages.data(), miss_writes.data(), miss_index.size(), results.data());
+    device.fault_group(m, miss_pages.data(), miss_writes.data(), miss_index.size(), results.data(), acct_or_null);
     for (size_t k = 0; k < miss_index.size() && !out->error; k++) {
       const uint64_t i = miss_index[k];
       int rc = results[k];
       for (unsigned tries = 0; rc == 0; tries++) {
         bool hit = false;
-        rc = touch(m, spec.pages[i], spec.ops[i] & 1, i, spec.seed, &per[0].sum, &hit);
+        rc = touch(m, spec.pages[i], spec.ops[i] & 1, i, spec.seed, &per[0].sum, &hit, link ? &serial_remote : nullptr);
         if (rc || hit) break;
         if (tries >= 1000) {
           rc = -EBUSY;
           break;
         }
         out->refaults++;
-        rc = device.fault(m, spec.pages[i], spec.pages[i] + 1, spec.ops[i] & 1);
+        rc = device.fault(m, spec.pages[i], spec.pages[i] + 1, spec.ops[i] & 1, acct_or_null);
       }
       if (rc) {
         out->error = rc;
@@ -219,6 +241,13 @@ void replay(Device& device, const ReplaySpec& spec, ReplayResult* out) {
   }
 
   out->elapsed_ns = sys::now_ns() - t0;
+  if (link) {
+    out->modeled_remote_ns += link->charge_remote(serial_remote, serial_remote * kReplayWordBytes);
+    out->remote_accesses += serial_remote;
+    out->remote_bytes = out->remote_accesses * kReplayWordBytes;
+    out->modeled_fault_ns = acct.fault_ns;
+    out->modeled_ns = out->modeled_fault_ns + out->modeled_remote_ns;
+  }
   for (const PerThread& p : per) {
     out->hits += p.hits;
     out->checksum += p.sum;

@@ -29,6 +29,11 @@ struct ReplayResult {
   uint64_t invalidated_pages = 0;
   uint64_t checksum = 0;
   uint64_t elapsed_ns = 0;
+  // With the device's link model (docs/link-model.md), else 0: the fault rounds that served this
+  // replay (with the migrations and evictions made in them), plus each window's slowest device
+  // thread's accesses to host-resident pages.
+  uint64_t modeled_ns = 0, modeled_fault_ns = 0, modeled_remote_ns = 0;
+  uint64_t remote_accesses = 0, remote_bytes = 0;
   int error = 0;  // -errno of a failed device fault (EPERM, EFAULT, EBUSY, ENODEV)
   uint64_t error_index = 0;  // the access it failed on
 };
