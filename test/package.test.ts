@@ -74,6 +74,31 @@ describe('package metadata', () => {
   });
 });
 
+// What npm pack puts in the tarball (listed without running prepack: scripts/test-package.sh, `npm
+// run test:package`, packs and installs it for real, in CI). The prebuilt binaries are build
+// output, made by prepack, so they are checked when this checkout has them.
+describe('the packed tarball', () => {
+  it('ships the install script and the prebuilt binaries with their executables executable, and no build output or tests', () => {
+    const out = execFileSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: root, encoding: 'utf8', timeout: 60_000 });
+    const files = new Map((JSON.parse(out)[0].files as { path: string; mode: number }[]).map((f) => [f.path, f.mode]));
+    expect(pkg.scripts.install).toBe('node scripts/install.mjs');
+    expect(pkg.scripts.prepack).toBe('node scripts/prebuild.mjs');
+    expect(pkg.dependencies['node-gyp-build']).toBeDefined();
+    for (const f of ['scripts/install.mjs', 'binding.gyp', 'dist/api.js', 'dist/addon-path.js', 'native/binding/addon.cc', 'bench/c/uffd_baseline.c'])
+      expect(files.has(f), f).toBe(true);
+    expect([...files.keys()].filter((f) => /^(build|build-prebuild|build-sanitize|test|node_modules)\//.test(f))).toEqual([]);
+    const prebuilds = path.join(root, 'prebuilds');
+    if (fs.existsSync(prebuilds)) {
+      for (const dir of fs.readdirSync(prebuilds)) {
+        expect(files.get(`prebuilds/${dir}/pagemirror.uv1.glibc.node`), dir).toBeDefined();
+        for (const exe of ['uffd_baseline', 'pager_c']) expect(files.get(`prebuilds/${dir}/${exe}`)! & 0o111, `${dir}/${exe}`).toBe(0o111);
+      }
+    }
+    // CI runs the real thing.
+    expect(fs.readFileSync(path.join(root, '.ci', 'run'), 'utf8')).toMatch(/npm run test:package -- --source-build --arm64/);
+  });
+});
+
 // Where the addon comes from (lib/addon-path.ts): PAGEMIRROR_ADDON, then a source build
 // (build/Release), then the prebuilt binaries in prebuilds/<platform>-<arch>/. Each case lays out a
 // package the way an install leaves it (dist/, package.json, its dependencies, and the native files
