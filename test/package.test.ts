@@ -245,20 +245,25 @@ describe('the install script of an installed package', () => {
     });
     const left = (d: string): string[] =>
       fs.existsSync(d) ? fs.readdirSync(d, { recursive: true, encoding: 'utf8' }).sort() : [];
-    const result = { ...r, build: left(path.join(dir, 'build')) };
+    const result = { ...r, build: left(path.join(dir, 'build')), prebuilds: left(path.join(dir, 'prebuilds')) };
     fs.rmSync(top, { recursive: true, force: true });
     return result;
   }
 
-  it('a prebuilt binary that loads here: no compile, no build/', () => {
-    const r = installIn({ [`prebuilds/${arch}/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node') });
+  it('a prebuilt binary that loads here: no compile, no build/, and the prebuilt binaries of other machines removed', () => {
+    const r = installIn({
+      [`prebuilds/${arch}/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node'),
+      [`prebuilds/${arch}/uffd_baseline`]: path.join(built, 'uffd_baseline'),
+      [`prebuilds/linux-none/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node'),
+    });
     expect(r.status, r.stderr).toBe(0);
-    expect(r.stdout).toContain('pagemirror: using the prebuilt binary (no compile)');
+    expect(r.stdout).toContain(`pagemirror: using the prebuilt binary prebuilds/${arch}/pagemirror.uv1.glibc.node (no compile)`);
     expect(r.stdout).not.toContain('gyp info');
     expect(r.build).toEqual([]);
+    expect(r.prebuilds).toEqual([arch, `${arch}/pagemirror.uv1.glibc.node`, `${arch}/uffd_baseline`]);
   });
 
-  it('no prebuilt binary for this machine, or --build-from-source: node-gyp rebuild, then build/ keeps only what runs', () => {
+  it('no prebuilt binary for this machine, or --build-from-source: node-gyp rebuild, then build/ keeps only what runs, and no prebuilds/', () => {
     for (const [files, extraEnv, why] of [
       [{ [`prebuilds/linux-none/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node') }, {}, /No native build was found/],
       [{ [`prebuilds/${arch}/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node') }, { npm_config_build_from_source: 'true' }, /a source build was asked for/],
@@ -269,6 +274,7 @@ describe('the install script of an installed package', () => {
       expect(r.stdout).toMatch(why);
       expect(r.stdout).toContain('gyp info stand-in rebuild');
       expect(r.build).toEqual(['Release', 'Release/pagemirror.node', 'Release/pager_c', 'Release/uffd_baseline']);
+      expect(r.prebuilds).toEqual([]);
     }
   });
 });
