@@ -26,6 +26,7 @@ const EXECUTABLES = ['uffd_baseline', 'pager_c'];
 const ADDON = 'pagemirror.uv1.glibc.node';
 const TRIPLES = { x64: 'x86_64-linux-gnu', arm64: 'aarch64-linux-gnu' };
 // ELF e_machine of each architecture: a cross build that silently used the host compiler is caught.
+// The addon is also checked to import nothing of node's but Node-API and libuv (nodeImports).
 const MACHINES = { x64: 62, arm64: 183 };
 
 const force = process.argv.includes('--force');
@@ -60,6 +61,20 @@ function elfMachine(file) {
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/**
+ * The symbols the addon expects from the process that loads it (undefined, not weak, with no
+ * library version): node's. Versioned ones (GLIBC_, GLIBCXX_, CXXABI_, GCC_) are the libraries'.
+ */
+function nodeImports(file) {
+  const r = spawnSync('readelf', ['--dyn-syms', '--wide', file], { encoding: 'utf8' });
+  if (r.status !== 0) fail(`readelf --dyn-syms ${file} failed: ${r.stderr || r.error?.message}`);
+  return r.stdout
+    .split('\n')
+    .map((l) => l.trim().split(/\s+/))
+    .filter((c) => c[6] === 'UND' && c[4] === 'GLOBAL' && c[7] && !c[7].includes('@'))
+    .map((c) => c[7]);
 }
 
 function tools(arch) {
@@ -119,6 +134,8 @@ function build(arch) {
     if (!fs.existsSync(f)) fail(`${path.relative(root, f)} was not built`);
     if (elfMachine(f) !== MACHINES[arch]) fail(`${path.relative(root, f)} is not an ${arch} ELF file (e_machine ${elfMachine(f)})`);
   }
+  const internals = nodeImports(outputs[0]).filter((s) => !/^(napi_|uv_)/.test(s));
+  if (internals.length) fail(`${path.relative(root, outputs[0])} needs symbols of node beyond Node-API and libuv, which change between majors: ${internals.join(' ')}`);
   console.log(`prebuild: prebuilds/linux-${arch} built in ${((Date.now() - started) / 1000).toFixed(0)} s`);
 }
 
