@@ -1,10 +1,10 @@
 // The compiled addon, typed. Everything below this file is thin: it validates, names things and
-// forwards. The addon is built by `npm install` (node-gyp) into build/Release.
+// forwards. The addon is a source build (build/Release) or a prebuilt binary (prebuilds/): see
+// addon-path.ts for the order.
 import { createRequire } from 'node:module';
-import { fileURLToPath } from 'node:url';
 import path from 'node:path';
+import { loadAddon } from './addon-path.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
 const require = createRequire(import.meta.url);
 
 export interface NativeMapping {
@@ -541,26 +541,7 @@ function load(): NativeAddon {
   // test:sanitize`); it must load, or the run would silently test the plain addon instead.
   const chosen = process.env.PAGEMIRROR_ADDON;
   if (chosen) return require(path.resolve(chosen)) as NativeAddon;
-  const candidates = [
-    path.join(here, '..', 'build', 'Release', 'pagemirror.node'),
-    path.join(here, '..', 'build', 'Debug', 'pagemirror.node'),
-  ];
-  let last: unknown;
-  for (const file of candidates) {
-    try {
-      return require(file) as NativeAddon;
-    } catch (err) {
-      last = err;
-      if ((err as NodeJS.ErrnoException).code !== 'MODULE_NOT_FOUND') throw err;
-    }
-  }
-  const err = new Error(
-    'pagemirror: the native addon is not built (build/Release/pagemirror.node). Run `npm install` ' +
-      '(or `npx node-gyp rebuild`); it needs python3, make and a C++17 compiler.',
-  ) as Error & { code: string; cause: unknown };
-  err.code = 'ERR_PAGEMIRROR_NOT_BUILT';
-  err.cause = last;
-  throw err;
+  return loadAddon() as NativeAddon;
 }
 
 export const native: NativeAddon = load();

@@ -14,6 +14,7 @@ import { spawn, spawnSync, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { gypWorkdir, nodedirArgs } from './gyp-workdir.mjs';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const work = path.join(root, 'build-sanitize');
@@ -39,19 +40,9 @@ const ubsan = runtime('libubsan.so');
 
 const started = Date.now();
 if (build) {
-  // node-gyp always builds into <dir>/build: build a copy of the project's gyp file in its own
-  // directory, over the same sources.
-  fs.mkdirSync(work, { recursive: true });
-  fs.copyFileSync(path.join(root, 'binding.gyp'), path.join(work, 'binding.gyp'));
-  for (const dir of ['native', 'bench']) {
-    const link = path.join(work, dir);
-    fs.rmSync(link, { force: true, recursive: true });
-    fs.symlinkSync(path.join('..', dir), link);
-  }
+  gypWorkdir(root, work);
   const gyp = path.join(root, 'node_modules', 'node-gyp', 'bin', 'node-gyp.js');
-  // Outside npm (no npm_config_nodedir), the headers of the node that runs this, when installed.
-  const prefix = path.join(path.dirname(process.execPath), '..');
-  const nodedir = !process.env.npm_config_nodedir && fs.existsSync(path.join(prefix, 'include', 'node', 'common.gypi')) ? [`--nodedir=${prefix}`] : [];
+  const nodedir = nodedirArgs();
   const r = spawnSync(process.execPath, [gyp, 'rebuild', '-j', 'max', ...nodedir], {
     cwd: work,
     stdio: 'inherit',

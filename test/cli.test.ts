@@ -201,11 +201,14 @@ describe('command line: --flag=value, --json, --quick', () => {
 
 describe('command line: failures are one line', () => {
   it('without the addon, probe says ERR_PAGEMIRROR_NOT_BUILT in one line and exits 1; --help still works', () => {
-    // The compiled CLI and package.json alone, as an install whose build step did not run.
+    // The compiled CLI, package.json and its loader dependency, as an install whose build step did
+    // not run and that has no prebuilt binary.
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-nobuild-'));
     try {
       fs.cpSync(path.join(root, 'dist'), path.join(dir, 'dist'), { recursive: true });
       fs.copyFileSync(path.join(root, 'package.json'), path.join(dir, 'package.json'));
+      fs.mkdirSync(path.join(dir, 'node_modules'));
+      fs.symlinkSync(path.join(root, 'node_modules', 'node-gyp-build'), path.join(dir, 'node_modules', 'node-gyp-build'));
       const bare = path.join(dir, 'dist', 'cli.js');
       // PAGEMIRROR_ADDON (the sanitizer run's) would name an addon that is built.
       const env = { ...process.env, PAGEMIRROR_ADDON: '' };

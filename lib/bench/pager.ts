@@ -7,9 +7,9 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { access } from '../access.js';
 import { typeError } from '../errors.js';
+import { helperPath } from '../addon-path.js';
 import { mapFile } from '../mapping.js';
 import { pager } from '../pager.js';
 import { fileSystemOf, probe } from '../probe.js';
@@ -19,7 +19,6 @@ import { barChartSvg, textTable, writeReport, type Table } from './report.js';
 import { summarize, type Summary } from './stats.js';
 import { registerTempFile, releaseTempFile } from './tempfiles.js';
 
-const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const PAGE = 4096;
 
 /** The pager suite's workloads. */
@@ -75,14 +74,9 @@ export interface WritebackRow {
   ratio: number;
 }
 
-function binary(): string {
-  for (const p of [path.join(root, 'build', 'Release', 'pager_c'), path.join(root, 'build', 'Debug', 'pager_c')]) if (fs.existsSync(p)) return p;
-  throw Object.assign(new Error('the C pager is not built (build/Release/pager_c): run npm install'), { code: 'ERR_PAGEMIRROR_NOT_BUILT' });
-}
-
 function runC(args: string[]): Promise<Record<string, number>> {
   return new Promise((resolve, reject) => {
-    execFile(binary(), args, { timeout: 300_000, maxBuffer: 1 << 20 }, (err, stdout, stderr) => {
+    execFile(helperPath('pager_c'), args, { timeout: 300_000, maxBuffer: 1 << 20 }, (err, stdout, stderr) => {
       if (err) return reject(Object.assign(new Error(`C pager ${args.join(' ')} failed: ${stderr || err.message}`), { code: 'ERR_PAGEMIRROR_BASELINE' }));
       resolve(JSON.parse(stdout) as Record<string, number>);
     });
