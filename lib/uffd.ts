@@ -162,7 +162,10 @@ export type RuleAction = 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'co
 
 /** A fast-path rule: faults of the right kind in the range are resolved natively, never in JS. */
 export interface Rule {
-  mapping: Mapping;
+  /** The registered mapping the rule serves; or, for an adopted descriptor of another process (a FaultServer client), `address`. */
+  mapping?: Mapping;
+  /** Instead of `mapping`: the page-aligned start of the range in the descriptor's own address space (with `length`). */
+  address?: bigint;
   offset?: number;
   length?: number;
   /**
@@ -201,6 +204,8 @@ type Target = Mapping | bigint;
  * pager's native engine, on the service thread(s). Not exported from the package.
  */
 export let setHandlerRule: (u: Userfaultfd, mapping: Mapping, handler: NativePager) => void;
+/** @internal The fault server's hook (lib/server.ts): its default policy over a client's ranges. */
+export let setRemoteHandlerRules: (u: Userfaultfd, ranges: readonly { address: bigint; length: number }[], handler: NativeRule['handler']) => void;
 
 /**
  * A userfaultfd: register ranges of mappings, resolve their faults (copy, zeropage, continue, move,
@@ -226,6 +231,11 @@ export class Userfaultfd implements ServedHolder {
     setHandlerRule = (u, mapping, handler) => {
       u.#live();
       u.#n.setRules([{ mapping: mapping.native, action: 'handler', handler }]);
+      u.#rules = [];
+    };
+    setRemoteHandlerRules = (u, ranges, handler) => {
+      u.#live();
+      u.#n.setRules(ranges.map((r) => ({ mapping: r.address, length: r.length, action: 'handler', handler })));
       u.#rules = [];
     };
   }
@@ -649,7 +659,10 @@ export class Userfaultfd implements ServedHolder {
    */
   addRule(rule: Rule): Rule {
     this.#live();
-    if (!(rule?.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'rule.mapping must be a Mapping');
+    if (rule?.mapping !== undefined || typeof rule?.address !== 'bigint') {
+      if (!(rule?.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'rule.mapping must be a Mapping (or give rule.address, a bigint, and rule.length)');
+    } else if (rule.length === undefined) throw typeError('ERR_INVALID_ARG_TYPE', 'a rule by address needs a length');
+    else checkU64('address', rule.address);
     checkOneOf('action', rule.action, ['copy', 'zero', 'move', 'poison', 'unprotect', 'continue'] as const);
     if (rule.granule !== undefined) checkInteger('granule', rule.granule, 1);
     if (rule.offset !== undefined) checkInteger('offset', rule.offset);
@@ -755,7 +768,7 @@ function toNativeRule(r: Rule): NativeRule {
   if ((r.action === 'copy' || r.action === 'move') && !(r.source instanceof Mapping))
     throw typeError('ERR_INVALID_ARG_TYPE', `a ${r.action} rule needs a source Mapping`);
   return {
-    mapping: r.mapping.native,
+    mapping: r.mapping ? r.mapping.native : r.address!,
     offset: r.offset ?? 0,
     length: r.length,
     action: r.action,

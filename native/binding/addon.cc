@@ -16,6 +16,7 @@
 #include "service.h"
 #include "userfaultfd.h"
 #include "pager.h"
+#include "fault_server.h"
 
 namespace pm {
 
@@ -140,6 +141,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Pager", PagerWrap::Init(env));
   exports.Set("createPager", Napi::Function::New(env, PagerWrap::Create, "createPager"));
   exports.Set("Userfaultfd", uffd);
+  exports.Set("FaultServer", FaultServerWrap::Init(env));
+  exports.Set("RemoteClient", RemoteClientWrap::Init(env));
+  exports.Set("listenFaultServer", Napi::Function::New(env, FaultServerWrap::Listen, "listenFaultServer"));
   exports.Set("map", Napi::Function::New(env, Mapping::Map, "map"));
   exports.Set("openUserfaultfd", Napi::Function::New(env, Userfaultfd::Open, "openUserfaultfd"));
   exports.Set("adoptUserfaultfd", Napi::Function::New(env, Userfaultfd::Adopt, "adoptUserfaultfd"));
