@@ -79,6 +79,12 @@
       "dependencies": ["pagemirror_client"],
       "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"],
       "libraries": ["-pthread"]
+    },
+    {
+      "target_name": "pagemirror_client_fuzz",
+      "type": "executable",
+      "sources": ["native/client/pm_fuzz.c"],
+      "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"]
     }
   ]
 }

@@ -5,100 +5,10 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { FaultServer, Userfaultfd } from '../lib/index.js';
-import { FIXTURES_DIR, P, PAGE, requireCap, within } from './helpers.js';
-
-const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
-export const DEMO = path.join(ROOT, 'build', 'Release', 'pagemirror_client_demo');
-
-/** A child whose stdout is read line by line; next(pred) waits (bounded) for a matching line. */
-export class Lines {
-  readonly lines: string[] = [];
-  #waiters: (() => void)[] = [];
-  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  stderr = '';
-  constructor(readonly child: ChildProcess) {
-    let buf = '';
-    child.stdout!.on('data', (d: Buffer) => {
-      buf += d.toString();
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        this.lines.push(buf.slice(0, i));
-        buf = buf.slice(i + 1);
-      }
-      for (const w of this.#waiters.splice(0)) w();
-    });
-    child.stderr!.on('data', (d: Buffer) => (this.stderr += d.toString()));
-    this.exit = new Promise((res) => child.on('exit', (code, signal) => {
-      for (const w of this.#waiters.splice(0)) w();
-      res({ code, signal });
-    }));
-  }
-  async next(pred: (line: string) => boolean, ms: number, what: string): Promise<string> {
-    const end = Date.now() + ms;
-    for (let seen = 0; ; ) {
-      for (; seen < this.lines.length; seen++) if (pred(this.lines[seen]!)) return this.lines[seen]!;
-      if (Date.now() > end || this.child.exitCode !== null || this.child.signalCode !== null) {
-        for (; seen < this.lines.length; seen++) if (pred(this.lines[seen]!)) return this.lines[seen]!;
-        throw new Error(`timed out waiting for ${what}; output:\n${this.lines.join('\n')}\nstderr:\n${this.stderr}`);
-      }
-      await new Promise<void>((r) => {
-        const t = setTimeout(r, Math.max(1, Math.min(50, end - Date.now())));
-        this.#waiters.push(() => (clearTimeout(t), r()));
-      });
-    }
-  }
-  async json(event: string, ms: number): Promise<Record<string, unknown>> {
-    return JSON.parse(await this.next((l) => l.startsWith(`{"event":"${event}"`), ms, event)) as Record<string, unknown>;
-  }
-  send(line: string): void {
-    this.child.stdin!.write(line + '\n');
-  }
-}
-
-const children: ChildProcess[] = [];
-afterEach(() => {
-  for (const c of children.splice(0)) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-});
-
-export function sockPath(name: string): string {
-  return path.join(fs.mkdtempSync(path.join(os.tmpdir(), `pm-${name}-`)), 's');
-}
-
-export async function startServer(sock: string, args: string[] = []): Promise<Lines> {
-  const child = spawn(process.execPath, [path.join(FIXTURES_DIR, 'fault-server.mjs'), sock, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
-  children.push(child);
-  const l = new Lines(child);
-  await l.json('listening', 10_000);
-  return l;
-}
-
-export function startDemo(sock: string, pages: number, mode: 'alloc' | 'attach', delayUs = 0): Lines {
-  const child = spawn(DEMO, [sock, String(pages), mode, String(delayUs)], { stdio: ['pipe', 'pipe', 'pipe'] });
-  children.push(child);
-  return new Lines(child);
-}
-
-/** The demo's final line: bad words and whether the watchdog took over. */
-async function finish(demo: Lines, ms: number): Promise<{ bad: number; lost: number }> {
-  const ok = await demo.next((l) => l.startsWith('OK ') || l.startsWith('ERR '), ms, 'the client to read everything back');
-  expect(ok).toMatch(/^OK /);
-  const [, bad, lost] = ok.split(' ');
-  await demo.next((l) => l.startsWith('CLOSED '), ms, 'pm_close');
-  const exit = await within(demo.exit, ms, 'the client to exit');
-  expect(exit.signal).toBeNull();
-  return { bad: Number(bad), lost: Number(lost) };
-}
-
-export function needUffd(ctx: { skip: (note?: string) => void }, shared = true): void {
-  requireCap(ctx, P.experiments.uffd, 'the fault server');
-  // pm_alloc registers shared memory MISSING | MINOR | WP; evict needs WP on it.
-  if (shared) requireCap(ctx, P.experiments.tmpfs, 'shared memory for pm_alloc');
-  if (!fs.existsSync(DEMO)) ctx.skip(`the client demo was not built (${DEMO})`);
-}
+import { PAGE, within } from './helpers.js';
+import { finish, needUffd, sockPath, startDemo, startServer } from './fault-server-helpers.js';
 
 describe('fault server: serving another process', () => {
   it("serves a client's shared memory (pm_alloc): every missing fault answered, data correct", { timeout: 30_000 }, async (ctx) => {
@@ -187,6 +97,55 @@ describe('fault server: a server killed mid-run loses nothing and hangs nobody',
       expect(r).toEqual({ bad: 0, lost: 1 });
     });
   }
+});
+
+describe('fault server: who may connect', () => {
+  it('refuses a peer whose uid is not allowed (SO_PEERCRED), and says so', { timeout: 30_000 }, async (ctx) => {
+    needUffd(ctx, false);
+    const sock = sockPath('uid');
+    const other = (process.getuid?.() ?? 0) + 12345;
+    const server = await startServer(sock, [JSON.stringify({ allowUids: [other] })]);
+    const demo = startDemo(sock, 4, 'attach');
+    expect(await demo.next((l) => l.startsWith('ERR') || l.startsWith('READY'), 10_000, 'the refusal')).toBe('ERR pm_connect 13'); // EACCES
+    expect((await within(demo.exit, 10_000, 'the refused client to exit')).code).toBe(1);
+    server.send('stats');
+    const stats = (await server.json('stats', 10_000)).server as Record<string, number>;
+    expect(stats.refusedUid).toBe(1);
+    expect(stats.connections).toBe(0);
+  });
+
+  it('lets an allowed other user in, through a socket it can open', { timeout: 30_000 }, async (ctx) => {
+    needUffd(ctx, false);
+    if (process.getuid?.() !== 0) ctx.skip('running a client as another user needs root');
+    const nobody = 65534;
+    const sock = sockPath('nobody');
+    fs.chmodSync(path.dirname(sock), 0o755);
+    const server = await startServer(sock, [JSON.stringify({ allowUids: [nobody] })]);
+    // The socket is 0600: another user cannot even connect until the test opens it up.
+    const denied = startDemo(sock, 4, 'attach', 0, nobody);
+    expect(await denied.next((l) => l.startsWith('ERR') || l.startsWith('READY'), 10_000, 'the refusal')).toBe('ERR pm_connect 13');
+    fs.chmodSync(sock, 0o666);
+    const demo = startDemo(sock, 16, 'attach', 0, nobody);
+    const first = await demo.next((l) => l.startsWith('ERR') || l.startsWith('READY'), 10_000, 'READY');
+    if (first.startsWith('ERR pm_connect')) ctx.skip(`no userfaultfd for uid ${nobody}: ${first}`);
+    expect(first).toMatch(/^READY/);
+    expect((await server.json('client', 10_000)).uid).toBe(nobody);
+    demo.send('GO');
+    expect(await finish(demo, 15_000)).toEqual({ bad: 0, lost: 0 });
+  });
+
+  it('refuses clients beyond maxClients with EUSERS', { timeout: 30_000 }, async (ctx) => {
+    needUffd(ctx, false);
+    const sock = sockPath('full');
+    const server = await startServer(sock, [JSON.stringify({ maxClients: 1 })]);
+    const a = startDemo(sock, 4, 'attach');
+    await a.next((l) => l.startsWith('READY'), 10_000, 'READY');
+    const b = startDemo(sock, 4, 'attach');
+    expect(await b.next((l) => l.startsWith('ERR') || l.startsWith('READY'), 10_000, 'the refusal')).toBe('ERR pm_connect 87'); // EUSERS
+    a.send('GO');
+    expect(await finish(a, 15_000)).toEqual({ bad: 0, lost: 0 });
+    await server.json('exit', 10_000);
+  });
 });
 
 describe('fault server: API checks', () => {

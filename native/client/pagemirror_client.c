@@ -142,7 +142,13 @@ static int request(struct pm_client *c, const void *msg, size_t len, const int *
   if (atomic_load(&c->taken_over)) return -ENOTCONN;
   const struct pm_hdr *h = msg;
   int rc = send_msg(c->sock, msg, len, fds, nfds);
-  if (rc) return rc;
+  if (rc) {
+    /* Refused at accept (uid, too many clients): the server answered and closed before we spoke. */
+    struct pm_reply r;
+    if (recv(c->sock, &r, sizeof r, MSG_DONTWAIT) == (ssize_t)sizeof r && r.h.magic == PM_PROTO_MAGIC && r.h.seq == 0 && r.error)
+      return r.error;
+    return rc;
+  }
   for (;;) {
     struct pm_reply r;
     ssize_t n;
