@@ -84,6 +84,8 @@
       "target_name": "pagemirror_client_fuzz",
       "type": "executable",
       "sources": ["native/client/pm_fuzz.c"],
+      "dependencies": ["pagemirror_client"],
+      "libraries": ["-pthread"],
       "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"]
     }
   ]

@@ -114,8 +114,9 @@ static void hdr(struct pm_client *c, struct pm_hdr *h, uint16_t type, uint32_t s
   h->seq = ++c->seq;
 }
 
-static int send_msg(int sock, const void *buf, size_t len, const int *fds, int nfds) {
-  char control[CMSG_SPACE(sizeof(int) * PM_MAX_FDS)];
+int pm_send_packet(int sock, const void *buf, size_t len, const int *fds, int nfds, int flags) {
+  char control[CMSG_SPACE(sizeof(int) * 80)];
+  if (nfds < 0 || nfds > 80) return -EINVAL;
   struct iovec iov = {(void *)buf, len};
   struct msghdr m = {0};
   m.msg_iov = &iov;
@@ -131,9 +132,14 @@ static int send_msg(int sock, const void *buf, size_t len, const int *fds, int n
     memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
   }
   ssize_t n;
-  do n = sendmsg(sock, &m, MSG_NOSIGNAL);
+  do n = sendmsg(sock, &m, MSG_NOSIGNAL | flags);
   while (n < 0 && errno == EINTR);
-  return n < 0 ? (errno == EPIPE ? -ENOTCONN : -errno) : 0;
+  return n < 0 ? -errno : 0;
+}
+
+static int send_msg(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+  int rc = pm_send_packet(sock, buf, len, fds, nfds, 0);
+  return rc == -EPIPE ? -ENOTCONN : rc;
 }
 
 /* Sends one message and waits for its reply (under c->mu). The reply's error, or -ENOTCONN when

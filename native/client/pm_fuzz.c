@@ -37,22 +37,7 @@ static long now_ms(void) {
 }
 
 static int send_fds(int s, const void *buf, size_t len, const int *fds, int nfds) {
-  char control[CMSG_SPACE(sizeof(int) * 80)];
-  struct iovec iov = {(void *)buf, len};
-  struct msghdr m = {0};
-  m.msg_iov = &iov;
-  m.msg_iovlen = 1;
-  if (nfds > 0) {
-    memset(control, 0, sizeof control);
-    m.msg_control = control;
-    m.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
-  }
-  return sendmsg(s, &m, MSG_NOSIGNAL | MSG_DONTWAIT) < 0 ? -errno : 0;
+  return pm_send_packet(s, buf, len, fds, nfds, MSG_DONTWAIT);
 }
 
 static void hdr(struct pm_hdr *h, uint16_t type, uint32_t size) {

@@ -100,4 +100,12 @@ static inline uint64_t pm_pool_bytes(uint64_t pool_pages, uint64_t page) {
   return pm_pool_table_bytes(pool_pages, page) + pool_pages * page;
 }
 
+/* One packet with nfds descriptors (SCM_RIGHTS, at most 80), MSG_NOSIGNAL | flags; 0 or -errno.
+ * In the client library (the demo and fuzz programs use it too). */
+#include <stddef.h>
+#ifdef __cplusplus
+extern "C"
+#endif
+int pm_send_packet(int sock, const void *buf, size_t len, const int *fds, int nfds, int flags);
+
 #endif
