@@ -142,25 +142,32 @@ static int send_msg(int sock, const void *buf, size_t len, const int *fds, int n
   return rc == -EPIPE ? -ENOTCONN : rc;
 }
 
+/* A connection refused at accept (uid, too many clients): the server answered and closed, maybe
+ * before we spoke; the socket reports ECONNRESET/EPIPE before the reply queued behind it. The
+ * server's errno if it is there, else rc. */
+static int refusal(int sock, int rc) {
+  for (int i = 0; i < 2; i++) {
+    struct pm_reply r;
+    ssize_t n = recv(sock, &r, sizeof r, MSG_DONTWAIT);
+    if (n == (ssize_t)sizeof r && r.h.magic == PM_PROTO_MAGIC && r.h.seq == 0 && r.error) return r.error;
+    if (n >= 0) break;
+  }
+  return rc;
+}
+
 /* Sends one message and waits for its reply (under c->mu). The reply's error, or -ENOTCONN when
  * the server is gone, -ETIMEDOUT. */
 static int request(struct pm_client *c, const void *msg, size_t len, const int *fds, int nfds, uint32_t *value) {
   if (atomic_load(&c->taken_over)) return -ENOTCONN;
   const struct pm_hdr *h = msg;
   int rc = send_msg(c->sock, msg, len, fds, nfds);
-  if (rc) {
-    /* Refused at accept (uid, too many clients): the server answered and closed before we spoke. */
-    struct pm_reply r;
-    if (recv(c->sock, &r, sizeof r, MSG_DONTWAIT) == (ssize_t)sizeof r && r.h.magic == PM_PROTO_MAGIC && r.h.seq == 0 && r.error)
-      return r.error;
-    return rc;
-  }
+  if (rc) return refusal(c->sock, rc);
   for (;;) {
     struct pm_reply r;
     ssize_t n;
     do n = recv(c->sock, &r, sizeof r, 0);
     while (n < 0 && errno == EINTR);
-    if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? -ETIMEDOUT : -errno;
+    if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? -ETIMEDOUT : refusal(c->sock, -errno);
     if (n == 0) return -ENOTCONN;
     if ((size_t)n != sizeof r || r.h.magic != PM_PROTO_MAGIC || r.h.type != PM_MSG_REPLY) return -EBADMSG;
     if (r.h.seq != h->seq) {
