@@ -83,6 +83,9 @@ export interface FaultServerStats {
 }
 
 const MODE_NAMES = Object.keys(REGISTER_MODES) as RegisterMode[];
+// The server's hooks into its clients (not methods: nothing outside this file calls them).
+let refreshClient: (c: RemoteClient) => void;
+let endClient: (c: RemoteClient) => void;
 
 /** One process served by a {@link FaultServer}. */
 export class RemoteClient {
@@ -108,11 +111,15 @@ export class RemoteClient {
     this.gid = i.gid;
     this.id = i.id;
     this.uffd = Userfaultfd.adopt(i.fd, i.features);
-    this.refresh();
+    this.#refresh();
   }
 
-  /** @internal */
-  refresh(): void {
+  static {
+    refreshClient = (c) => c.#refresh();
+    endClient = (c) => c.#end();
+  }
+
+  #refresh(): void {
     this.#ranges = this.#n.info().ranges.map((r) => ({
       address: r.address,
       length: r.length,
@@ -168,8 +175,9 @@ export class RemoteClient {
     return this.#final ?? this.uffd.stats();
   }
 
-  /** @internal The connection ended: stop serving (faults read and unresolved are left to the client's watchdog, which unregisters). */
-  end(): void {
+  // The connection ended: stop serving (faults read and unresolved are left to the client's
+  // watchdog, which unregisters them).
+  #end(): void {
     if (this.#closed) return;
     this.#final = this.uffd.stats();
     // 'wake', never 'zero': a zero page for a page the pool holds would lose it.
@@ -280,20 +288,20 @@ export class FaultServer {
         this.#call(this.#options.onClient, c);
         continue;
       }
-      c.refresh();
+      refreshClient(c);
       if (this.#policy === 'default') this.#applyPolicy(c);
       this.#call(this.#options.onRanges, c);
     }
   }
 
   #applyPolicy(c: RemoteClient): void {
-    c.refresh();
+    refreshClient(c);
     setRemoteHandlerRules(c.uffd, c.ranges, c.native);
   }
 
   #end(c: RemoteClient): void {
     this.#clients.delete(c.id);
-    c.end();
+    endClient(c);
     this.#exited.push(c);
     if (this.#exited.length > 1024) this.#exited.shift();
     this.#call(this.#options.onClientExit, c);
