@@ -5,10 +5,11 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { spawn, spawnSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import { FaultServer, Userfaultfd } from '../lib/index.js';
-import { PAGE, within } from './helpers.js';
-import { finish, needUffd, sockPath, startDemo, startServer } from './fault-server-helpers.js';
+import { PAGE, waitFor, within } from './helpers.js';
+import { DEMO, Lines, finish, needUffd, sockPath, startDemo, startServer } from './fault-server-helpers.js';
 
 describe('fault server: serving another process', () => {
   it("serves a client's shared memory (pm_alloc): every missing fault answered, data correct", { timeout: 30_000 }, async (ctx) => {
@@ -145,6 +146,41 @@ describe('fault server: who may connect', () => {
     a.send('GO');
     expect(await finish(a, 15_000)).toEqual({ bad: 0, lost: 0 });
     await server.json('exit', 10_000);
+  });
+});
+
+describe('pagemirror serve', () => {
+  const cli = path.join(path.dirname(DEMO), '..', '..', 'dist', 'cli.js');
+
+  it('serves clients until SIGTERM, then prints their counters as JSON', { timeout: 30_000 }, async (ctx) => {
+    needUffd(ctx);
+    const sock = sockPath('cli');
+    const child = spawn(process.execPath, [cli, 'serve', '--socket', sock, '--json', '--allow-uid', String(process.getuid?.() ?? 0)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const l = new Lines(child);
+    await waitFor(() => l.stderr.includes('listening on'), 10_000, 'the server to listen');
+    const demo = startDemo(sock, 48, 'alloc');
+    await demo.next((x) => x.startsWith('READY'), 10_000, 'READY');
+    demo.send('GO');
+    expect(await finish(demo, 15_000)).toEqual({ bad: 0, lost: 0 });
+    await waitFor(() => l.stderr.includes('left:'), 10_000, 'the client to be reported gone');
+    child.kill('SIGTERM');
+    expect(await within(l.exit, 10_000, 'serve to exit')).toEqual({ code: 0, signal: null });
+    const out = JSON.parse(l.lines.join('\n')) as { clients: { pid: number; faults: number; zeroFilled: number; bytes: number; connectedAtExit: boolean }[] };
+    expect(out.clients).toHaveLength(1);
+    expect(out.clients[0]).toMatchObject({ pid: demo.child.pid, bytes: 48 * PAGE, zeroFilled: 48, connectedAtExit: false });
+    expect(out.clients[0]!.faults).toBeGreaterThanOrEqual(48);
+    expect(fs.existsSync(sock)).toBe(false);
+  });
+
+  it('refuses bad flags with exit 2 and runs nothing for --help', () => {
+    for (const args of [['serve'], ['serve', '--socket', '/tmp/x', '--allow-uid', 'me'], ['serve', '--socket', '/tmp/x', '--max-clients', '0'], ['serve', '--sock', '/tmp/x']]) {
+      const r = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8', timeout: 30_000 });
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    }
+    const h = spawnSync(process.execPath, [cli, 'serve', '--help'], { encoding: 'utf8', timeout: 30_000 });
+    expect(h.status).toBe(0);
+    expect(h.stdout).toMatch(/^usage: pagemirror serve --socket PATH/);
   });
 });
 
