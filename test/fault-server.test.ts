@@ -100,6 +100,24 @@ describe('fault server: a server killed mid-run loses nothing and hangs nobody',
   }
 });
 
+describe('fault server: a server that closes hands everything back', () => {
+  it('server.close() with pages in the pool: the client takes them back', { timeout: 30_000 }, async (ctx) => {
+    needUffd(ctx);
+    const sock = sockPath('close');
+    const server = await startServer(sock);
+    const demo = startDemo(sock, 64, 'alloc');
+    const [, addr, bytes] = (await demo.next((l) => l.startsWith('READY'), 10_000, 'READY')).split(' ');
+    await server.json('client', 10_000);
+    server.send(`evict ${addr} ${bytes}`);
+    expect((await server.json('evicted', 10_000)).pages).toBe(64);
+    server.send('close');
+    await server.json('closed', 10_000);
+    expect(await within(server.exit, 10_000, 'the server to exit')).toEqual({ code: 0, signal: null });
+    demo.send('GO');
+    expect(await finish(demo, 15_000)).toEqual({ bad: 0, lost: 1 });
+  });
+});
+
 describe('fault server: who may connect', () => {
   it('refuses a peer whose uid is not allowed (SO_PEERCRED), and says so', { timeout: 30_000 }, async (ctx) => {
     needUffd(ctx, false);

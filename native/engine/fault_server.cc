@@ -102,6 +102,12 @@ const RemoteRange* RemoteClient::range_at(uint64_t addr) const {
 int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t a = msg.address & ~(page_ - 1);
+  if (released_) {
+    // Let go of the client: its watchdog, which the connection's close wakes, resolves this fault
+    // (a zero page here, for a page the pool holds, would be taken for the current copy).
+    *pages = 0;
+    return 0;
+  }
   *pages = 1;
   int64_t done = 0;
   int rc;
@@ -112,7 +118,7 @@ int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
     rc = sys::uffd_continue(uffd, a, page_, 0, &done);
     if (rc == 0) counters_.continued++;
   } else {
-    auto it = released_ ? held_.end() : held_.find(a);
+    auto it = held_.find(a);
     if (it != held_.end()) {
       const uint32_t slot = it->second;
       rc = sys::uffd_copy(uffd, a, reinterpret_cast<uint64_t>(slots_ + slot * page_), page_, 0, &done);
