@@ -101,6 +101,22 @@ describe('fault server: a server killed mid-run loses nothing and hangs nobody',
 });
 
 describe('fault server: a server that closes hands everything back', () => {
+  it('pm_detach brings pooled pages home before the range is let go', { timeout: 30_000 }, async (ctx) => {
+    needUffd(ctx);
+    const sock = sockPath('detach');
+    const server = await startServer(sock);
+    const demo = startDemo(sock, 64, 'detach');
+    const [, addr, bytes] = (await demo.next((l) => l.startsWith('READY'), 10_000, 'READY')).split(' ');
+    await server.json('client', 10_000);
+    server.send(`evict ${addr} ${bytes}`);
+    expect((await server.json('evicted', 10_000)).pages).toBe(64);
+    demo.send('GO');
+    expect(await finish(demo, 15_000)).toEqual({ bad: 0, lost: 0 });
+    const exit = await server.json('exit', 10_000);
+    // Brought home by the UNREGISTER (written into the memfd), not by faults.
+    expect(exit.counters).toMatchObject({ evicted: 64, restored: 64, poolHeld: 0 });
+  });
+
   it('server.close() with pages in the pool: the client takes them back', { timeout: 30_000 }, async (ctx) => {
     needUffd(ctx);
     const sock = sockPath('close');

@@ -1,9 +1,10 @@
 /* pagemirror_client_demo: a process that hands memory to a fault server and checks its data.
- *   pagemirror_client_demo SOCKET PAGES alloc|attach [READ_DELAY_US]
+ *   pagemirror_client_demo SOCKET PAGES alloc|attach|detach [READ_DELAY_US]
  * Connects, gets PAGES pages (pm_alloc, or anonymous memory through pm_attach), writes a pattern
  * to every page, prints "READY <address> <bytes>", waits for a line on stdin, then reads every page
  * back (sleeping READ_DELAY_US between pages), writes a second pattern and reads it back, and
- * prints "OK <bad words> <server lost 0|1>", then "CLOSED <pm_close result>". Any failed call
+ * prints "OK <bad words> <server lost 0|1>", then "CLOSED <pm_close result>". detach: memory of
+ * pm_alloc taken back with pm_detach after the line on stdin, before reading. Any failed call
  * prints "ERR <call> <errno>" and exits 1. The test suite drives it (test/fault-server.test.ts). */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -35,7 +36,7 @@ static uint64_t check(const volatile uint64_t *p, uint64_t pages, uint64_t words
 
 int main(int argc, char **argv) {
   if (argc < 4) {
-    fprintf(stderr, "usage: %s SOCKET PAGES alloc|attach [READ_DELAY_US]\n", argv[0]);
+    fprintf(stderr, "usage: %s SOCKET PAGES alloc|attach|detach [READ_DELAY_US]\n", argv[0]);
     return 2;
   }
   setvbuf(stdout, NULL, _IONBF, 0);
@@ -64,6 +65,10 @@ int main(int argc, char **argv) {
   printf("READY %#llx %llu\n", (unsigned long long)(uintptr_t)mem, (unsigned long long)bytes);
   char line[64];
   if (!fgets(line, sizeof line, stdin)) return 1;
+  if (strcmp(argv[3], "detach") == 0 && (rc = pm_detach(c, mem, bytes)) != 0) {
+    printf("ERR pm_detach %d\n", -rc);
+    return 1;
+  }
   uint64_t bad = check(mem, pages, words, 1, delay);
   fill(mem, pages, words, 2);
   bad += check(mem, pages, words, 2, 0);

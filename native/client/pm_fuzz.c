@@ -202,11 +202,17 @@ int main(int argc, char **argv) {
         break;
       }
       case 5: case 6: reg(s, 1, (int)below(2)); break;
-      case 7: { /* flood without reading a reply */
+      case 7: { /* flood of well-framed requests (refused one by one) without reading a reply */
+        hello(s, 0);
+        unsigned char m[sizeof(struct pm_register) + sizeof(struct pm_range)];
+        struct pm_register u = {0};
+        struct pm_range r = {0x10000000ull, 4096, PM_MODE_MISSING, -1, 0};
+        u.count = 1;
         for (int i = 0; i < 3000; i++) {
-          struct pm_hdr h;
-          hdr(&h, PM_MSG_UNREGISTER, sizeof h);
-          if (send_fds(s, &h, sizeof h, NULL, 0) < 0) break;
+          hdr(&u.h, PM_MSG_UNREGISTER, sizeof m);
+          memcpy(m, &u, sizeof u);
+          memcpy(m + sizeof u, &r, sizeof r);
+          if (send_fds(s, m, sizeof m, NULL, 0) < 0) break;
         }
         break;
       }
