@@ -11,6 +11,20 @@ import { FaultServer, Userfaultfd } from '../lib/index.js';
 import { PAGE, waitFor, within } from './helpers.js';
 import { DEMO, Lines, finish, needUffd, sockPath, startDemo, startServer } from './fault-server-helpers.js';
 
+/** A server and a client of `pages` pages that wrote its pattern; evicts them all unless told not to. */
+async function clientOf(name: string, pages: number, mode: 'alloc' | 'detach', opts: { delayUs?: number; evict?: boolean } = {}) {
+  const sock = sockPath(name);
+  const server = await startServer(sock);
+  const demo = startDemo(sock, pages, mode, opts.delayUs ?? 0);
+  const [, addr, bytes] = (await demo.next((l) => l.startsWith('READY'), 10_000, 'READY')).split(' ');
+  await server.json('client', 10_000);
+  if (opts.evict !== false) {
+    server.send(`evict ${addr} ${bytes}`);
+    expect((await server.json('evicted', 10_000)).pages).toBe(pages);
+  }
+  return { server, demo, addr: addr!, bytes: bytes! };
+}
+
 describe('fault server: serving another process', () => {
   it("serves a client's shared memory (pm_alloc): every missing fault answered, data correct", { timeout: 30_000 }, async (ctx) => {
     needUffd(ctx);
@@ -50,14 +64,7 @@ describe('fault server: serving another process', () => {
 
   it('evicted pages come back from the pool when the client touches them', { timeout: 30_000 }, async (ctx) => {
     needUffd(ctx);
-    const sock = sockPath('evict');
-    const server = await startServer(sock);
-    const demo = startDemo(sock, 128, 'alloc');
-    const ready = await demo.next((l) => l.startsWith('READY'), 10_000, 'READY');
-    const [, addr, bytes] = ready.split(' ');
-    await server.json('client', 10_000);
-    server.send(`evict ${addr} ${bytes}`);
-    expect((await server.json('evicted', 10_000)).pages).toBe(128);
+    const { server, demo } = await clientOf('evict', 128, 'alloc');
     demo.send('GO');
     expect(await finish(demo, 15_000)).toEqual({ bad: 0, lost: 0 });
     const exit = await server.json('exit', 10_000);
@@ -71,25 +78,16 @@ describe('fault server: a server killed mid-run loses nothing and hangs nobody',
   for (const when of ['after evicting everything', 'while the client reads', 'while evicting'] as const) {
     it(`SIGKILL ${when}`, { timeout: 40_000 }, async (ctx) => {
       needUffd(ctx);
-      const sock = sockPath('kill');
-      const server = await startServer(sock);
-      const pages = 256;
       // The reader is slow enough that the kill lands while pages it has not read yet are in the pool.
-      const demo = startDemo(sock, pages, 'alloc', when === 'after evicting everything' ? 0 : 1000);
-      const ready = await demo.next((l) => l.startsWith('READY'), 10_000, 'READY');
-      const [, addr, bytes] = ready.split(' ');
-      await server.json('client', 10_000);
-      if (when === 'while evicting') {
+      const evicting = when === 'while evicting';
+      const { server, demo, addr, bytes } = await clientOf('kill', 256, 'alloc', { delayUs: when === 'after evicting everything' ? 0 : 1000, evict: !evicting });
+      if (evicting) {
         demo.send('GO');
         server.send(`evict-slow ${addr} ${bytes}`);
         await server.next((l) => l.includes('"evicted-one","n":40,'), 10_000, 'forty pages evicted');
-      } else {
-        server.send(`evict ${addr} ${bytes}`);
-        expect((await server.json('evicted', 10_000)).pages).toBe(pages);
-        if (when === 'while the client reads') {
-          demo.send('GO');
-          await new Promise((r) => setTimeout(r, 25));
-        }
+      } else if (when === 'while the client reads') {
+        demo.send('GO');
+        await new Promise((r) => setTimeout(r, 25));
       }
       server.child.kill('SIGKILL');
       expect((await within(server.exit, 10_000, 'the server to die')).signal).toBe('SIGKILL');
@@ -103,13 +101,7 @@ describe('fault server: a server killed mid-run loses nothing and hangs nobody',
 describe('fault server: a server that closes hands everything back', () => {
   it('pm_detach brings pooled pages home before the range is let go', { timeout: 30_000 }, async (ctx) => {
     needUffd(ctx);
-    const sock = sockPath('detach');
-    const server = await startServer(sock);
-    const demo = startDemo(sock, 64, 'detach');
-    const [, addr, bytes] = (await demo.next((l) => l.startsWith('READY'), 10_000, 'READY')).split(' ');
-    await server.json('client', 10_000);
-    server.send(`evict ${addr} ${bytes}`);
-    expect((await server.json('evicted', 10_000)).pages).toBe(64);
+    const { server, demo } = await clientOf('detach', 64, 'detach');
     demo.send('GO');
     expect(await finish(demo, 15_000)).toEqual({ bad: 0, lost: 0 });
     const exit = await server.json('exit', 10_000);
@@ -119,13 +111,7 @@ describe('fault server: a server that closes hands everything back', () => {
 
   it('server.close() with pages in the pool: the client takes them back', { timeout: 30_000 }, async (ctx) => {
     needUffd(ctx);
-    const sock = sockPath('close');
-    const server = await startServer(sock);
-    const demo = startDemo(sock, 64, 'alloc');
-    const [, addr, bytes] = (await demo.next((l) => l.startsWith('READY'), 10_000, 'READY')).split(' ');
-    await server.json('client', 10_000);
-    server.send(`evict ${addr} ${bytes}`);
-    expect((await server.json('evicted', 10_000)).pages).toBe(64);
+    const { server, demo } = await clientOf('close', 64, 'alloc');
     server.send('close');
     await server.json('closed', 10_000);
     expect(await within(server.exit, 10_000, 'the server to exit')).toEqual({ code: 0, signal: null });
