@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
-import { FaultServer, Userfaultfd } from '../lib/index.js';
+import { FaultServer, Userfaultfd, type RemoteClient } from '../lib/index.js';
 import { PAGE, waitFor, within } from './helpers.js';
 import { DEMO, Lines, finish, needUffd, sockPath, startDemo, startServer } from './fault-server-helpers.js';
 
@@ -71,6 +71,63 @@ describe('fault server: serving another process', () => {
     const counters = exit.counters as { evicted: number; restored: number; poolHeld: number };
     expect(counters.evicted).toBe(128);
     expect(counters.restored).toBe(128);
+  });
+});
+
+describe("fault server: policy 'manual' (the same rules and batch handlers as a local descriptor)", () => {
+  async function manual(name: string, serve: (c: RemoteClient) => void): Promise<{ server: FaultServer; client: () => RemoteClient | undefined; demo: Lines }> {
+    const sock = sockPath(name);
+    let got: RemoteClient | undefined;
+    const server = await FaultServer.listen(sock, { policy: 'manual', onClient: (c) => ((got = c), serve(c)) });
+    const demo = startDemo(sock, 32, 'attach');
+    return { server, client: () => got, demo };
+  }
+
+  it("a rule by address resolves the client's faults natively", { timeout: 30_000 }, async (ctx) => {
+    needUffd(ctx, false);
+    const { server, client, demo } = await manual('rule', (c) => {
+      for (const r of c.ranges) c.uffd.addRule({ address: r.address, length: r.length, action: 'zero' });
+    });
+    try {
+      await demo.next((l) => l.startsWith('READY'), 10_000, 'READY');
+      demo.send('GO');
+      expect(await finish(demo, 15_000)).toEqual({ bad: 0, lost: 0 });
+      await waitFor(() => client()?.closed === true, 10_000, 'the client to be cleaned up');
+      const st = client()!.stats();
+      expect(st.faults).toBe(32);
+      expect(st.fastResolved).toBe(32);
+      expect(server.exited).toContain(client());
+      expect(client()!.uffd.closed).toBe(true);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it("onFaults gets the client's faults in batches, with the client's addresses", { timeout: 30_000 }, async (ctx) => {
+    needUffd(ctx, false);
+    const seen: bigint[] = [];
+    const { server, client, demo } = await manual('batch', (c) => {
+      c.uffd.serve({
+        onFaults(faults, u) {
+          for (const f of faults) {
+            seen.push(f.address);
+            u.zeropage(f.address & ~BigInt(PAGE - 1), 0, PAGE);
+          }
+        },
+      });
+    });
+    try {
+      const [, addr] = (await demo.next((l) => l.startsWith('READY'), 10_000, 'READY')).split(' ');
+      demo.send('GO');
+      expect(await finish(demo, 15_000)).toEqual({ bad: 0, lost: 0 });
+      const base = BigInt(addr!);
+      expect(seen).toHaveLength(32);
+      expect(new Set(seen.map((a) => (a - base) / BigInt(PAGE)))).toEqual(new Set(Array.from({ length: 32 }, (_, i) => BigInt(i))));
+      await waitFor(() => client()?.closed === true, 10_000, 'the client to be cleaned up');
+      expect(client()!.stats().forwarded).toBe(32);
+    } finally {
+      await server.close();
+    }
   });
 });
 
