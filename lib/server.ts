@@ -84,6 +84,7 @@ export interface FaultServerStats {
 
 const MODE_NAMES = Object.keys(REGISTER_MODES) as RegisterMode[];
 // The server's hooks into its clients (not methods: nothing outside this file calls them).
+let makeClient: (n: NativeRemoteClient) => RemoteClient;
 let refreshClient: (c: RemoteClient) => void;
 let endClient: (c: RemoteClient) => void;
 
@@ -102,8 +103,7 @@ export class RemoteClient {
   /** The client's userfaultfd (adopted: faults carry the client's addresses; rules go by `address`). */
   readonly uffd: Userfaultfd;
 
-  /** @internal */
-  constructor(n: NativeRemoteClient) {
+  private constructor(n: NativeRemoteClient) {
     this.#n = n;
     const i = n.info();
     this.pid = i.pid;
@@ -115,6 +115,7 @@ export class RemoteClient {
   }
 
   static {
+    makeClient = (n) => new RemoteClient(n);
     refreshClient = (c) => c.#refresh();
     endClient = (c) => c.#end();
   }
@@ -278,7 +279,7 @@ export class FaultServer {
         continue;
       }
       if (!c) {
-        c = new RemoteClient(e.client);
+        c = makeClient(e.client);
         this.#clients.set(id, c);
         if (this.#policy === 'default') {
           // Rules first: a fault read before them would go to the fallback (a zero page).
