@@ -185,11 +185,14 @@ static struct pm_region *find_region(struct pm_client *c, uint64_t addr) {
   return NULL;
 }
 
+/* The region table grows with mmap/mremap, not malloc: pm_attach may be called from inside an
+ * mmap wrapper that malloc itself called (a preload shim), with malloc's locks held. */
 static int add_region(struct pm_client *c, struct pm_region r) {
   if (c->nregions == c->cap) {
-    size_t cap = c->cap ? c->cap * 2 : 8;
-    struct pm_region *n = realloc(c->regions, cap * sizeof *n);
-    if (!n) return -ENOMEM;
+    const size_t cap = c->cap ? c->cap * 2 : 256;
+    void *n = c->regions ? mremap(c->regions, c->cap * sizeof *c->regions, cap * sizeof *c->regions, MREMAP_MAYMOVE)
+                         : mmap(NULL, cap * sizeof *c->regions, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (n == MAP_FAILED) return -ENOMEM;
     c->regions = n;
     c->cap = cap;
   }
@@ -285,7 +288,7 @@ static void free_client(struct pm_client *c) {
   if (c->pool_fd >= 0) close(c->pool_fd);
   for (size_t i = 0; i < c->nregions; i++)
     if (c->regions[i].memfd >= 0) close(c->regions[i].memfd);
-  free(c->regions);
+  if (c->regions) munmap(c->regions, c->cap * sizeof *c->regions);
   pthread_mutex_destroy(&c->mu);
   free(c);
 }

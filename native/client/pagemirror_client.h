@@ -4,7 +4,8 @@
  * and -pthread.
  *
  * Every call returns 0 or -errno and never exits or aborts. A client is safe to use from several
- * threads (calls are serialized). Memory handed to the server must not be touched by the thread
+ * threads (calls are serialized). Only pm_connect allocates with malloc: pm_attach and pm_detach
+ * may be called from inside an mmap wrapper that malloc itself called (a preload shim). Memory handed to the server must not be touched by the thread
  * that would have to serve it: here that is nobody in this process while the server lives.
  *
  * If the server dies (or closes the connection), a watchdog thread of this library takes over at
