@@ -17,6 +17,8 @@ describe('fault server: protocol fuzz', () => {
     if (!fs.existsSync(FUZZ)) ctx.skip(`the fuzz client was not built (${FUZZ})`);
     const sock = sockPath('fuzz');
     const server = await startServer(sock);
+    server.send('stats');
+    const before = await server.json('stats', 10_000);
     const ms = 4000;
     const fuzzers = [11, 12].map((seed) => new Lines(spawn(FUZZ, [sock, String(seed), String(ms)], { stdio: ['ignore', 'pipe', 'pipe'] })));
     const until = Date.now() + ms;
@@ -38,8 +40,14 @@ describe('fault server: protocol fuzz', () => {
     expect(served).toBeGreaterThan(2);
     expect(server.child.exitCode).toBeNull();
     expect(server.child.signalCode).toBeNull();
+    server.lines.length = 0;
     server.send('stats');
-    const stats = (await server.json('stats', 10_000)).server as Record<string, number>;
+    const after = await server.json('stats', 10_000);
+    const stats = after.server as Record<string, number>;
+    // Nothing a client sent or made the server open is kept: no descriptor, no mapped pool.
+    expect(after.fds).toBe(before.fds);
+    expect(after.memfdMappings).toBe(0);
+    expect(before.memfdMappings).toBe(0);
     const conns = fuzzers.reduce((n, f) => n + Number(f.lines.at(-1)!.split(' ')[1]), 0);
     expect(stats.accepted).toBeGreaterThanOrEqual(conns + served);
     expect(stats.protocolErrors).toBeGreaterThan(10);
