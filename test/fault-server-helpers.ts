@@ -73,7 +73,7 @@ export async function startServer(sock: string, args: string[] = []): Promise<Li
   return l;
 }
 
-export function startDemo(sock: string, pages: number, mode: 'alloc' | 'attach' | 'detach', delayUs = 0, uid?: number): Lines {
+export function startDemo(sock: string, pages: number, mode: 'alloc' | 'attach' | 'detach' | 'hammer', delayUs = 0, uid?: number): Lines {
   const child = spawn(DEMO, [sock, String(pages), mode, String(delayUs)], { stdio: ['pipe', 'pipe', 'pipe'], ...(uid === undefined ? {} : { uid, gid: uid }) });
   children.push(child);
   return new Lines(child);
