@@ -15,6 +15,7 @@
         "native/sys/fault_service.cc",
         "native/sys/file.cc",
         "native/sys/fork.cc",
+        "native/sys/unix_socket.cc",
         "native/engine/mirror.cc",
         "native/engine/mirror_file.cc",
         "native/engine/lease.cc",
@@ -26,6 +27,7 @@
         "native/engine/region.cc",
         "native/engine/trace_recorder.cc",
         "native/engine/replay.cc",
+        "native/engine/fault_server.cc",
         "native/binding/errors.cc",
         "native/binding/mapping.cc",
         "native/binding/userfaultfd.cc",
@@ -36,6 +38,7 @@
         "native/binding/fork_device.cc",
         "native/binding/pager.cc",
         "native/binding/trace.cc",
+        "native/binding/fault_server.cc",
         "native/binding/addon.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
@@ -66,6 +69,29 @@
       "sources": ["bench/c/pager_c.c"],
       "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"],
       "libraries": ["-pthread"]
+    },
+    {
+      "target_name": "pagemirror_client",
+      "type": "static_library",
+      "sources": ["native/client/pagemirror_client.c"],
+      "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fPIC"],
+      "direct_dependent_settings": {"include_dirs": ["native/client"]}
+    },
+    {
+      "target_name": "pagemirror_client_demo",
+      "type": "executable",
+      "sources": ["native/client/pm_demo.c"],
+      "dependencies": ["pagemirror_client"],
+      "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+      "libraries": ["-pthread"]
+    },
+    {
+      "target_name": "pagemirror_client_fuzz",
+      "type": "executable",
+      "sources": ["native/client/pm_fuzz.c"],
+      "dependencies": ["pagemirror_client"],
+      "libraries": ["-pthread"],
+      "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"]
     }
   ]
 }

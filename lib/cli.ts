@@ -219,6 +219,27 @@ options:
 ${EXIT_CODES}
 `;
 
+const SERVE_HELP = `usage: pagemirror serve --socket PATH [--allow-uid UID]... [--max-clients N] [--json]
+
+Serves other processes' page faults (docs/fault-server.md): programs linked with the C client
+library (native/client/pagemirror_client.h; pm_connect, pm_alloc, pm_attach) hand their
+userfaultfd and ranges over the Unix socket PATH (created 0600; a stale socket there is replaced,
+anything else refused). Policy: a missing page gets a zero page (or its copy from the client's
+pool, when the server took it there), a minor fault is continued (the client's memfd page), a
+write-protect fault is lifted. Runs until SIGINT or SIGTERM, then prints each client's counters.
+Clients connecting and leaving are reported on stderr.
+
+options:
+  --socket PATH      where to listen (at most 107 bytes)
+  --allow-uid UID    a user allowed to connect (SO_PEERCRED); repeat for more. Default: only
+                     the user running the server
+  --max-clients N    connections at once (1 to 4096, default 64)
+  --json             the counters as JSON on stdout
+  -h, --help         this text
+
+${EXIT_CODES}
+`;
+
 /** A comma-separated list of flag values, each checked by `one`; [undefined] when the flag is absent. */
 function list<T>(flag: string, v: string | undefined, one: (x: string) => T): (T | undefined)[] {
   if (v === undefined) return [undefined];
@@ -250,6 +271,57 @@ function count(flag: string, max: number): (x: string) => number {
     if (!/^\d+$/.test(x) || Number(x) < 1 || Number(x) > max) throw new UsageError(`--${flag} must be from 1 to ${max}, got '${x}'`, 'replay');
     return Number(x);
   };
+}
+
+async function serve(args: string[]): Promise<number> {
+  const { values } = parse('serve', args, { socket: { type: 'string' }, 'allow-uid': { type: 'string', multiple: true }, 'max-clients': { type: 'string' }, json: { type: 'boolean' } }, false);
+  if (values.help) return help('serve');
+  if (!values.socket) throw new UsageError('--socket PATH is required', 'serve');
+  const uids = (values['allow-uid'] as unknown as string[] | undefined)?.map((u) => {
+    if (!/^\d+$/.test(u) || Number(u) > 0xfffffffe) throw new UsageError(`--allow-uid must be a uid (0 to 4294967294), got '${u}'`, 'serve');
+    return Number(u);
+  });
+  const maxClients = values['max-clients'] === undefined ? undefined : Number(values['max-clients']);
+  if (maxClients !== undefined && (!/^\d+$/.test(values['max-clients']!) || maxClients < 1 || maxClients > 4096))
+    throw new UsageError(`--max-clients must be from 1 to 4096, got '${values['max-clients']}'`, 'serve');
+  const { FaultServer } = await import('./server.js');
+  const say = (line: string) => process.stderr.write(`pagemirror serve: ${line}\n`);
+  const server = await FaultServer.listen(values.socket, {
+    ...(uids ? { allowUids: uids } : {}),
+    ...(maxClients ? { maxClients } : {}),
+    onClient: (c) => say(`client ${c.pid} (uid ${c.uid}) connected: ${c.ranges.length} range(s), ${c.ranges.reduce((n, r) => n + r.length, 0)} bytes`),
+    onClientExit: (c) => say(`client ${c.pid} left: ${c.stats().faults} faults`),
+  });
+  say(`listening on ${values.socket}`);
+  await new Promise<void>((resolve) => {
+    const stop = () => resolve();
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  });
+  const live = server.clients;
+  await server.close();
+  const clients = [...server.exited].map((c) => {
+    const s = c.stats();
+    return {
+      pid: c.pid,
+      uid: c.uid,
+      connectedAtExit: live.includes(c),
+      ranges: c.ranges.length,
+      bytes: c.ranges.reduce((n, r) => n + r.length, 0),
+      faults: s.faults,
+      resolvedNatively: s.fastResolved,
+      ...c.counters(),
+    };
+  });
+  if (values.json) process.stdout.write(JSON.stringify({ socket: values.socket, server: server.stats(), clients }) + '\n');
+  else {
+    const head = ['pid', 'uid', 'bytes', 'faults', 'zeroFilled', 'continued', 'unprotected', 'restored', 'evicted'] as const;
+    const rows = clients.map((c) => head.map((k) => String(c[k])));
+    const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+    const line = (cells: readonly string[]) => cells.map((x, i) => x.padStart(w[i]!)).join('  ');
+    process.stdout.write([line(head), ...rows.map(line)].join('\n') + '\n');
+  }
+  return EXIT_OK;
 }
 
 const COMMANDS: Record<string, Command> = {
@@ -407,6 +479,11 @@ const COMMANDS: Record<string, Command> = {
       else process.stdout.write(r.text + (r.files.length ? '\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n' : ''));
       return EXIT_OK;
     },
+  },
+  serve: {
+    summary: "serve other processes' page faults over a Unix socket (the C client library)",
+    help: async () => SERVE_HELP,
+    run: serve,
   },
 };
 

@@ -196,8 +196,8 @@ export interface NativeRule {
   offset?: number;
   length?: number;
   action: 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'continue' | 'handler';
-  /** handler: the pager whose engine resolves every fault in the range. */
-  handler?: NativePager;
+  /** handler: the pager (or the fault server's remote client) whose engine resolves every fault in the range. */
+  handler?: NativePager | NativeRemoteClient;
   source?: NativeMapping;
   sourceOffset?: number;
   granule?: number;
@@ -492,7 +492,32 @@ export interface NativeDevice {
   close(): void;
 }
 
+export interface NativeRemoteRange {
+  address: bigint;
+  length: number;
+  modes: number;
+  shared: boolean;
+  offset: number;
+}
+export interface NativeRemoteClient {
+  info(): { id: number; pid: number; uid: number; gid: number; fd: number; features: bigint; poolPages: number; poolHeld: number; ranges: NativeRemoteRange[] };
+  evict(address: bigint, length: number): number;
+  counters(): { evicted: number; restored: number; zeroFilled: number; continued: number; unprotected: number; retried: number };
+  release(): void;
+}
+export interface NativeServerEvent {
+  type: 'register' | 'unregister' | 'closed';
+  first: boolean;
+  client: NativeRemoteClient;
+}
+export interface NativeFaultServer {
+  drop(id: number): void;
+  stats(): { accepted: number; refusedUid: number; refusedFull: number; protocolErrors: number; refusals: number; ended: number; connections: number };
+  close(): void;
+}
+
 export interface NativeAddon {
+  listenFaultServer(path: string, allowUids: number[] | undefined, maxClients: number, callback: (events: NativeServerEvent[]) => void): NativeFaultServer;
   createDevice(options: Record<string, unknown>): NativeDevice;
   createPager(region: NativeMapping, options: Record<string, unknown>): NativePager;
   map(options: Record<string, unknown>): NativeMapping;

@@ -162,7 +162,10 @@ export type RuleAction = 'copy' | 'zero' | 'move' | 'poison' | 'unprotect' | 'co
 
 /** A fast-path rule: faults of the right kind in the range are resolved natively, never in JS. */
 export interface Rule {
-  mapping: Mapping;
+  /** The registered mapping the rule serves; or, for an adopted descriptor of another process (a FaultServer client), `address`. */
+  mapping?: Mapping;
+  /** Instead of `mapping`: the page-aligned start of the range in the descriptor's own address space (with `length`). */
+  address?: bigint;
   offset?: number;
   length?: number;
   /**
@@ -203,6 +206,8 @@ type Target = Mapping | bigint;
 export let setHandlerRule: (u: Userfaultfd, mapping: Mapping, handler: NativePager) => void;
 /** @internal The trace recorder's hook (lib/trace.ts): the addon object, to attach a tap to its service. */
 export let nativeUffd: (u: Userfaultfd) => NativeUserfaultfd;
+/** @internal The fault server's hook (lib/server.ts): its default policy over a client's ranges. */
+export let setRemoteHandlerRules: (u: Userfaultfd, ranges: readonly { address: bigint; length: number }[], handler: NativeRule['handler']) => void;
 
 /**
  * A userfaultfd: register ranges of mappings, resolve their faults (copy, zeropage, continue, move,
@@ -233,6 +238,11 @@ export class Userfaultfd implements ServedHolder {
     nativeUffd = (u) => {
       u.#live();
       return u.#n;
+    };
+    setRemoteHandlerRules = (u, ranges, handler) => {
+      u.#live();
+      u.#n.setRules(ranges.map((r) => ({ mapping: r.address, length: r.length, action: 'handler', handler })));
+      u.#rules = [];
     };
   }
 
@@ -655,7 +665,10 @@ export class Userfaultfd implements ServedHolder {
    */
   addRule(rule: Rule): Rule {
     this.#live();
-    if (!(rule?.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'rule.mapping must be a Mapping');
+    if (rule?.mapping !== undefined || typeof rule?.address !== 'bigint') {
+      if (!(rule?.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'rule.mapping must be a Mapping (or give rule.address, a bigint, and rule.length)');
+    } else if (rule.length === undefined) throw typeError('ERR_INVALID_ARG_TYPE', 'a rule by address needs a length');
+    else checkU64('address', rule.address);
     checkOneOf('action', rule.action, ['copy', 'zero', 'move', 'poison', 'unprotect', 'continue'] as const);
     if (rule.granule !== undefined) checkInteger('granule', rule.granule, 1);
     if (rule.offset !== undefined) checkInteger('offset', rule.offset);
@@ -761,7 +774,7 @@ function toNativeRule(r: Rule): NativeRule {
   if ((r.action === 'copy' || r.action === 'move') && !(r.source instanceof Mapping))
     throw typeError('ERR_INVALID_ARG_TYPE', `a ${r.action} rule needs a source Mapping`);
   return {
-    mapping: r.mapping.native,
+    mapping: r.mapping ? r.mapping.native : r.address!,
     offset: r.offset ?? 0,
     length: r.length,
     action: r.action,

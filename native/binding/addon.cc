@@ -17,6 +17,7 @@
 #include "userfaultfd.h"
 #include "pager.h"
 #include "trace.h"
+#include "fault_server.h"
 
 namespace pm {
 
@@ -143,6 +144,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Userfaultfd", uffd);
   exports.Set("TraceRecorder", TraceRecorderWrap::Init(env));
   exports.Set("probeTraceSampling", Napi::Function::New(env, ProbeTraceSampling, "probeTraceSampling"));
+  exports.Set("FaultServer", FaultServerWrap::Init(env));
+  exports.Set("RemoteClient", RemoteClientWrap::Init(env));
+  exports.Set("listenFaultServer", Napi::Function::New(env, FaultServerWrap::Listen, "listenFaultServer"));
   exports.Set("map", Napi::Function::New(env, Mapping::Map, "map"));
   exports.Set("openUserfaultfd", Napi::Function::New(env, Userfaultfd::Open, "openUserfaultfd"));
   exports.Set("adoptUserfaultfd", Napi::Function::New(env, Userfaultfd::Adopt, "adoptUserfaultfd"));

@@ -31,6 +31,8 @@ struct AddonData {
   Napi::FunctionReference device_ctor;
   Napi::FunctionReference mirror_ctor;
   Napi::FunctionReference pager_ctor;
+  Napi::FunctionReference fault_server_ctor;
+  Napi::FunctionReference remote_client_ctor;
   // Open userfaultfds: closed by the environment's cleanup hook so no thread stays asleep on a
   // fault after the environment goes away.
   std::mutex mu;

@@ -16,6 +16,7 @@
 #include "mapping.h"
 #include "service.h"
 #include "pager.h"
+#include "fault_server.h"
 
 namespace pm {
 
@@ -738,7 +739,7 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
     if (action == "handler") {  // the pager: every fault in the range goes to its engine
       r.kinds = sys::kFaultMissing | sys::kFaultWp | sys::kFaultMinor;
       r.action = sys::RuleAction::kHandler;
-      r.handler = PagerHandler(o.Get("handler"));
+      r.handler = IsRemoteClient(o.Get("handler")) ? RemoteClientHandler(o.Get("handler")) : PagerHandler(o.Get("handler"));
       rules.push_back(r);
       continue;
     }

@@ -455,6 +455,54 @@ export function targets(lib, ctx) {
     ...[['stats', []], ['stop', []]].map(([m, params]) =>
       call(`TraceRecorder.${m}`, [(r) => ({ value: 'recorder', kind: 'valid', text: 'recorder' }), ...params], (c) => recorder(c, lib)[m](), { self: true }),
     ),
+    // The fault server: listen() on a fresh path in the worker's directory (or a bad one).
+    call(
+      'FaultServer.listen',
+      [
+        (r, c) => {
+          const x = r();
+          if (x < 0.6) return { value: path.join(c.dir, `s${Math.floor(r() * 1e9)}`), kind: 'valid' };
+          if (x < 0.7) return { value: c.filePath, kind: 'edge' };
+          if (x < 0.75) return { value: path.join(c.dir, 'x'.repeat(120)), kind: 'edge' };
+          return { value: ['', 'a\0b', 5, null, undefined, {}][Math.floor(r() * 6)], kind: 'bad' };
+        },
+        options({
+          allowUids: (r) => {
+            const x = r();
+            if (x < 0.5) return { value: undefined, kind: 'valid' };
+            if (x < 0.7) return { value: [0, 65534], kind: 'valid' };
+            return { value: [-1, 'x', {}, [-1], [1.5], [2 ** 32], ['0']][Math.floor(r() * 7)], kind: 'bad' };
+          },
+          maxClients: int([1, 4], [0, 4097], { optional: true }),
+          policy: oneOf(['default'], { optional: true, edge: ['manual'] }),
+          onClient: fn(),
+          onRanges: fn(),
+          onClientExit: fn(),
+        }),
+      ],
+      async (c, a) => c.own(await lib.FaultServer.listen(...a)),
+      { async: true },
+    ),
+    ...[
+      ['stats', []],
+      ['close', []],
+    ].map(([m, params]) =>
+      call(`FaultServer.${m}`, [(r) => ({ value: r() < 0.2 ? 'closedServer' : 'server', kind: 'valid', text: 'server' }), ...params], async (c, [which, ...a]) => {
+        const s = await c[which];
+        return s[m](...a);
+      }, { async: true, self: true, rare: m === 'close' }),
+    ),
+    // A client process (the C demo) of the worker's own server: its RemoteClient.
+    ...[
+      ['evict', [(r, c) => (r() < 0.6 ? { value: c.remoteAddress ?? 0n, kind: 'valid' } : bigintU64()(r)), int(LEN, FAR)]],
+      ['counters', []],
+      ['stats', []],
+    ].map(([m, params]) =>
+      call(`RemoteClient.${m}`, [(r) => ({ value: 'remote', kind: 'valid', text: 'remote' }), ...params], async (c, [which, ...a]) => {
+        const rc = await c[which];
+        return rc?.[m](...a);
+      }, { async: true, self: true }),
+    ),
 
     // Pager: the worker's anonymous pager of 4 pages (made asynchronously: each call waits for it).
     ...[
@@ -487,7 +535,7 @@ function raw() {
 }
 
 /** The worker's objects of the addon's own classes, by the class each is an instance of. */
-export const NATIVE_OBJECTS = { memfd3: 'Mapping', nUffd: 'Userfaultfd', nDevice: 'Device', nMirror: 'Mirror' };
+export const NATIVE_OBJECTS = { memfd3: 'Mapping', nUffd: 'Userfaultfd', nDevice: 'Device', nMirror: 'Mirror', nServer: 'FaultServer', nRemote: 'RemoteClient' };
 
 export function nativeTargets(lib, ctx) {
   const n = lib._native;
@@ -512,6 +560,8 @@ export function nativeTargets(lib, ctx) {
     memfd3: ['info', 'buffer', 'protect:3', 'advise:3', 'sync:3', 'remap:4', 'fallocate:3', 'truncate:1', 'residency:2', 'cachestat:2', 'pagemap:2', 'statx', 'readInto:2', 'writeFrom:2', 'unmap:2', 'close'],
     nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'setTap:1', 'stats', 'outstanding', 'serve:5', 'reconfigure:4', 'ref', 'unref', 'close:1'],
     nDevice: ['mirror:6', 'counters', 'memory', 'drainTrace', 'release', 'close'],
+    nServer: ['drop:1', 'stats', 'close'],
+    nRemote: ['info', 'evict:2', 'counters', 'release'],
     nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'acknowledgeLoss', 'replay:3', 'close'],
   };
   const out = fns.map(([name, arity, extra = {}]) =>
@@ -524,7 +574,8 @@ export function nativeTargets(lib, ctx) {
     call('_native.adoptUserfaultfd', [(r) => ({ value: [-1, 1.5, 'x', null, NaN, 2 ** 53][Math.floor(r() * 6)], kind: 'edge' }), raw()], (c, a) => c.own(n.adoptUserfaultfd(...a)), { edgeOnly: true }),
     // createPager() over a region nobody serves makes a pager object only: nothing faults.
     call('_native.createPager', [raw(), raw()], (c, a) => c.own(n.createPager(...a)), { edgeOnly: true }),
-    ...['Mapping', 'Userfaultfd', 'Device', 'Mirror', 'Pager', 'TraceRecorder'].map((k) => call(`new _native.${k}`, [raw()], (c, a) => new n[k](...a), { edgeOnly: true })),
+    call('_native.listenFaultServer', [(r, c) => ({ value: [path.join(c.dir ?? '/tmp', `n${Math.floor(r() * 1e9)}`), '', 5][Math.floor(r() * 3)], kind: 'edge' }), raw(), raw(), raw()], (c, a) => c.own(n.listenFaultServer(...a)), { edgeOnly: true }),
+    ...['Mapping', 'Userfaultfd', 'Device', 'Mirror', 'Pager', 'TraceRecorder', 'FaultServer', 'RemoteClient'].map((k) => call(`new _native.${k}`, [raw()], (c, a) => new n[k](...a), { edgeOnly: true })),
   );
   for (const [obj, list] of Object.entries(methods)) {
     for (const spec of list) {

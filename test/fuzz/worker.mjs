@@ -5,6 +5,7 @@
 // crash or a hang happened in. Exits 0 when done; 3 when an async call did not settle in time.
 import fs from 'node:fs';
 import path from 'node:path';
+import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { rng, describe, PAGE } from './values.mjs';
 import { targets, nativeTargets } from './targets.mjs';
@@ -63,7 +64,30 @@ function closeAll() {
   for (const o of order) if (o) settle(attempt(() => o.close()));
   // Pagers close asynchronously (write-back first); a rejection is not this worker's finding.
   if (ctx.pager) settle(ctx.pager.then((p) => p.close()));
+  if (ctx.server) settle(ctx.server.then((s) => s.close()));
+  if (ctx.nServer) attempt(() => ctx.nServer.close());
   owned.length = 0;
+}
+
+// One client process for the whole worker (the C demo, idle once its memory is written): its
+// RemoteClient, or undefined where it cannot run (no userfaultfd, not built).
+const DEMO = path.join(here, '..', '..', 'build', 'Release', 'pagemirror_client_demo');
+async function remoteClient(sockPath) {
+  if (!fs.existsSync(DEMO)) return undefined;
+  let resolve;
+  const got = new Promise((r) => (resolve = r));
+  const server = await lib.FaultServer.listen(sockPath, { onClient: (c) => resolve(c) });
+  const child = spawn(DEMO, [sockPath, '4', 'alloc'], { stdio: ['pipe', 'ignore', 'ignore'] });
+  child.on('exit', () => resolve(undefined));
+  child.unref();
+  child.stdin.unref?.();
+  const c = await Promise.race([got, new Promise((r) => setTimeout(r, 3000).unref())]);
+  if (c) {
+    ctx.remoteAddress = c.ranges[0]?.address;
+    ctx.nRemote = c.native;
+  }
+  ctx.remoteServer = server;
+  return c;
 }
 
 function fixtures() {
@@ -102,6 +126,17 @@ function fixtures() {
     return p;
   });
   settle(ctx.closedPager);
+  // Fault servers: a fresh one per round (listen() is asynchronous), a closed one, the addon's own.
+  const sock = (k) => path.join(dir, `${k}-${Math.random().toString(36).slice(2)}`);
+  ctx.server = lib.FaultServer.listen(sock('server'));
+  settle(ctx.server);
+  ctx.closedServer ??= lib.FaultServer.listen(sock('closed')).then(async (s) => {
+    await s.close();
+    return s;
+  });
+  settle(ctx.closedServer);
+  ctx.nServer = attempt(() => lib._native.listenFaultServer(sock('native'), undefined, 2, () => {}));
+  ctx.remote ??= remoteClient(sock('remote'));
   ctx.device = lib.Device.create({ memory: 64 * PAGE });
   ctx.mirror = attempt(() => ctx.device.mirror(ctx.anon2));
   ctx.fileMirror = attempt(() => ctx.device.mirrorFile(ctx.memfd2, { strategy: 'copy' }));
@@ -200,4 +235,6 @@ try {
   }
 } finally {
   closeAll();
+  // The worker's client process and its server live for the whole run.
+  if (ctx.remoteServer) settle(ctx.remoteServer.close());
 }

@@ -1,0 +1,334 @@
+// The fault server: other processes hand their userfaultfd and ranges over a Unix socket
+// (docs/fault-server.md); each client is served by an adopted Userfaultfd, with the same rules,
+// batch handlers and counters as a local one. The socket side is native (an I/O thread with
+// epoll): no JavaScript thread ever blocks on a client.
+import { native, type NativeFaultServer, type NativeRemoteClient, type NativeServerEvent } from './native.js';
+import { REGISTER_MODES, type RegisterMode } from './constants.js';
+import { checkInteger, checkOneOf, stateError, typeError } from './errors.js';
+import { checkFunction, checkOptions, checkString, checkU64 } from './validate.js';
+import { Userfaultfd, setRemoteHandlerRules, type ServiceStats } from './uffd.js';
+
+/** Options of {@link FaultServer.listen}. */
+export interface FaultServerOptions {
+  /**
+   * Users (uids) allowed to connect, checked with SO_PEERCRED at connect time; a refused peer gets
+   * an EACCES reply and is closed. Default: the server's own effective uid only.
+   */
+  allowUids?: number[];
+  /** Connections at once (1..4096); one more gets an EUSERS reply and is closed. @default 64 */
+  maxClients?: number;
+  /**
+   * 'default' (the default): each client is served at once by a native policy: a missing page comes
+   * back from the pool when the server took it there ({@link RemoteClient.evict}), else a zero page;
+   * a minor fault is continued (the page of the client's memfd); a WP fault is un-protected.
+   * 'manual': nothing is served until `onClient` does it (rules by address, serve({ onFaults })).
+   */
+  policy?: 'default' | 'manual';
+  /** Called once per client, after its first accepted REGISTER (its `uffd` exists from then on). Required with policy 'manual'. */
+  onClient?: (client: RemoteClient) => void;
+  /** Called when a client's ranges change (REGISTER or UNREGISTER after the first). */
+  onRanges?: (client: RemoteClient) => void;
+  /** Called when a client's connection ended (it exited, said goodbye, or broke the protocol), after its Userfaultfd was closed. */
+  onClientExit?: (client: RemoteClient) => void;
+}
+
+/** A range a client handed over, in the client's address space. */
+export interface RemoteRange {
+  /** Start address (page aligned) in the client. */
+  address: bigint;
+  /** Bytes. */
+  length: number;
+  /** The modes the client registered the range with. */
+  modes: RegisterMode[];
+  /** Shared memory (a memfd the client passed): the server can take its pages away (evict). */
+  shared: boolean;
+  /** Shared memory: the range's offset in its memfd. */
+  offset: number;
+}
+
+/** What the server did to a client's pages ({@link RemoteClient.counters}). */
+export interface RemoteClientCounters {
+  /** Pages taken to the pool by evict(). */
+  evicted: number;
+  /** Pages brought back from the pool (a fault on them, or an UNREGISTER). */
+  restored: number;
+  /** Missing faults the default policy resolved with a zero page. */
+  zeroFilled: number;
+  /** Minor faults continued. */
+  continued: number;
+  /** WP faults un-protected. */
+  unprotected: number;
+  /** Resolves that failed and woke the faulter to fault again (a race with evict or an unmap). */
+  retried: number;
+  /** Slots of the client's pool, and slots in use now. */
+  poolPages: number;
+  poolHeld: number;
+}
+
+/** Counters of the server's socket side ({@link FaultServer.stats}). */
+export interface FaultServerStats {
+  accepted: number;
+  /** Peers refused by uid (SO_PEERCRED). */
+  refusedUid: number;
+  /** Peers refused because maxClients were connected. */
+  refusedFull: number;
+  /** Messages refused with an errno reply. */
+  refusals: number;
+  /** Refusals that ended their connection (malformed framing, wrong version, bad descriptors). */
+  protocolErrors: number;
+  /** Connections ended. */
+  ended: number;
+  /** Connections open now. */
+  connections: number;
+}
+
+const MODE_NAMES = Object.keys(REGISTER_MODES) as RegisterMode[];
+// The server's hooks into its clients (not methods: nothing outside this file calls them).
+let makeClient: (n: NativeRemoteClient) => RemoteClient;
+let refreshClient: (c: RemoteClient) => void;
+let endClient: (c: RemoteClient) => void;
+
+/** One process served by a {@link FaultServer}. */
+export class RemoteClient {
+  readonly #n: NativeRemoteClient;
+  #ranges: RemoteRange[] = [];
+  #closed = false;
+  #final: ServiceStats | undefined;
+  /** The client's process id, user and group (SO_PEERCRED, at connect time). */
+  readonly pid: number;
+  readonly uid: number;
+  readonly gid: number;
+  /** The connection's number on this server. */
+  readonly id: number;
+  /** The client's userfaultfd (adopted: faults carry the client's addresses; rules go by `address`). */
+  readonly uffd: Userfaultfd;
+
+  private constructor(n: NativeRemoteClient) {
+    this.#n = n;
+    const i = n.info();
+    this.pid = i.pid;
+    this.uid = i.uid;
+    this.gid = i.gid;
+    this.id = i.id;
+    this.uffd = Userfaultfd.adopt(i.fd, i.features);
+    this.#refresh();
+  }
+
+  static {
+    makeClient = (n) => new RemoteClient(n);
+    refreshClient = (c) => c.#refresh();
+    endClient = (c) => c.#end();
+  }
+
+  #refresh(): void {
+    this.#ranges = this.#n.info().ranges.map((r) => ({
+      address: r.address,
+      length: r.length,
+      modes: MODE_NAMES.filter((m) => (r.modes & REGISTER_MODES[m]) !== 0),
+      shared: r.shared,
+      offset: r.offset,
+    }));
+  }
+
+  /** @internal The native client (the default policy's resolver). */
+  get native(): NativeRemoteClient {
+    return this.#n;
+  }
+
+  /** The ranges the client handed over and has not taken back. */
+  get ranges(): readonly RemoteRange[] {
+    return this.#ranges;
+  }
+
+  /** Whether the connection ended. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /**
+   * Takes the pages of [address, address + length) that the client's shared memory holds away into
+   * the client's pool ("migrated to device memory"): write-protects each page, copies it to a free
+   * slot, records it in the pool's table, punches it out of the client's memfd, lifts the
+   * protection. The client's next access faults it back (the default policy), and if this server
+   * dies first the client's watchdog restores it. Returns the pages taken (holes and pages held
+   * already are skipped; stops early when the pool is full).
+   * @throws TypeError ERR_INVALID_ARG_TYPE, RangeError ERR_OUT_OF_RANGE / ERR_PAGEMIRROR_UNALIGNED
+   *   (before any system call); ERR_PAGEMIRROR_CLOSED (the client is gone); SystemError EINVAL (not
+   *   inside shared ranges registered for WP), ENOSPC (the pool is full, or the client shared none).
+   */
+  evict(address: bigint, length: number): number {
+    checkU64('address', address);
+    checkInteger('length', length, 1);
+    const page = BigInt(PAGE);
+    if (address % page !== 0n || length % PAGE !== 0) throw rangeErrorUnaligned(address, length);
+    if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the client is gone');
+    return this.#n.evict(address, length);
+  }
+
+  /** What the server did to this client's pages; kept after the client exits. */
+  counters(): RemoteClientCounters {
+    const i = this.#n.info();
+    return { ...this.#n.counters(), poolPages: i.poolPages, poolHeld: i.poolHeld };
+  }
+
+  /** The fault service's counters for this client (faults, batches...); kept after the client exits. */
+  stats(): ServiceStats {
+    return this.#final ?? this.uffd.stats();
+  }
+
+  // The connection ended: stop serving (faults read and unresolved are left to the client's
+  // watchdog, which unregisters them).
+  #end(): void {
+    if (this.#closed) return;
+    this.#final = this.uffd.stats();
+    // 'wake', never 'zero': a zero page for a page the pool holds would lose it.
+    this.uffd.close('wake');
+    this.#n.release();
+    this.#closed = true;
+  }
+}
+
+const PAGE = native.uname().pageSize;
+
+function rangeErrorUnaligned(address: bigint, length: number): Error {
+  const e = new RangeError(`address (${address}) and length (${length}) must be multiples of the page size ${PAGE}`) as RangeError & { code: string };
+  e.code = 'ERR_PAGEMIRROR_UNALIGNED';
+  return e;
+}
+
+/**
+ * A fault server: listens on a Unix socket (SOCK_SEQPACKET, mode 0600) for processes that hand it
+ * their userfaultfd and ranges (the C client library, `native/client/pagemirror_client.h`), and
+ * serves them. Made by {@link FaultServer.listen}.
+ */
+export class FaultServer {
+  readonly #n: NativeFaultServer;
+  readonly #options: FaultServerOptions;
+  readonly #policy: 'default' | 'manual';
+  readonly #clients = new Map<number, RemoteClient>();
+  readonly #exited: RemoteClient[] = [];
+  #closed = false;
+  /** The socket's path. */
+  readonly path: string;
+
+  private constructor(path: string, options: FaultServerOptions, policy: 'default' | 'manual', allowUids: number[] | undefined, maxClients: number) {
+    this.path = path;
+    this.#options = options;
+    this.#policy = policy;
+    this.#n = native.listenFaultServer(path, allowUids, maxClients, (events) => this.#dispatch(events));
+  }
+
+  /**
+   * Creates the socket at `path` (mode 0600) and starts serving. A path that exists is refused
+   * unless it is a stale socket (nobody listens), which is replaced.
+   * @throws TypeError ERR_INVALID_ARG_TYPE / ERR_INVALID_ARG_VALUE, RangeError ERR_OUT_OF_RANGE
+   *   (before any system call); SystemError EEXIST (the path is not a socket), EADDRINUSE (a
+   *   server listens there), ENAMETOOLONG (over 107 bytes), EACCES / ENOENT (the directory).
+   * @example
+   * ```ts
+   * import { FaultServer } from 'pagemirror';
+   * const server = await FaultServer.listen('/tmp/pm.sock', {
+   *   onClient: (c) => console.log('client', c.pid, c.ranges.length, 'ranges'),
+   *   onClientExit: (c) => console.log('exit', c.pid, c.stats().faults, 'faults'),
+   * });
+   * // ... later
+   * await server.close();
+   * ```
+   */
+  static async listen(path: string, options: FaultServerOptions = {}): Promise<FaultServer> {
+    checkString('path', path);
+    if (path.length === 0) throw typeError('ERR_INVALID_ARG_VALUE', 'path must not be empty');
+    options = checkOptions('options', options);
+    const policy = checkOneOf('policy', options.policy ?? 'default', ['default', 'manual'] as const);
+    for (const k of ['onClient', 'onRanges', 'onClientExit'] as const) checkFunction(k, options[k]);
+    if (policy === 'manual' && !options.onClient) throw typeError('ERR_INVALID_ARG_VALUE', "policy 'manual' needs onClient to serve each client");
+    let allowUids: number[] | undefined;
+    if (options.allowUids !== undefined) {
+      if (!Array.isArray(options.allowUids)) throw typeError('ERR_INVALID_ARG_TYPE', 'allowUids must be an array of uids');
+      allowUids = options.allowUids.map((u, i) => checkInteger(`allowUids[${i}]`, u, 0, 0xfffffffe));
+    }
+    const maxClients = checkInteger('maxClients', options.maxClients ?? 64, 1, 4096);
+    return new FaultServer(path, options, policy, allowUids, maxClients);
+  }
+
+  /** Clients connected now (those past their first REGISTER). */
+  get clients(): readonly RemoteClient[] {
+    return [...this.#clients.values()];
+  }
+  /** Clients whose connection ended, with their final counters (the last 1024). */
+  get exited(): readonly RemoteClient[] {
+    return this.#exited;
+  }
+  /** Whether close() was called. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Counters of the socket side: connections, refusals, protocol errors. */
+  stats(): FaultServerStats {
+    return this.#n.stats();
+  }
+
+  #dispatch(events: NativeServerEvent[]): void {
+    for (const e of events) {
+      const id = e.client.info().id;
+      let c = this.#clients.get(id);
+      if (e.type === 'closed') {
+        if (c) this.#end(c);
+        this.#n.drop(id);
+        continue;
+      }
+      if (!c) {
+        c = makeClient(e.client);
+        this.#clients.set(id, c);
+        if (this.#policy === 'default') {
+          // Rules first: a fault read before them would go to the fallback (a zero page).
+          this.#applyPolicy(c);
+          c.uffd.serve({ onError: (err) => process.emitWarning(`pagemirror: client ${c!.pid}: ${String(err)}`) });
+        }
+        this.#call(this.#options.onClient, c);
+        continue;
+      }
+      refreshClient(c);
+      if (this.#policy === 'default') this.#applyPolicy(c);
+      this.#call(this.#options.onRanges, c);
+    }
+  }
+
+  #applyPolicy(c: RemoteClient): void {
+    refreshClient(c);
+    setRemoteHandlerRules(c.uffd, c.ranges, c.native);
+  }
+
+  #end(c: RemoteClient): void {
+    this.#clients.delete(c.id);
+    endClient(c);
+    this.#exited.push(c);
+    if (this.#exited.length > 1024) this.#exited.shift();
+    this.#call(this.#options.onClientExit, c);
+  }
+
+  #call(f: ((c: RemoteClient) => void) | undefined, c: RemoteClient): void {
+    try {
+      f?.(c);
+    } catch (err) {
+      process.emitWarning(`pagemirror: fault server callback failed: ${String(err)}`);
+    }
+  }
+
+  /**
+   * Stops serving: each client's Userfaultfd is closed first, then every connection, so each
+   * client's watchdog takes its memory back (pages in the pool included); removes the socket file.
+   */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const c of [...this.#clients.values()]) this.#end(c);
+    this.#n.close();
+  }
+
+  /** close(), for `await using`. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}

@@ -1,0 +1,171 @@
+// The fault server (docs/fault-server.md): other processes hand it their userfaultfd and a
+// description of their ranges over a Unix socket; it checks each message and each descriptor, and
+// keeps one RemoteClient per connection. An I/O thread (epoll) accepts, reads and answers; the
+// JavaScript side learns of clients through events and serves their descriptors with the usual
+// fault service. Plain C++, no Node-API.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "../sys/fault_service.h"
+
+namespace pm::engine {
+
+struct RemoteRange {
+  uint64_t addr = 0, len = 0;
+  uint32_t modes = 0;
+  int memfd = -1;  // shared memory: the client's memfd (owned by the RemoteClient), else -1
+  uint64_t offset = 0;
+};
+
+// One client: its userfaultfd, ranges and pool. Shared by the I/O thread (registration), the
+// JavaScript thread (evict, release) and the fault service's workers (resolve, the default policy),
+// all under mu.
+class RemoteClient : public sys::FaultHandler {
+ public:
+  RemoteClient(uint64_t id, int pid, uint32_t uid, uint32_t gid);
+  ~RemoteClient() override;
+
+  const uint64_t id;
+  const int pid;
+  const uint32_t uid, gid;
+
+  struct Counters {
+    uint64_t evicted = 0;      // pages taken to the pool
+    uint64_t restored = 0;     // pages brought back from the pool (a fault, or an unregister)
+    uint64_t zero_filled = 0;  // missing faults resolved with a zero page
+    uint64_t continued = 0;    // minor faults resolved with UFFDIO_CONTINUE
+    uint64_t unprotected = 0;  // WP faults resolved by lifting the protection
+    uint64_t retried = 0;      // resolves that failed and woke the faulter to fault again
+  };
+
+  // The default policy (a kHandler rule over the client's ranges): a missing page comes from the
+  // pool when the server holds it there, else a zero page; a minor fault is continued; a WP fault
+  // un-protected. A resolve that fails wakes the faulter, which faults again.
+  int resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) override;
+
+  // Takes the pages of [addr, addr + len) that the client's memfd holds to the pool ("migrated to
+  // device memory"): the order in pm_proto.h. The range must lie in shared ranges registered for
+  // WP (so no write can slip between the copy and the punch). *pages: pages taken (holes and pages
+  // already held are skipped; stops early when the pool is full). Errors: -EINVAL (not inside
+  // such ranges, unaligned), -ENOSPC (no pool, or full before the first page), -ESHUTDOWN
+  // (released), and those of the ioctls and file calls.
+  int evict(uint64_t addr, uint64_t len, uint64_t* pages);
+
+  // Stops touching the client's memory: closes the descriptors and unmaps the pool. Called before
+  // the connection closes, so that the client's watchdog, which takes over at EOF, never races us.
+  void release();
+
+  Counters counters();
+  std::vector<RemoteRange> ranges();
+  int uffd();  // the server's duplicate of the client's userfaultfd, -1 before REGISTER
+  uint64_t features();
+  uint64_t pool_pages();
+  uint64_t pool_held();
+
+ private:
+  friend class FaultServer;
+  // I/O thread, under mu.
+  int set_pool(int fd, uint64_t pages, uint64_t page);
+  const RemoteRange* range_at(uint64_t addr) const;
+  // Writes pooled pages of the range back into its memfd (holes only) and frees their slots.
+  void bring_home(const RemoteRange& r);
+
+  std::mutex mu_;
+  bool released_ = false;
+  int uffd_ = -1;
+  uint64_t features_ = 0;
+  uint64_t page_ = 4096;
+  std::vector<RemoteRange> ranges_;
+  int pool_fd_ = -1;
+  void* pool_map_ = nullptr;
+  uint64_t pool_map_len_ = 0;
+  uint64_t pool_pages_ = 0;
+  uint64_t* table_ = nullptr;
+  char* slots_ = nullptr;
+  std::vector<uint32_t> free_;                  // reserved to pool_pages_: resolve never allocates
+  std::unordered_map<uint64_t, uint32_t> held_; // client address -> slot
+  Counters counters_;
+};
+
+struct ServerEvent {
+  enum Kind { kRegister, kUnregister, kClosed } kind;
+  std::shared_ptr<RemoteClient> client;
+  bool first = false;  // kRegister: the client's first (it has a userfaultfd from now on)
+};
+
+class FaultServer {
+ public:
+  struct Options {
+    std::vector<uint32_t> allow_uids;  // empty: the server's own effective uid only
+    unsigned max_clients = 64;
+  };
+  struct Stats {
+    uint64_t accepted = 0, refused_uid = 0, refused_full = 0, protocol_errors = 0, refusals = 0, ended = 0;
+    uint64_t clients = 0;  // connections open now
+  };
+
+  FaultServer() = default;
+  ~FaultServer();
+  FaultServer(const FaultServer&) = delete;
+  FaultServer& operator=(const FaultServer&) = delete;
+
+  // Creates the socket (sys::unix_listen, mode 0600) and starts the I/O thread; notify is called on
+  // that thread whenever events are queued. Errors: those of unix_listen, epoll, eventfd, thread.
+  int start(const std::string& path, Options options, std::function<void()> notify);
+  // Stops the I/O thread, closes every connection and the socket, removes the socket file. The
+  // caller releases the clients first (their descriptors) so no client's watchdog races us.
+  void stop();
+  std::vector<ServerEvent> take();
+  // The JavaScript side is done with a client whose connection ended (its Userfaultfd closed, the
+  // client released): close the connection, which the client's watchdog sees as EOF.
+  void drop(uint64_t id);
+  Stats stats();
+  const std::string& path() const { return path_; }
+
+ private:
+  struct Conn {
+    uint64_t id = 0;
+    int fd = -1;
+    int pid = 0;
+    uint32_t uid = 0, gid = 0;
+    bool hello = false;
+    bool announced = false;  // JavaScript has the client: it must release it before the close
+    bool ended = false;
+    std::shared_ptr<RemoteClient> client;
+  };
+  void loop();
+  void accept_all();
+  void serve_conn(uint64_t id);
+  // Handles one packet; closes every descriptor it does not keep. Returns 0 or -errno to reply;
+  // *fatal: the connection ends after the reply.
+  int handle(Conn& c, const unsigned char* buf, size_t n, int* fds, int nfds, bool* fatal, uint32_t* value, ServerEvent* ev);
+  int handle_register(Conn& c, const unsigned char* buf, size_t n, int* fds, int nfds, uint32_t* value, ServerEvent* ev);
+  int handle_unregister(Conn& c, const unsigned char* buf, size_t n, int nfds, ServerEvent* ev);
+  void end(uint64_t id);  // under mu_
+  void push(ServerEvent ev);
+
+  std::string path_;
+  Options options_;
+  std::function<void()> notify_;
+  int listen_fd_ = -1, epfd_ = -1, stop_fd_ = -1;
+  std::thread thread_;
+  std::mutex mu_;  // conns_, events_, stats_
+  std::map<uint64_t, Conn> conns_;
+  std::vector<ServerEvent> events_;
+  Stats stats_;
+  uint64_t next_id_ = 1;
+};
+
+}  // namespace pm::engine
