@@ -62,6 +62,9 @@ struct pm_client {
   pthread_t watchdog;
   int watchdog_started;
   atomic_int taken_over;
+  /* Set as soon as the loss is seen, before the takeover (which the program's own faults may
+   * wait for) starts: a thread whose faults the takeover resolved must find it set. */
+  atomic_int lost;
 };
 
 static int open_uffd(int flags) {
@@ -240,6 +243,7 @@ static void resolve_queued(struct pm_client *c) {
  * unregistered (which wakes the faults the server had read and never resolved). Under c->mu. */
 static void take_over(struct pm_client *c) {
   if (atomic_load(&c->taken_over)) return;
+  atomic_store(&c->lost, 1);
   for (uint32_t i = 0; c->table && i < c->pool_pages; i++) {
     const uint64_t a = __atomic_load_n(&c->table[i], __ATOMIC_ACQUIRE);
     if (!a) continue;
@@ -274,6 +278,7 @@ static void *watchdog(void *arg) {
     if (n < 0 || (p[1].revents & POLLIN)) return NULL;
     if (p[0].revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL)) break;
   }
+  atomic_store(&c->lost, 1);
   pthread_mutex_lock(&c->mu);
   take_over(c);
   pthread_mutex_unlock(&c->mu);
@@ -525,6 +530,6 @@ int pm_close(pm_client *c) {
   return rc;
 }
 
-int pm_server_lost(const pm_client *c) { return c ? atomic_load(&((pm_client *)c)->taken_over) : 0; }
+int pm_server_lost(const pm_client *c) { return c ? atomic_load(&((pm_client *)c)->lost) : 0; }
 uint64_t pm_features(const pm_client *c) { return c ? c->features : 0; }
 int pm_user_mode_only(const pm_client *c) { return c ? c->user_mode_only : 0; }

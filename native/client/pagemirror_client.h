@@ -62,7 +62,8 @@ int pm_detach(pm_client *c, void *addr, size_t len);
  * memory was taken back anyway). */
 int pm_close(pm_client *c);
 
-/* 1 once the watchdog has taken over (the server died or closed the connection), else 0. */
+/* 1 once the server is known to be gone (it died or closed the connection): from the moment the
+ * watchdog sees the hang-up, before its takeover resolves any fault; else 0. */
 int pm_server_lost(const pm_client *c);
 
 /* The UFFD_FEATURE_* mask negotiated on this client's userfaultfd, and whether it is user-mode
