@@ -177,4 +177,91 @@ describe('pager at the file\'s edges', () => {
     expect(after.subarray(11 * G, 12 * G).every((b) => b === 0)).toBe(true);
     await within(p.close(), 10_000, 'close');
   }, 60_000);
+
+  it('shared mode on tmpfs: a truncation is the kernel\'s own (SIGBUS past the end, no hang)', async (ctx) => {
+    needPager(ctx);
+    requireCap(ctx, P.experiments.minor, 'MINOR faults on shmem');
+    const size = 1 << 20;
+    const file = tmpFile(TMPFS, 'shared-trunc', pattern(size, 1));
+    const p = await pager(file, { granule: G, mode: 'shared', prefetch: false });
+    cleanup.push(() => void p.close().catch(() => {}));
+    await within(p.access({ op: 'read', unit: PAGE, offset: 0, length: 2 * G }), 10_000, 'read head');
+    fs.truncateSync(file, G);
+    // Mapped before the cut or not: past the end is SIGBUS, as in any shared mapping.
+    for (const offset of [G, 8 * G]) {
+      const r = await within(p.access({ op: 'read', unit: PAGE, offset, length: G }), 10_000, `read at ${offset}`);
+      expect(r.signal, `offset ${offset}`).toBe('SIGBUS');
+    }
+    await within(p.close(), 10_000, 'close');
+  }, 30_000);
+
+  // The engine keeps its own duplicate of the descriptor (F_DUPFD_CLOEXEC at pager()).
+  it('the caller may close its descriptor after pager(): the pager reads and writes back through its own', async (ctx) => {
+    needPager(ctx);
+    const size = 1 << 20;
+    const file = tmpFile(DISK, 'dupfd', pattern(size, 1));
+    const fd = fs.openSync(file, 'r+');
+    const p = await pager(fd, { granule: G, residentLimit: size / 4 });
+    cleanup.push(() => void p.close().catch(() => {}));
+    fs.closeSync(fd);
+    await within(p.access({ op: 'write', seed: 3, unit: 8 }), 20_000, 'write');
+    await within(p.close(), 20_000, 'close');
+    expect(Buffer.compare(fs.readFileSync(file), Buffer.from(pattern(size, 3)))).toBe(0);
+  }, 30_000);
+
+  // As an open mapping does, the pager holds the file it opened, not its name.
+  it('a path replaced by rename: the pager goes on with the file it opened; the new one is untouched', async (ctx) => {
+    needPager(ctx);
+    const size = 256 * 1024;
+    const file = tmpFile(DISK, 'renamed', pattern(size, 1));
+    const moved = `${file}.old`;
+    cleanup.push(() => fs.rmSync(moved, { force: true }));
+    const p = await pager(file, { granule: G, prefetch: false });
+    cleanup.push(() => void p.close().catch(() => {}));
+    fs.renameSync(file, moved);
+    fs.writeFileSync(file, pattern(size, 50));
+    expect((await within(p.access({ op: 'verify', seed: 1, unit: 8 }), 10_000, 'verify')).mismatches).toBe(0);
+    await within(p.write(0, Buffer.from('pager')), 10_000, 'write');
+    await within(p.close(), 10_000, 'close');
+    expect(fs.readFileSync(moved).subarray(0, 5).toString()).toBe('pager');
+    expect(Buffer.compare(fs.readFileSync(file), Buffer.from(pattern(size, 50)))).toBe(0);
+  }, 30_000);
+
+  // The pager pages the length it was made with: bytes appended later are not its own.
+  it('a file that grows under the pager: length stays, write-back leaves the new bytes alone', async (ctx) => {
+    needPager(ctx);
+    const size = 256 * 1024 + 100;
+    const file = tmpFile(DISK, 'grows', pattern(size + 4, 1).subarray(0, size));
+    const p = await pager(file, { granule: G, prefetch: false });
+    cleanup.push(() => void p.close().catch(() => {}));
+    fs.appendFileSync(file, Buffer.alloc(G, 0xab));
+    expect(p.length).toBe(size);
+    expect(() => p.read(size, 1)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    await within(p.access({ op: 'write', seed: 8, unit: 4 * 1024, offset: 0, length: size - 100 }), 10_000, 'write');
+    await within(p.write(size - 4, Buffer.from('tail')), 10_000, 'write tail');
+    await within(p.close(), 10_000, 'close');
+    const after = fs.readFileSync(file);
+    expect(after.length).toBe(size + G);
+    expect(after.subarray(size - 4, size).toString()).toBe('tail');
+    expect(after.subarray(size).every((b) => b === 0xab)).toBe(true);
+  }, 30_000);
+
+  // A punched hole is zeros in the file, not an end: a granule filled after the punch reads them.
+  it('a hole punched under the pager: granules filled afterwards read zeros (no SIGBUS); resident ones keep what they read', async (ctx) => {
+    needPager(ctx);
+    if (spawnSync('fallocate', ['--version']).error) ctx.skip('needs fallocate (util-linux)');
+    const size = 1 << 20;
+    const file = tmpFile(TMPFS, 'punch', pattern(size, 1));
+    const p = await pager(file, { granule: G, prefetch: false });
+    cleanup.push(() => void p.close().catch(() => {}));
+    await within(p.read(0, 8), 10_000, 'read granule 0');
+    const r = spawnSync('fallocate', ['--punch-hole', '--offset', '0', '--length', String(4 * G), file], { encoding: 'utf8', timeout: 10_000 });
+    if (r.status !== 0) ctx.skip(`fallocate --punch-hole: ${r.stderr.trim()}`);
+    const hole = await within(p.access({ op: 'read', unit: PAGE, offset: 2 * G, length: G }), 10_000, 'read the hole');
+    expect(hole.signal).toBeUndefined();
+    expect((await p.read(2 * G, G)).every((b) => b === 0)).toBe(true);
+    expect(Buffer.compare(await p.read(0, 8), Buffer.from(pattern(8, 1)))).toBe(0);
+    expect(p.stats().shortFills).toBe(0);
+    await within(p.close(), 10_000, 'close');
+  }, 30_000);
 });
