@@ -194,9 +194,12 @@ export class Pager {
   }
 
   /**
-   * Writes every dirty granule back and waits for it (see `writeback`). Rejects with a
-   * PagerWriteError (the kernel's code, negative errno, syscall, path, granules and ranges kept
-   * dirty) when the file did not take them; a later flush() writes them again.
+   * Writes every dirty granule back and waits for it (see `writeback`; with `writeback: false`
+   * nothing goes to the file and it resolves). Rejects with a PagerWriteError (the kernel's code,
+   * negative errno, syscall, path, granules and ranges kept dirty) when the file did not take them,
+   * or with `ERR_PAGEMIRROR_DATA_LOST` for granules holding data past the end of a file truncated
+   * under the pager (write-back never grows it back); a later flush() writes them again, and
+   * acknowledgeLoss() gives them up.
    */
   async flush(): Promise<void> {
     this.#live();
@@ -250,7 +253,7 @@ export class Pager {
    * Waits for the pager's own reads, writes, accesses, prefetches and flushes, writes every dirty granule
    * back (as flush()), then stops the service and unmaps. If the write-back fails, close() rejects
    * with flush()'s error and the pager stays open with its dirty granules (call close() again once
-   * the file can take them). Idempotent once closed.
+   * the file can take them, or acknowledgeLoss() first to give them up). Idempotent once closed.
    */
   async close(): Promise<void> {
     if (this.#closed) return;

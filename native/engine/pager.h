@@ -8,7 +8,9 @@
 //             preads the granule from the file and installs it write-protected (UFFDIO_COPY with
 //             MODE_WP); the first write to a clean granule is a WP fault that marks it dirty and
 //             lifts the protection. Dirty granules are written to the file (pwrite) on eviction,
-//             flush() and close().
+//             flush() and close(); with a swap_fd (write-back off) to that memfd on eviction only.
+//             A fill that reads short (the file was truncated) poisons the pages past its end, and
+//             write-back never writes past the file's current end (see docs/pager.md).
 //   shared    (tmpfs, memfd) the region maps the file itself, registered MISSING|MINOR: a MINOR
 //             fault maps the page cache's pages (UFFDIO_CONTINUE), a MISSING fault (a hole)
 //             allocates a zeroed page in the file. Writes land in the file's own pages, so
