@@ -77,6 +77,33 @@ describe('pager at the file\'s edges', () => {
     await expect(pager(file, { mode: 'shared', writeback: false })).rejects.toMatchObject({ code: 'ERR_INVALID_ARG_VALUE' });
   }, 60_000);
 
+  it('writeback: false and a truncation: a short granule evicted to memory comes back with its write, and SIGBUS past the end', async (ctx) => {
+    needPager(ctx);
+    const size = 1 << 20;
+    const file = tmpFile(DISK, 'private-trunc', pattern(size, 1));
+    const p = await pager(openFd(file, 'r'), { granule: G, residentLimit: 2 * G, prefetch: false, writeback: false });
+    cleanup.push(() => void p.close().catch(() => {}));
+    fs.truncateSync(file, 4 * G + PAGE);
+    await within(p.write(4 * G, Buffer.from('mine')), 10_000, 'write the cut granule');
+    // Evict it (to the pager's memfd): two other granules fill the limit.
+    await within(p.access({ op: 'read', unit: PAGE, offset: 0, length: 2 * G }), 10_000, 'read others');
+    expect(p.stats().evictions).toBeGreaterThan(0);
+    expect((await within(p.read(4 * G, 4), 10_000, 'read back')).toString()).toBe('mine');
+    expect(p.stats()).toMatchObject({ fills: 4, shortFills: 1 }); // the cut granule twice: evicted and filled from memory
+    const r = await within(p.access({ op: 'read', unit: PAGE, offset: 4 * G, length: G }), 10_000, 'read past the end');
+    expect(r.signal).toBe('SIGBUS');
+    expect(Number(r.signalAddress! % BigInt(G))).toBe(PAGE);
+    await within(p.close(), 10_000, 'close');
+    expect(fs.statSync(file).size).toBe(4 * G + PAGE);
+  }, 30_000);
+
+  it('shared mode of a read-only descriptor: the kernel\'s own EACCES', async (ctx) => {
+    needPager(ctx);
+    requireCap(ctx, P.experiments.minor, 'MINOR faults on shmem');
+    const file = tmpFile(TMPFS, 'shared-ro', pattern(1 << 20, 1));
+    await expect(pager(openFd(file, 'r'), { granule: G, mode: 'shared' })).rejects.toMatchObject({ code: 'EACCES', errno: -13, syscall: 'mmap' });
+  }, 30_000);
+
   // Before: a write-back that could never succeed left close() rejecting forever.
   it('a write error that never heals: acknowledgeLoss() gives the granules up and close() succeeds', async (ctx) => {
     needPager(ctx);

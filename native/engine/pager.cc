@@ -185,6 +185,8 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
       std::lock_guard<std::mutex> lock(mu_);
       backed = cfg_.mode == PagerMode::kPrivate || (state_[g] & kBacked);
       swapped = cfg_.swap_fd >= 0 && (state_[g] & kBacked);
+      // A granule filled short and evicted to the memfd: past the end it found, it stays poisoned.
+      if (swapped && (state_[g] & kShort)) eof = short_[g];
     }
     const uint8_t* src = data;
     if (!src) {
@@ -243,7 +245,7 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
   filled_.notify_all();
   set_st(g, kResident);  // a write during the fill (a WP fault) has already set kDirty
   state_[g] |= kRef;
-  if (eof != UINT64_MAX) {
+  if (eof != UINT64_MAX && !(state_[g] & kShort)) {
     state_[g] |= kShort;
     short_[g] = eof;
     stats_.short_fills++;
@@ -261,7 +263,7 @@ void Pager::unfill(int uffd, uint64_t g) {
   filling_--;
   filled_.notify_all();
   if (state_[g] & kDirty) dirty_--;
-  state_[g] = static_cast<uint8_t>(state_[g] & kBacked);  // absent
+  state_[g] = absent(state_[g]);
   sys::uffd_wake(uffd, addr_of(g), cfg_.granule);
 }
 
@@ -438,7 +440,7 @@ int Pager::evict_batch(int uffd, size_t want) {
         continue;
       }
       sys::advise(reinterpret_cast<void*>(addr_of(g)), cfg_.granule, MADV_DONTNEED);
-      state_[g] = static_cast<uint8_t>((state_[g] & kBacked) | (was_dirty[i] ? kBacked : 0));  // absent
+      state_[g] = absent(static_cast<uint8_t>(state_[g] | (was_dirty[i] ? kBacked : 0)));
       resident_--;
       stats_.evictions++;
       dropped++;
@@ -482,7 +484,7 @@ int Pager::write_back(const std::vector<uint64_t>& gs, PagerWriteError* err) {
     for (uint64_t g : sorted) {
       const uint64_t off = g * cfg_.granule;
       uint64_t end = std::min(off + cfg_.granule, cfg_.data_length);
-      if (!swap && (state_[g] & kShort)) end = std::min(end, off + short_[g]);
+      if (state_[g] & kShort) end = std::min(end, off + short_[g]);  // past it: poisoned, never written
       if (end > file_end) {
         past.push_back(g);  // kept dirty: only the part within the file is written
         end = file_end;
@@ -673,7 +675,7 @@ bool Pager::acknowledge_loss(PagerWriteError* out) {
     // Dropped as an eviction drops (under mu_, so no write fault lifts a protection meanwhile):
     // the next access faults and reads the file.
     sys::advise(reinterpret_cast<void*>(addr_of(g)), cfg_.granule, MADV_DONTNEED);
-    state_[g] = static_cast<uint8_t>(state_[g] & kBacked);
+    state_[g] = absent(state_[g]);
     dirty_--;
     resident_--;
     stats_.discarded++;

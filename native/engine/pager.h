@@ -122,6 +122,11 @@ class Pager : public sys::FaultHandler {
   uint8_t st(uint64_t g) const { return state_[g] & kStateMask; }
   void set_st(uint64_t g, uint8_t s) { state_[g] = static_cast<uint8_t>((state_[g] & ~kStateMask) | s); }
   uint64_t addr_of(uint64_t g) const { return cfg_.base + g * cfg_.granule; }
+  // The state bits an absent granule keeps: kBacked, and kShort with it when the copy is in the
+  // swap memfd (its refill poisons past the end it found again); from the file, a refill finds it.
+  uint8_t absent(uint8_t s) const {
+    return static_cast<uint8_t>(s & (cfg_.swap_fd >= 0 && (s & kBacked) ? kBacked | kShort : kBacked));
+  }
 
   int resolve_missing(int uffd, uint64_t g, uint64_t page_addr, bool write);
   int resolve_wp(int uffd, uint64_t g, uint64_t page_addr);
