@@ -382,7 +382,14 @@ export async function pager(target: string | number | null, options: PagerOption
   } else {
     if (typeof target === 'string') {
       path = target;
-      fd = fs.openSync(target, writeback === false ? 'r' : 'r+');
+      try {
+        fd = fs.openSync(target, writeback === false ? 'r' : 'r+');
+      } catch (err) {
+        const e = err as NodeJS.ErrnoException;
+        if (writeback !== false && (e.code === 'EACCES' || e.code === 'EROFS' || e.code === 'EPERM'))
+          e.message += ': write-back needs the file open read-write; pass writeback: false to page it read-only (writes then stay in memory, as with MAP_PRIVATE)';
+        throw err;
+      }
       ownFd = true;
     } else {
       fd = checkInteger('fd', target);

@@ -97,6 +97,31 @@ describe('pager at the file\'s edges', () => {
     expect(fs.statSync(file).size).toBe(4 * G + PAGE);
   }, 30_000);
 
+  // A path the pager cannot open read-write (here: a read-only file system, which refuses root too).
+  it('a path on a read-only file system: write-back on fails at open() with a hint; writeback: false pages it', async (ctx) => {
+    needPager(ctx);
+    if (process.getuid?.() !== 0) ctx.skip('mounting a tmpfs read-only needs root');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-pager-rofs-'));
+    const mount = (o: string) => spawnSync('mount', ['-t', 'tmpfs', '-o', o, 'pagemirror-pager-rofs', dir], { encoding: 'utf8' });
+    const m = mount('size=2m');
+    if (m.status !== 0) ctx.skip(`mount tmpfs: ${m.stderr.trim()}`);
+    cleanup.push(() => fs.rmdirSync(dir));
+    cleanup.push(() => void spawnSync('umount', [dir]));
+    const file = path.join(dir, 'data');
+    fs.writeFileSync(file, pattern(4 * G, 2));
+    const ro = mount('remount,ro');
+    if (ro.status !== 0) throw new Error(`remount ro: ${ro.stderr}`);
+    const err = await pager(file, { granule: G }).then(() => null, (e) => e);
+    expect(err).toMatchObject({ code: 'EROFS', syscall: 'open', path: file });
+    expect(err.message).toMatch(/writeback: false/);
+    const p = await pager(file, { granule: G, writeback: false });
+    cleanup.push(() => void p.close().catch(() => {}));
+    await within(p.access({ op: 'write', seed: 4, unit: 8 }), 10_000, 'write');
+    expect((await within(p.access({ op: 'verify', seed: 4, unit: 8 }), 10_000, 'verify')).mismatches).toBe(0);
+    await within(p.close(), 10_000, 'close');
+    expect(Buffer.compare(fs.readFileSync(file), Buffer.from(pattern(4 * G, 2)))).toBe(0);
+  }, 30_000);
+
   it('shared mode of a read-only descriptor: the kernel\'s own EACCES', async (ctx) => {
     needPager(ctx);
     requireCap(ctx, P.experiments.minor, 'MINOR faults on shmem');
