@@ -485,7 +485,7 @@ int Pager::write_back(const std::vector<uint64_t>& gs, PagerWriteError* err) {
       const uint64_t off = g * cfg_.granule;
       uint64_t end = std::min(off + cfg_.granule, cfg_.data_length);
       if (state_[g] & kShort) end = std::min(end, off + short_[g]);  // past it: poisoned, never written
-      if (end > file_end) {
+      if (end > std::max(off, file_end)) {
         past.push_back(g);  // kept dirty: only the part within the file is written
         end = file_end;
       }
