@@ -230,6 +230,29 @@ describe('pager at the file\'s edges', () => {
     await within(p.close(), 10_000, 'close');
   }, 60_000);
 
+  // The truncation lands while two threads read at random under eviction: every word they read is
+  // the file's or a SIGBUS, never zeros the file does not hold, and nothing hangs.
+  it('a truncation by another process in the middle of a run: no zeros, no hang', async (ctx) => {
+    needPager(ctx);
+    if (spawnSync('truncate', ['--version']).error) ctx.skip('needs truncate (coreutils)');
+    const size = 4 << 20;
+    const file = tmpFile(DISK, 'trunc-run', pattern(size, 1));
+    const p = await pager(file, { granule: G, residentLimit: size / 4, prefetch: false });
+    cleanup.push(() => void p.close().catch(() => {}));
+    const run = p.access({ op: 'verify', seed: 1, unit: 8, pattern: 'random', ops: 400_000, threads: 2 });
+    await new Promise((r) => setTimeout(r, 20));
+    const t = spawnSync('truncate', ['-s', String(size / 2), file], { encoding: 'utf8', timeout: 10_000 });
+    expect(t.status, t.stderr).toBe(0);
+    const r = await within(run, 30_000, 'random reads across the truncation');
+    expect(r.mismatches).toBe(0);
+    expect(r.signal, 'the run was still going when the file was cut (400,000 random reads, a quarter resident)').toBe('SIGBUS');
+    // Past the end, whatever was resident then, a pass over every granule meets SIGBUS.
+    const tail = await within(p.access({ op: 'verify', seed: 1, unit: PAGE, offset: size / 2, length: size / 2 }), 10_000, 'tail');
+    expect(tail.signal).toBe('SIGBUS');
+    await within(p.close(), 10_000, 'close');
+    expect(fs.statSync(file).size).toBe(size / 2);
+  }, 60_000);
+
   // A write fault past the end marks its granule dirty before the fill finds the end; the write
   // itself never lands (SIGBUS). Nothing of it may be reported as lost, however far the file shrinks.
   it('a write that got SIGBUS past the end is not reported lost when the file shrinks further', async (ctx) => {
