@@ -213,6 +213,10 @@ export interface NativePagerStats {
   writebacks: number; writebackBytes: number; waits: number;
   resident: number; dirty: number; limit: number;
   writeErrors: number; fillErrors: number;
+  /** Fills that found the file shorter than at pager() (truncated under it): pages past its end poisoned. */
+  shortFills: number;
+  /** Dirty granules given up by acknowledgeLoss(). */
+  discarded: number;
   fillNs: number; writebackNs: number;
 }
 export interface NativePager {
@@ -223,6 +227,7 @@ export interface NativePager {
   poison(address: bigint): void;
   stats(): NativePagerStats;
   lastError(): (Error & { granules: number[] }) | null;
+  acknowledgeLoss(): Promise<(Error & { granules: number[] }) | null>;
   close(): void;
 }
 /** What a resolve ioctl did: bytes resolved, and whether a page already existed (EEXIST). */

@@ -49,9 +49,13 @@ export interface PagerOptions {
   /**
    * 'confirmed' (default): a written granule counts as clean only after a sync_file_range wait on
    * it returned 0. 'pagecache': once pwrite returned (faster on disks; an I/O error at writeback is
-   * then the kernel's to report, at the next fsync).
+   * then the kernel's to report, at the next fsync). false: writes stay in the pager's memory and
+   * never reach the file, as with MAP_PRIVATE (dirty granules are evicted to a memfd of the
+   * pager's own); the descriptor may then be read-only (a path is opened read-only). Private mode
+   * only. With write-back on, a read-only descriptor is refused (EACCES), as mmap refuses a
+   * writable MAP_SHARED mapping of one.
    */
-  writeback?: 'confirmed' | 'pagecache';
+  writeback?: 'confirmed' | 'pagecache' | false;
   /**
    * Fault service threads reading the pager's userfaultfd (1..64). Default 1. Passed to
    * Userfaultfd.serve({ workers }): each worker fills the granules of the faults it reads.
@@ -74,9 +78,17 @@ export interface PagerStats extends NativePagerStats {
   service: ServiceStats;
 }
 
-/** The error flush() and close() reject with when the file did not take a write: a SystemError. */
+/**
+ * The error flush() and close() reject with when the file did not take a write: a SystemError
+ * (`code` the errno name), or `ERR_PAGEMIRROR_DATA_LOST` (`cause` 'ENXIO', `fileSize`) when the
+ * granules hold data past the end of a file truncated under the pager. acknowledgeLoss() returns it.
+ */
 export interface PagerWriteError extends Error {
   code: string;
+  /** ERR_PAGEMIRROR_DATA_LOST: the errno name of the cause ('ENXIO': past the end of the file). */
+  cause?: string;
+  /** ERR_PAGEMIRROR_DATA_LOST: the file's size when write-back found it truncated. */
+  fileSize?: number;
   errno: number;
   syscall: string;
   path?: string;
@@ -182,9 +194,12 @@ export class Pager {
   }
 
   /**
-   * Writes every dirty granule back and waits for it (see `writeback`). Rejects with a
-   * PagerWriteError (the kernel's code, negative errno, syscall, path, granules and ranges kept
-   * dirty) when the file did not take them; a later flush() writes them again.
+   * Writes every dirty granule back and waits for it (see `writeback`; with `writeback: false`
+   * nothing goes to the file and it resolves). Rejects with a PagerWriteError (the kernel's code,
+   * negative errno, syscall, path, granules and ranges kept dirty) when the file did not take them,
+   * or with `ERR_PAGEMIRROR_DATA_LOST` for granules holding data past the end of a file truncated
+   * under the pager (write-back never grows it back); a later flush() writes them again, and
+   * acknowledgeLoss() gives them up.
    */
   async flush(): Promise<void> {
     this.#live();
@@ -215,6 +230,18 @@ export class Pager {
     return err;
   }
 
+  /**
+   * Gives up the granules that the last write error (see flush()) keeps resident and dirty: they
+   * are dropped, with any write made to them since, and their next access reads the file; the
+   * error is cleared, so close() can succeed on a file that will never take them. Resolves with
+   * that error (granules and ranges given up), or null when there was none.
+   */
+  async acknowledgeLoss(): Promise<PagerWriteError | null> {
+    this.#live();
+    const e = await this.#track(this.#n.acknowledgeLoss());
+    return e && (this.#decorate(e) as PagerWriteError);
+  }
+
   /** Counters of the engine (granules) and of the fault service. */
   stats(): PagerStats {
     this.#live();
@@ -226,7 +253,7 @@ export class Pager {
    * Waits for the pager's own reads, writes, accesses, prefetches and flushes, writes every dirty granule
    * back (as flush()), then stops the service and unmaps. If the write-back fails, close() rejects
    * with flush()'s error and the pager stays open with its dirty granules (call close() again once
-   * the file can take them). Idempotent once closed.
+   * the file can take them, or acknowledgeLoss() first to give them up). Idempotent once closed.
    */
   async close(): Promise<void> {
     if (this.#closed) return;
@@ -264,6 +291,25 @@ function isMemfd(fd: number): boolean {
   }
 }
 
+/** Whether fd was opened read-only (its fdinfo flags: O_ACCMODE is 0). */
+function readOnly(fd: number): boolean {
+  try {
+    const m = /^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
+    return m !== null && (parseInt(m[1]!, 8) & 3) === 0;
+  } catch {
+    return false; // no /proc: the first write-back reports EBADF, which flush() names
+  }
+}
+
+/** EACCES for write-back through a read-only descriptor: the kernel's answer to a writable MAP_SHARED mmap of one. */
+function writeBackRefused(fd: number, path: string | undefined): Error {
+  const err = new Error(
+    `EACCES: permission denied, pager ${path ?? `fd ${fd}`}: the descriptor is open read-only and write-back would need to write it; ` +
+      'open it read-write, or pass writeback: false (writes then stay in memory, as with MAP_PRIVATE)',
+  );
+  return Object.assign(err, { code: 'EACCES', errno: -13, syscall: 'mmap', ...(path === undefined ? {} : { path }) });
+}
+
 /**
  * Pages `target` (a path, an open descriptor, or null for anonymous memory) into a new region whose
  * pages the native fault service fills on demand. Misuse throws TypeError/RangeError with an
@@ -271,7 +317,8 @@ function isMemfd(fd: number): boolean {
  *
  * @throws {TypeError} `ERR_INVALID_ARG_TYPE` / `ERR_INVALID_ARG_VALUE`, {RangeError} `ERR_OUT_OF_RANGE` /
  *   `ERR_PAGEMIRROR_UNALIGNED` (granule, residentLimit), before any system call; SystemError `ENOENT`,
- *   `EACCES` (with `path`), `EPERM` (no userfaultfd for this user).
+ *   `EACCES` (with `path`; also a read-only descriptor with write-back on, syscall 'mmap'), `EPERM`
+ *   (no userfaultfd for this user).
  * @example
  * ```ts
  * import { pager } from 'pagemirror';
@@ -293,7 +340,9 @@ export async function pager(target: string | number | null, options: PagerOption
   if (anonymous && mode === 'shared') throw typeError('ERR_INVALID_ARG_VALUE', "an anonymous pager has no file to share: mode must be 'private'");
   if (!anonymous && options.fill !== undefined) throw typeError('ERR_INVALID_ARG_VALUE', 'fill applies to anonymous pagers (target null); a file pager fills from the file');
   const eviction = checkOneOf('eviction', options.eviction ?? 'fifo', ['fifo', 'clock'] as const);
-  const writeback = checkOneOf('writeback', options.writeback ?? 'confirmed', ['confirmed', 'pagecache'] as const);
+  const writeback = options.writeback === false ? false : checkOneOf('writeback', options.writeback ?? 'confirmed', ['confirmed', 'pagecache'] as const);
+  if (writeback === false && mode === 'shared')
+    throw typeError('ERR_INVALID_ARG_VALUE', "writeback: false keeps writes private, which shared mode cannot (its writes are the file's own pages): use mode 'private'");
   const workers = checkInteger('workers', options.workers ?? 1, 1, MAX_SERVICE_WORKERS);
   const offset = checkInteger('offset', options.offset ?? 0);
   if (offset % PAGE) throw rangeError('ERR_OUT_OF_RANGE', `offset must be a multiple of the page size (${PAGE})`);
@@ -333,7 +382,14 @@ export async function pager(target: string | number | null, options: PagerOption
   } else {
     if (typeof target === 'string') {
       path = target;
-      fd = fs.openSync(target, 'r+');
+      try {
+        fd = fs.openSync(target, writeback === false ? 'r' : 'r+');
+      } catch (err) {
+        const e = err as NodeJS.ErrnoException;
+        if (writeback !== false && (e.code === 'EACCES' || e.code === 'EROFS' || e.code === 'EPERM'))
+          e.message += ': write-back needs the file open read-write; pass writeback: false to page it read-only (writes then stay in memory, as with MAP_PRIVATE)';
+        throw err;
+      }
       ownFd = true;
     } else {
       fd = checkInteger('fd', target);
@@ -344,6 +400,7 @@ export async function pager(target: string | number | null, options: PagerOption
       if (offset >= st.size && options.length === undefined)
         throw rangeError('ERR_OUT_OF_RANGE', `nothing to page: the file has ${st.size} bytes and offset is ${offset}`);
       length = options.length === undefined ? st.size - offset : checkInteger('length', options.length, 1);
+      if (mode === 'private' && writeback !== false && readOnly(fd)) throw writeBackRefused(fd, path);
       if (mode === 'shared' && !isMemfd(fd)) {
         const where = path ?? fs.readlinkSync(`/proc/self/fd/${fd}`);
         let type = 'other';
@@ -384,6 +441,13 @@ export async function pager(target: string | number | null, options: PagerOption
       fd = m.fd;
       transient.push(() => m.close());
     }
+    let swapFd: number | undefined;
+    if (writeback === false && !anonymous) {
+      // Dirty granules leave memory for a memfd of the pager's own, never for the file.
+      const m = mapMemfd(regionLength, { name: 'pagemirror-pager-private' });
+      swapFd = m.fd;
+      transient.push(() => m.close());
+    }
     const region =
       mode === 'shared'
         ? mapFile({ fd, path }, { offset, length: regionLength, shared: true })
@@ -402,6 +466,7 @@ export async function pager(target: string | number | null, options: PagerOption
       fill,
       seed,
       confirm: writeback === 'confirmed' && !anonymous,
+      ...(swapFd === undefined ? {} : { swapFd }),
     });
     cleanup.push(() => n.close());
     for (const c of transient.splice(0)) c();

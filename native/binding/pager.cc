@@ -18,9 +18,21 @@ Napi::FunctionReference* ctor_ref(Napi::Env env) { return &env.GetInstanceData<A
 
 Napi::Error WriteError(Napi::Env env, const engine::Pager& p, const engine::PagerWriteError& e) {
   const std::string& path = p.config().path;
-  Napi::Error err = SystemError(env, e.err, e.syscall,
-                                {path.empty() ? nullptr : path.c_str(),
-                                 "the granules named in err.granules are kept resident and dirty; flush() or close() writes them again"});
+  const bool truncated = e.file_size != UINT64_MAX;
+  const std::string hint =
+      truncated ? "the file was truncated under the pager to " + std::to_string(e.file_size) +
+                      " bytes: the granules named in err.granules hold data past its end, which write-back does not write "
+                      "(it never grows the file back); they are kept resident and dirty: grow the file and flush() again, or "
+                      "acknowledgeLoss() to give them up"
+                : std::string("the granules named in err.granules are kept resident and dirty; flush() or close() writes them "
+                              "again, or acknowledgeLoss() gives them up");
+  Napi::Error err = SystemError(env, e.err, e.syscall, {path.empty() ? nullptr : path.c_str(), hint.c_str()});
+  if (truncated) {
+    // Data the file cannot hold as it is, as the file strategies report theirs.
+    err.Value().Set("code", "ERR_PAGEMIRROR_DATA_LOST");
+    err.Value().Set("cause", "ENXIO");
+    err.Value().Set("fileSize", Napi::Number::New(env, static_cast<double>(e.file_size)));
+  }
   Napi::Array gs = Napi::Array::New(env, e.granules.size());
   for (size_t i = 0; i < e.granules.size(); i++) gs.Set(static_cast<uint32_t>(i), Napi::Number::New(env, static_cast<double>(e.granules[i])));
   err.Value().Set("granules", gs);
@@ -51,6 +63,7 @@ Napi::Function PagerWrap::Init(Napi::Env env) {
                                      InstanceMethod<&PagerWrap::Poison>("poison"),
                                      InstanceMethod<&PagerWrap::Stats>("stats"),
                                      InstanceMethod<&PagerWrap::LastError>("lastError"),
+                                     InstanceMethod<&PagerWrap::AcknowledgeLoss>("acknowledgeLoss"),
                                      InstanceMethod<&PagerWrap::Close>("close"),
                                  });
   *ctor_ref(env) = Napi::Persistent(f);
@@ -88,8 +101,19 @@ Napi::Value PagerWrap::Create(const Napi::CallbackInfo& info) {
   c.confirm_writes = OptBool(o, "confirm", true);
   c.path = OptString(o, "path", "");
   const int fd = static_cast<int>(ToI64(o.Get("fd"), "fd"));
+  const int swap = o.Has("swapFd") ? static_cast<int>(ToI64(o.Get("swapFd"), "swapFd")) : -1;
+  if (swap >= 0 && c.mode != engine::PagerMode::kPrivate)
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "swapFd applies to private mode");
   c.fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (c.fd < 0) ThrowSystemError(env, -errno, "fcntl", {c.path.empty() ? nullptr : c.path.c_str()});
+  if (swap >= 0) {
+    c.swap_fd = ::fcntl(swap, F_DUPFD_CLOEXEC, 0);
+    if (c.swap_fd < 0) {
+      const int e = -errno;
+      ::close(c.fd);
+      ThrowSystemError(env, e, "fcntl", {nullptr});
+    }
+  }
   Napi::Object obj = ctor_ref(env)->New({Napi::External<void>::New(env, nullptr)});
   PagerWrap* w = PagerWrap::Unwrap(obj);
   w->pin_ = std::make_unique<RegionPin>(r);
@@ -121,6 +145,11 @@ struct FlushState {
   int rc = 0;
   engine::PagerWriteError err;
 };
+struct LossState {
+  std::shared_ptr<engine::Pager> pager;
+  bool had = false;
+  engine::PagerWriteError err;
+};
 struct PrefetchState {
   std::shared_ptr<engine::Pager> pager;
   uint64_t g0, g1;
@@ -138,6 +167,16 @@ Napi::Value PagerWrap::Flush(const Napi::CallbackInfo& info) {
         if (s.rc) throw WriteError(env, *s.pager, s.err);
         return env.Undefined();
       });
+}
+
+// acknowledgeLoss(): on a job thread, as it waits for a write-back in progress (wb_mu_).
+Napi::Value PagerWrap::AcknowledgeLoss(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto state = std::make_unique<LossState>();
+  state->pager = live(env);
+  return NativeJob<LossState>::Start(
+      env, std::move(state), [](LossState& s) { s.had = s.pager->acknowledge_loss(&s.err); },
+      [](Napi::Env env, LossState& s) -> Napi::Value { return s.had ? WriteError(env, *s.pager, s.err).Value() : env.Null(); });
 }
 
 Napi::Value PagerWrap::Prefetch(const Napi::CallbackInfo& info) {
@@ -188,6 +227,7 @@ Napi::Value PagerWrap::Stats(const Napi::CallbackInfo& info) {
   n("writebacks", s.writebacks); n("writebackBytes", s.writeback_bytes); n("waits", s.waits);
   n("resident", s.resident); n("dirty", s.dirty); n("limit", s.limit);
   n("writeErrors", s.write_errors); n("fillErrors", s.fill_errors);
+  n("shortFills", s.short_fills); n("discarded", s.discarded);
   n("fillNs", s.fill_ns); n("writebackNs", s.writeback_ns);
   return o;
 }

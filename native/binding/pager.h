@@ -14,7 +14,7 @@ class PagerWrap : public Napi::ObjectWrap<PagerWrap> {
  public:
   static Napi::Function Init(Napi::Env env);
   // createPager(mapping, {fd, fileOffset, dataLength, granule, mode, residentLimit, policy,
-  // prefetch, fill, seed, confirm, path})
+  // prefetch, fill, seed, confirm, path, swapFd})
   static Napi::Value Create(const Napi::CallbackInfo& info);
   explicit PagerWrap(const Napi::CallbackInfo& info);
   ~PagerWrap() override = default;
@@ -28,6 +28,7 @@ class PagerWrap : public Napi::ObjectWrap<PagerWrap> {
   Napi::Value Poison(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value LastError(const Napi::CallbackInfo& info);
+  Napi::Value AcknowledgeLoss(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::Pager> pager_;
   std::unique_ptr<RegionPin> pin_;  // the region stays mapped while the engine may write into it

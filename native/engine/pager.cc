@@ -35,6 +35,12 @@ int copy_in(int uffd, uint64_t addr, const uint8_t* src, uint64_t len, uint64_t 
   return 0;
 }
 
+// Whether a write-back error keeps granule g dirty: a failed pwrite or wait names its whole batch,
+// a truncation only the granules with data past the file's end.
+bool names(const PagerWriteError& e, uint64_t g) {
+  return std::find(e.granules.begin(), e.granules.end(), g) != e.granules.end();
+}
+
 }  // namespace
 
 Pager::Pager(PagerConfig cfg) : cfg_(std::move(cfg)), ngran_(cfg_.length / cfg_.granule), state_(ngran_, kAbsent) {
@@ -48,7 +54,8 @@ void Pager::close() {
   if (closed_.exchange(true)) return;
   std::lock_guard<std::mutex> wb(wb_mu_);
   if (cfg_.fd >= 0) ::close(cfg_.fd);
-  cfg_.fd = -1;
+  if (cfg_.swap_fd >= 0) ::close(cfg_.swap_fd);
+  cfg_.fd = cfg_.swap_fd = -1;
 }
 
 uint8_t* Pager::buffer() {
@@ -155,6 +162,7 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
   const uint64_t addr = addr_of(g);
   int rc = 0;
   bool partial = false;
+  uint64_t eof = UINT64_MAX;  // the file's end within the granule, when it is shorter than at pager()
   if (cfg_.mode == PagerMode::kShared) {
     // The file's own pages: map the granule; pages that are holes stay unmapped (their access
     // faults MISSING and is resolved alone).
@@ -172,19 +180,30 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
       if (rc) count_fill(prefetched, -1);
     }
   } else {
-    bool backed;
+    bool backed, swapped;
     {
       std::lock_guard<std::mutex> lock(mu_);
       backed = cfg_.mode == PagerMode::kPrivate || (state_[g] & kBacked);
+      swapped = cfg_.swap_fd >= 0 && (state_[g] & kBacked);
+      // A granule filled short and evicted to the memfd: past the end it found, it stays poisoned.
+      if (swapped && (state_[g] & kShort)) eof = short_[g];
     }
     const uint8_t* src = data;
     if (!src) {
       uint8_t* buf = buffer();
       const uint64_t off = g * cfg_.granule;
       const uint64_t in_file = off >= cfg_.data_length ? 0 : std::min(cfg_.granule, cfg_.data_length - off);
-      if (backed) {
-        rc = in_file ? sys::pread_full(cfg_.fd, buf, in_file, cfg_.file_offset + off) : 0;
-        std::memset(buf + in_file, 0, cfg_.granule - in_file);
+      if (swapped) {
+        rc = sys::pread_full(cfg_.swap_fd, buf, cfg_.granule, off);
+      } else if (backed) {
+        // A read that comes back short is the only sign of a file truncated under the pager: the
+        // common case costs no system call more than the pread.
+        const int64_t n = in_file ? sys::pread_upto(cfg_.fd, buf, in_file, cfg_.file_offset + off) : 0;
+        if (n < 0) rc = static_cast<int>(n);
+        else {
+          if (static_cast<uint64_t>(n) < in_file) eof = static_cast<uint64_t>(n);
+          std::memset(buf + n, 0, cfg_.granule - n);
+        }
       } else if (cfg_.fill == FillRule::kPattern) {
         uint64_t* w = reinterpret_cast<uint64_t*>(buf);
         for (uint64_t i = 0; i < cfg_.granule / 8; i++) w[i] = cfg_.seed + off / 8 + i;
@@ -204,7 +223,16 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
         std::lock_guard<std::mutex> lock(mu_);
         dirty = state_[g] & kDirty;
       }
-      rc = copy_in(uffd, addr, src, cfg_.granule, cfg_.page, dirty ? 0 : UFFDIO_COPY_MODE_WP);
+      const uint64_t mode = dirty ? 0 : UFFDIO_COPY_MODE_WP;
+      // Pages wholly past the end of a truncated file are poisoned: their access gets SIGBUS, as
+      // a mapping's access past EOF does, rather than zeros the file does not hold.
+      const uint64_t len = eof == UINT64_MAX ? cfg_.granule : (eof + cfg_.page - 1) & ~(cfg_.page - 1);
+      rc = len ? copy_in(uffd, addr, src, len, cfg_.page, mode) : 0;
+      if (rc == 0 && len < cfg_.granule) {
+        int64_t done = 0;
+        if (sys::uffd_poison(uffd, addr + len, cfg_.granule - len, 0, &done) != 0)
+          rc = copy_in(uffd, addr + len, src + len, cfg_.granule - len, cfg_.page, mode);  // no POISON: zeros
+      }
       if (rc) count_fill(prefetched, -1);
     }
   }
@@ -217,6 +245,11 @@ int Pager::fill(int uffd, uint64_t g, const uint8_t* data, bool prefetched) {
   filled_.notify_all();
   set_st(g, kResident);  // a write during the fill (a WP fault) has already set kDirty
   state_[g] |= kRef;
+  if (eof != UINT64_MAX && !(state_[g] & kShort)) {
+    state_[g] |= kShort;
+    short_[g] = eof;
+    stats_.short_fills++;
+  }
   resident_++;
   if (cfg_.policy == EvictPolicy::kFifo) fifo_.push_back(g);  // the clock never pops it: it would only grow
   stats_.fill_ns += sys::now_ns() - t0;
@@ -230,7 +263,7 @@ void Pager::unfill(int uffd, uint64_t g) {
   filling_--;
   filled_.notify_all();
   if (state_[g] & kDirty) dirty_--;
-  state_[g] = static_cast<uint8_t>(state_[g] & kBacked);  // absent
+  state_[g] = absent(state_[g]);
   sys::uffd_wake(uffd, addr_of(g), cfg_.granule);
 }
 
@@ -396,7 +429,7 @@ int Pager::evict_batch(int uffd, size_t want) {
     std::lock_guard<std::mutex> lock(mu_);  // 4
     for (size_t i = 0; i < victims.size(); i++) {
       const uint64_t g = victims[i];
-      if (rc && was_dirty[i] && !(state_[g] & kDirty)) {
+      if (rc && was_dirty[i] && names(err, g) && !(state_[g] & kDirty)) {
         state_[g] |= kDirty;
         dirty_++;
       }
@@ -407,7 +440,7 @@ int Pager::evict_batch(int uffd, size_t want) {
         continue;
       }
       sys::advise(reinterpret_cast<void*>(addr_of(g)), cfg_.granule, MADV_DONTNEED);
-      state_[g] = static_cast<uint8_t>((state_[g] & kBacked) | (was_dirty[i] ? kBacked : 0));  // absent
+      state_[g] = absent(static_cast<uint8_t>(state_[g] | (was_dirty[i] ? kBacked : 0)));
       resident_--;
       stats_.evictions++;
       dropped++;
@@ -424,18 +457,46 @@ int Pager::evict_batch(int uffd, size_t want) {
 
 int Pager::write_back(const std::vector<uint64_t>& gs, PagerWriteError* err) {
   const uint64_t t0 = sys::now_ns();
-  uint64_t lo = UINT64_MAX, hi = 0, bytes = 0;
-  // Adjacent granules are adjacent in the region and in the file: one pwrite per run of them.
-  std::vector<uint64_t> sorted(gs);
+  const bool swap = cfg_.swap_fd >= 0;
+  const int fd = swap ? cfg_.swap_fd : cfg_.fd;
+  const uint64_t at = swap ? 0 : cfg_.file_offset;
+  // The bytes of the pager the file holds now: write-back never grows a file back over a
+  // truncation made under the pager. One fstat per batch, never on the fault path (a batch's
+  // pwrite and wait cost far more).
+  uint64_t file_end = cfg_.data_length;
+  int64_t size = 0;
+  if (!swap) {
+    size = sys::file_size(fd);
+    if (size < 0) {
+      *err = {static_cast<int>(size), "fstat", gs};
+      return static_cast<int>(size);
+    }
+    file_end = std::min(cfg_.data_length, static_cast<uint64_t>(size) > at ? static_cast<uint64_t>(size) - at : 0);
+  }
+  // [begin, end) of the pager to write for each granule, in order; adjacent ones merge into one
+  // pwrite (adjacent in the region and in the file). A granule filled short holds nothing of the
+  // file past the end it found (its pages past that are poisoned).
+  std::vector<uint64_t> sorted(gs), past;
   std::sort(sorted.begin(), sorted.end());
-  for (size_t i = 0; i < sorted.size();) {
-    size_t j = i + 1;
-    while (j < sorted.size() && sorted[j] == sorted[j - 1] + 1) j++;
-    const uint64_t off = sorted[i] * cfg_.granule;
-    const uint64_t end = std::min(sorted[j - 1] * cfg_.granule + cfg_.granule, cfg_.data_length);
-    i = j;
-    if (off >= end) continue;  // past the file's end: nothing of the file to write
-    int rc = sys::pwrite_full(cfg_.fd, reinterpret_cast<const void*>(cfg_.base + off), end - off, cfg_.file_offset + off);
+  std::vector<std::pair<uint64_t, uint64_t>> runs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (uint64_t g : sorted) {
+      const uint64_t off = g * cfg_.granule;
+      uint64_t end = std::min(off + cfg_.granule, cfg_.data_length);
+      if (state_[g] & kShort) end = std::min(end, off + short_[g]);  // past it: poisoned, never written
+      if (end > std::max(off, file_end)) {
+        past.push_back(g);  // kept dirty: only the part within the file is written
+        end = file_end;
+      }
+      if (off >= end) continue;
+      if (!runs.empty() && runs.back().second == off) runs.back().second = end;
+      else runs.emplace_back(off, end);
+    }
+  }
+  uint64_t lo = UINT64_MAX, hi = 0, bytes = 0;
+  for (const auto& [off, end] : runs) {
+    int rc = sys::pwrite_full(fd, reinterpret_cast<const void*>(cfg_.base + off), end - off, at + off);
     if (rc) {
       *err = {rc, "pwrite", gs};
       return rc;
@@ -445,21 +506,26 @@ int Pager::write_back(const std::vector<uint64_t>& gs, PagerWriteError* err) {
     bytes += end - off;
   }
   if (cfg_.confirm_writes && hi > lo) {
-    int rc = sys::sync_range(cfg_.fd, cfg_.file_offset + lo, hi - lo, true);
+    int rc = sys::sync_range(fd, at + lo, hi - lo, true);
     if (rc) {
       *err = {rc, "sync_file_range", gs};
       return rc;
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
-  stats_.writebacks += gs.size();
+  stats_.writebacks += gs.size() - past.size();
   stats_.writeback_bytes += bytes;
   if (cfg_.confirm_writes && hi > lo) stats_.waits++;
   stats_.writeback_ns += sys::now_ns() - t0;
+  if (!past.empty()) {
+    *err = {-ENXIO, "pwrite", past, static_cast<uint64_t>(size)};
+    return -ENXIO;
+  }
   return 0;
 }
 
 int Pager::flush(PagerWriteError* out) {
+  if (cfg_.swap_fd >= 0) return 0;  // write-back off: writes stay in memory, the file is not written
   if (cfg_.mode == PagerMode::kShared) {
     // The region maps the file's own pages: nothing to copy. A memory file has no writeback, so
     // this wait is only for the record.
@@ -512,11 +578,12 @@ int Pager::flush(PagerWriteError* out) {
   std::lock_guard<std::mutex> lock(mu_);
   for (uint64_t g : gs) {
     set_st(g, kResident);
-    if (rc && !(state_[g] & kDirty)) {
+    const bool kept = rc && names(err, g);
+    if (kept && !(state_[g] & kDirty)) {
       state_[g] |= kDirty;
       dirty_++;
     }
-    if (!rc) state_[g] |= kBacked;
+    if (!kept) state_[g] |= kBacked;
   }
   if (rc) {
     stats_.write_errors++;
@@ -596,6 +663,26 @@ bool Pager::last_error(PagerWriteError* out) {
   std::lock_guard<std::mutex> lock(mu_);
   if (has_error_) *out = sticky_;
   return has_error_;
+}
+
+bool Pager::acknowledge_loss(PagerWriteError* out) {
+  std::lock_guard<std::mutex> wb(wb_mu_);  // no write-back holds a granule busy meanwhile
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!has_error_) return false;
+  *out = sticky_;
+  for (uint64_t g : sticky_.granules) {
+    if (g >= ngran_ || st(g) != kResident || !(state_[g] & kDirty)) continue;
+    // Dropped as an eviction drops (under mu_, so no write fault lifts a protection meanwhile):
+    // the next access faults and reads the file.
+    sys::advise(reinterpret_cast<void*>(addr_of(g)), cfg_.granule, MADV_DONTNEED);
+    state_[g] = absent(state_[g]);
+    dirty_--;
+    resident_--;
+    stats_.discarded++;
+  }
+  has_error_ = false;
+  sticky_ = {};
+  return true;
 }
 
 }  // namespace pm::engine

@@ -8,7 +8,9 @@
 //             preads the granule from the file and installs it write-protected (UFFDIO_COPY with
 //             MODE_WP); the first write to a clean granule is a WP fault that marks it dirty and
 //             lifts the protection. Dirty granules are written to the file (pwrite) on eviction,
-//             flush() and close().
+//             flush() and close(); with a swap_fd (write-back off) to that memfd on eviction only.
+//             A fill that reads short (the file was truncated) poisons the pages past its end, and
+//             write-back never writes past the file's current end (see docs/pager.md).
 //   shared    (tmpfs, memfd) the region maps the file itself, registered MISSING|MINOR: a MINOR
 //             fault maps the page cache's pages (UFFDIO_CONTINUE), a MISSING fault (a hole)
 //             allocates a zeroed page in the file. Writes land in the file's own pages, so
@@ -24,6 +26,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -43,6 +46,9 @@ struct PagerConfig {
   uint64_t granule = 4096;
   uint64_t page = 4096;
   int fd = -1;                  // owned: the file, or the anonymous mode's memfd
+  // Owned; private mode with write-back off: dirty granules are evicted to this memfd and filled
+  // back from it, so writes never reach the file (MAP_PRIVATE). -1: write-back to fd.
+  int swap_fd = -1;
   uint64_t file_offset = 0;
   PagerMode mode = PagerMode::kPrivate;
   uint64_t resident_limit = 0;  // granules; 0 = unbounded
@@ -61,6 +67,8 @@ struct PagerStats {
   uint64_t writebacks = 0, writeback_bytes = 0, waits = 0;
   uint64_t resident = 0, dirty = 0, limit = 0;
   uint64_t write_errors = 0, fill_errors = 0;
+  uint64_t short_fills = 0;  // fills that found the file shorter than at pager() (pages past its end poisoned)
+  uint64_t discarded = 0;    // dirty granules given up by acknowledge_loss()
   uint64_t fill_ns = 0, writeback_ns = 0;
 };
 
@@ -69,6 +77,9 @@ struct PagerWriteError {
   int err = 0;                  // -errno
   const char* syscall = "";
   std::vector<uint64_t> granules;
+  // Set when the granules hold data past the end of a file truncated under the pager (err is
+  // -ENXIO): write-back does not grow the file back over a truncation. The file's size then.
+  uint64_t file_size = UINT64_MAX;
 };
 
 class Pager : public sys::FaultHandler {
@@ -99,15 +110,23 @@ class Pager : public sys::FaultHandler {
   PagerStats stats();
   // The first write error not yet reported by flush() (sticky until a flush succeeds).
   bool last_error(PagerWriteError* out);
+  // Gives up the granules the sticky error kept dirty (dropped: their next access reads the file)
+  // and clears it, so that close() can succeed. false when there is no error.
+  bool acknowledge_loss(PagerWriteError* out);
   // Closes the descriptor; later faults are forwarded (the binding closes the userfaultfd first).
   void close();
 
  private:
   enum : uint8_t { kAbsent = 0, kFilling = 1, kResident = 2, kBusy = 3, kStateMask = 3,
-                   kDirty = 4, kRef = 8, kBacked = 16 };
+                   kDirty = 4, kRef = 8, kBacked = 16, kShort = 32 };
   uint8_t st(uint64_t g) const { return state_[g] & kStateMask; }
   void set_st(uint64_t g, uint8_t s) { state_[g] = static_cast<uint8_t>((state_[g] & ~kStateMask) | s); }
   uint64_t addr_of(uint64_t g) const { return cfg_.base + g * cfg_.granule; }
+  // The state bits an absent granule keeps: kBacked, and kShort with it when the copy is in the
+  // swap memfd (its refill poisons past the end it found again); from the file, a refill finds it.
+  uint8_t absent(uint8_t s) const {
+    return static_cast<uint8_t>(s & (cfg_.swap_fd >= 0 && (s & kBacked) ? kBacked | kShort : kBacked));
+  }
 
   int resolve_missing(int uffd, uint64_t g, uint64_t page_addr, bool write);
   int resolve_wp(int uffd, uint64_t g, uint64_t page_addr);
@@ -147,6 +166,9 @@ class Pager : public sys::FaultHandler {
   PagerStats stats_;
   uint64_t next_expected_ = UINT64_MAX, window_ = 0;
   PagerWriteError sticky_;
+  // Granules filled from a file shorter than at pager() (kShort): the file's bytes in them then.
+  // Write-back never writes past that (the pages past it are poisoned). Filled on that rare path only.
+  std::map<uint64_t, uint64_t> short_;
   bool has_error_ = false;
   // Signalled (under mu_) when a fill ends: flush() waits on it for fills whose faulter may
   // already have written (see flush()).

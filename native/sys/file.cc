@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/magic.h>
+#include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
 
@@ -31,6 +32,27 @@ int pread_full(int fd, void* buf, size_t len, uint64_t off) {
     len -= static_cast<size_t>(n);
   }
   return 0;
+}
+
+int64_t pread_upto(int fd, void* buf, size_t len, uint64_t off) {
+  auto* p = static_cast<uint8_t*>(buf);
+  size_t got = 0;
+  while (got < len) {
+    ssize_t n = ::pread(fd, p + got, len - got, static_cast<off_t>(off + got));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return neg_errno();
+    }
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  return static_cast<int64_t>(got);
+}
+
+int64_t file_size(int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return neg_errno();
+  return st.st_size;
 }
 
 int pwrite_full(int fd, const void* buf, size_t len, uint64_t off) {

@@ -10,6 +10,10 @@ namespace pm::sys {
 
 // Reads len bytes at off; bytes past end of file read as zeros (a page that straddles EOF).
 int pread_full(int fd, void* buf, size_t len, uint64_t off);
+// Reads up to len bytes at off, stopping only at end of file: the bytes read, or -errno.
+int64_t pread_upto(int fd, void* buf, size_t len, uint64_t off);
+// The file's size in bytes (fstat), or -errno.
+int64_t file_size(int fd);
 int pwrite_full(int fd, const void* buf, size_t len, uint64_t off);
 // One pwritev per call where the kernel takes it all; iov is consumed (modified) on short writes.
 int pwritev_full(int fd, struct iovec* iov, int iovcnt, uint64_t off);

@@ -198,7 +198,7 @@ export function targets(lib, ctx) {
           residentLimit: int([2 * PAGE, 4 * PAGE], [0, 1], { optional: true }),
           eviction: oneOf(['fifo', 'clock'], { optional: true }),
           prefetch: bool(),
-          writeback: oneOf(['confirmed', 'pagecache'], { optional: true }),
+          writeback: (r) => (r() < 0.8 ? oneOf(['confirmed', 'pagecache'], { optional: true })(r) : { value: false, kind: 'valid' }),
           workers: int([1, 2], [0, 65], { optional: true }),
           offset: int([0, PAGE], [1, 2 ** 40], { optional: true }),
           length: int([4 * PAGE], [0, 1, 2 ** 40], { optional: true }),
@@ -511,6 +511,7 @@ export function targets(lib, ctx) {
       ['access', [options({ offset: int(SMALL, FAR, { optional: true }), length: int([8, PAGE], FAR, { optional: true }), op: oneOf(['read', 'write', 'rmw', 'verify'], { optional: true }), ops: int([1, 16], [0], { optional: true }), threads: int([1, 2], [0, 65], { optional: true }) })]],
       ['prefetch', [int(SMALL, FAR), int(LEN, [0, 2 ** 40])]],
       ['flush', []],
+      ['acknowledgeLoss', []],
       ['stats', []],
       ['close', []],
     ].map(([m, params]) =>
