@@ -174,6 +174,9 @@ options:
   --cells SPEC   pager: only the cells whose label, as the progress shows it, holds every word of
                  SPEC; a comma between patterns means or. E.g. --cells '2M x2 25%',
                  --cells 'disk rand-write, write-back tmpfs'
+  --writeback M  pager: the pager's write-back of evicted granules: pagecache (default: clean once
+                 pwrite returned, as the C pager does) or confirmed (the pager's own default: clean
+                 once on disk; what the write-error guarantee costs)
   --out DIR      where the reports go (default ./results)
   --quick        a smoke-sized run: --pages ${QUICK.pages} --reps ${QUICK.reps} --size ${QUICK.size >> 20}M unless given
   --json         the results (every report's environment and data) as JSON on stdout; the
@@ -362,6 +365,7 @@ const COMMANDS: Record<string, Command> = {
           out: { type: 'string' },
           quick: { type: 'boolean' },
           cells: { type: 'string' },
+          writeback: { type: 'string' },
           json: { type: 'boolean' },
           'no-pin': { type: 'boolean' },
           quiet: { type: 'boolean' },
@@ -397,6 +401,10 @@ const COMMANDS: Record<string, Command> = {
           throw new UsageError(`--${(err as Error).message}`, 'bench');
         }
       }
+      if (values.writeback !== undefined) {
+        if (positionals.length && !positionals.includes('pager')) throw new UsageError('--writeback applies to the pager suite: name it (bench pager --writeback ...)', 'bench');
+        if (values.writeback !== 'pagecache' && values.writeback !== 'confirmed') throw new UsageError(`--writeback must be pagecache or confirmed, got '${values.writeback}'`, 'bench');
+      }
       const r = await runBench({
         suites: (positionals.length ? [...new Set(positionals)] : [...SUITES]) as (typeof SUITES)[number][],
         out: values.out ?? 'results',
@@ -408,6 +416,7 @@ const COMMANDS: Record<string, Command> = {
         dir: values.dir,
         quick,
         cells: values.cells,
+        writeback: values.writeback as 'pagecache' | 'confirmed' | undefined,
         version: version(),
         links: values.link ? ([...new Set(values.link)] as (keyof typeof LINK_PRESETS)[]) : undefined,
       });

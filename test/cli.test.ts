@@ -122,6 +122,8 @@ describe('command line: help, version, strict flags', () => {
     [['bench', 'pager', '--cells', 'write-back x2'], /--cells: 'write-back x2' matches no cell/],
     [['bench', 'pager', '--cells', 'tmpfs,'], /--cells has an empty pattern/],
     [['bench', 'faults', '--cells', '2M'], /--cells applies to the pager suite/],
+    [['bench', 'pager', '--writeback', 'bogus'], /--writeback must be pagecache or confirmed, got 'bogus'/],
+    [['bench', 'faults', '--writeback', 'confirmed'], /--writeback applies to the pager suite/],
     [['probe', '--frob'], /unknown option '--frob'/],
     [['probe', 'extra'], /unexpected argument 'extra'/],
     [['demo', '--jsn'], /unknown option '--jsn'/],

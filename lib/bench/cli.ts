@@ -34,6 +34,8 @@ export interface BenchOptions {
   links?: LinkPreset[];
   /** pager suite: only these cells (see PagerBenchOptions.cells). */
   cells?: string;
+  /** pager suite: the pager's writeback mode (see PagerBenchOptions.writeback). */
+  writeback?: 'pagecache' | 'confirmed';
 }
 
 /** One line per suite for `pagemirror bench --help` (a suite without one is listed bare). */
@@ -437,7 +439,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       summary.push(textTable(table));
     }
     if (suite === 'pager') {
-      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quick: o.quick, cells: o.cells, quiet: o.quiet, out: o.out, stamp, version: o.version });
+      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quick: o.quick, cells: o.cells, writeback: o.writeback, quiet: o.quiet, out: o.out, stamp, version: o.version });
       files.push(...r.files);
       summary.push(r.summary);
     }
