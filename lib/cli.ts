@@ -344,7 +344,7 @@ function formatRun(r: import('./run.js').RunResult): string {
   return [
     `pagemirror run: ${path.basename(r.program)} exited ${r.signal ? `on ${r.signal}` : r.exitCode} after ${r.wallMs.toFixed(0)} ms${r.wallMsWithoutShim !== undefined ? ` (${r.wallMsWithoutShim.toFixed(0)} ms without the shim)` : ''}`,
     `  attached: ${r.processes} process(es), ${r.ranges.length} range(s), ${mib(r.attachedBytes / 4096)}; peak resident ${mib(r.peakResidentPages)}${r.residentLimitPages !== undefined ? ` (limit ${mib(r.residentLimitPages)})` : ''}`,
-    `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; other ${r.faults.other})`,
+    `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; before their rule ${r.faults.fallback}; other ${r.faults.other})`,
     `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, release ${r.migrations.toHost.release})`,
     `  pages dirtied under write protection (WP faults): ${r.pagesDirtied}${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
     ...r.notes.map((n) => `  note: ${n}`),

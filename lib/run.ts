@@ -88,7 +88,12 @@ export interface RunResult {
   wallMsWithoutShim?: number;
   processes: number;
   attachedBytes: number;
-  faults: { total: number; missingZero: number; missingFromDevice: number; minor: number; wp: number; retried: number; other: number };
+  /**
+   * Faults by kind and how they were resolved. `fallback`: faults the server's default rule had not
+   * yet covered (a range registered a moment before its rule was installed), zero-filled by the
+   * service's fallback; `other` is what none of these explains (0 when the counters agree).
+   */
+  faults: { total: number; missingZero: number; missingFromDevice: number; minor: number; wp: number; retried: number; fallback: number; other: number };
   migrations: {
     toDevice: { total: number; residentLimit: number };
     toHost: { total: number; cpuFault: number; release: number };
@@ -245,6 +250,7 @@ export async function runAttached(o: RunOptions, onServer?: (s: FaultServer) => 
   const minor = sum((c) => c.counters().continued);
   const wp = sum((c) => c.counters().unprotected);
   const retried = sum((c) => c.counters().retried);
+  const fallback = sum((c) => c.stats().forwarded);
   const cpuFault = restored - release;
   let wallMsWithoutShim: number | undefined;
   if (o.compare) {
@@ -265,7 +271,7 @@ export async function runAttached(o: RunOptions, onServer?: (s: FaultServer) => 
     ...(wallMsWithoutShim !== undefined ? { wallMsWithoutShim } : {}),
     processes: all.length,
     attachedBytes: [...rangeInfo.values()].reduce((n, r) => n + r.bytes, 0),
-    faults: { total, missingZero, missingFromDevice: cpuFault, minor, wp, retried, other: total - missingZero - cpuFault - minor - wp - retried },
+    faults: { total, missingZero, missingFromDevice: cpuFault, minor, wp, retried, fallback, other: total - missingZero - cpuFault - minor - wp - retried - fallback },
     migrations: { toDevice: { total: sum((c) => c.counters().evicted), residentLimit: evictedByLimit }, toHost: { total: restored, cpuFault, release } },
     pagesDirtied: wp,
     ...(limit !== undefined ? { residentLimitPages: limit } : {}),

@@ -287,14 +287,19 @@ void *realloc(void *p, size_t n) {
  * those ranges (new large mappings are attached again); the child never attaches. */
 static void before_fork(void) {
   pthread_mutex_lock(&mu);
-  while (nregions && release(0, 1) == 0) {
+  /* release() removes a direct mapping's entry and keeps a malloc block's (unattached). */
+  for (size_t i = 0; i < nregions;) {
+    if (!regions[i].attached) {
+      i++;
+    } else if (release(i, 1)) {
+      say("fork: a range could not be taken back from the server; the child shares it", 0);
+      i++;
+    }
   }
-  if (nregions) say("fork: a range could not be taken back from the server", 0);
 }
 static void after_fork_parent(void) { pthread_mutex_unlock(&mu); }
 static void after_fork_child(void) {
-  disabled = 1;
-  nregions = 0;
+  disabled = 1; /* released blocks stay listed: free() must still recognise them */
   pthread_mutex_unlock(&mu);
 }
 
