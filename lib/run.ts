@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { helperPath } from './addon-path.js';
-import type { FaultServer, RemoteClient } from './server.js';
+import type { RemoteClient } from './server.js';
 import { lineChartSvg, writeReport } from './bench/report.js';
 import { benchEnv } from './bench/env.js';
 
@@ -122,7 +122,7 @@ function presentPages(fd: number, address: bigint, length: number, buf: Buffer):
 }
 
 /** Runs the program attached and returns what happened; stdio is the caller's. */
-export async function runAttached(o: RunOptions, onServer?: (s: FaultServer) => void): Promise<RunResult> {
+export async function runAttached(o: RunOptions): Promise<RunResult> {
   const { FaultServer } = await import('./server.js');
   const shim = helperPath('pagemirror_preload.so');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-run-'));
@@ -146,6 +146,15 @@ export async function runAttached(o: RunOptions, onServer?: (s: FaultServer) => 
     if (!info) rangeInfo.set(rk, (info = { pid: c.pid, address: '0x' + r.address.toString(16), bytes: r.length, peakResidentPages: 0, migratedToDevice: 0 }));
     return info;
   };
+  // The server warns of each fault resolved by its fallback: a fault on a range in the moment
+  // before its rule was installed, zero-filled, which is right for new memory. It is counted
+  // (faults.fallback); as a warning it would land in the middle of the program's stderr.
+  const printers = process.listeners('warning');
+  process.removeAllListeners('warning');
+  const onWarning = (w: Error) => {
+    if (!/faults resolved by the fallback/.test(w.message)) for (const f of printers) f(w);
+  };
+  process.on('warning', onWarning);
   const server = await FaultServer.listen(sock, {
     maxClients: 1024,
     onRanges: (c) => c.ranges.forEach((r) => rangeOf(c, r)),
@@ -164,7 +173,12 @@ export async function runAttached(o: RunOptions, onServer?: (s: FaultServer) => 
       for (const [k, v] of fifo) if (v.c === c) fifo.delete(k);
     },
   });
-  onServer?.(server);
+  const shutdown = async () => {
+    await server.close();
+    process.off('warning', onWarning);
+    for (const f of printers) process.on('warning', f);
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
   const started = process.hrtime.bigint();
   const sample = () => {
     let resident = 0;
@@ -233,14 +247,16 @@ export async function runAttached(o: RunOptions, onServer?: (s: FaultServer) => 
         resolve(signal ? { code: 128 + (os.constants.signals[signal] ?? 0), signal } : { code: code ?? 1 }),
       );
     });
+  } catch (err) {
+    await shutdown();
+    throw err;
   } finally {
     clearInterval(timer);
   }
   const wallMs = Number(process.hrtime.bigint() - started) / 1e6;
   // The last clients' exits arrive from the server's I/O thread: wait for them briefly.
   for (let i = 0; i < 200 && server.clients.length; i++) await new Promise((r) => setTimeout(r, 10));
-  await server.close();
-  fs.rmSync(dir, { recursive: true, force: true });
+  await shutdown();
   const all = [...server.exited];
   const sum = (f: (c: RemoteClient) => number) => all.reduce((n, c) => n + f(c), 0);
   const restored = sum((c) => c.counters().restored);

@@ -135,6 +135,8 @@ describe('pagemirror run', () => {
     expect(run.stdout.toString()).toBe(out);
     checkConsistent(report, err);
     expect(report!.migrations.toHost.release).toBeGreaterThan(0);
+    // The program's stderr is its own: no server warnings in it.
+    expect(err).not.toMatch(/Warning/);
   });
 
   it('propagates the exit status and a signal as 128 + signal', { timeout: 60_000 }, (ctx) => {
