@@ -92,6 +92,16 @@
       "dependencies": ["pagemirror_client"],
       "libraries": ["-pthread"],
       "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra"]
+    },
+    {
+      "target_name": "pagemirror_preload",
+      "type": "shared_library",
+      "product_extension": "so",
+      "sources": ["native/client/preload.c"],
+      "ldflags": ["-Wl,--exclude-libs,ALL"],
+      "dependencies": ["pagemirror_client"],
+      "libraries": ["-pthread"],
+      "cflags": ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fPIC"]
     }
   ]
 }

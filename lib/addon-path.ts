@@ -56,8 +56,8 @@ export function loadAddon(): unknown {
   }
 }
 
-/** A C benchmark executable built with the addon (`uffd_baseline`, `pager_c`). */
-export function helperPath(name: 'uffd_baseline' | 'pager_c'): string {
+/** A native file built with the addon (the C benchmarks `uffd_baseline`, `pager_c`; the preload shim). */
+export function helperPath(name: 'uffd_baseline' | 'pager_c' | 'pagemirror_preload.so'): string {
   const dirs = [path.join('build', 'Release'), path.join('build', 'Debug'), path.join('prebuilds', platformArch)];
   for (const d of dirs) {
     const p = path.join(packageRoot, d, name);

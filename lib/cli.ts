@@ -251,20 +251,20 @@ function list<T>(flag: string, v: string | undefined, one: (x: string) => T): (T
   return [...new Set(items)].map(one);
 }
 
-function choice<T extends string>(flag: string, allowed: readonly T[]): (x: string) => T {
+function choice<T extends string>(flag: string, allowed: readonly T[], command = 'replay'): (x: string) => T {
   return (x) => {
-    if (!(allowed as readonly string[]).includes(x)) throw new UsageError(`--${flag} must be ${allowed.join(', ')}, got '${x}'`, 'replay');
+    if (!(allowed as readonly string[]).includes(x)) throw new UsageError(`--${flag} must be ${allowed.join(', ')}, got '${x}'`, command);
     return x as T;
   };
 }
 
 /** A size in bytes (K/M/G suffixes, binary), a whole number of pages. */
-function pageBytes(flag: string): (x: string) => number {
+function pageBytes(flag: string, command = 'replay'): (x: string) => number {
   return (x) => {
     const m = /^(\d+)(?:([KMG])(?:i?B)?)?$/i.exec(x);
     const n = m ? Number(m[1]) * 1024 ** ' KMG'.indexOf((m[2] ?? ' ').toUpperCase()) : NaN;
     const page = 4096;
-    if (!(n >= page) || n % page || n > os.totalmem()) throw new UsageError(`--${flag} must be a size in whole pages up to this machine's memory (e.g. 65536, 256K, 4M), got '${x}'`, 'replay');
+    if (!(n >= page) || n % page || n > os.totalmem()) throw new UsageError(`--${flag} must be a size in whole pages up to this machine's memory (e.g. 65536, 256K, 4M), got '${x}'`, command);
     return n;
   };
 }
@@ -274,6 +274,84 @@ function count(flag: string, max: number): (x: string) => number {
     if (!/^\d+$/.test(x) || Number(x) < 1 || Number(x) > max) throw new UsageError(`--${flag} must be from 1 to ${max}, got '${x}'`, 'replay');
     return Number(x);
   };
+}
+
+const RUN_HELP = `usage: pagemirror run [options] -- PROGRAM [ARGS...]
+
+Runs an unmodified, dynamically linked PROGRAM with the preload shim (pagemirror_preload.so,
+docs/attach.md): its large allocations and anonymous mappings are handed to a fault server on a
+private socket, which keeps at most --resident of them in host memory and migrates the rest to
+"device memory" (the process's pool); a CPU access brings a page back. stdin, stdout and stderr are
+the program's; the exit status is the program's (128 + signal if a signal ended it), or 1 if
+nothing could be attached. Static and set-user-ID/set-group-ID programs are refused: no preload
+reaches them. A report (faults by kind, migrations both ways with their triggers, pages dirtied,
+the resident set over time, per range) goes to stderr, or to --out as JSON and HTML.
+
+options:
+  --resident SIZE       host resident-set limit over all attached memory (K/M/G; default: none)
+  --device-memory SIZE  pool of each process (default 64M)
+  --threshold SIZE      attach allocations of at least SIZE (default 1M)
+  --eviction POLICY     which resident pages go first: fifo (default)
+  --interval MS         sample the resident set (and enforce the limit) every MS ms (1-1000, default 10)
+  --compare             also run PROGRAM without the shim (output discarded) and report both times
+  --out DIR             write run-<time>.json and .html into DIR
+  --json                the report as JSON on stderr
+  -h, --help            this text
+
+${EXIT_CODES}
+`;
+
+async function runCommand(args: string[]): Promise<number> {
+  const dash = args.indexOf('--');
+  const { values } = parse(
+    'run',
+    dash < 0 ? args : args.slice(0, dash),
+    {
+      resident: { type: 'string' },
+      'device-memory': { type: 'string' },
+      threshold: { type: 'string' },
+      eviction: { type: 'string' },
+      interval: { type: 'string' },
+      compare: { type: 'boolean' },
+      out: { type: 'string' },
+      json: { type: 'boolean' },
+    },
+    false,
+  );
+  if (values.help) return help('run');
+  const argv = dash < 0 ? [] : args.slice(dash + 1);
+  if (!argv.length) throw new UsageError('PROGRAM is required after --', 'run');
+  const size = (flag: string, v: string | undefined, dflt: number) => (v === undefined ? dflt : pageBytes(flag, 'run')(v));
+  const resident = values.resident === undefined ? undefined : size('resident', values.resident, 0);
+  const deviceMemory = size('device-memory', values['device-memory'], 64 << 20);
+  const threshold = size('threshold', values.threshold, 1 << 20);
+  const eviction = choice('eviction', ['fifo'] as const, 'run')(values.eviction ?? 'fifo');
+  const intervalMs = values.interval === undefined ? 10 : count('interval', 1000)(values.interval);
+  const { refusal, resolveProgram, runAttached, writeRunReport } = await import('./run.js');
+  const program = resolveProgram(argv[0]!);
+  if (!program) throw Object.assign(new Error(`${argv[0]}: no such executable (looked in PATH)`), { code: 'ENOENT' });
+  const refused = refusal(program);
+  if (refused) throw Object.assign(new Error(`refused: ${refused}`), { code: 'ERR_PAGEMIRROR_NOT_ATTACHABLE' });
+  const r = await runAttached({ program, args: argv.slice(1), resident, deviceMemory, threshold, eviction, intervalMs, compare: values.compare === true });
+  const files = values.out ? writeRunReport(values.out, r, version()) : undefined;
+  process.stderr.write(values.json ? JSON.stringify({ ...r, ...(files ? { files } : {}) }) + '\n' : formatRun(r) + (files ? `written: ${files.json} ${files.html}\n` : ''));
+  if (r.processes === 0) {
+    process.stderr.write('pagemirror run: nothing was attached (no process connected and registered memory): see the line above from the shim, or lower --threshold\n');
+    return EXIT_FAILURE;
+  }
+  return r.exitCode;
+}
+
+function formatRun(r: import('./run.js').RunResult): string {
+  const mib = (pages: number) => `${((pages * 4096) / 2 ** 20).toFixed(1)} MiB`;
+  return [
+    `pagemirror run: ${path.basename(r.program)} exited ${r.signal ? `on ${r.signal}` : r.exitCode} after ${r.wallMs.toFixed(0)} ms${r.wallMsWithoutShim !== undefined ? ` (${r.wallMsWithoutShim.toFixed(0)} ms without the shim)` : ''}`,
+    `  attached: ${r.processes} process(es), ${r.ranges.length} range(s), ${mib(r.attachedBytes / 4096)}; peak resident ${mib(r.peakResidentPages)}${r.residentLimitPages !== undefined ? ` (limit ${mib(r.residentLimitPages)})` : ''}`,
+    `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; before their rule ${r.faults.fallback}; other ${r.faults.other})`,
+    `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, release ${r.migrations.toHost.release})`,
+    `  pages dirtied under write protection (WP faults): ${r.pagesDirtied}${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
+    ...r.notes.map((n) => `  note: ${n}`),
+  ].join('\n') + '\n';
 }
 
 async function serve(args: string[]): Promise<number> {
@@ -493,6 +571,11 @@ const COMMANDS: Record<string, Command> = {
     summary: "serve other processes' page faults over a Unix socket (the C client library)",
     help: async () => SERVE_HELP,
     run: serve,
+  },
+  run: {
+    summary: 'run an unmodified program attached to a fault server (preload shim) and report',
+    help: async () => RUN_HELP,
+    run: runCommand,
   },
 };
 

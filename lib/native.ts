@@ -507,7 +507,7 @@ export interface NativeRemoteRange {
 export interface NativeRemoteClient {
   info(): { id: number; pid: number; uid: number; gid: number; fd: number; features: bigint; poolPages: number; poolHeld: number; ranges: NativeRemoteRange[] };
   evict(address: bigint, length: number): number;
-  counters(): { evicted: number; restored: number; zeroFilled: number; continued: number; unprotected: number; retried: number };
+  counters(): { evicted: number; restored: number; restoredOnRelease: number; zeroFilled: number; continued: number; unprotected: number; retried: number };
   release(): void;
 }
 export interface NativeServerEvent {

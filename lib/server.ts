@@ -52,6 +52,8 @@ export interface RemoteClientCounters {
   evicted: number;
   /** Pages brought back from the pool (a fault on them, or an UNREGISTER). */
   restored: number;
+  /** Of those, pages brought back because the client took their range back (UNREGISTER). */
+  restoredOnRelease: number;
   /** Missing faults the default policy resolved with a zero page. */
   zeroFilled: number;
   /** Minor faults continued. */

@@ -23,6 +23,8 @@ export interface BarGroup {
 export interface ChartOptions {
   /** A fixed colour per series name (e.g. one per strategy, the same in every chart); the rest take the palette in order. */
   colors?: Record<string, string>;
+  /** Line charts: a linear x axis whatever its span (time from 0). */
+  linearX?: boolean;
 }
 
 // Ten colours a person tells apart, so a chart of up to ten series never repeats one.
@@ -263,7 +265,7 @@ export function lineChartSvg(title: string, xLabel: string, yLabel: string, seri
   const ys = series.flatMap((s) => s.points.flatMap((p) => [p.y, p.max ?? p.y]));
   const xMin = Math.min(...xs);
   const xMax = Math.max(...xs, xMin * 2);
-  const logX = xMax / xMin > 16;
+  const logX = !opts.linearX && xMax / xMin > 16;
   const yPos = ys.filter((v) => v > 0);
   const logY = yPos.length > 0 && Math.max(...yPos) / Math.min(...yPos) > 30;
   const yMax = Math.max(...ys, 1e-9) * 1.1;

@@ -103,6 +103,7 @@ Napi::Value RemoteClientWrap::Counters(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("evicted", static_cast<double>(c.evicted));
   o.Set("restored", static_cast<double>(c.restored));
+  o.Set("restoredOnRelease", static_cast<double>(c.released));
   o.Set("zeroFilled", static_cast<double>(c.zero_filled));
   o.Set("continued", static_cast<double>(c.continued));
   o.Set("unprotected", static_cast<double>(c.unprotected));

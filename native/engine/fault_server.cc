@@ -195,7 +195,10 @@ void RemoteClient::bring_home(const RemoteRange& r) {
     const uint64_t off = r.offset + (it->first - r.addr);
     // Written through the file, not through the client's registered mapping: present wins.
     if (r.memfd >= 0 && sys::has_data(r.memfd, off) == 0) {
-      if (sys::pwrite_full(r.memfd, slots_ + slot * page_, page_, off) == 0) counters_.restored++;
+      if (sys::pwrite_full(r.memfd, slots_ + slot * page_, page_, off) == 0) {
+        counters_.restored++;
+        counters_.released++;
+      }
     }
     __atomic_store_n(&table_[slot], 0, __ATOMIC_RELEASE);
     free_.push_back(slot);

@@ -44,6 +44,7 @@ class RemoteClient : public sys::FaultHandler {
   struct Counters {
     uint64_t evicted = 0;      // pages taken to the pool
     uint64_t restored = 0;     // pages brought back from the pool (a fault, or an unregister)
+    uint64_t released = 0;     // of those, by an unregister (the client took the range back)
     uint64_t zero_filled = 0;  // missing faults resolved with a zero page
     uint64_t continued = 0;    // minor faults resolved with UFFDIO_CONTINUE
     uint64_t unprotected = 0;  // WP faults resolved by lifting the protection

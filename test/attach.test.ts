@@ -1,0 +1,213 @@
+// pagemirror run and the preload shim (docs/attach.md): unmodified programs attached to a fault
+// server under a resident-set limit small enough to migrate pages both ways, their output compared
+// byte for byte with a run without the shim; what a program may do to attached memory (fork,
+// munmap, mremap, madvise, realloc); refusals of what no preload reaches.
+import { describe, it, expect } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { P, FIXTURES_DIR, requireCap } from './helpers.js';
+
+const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
+const cli = path.join(root, 'dist', 'cli.js');
+const shim = path.join(root, 'build', 'Release', 'pagemirror_preload.so');
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'pm-attach-test-'));
+// The interpreter itself, not a launcher script (pyenv's shims run a shell first, which would be
+// attached, and say so, too).
+const py = spawnSync('python3', ['-c', 'import sys; print(sys.executable)'], { encoding: 'utf8' });
+const python = py.status === 0 ? py.stdout.trim() : undefined;
+
+interface Report {
+  exitCode: number;
+  processes: number;
+  faults: { total: number; missingZero: number; missingFromDevice: number; minor: number; wp: number; retried: number; fallback: number; other: number };
+  migrations: { toDevice: { total: number; residentLimit: number }; toHost: { total: number; cpuFault: number; release: number } };
+  samples: unknown[];
+  ranges: unknown[];
+}
+
+function needServing(ctx: { skip: (note?: string) => void }): void {
+  requireCap(ctx, P.experiments.uffd, 'userfaultfd');
+  // Migration to the pool needs MISSING and WP on shared memory (the client's memfd).
+  requireCap(ctx, P.experiments.fileCpuFaults, 'userfaultfd on shared memory');
+}
+
+function cc(ctx: { skip: (note?: string) => void }, out: string, src: string, extra: string[] = []): void {
+  const r = spawnSync('cc', ['-O2', '-o', out, src, ...extra], { encoding: 'utf8', timeout: 60_000 });
+  if (r.error || r.status !== 0) ctx.skip(`cannot compile with the system cc: ${r.error?.message ?? r.stderr.split('\n')[0]}`);
+}
+
+/** The program alone, then under pagemirror run with the report as JSON on stderr. */
+function both(argv: string[], runFlags: string[], opts: { input?: string; cwd?: string } = {}) {
+  const plain = spawnSync(argv[0]!, argv.slice(1), { cwd: opts.cwd ?? tmp, input: opts.input, timeout: 120_000, maxBuffer: 1 << 30 });
+  const run = spawnSync(process.execPath, [cli, 'run', '--json', ...runFlags, '--', ...argv], { cwd: opts.cwd ?? tmp, input: opts.input, timeout: 180_000, maxBuffer: 1 << 30 });
+  const err = run.stderr.toString();
+  const line = err.split('\n').filter((l) => l.startsWith('{')).pop();
+  return { plain, run, err, report: line ? (JSON.parse(line) as Report) : undefined };
+}
+
+/** The counters agree with each other and show migration both ways. */
+function checkConsistent(r: Report | undefined, err: string): void {
+  expect(r, err).toBeDefined();
+  const f = r!.faults;
+  expect(r!.processes).toBeGreaterThan(0);
+  expect(f.other, JSON.stringify(f)).toBe(0);
+  expect(f.missingZero + f.missingFromDevice + f.minor + f.wp + f.retried + f.fallback).toBe(f.total);
+  expect(r!.migrations.toDevice.total).toBeGreaterThan(0);
+  expect(r!.migrations.toDevice.residentLimit).toBe(r!.migrations.toDevice.total);
+  expect(r!.migrations.toHost.cpuFault).toBeGreaterThan(0);
+  expect(r!.migrations.toHost.cpuFault).toBe(f.missingFromDevice);
+  expect(r!.migrations.toHost.cpuFault + r!.migrations.toHost.release).toBe(r!.migrations.toHost.total);
+  // Every page taken away came back: by a fault, or when the program released its range.
+  expect(r!.migrations.toHost.total).toBeLessThanOrEqual(r!.migrations.toDevice.total);
+  expect(r!.samples.length).toBeGreaterThan(0);
+  expect(r!.ranges.length).toBeGreaterThan(0);
+}
+
+describe('pagemirror run', () => {
+  it('sorts a 24 MiB file with GNU sort attached, byte for byte as without the shim', { timeout: 300_000 }, (ctx) => {
+    needServing(ctx);
+    if (spawnSync('sort', ['--version']).status !== 0) ctx.skip('no sort on PATH');
+    const lines: string[] = [];
+    let x = 12345;
+    let size = 0;
+    while (size < 24 << 20) {
+      x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+      const l = `${x.toString(16).padStart(8, '0')} ${(x % 99991).toString().padStart(5, '0')} ${'abcdefghij'.slice(x % 10)}`;
+      lines.push(l);
+      size += l.length + 1;
+    }
+    const input = path.join(tmp, 'sort.in');
+    fs.writeFileSync(input, lines.join('\n') + '\n');
+    const { plain, run, err, report } = both(['sort', '-S', '16M', '--parallel=1', input], ['--resident', '8M', '--threshold', '1M']);
+    expect(plain.status).toBe(0);
+    expect(run.status, err.slice(0, 2000)).toBe(0);
+    expect(run.stdout.length).toBe(plain.stdout.length);
+    expect(Buffer.compare(run.stdout, plain.stdout)).toBe(0);
+    checkConsistent(report, err);
+  });
+
+  it('runs a C matrix multiply attached, same output', { timeout: 300_000 }, (ctx) => {
+    needServing(ctx);
+    const exe = path.join(tmp, 'matmul');
+    cc(ctx, exe, path.join(FIXTURES_DIR, 'matmul.c'));
+    const { plain, run, err, report } = both([exe, '384'], ['--resident', '1M', '--threshold', '256K']);
+    expect(plain.status).toBe(0);
+    expect(run.status, err.slice(0, 2000)).toBe(0);
+    expect(run.stdout.toString()).toBe(plain.stdout.toString());
+    checkConsistent(report, err);
+  });
+
+  it('runs a python3 numeric program attached, same output', { timeout: 300_000 }, (ctx) => {
+    needServing(ctx);
+    if (!python) ctx.skip('no python3 on PATH');
+    const prog = [
+      'import array',
+      'n = 1 << 20',
+      "a = array.array('d', (float(i % 1000) for i in range(n)))",
+      "b = array.array('q', range(n))",
+      'for r in range(2):',
+      '    s = 0.0',
+      '    for i in range(0, n, 7): a[i] = a[i] * 1.5 + b[(i * 31) % n] % 13; s += a[i]',
+      "    print(r, f'{s:.6f}', sum(b[::4096]))",
+    ].join('\n');
+    const { plain, run, err, report } = both([python!, '-c', prog], ['--resident', '4M', '--threshold', '1M']);
+    expect(plain.status, plain.stderr.toString()).toBe(0);
+    expect(run.status, err.slice(0, 2000)).toBe(0);
+    expect(run.stdout.toString()).toBe(plain.stdout.toString());
+    checkConsistent(report, err);
+  });
+
+  it('fork, munmap, mremap, madvise, realloc and calloc of attached memory behave as without the shim', { timeout: 120_000 }, (ctx) => {
+    needServing(ctx);
+    const exe = path.join(tmp, 'attach-ops');
+    cc(ctx, exe, path.join(FIXTURES_DIR, 'attach-ops.c'));
+    const { plain, run, err, report } = both([exe], ['--resident', '1M', '--threshold', '1M']);
+    expect(plain.status).toBe(0);
+    const out = plain.stdout.toString();
+    // The checks hold without the shim (else the fixture is wrong) ...
+    expect(out).not.toMatch(/(kept|zero|zeros|data|usable) 0\b|exited [^0]/);
+    expect(out.split('\n').filter(Boolean)).toHaveLength(7);
+    // ... and with it.
+    expect(run.status, err.slice(0, 2000)).toBe(0);
+    expect(run.stdout.toString()).toBe(out);
+    checkConsistent(report, err);
+    expect(report!.migrations.toHost.release).toBeGreaterThan(0);
+    // The program's stderr is its own: no server warnings in it.
+    expect(err).not.toMatch(/Warning/);
+  });
+
+  it('propagates the exit status and a signal as 128 + signal', { timeout: 60_000 }, (ctx) => {
+    needServing(ctx);
+    const prog = 'import os, signal, sys\nb = bytearray(4 << 20)\nb[0] = 1\nif sys.argv[1] == "kill": os.kill(os.getpid(), signal.SIGTERM)\nsys.exit(7)';
+    if (!python) ctx.skip('no python3 on PATH');
+    const seven = spawnSync(process.execPath, [cli, 'run', '--', python!, '-c', prog, 'exit'], { encoding: 'utf8', timeout: 60_000 });
+    expect(seven.status, seven.stderr).toBe(7);
+    const killed = spawnSync(process.execPath, [cli, 'run', '--', python!, '-c', prog, 'kill'], { encoding: 'utf8', timeout: 60_000 });
+    expect(killed.status, killed.stderr).toBe(128 + os.constants.signals.SIGTERM);
+  });
+
+  it('writes the report as JSON and HTML with --out', { timeout: 60_000 }, (ctx) => {
+    needServing(ctx);
+    if (!python) ctx.skip('no python3 on PATH');
+    const out = path.join(tmp, 'report');
+    const r = spawnSync(process.execPath, [cli, 'run', '--out', out, '--', python!, '-c', 'b = bytearray(8 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1'], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status, r.stderr).toBe(0);
+    const files = fs.readdirSync(out);
+    expect(files.filter((f) => f.endsWith('.json'))).toHaveLength(1);
+    expect(files.filter((f) => f.endsWith('.html'))).toHaveLength(1);
+    const json = JSON.parse(fs.readFileSync(path.join(out, files.find((f) => f.endsWith('.json'))!), 'utf8')) as { data: Report };
+    expect(json.data.faults.total).toBeGreaterThan(0);
+    expect(fs.readFileSync(path.join(out, files.find((f) => f.endsWith('.html'))!), 'utf8')).toContain('Resident set over time');
+  });
+
+  it('fails with exit 1 when nothing was attached', { timeout: 60_000 }, () => {
+    const r = spawnSync(process.execPath, [cli, 'run', '--threshold', '1G', '--', 'true'], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/nothing was attached/);
+  });
+
+  it('refuses a set-user-ID program', { timeout: 60_000 }, () => {
+    const exe = path.join(tmp, 'suid-true');
+    fs.copyFileSync(fs.realpathSync('/bin/true'), exe);
+    fs.chmodSync(exe, 0o4755);
+    const r = spawnSync(process.execPath, [cli, 'run', '--', exe], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/ERR_PAGEMIRROR_NOT_ATTACHABLE: refused: .*set-user-ID/);
+  });
+
+  it('refuses a statically linked program', { timeout: 120_000 }, (ctx) => {
+    const exe = path.join(tmp, 'static-true');
+    fs.writeFileSync(path.join(tmp, 'static.c'), 'int main(void) { return 0; }\n');
+    cc(ctx, exe, path.join(tmp, 'static.c'), ['-static']);
+    const r = spawnSync(process.execPath, [cli, 'run', '--', exe], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/ERR_PAGEMIRROR_NOT_ATTACHABLE: refused: .*statically linked/);
+  });
+
+  it('usage errors exit 2', { timeout: 30_000 }, () => {
+    for (const args of [['run'], ['run', '--resident', '3', '--', 'true'], ['run', '--eviction', 'mru', '--', 'true'], ['run', '--bogus', '--', 'true']]) {
+      const r = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8', timeout: 30_000 });
+      expect(r.status, args.join(' ')).toBe(2);
+    }
+    expect(spawnSync(process.execPath, [cli, 'run', '--help'], { encoding: 'utf8' }).stdout).toMatch(/usage: pagemirror run/);
+  });
+});
+
+describe('the preload shim', () => {
+  it('lets the program run unattached, saying so once, when the server is unreachable', { timeout: 60_000 }, (ctx) => {
+    if (!python) ctx.skip('no python3 on PATH');
+    const r = spawnSync(python!, ['-c', 'b = bytearray(8 << 20)\nb[-1] = 5\nprint(sum(b))'], {
+      encoding: 'utf8',
+      timeout: 60_000,
+      env: { ...process.env, LD_PRELOAD: shim, PAGEMIRROR_SOCKET: path.join(tmp, 'nobody-here.sock') },
+    });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toBe('5\n');
+    const lines = r.stderr.split('\n').filter((l) => l.startsWith('pagemirror:'));
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(/not attached: cannot connect to the fault server/);
+  });
+});
