@@ -6,7 +6,7 @@ import { native, type NativeFaultServer, type NativeRemoteClient, type NativeSer
 import { REGISTER_MODES, type RegisterMode } from './constants.js';
 import { checkInteger, checkOneOf, stateError, typeError } from './errors.js';
 import { checkFunction, checkOptions, checkString, checkU64 } from './validate.js';
-import { Userfaultfd, setRemoteHandlerRules, type ServiceStats } from './uffd.js';
+import { Userfaultfd, setRemoteHandlerRules, type Fault, type ServiceStats } from './uffd.js';
 
 /** Options of {@link FaultServer.listen}. */
 export interface FaultServerOptions {
@@ -286,7 +286,11 @@ export class FaultServer {
         if (this.#policy === 'default') {
           // Rules first: a fault read before them would go to the fallback (a zero page).
           this.#applyPolicy(c);
-          c.uffd.serve({ onError: (err) => process.emitWarning(`pagemirror: client ${c!.pid}: ${String(err)}`) });
+          const client = c;
+          c.uffd.serve({
+            onFaults: (faults, uffd) => this.#unruled(client, faults, uffd),
+            onError: (err) => process.emitWarning(`pagemirror: client ${client.pid}: ${String(err)}`),
+          });
         }
         this.#call(this.#options.onClient, c);
         continue;
@@ -295,6 +299,24 @@ export class FaultServer {
       if (this.#policy === 'default') this.#applyPolicy(c);
       this.#call(this.#options.onRanges, c);
     }
+  }
+
+  /**
+   * Faults no rule covered: a range the client registered after the rules were set, whose event
+   * is still on its way to this thread while the client, answered, already touches it. Set the
+   * rules from the client's ranges as they are now and wake the faulting threads: they fault again,
+   * into the native rule, which counts them as it counts every other fault. A batch with a fault
+   * outside every range (a client that registered a range it never described) goes to the
+   * fallback whole (thrown: it resolves them and warns), as every batch did before.
+   */
+  #unruled(c: RemoteClient, faults: Fault[], uffd: Userfaultfd): void {
+    this.#applyPolicy(c);
+    const page = BigInt(PAGE);
+    const inRange = (a: bigint) => c.ranges.some((r) => a >= r.address && a < r.address + BigInt(r.length));
+    const stray = faults.filter((f) => !inRange(f.address)).length;
+    // Nothing woken then: a woken fault the fallback also resolved could take a zero page first.
+    if (stray) throw new Error(`${stray} fault(s) outside the client's ranges`);
+    for (const f of faults) uffd.wake(f.address - (f.address % page), 0, PAGE);
   }
 
   #applyPolicy(c: RemoteClient): void {
