@@ -6,11 +6,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { helperPath } from './addon-path.js';
+import { native } from './native.js';
 import type { RemoteClient } from './server.js';
 import { lineChartSvg, writeReport } from './bench/report.js';
 import { benchEnv } from './bench/env.js';
 
-const PAGE = 4096;
+// The pagemap and the client's pool count pages of this machine's size (64 KiB on some arm64 kernels).
+const PAGE = native.uname().pageSize;
 
 export interface RunOptions {
   program: string;
