@@ -269,9 +269,9 @@ function pageBytes(flag: string, command = 'replay'): (x: string) => number {
   };
 }
 
-function count(flag: string, max: number): (x: string) => number {
+function count(flag: string, max: number, command = 'replay', min = 1): (x: string) => number {
   return (x) => {
-    if (!/^\d+$/.test(x) || Number(x) < 1 || Number(x) > max) throw new UsageError(`--${flag} must be from 1 to ${max}, got '${x}'`, 'replay');
+    if (!/^\d+$/.test(x) || Number(x) < min || Number(x) > max) throw new UsageError(`--${flag} must be from ${min} to ${max}, got '${x}'`, command);
     return Number(x);
   };
 }
@@ -301,45 +301,104 @@ options:
 ${EXIT_CODES}
 `;
 
-async function runCommand(args: string[]): Promise<number> {
+const RUN_FLAGS = {
+  resident: { type: 'string' },
+  'device-memory': { type: 'string' },
+  threshold: { type: 'string' },
+  eviction: { type: 'string' },
+  interval: { type: 'string' },
+  compare: { type: 'boolean' },
+  out: { type: 'string' },
+  json: { type: 'boolean' },
+} as const;
+
+/** `run`'s options (and `record`'s, which adds its own `extra` flags): the program and how to attach it. */
+async function parseRun<F extends Flags>(command: string, args: string[], extra: F) {
   const dash = args.indexOf('--');
-  const { values } = parse(
-    'run',
-    dash < 0 ? args : args.slice(0, dash),
-    {
-      resident: { type: 'string' },
-      'device-memory': { type: 'string' },
-      threshold: { type: 'string' },
-      eviction: { type: 'string' },
-      interval: { type: 'string' },
-      compare: { type: 'boolean' },
-      out: { type: 'string' },
-      json: { type: 'boolean' },
-    },
-    false,
-  );
-  if (values.help) return help('run');
+  const values = parse(command, dash < 0 ? args : args.slice(0, dash), { ...RUN_FLAGS, ...extra }, false).values as Values<typeof RUN_FLAGS> & Values<F>;
+  if (values.help) return { help: true as const };
   const argv = dash < 0 ? [] : args.slice(dash + 1);
-  if (!argv.length) throw new UsageError('PROGRAM is required after --', 'run');
-  const size = (flag: string, v: string | undefined, dflt: number) => (v === undefined ? dflt : pageBytes(flag, 'run')(v));
+  if (!argv.length) throw new UsageError('PROGRAM is required after --', command);
+  const size = (flag: string, v: string | undefined, dflt: number) => (v === undefined ? dflt : pageBytes(flag, command)(v));
   const resident = values.resident === undefined ? undefined : size('resident', values.resident, 0);
   const deviceMemory = size('device-memory', values['device-memory'], 64 << 20);
   const threshold = size('threshold', values.threshold, 1 << 20);
-  const eviction = choice('eviction', ['fifo'] as const, 'run')(values.eviction ?? 'fifo');
-  const intervalMs = values.interval === undefined ? 10 : count('interval', 1000)(values.interval);
-  const { refusal, resolveProgram, runAttached, writeRunReport } = await import('./run.js');
-  const program = resolveProgram(argv[0]!);
+  const eviction = choice('eviction', ['fifo'] as const, command)(values.eviction ?? 'fifo');
+  const intervalMs = values.interval === undefined ? 10 : count('interval', 1000, command)(values.interval);
+  const run = await import('./run.js');
+  const program = run.resolveProgram(argv[0]!);
   if (!program) throw Object.assign(new Error(`${argv[0]}: no such executable (looked in PATH)`), { code: 'ENOENT' });
-  const refused = refusal(program);
+  const refused = run.refusal(program);
   if (refused) throw Object.assign(new Error(`refused: ${refused}`), { code: 'ERR_PAGEMIRROR_NOT_ATTACHABLE' });
-  const r = await runAttached({ program, args: argv.slice(1), resident, deviceMemory, threshold, eviction, intervalMs, compare: values.compare === true });
-  const files = values.out ? writeRunReport(values.out, r, version()) : undefined;
-  process.stderr.write(values.json ? JSON.stringify({ ...r, ...(files ? { files } : {}) }) + '\n' : formatRun(r) + (files ? `written: ${files.json} ${files.html}\n` : ''));
+  const options = { program, args: argv.slice(1), resident, deviceMemory, threshold, eviction, intervalMs, compare: values.compare === true };
+  return { help: false as const, values, options, run };
+}
+
+/** The program's exit status, or 1 (with why) if nothing was attached. */
+function attachedExit(command: string, r: import('./run.js').RunResult): number {
   if (r.processes === 0) {
-    process.stderr.write('pagemirror run: nothing was attached (no process connected and registered memory): see the line above from the shim, or lower --threshold\n');
+    process.stderr.write(`pagemirror ${command}: nothing was attached (no process connected and registered memory): see the line above from the shim, or lower --threshold\n`);
     return EXIT_FAILURE;
   }
   return r.exitCode;
+}
+
+async function runCommand(args: string[]): Promise<number> {
+  const p = await parseRun('run', args, {});
+  if (p.help) return help('run');
+  const { values, options, run } = p;
+  const r = await run.runAttached(options);
+  const files = values.out ? run.writeRunReport(values.out, r, version()) : undefined;
+  process.stderr.write(values.json ? JSON.stringify({ ...r, ...(files ? { files } : {}) }) + '\n' : formatRun(r) + (files ? `written: ${files.json} ${files.html}\n` : ''));
+  return attachedExit('run', r);
+}
+
+const RECORD_HELP = `usage: pagemirror record [run's options] [--out FILE] [--sample-interval MS] -- PROGRAM [ARGS...]
+
+Runs PROGRAM attached as \`pagemirror run\` does (same options, same policy; see pagemirror run
+--help) and records a page-access trace of its attached memory (docs/trace-format.md): the faults
+the server reads, by kind, in order, and every MS ms the pages written since the last sample.
+The first attached process writes FILE, each later one (a fork, a child) FILE.PID. A trace holds
+the ranges its process had registered at its first REGISTER (later ones are named in a note).
+Recording taps the fault service: the server resolves every fault as it would without it. The
+recording summary (faults, samples, bytes, the recorder's cost) goes to stderr with run's report;
+replay the trace with \`pagemirror replay FILE\`. The exit status is the program's, or 1 if
+nothing was attached or recorded.
+
+options:
+  --out FILE              the trace file (default record-<time>.pmtrace)
+  --sample-interval MS    sample written pages every MS ms, 0 for none (0-3600000, default 100)
+  --resident, --device-memory, --threshold, --eviction, --interval, --compare, --json: as for run
+  -h, --help              this text
+
+${EXIT_CODES}
+`;
+
+async function recordCommand(args: string[]): Promise<number> {
+  const p = await parseRun('record', args, { 'sample-interval': { type: 'string' } });
+  if (p.help) return help('record');
+  const { values, options, run } = p;
+  if (values.out === '') throw new UsageError('--out needs a file', 'record');
+  const file = path.resolve(values.out ?? `record-${new Date().toISOString().replace(/[:.]/g, '-')}.pmtrace`);
+  const sampleIntervalMs = values['sample-interval'] === undefined ? 100 : count('sample-interval', 3600000, 'record', 0)(values['sample-interval']);
+  const r = await run.runAttached({ ...options, record: { path: file, sampleIntervalMs } });
+  const recordings = r.recordings ?? [];
+  process.stderr.write(values.json ? JSON.stringify(r) + '\n' : formatRun(r) + recordings.map(formatRecording).join(''));
+  const status = attachedExit('record', r);
+  if (r.processes > 0 && !recordings.length) {
+    process.stderr.write('pagemirror record: no trace was written (see the notes above)\n');
+    return EXIT_FAILURE;
+  }
+  return status;
+}
+
+function formatRecording(s: NonNullable<import('./run.js').RunResult['recordings']>[number]): string {
+  const ms = (ns: number) => (ns / 1e6).toFixed(1);
+  return (
+    `  trace ${s.path} (pid ${s.pid}): ${s.faults} faults, ${s.samples} samples (${s.sampling.method === 'none' ? `none: ${s.sampling.reason}` : s.sampling.method}), ${s.bytes} bytes` +
+    `${s.dropped ? `, ${s.dropped} dropped` : ''}${s.ignored ? `, ${s.ignored} outside its ranges` : ''}\n` +
+    `    cost: ${s.tapNsPerFault.toFixed(0)} ns per fault in the service, writer ${ms(s.writerCpuNs)} ms CPU, sampling ${ms(s.sampleNs)} ms, over ${ms(s.durationNs)} ms\n`
+  );
 }
 
 function formatRun(r: import('./run.js').RunResult): string {
@@ -576,6 +635,11 @@ const COMMANDS: Record<string, Command> = {
     summary: 'run an unmodified program attached to a fault server (preload shim) and report',
     help: async () => RUN_HELP,
     run: runCommand,
+  },
+  record: {
+    summary: 'run an unmodified program attached and record a page-access trace of it',
+    help: async () => RECORD_HELP,
+    run: recordCommand,
   },
 };
 

@@ -8,6 +8,7 @@ import path from 'node:path';
 import { helperPath } from './addon-path.js';
 import { native } from './native.js';
 import type { RemoteClient } from './server.js';
+import type { RecordingSummary, TraceRecorder } from './trace.js';
 import { lineChartSvg, writeReport } from './bench/report.js';
 import { benchEnv } from './bench/env.js';
 
@@ -27,6 +28,13 @@ export interface RunOptions {
   /** How often the resident set is sampled (and the limit enforced), ms. */
   intervalMs: number;
   compare: boolean;
+  /**
+   * Record a page-access trace of each attached process (lib/trace.ts recordTrace, tapping the
+   * service: the rules are unchanged). The first process writes `path`, each later one
+   * `path.PID`. A trace holds the ranges its process had registered at its first REGISTER: the
+   * recorder's ranges are fixed once it starts, so later ones are counted in `notes`.
+   */
+  record?: { path: string; sampleIntervalMs: number };
 }
 
 /** Why `program` cannot be attached (no preload reaches it), or undefined. */
@@ -109,6 +117,8 @@ export interface RunResult {
   evictRaced: number;
   samples: { ms: number; residentPages: number; devicePages: number }[];
   ranges: RangeReport[];
+  /** With `record`: what each process's recorder wrote and cost (its stop() summary). */
+  recordings?: (RecordingSummary & { pid: number })[];
   notes: string[];
 }
 
@@ -142,6 +152,36 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   let evictRaced = 0;
   const limit = o.resident === undefined ? undefined : o.resident / PAGE;
   const buf = Buffer.alloc(1 << 20);
+  const { recordTrace } = await import('./trace.js');
+  const recorders = new Map<number, { pid: number; rec: TraceRecorder; ranges: Set<string>; later: Set<string> }>();
+  const recordings: NonNullable<RunResult['recordings']> = [];
+  const rkey = (r: RemoteClient['ranges'][number]) => `${r.address}:${r.length}`;
+  const startRecording = (c: RemoteClient) => {
+    if (!o.record) return;
+    const file = recorders.size || recordings.length ? `${o.record.path}.${c.pid}` : o.record.path;
+    try {
+      const rec = recordTrace(c.uffd, {
+        path: file,
+        ranges: c.ranges.map((r) => ({ address: r.address, length: r.length })),
+        pid: c.pid,
+        sampleIntervalMs: o.record.sampleIntervalMs,
+      });
+      recorders.set(c.id, { pid: c.pid, rec, ranges: new Set(c.ranges.map(rkey)), later: new Set() });
+    } catch (err) {
+      notes.push(`client ${c.pid}: not recorded (${(err as Error).message})`);
+    }
+  };
+  const stopRecording = (id: number) => {
+    const r = recorders.get(id);
+    if (!r) return;
+    recorders.delete(id);
+    try {
+      recordings.push({ ...r.rec.stop(), pid: r.pid });
+    } catch (err) {
+      notes.push(`client ${r.pid}: trace ${r.rec.path} incomplete (${(err as Error).message})`);
+    }
+    if (r.later.size) notes.push(`client ${r.pid}: ${r.later.size} range(s) registered after its first REGISTER are not in its trace ${r.rec.path}`);
+  };
   const rangeOf = (c: RemoteClient, r: RemoteClient['ranges'][number]): RangeReport => {
     const rk = `${c.pid}:${r.address.toString(16)}:${r.length}`;
     let info = rangeInfo.get(rk);
@@ -159,9 +199,14 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   process.on('warning', onWarning);
   const server = await FaultServer.listen(sock, {
     maxClients: 1024,
-    onRanges: (c) => c.ranges.forEach((r) => rangeOf(c, r)),
+    onRanges: (c) => {
+      c.ranges.forEach((r) => rangeOf(c, r));
+      const rec = recorders.get(c.id);
+      if (rec) for (const r of c.ranges) if (!rec.ranges.has(rkey(r))) rec.later.add(rkey(r));
+    },
     onClient: (c) => {
       c.ranges.forEach((r) => rangeOf(c, r));
+      startRecording(c);
       try {
         pagemaps.set(c.id, fs.openSync(`/proc/${c.pid}/pagemap`, 'r'));
       } catch (err) {
@@ -169,6 +214,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
       }
     },
     onClientExit: (c) => {
+      stopRecording(c.id);
       const fd = pagemaps.get(c.id);
       if (fd !== undefined) fs.closeSync(fd);
       pagemaps.delete(c.id);
@@ -177,6 +223,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   });
   const shutdown = async () => {
     await server.close();
+    for (const id of [...recorders.keys()]) stopRecording(id);
     process.off('warning', onWarning);
     for (const f of printers) process.on('warning', f);
     fs.rmSync(dir, { recursive: true, force: true });
@@ -298,6 +345,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     evictRaced,
     samples,
     ranges: [...rangeInfo.values()],
+    ...(o.record ? { recordings } : {}),
     notes,
   };
 }
