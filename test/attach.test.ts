@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { P, FIXTURES_DIR, requireCap } from './helpers.js';
+import { P, FIXTURES_DIR, USER_MODE_ONLY, requireCap } from './helpers.js';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const cli = path.join(root, 'dist', 'cli.js');
@@ -32,6 +32,7 @@ function needServing(ctx: { skip: (note?: string) => void }): void {
   requireCap(ctx, P.experiments.uffd, 'userfaultfd');
   // Migration to the pool needs MISSING and WP on shared memory (the client's memfd).
   requireCap(ctx, P.experiments.fileCpuFaults, 'userfaultfd on shared memory');
+  if (P.uffd.userModeOnly) ctx.skip(USER_MODE_ONLY);
 }
 
 function cc(ctx: { skip: (note?: string) => void }, out: string, src: string, extra: string[] = []): void {

@@ -55,6 +55,13 @@ export function requireCap(ctx: { skip: (note?: string) => void }, cap: Capabili
   if (!cap.ok) ctx.skip(`${what}: ${cap.reason ?? 'not available'}`);
 }
 
+/**
+ * Why attaching a program (the preload shim) is skipped for a user-mode-only descriptor: the shim
+ * refuses one, since the program's read(2) into attached memory would fail with EFAULT.
+ */
+export const USER_MODE_ONLY =
+  'attaching a program needs faults raised inside the kernel too (its read(2) into attached memory), and userfaultfd is user-mode only for this user (vm.unprivileged_userfaultfd=0, no CAP_SYS_PTRACE): the shim runs the program unattached';
+
 /** Resolves when pred() holds; rejects after ms (a hung fault must fail the test, not hang it). */
 export async function waitFor(pred: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
   const end = Date.now() + ms;

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { P, requireCap } from './helpers.js';
+import { P, USER_MODE_ONLY, requireCap } from './helpers.js';
 import { readTrace } from '../lib/index.js';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -37,6 +37,7 @@ describe('pagemirror record', () => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');
     // The run's policy migrates to the client's memfd pool: MISSING and WP on shared memory.
     requireCap(ctx, P.experiments.fileCpuFaults, 'userfaultfd on shared memory');
+    if (P.uffd.userModeOnly) ctx.skip(USER_MODE_ONLY);
     if (spawnSync('sort', ['--version']).status !== 0) ctx.skip('no sort on PATH');
     const lines: string[] = [];
     let x = 4242;
