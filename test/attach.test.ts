@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { P, FIXTURES_DIR, USER_MODE_ONLY, requireCap } from './helpers.js';
+import { P, FIXTURES_DIR, USER_MODE_ONLY, attachEnv, requireCap } from './helpers.js';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const cli = path.join(root, 'dist', 'cli.js');
@@ -43,7 +43,7 @@ function cc(ctx: { skip: (note?: string) => void }, out: string, src: string, ex
 /** The program alone, then under pagemirror run with the report as JSON on stderr. */
 function both(argv: string[], runFlags: string[], opts: { input?: string; cwd?: string } = {}) {
   const plain = spawnSync(argv[0]!, argv.slice(1), { cwd: opts.cwd ?? tmp, input: opts.input, timeout: 120_000, maxBuffer: 1 << 30 });
-  const run = spawnSync(process.execPath, [cli, 'run', '--json', ...runFlags, '--', ...argv], { cwd: opts.cwd ?? tmp, input: opts.input, timeout: 180_000, maxBuffer: 1 << 30 });
+  const run = spawnSync(process.execPath, [cli, 'run', '--json', ...runFlags, '--', ...argv], { env: attachEnv(), cwd: opts.cwd ?? tmp, input: opts.input, timeout: 180_000, maxBuffer: 1 << 30 });
   const err = run.stderr.toString();
   const line = err.split('\n').filter((l) => l.startsWith('{')).pop();
   return { plain, run, err, report: line ? (JSON.parse(line) as Report) : undefined };
@@ -144,9 +144,9 @@ describe('pagemirror run', () => {
     needServing(ctx);
     const prog = 'import os, signal, sys\nb = bytearray(4 << 20)\nb[0] = 1\nif sys.argv[1] == "kill": os.kill(os.getpid(), signal.SIGTERM)\nsys.exit(7)';
     if (!python) ctx.skip('no python3 on PATH');
-    const seven = spawnSync(process.execPath, [cli, 'run', '--', python!, '-c', prog, 'exit'], { encoding: 'utf8', timeout: 60_000 });
+    const seven = spawnSync(process.execPath, [cli, 'run', '--', python!, '-c', prog, 'exit'], { env: attachEnv(), encoding: 'utf8', timeout: 60_000 });
     expect(seven.status, seven.stderr).toBe(7);
-    const killed = spawnSync(process.execPath, [cli, 'run', '--', python!, '-c', prog, 'kill'], { encoding: 'utf8', timeout: 60_000 });
+    const killed = spawnSync(process.execPath, [cli, 'run', '--', python!, '-c', prog, 'kill'], { env: attachEnv(), encoding: 'utf8', timeout: 60_000 });
     expect(killed.status, killed.stderr).toBe(128 + os.constants.signals.SIGTERM);
   });
 
@@ -154,7 +154,7 @@ describe('pagemirror run', () => {
     needServing(ctx);
     if (!python) ctx.skip('no python3 on PATH');
     const out = path.join(tmp, 'report');
-    const r = spawnSync(process.execPath, [cli, 'run', '--out', out, '--', python!, '-c', 'b = bytearray(8 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1'], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, [cli, 'run', '--out', out, '--', python!, '-c', 'b = bytearray(8 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1'], { env: attachEnv(), encoding: 'utf8', timeout: 60_000 });
     expect(r.status, r.stderr).toBe(0);
     const files = fs.readdirSync(out);
     expect(files.filter((f) => f.endsWith('.json'))).toHaveLength(1);
@@ -165,7 +165,7 @@ describe('pagemirror run', () => {
   });
 
   it('fails with exit 1 when nothing was attached', { timeout: 60_000 }, () => {
-    const r = spawnSync(process.execPath, [cli, 'run', '--threshold', '1G', '--', 'true'], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, [cli, 'run', '--threshold', '1G', '--', 'true'], { env: attachEnv(), encoding: 'utf8', timeout: 60_000 });
     expect(r.status, r.stderr).toBe(1);
     expect(r.stderr).toMatch(/nothing was attached/);
   });
@@ -174,7 +174,7 @@ describe('pagemirror run', () => {
     const exe = path.join(tmp, 'suid-true');
     fs.copyFileSync(fs.realpathSync('/bin/true'), exe);
     fs.chmodSync(exe, 0o4755);
-    const r = spawnSync(process.execPath, [cli, 'run', '--', exe], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, [cli, 'run', '--', exe], { env: attachEnv(), encoding: 'utf8', timeout: 60_000 });
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/ERR_PAGEMIRROR_NOT_ATTACHABLE: refused: .*set-user-ID/);
   });
@@ -183,17 +183,17 @@ describe('pagemirror run', () => {
     const exe = path.join(tmp, 'static-true');
     fs.writeFileSync(path.join(tmp, 'static.c'), 'int main(void) { return 0; }\n');
     cc(ctx, exe, path.join(tmp, 'static.c'), ['-static']);
-    const r = spawnSync(process.execPath, [cli, 'run', '--', exe], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, [cli, 'run', '--', exe], { env: attachEnv(), encoding: 'utf8', timeout: 60_000 });
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/ERR_PAGEMIRROR_NOT_ATTACHABLE: refused: .*statically linked/);
   });
 
   it('usage errors exit 2', { timeout: 30_000 }, () => {
     for (const args of [['run'], ['run', '--resident', '3', '--', 'true'], ['run', '--eviction', 'mru', '--', 'true'], ['run', '--bogus', '--', 'true']]) {
-      const r = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8', timeout: 30_000 });
+      const r = spawnSync(process.execPath, [cli, ...args], { env: attachEnv(), encoding: 'utf8', timeout: 30_000 });
       expect(r.status, args.join(' ')).toBe(2);
     }
-    expect(spawnSync(process.execPath, [cli, 'run', '--help'], { encoding: 'utf8' }).stdout).toMatch(/usage: pagemirror run/);
+    expect(spawnSync(process.execPath, [cli, 'run', '--help'], { env: attachEnv(), encoding: 'utf8' }).stdout).toMatch(/usage: pagemirror run/);
   });
 });
 

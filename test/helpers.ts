@@ -62,6 +62,20 @@ export function requireCap(ctx: { skip: (note?: string) => void }, cap: Capabili
 export const USER_MODE_ONLY =
   'attaching a program needs faults raised inside the kernel too (its read(2) into attached memory), and userfaultfd is user-mode only for this user (vm.unprivileged_userfaultfd=0, no CAP_SYS_PTRACE): the shim runs the program unattached';
 
+/**
+ * The environment for a `pagemirror run`/`record` child: without the sanitizer's runtimes and
+ * addon under `npm run test:sanitize`. The attached program would inherit them, and a process has
+ * one allocator: ASan's must come first and would then take the large allocations the shim
+ * attaches. The server side is checked sanitized by the fault-server tests.
+ */
+export function attachEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = { ...process.env, ...extra };
+  if (process.env.PAGEMIRROR_SANITIZED) {
+    for (const k of ['LD_PRELOAD', 'PAGEMIRROR_ADDON', 'PAGEMIRROR_SANITIZED', 'ASAN_OPTIONS', 'UBSAN_OPTIONS', 'LSAN_OPTIONS']) delete env[k];
+  }
+  return env;
+}
+
 /** Resolves when pred() holds; rejects after ms (a hung fault must fail the test, not hang it). */
 export async function waitFor(pred: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
   const end = Date.now() + ms;

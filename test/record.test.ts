@@ -7,14 +7,14 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { P, USER_MODE_ONLY, requireCap } from './helpers.js';
+import { P, USER_MODE_ONLY, attachEnv, requireCap } from './helpers.js';
 import { readTrace } from '../lib/index.js';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const cli = path.join(root, 'dist', 'cli.js');
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'pm-record-test-'));
 
-const pm = (args: string[], timeout = 180_000) => spawnSync(process.execPath, [cli, ...args], { cwd: tmp, timeout, maxBuffer: 1 << 30 });
+const pm = (args: string[], timeout = 180_000) => spawnSync(process.execPath, [cli, ...args], { env: attachEnv(), cwd: tmp, timeout, maxBuffer: 1 << 30 });
 
 interface Row {
   policy: string;
