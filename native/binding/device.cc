@@ -443,13 +443,7 @@ Napi::Object ResultObject(Napi::Env env, const engine::KernelResult& r, uint64_t
   o.Set("faults", static_cast<double>(r.faults));
   o.Set("cpages", static_cast<double>(r.cpages * ratio));
   o.Set("elapsedNs", static_cast<double>(r.elapsed_ns));
-  if (link) {
-    o.Set("modeledNs", static_cast<double>(r.modeled_ns));
-    o.Set("modeledFaultNs", static_cast<double>(r.modeled_fault_ns));
-    o.Set("modeledRemoteNs", static_cast<double>(r.modeled_remote_ns));
-    o.Set("remoteAccesses", static_cast<double>(r.remote_accesses));
-    o.Set("remoteBytes", static_cast<double>(r.remote_bytes));
-  }
+  if (link) SetModeledTime(o, r);
   return o;
 }
 

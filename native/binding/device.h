@@ -66,4 +66,15 @@ class MirrorWrap : public Napi::ObjectWrap<MirrorWrap> {
 // A loss of data the library cannot write again (FileMirror: ERR_PAGEMIRROR_DATA_LOST).
 Napi::Error DataLostError(Napi::Env env, const engine::Mirror& m, const engine::WriteErrorReport& loss);
 
+// The link model's fields of a device kernel's or a trace replay's result (docs/link-model.md),
+// set only when the device has a link.
+template <class Result>
+void SetModeledTime(Napi::Object o, const Result& r) {
+  o.Set("modeledNs", static_cast<double>(r.modeled_ns));
+  o.Set("modeledFaultNs", static_cast<double>(r.modeled_fault_ns));
+  o.Set("modeledRemoteNs", static_cast<double>(r.modeled_remote_ns));
+  o.Set("remoteAccesses", static_cast<double>(r.remote_accesses));
+  o.Set("remoteBytes", static_cast<double>(r.remote_bytes));
+}
+
 }  // namespace pm

@@ -238,13 +238,7 @@ Napi::Value MirrorWrap::Replay(const Napi::CallbackInfo& info) {
         o.Set("toHost", TriggerCounts(env, r.to_host));
         o.Set("checksum", Napi::BigInt::New(env, r.checksum));
         o.Set("hostNs", static_cast<double>(r.elapsed_ns));
-        if (j.device->link()) {
-          o.Set("modeledNs", static_cast<double>(r.modeled_ns));
-          o.Set("modeledFaultNs", static_cast<double>(r.modeled_fault_ns));
-          o.Set("modeledRemoteNs", static_cast<double>(r.modeled_remote_ns));
-          o.Set("remoteAccesses", static_cast<double>(r.remote_accesses));
-          o.Set("remoteBytes", static_cast<double>(r.remote_bytes));
-        }
+        if (j.device->link()) SetModeledTime(o, r);
         return o;
       });
 }
