@@ -29,7 +29,9 @@ export class Lines {
       for (const w of this.#waiters.splice(0)) w();
     });
     child.stderr!.on('data', (d: Buffer) => (this.stderr += d.toString()));
-    this.exit = new Promise((res) => child.on('exit', (code, signal) => {
+    // 'close', not 'exit': it comes after the last of stdout has been read (a client's final line
+    // could still be unread at 'exit').
+    this.exit = new Promise((res) => child.on('close', (code, signal) => {
       for (const w of this.#waiters.splice(0)) w();
       res({ code, signal });
     }));
