@@ -177,6 +177,8 @@ options:
   --writeback M  pager: the pager's write-back of evicted granules: pagecache (default: clean once
                  pwrite returned, as the C pager does) or confirmed (the pager's own default: clean
                  once on disk; what the write-error guarantee costs)
+  --spin-us US   pager: both pagers' service threads poll for up to US µs before sleeping
+                 (default 0: they sleep at once and pay an idle CPU's wake-up per fault)
   --out DIR      where the reports go (default ./results)
   --quick        a smoke-sized run: --pages ${QUICK.pages} --reps ${QUICK.reps} --size ${QUICK.size >> 20}M unless given
   --json         the results (every report's environment and data) as JSON on stdout; the
@@ -503,6 +505,7 @@ const COMMANDS: Record<string, Command> = {
           quick: { type: 'boolean' },
           cells: { type: 'string' },
           writeback: { type: 'string' },
+          'spin-us': { type: 'string' },
           json: { type: 'boolean' },
           'no-pin': { type: 'boolean' },
           quiet: { type: 'boolean' },
@@ -542,6 +545,12 @@ const COMMANDS: Record<string, Command> = {
         if (positionals.length && !positionals.includes('pager')) throw new UsageError('--writeback applies to the pager suite: name it (bench pager --writeback ...)', 'bench');
         if (values.writeback !== 'pagecache' && values.writeback !== 'confirmed') throw new UsageError(`--writeback must be pagecache or confirmed, got '${values.writeback}'`, 'bench');
       }
+      let spinUs: number | undefined;
+      if (values['spin-us'] !== undefined) {
+        if (positionals.length && !positionals.includes('pager')) throw new UsageError('--spin-us applies to the pager suite: name it (bench pager --spin-us ...)', 'bench');
+        if (!/^\d+$/.test(values['spin-us']) || Number(values['spin-us']) > 1_000_000) throw new UsageError(`--spin-us must be an integer from 0 to 1000000, got '${values['spin-us']}'`, 'bench');
+        spinUs = Number(values['spin-us']);
+      }
       const r = await runBench({
         suites: (positionals.length ? [...new Set(positionals)] : [...SUITES]) as (typeof SUITES)[number][],
         out: values.out ?? 'results',
@@ -554,6 +563,7 @@ const COMMANDS: Record<string, Command> = {
         quick,
         cells: values.cells,
         writeback: values.writeback as 'pagecache' | 'confirmed' | undefined,
+        spinUs,
         version: version(),
         links: values.link ? ([...new Set(values.link)] as (keyof typeof LINK_PRESETS)[]) : undefined,
       });

@@ -4,7 +4,7 @@
 import * as fs from 'node:fs';
 import { native, type NativePager, type NativePagerStats } from './native.js';
 import { Mapping, mapAnonymous, mapFile, mapMemfd } from './mapping.js';
-import { Userfaultfd, setHandlerRule, MAX_SERVICE_WORKERS, type Fault, type ServiceStats } from './uffd.js';
+import { Userfaultfd, setHandlerRule, serviceArgs, type Fault, type PollOption, type ServiceStats } from './uffd.js';
 import { access as runAccess, type AccessOptions, type AccessResult } from './access.js';
 import { fileSystemOf } from './probe.js';
 import { checkBytes, checkInteger, checkOneOf, rangeError, stateError, typeError } from './errors.js';
@@ -61,6 +61,13 @@ export interface PagerOptions {
    * Userfaultfd.serve({ workers }): each worker fills the granules of the faults it reads.
    */
   workers?: number;
+  /**
+   * How the service threads wait for the next fault: Userfaultfd.serve({ poll }). false (default):
+   * they sleep at once. { spinUs } or 'adaptive': they poll first, which saves the wake-up of a
+   * sleeping thread (tens of µs per fault on an idle machine) at the cost of that CPU time
+   * (stats().service.cpuNs, spinNs).
+   */
+  poll?: PollOption;
   /** File offset of the first byte paged, page aligned. @default 0 */
   offset?: number;
   /** Bytes paged. Default: the file's size past `offset`. Required for an anonymous pager. */
@@ -343,7 +350,7 @@ export async function pager(target: string | number | null, options: PagerOption
   const writeback = options.writeback === false ? false : checkOneOf('writeback', options.writeback ?? 'confirmed', ['confirmed', 'pagecache'] as const);
   if (writeback === false && mode === 'shared')
     throw typeError('ERR_INVALID_ARG_VALUE', "writeback: false keeps writes private, which shared mode cannot (its writes are the file's own pages): use mode 'private'");
-  const workers = checkInteger('workers', options.workers ?? 1, 1, MAX_SERVICE_WORKERS);
+  const [workers] = serviceArgs(options.workers, options.poll); // checked before anything is made
   const offset = checkInteger('offset', options.offset ?? 0);
   if (offset % PAGE) throw rangeError('ERR_OUT_OF_RANGE', `offset must be a multiple of the page size (${PAGE})`);
   if (anonymous && offset) throw typeError('ERR_INVALID_ARG_VALUE', 'offset applies to file pagers');
@@ -488,6 +495,7 @@ export async function pager(target: string | number | null, options: PagerOption
       onFaults: (faults) => forwarded(n, uffd, faults, granule, callback),
       maxBatch: 64,
       workers,
+      poll: options.poll,
     });
     uffd.unref();
     return p;

@@ -124,6 +124,9 @@ describe('command line: help, version, strict flags', () => {
     [['bench', 'faults', '--cells', '2M'], /--cells applies to the pager suite/],
     [['bench', 'pager', '--writeback', 'bogus'], /--writeback must be pagecache or confirmed, got 'bogus'/],
     [['bench', 'faults', '--writeback', 'confirmed'], /--writeback applies to the pager suite/],
+    [['bench', 'pager', '--spin-us', '1.5'], /--spin-us must be an integer from 0 to 1000000, got '1.5'/],
+    [['bench', 'pager', '--spin-us', '2000000'], /--spin-us must be an integer from 0 to 1000000/],
+    [['bench', 'faults', '--spin-us', '50'], /--spin-us applies to the pager suite/],
     [['probe', '--frob'], /unknown option '--frob'/],
     [['probe', 'extra'], /unexpected argument 'extra'/],
     [['demo', '--jsn'], /unknown option '--jsn'/],
@@ -169,10 +172,18 @@ describe('command line: --flag=value, --json, --quick', () => {
     const out = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-bench-'));
     try {
       const cells = 'tmpfs 64K x1 25% seq-read, write-back tmpfs 64K';
-      const r = spawnSync(process.execPath, [cli, 'bench', 'pager', '--cells', cells, '--reps', '1', '--out', out, '--json'], { encoding: 'utf8', timeout: 90_000 });
+      const r = spawnSync(process.execPath, [cli, 'bench', 'pager', '--cells', cells, '--reps', '2', '--spin-us', '20', '--out', out, '--json'], { encoding: 'utf8', timeout: 90_000 });
       expect(r.status === 0 || r.status === 3, r.stderr).toBe(true); // 3: a target missed (speed is not a test's business)
       const data = JSON.parse(r.stdout).reports[0].data;
       expect(data.cells.map((c: { fs: string; granule: number; threads: number; limit: string; workload: string }) => [c.fs, c.granule, c.threads, c.limit, c.workload])).toEqual([['tmpfs', 64 << 10, 1, '25%', 'seq-read']]);
+      expect(data.spinUs).toBe(20);
+      // The ratio is per repetition (pager and C paired), with its interval and a verdict.
+      const paired = data.cells[0].paired;
+      expect(paired.pairs).toHaveLength(2);
+      expect(paired.low).toBeLessThanOrEqual(paired.median);
+      expect(paired.high).toBeGreaterThanOrEqual(paired.median);
+      expect(['meets', 'misses', 'undecided']).toContain(paired.verdict);
+      expect(data.verdicts.meets + data.verdicts.misses + data.verdicts.undecided).toBe(1);
       expect(data.writeback.map((w: { fs: string; granule: number }) => [w.fs, w.granule])).toEqual([['tmpfs', 64 << 10]]);
       expect(r.stderr).toMatch(/^pager \[#+\.*\]\s+50% tmpfs 64K x1 25% seq-read: .*\(\d+\.\d s\)$/m);
       expect(r.stderr).toMatch(/^pager \[#+\]\s+100% write-back tmpfs 64K: .*\(\d+\.\d s\)$/m);

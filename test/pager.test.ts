@@ -395,6 +395,8 @@ describe('pager', () => {
     expect(await code(() => pager(file, { writeback: 'never' as 'confirmed' }))).toBe('ERR_INVALID_ARG_VALUE');
     expect(await code(() => pager(file, { workers: 0 }))).toBe('ERR_OUT_OF_RANGE');
     expect(await code(() => pager(file, { workers: 1.5 }))).toBe('ERR_OUT_OF_RANGE');
+    expect(await code(() => pager(file, { poll: 'always' as 'adaptive' }))).toBe('ERR_INVALID_ARG_TYPE');
+    expect(await code(() => pager(file, { poll: { spinUs: -1 } }))).toBe('ERR_OUT_OF_RANGE');
     expect(await code(() => pager(file, { offset: 100 }))).toBe('ERR_OUT_OF_RANGE');
     expect(await code(() => pager(file, { offset: 2 << 20 }))).toBe('ERR_OUT_OF_RANGE');
     expect(await code(() => pager(file, { prefetch: 'yes' as unknown as boolean }))).toBe('ERR_INVALID_ARG_TYPE');
@@ -485,5 +487,22 @@ describe('pager', () => {
       if (bad) lost.push(`close round ${i}: ${bad} words`);
     }
     expect(lost).toEqual([]);
+  }, 30_000);
+});
+
+describe('pager service polling', () => {
+  it("poll: the pager's service threads spin before sleeping (stats show it), and the data is right", async (ctx) => {
+    needPager(ctx);
+    const size = 2 << 20;
+    const file = tmpFile(TMPFS, 'poll', pattern(size, 3));
+    const p = await pager(file, { granule: 4096, residentLimit: size / 4, poll: { spinUs: 200 }, prefetch: false });
+    cleanup.push(() => void p.close().catch(() => {}));
+    const r = await within(p.access({ op: 'verify', seed: 3, unit: 8 }), 20_000, 'verify');
+    expect(r.mismatches).toBe(0);
+    const s = p.stats().service;
+    // 512 faults back to back: the worker polled between them (a sleeping one never does).
+    expect(s.spinNs).toBeGreaterThan(0);
+    expect(s.spinBudgetNs).toBe(200_000);
+    await within(p.close(), 10_000, 'close');
   }, 30_000);
 });

@@ -12,10 +12,12 @@
  * Build: by node-gyp (binding.gyp), or gcc -O2 -pthread -o pager_c pager_c.c
  * Usage:
  *   pager_c run FILE --granule G --threads T --fillers N --op read|write --pattern seq|random
- *               [--limit GRANULES] [--seed S]
+ *               [--limit GRANULES] [--seed S] [--spin-us US]
  *       maps FILE's size in a fresh region, T application threads touch one word per 4 KiB page
  *       of their share (seq: in order; random: as many pages, at random), timed. Prints
- *       {"ns":..,"pages":..,"faults":..,"evictions":..}.
+ *       {"ns":..,"pages":..,"faults":..,"evictions":..}. --spin-us: each fill thread polls the
+ *       descriptor without sleeping for up to US microseconds before it sleeps in poll(), the way
+ *       the fault service's fixed polling does (ServeOptions.poll { spinUs }).
  *   pager_c pwrite FILE --granule G --batch B
  *       pwrites the whole file in granules, sync_file_range (wait) after every B granules, the way
  *       the pager writes back under eviction. Prints {"ns":..,"bytes":..}.
@@ -29,6 +31,7 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,6 +63,7 @@ static int fd_file, uffd, stop_fd;
 static uint8_t *base;
 static uint64_t size, region, granule, limit, ngran;
 static int writing, random_pattern;
+static uint64_t spin_ns;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static uint8_t *state;     /* 0 absent, 1 filling, 2 resident */
 static uint64_t *ring, ring_head, ring_len, resident, faults, evictions;
@@ -127,13 +131,31 @@ static int evict_one(void) {
 	return 0;
 }
 
+/* The fault service's fixed polling (native/sys/fault_service.cc, FaultService::wait): poll
+ * without sleeping, yielding between polls so that a faulter just woken on this CPU runs, until
+ * the budget is spent or the thread was off the CPU for longer than the whole budget (a busy
+ * CPU: sleeping is then cheaper); then sleep. */
+static int wait_for_fault(struct pollfd *p) {
+	if (spin_ns) {
+		uint64_t t0 = now_ns(), t = t0, before;
+		do {
+			int pr = poll(p, 2, 0);
+			if (pr != 0) return pr;
+			sched_yield();
+			before = t;
+			t = now_ns();
+		} while (t - t0 < spin_ns && t - before <= spin_ns);
+	}
+	return poll(p, 2, -1);
+}
+
 static void *filler(void *arg) {
 	(void)arg;
 	uint8_t *buf = aligned_alloc(4096, granule);
 	struct uffd_msg msgs[64];
 	struct pollfd p[2] = {{uffd, POLLIN, 0}, {stop_fd, POLLIN, 0}};
 	for (;;) {
-		if (poll(p, 2, -1) < 0 && errno != EINTR) die("poll");
+		if (wait_for_fault(p) < 0 && errno != EINTR) die("poll");
 		if (p[1].revents) break;
 		ssize_t n = read(uffd, msgs, sizeof(msgs));
 		if (n < 0) {
@@ -256,6 +278,7 @@ int main(int argc, char **argv) {
 	limit = opt(argc, argv, "--limit", 0);
 	writing = !strcmp(sopt(argc, argv, "--op", "read"), "write");
 	random_pattern = !strcmp(sopt(argc, argv, "--pattern", "seq"), "random");
+	spin_ns = opt(argc, argv, "--spin-us", 0) * 1000;
 	region = (size + granule - 1) / granule * granule;
 	ngran = region / granule;
 	state = calloc(ngran, 1);

@@ -36,6 +36,8 @@ export interface BenchOptions {
   cells?: string;
   /** pager suite: the pager's writeback mode (see PagerBenchOptions.writeback). */
   writeback?: 'pagecache' | 'confirmed';
+  /** pager suite: both pagers' service threads poll this long before sleeping (see PagerBenchOptions.spinUs). */
+  spinUs?: number;
 }
 
 /** One line per suite for `pagemirror bench --help` (a suite without one is listed bare). */
@@ -439,7 +441,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       summary.push(textTable(table));
     }
     if (suite === 'pager') {
-      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quick: o.quick, cells: o.cells, writeback: o.writeback, quiet: o.quiet, out: o.out, stamp, version: o.version });
+      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quick: o.quick, cells: o.cells, writeback: o.writeback, spinUs: o.spinUs, quiet: o.quiet, out: o.out, stamp, version: o.version });
       files.push(...r.files);
       summary.push(r.summary);
     }

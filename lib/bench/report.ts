@@ -174,8 +174,10 @@ function numericColumns(t: Table): boolean[] {
 
 /** A verdict cell's class: what the report's CSS highlights. */
 function verdictClass(cell: string): string | undefined {
-  if (cell === 'FAIL') return 'fail';
-  if (cell === 'pass') return 'pass';
+  // 'meets'/'misses'/'undecided': a verdict from a confidence interval (the pager suite).
+  if (cell === 'FAIL' || cell === 'misses') return 'fail';
+  if (cell === 'pass' || cell === 'meets') return 'pass';
+  if (cell === 'undecided') return 'skip';
   if (cell.startsWith('skipped') || cell.startsWith('not measured')) return 'skip';
   return undefined;
 }

@@ -392,6 +392,12 @@ bool Pager::pick_victims(int uffd, size_t want, std::vector<uint64_t>* out) {
   return !out->empty();
 }
 
+void Pager::protect_runs(int uffd, const std::vector<uint64_t>& sorted) {
+  for_each_run(sorted, [&](uint64_t g, uint64_t n) {
+    sys::uffd_writeprotect(uffd, addr_of(g), n * cfg_.granule, UFFDIO_WRITEPROTECT_MODE_WP);
+  });
+}
+
 // The eviction protocol. A granule leaves memory only when the file holds everything written to
 // it, even while other threads keep writing:
 //   1. under mu_: mark it busy and clear its dirty bit (remembering it was dirty);
@@ -421,12 +427,14 @@ int Pager::evict_batch(int uffd, size_t want) {
       }
     }
   }
-  for (uint64_t g : to_write) sys::uffd_writeprotect(uffd, addr_of(g), cfg_.granule, UFFDIO_WRITEPROTECT_MODE_WP);  // 2
+  std::sort(to_write.begin(), to_write.end());
+  protect_runs(uffd, to_write);  // 2
   PagerWriteError err;
   const int rc = to_write.empty() ? 0 : write_back(to_write, &err);  // 3
   size_t dropped = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);  // 4
+    std::vector<uint64_t> drop;
     for (size_t i = 0; i < victims.size(); i++) {
       const uint64_t g = victims[i];
       if (rc && was_dirty[i] && names(err, g) && !(state_[g] & kDirty)) {
@@ -439,12 +447,18 @@ int Pager::evict_batch(int uffd, size_t want) {
         if (!rc) stats_.evict_aborts++;
         continue;
       }
-      sys::advise(reinterpret_cast<void*>(addr_of(g)), cfg_.granule, MADV_DONTNEED);
+      drop.push_back(g);
       state_[g] = absent(static_cast<uint8_t>(state_[g] | (was_dirty[i] ? kBacked : 0)));
       resident_--;
       stats_.evictions++;
       dropped++;
     }
+    // Still under mu_ (see 4): a granule marked absent above is refilled only after its pages
+    // are gone, since a fill first takes mu_ to mark it filling.
+    std::sort(drop.begin(), drop.end());
+    for_each_run(drop, [&](uint64_t g, uint64_t n) {
+      sys::advise(reinterpret_cast<void*>(addr_of(g)), n * cfg_.granule, MADV_DONTNEED);
+    });
     if (rc) {
       stats_.write_errors++;
       if (!has_error_) sticky_ = err;
@@ -561,13 +575,7 @@ int Pager::flush(PagerWriteError* out) {
         gs.push_back(g);
       }
   }
-  // Protect runs of adjacent granules in one call each.
-  for (size_t i = 0; i < gs.size();) {
-    size_t j = i + 1;
-    while (j < gs.size() && gs[j] == gs[j - 1] + 1) j++;
-    sys::uffd_writeprotect(uffd, addr_of(gs[i]), (j - i) * cfg_.granule, UFFDIO_WRITEPROTECT_MODE_WP);
-    i = j;
-  }
+  protect_runs(uffd, gs);
   PagerWriteError err;
   int rc = gs.empty() ? 0 : write_back(gs, &err);
   if (rc == 0 && cfg_.confirm_writes && gs.empty()) {

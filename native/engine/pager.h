@@ -122,6 +122,18 @@ class Pager : public sys::FaultHandler {
   uint8_t st(uint64_t g) const { return state_[g] & kStateMask; }
   void set_st(uint64_t g, uint8_t s) { state_[g] = static_cast<uint8_t>((state_[g] & ~kStateMask) | s); }
   uint64_t addr_of(uint64_t g) const { return cfg_.base + g * cfg_.granule; }
+  // Calls fn(first, count) for each run of adjacent granules of sorted gs: one ioctl or madvise
+  // per run instead of per granule (each is a page-table walk and a TLB flush).
+  template <typename Fn>
+  static void for_each_run(const std::vector<uint64_t>& gs, Fn fn) {
+    for (size_t i = 0; i < gs.size();) {
+      size_t j = i + 1;
+      while (j < gs.size() && gs[j] == gs[j - 1] + 1) j++;
+      fn(gs[i], j - i);
+      i = j;
+    }
+  }
+  void protect_runs(int uffd, const std::vector<uint64_t>& sorted);
   // The state bits an absent granule keeps: kBacked, and kShort with it when the copy is in the
   // swap memfd (its refill poisons past the end it found again); from the file, a refill finds it.
   uint8_t absent(uint8_t s) const {
