@@ -217,6 +217,8 @@ export interface NativePagerStats {
   shortFills: number;
   /** Dirty granules given up by acknowledgeLoss(). */
   discarded: number;
+  /** writeback 'pagecache': evicted granules whose write flush()'s fdatasync found failed (no copy left). */
+  lost: number;
   fillNs: number; writebackNs: number;
 }
 export interface NativePager {

@@ -48,8 +48,10 @@ export interface PagerOptions {
   prefetch?: boolean | number;
   /**
    * 'confirmed' (default): a written granule counts as clean only after a sync_file_range wait on
-   * it returned 0. 'pagecache': once pwrite returned (faster on disks; an I/O error at writeback is
-   * then the kernel's to report, at the next fsync). false: writes stay in the pager's memory and
+   * it returned 0. 'pagecache': once pwrite returned (faster on disks); flush() and close() then end
+   * with an fdatasync, and an I/O error the kernel's writeback met since the last one rejects them:
+   * granules still in memory are kept dirty, evicted ones are named in the error's `lost`
+   * (ERR_PAGEMIRROR_DATA_LOST). false: writes stay in the pager's memory and
    * never reach the file, as with MAP_PRIVATE (dirty granules are evicted to a memfd of the
    * pager's own); the descriptor may then be read-only (a path is opened read-only). Private mode
    * only. With write-back on, a read-only descriptor is refused (EACCES), as mmap refuses a
@@ -92,8 +94,17 @@ export interface PagerStats extends NativePagerStats {
  */
 export interface PagerWriteError extends Error {
   code: string;
-  /** ERR_PAGEMIRROR_DATA_LOST: the errno name of the cause ('ENXIO': past the end of the file). */
+  /**
+   * ERR_PAGEMIRROR_DATA_LOST: the errno name of the cause ('ENXIO': past the end of the file; with
+   * `lost`, what the fdatasync of writeback 'pagecache' returned, e.g. 'EIO').
+   */
   cause?: string;
+  /**
+   * writeback 'pagecache' only: granules written back and evicted before flush()'s fdatasync found
+   * that the kernel's write failed. No copy is left (the kernel marks such pages clean): the file
+   * may not hold what was written to them. Reported once, by the flush() that found it.
+   */
+  lost?: number[];
   /** ERR_PAGEMIRROR_DATA_LOST: the file's size when write-back found it truncated. */
   fileSize?: number;
   errno: number;

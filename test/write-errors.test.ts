@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { Device, mapFile, fileSystemOf, type FileStrategy } from '../lib/index.js';
+import { Device, mapFile, fileSystemOf, pager, type FileStrategy } from '../lib/index.js';
 import { P, PAGE, within, requireCap, fillPattern } from './helpers.js';
 
 const N = 64;
@@ -274,5 +274,42 @@ describe('write errors: ext4 on a loop device over a full tmpfs', () => {
     d.free();
     await within(fm.fsync(), 20_000, 'fsync');
     expect(afterRemount(d, file, 900, [fm, dev, m]).every(Boolean)).toBe(true);
+  }, 120_000);
+  // The pager's write-back under eviction, when the disk fails the kernel's writeback (the pwrite
+  // itself succeeds: ext4 allocates blocks at writeback). 'confirmed' waits per eviction batch, so
+  // nothing leaves memory that the file lacks. 'pagecache' evicts once pwrite returned; before,
+  // its flush() and close() resolved and the error reached no one. Now flush() asks (fdatasync).
+  // Both: before, the rewrite after repair was lost on ext4 although flush() and close() succeeded
+  // (the failed write left the extent unwritten and the page's buffers mapped: see
+  // Pager::forget_failed_pages); the remount below shows it.
+  it.each(['confirmed', 'pagecache'] as const)('pager, writeback %s: flush() reports the failed writeback; what memory still holds is kept and written after repair', async (writeback, ctx) => {
+    requireCap(ctx, P.experiments.wp, 'uffd-wp');
+    const d = disk!;
+    const file = d.sparse('pager', N);
+    const p = await pager(file, { granule: PAGE, residentLimit: 16 * PAGE, prefetch: false, writeback });
+    closers.push(() => void p.close().catch(() => {}));
+    d.fill();
+    await within(p.access({ op: 'write', seed: 700, unit: 8 }), 20_000, 'write');
+    const err = await within(p.flush().then(() => null, (e) => e), 20_000, 'flush');
+    expect(err, 'flush() must reject').not.toBeNull();
+    const kept: number[] = err.granules;
+    const lost: number[] = err.lost ?? [];
+    if (writeback === 'confirmed') {
+      // Every eviction's wait failed, so nothing was dropped: all still in memory, dirty.
+      expect(err).toMatchObject({ code: 'ENOSPC', errno: -28, syscall: 'sync_file_range' });
+      expect(lost).toEqual([]);
+      expect(kept).toHaveLength(N);
+    } else {
+      expect(err).toMatchObject({ code: 'ERR_PAGEMIRROR_DATA_LOST', cause: 'ENOSPC', errno: -28, syscall: 'fdatasync', path: file });
+      expect(lost.length).toBeGreaterThan(0); // evicted after their pwrite, before anyone knew
+      expect([...kept, ...lost].sort((a, b) => a - b)).toEqual(Array.from({ length: N }, (_, i) => i));
+      expect(p.stats().lost).toBe(lost.length);
+    }
+    expect(p.stats().dirty).toBe(kept.length);
+    d.free();
+    await within(p.flush(), 20_000, 'flush after repair'); // the kept granules are written again
+    await within(p.close(), 20_000, 'close');
+    const ok = afterRemount(d, file, 700, []);
+    for (const g of kept) expect(ok[g], `kept granule ${g} on disk after repair`).toBe(true);
   }, 120_000);
 });

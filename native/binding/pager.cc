@@ -19,15 +19,27 @@ Napi::FunctionReference* ctor_ref(Napi::Env env) { return &env.GetInstanceData<A
 Napi::Error WriteError(Napi::Env env, const engine::Pager& p, const engine::PagerWriteError& e) {
   const std::string& path = p.config().path;
   const bool truncated = e.file_size != UINT64_MAX;
+  const bool lost = !e.lost.empty();
   const std::string hint =
-      truncated ? "the file was truncated under the pager to " + std::to_string(e.file_size) +
+      lost ? "the file did not take data written back before this flush (its fdatasync failed): err.lost names the " +
+                 std::to_string(e.lost.size()) +
+                 " granule(s) evicted meanwhile, of which no copy is left (the file may not hold what was written to "
+                 "them); the granules in err.granules are still in memory, kept dirty: flush() writes them again"
+      : truncated ? "the file was truncated under the pager to " + std::to_string(e.file_size) +
                       " bytes: the granules named in err.granules hold data past its end, which write-back does not write "
                       "(it never grows the file back); they are kept resident and dirty: grow the file and flush() again, or "
                       "acknowledgeLoss() to give them up"
                 : std::string("the granules named in err.granules are kept resident and dirty; flush() or close() writes them "
                               "again, or acknowledgeLoss() gives them up");
   Napi::Error err = SystemError(env, e.err, e.syscall, {path.empty() ? nullptr : path.c_str(), hint.c_str()});
-  if (truncated) {
+  if (lost) {
+    // As the file mirrors report a failed writeback of pages no one else holds.
+    err.Value().Set("code", "ERR_PAGEMIRROR_DATA_LOST");
+    err.Value().Set("cause", ErrnoName(-e.err));
+    Napi::Array ls = Napi::Array::New(env, e.lost.size());
+    for (size_t i = 0; i < e.lost.size(); i++) ls.Set(static_cast<uint32_t>(i), Napi::Number::New(env, static_cast<double>(e.lost[i])));
+    err.Value().Set("lost", ls);
+  } else if (truncated) {
     // Data the file cannot hold as it is, as the file strategies report theirs.
     err.Value().Set("code", "ERR_PAGEMIRROR_DATA_LOST");
     err.Value().Set("cause", "ENXIO");
@@ -227,7 +239,7 @@ Napi::Value PagerWrap::Stats(const Napi::CallbackInfo& info) {
   n("writebacks", s.writebacks); n("writebackBytes", s.writeback_bytes); n("waits", s.waits);
   n("resident", s.resident); n("dirty", s.dirty); n("limit", s.limit);
   n("writeErrors", s.write_errors); n("fillErrors", s.fill_errors);
-  n("shortFills", s.short_fills); n("discarded", s.discarded);
+  n("shortFills", s.short_fills); n("discarded", s.discarded); n("lost", s.lost);
   n("fillNs", s.fill_ns); n("writebackNs", s.writeback_ns);
   return o;
 }

@@ -392,6 +392,19 @@ bool Pager::pick_victims(int uffd, size_t want, std::vector<uint64_t>* out) {
   return !out->empty();
 }
 
+// After a failed writeback the kernel keeps the file's pages, marked clean, and on ext4 a page
+// whose blocks were allocated for that write keeps buffers mapped to an extent still marked
+// unwritten: a later pwrite of the same page is written to the disk and its wait succeeds, but the
+// extent is never converted, so after the page cache lets it go the file reads zeros there (seen on
+// 6.18: "failed to convert unwritten extents", then fsync 0 and zeros after a remount). Dropping
+// the failed range's pages (clean now, so they go) makes the next pwrite start from fresh pages,
+// which map the extent again and are converted when written. Nothing of the pager's is lost: the
+// granules it keeps dirty are in its memory, and an evicted one reported lost reads, from now on,
+// what the disk has.
+void Pager::forget_failed_pages(int fd, uint64_t off, uint64_t len) {
+  sys::drop_cache(fd, off, len);
+}
+
 void Pager::protect_runs(int uffd, const std::vector<uint64_t>& sorted) {
   for_each_run(sorted, [&](uint64_t g, uint64_t n) {
     sys::uffd_writeprotect(uffd, addr_of(g), n * cfg_.granule, UFFDIO_WRITEPROTECT_MODE_WP);
@@ -522,11 +535,14 @@ int Pager::write_back(const std::vector<uint64_t>& gs, PagerWriteError* err) {
   if (cfg_.confirm_writes && hi > lo) {
     int rc = sys::sync_range(fd, at + lo, hi - lo, true);
     if (rc) {
+      forget_failed_pages(fd, at + lo, hi - lo);
       *err = {rc, "sync_file_range", gs};
       return rc;
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
+  if (!cfg_.confirm_writes && !swap)
+    for (uint64_t g : gs) state_[g] |= kUnconfirmed;  // flush()'s fdatasync confirms them
   stats_.writebacks += gs.size() - past.size();
   stats_.writeback_bytes += bytes;
   if (cfg_.confirm_writes && hi > lo) stats_.waits++;
@@ -583,6 +599,18 @@ int Pager::flush(PagerWriteError* out) {
     rc = sys::sync_range(cfg_.fd, 0, 0, true);
     if (rc) err = {rc, "sync_file_range", {}};
   }
+  // 'pagecache': evictions and the writes above reached only the page cache, and the kernel's
+  // writeback of them may have failed since (EIO from the disk, ENOSPC from a thin device); the
+  // file's error sequence holds it. flush() is where the pager says the file has what was
+  // written, so it asks: without this, such an error was never reported to anyone.
+  const bool unconfirmed = rc == 0 && !cfg_.confirm_writes && cfg_.swap_fd < 0;
+  if (unconfirmed) {
+    rc = sys::datasync(cfg_.fd);
+    if (rc) {
+      forget_failed_pages(cfg_.fd, cfg_.file_offset, cfg_.data_length);  // the error names no range
+      err = {rc, "fdatasync", {}};
+    }
+  }
   std::lock_guard<std::mutex> lock(mu_);
   for (uint64_t g : gs) {
     set_st(g, kResident);
@@ -592,6 +620,25 @@ int Pager::flush(PagerWriteError* out) {
       dirty_++;
     }
     if (!kept) state_[g] |= kBacked;
+  }
+  if (unconfirmed) {
+    for (uint64_t g = 0; g < ngran_; g++) {
+      if (!(state_[g] & kUnconfirmed)) continue;
+      state_[g] &= static_cast<uint8_t>(~kUnconfirmed);
+      if (!rc) continue;
+      // The error names no page: every granule written since the last good fdatasync is suspect.
+      // One still in memory is written again by the next flush(); one evicted is gone.
+      if (st(g) == kResident) {
+        if (!(state_[g] & kDirty)) {
+          state_[g] |= kDirty;
+          dirty_++;
+        }
+        err.granules.push_back(g);
+      } else {
+        err.lost.push_back(g);
+      }
+    }
+    stats_.lost += err.lost.size();
   }
   if (rc) {
     stats_.write_errors++;

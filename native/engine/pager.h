@@ -69,6 +69,7 @@ struct PagerStats {
   uint64_t write_errors = 0, fill_errors = 0;
   uint64_t short_fills = 0;  // fills that found the file shorter than at pager() (pages past its end poisoned)
   uint64_t discarded = 0;    // dirty granules given up by acknowledge_loss()
+  uint64_t lost = 0;         // 'pagecache': evicted granules whose write flush()'s fdatasync found failed
   uint64_t fill_ns = 0, writeback_ns = 0;
 };
 
@@ -80,6 +81,10 @@ struct PagerWriteError {
   // Set when the granules hold data past the end of a file truncated under the pager (err is
   // -ENXIO): write-back does not grow the file back over a truncation. The file's size then.
   uint64_t file_size = UINT64_MAX;
+  // writeback 'pagecache': granules written back and evicted before flush()'s fdatasync found
+  // that the kernel's write of them failed. No copy is left in the pager (the kernel marks the
+  // pages clean after a failed writeback): the file may not hold what was written to them.
+  std::vector<uint64_t> lost;
 };
 
 class Pager : public sys::FaultHandler {
@@ -118,7 +123,10 @@ class Pager : public sys::FaultHandler {
 
  private:
   enum : uint8_t { kAbsent = 0, kFilling = 1, kResident = 2, kBusy = 3, kStateMask = 3,
-                   kDirty = 4, kRef = 8, kBacked = 16, kShort = 32 };
+                   kDirty = 4, kRef = 8, kBacked = 16, kShort = 32,
+                   // writeback 'pagecache': written back to the page cache since the last flush()
+                   // whose fdatasync succeeded, so not yet known to be on disk
+                   kUnconfirmed = 64 };
   uint8_t st(uint64_t g) const { return state_[g] & kStateMask; }
   void set_st(uint64_t g, uint8_t s) { state_[g] = static_cast<uint8_t>((state_[g] & ~kStateMask) | s); }
   uint64_t addr_of(uint64_t g) const { return cfg_.base + g * cfg_.granule; }
@@ -134,10 +142,11 @@ class Pager : public sys::FaultHandler {
     }
   }
   void protect_runs(int uffd, const std::vector<uint64_t>& sorted);
+  static void forget_failed_pages(int fd, uint64_t off, uint64_t len);
   // The state bits an absent granule keeps: kBacked, and kShort with it when the copy is in the
   // swap memfd (its refill poisons past the end it found again); from the file, a refill finds it.
   uint8_t absent(uint8_t s) const {
-    return static_cast<uint8_t>(s & (cfg_.swap_fd >= 0 && (s & kBacked) ? kBacked | kShort : kBacked));
+    return static_cast<uint8_t>(s & ((cfg_.swap_fd >= 0 && (s & kBacked) ? kBacked | kShort : kBacked) | kUnconfirmed));
   }
 
   int resolve_missing(int uffd, uint64_t g, uint64_t page_addr, bool write);
