@@ -56,6 +56,12 @@ export interface Probe {
    */
   uffdVia: Record<'device' | 'syscall', Capability>;
   pagemapScan: Capability;
+  /**
+   * Whether a read fault on untouched private anonymous memory maps the shared zero page (seen
+   * through PAGEMAP_SCAN's PAGE_IS_PFNZERO), as Linux does unless the kernel is built or booted
+   * without it (some virtual machines' kernels: `pvm_no_zero_page=1`); then it gets a private page.
+   */
+  zeroPage: Capability;
   cachestat: Capability;
   thp: { enabled: string | null; defrag: string | null; shmemEnabled: string | null };
   hugetlb: { defaultSize: number; total: number; free: number; sizes: { size: number; total: number; free: number }[] };
@@ -221,6 +227,20 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
       m.close();
     }
   });
+  const zeroPage: Capability = (() => {
+    if (!pagemapScan.ok) return { ok: false, reason: `PAGEMAP_SCAN tells the zero page: ${pagemapScan.reason}` };
+    const m = mapAnonymous(u.pageSize * 2);
+    try {
+      if (m.bytes[0] !== 0) return { ok: false, reason: 'untouched anonymous memory did not read zeros' };
+      if (m.scan({ require: ['pfnZero'] }).regions.length) return { ok: true };
+      const flag = (readText('/proc/cmdline') ?? '').split(/\s+/).find((w) => /zero_page/.test(w));
+      return { ok: false, reason: `a read fault on untouched private anonymous memory maps a private page here, not the shared zero page${flag ? ` (the kernel was booted with ${flag})` : ''}` };
+    } catch (err) {
+      return { ok: false, reason: (err as Error).message };
+    } finally {
+      m.close();
+    }
+  })();
   const cachestat = tryCap(() => {
     const m = mapMemfd(u.pageSize);
     try {
@@ -270,6 +290,7 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
     uffdUserModeOnly: umo,
     uffdVia: { device: viaProbe('device'), syscall: viaProbe('syscall') },
     pagemapScan,
+    zeroPage,
     cachestat,
     thp,
     hugetlb,
@@ -336,6 +357,7 @@ function format(p: Probe): string {
   }
   lines.push(`unprivileged  ${p.uffdUserModeOnly.ok ? `user-mode-only descriptor opens via ${p.uffdUserModeOnly.openedBy}` : p.uffdUserModeOnly.reason}`);
   lines.push(`PAGEMAP_SCAN  ${yes(p.pagemapScan)}`);
+  lines.push(`zero page     ${yes(p.zeroPage)}`);
   lines.push(`cachestat     ${yes(p.cachestat)}`);
   lines.push(`THP           enabled=${p.thp.enabled} defrag=${p.thp.defrag} shmem=${p.thp.shmemEnabled}`);
   lines.push(`hugetlb       default ${p.hugetlb.defaultSize / 1024} kB, ${p.hugetlb.free}/${p.hugetlb.total} free` + (p.hugetlb.sizes.length ? `; sizes ${p.hugetlb.sizes.map((s) => `${s.size / 1024} kB: ${s.free}/${s.total}`).join(', ')}` : ''));

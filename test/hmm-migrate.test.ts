@@ -253,6 +253,7 @@ describe('migration (hmm-tests)', () => {
   it('snapshot: ERROR, ZERO|READ, READ, WRITE, DEV_PRIVATE_LOCAL|WRITE, NONE (another device)', (ctx) =>
     withDevices(2, async (d0, d1) => {
       requireCap(ctx, P.pagemapScan, 'PAGEMAP_SCAN');
+      requireCap(ctx, P.zeroPage, 'the shared zero page');
       const m = mapAnonymous(7 * PAGE);
       try {
         const s0 = d0.mirror(m);
