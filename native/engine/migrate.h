@@ -79,7 +79,7 @@ enum MigratePfn : uint8_t {
   kPfnValid = 1 << 0,     // MIGRATE_PFN_VALID: the CPU maps a page here (else never touched: a zeroed slot)
   kPfnMigrate = 1 << 1,   // MIGRATE_PFN_MIGRATE: collected, the page can move
   kPfnWrite = 1 << 3,     // MIGRATE_PFN_WRITE: the mapping allows writes, so the device entry does
-  kPfnResident = 1 << 5,  // already in this device's memory (the kernel skips device-private pages)
+  kPfnResident = 1 << 5,  // already in this device's memory: counted as resident, nothing moves
 };
 
 // migrate_vma to device-private memory: data moved (UFFDIO_MOVE) or copied into device slots, the
