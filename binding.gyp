@@ -18,6 +18,7 @@
         "native/sys/unix_socket.cc",
         "native/engine/mirror.cc",
         "native/engine/mirror_file.cc",
+        "native/engine/migrate.cc",
         "native/engine/lease.cc",
         "native/engine/device.cc",
         "native/engine/link.cc",

@@ -571,17 +571,17 @@ Napi::Value MirrorWrap::Entries(const Napi::CallbackInfo& info) {
 
 namespace {
 
-const char* SkipName(engine::Mirror::Skip s) {
+const char* SkipName(engine::MigrateSkip s) {
   switch (s) {
-    case engine::Mirror::Skip::kShared: return "shared";
-    case engine::Mirror::Skip::kFileBacked: return "file-backed";
-    case engine::Mirror::Skip::kDax: return "dax";
-    case engine::Mirror::Skip::kOtherDevice: return "other-device";
-    case engine::Mirror::Skip::kNoMemory: return "device-memory-full";
-    case engine::Mirror::Skip::kPinned: return "pinned";
-    case engine::Mirror::Skip::kError: return "error";
-    case engine::Mirror::Skip::kUnregistrable: return "userfaultfd-unsupported";
-    case engine::Mirror::Skip::kNone: return "none";
+    case engine::MigrateSkip::kShared: return "shared";
+    case engine::MigrateSkip::kFileBacked: return "file-backed";
+    case engine::MigrateSkip::kDax: return "dax";
+    case engine::MigrateSkip::kOtherDevice: return "other-device";
+    case engine::MigrateSkip::kNoMemory: return "device-memory-full";
+    case engine::MigrateSkip::kPinned: return "pinned";
+    case engine::MigrateSkip::kError: return "error";
+    case engine::MigrateSkip::kUnregistrable: return "userfaultfd-unsupported";
+    case engine::MigrateSkip::kNone: return "none";
   }
   return "unknown";
 }
@@ -591,7 +591,7 @@ struct MigrateJob {
   std::shared_ptr<engine::Mirror> mirror;
   uint64_t first, last;
   bool use_move;
-  engine::Mirror::MigrateResult result;
+  engine::MigrateResult result;
   bool atomic = false;
   uint64_t granule_pages = 512;
   uint64_t back = 0;
@@ -619,8 +619,8 @@ Napi::Value MirrorWrap::MigrateToDevice(const Napi::CallbackInfo& info) {
       env, std::move(job),
       [](MigrateJob& j) {
         uint64_t t0 = sys::now_ns();
-        j.mirror->migrate_to_device(j.first, j.last, j.use_move, &j.result, j.atomic, engine::Trigger::kExplicit,
-                                    j.granule_pages);
+        engine::MigrateToDevice::run(j.mirror.get(), j.first, j.last,
+                                     {j.use_move, j.atomic, engine::Trigger::kExplicit, j.granule_pages}, &j.result);
         j.elapsed_ns = sys::now_ns() - t0;
       },
       [](Napi::Env env, MigrateJob& j) -> Napi::Value {
@@ -664,7 +664,7 @@ Napi::Value MirrorWrap::MigrateToHost(const Napi::CallbackInfo& info) {
       env, std::move(job),
       [](MigrateJob& j) {
         uint64_t t0 = sys::now_ns();
-        j.back = j.mirror->migrate_to_host(j.first, j.last);
+        j.back = engine::MigrateToHost::range(j.mirror.get(), j.first, j.last);
         j.elapsed_ns = sys::now_ns() - t0;
       },
       [](Napi::Env env, MigrateJob& j) -> Napi::Value {

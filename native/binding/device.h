@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "../engine/device.h"
+#include "../engine/migrate.h"
 #include "../engine/mirror.h"
 
 namespace pm {

@@ -7,6 +7,7 @@
 
 #include "../sys/mem.h"
 #include "engine.h"
+#include "migrate.h"
 
 namespace pm::engine {
 
@@ -193,7 +194,7 @@ bool Device::evict_one(Mirror* holding) {
       requeue();  // second chance
       continue;
     }
-    if (r.mirror->evict(r.page)) return true;
+    if (MigrateToHost::evict(r.mirror, r.page)) return true;
     // Refused (a page its mirror is loading right now, or one the file could not take): it stays
     // resident and stays a candidate.
     const uint64_t now = r.mirror->entry(r.page);
@@ -401,8 +402,8 @@ void Device::service_batch(std::vector<Request*>& batch) {
     if (config_.placement == DeviceConfig::Placement::kDevice && run.m->file_strategy() == FileStrategy::kNone) {
       // Unified-memory style: the faulted range moves into device memory first; what cannot move
       // (shared, file-backed, memory full with eviction off) is mapped on the host as usual.
-      Mirror::MigrateResult mr;
-      run.m->migrate_to_device(run.first, run.last, true, &mr, false, Trigger::kDeviceFault);
+      MigrateResult mr;
+      MigrateToDevice::run(run.m, run.first, run.last, {true, false, Trigger::kDeviceFault}, &mr);
     }
     int rc = run.m->range_fault(run.first, run.last, run.write, config_.timeout_ms);
     if (rc == 0) counters_.faulted_pages.fetch_add((run.last - run.first) * (run.m->page() / config_.page), std::memory_order_relaxed);
@@ -458,7 +459,7 @@ uint64_t Device::release() {
   }
   uint64_t n = 0;
   for (Mirror* m : ms) {
-    n += m->migrate_to_host(0, m->npages(), Trigger::kRelease);
+    n += MigrateToHost::range(m, 0, m->npages(), Trigger::kRelease);
     m->release();
   }
   return n;
@@ -492,8 +493,8 @@ void Device::prefetch(Mirror* m, uint64_t first, uint64_t last) {
   while (b > a && (m->entry(b - 1) & kValid)) b--;
   if (a >= b) return;
   if (config_.placement == DeviceConfig::Placement::kDevice) {
-    Mirror::MigrateResult mr;
-    m->migrate_to_device(a, b, true, &mr, false, Trigger::kPrefetch);
+    MigrateResult mr;
+    MigrateToDevice::run(m, a, b, {true, false, Trigger::kPrefetch}, &mr);
   }
   if (m->range_fault(a, b, false, config_.timeout_ms) == 0) counters_.prefetched_pages.fetch_add(b - a, std::memory_order_relaxed);
 }

@@ -8,6 +8,7 @@
 #include "../sys/uapi.h"
 #include "../sys/uffd.h"
 #include "device.h"
+#include "migrate.h"
 #include "mirror.h"
 
 namespace pm::engine {
@@ -201,7 +202,7 @@ void Engine::before_fork() {
     }
   } guard{all};
   for (Mirror* m : all) {
-    m->migrate_to_host(0, m->npages(), Trigger::kFork);
+    MigrateToHost::range(m, 0, m->npages(), Trigger::kFork);
     if (!m->region()->shared) m->invalidate_whole(InvalidateCause::kFork);
   }
 }
@@ -217,7 +218,7 @@ void Engine::bring_home(const Region* r) {
       }
   }
   for (Mirror* m : ms) {
-    m->migrate_to_host(0, m->npages(), Trigger::kRelease);
+    MigrateToHost::range(m, 0, m->npages(), Trigger::kRelease);
     m->release();
   }
 }
@@ -328,7 +329,7 @@ void Engine::handle(const sys::FaultMsg& f) {
     return;
   }
   for (Mirror* m : now) {
-    if (m->cpu_fault(m->index_of(page), f.flags)) return;  // counted by its device (migratedToHost)
+    if (MigrateToHost::cpu_fault(m, m->index_of(page), f.flags)) return;  // counted by its device (migratedToHost)
   }
   int64_t done = 0;
   if (f.flags & UFFD_PAGEFAULT_FLAG_WP) {

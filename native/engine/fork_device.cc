@@ -13,6 +13,7 @@
 #include "../sys/pagemap.h"
 #include "../sys/uapi.h"
 #include "../sys/uffd.h"
+#include "migrate.h"
 
 namespace pm::engine {
 
@@ -231,7 +232,7 @@ void migrate(Child& c, const ForkStep& s, ForkStepReport* r) {
     return;
   }
   if (c.plan->shared) {
-    r->skipped[static_cast<unsigned>(Mirror::Skip::kShared)] = s.npages;
+    r->skipped[static_cast<unsigned>(MigrateSkip::kShared)] = s.npages;
     r->error = -ENOENT;
     return;
   }
@@ -245,7 +246,7 @@ void migrate(Child& c, const ForkStep& s, ForkStepReport* r) {
   if (rc == -EINVAL && c.plan->private_file) {
     // As in the parent: no registration, no way to catch the CPU's touch of a moved page's hole.
     for (uint64_t k = 0; k < s.npages; k++)
-      r->skipped[static_cast<unsigned>(sys::pagemap_anon_present(pm[k]) ? Mirror::Skip::kUnregistrable : Mirror::Skip::kFileBacked)]++;
+      r->skipped[static_cast<unsigned>(sys::pagemap_anon_present(pm[k]) ? MigrateSkip::kUnregistrable : MigrateSkip::kFileBacked)]++;
     r->error = -ENOENT;
     return;
   }
@@ -261,12 +262,12 @@ void migrate(Child& c, const ForkStep& s, ForkStepReport* r) {
     }
     uint64_t entry = pm[i - s.first];
     if (c.plan->private_file && !sys::pagemap_anon_present(entry)) {
-      r->skipped[static_cast<unsigned>(Mirror::Skip::kFileBacked)]++;  // the file's page, not the mapping's
+      r->skipped[static_cast<unsigned>(MigrateSkip::kFileBacked)]++;  // the file's page, not the mapping's
       continue;
     }
     uint64_t slot;
     if (!alloc_slot(c, &slot)) {
-      r->skipped[static_cast<unsigned>(Mirror::Skip::kNoMemory)]++;
+      r->skipped[static_cast<unsigned>(MigrateSkip::kNoMemory)]++;
       continue;
     }
     const uint64_t h = host(c, i), dst = reinterpret_cast<uint64_t>(slot_addr(c, slot));
@@ -291,7 +292,7 @@ void migrate(Child& c, const ForkStep& s, ForkStepReport* r) {
     }
     if (rc) {
       c.plan->slot_used[slot] = 0;
-      r->skipped[static_cast<unsigned>(Mirror::Skip::kError)]++;
+      r->skipped[static_cast<unsigned>(MigrateSkip::kError)]++;
       continue;
     }
     t[i] = (slot << kSlotShift) | kOnDevice | kValid | ((s.prot & PROT_WRITE) ? static_cast<uint64_t>(kWrite) : 0);
@@ -308,7 +309,7 @@ void migrate_back(Child& c, const ForkStep& s, ForkStepReport* r) {
     const uint64_t e = t[i];
     if (!(e & kOnDevice)) continue;
     if (!move_home(c, i, e)) {
-      r->skipped[static_cast<unsigned>(Mirror::Skip::kError)]++;
+      r->skipped[static_cast<unsigned>(MigrateSkip::kError)]++;
       continue;
     }
     t[i] = kValid | (e & kWrite);

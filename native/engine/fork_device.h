@@ -34,7 +34,7 @@ struct ForkStep {
   int prot = 0;                    // the parent's protection over the step's range (read in the parent)
 };
 
-constexpr unsigned kForkSkipReasons = 16;  // indexed by Mirror::Skip
+constexpr unsigned kForkSkipReasons = 16;  // indexed by MigrateSkip
 
 // One record per step, written through the pipe when the step ends (a child killed midway still
 // reports the steps it finished).

@@ -152,32 +152,8 @@ class Mirror : public RangeNotifier {
   }
   void remapped(uint64_t old_addr, uint64_t new_addr, uint64_t new_length, bool old_kept) override;
 
-  // Why a page did not move. kNone: it moved (or was already on this device).
-  // kUnregistrable: a page the CPU copied on write in a private mapping of a file system
-  // userfaultfd cannot register (ext4, xfs): nothing would catch the CPU's next touch of its hole.
-  enum class Skip : uint8_t { kNone, kShared, kFileBacked, kDax, kOtherDevice, kNoMemory, kPinned, kError, kUnregistrable };
-  struct MigrateResult {
-    uint64_t moved = 0;      // pages whose data moved into device memory
-    uint64_t resident = 0;   // pages on this device afterwards (the kernel device's cpages)
-    uint64_t moved_by_move = 0, moved_by_copy = 0, zero_filled = 0;
-    std::vector<std::pair<uint64_t, Skip>> skipped;  // page index, reason
-    int error = 0;           // -EINVAL: a page with no access (PROT_NONE) or hugetlb; -ENOENT: nothing moved
-  };
-  // migrate_vma to device-private memory: data moved (UFFDIO_MOVE) or copied into device slots, the
-  // CPU mapping zapped; later CPU touches fault and migrate back. use_move: try UFFDIO_MOVE first.
-  // atomic: make_device_exclusive. The page also leaves the CPU mapping (so any CPU access faults
-  // and revokes it) and the entry carries kAtomic until then.
-  // granule_pages: pages moved per ioctl where a whole aligned chunk can move at once (64 KiB = 16,
-  // 2 MiB = 512); single pages otherwise.
-  void migrate_to_device(uint64_t first, uint64_t last, bool use_move, MigrateResult* out, bool atomic = false,
-                         Trigger trigger = Trigger::kExplicit, uint64_t granule_pages = 512);
   // Pages in [first, last) still held exclusively.
   uint64_t count_exclusive(uint64_t first, uint64_t last) const;
-  // Moves this device's pages in [first, last) back to host memory; returns pages moved.
-  uint64_t migrate_to_host(uint64_t first, uint64_t last, Trigger trigger = Trigger::kExplicit);
-  // The engine's CPU-fault path: if page i is in this device's memory, bring it back and wake the
-  // faulter. Returns true if it was (the fault is resolved), false if not this mirror's page.
-  bool cpu_fault(uint64_t i, uint64_t flags = 0);
   // Serialises with migrations and invalidations of this mirror (the engine's fault handler takes
   // it before deciding what a CPU fault on a mirrored page means).
   std::mutex& change_mutex() { return change_mu_; }
@@ -279,9 +255,6 @@ class Mirror : public RangeNotifier {
   // [first, last) of the mirrored range, so a hugetlb entry gives page_ / base of them, each with
   // the PMD or PUD flag), without faulting anything.
   void snapshot(uint64_t first, uint64_t last, uint8_t* out);
-  // Eviction: page i's data goes back to the host; the entry keeps mapping the host page. Caller
-  // holds change_mu_. Returns false if the page was not in device memory.
-  bool evict(uint64_t i);
   // LRU: whether the device touched page i since the last call.
   bool test_and_clear_accessed(uint64_t i) {
     return pt_[i].fetch_and(~kAccessed, std::memory_order_relaxed) & kAccessed;
@@ -335,12 +308,13 @@ class Mirror : public RangeNotifier {
   bool private_file() const { return region_->kind != RegionKind::kAnonymous && !region_->shared; }
   // Whether that file is shmem (tmpfs, memfd): userfaultfd can register a private mapping of it.
   bool private_shmem() const;
-  bool move_back(uint64_t i, uint64_t entry, bool wake);
-  bool move_back_run(uint64_t a, uint64_t b);
-  void migrate_page(uint64_t i, uint64_t pm_entry, bool use_move, bool atomic, MigrateResult* out);
-  uint64_t migrate_run(uint64_t a, uint64_t b, const uint64_t* pm, bool use_move, bool atomic, MigrateResult* out);
-  uint64_t fill_slots(uint64_t host, uint64_t slot, uint64_t n, bool present, bool use_move, MigrateResult* out);
-  void set_device_entry(uint64_t i, uint64_t slot, uint64_t old, bool atomic);
+  // What a migration (migrate.cc, which owns the sequence) asks of the page table: the host
+  // address of a page, and a device entry for data now in slot (old: the entry it replaces, whose
+  // dirty bit carries over; unit: part of a whole 2 MiB unit).
+  friend class MigrateToDevice;
+  friend class MigrateToHost;
+  uint64_t host_address(uint64_t i) const { return start_ + i * page_; }
+  void set_device_entry(uint64_t i, uint64_t slot, uint64_t old, bool write, bool atomic, bool unit);
   MirrorStats stats_;
   // The pages being filled into device memory and the page a fault is serving (under change_mu_):
   // eviction must not take them back meanwhile (a range larger than device memory would never get

@@ -61,6 +61,7 @@
 #include "device.h"
 #include "engine.h"
 #include "lease.h"
+#include "migrate.h"
 #include "mirror.h"
 
 namespace pm::engine {
@@ -878,7 +879,7 @@ void Mirror::break_lease() {
   if (dead()) return;
   const FileStrategy s = file_->options.strategy;
   if (s == FileStrategy::kCopy || s == FileStrategy::kBounce) {
-    migrate_to_host(0, npages_, Trigger::kRelease);  // the device's copies go back into the file
+    MigrateToHost::range(this, 0, npages_, Trigger::kRelease);  // the device's copies go back into the file
   } else if (s == FileStrategy::kRemote) {
     // This mirror's entries go (other mirrors of the mapping hold no lease): a device access
     // faults again and sees the file as it is then (past a new end of file: EFAULT). A truncate
