@@ -1,6 +1,7 @@
-// Where the native code of this package is, without loading it (the CLI and the benchmarks find
-// their files through here). Order:
-//   1. PAGEMIRROR_ADDON, when set (native.ts: the sanitizer build of `npm run test:sanitize`);
+// Where the native code of this package is, without loading it (the CLI, the benchmarks and
+// `pagemirror run` find their files through here). Order, for the addon and every helper file:
+//   1. PAGEMIRROR_ADDON, when set (native.ts: the sanitizer build of `npm run test:sanitize`), and
+//      for the helpers its directory;
 //   2. build/Release, then build/Debug: a source build, the checkout's (what the tests load) or one
 //      made on install where no prebuilt binary loads;
 //   3. prebuilds/<platform>-<arch>/: the binaries shipped in the package (scripts/prebuild.mjs),
@@ -56,12 +57,29 @@ export function loadAddon(): unknown {
   }
 }
 
-/** A native file built with the addon (the C benchmarks `uffd_baseline`, `pager_c`; the preload shim). */
-export function helperPath(name: 'uffd_baseline' | 'pager_c' | 'pagemirror_preload.so'): string {
-  const dirs = [path.join('build', 'Release'), path.join('build', 'Debug'), path.join('prebuilds', platformArch)];
+/** The native files built and shipped with the addon, found by {@link helperPath}. */
+export type HelperName = 'uffd_baseline' | 'pager_c' | 'pagemirror_preload.so' | 'pagemirror_client.a';
+
+const HELPER_WHAT: Record<HelperName, string> = {
+  uffd_baseline: 'the C benchmark uffd_baseline',
+  pager_c: 'the C benchmark pager_c',
+  'pagemirror_preload.so': 'the preload shim pagemirror_preload.so (pagemirror run)',
+  'pagemirror_client.a': 'the C client library pagemirror_client.a',
+};
+
+/**
+ * A native file built with the addon (the C benchmarks, the preload shim, the client library),
+ * looked for in the addon's order: the directory of the build PAGEMIRROR_ADDON names (the sanitizer
+ * build builds them all beside its addon), build/Release, build/Debug, prebuilds/<platform>-<arch>.
+ * A file is taken from the first directory that has it.
+ */
+export function helperPath(name: HelperName): string {
+  const dirs = [path.join('build', 'Release'), path.join('build', 'Debug'), path.join('prebuilds', platformArch)].map((d) => path.join(packageRoot, d));
+  const chosen = process.env.PAGEMIRROR_ADDON;
+  if (chosen) dirs.unshift(path.dirname(path.resolve(chosen)));
   for (const d of dirs) {
-    const p = path.join(packageRoot, d, name);
+    const p = path.join(d, name);
     if (fs.existsSync(p)) return p;
   }
-  throw notBuilt(`the C benchmark ${name} is not built for ${platformArch} (looked in build/Release, build/Debug and prebuilds/${platformArch})`);
+  throw notBuilt(`${HELPER_WHAT[name]} is not built for ${platformArch} (looked in ${dirs.map((d) => path.relative(packageRoot, d) || '.').join(', ')})`);
 }

@@ -7,9 +7,11 @@
 // Installed as a dependency: a prebuilt binary (prebuilds/<platform>-<arch>/) that loads on this
 // machine is used as it is, and nothing is compiled. Otherwise (another architecture or libc, a
 // glibc or libstdc++ older than the prebuilt binary needs, or `--build-from-source`) it is built
-// from source with node-gyp, and build/ is then cut down to what runs: the addon and the two C
-// benchmark executables. The objects, dependency files and makefiles left beside them (2.5 MB)
-// serve only an incremental rebuild, which a dependency never gets. Either way the prebuilt
+// from source with node-gyp, and build/ is then cut down to what runs or is linked: the addon, the
+// two C benchmark executables, the preload shim of `pagemirror run` and the C client library users
+// link (the files prebuilds/ would have had). The objects, dependency files, makefiles and the
+// client's demo and fuzz programs left beside them (2.5 MB) serve only the tests of a checkout and
+// an incremental rebuild, which a dependency never gets. Either way the prebuilt
 // binaries that will not run here (other architectures; all of them after a source build, which
 // the loader takes first) are removed, about 1 MB each.
 import { spawnSync } from 'node:child_process';
@@ -18,7 +20,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
-const KEEP = ['pagemirror.node', 'uffd_baseline', 'pager_c'];
+const KEEP = ['pagemirror.node', 'uffd_baseline', 'pager_c', 'pagemirror_preload.so', 'pagemirror_client.a'];
 const dependency = root.split(path.sep).includes('node_modules');
 const fromSource = process.env.npm_config_build_from_source === 'true' || process.argv.includes('--build-from-source');
 

@@ -5,7 +5,10 @@
 //                                (lib/addon-path.ts, scripts/install.mjs): glibc, and libuv 1
 //                                (the fault service wakes the JavaScript thread with a uv_async_t)
 //   uffd_baseline, pager_c       the C benchmark baselines (`pagemirror bench`)
-// all stripped. The addon is pure Node-API (NAPI_VERSION 8 in binding.gyp): one build per
+//   pagemirror_preload.so        the preload shim of `pagemirror run` (docs/attach.md)
+//   pagemirror_client.a          the C client library users link into their own programs, with
+//                                native/client/pagemirror_client.h (shipped as source)
+// all stripped (the static library of its debug information only: linking needs its symbols). The addon is pure Node-API (NAPI_VERSION 8 in binding.gyp): one build per
 // architecture loads on every supported Node, so it is built once, against the headers of the node
 // that runs this. Each architecture is built by prebuildify in build-prebuild/<arch>/, a copy of
 // binding.gyp over the same sources, so build/Release (what the tests load) stays as it is.
@@ -23,7 +26,14 @@ import { gypWorkdir, nodedirArgs } from './gyp-workdir.mjs';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const EXECUTABLES = ['uffd_baseline', 'pager_c'];
+const SHIM = 'pagemirror_preload.so';
+const CLIENT_LIBRARY = 'pagemirror_client.a';
 const ADDON = 'pagemirror.uv1.glibc.node';
+// The shim is preloaded into any dynamically linked program, which may carry nothing but libc: it
+// may need glibc's libraries only (libpthread and libdl are in libc since 2.34, stubs before).
+const SHIM_LIBRARIES = /^(libc\.so\.6|libpthread\.so\.0|libdl\.so\.2)$/;
+// What makes it a shim: the wrappers a stripped or mislinked build would silently lose.
+const SHIM_WRAPPERS = ['malloc', 'calloc', 'realloc', 'free', 'mmap', 'munmap', 'mremap', 'madvise', 'mprotect'];
 const TRIPLES = { x64: 'x86_64-linux-gnu', arm64: 'aarch64-linux-gnu' };
 // ELF e_machine of each architecture: a cross build that silently used the host compiler is caught.
 // The addon is also checked to import nothing of node's but Node-API and libuv (nodeImports).
@@ -63,18 +73,66 @@ function elfMachine(file) {
   }
 }
 
+/** The ELF e_machine of each ELF member of an ar archive (a static library). */
+function archiveMachines(file) {
+  const data = fs.readFileSync(file);
+  if (data.toString('latin1', 0, 8) !== '!<arch>\n') return [];
+  const machines = [];
+  // Each member: a 60-byte header whose size field is decimal at bytes 48..57, the data padded to
+  // an even offset. The symbol and name tables are not ELF and are passed over.
+  for (let at = 8; at + 60 <= data.length; ) {
+    const size = Number(data.toString('latin1', at + 48, at + 58).trim());
+    const body = at + 60;
+    if (data.readUInt32BE(body) === 0x7f454c46) machines.push(data.readUInt16LE(body + 18));
+    at = body + size + (size % 2);
+  }
+  return machines;
+}
+
+function readelf(args, file) {
+  const r = spawnSync('readelf', [...args, '--wide', file], { encoding: 'utf8' });
+  if (r.status !== 0) fail(`readelf ${args.join(' ')} ${file} failed: ${r.stderr || r.error?.message}`);
+  return r.stdout.split('\n').map((l) => l.trim().split(/\s+/));
+}
+
 /**
- * The symbols the addon expects from the process that loads it (undefined, not weak, with no
- * library version): node's. Versioned ones (GLIBC_, GLIBCXX_, CXXABI_, GCC_) are the libraries'.
+ * The dynamic symbols a file imports (undefined, not weak) and those it defines (global functions),
+ * each with its version (`getenv@GLIBC_2.2.5`: the version after the @), or '' when it has none.
+ */
+function dynamicSymbols(file) {
+  const rows = readelf(['--dyn-syms'], file).filter((c) => c[4] === 'GLOBAL' && c[7]);
+  const named = (c) => ({ name: c[7].split('@')[0], version: c[7].split('@').filter(Boolean)[1] ?? '' });
+  return {
+    imports: rows.filter((c) => c[6] === 'UND').map(named),
+    defines: rows.filter((c) => c[6] !== 'UND' && c[3] === 'FUNC').map(named),
+  };
+}
+
+/**
+ * The symbols the addon expects from the process that loads it (with no library version): node's.
+ * Versioned ones (GLIBC_, GLIBCXX_, CXXABI_, GCC_) are the libraries'.
  */
 function nodeImports(file) {
-  const r = spawnSync('readelf', ['--dyn-syms', '--wide', file], { encoding: 'utf8' });
-  if (r.status !== 0) fail(`readelf --dyn-syms ${file} failed: ${r.stderr || r.error?.message}`);
-  return r.stdout
-    .split('\n')
-    .map((l) => l.trim().split(/\s+/))
-    .filter((c) => c[6] === 'UND' && c[4] === 'GLOBAL' && c[7] && !c[7].includes('@'))
-    .map((c) => c[7]);
+  return dynamicSymbols(file).imports.filter((s) => !s.version).map((s) => s.name);
+}
+
+/** Why the shim would not load into any program, or undefined: foreign libraries, symbols or a lost wrapper. */
+function shimProblem(file) {
+  const needed = readelf(['--dynamic'], file)
+    .filter((c) => c[1] === '(NEEDED)')
+    .map((c) => c.at(-1).replace(/^\[|\]$/g, ''));
+  const foreign = needed.filter((l) => !SHIM_LIBRARIES.test(l));
+  if (foreign.length) return `it needs ${foreign.join(' ')} (only libc, libpthread and libdl: a preloaded library must load into a program that has nothing else)`;
+  const { imports, defines } = dynamicSymbols(file);
+  const notGlibc = imports.filter((s) => !s.version.startsWith('GLIBC_')).map((s) => `${s.name}${s.version ? '@' + s.version : ''}`);
+  if (notGlibc.length) return `it imports symbols that are not glibc's: ${notGlibc.join(' ')}`;
+  const names = new Set(defines.map((s) => s.name));
+  const lost = SHIM_WRAPPERS.filter((w) => !names.has(w));
+  if (lost.length) return `it does not define ${lost.join(' ')}`;
+  // --exclude-libs: the client library inside must not take over a program's own pm_* symbols.
+  const leaked = [...names].filter((n) => n.startsWith('pm_'));
+  if (leaked.length) return `it exports the client library's ${leaked.join(' ')}`;
+  return undefined;
 }
 
 function tools(arch) {
@@ -89,7 +147,7 @@ function tools(arch) {
 
 function build(arch) {
   const out = path.join(root, 'prebuilds', `linux-${arch}`);
-  const outputs = [ADDON, ...EXECUTABLES].map((f) => path.join(out, f));
+  const outputs = [ADDON, ...EXECUTABLES, SHIM, CLIENT_LIBRARY].map((f) => path.join(out, f));
   if (!force && outputs.every((f) => fs.existsSync(f) && fs.statSync(f).mtimeMs > newestSource())) {
     console.log(`prebuild: prebuilds/linux-${arch} is up to date`);
     return;
@@ -123,19 +181,25 @@ function build(arch) {
     },
   );
   if (r.status !== 0) fail(`the ${arch} build failed (prebuildify exited ${r.status ?? r.signal})`);
-  // prebuildify ships the .node file only: the benchmarks' executables come from the same build.
-  for (const exe of EXECUTABLES) {
-    const dest = path.join(out, exe);
-    fs.copyFileSync(path.join(work, 'build', 'Release', exe), dest);
-    fs.chmodSync(dest, 0o755);
-    if (spawnSync(strip, ['--strip-all', dest], { stdio: 'inherit' }).status !== 0) fail(`${strip} ${dest} failed`);
-  }
+  // prebuildify ships the .node file only: the other native files come from the same build.
+  const copy = (name, mode, stripArgs) => {
+    const dest = path.join(out, name);
+    fs.copyFileSync(path.join(work, 'build', 'Release', name), dest);
+    fs.chmodSync(dest, mode);
+    if (spawnSync(strip, [...stripArgs, dest], { stdio: 'inherit' }).status !== 0) fail(`${strip} ${dest} failed`);
+  };
+  for (const exe of [...EXECUTABLES, SHIM]) copy(exe, 0o755, ['--strip-all']);
+  copy(CLIENT_LIBRARY, 0o644, ['--strip-debug']);
   for (const f of outputs) {
     if (!fs.existsSync(f)) fail(`${path.relative(root, f)} was not built`);
-    if (elfMachine(f) !== MACHINES[arch]) fail(`${path.relative(root, f)} is not an ${arch} ELF file (e_machine ${elfMachine(f)})`);
+    const machines = f.endsWith('.a') ? archiveMachines(f) : [elfMachine(f)];
+    if (!machines.length || machines.some((m) => m !== MACHINES[arch]))
+      fail(`${path.relative(root, f)} is not an ${arch} ELF file (e_machine ${machines.join(', ') || 'none'})`);
   }
   const internals = nodeImports(outputs[0]).filter((s) => !/^(napi_|uv_)/.test(s));
   if (internals.length) fail(`${path.relative(root, outputs[0])} needs symbols of node beyond Node-API and libuv, which change between majors: ${internals.join(' ')}`);
+  const shimWrong = shimProblem(path.join(out, SHIM));
+  if (shimWrong) fail(`prebuilds/linux-${arch}/${SHIM} cannot be preloaded everywhere: ${shimWrong}`);
   console.log(`prebuild: prebuilds/linux-${arch} built in ${((Date.now() - started) / 1000).toFixed(0)} s`);
 }
 

@@ -84,7 +84,8 @@ describe('the packed tarball', () => {
     expect(pkg.scripts.install).toBe('node scripts/install.mjs');
     expect(pkg.scripts.prepack).toBe('node scripts/prebuild.mjs');
     expect(pkg.dependencies['node-gyp-build']).toBeDefined();
-    for (const f of ['scripts/install.mjs', 'binding.gyp', 'dist/api.js', 'dist/addon-path.js', 'native/binding/addon.cc', 'bench/c/uffd_baseline.c'])
+    // The client library's header: users compile against it (the library itself is in prebuilds/).
+    for (const f of ['scripts/install.mjs', 'binding.gyp', 'dist/api.js', 'dist/addon-path.js', 'native/binding/addon.cc', 'bench/c/uffd_baseline.c', 'native/client/pagemirror_client.h', 'native/client/pm_demo.c'])
       expect(files.has(f), f).toBe(true);
     expect([...files.keys()].filter((f) => /^(build|build-prebuild|build-sanitize|test|node_modules)\//.test(f))).toEqual([]);
     const prebuilds = path.join(root, 'prebuilds');
@@ -92,6 +93,9 @@ describe('the packed tarball', () => {
       for (const dir of fs.readdirSync(prebuilds)) {
         expect(files.get(`prebuilds/${dir}/pagemirror.uv1.glibc.node`), dir).toBeDefined();
         for (const exe of ['uffd_baseline', 'pager_c']) expect(files.get(`prebuilds/${dir}/${exe}`)! & 0o111, `${dir}/${exe}`).toBe(0o111);
+        // pagemirror run's shim and the client library: without them run needs a source build.
+        expect(files.get(`prebuilds/${dir}/pagemirror_preload.so`), `${dir}/pagemirror_preload.so`).toBeDefined();
+        expect(files.get(`prebuilds/${dir}/pagemirror_client.a`), `${dir}/pagemirror_client.a`).toBeDefined();
       }
     }
     // CI runs the real thing.
@@ -130,14 +134,25 @@ describe('the addon loader: source build, then prebuilt binaries', () => {
     return dir;
   }
 
-  /** What the package at `dir` loads: the addon file, a C helper, and one call into the addon. */
+  const HELPERS = ['uffd_baseline', 'pager_c', 'pagemirror_preload.so', 'pagemirror_client.a'] as const;
+  type Helpers = Record<(typeof HELPERS)[number], string>;
+
+  /**
+   * What the package at `dir` loads: the addon file, one call into the addon, and where each helper
+   * file is found, relative to `dir` (or the error code and message when it is not).
+   */
   function loads(dir: string, extraEnv: Record<string, string> = {}) {
     const code = `
       const { addonPath, helperPath } = await import('./dist/addon-path.js');
       const { _native } = await import('./dist/internal.js');
-      console.log(JSON.stringify({ addon: addonPath(), helper: helperPath('uffd_baseline'), machine: _native.uname().machine }));`;
+      const path = await import('node:path');
+      const helpers = {};
+      for (const h of ${JSON.stringify(HELPERS)}) {
+        try { helpers[h] = path.relative(process.cwd(), helperPath(h)); } catch (e) { helpers[h] = e.code + ': ' + e.message; }
+      }
+      console.log(JSON.stringify({ addon: addonPath(), helper: helperPath('uffd_baseline'), helpers, machine: _native.uname().machine }));`;
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', code], { cwd: dir, encoding: 'utf8', timeout: 30_000, env: { ...env, ...extraEnv } });
-    return { ...r, json: r.status === 0 ? (JSON.parse(r.stdout) as { addon: string; helper: string; machine: string }) : undefined };
+    return { ...r, json: r.status === 0 ? (JSON.parse(r.stdout) as { addon: string; helper: string; helpers: Helpers; machine: string }) : undefined };
   }
 
   function probeFails(dir: string, pattern: RegExp): void {
@@ -151,15 +166,18 @@ describe('the addon loader: source build, then prebuilt binaries', () => {
     [`prebuilds/${a}/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node'),
     [`prebuilds/${a}/uffd_baseline`]: path.join(built, 'uffd_baseline'),
     [`prebuilds/${a}/pager_c`]: path.join(built, 'pager_c'),
+    [`prebuilds/${a}/pagemirror_preload.so`]: path.join(built, 'pagemirror_preload.so'),
+    [`prebuilds/${a}/pagemirror_client.a`]: path.join(built, 'pagemirror_client.a'),
   });
 
-  it('a package with prebuilt binaries and no build/ loads the prebuilt addon and C helpers', () => {
+  it('a package with prebuilt binaries and no build/ loads the prebuilt addon and C helpers, the preload shim and the client library', () => {
     const dir = layout(prebuilt());
     try {
       const r = loads(dir);
       expect(r.status, r.stderr).toBe(0);
       expect(r.json!.addon).toBe(path.join(dir, 'prebuilds', arch, 'pagemirror.uv1.glibc.node'));
       expect(r.json!.helper).toBe(path.join(dir, 'prebuilds', arch, 'uffd_baseline'));
+      expect(r.json!.helpers).toEqual(Object.fromEntries(HELPERS.map((h) => [h, path.join('prebuilds', arch, h)])));
       expect(r.json!.machine).toBe(execFileSync('uname', ['-m'], { encoding: 'utf8' }).trim());
     } finally {
       fs.rmSync(path.dirname(path.dirname(dir)), { recursive: true, force: true });
@@ -182,6 +200,52 @@ describe('the addon loader: source build, then prebuilt binaries', () => {
       fs.rmSync(path.join(dir, 'build'), { recursive: true });
       const chosen = loads(dir, { PAGEMIRROR_ADDON: path.join(built, 'pagemirror.node') });
       expect(chosen.status, chosen.stderr).toBe(0);
+    } finally {
+      fs.rmSync(path.dirname(path.dirname(dir)), { recursive: true, force: true });
+    }
+  });
+
+  it("helper files are found in the addon's order: PAGEMIRROR_ADDON's directory, build/Release, build/Debug, prebuilds/", () => {
+    // Each helper sits first in a different place, and everywhere after it, so the one taken shows the order.
+    const dir = layout({
+      ...prebuilt(),
+      'alt/pagemirror.node': path.join(built, 'pagemirror.node'),
+      'alt/uffd_baseline': path.join(built, 'uffd_baseline'),
+      'build/Release/pagemirror.node': path.join(built, 'pagemirror.node'),
+      'build/Release/uffd_baseline': path.join(built, 'uffd_baseline'),
+      'build/Release/pager_c': path.join(built, 'pager_c'),
+      'build/Debug/uffd_baseline': path.join(built, 'uffd_baseline'),
+      'build/Debug/pager_c': path.join(built, 'pager_c'),
+      'build/Debug/pagemirror_preload.so': path.join(built, 'pagemirror_preload.so'),
+    });
+    try {
+      const alt = loads(dir, { PAGEMIRROR_ADDON: path.join(dir, 'alt', 'pagemirror.node') });
+      expect(alt.status, alt.stderr).toBe(0);
+      expect(alt.json!.helpers).toEqual({
+        uffd_baseline: path.join('alt', 'uffd_baseline'),
+        pager_c: path.join('build', 'Release', 'pager_c'),
+        'pagemirror_preload.so': path.join('build', 'Debug', 'pagemirror_preload.so'),
+        'pagemirror_client.a': path.join('prebuilds', arch, 'pagemirror_client.a'),
+      });
+      const plain = loads(dir);
+      expect(plain.status, plain.stderr).toBe(0);
+      expect(plain.json!.helpers.uffd_baseline).toBe(path.join('build', 'Release', 'uffd_baseline'));
+    } finally {
+      fs.rmSync(path.dirname(path.dirname(dir)), { recursive: true, force: true });
+    }
+  });
+
+  it('a package without the preload shim: pagemirror run fails with ERR_PAGEMIRROR_NOT_BUILT in one line, naming the shim and where it looked', () => {
+    const files: Record<string, string> = prebuilt();
+    delete files[`prebuilds/${arch}/pagemirror_preload.so`];
+    const dir = layout(files);
+    try {
+      const r = spawnSync(process.execPath, [path.join(dir, 'dist', 'cli.js'), 'run', '--', 'true'], { cwd: dir, encoding: 'utf8', timeout: 30_000, env });
+      expect(r.status, r.stderr).toBe(1);
+      expect(r.stderr.trimEnd().split('\n'), r.stderr).toHaveLength(1);
+      expect(r.stderr).toMatch(
+        new RegExp(`^pagemirror: ERR_PAGEMIRROR_NOT_BUILT: the preload shim pagemirror_preload.so \\(pagemirror run\\) is not built for ${arch} \\(looked in build/Release, build/Debug, prebuilds/${arch}\\): .*npm rebuild pagemirror`),
+      );
     } finally {
       fs.rmSync(path.dirname(path.dirname(dir)), { recursive: true, force: true });
     }
@@ -210,8 +274,8 @@ describe('the addon loader: source build, then prebuilt binaries', () => {
 });
 
 // scripts/install.mjs as npm runs it for a dependency. The source build is node-gyp's, run from
-// PATH: here a stand-in that leaves what node-gyp leaves (objects, makefiles, dependency files
-// beside the three files that run), so the choice and the clean-up are tested without a compile.
+// PATH: here a stand-in that leaves what node-gyp leaves (objects, makefiles, dependency files and
+// the client's test programs beside the files that run or are linked), so the choice and the clean-up are tested without a compile.
 // scripts/test-package.sh does the real thing from the packed tarball (npm run test:package).
 describe('the install script of an installed package', () => {
   const built = path.join(root, 'build', 'Release');
@@ -234,7 +298,8 @@ describe('the install script of an installed package', () => {
       path.join(bin, 'node-gyp'),
       `#!/bin/sh\n[ "$1" = rebuild ] || exit 9\necho "gyp info stand-in $*"\nmkdir -p build/Release/obj.target/pagemirror build/Release/.deps\n` +
         `touch build/Makefile build/config.gypi build/pagemirror.target.mk build/Release/obj.target/pagemirror/addon.o build/Release/.deps/addon.o.d\n` +
-        `cp ${built}/pagemirror.node ${built}/uffd_baseline ${built}/pager_c build/Release/\n`,
+        `cp ${built}/pagemirror.node ${built}/uffd_baseline ${built}/pager_c ${built}/pagemirror_preload.so ${built}/pagemirror_client.a ` +
+        `${built}/pagemirror_client_demo ${built}/pagemirror_client_fuzz build/Release/\n`,
       { mode: 0o755 },
     );
     const r = spawnSync(process.execPath, [path.join(dir, 'scripts', 'install.mjs')], {
@@ -254,16 +319,18 @@ describe('the install script of an installed package', () => {
     const r = installIn({
       [`prebuilds/${arch}/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node'),
       [`prebuilds/${arch}/uffd_baseline`]: path.join(built, 'uffd_baseline'),
+      [`prebuilds/${arch}/pagemirror_preload.so`]: path.join(built, 'pagemirror_preload.so'),
       [`prebuilds/linux-none/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node'),
+      [`prebuilds/linux-none/pagemirror_preload.so`]: path.join(built, 'pagemirror_preload.so'),
     });
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toContain(`pagemirror: using the prebuilt binary prebuilds/${arch}/pagemirror.uv1.glibc.node (no compile)`);
     expect(r.stdout).not.toContain('gyp info');
     expect(r.build).toEqual([]);
-    expect(r.prebuilds).toEqual([arch, `${arch}/pagemirror.uv1.glibc.node`, `${arch}/uffd_baseline`]);
+    expect(r.prebuilds).toEqual([arch, `${arch}/pagemirror.uv1.glibc.node`, `${arch}/pagemirror_preload.so`, `${arch}/uffd_baseline`]);
   });
 
-  it('no prebuilt binary for this machine, or --build-from-source: node-gyp rebuild, then build/ keeps only what runs, and no prebuilds/', () => {
+  it('no prebuilt binary for this machine, or --build-from-source: node-gyp rebuild, then build/ keeps only what runs or is linked (the shim and client library too), and no prebuilds/', () => {
     for (const [files, extraEnv, why] of [
       [{ [`prebuilds/linux-none/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node') }, {}, /No native build was found/],
       [{ [`prebuilds/${arch}/pagemirror.uv1.glibc.node`]: path.join(built, 'pagemirror.node') }, { npm_config_build_from_source: 'true' }, /a source build was asked for/],
@@ -273,7 +340,14 @@ describe('the install script of an installed package', () => {
       expect(r.stdout).toMatch(/pagemirror: building from source/);
       expect(r.stdout).toMatch(why);
       expect(r.stdout).toContain('gyp info stand-in rebuild');
-      expect(r.build).toEqual(['Release', 'Release/pagemirror.node', 'Release/pager_c', 'Release/uffd_baseline']);
+      expect(r.build).toEqual([
+        'Release',
+        'Release/pagemirror.node',
+        'Release/pagemirror_client.a',
+        'Release/pagemirror_preload.so',
+        'Release/pager_c',
+        'Release/uffd_baseline',
+      ]);
       expect(r.prebuilds).toEqual([]);
     }
   });

@@ -1,7 +1,8 @@
 /* pagemirror client library: hand this process's memory to a pagemirror fault server
  * (`pagemirror serve --socket PATH`, or FaultServer.listen) over a Unix socket. Plain C, no Node.
- * Link with the static library node-gyp builds next to the addon (build/Release/pagemirror_client.a)
- * and -pthread.
+ * Link with the static library shipped beside the addon and -pthread: in an installed package
+ * prebuilds/linux-<arch>/pagemirror_client.a, after a source build or in a checkout
+ * build/Release/pagemirror_client.a (docs/fault-server.md, "Building a client").
  *
  * Every call returns 0 or -errno and never exits or aborts. A client is safe to use from several
  * threads (calls are serialized). Only pm_connect allocates with malloc: pm_attach and pm_detach

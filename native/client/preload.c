@@ -322,6 +322,12 @@ __attribute__((constructor)) static void shim_init(void) {
   guard = 1;
   int rc = pm_connect(sock, (uint32_t)pool, &client);
   guard = 0;
+  if (rc == -ENOSYS || rc == -EPERM) {
+    /* The server may well be there (pm_connect opens the userfaultfd after connecting): qemu-user,
+     * a seccomp filter or a kernel without userfaultfd refuses it to this process. */
+    say("not attached: no userfaultfd for this process (the program runs without it)", -rc);
+    return;
+  }
   if (rc) {
     say("not attached: cannot connect to the fault server (the program runs without it)", -rc);
     return;
