@@ -34,8 +34,8 @@ function label(d: DeviceOptions): string {
 /** Replays the trace under each policy in turn. */
 export async function replayPolicies(tracePath: string, policies: DeviceOptions[], options: ReplayOptions, progress?: (line: string) => void): Promise<{ trace: Awaited<ReturnType<typeof readTrace>>; rows: ReplayRow[] }> {
   const trace = await readTrace(tracePath);
-  const range = trace.header.ranges[options.range ?? 0];
-  if (!range) throw Object.assign(new RangeError(`range ${options.range} is not in the trace (it has ${trace.header.ranges.length})`), { code: 'ERR_OUT_OF_RANGE' });
+  const range = trace.ranges[options.range ?? 0];
+  if (!range) throw Object.assign(new RangeError(`range ${options.range} is not in the trace (it has ${trace.ranges.length})`), { code: 'ERR_OUT_OF_RANGE' });
   const rows: ReplayRow[] = [];
   for (const device of policies) {
     const policy = label(device);
