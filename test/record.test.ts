@@ -7,8 +7,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { P, USER_MODE_ONLY, attachEnv, requireCap } from './helpers.js';
-import { readTrace } from '../lib/index.js';
+import { P, PAGE, USER_MODE_ONLY, attachEnv, requireCap, within } from './helpers.js';
+import { FaultServer, readTrace, type TraceFault, type TraceRecord, type TraceRecorder } from '../lib/index.js';
+import { finish, needUffd, sockPath, startDemo } from './fault-server-helpers.js';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const cli = path.join(root, 'dist', 'cli.js');
@@ -102,3 +103,63 @@ describe('pagemirror record', () => {
   });
 });
 
+
+async function faultsOf(file: string): Promise<{ records: TraceRecord[]; faults: TraceFault[] }> {
+  const records: TraceRecord[] = [];
+  for await (const r of (await readTrace(file)).records()) records.push(r);
+  return { records, faults: records.filter((r): r is TraceFault => r.type === 'fault') };
+}
+
+describe('RemoteClient.record: a client of the fault server recorded', () => {
+  it('from its first fault: a client that writes its memory the moment it is registered has every page in the trace', { timeout: 60_000 }, async (ctx) => {
+    needUffd(ctx, false);
+    const pages = 256;
+    const recs: TraceRecorder[] = [];
+    const server = await FaultServer.listen(sockPath('record-first'), {
+      beforeServe: (c) => recs.push(c.record({ path: path.join(tmp, `first-${c.pid}.pmtrace`), sampleIntervalMs: 0 })),
+    });
+    try {
+      // attach: private anonymous memory, MISSING only; the demo writes every page right after pm_attach returns.
+      const demo = startDemo(server.path, pages, 'attach');
+      await demo.next((l) => l.startsWith('READY'), 20_000, 'READY');
+      expect(recs).toHaveLength(1);
+      const s = recs[0]!.stop();
+      expect(s).toMatchObject({ dropped: 0, ignored: 0 });
+      const { faults } = await faultsOf(recs[0]!.path);
+      const missing = new Set(faults.filter((f) => f.kind === 'missing').map((f) => f.page));
+      expect(missing.size).toBe(pages);
+      expect(faults[0]).toMatchObject({ kind: 'missing', page: 0, write: true });
+      demo.send('GO');
+      expect(await finish(demo, 20_000)).toEqual({ bad: 0, lost: 0 });
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('its ranges follow the client: a range it takes back (pm_detach) is removed in the trace, at its UNREGISTER', { timeout: 60_000 }, async (ctx) => {
+    needUffd(ctx);
+    const pages = 32;
+    const recs: TraceRecorder[] = [];
+    const server = await FaultServer.listen(sockPath('record-detach'), {
+      beforeServe: (c) => recs.push(c.record({ path: path.join(tmp, `detach-${c.pid}.pmtrace`), sampleIntervalMs: 0 })),
+    });
+    try {
+      const demo = startDemo(server.path, pages, 'detach');
+      const [, addr] = (await demo.next((l) => l.startsWith('READY'), 20_000, 'READY')).split(' ');
+      demo.send('GO');
+      expect(await finish(demo, 20_000)).toEqual({ bad: 0, lost: 0 });
+      const s = recs[0]!.stop();
+      expect(s.ranges).toBe(1);
+      const t = await readTrace(recs[0]!.path);
+      expect(t.ranges).toHaveLength(1);
+      expect(t.ranges[0]).toMatchObject({ start: addr, length: pages * PAGE, shared: true });
+      expect(t.ranges[0]!.removedNs).toBeGreaterThan(0);
+      const { records, faults } = await faultsOf(recs[0]!.path);
+      expect(new Set(faults.map((f) => f.page)).size).toBe(pages);
+      // The removal comes after every fault of the range.
+      expect(records.findIndex((r) => r.type === 'range-removed')).toBeGreaterThan(records.lastIndexOf(faults.at(-1)!));
+    } finally {
+      await server.close();
+    }
+  });
+});
