@@ -349,7 +349,7 @@ async function runCommand(args: string[]): Promise<number> {
   const { values, options, run } = p;
   const r = await run.runAttached(options);
   const files = values.out ? run.writeRunReport(values.out, r, version()) : undefined;
-  process.stderr.write(values.json ? JSON.stringify({ ...r, ...(files ? { files } : {}) }) + '\n' : formatRun(r) + (files ? `written: ${files.json} ${files.html}\n` : ''));
+  process.stderr.write(values.json ? JSON.stringify({ ...r, ...(files ? { files } : {}) }) + '\n' : run.formatRun(r, 'run') + (files ? `written: ${files.json} ${files.html}\n` : ''));
   return attachedExit('run', r);
 }
 
@@ -359,7 +359,7 @@ Runs PROGRAM attached as \`pagemirror run\` does (same options, same policy; see
 --help) and records a page-access trace of its attached memory (docs/trace-format.md): the faults
 the server reads, by kind, in order, and every MS ms the pages written since the last sample.
 The first attached process writes FILE, each later one (a fork, a child) FILE.PID. A trace holds
-the ranges its process had registered at its first REGISTER (later ones are named in a note).
+every range its process registers, from its first fault, each from its REGISTER to its release.
 Recording taps the fault service: the server resolves every fault as it would without it. The
 recording summary (faults, samples, bytes, the recorder's cost) goes to stderr with run's report;
 replay the trace with \`pagemirror replay FILE\`. The exit status is the program's, or 1 if
@@ -383,7 +383,7 @@ async function recordCommand(args: string[]): Promise<number> {
   const sampleIntervalMs = values['sample-interval'] === undefined ? 100 : count('sample-interval', 3600000, 'record', 0)(values['sample-interval']);
   const r = await run.runAttached({ ...options, record: { path: file, sampleIntervalMs } });
   const recordings = r.recordings ?? [];
-  process.stderr.write(values.json ? JSON.stringify(r) + '\n' : formatRun(r) + recordings.map(formatRecording).join(''));
+  process.stderr.write(values.json ? JSON.stringify(r) + '\n' : run.formatRun(r, 'record') + recordings.map(formatRecording).join(''));
   const status = attachedExit('record', r);
   if (r.processes > 0 && !recordings.length) {
     process.stderr.write('pagemirror record: no trace was written (see the notes above)\n');
@@ -399,18 +399,6 @@ function formatRecording(s: NonNullable<import('./run.js').RunResult['recordings
     `${s.dropped ? `, ${s.dropped} dropped` : ''}${s.ignored ? `, ${s.ignored} outside its ranges` : ''}\n` +
     `    cost: ${s.tapNsPerFault.toFixed(0)} ns per fault in the service, writer ${ms(s.writerCpuNs)} ms CPU, sampling ${ms(s.sampleNs)} ms, over ${ms(s.durationNs)} ms\n`
   );
-}
-
-function formatRun(r: import('./run.js').RunResult): string {
-  const mib = (pages: number) => `${((pages * 4096) / 2 ** 20).toFixed(1)} MiB`;
-  return [
-    `pagemirror run: ${path.basename(r.program)} exited ${r.signal ? `on ${r.signal}` : r.exitCode} after ${r.wallMs.toFixed(0)} ms${r.wallMsWithoutShim !== undefined ? ` (${r.wallMsWithoutShim.toFixed(0)} ms without the shim)` : ''}`,
-    `  attached: ${r.processes} process(es), ${r.ranges.length} range(s), ${mib(r.attachedBytes / 4096)}; peak resident ${mib(r.peakResidentPages)}${r.residentLimitPages !== undefined ? ` (limit ${mib(r.residentLimitPages)})` : ''}`,
-    `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; before their rule ${r.faults.fallback}; other ${r.faults.other})`,
-    `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, release ${r.migrations.toHost.release})`,
-    `  pages dirtied under write protection (WP faults): ${r.pagesDirtied}${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
-    ...r.notes.map((n) => `  note: ${n}`),
-  ].join('\n') + '\n';
 }
 
 async function serve(args: string[]): Promise<number> {
