@@ -213,7 +213,8 @@ options:
                          pcie4x16, pcie5x16, nvlink-c2c or cxl (docs/link-model.md; default none)
   --threads N            device threads (default: the trace's threads, at most 64)
   --window N             accesses per replay step (default: the fault batch)
-  --range N              the trace range to replay (default 0)
+  --range N              the trace range to replay (default 0; any index, a range added while
+                         recording too: the JSON output lists the trace's ranges)
   --no-samples           replay only the faults, not the sampled writes
   --json                 the results as JSON on stdout
   --out DIR              also write a JSON + HTML report to DIR
@@ -609,7 +610,7 @@ const COMMANDS: Record<string, Command> = {
       const json = values.json === true;
       const { trace, rows } = await replayPolicies(positionals[0]!, policies, replay, json ? undefined : (l) => process.stderr.write(l + '\n'));
       const r = reportReplay(positionals[0]!, trace, rows, values.out, version());
-      if (json) process.stdout.write(JSON.stringify({ version: version(), trace: { path: positionals[0], header: trace.header, summary: trace.summary }, rows, files: r.files }, replacer) + '\n');
+      if (json) process.stdout.write(JSON.stringify({ version: version(), trace: { path: positionals[0], header: trace.header, ranges: trace.ranges, summary: trace.summary }, rows, files: r.files }, replacer) + '\n');
       else process.stdout.write(r.text + (r.files.length ? '\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n' : ''));
       return EXIT_OK;
     },

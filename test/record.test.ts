@@ -166,6 +166,16 @@ describe('pagemirror record: ranges that come and go', () => {
       expect(pages.size, name).toBe(out[name]!.pages);
     }
     expect(records.findIndex((x) => x.type === 'range-removed' && x.range === a)).toBeGreaterThan(records.findLastIndex((x) => x.type === 'fault' && x.range === a));
+    // pagemirror replay takes a range added while recording, under two policies: C's 1024 first
+    // touches in 256 pages of device memory evict; in 4096 they do not.
+    const rp = pm(['replay', trace, '--range', String(c), '--device-memory', `${256 * PAGE},${4096 * PAGE}`, '--placement', 'device', '--eviction', 'fifo', '--json'], 120_000);
+    expect(rp.status, rp.stderr.toString().slice(0, 2000)).toBe(0);
+    const j = JSON.parse(rp.stdout.toString()) as { rows: Row[]; trace: { ranges: { index: number; start: string }[] } };
+    expect(j.trace.ranges[c]).toMatchObject({ index: c, start: out['C']!.address });
+    expect(j.rows).toHaveLength(2);
+    expect(j.rows[0]!.result.accesses).toBeGreaterThanOrEqual(out['C']!.pages);
+    expect(j.rows[0]!.result.toHost.eviction).toBeGreaterThan(0);
+    expect(j.rows[1]!.result.toHost.eviction).toBe(0);
   });
 });
 

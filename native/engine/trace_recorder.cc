@@ -321,9 +321,10 @@ void TraceRecorder::drain() {
     r.tail.store(head, std::memory_order_release);
   }
   take_changes(false);
-  // Each ring is in time order already; merged, the file is in time order as of each drain.
-  if (rings_.size() > 1)
-    std::stable_sort(merge_.begin(), merge_.end(), [](const Entry& a, const Entry& b) { return a.t_ns < b.t_ns; });
+  // Merged by time, the file is in time order as of each drain. Even one ring needs it: workers
+  // sharing a ring (more workers than rings) time a fault before they take its lock, and a range's
+  // removal must come after each of its faults, all timed before it.
+  std::stable_sort(merge_.begin(), merge_.end(), [](const Entry& a, const Entry& b) { return a.t_ns < b.t_ns; });
   // At equal times an addition goes before the faults, a removal after them.
   std::stable_sort(changes.begin(), changes.end(), [](const RangeChange& a, const RangeChange& b) { return a.t_ns < b.t_ns; });
   auto before = [](const RangeChange& c, const Entry& e) {
