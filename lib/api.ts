@@ -12,7 +12,7 @@ export type { MapOptions, AnonymousOptions, MemfdOptions, FileOptions, RangeOpti
 export { Userfaultfd, Fault, MAX_SERVICE_WORKERS, ADAPTIVE_SPIN_MAX_US } from './uffd.js';
 export type { OpenOptions, RegisterOptions, Registration, FaultKind, UffdEvent, ServeOptions, PollOption, Rule, RuleAction, ResolveOptions, ResolveResult, CloseOutcome, ServiceStats } from './uffd.js';
 export { FaultServer, RemoteClient } from './server.js';
-export type { FaultServerOptions, RemoteRange, RemoteClientCounters, FaultServerStats } from './server.js';
+export type { FaultServerOptions, RemoteRange, RemoteClientCounters, FaultServerStats, ClientRecordOptions } from './server.js';
 export { configureEngine, engineStats } from './engine.js';
 export type { EngineOptions, EngineStats } from './engine.js';
 export { access, forkAccess, FORK_DELAY_MAX_MS } from './access.js';
@@ -29,6 +29,6 @@ export { LINK_PRESETS } from './link.js';
 export type { LinkOptions, LinkParams, LinkPreset } from './link.js';
 export { pager, Pager } from './pager.js';
 export { readTrace, writeTrace, recordTrace, Trace, TraceRecorder, TRACE_FORMAT, TRACE_VERSION } from './trace.js';
-export type { TraceHeader, TraceRange, TraceRecord, TraceFault, TraceSample, TraceDropped, TraceEnd, TraceSummary, SampleMethod, RecordRange, RecordTraceOptions, RecordingSummary } from './trace.js';
+export type { TraceHeader, TraceRange, TraceRecord, TraceFault, TraceSample, TraceDropped, TraceEnd, TraceRangeAdded, TraceRangeRemoved, TraceSummary, SampleMethod, RecordRange, RecordTraceOptions, RecordingSummary } from './trace.js';
 export type { ReplayOptions, ReplayResult, MigrationCounts } from './replay.js';
 export type { PagerOptions, PagerMode, PagerEviction, PagerFill, PagerStats, PagerWriteError } from './pager.js';

@@ -215,7 +215,8 @@ options:
                          pcie4x16, pcie5x16, nvlink-c2c or cxl (docs/link-model.md; default none)
   --threads N            device threads (default: the trace's threads, at most 64)
   --window N             accesses per replay step (default: the fault batch)
-  --range N              the trace range to replay (default 0)
+  --range N              the trace range to replay (default 0; any index, a range added while
+                         recording too: the JSON output lists the trace's ranges)
   --no-samples           replay only the faults, not the sampled writes
   --json                 the results as JSON on stdout
   --out DIR              also write a JSON + HTML report to DIR
@@ -351,7 +352,7 @@ async function runCommand(args: string[]): Promise<number> {
   const { values, options, run } = p;
   const r = await run.runAttached(options);
   const files = values.out ? run.writeRunReport(values.out, r, version()) : undefined;
-  process.stderr.write(values.json ? JSON.stringify({ ...r, ...(files ? { files } : {}) }) + '\n' : formatRun(r) + (files ? `written: ${files.json} ${files.html}\n` : ''));
+  process.stderr.write(values.json ? JSON.stringify({ ...r, ...(files ? { files } : {}) }) + '\n' : run.formatRun(r, 'run') + (files ? `written: ${files.json} ${files.html}\n` : ''));
   return attachedExit('run', r);
 }
 
@@ -361,7 +362,7 @@ Runs PROGRAM attached as \`pagemirror run\` does (same options, same policy; see
 --help) and records a page-access trace of its attached memory (docs/trace-format.md): the faults
 the server reads, by kind, in order, and every MS ms the pages written since the last sample.
 The first attached process writes FILE, each later one (a fork, a child) FILE.PID. A trace holds
-the ranges its process had registered at its first REGISTER (later ones are named in a note).
+every range its process registers, from its first fault, each from its REGISTER to its release.
 Recording taps the fault service: the server resolves every fault as it would without it. The
 recording summary (faults, samples, bytes, the recorder's cost) goes to stderr with run's report;
 replay the trace with \`pagemirror replay FILE\`. The exit status is the program's, or 1 if
@@ -385,7 +386,7 @@ async function recordCommand(args: string[]): Promise<number> {
   const sampleIntervalMs = values['sample-interval'] === undefined ? 100 : count('sample-interval', 3600000, 'record', 0)(values['sample-interval']);
   const r = await run.runAttached({ ...options, record: { path: file, sampleIntervalMs } });
   const recordings = r.recordings ?? [];
-  process.stderr.write(values.json ? JSON.stringify(r) + '\n' : formatRun(r) + recordings.map(formatRecording).join(''));
+  process.stderr.write(values.json ? JSON.stringify(r) + '\n' : run.formatRun(r, 'record') + recordings.map(formatRecording).join(''));
   const status = attachedExit('record', r);
   if (r.processes > 0 && !recordings.length) {
     process.stderr.write('pagemirror record: no trace was written (see the notes above)\n');
@@ -401,18 +402,6 @@ function formatRecording(s: NonNullable<import('./run.js').RunResult['recordings
     `${s.dropped ? `, ${s.dropped} dropped` : ''}${s.ignored ? `, ${s.ignored} outside its ranges` : ''}\n` +
     `    cost: ${s.tapNsPerFault.toFixed(0)} ns per fault in the service, writer ${ms(s.writerCpuNs)} ms CPU, sampling ${ms(s.sampleNs)} ms, over ${ms(s.durationNs)} ms\n`
   );
-}
-
-function formatRun(r: import('./run.js').RunResult): string {
-  const mib = (pages: number) => `${((pages * 4096) / 2 ** 20).toFixed(1)} MiB`;
-  return [
-    `pagemirror run: ${path.basename(r.program)} exited ${r.signal ? `on ${r.signal}` : r.exitCode} after ${r.wallMs.toFixed(0)} ms${r.wallMsWithoutShim !== undefined ? ` (${r.wallMsWithoutShim.toFixed(0)} ms without the shim)` : ''}`,
-    `  attached: ${r.processes} process(es), ${r.ranges.length} range(s), ${mib(r.attachedBytes / 4096)}; peak resident ${mib(r.peakResidentPages)}${r.residentLimitPages !== undefined ? ` (limit ${mib(r.residentLimitPages)})` : ''}`,
-    `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; before their rule ${r.faults.fallback}; other ${r.faults.other})`,
-    `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, release ${r.migrations.toHost.release})`,
-    `  pages dirtied under write protection (WP faults): ${r.pagesDirtied}${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
-    ...r.notes.map((n) => `  note: ${n}`),
-  ].join('\n') + '\n';
 }
 
 async function serve(args: string[]): Promise<number> {
@@ -631,7 +620,7 @@ const COMMANDS: Record<string, Command> = {
       const json = values.json === true;
       const { trace, rows } = await replayPolicies(positionals[0]!, policies, replay, json ? undefined : (l) => process.stderr.write(l + '\n'));
       const r = reportReplay(positionals[0]!, trace, rows, values.out, version());
-      if (json) process.stdout.write(JSON.stringify({ version: version(), trace: { path: positionals[0], header: trace.header, summary: trace.summary }, rows, files: r.files }, replacer) + '\n');
+      if (json) process.stdout.write(JSON.stringify({ version: version(), trace: { path: positionals[0], header: trace.header, ranges: trace.ranges, summary: trace.summary }, rows, files: r.files }, replacer) + '\n');
       else process.stdout.write(r.text + (r.files.length ? '\nwritten:\n' + r.files.map((f) => '  ' + f).join('\n') + '\n' : ''));
       return EXIT_OK;
     },

@@ -451,10 +451,16 @@ export interface NativeRecorderStats {
   sampleNs: number;
   tapNs: number;
   tapped: number;
+  /** Range indices given out: the first ranges and those added while recording. */
+  ranges: number;
+  /** Ranges that could not be added (a trace names at most 65535): their faults are ignored. */
+  rangesRefused: number;
 }
 export interface NativeTraceRecorder {
   stop(): NativeRecorderStats;
   stats(): NativeRecorderStats;
+  addRange(range: { start: bigint; length: number; modes: number; shared: boolean }): number;
+  removeRange(index: number): void;
 }
 /** What a replay counted (lib/replay.ts); migrations are pages, by trigger. */
 export interface NativeReplayResult {
@@ -511,6 +517,7 @@ export interface NativeRemoteClient {
   evict(address: bigint, length: number): number;
   counters(): { evicted: number; restored: number; restoredOnRelease: number; zeroFilled: number; continued: number; unprotected: number; retried: number };
   release(): void;
+  setRecorder(recorder: NativeTraceRecorder | null): void;
 }
 export interface NativeServerEvent {
   type: 'register' | 'unregister' | 'closed';

@@ -34,8 +34,8 @@ function label(d: DeviceOptions): string {
 /** Replays the trace under each policy in turn. */
 export async function replayPolicies(tracePath: string, policies: DeviceOptions[], options: ReplayOptions, progress?: (line: string) => void): Promise<{ trace: Awaited<ReturnType<typeof readTrace>>; rows: ReplayRow[] }> {
   const trace = await readTrace(tracePath);
-  const range = trace.header.ranges[options.range ?? 0];
-  if (!range) throw Object.assign(new RangeError(`range ${options.range} is not in the trace (it has ${trace.header.ranges.length})`), { code: 'ERR_OUT_OF_RANGE' });
+  const range = trace.ranges[options.range ?? 0];
+  if (!range) throw Object.assign(new RangeError(`range ${options.range} is not in the trace (it has ${trace.ranges.length})`), { code: 'ERR_OUT_OF_RANGE' });
   const rows: ReplayRow[] = [];
   for (const device of policies) {
     const policy = label(device);
@@ -103,7 +103,7 @@ export function reportReplay(tracePath: string, trace: Awaited<ReturnType<typeof
   }
   const svg = [barChartSvg('What each policy did', 'pages or events', groups)];
   if (modeled.size) svg.push(barChartSvg(`Modeled device time by policy and link (${links.join(', ')})`, 'modeled ms', [...modeled].map(([label, bars]) => ({ label, bars }))));
-  const written = writeReport(path.resolve(out), `replay-${stamp}`, benchEnv(false, version), { trace: { path: tracePath, header: trace.header, summary: s }, rows }, [
+  const written = writeReport(path.resolve(out), `replay-${stamp}`, benchEnv(false, version), { trace: { path: tracePath, header: trace.header, ranges: trace.ranges, summary: s }, rows }, [
     {
       title: `Replay of ${path.basename(tracePath)}`,
       text: `${s.faults} recorded faults and ${s.samples} samples, replayed in trace order under each policy on a fresh device (counts, and modeled device time, are deterministic for a trace and its options; host time is not). ${links.length ? `Modeled device time under ${links.join(', ')} (docs/link-model.md): the fault rounds that served the replay, with their migrations, and each step's slowest device thread's accesses to host memory.` : 'Modeled device time needs a link: --link PRESET.'}`,

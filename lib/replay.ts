@@ -108,8 +108,8 @@ export async function replayOnMirror(mirror: Mirror, n: NativeMirror, trace: Tra
   const samples = checkBoolean('samples', o.samples, true);
   const seed = checkInteger('seed', o.seed ?? 1);
   const tr = t ?? (await readTrace(trace as string));
-  const info = tr.header.ranges[range];
-  if (!info) throw rangeError('ERR_OUT_OF_RANGE', `range ${range} is not in the trace (it has ${tr.header.ranges.length})`);
+  const info = tr.ranges[range];
+  if (!info) throw rangeError('ERR_OUT_OF_RANGE', `range ${range} is not in the trace (it has ${tr.ranges.length})`);
   const pages = info.length / tr.header.pageSize;
   const mirrorPages = (mirror.length / tr.header.pageSize) | 0;
   if (pages > mirrorPages)

@@ -29,10 +29,10 @@ export interface RunOptions {
   intervalMs: number;
   compare: boolean;
   /**
-   * Record a page-access trace of each attached process (lib/trace.ts recordTrace, tapping the
-   * service: the rules are unchanged). The first process writes `path`, each later one
-   * `path.PID`. A trace holds the ranges its process had registered at its first REGISTER: the
-   * recorder's ranges are fixed once it starts, so later ones are counted in `notes`.
+   * Record a page-access trace of each attached process (RemoteClient.record: recordTrace tapping
+   * the service, so the rules are unchanged), from its first fault on. The first process writes
+   * `path`, each later one `path.PID`. A trace holds every range its process registered, each
+   * from its REGISTER to its release.
    */
   record?: { path: string; sampleIntervalMs: number };
 }
@@ -89,6 +89,8 @@ interface RangeReport {
 }
 
 export interface RunResult {
+  /** The page size every page count here is in (this machine's: 64 KiB on some arm64 kernels). */
+  pageSize: number;
   program: string;
   args: string[];
   exitCode: number;
@@ -152,21 +154,13 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   let evictRaced = 0;
   const limit = o.resident === undefined ? undefined : o.resident / PAGE;
   const buf = Buffer.alloc(1 << 20);
-  const { recordTrace } = await import('./trace.js');
-  const recorders = new Map<number, { pid: number; rec: TraceRecorder; ranges: Set<string>; later: Set<string> }>();
+  const recorders = new Map<number, { pid: number; rec: TraceRecorder }>();
   const recordings: NonNullable<RunResult['recordings']> = [];
-  const rkey = (r: RemoteClient['ranges'][number]) => `${r.address}:${r.length}`;
   const startRecording = (c: RemoteClient) => {
     if (!o.record) return;
     const file = recorders.size || recordings.length ? `${o.record.path}.${c.pid}` : o.record.path;
     try {
-      const rec = recordTrace(c.uffd, {
-        path: file,
-        ranges: c.ranges.map((r) => ({ address: r.address, length: r.length })),
-        pid: c.pid,
-        sampleIntervalMs: o.record.sampleIntervalMs,
-      });
-      recorders.set(c.id, { pid: c.pid, rec, ranges: new Set(c.ranges.map(rkey)), later: new Set() });
+      recorders.set(c.id, { pid: c.pid, rec: c.record({ path: file, sampleIntervalMs: o.record.sampleIntervalMs }) });
     } catch (err) {
       notes.push(`client ${c.pid}: not recorded (${(err as Error).message})`);
     }
@@ -180,7 +174,6 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     } catch (err) {
       notes.push(`client ${r.pid}: trace ${r.rec.path} incomplete (${(err as Error).message})`);
     }
-    if (r.later.size) notes.push(`client ${r.pid}: ${r.later.size} range(s) registered after its first REGISTER are not in its trace ${r.rec.path}`);
   };
   const rangeOf = (c: RemoteClient, r: RemoteClient['ranges'][number]): RangeReport => {
     const rk = `${c.pid}:${r.address.toString(16)}:${r.length}`;
@@ -199,14 +192,13 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   process.on('warning', onWarning);
   const server = await FaultServer.listen(sock, {
     maxClients: 1024,
+    // Before the client is served: its trace has its first faults.
+    beforeServe: startRecording,
     onRanges: (c) => {
       c.ranges.forEach((r) => rangeOf(c, r));
-      const rec = recorders.get(c.id);
-      if (rec) for (const r of c.ranges) if (!rec.ranges.has(rkey(r))) rec.later.add(rkey(r));
     },
     onClient: (c) => {
       c.ranges.forEach((r) => rangeOf(c, r));
-      startRecording(c);
       try {
         pagemaps.set(c.id, fs.openSync(`/proc/${c.pid}/pagemap`, 'r'));
       } catch (err) {
@@ -328,6 +320,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     wallMsWithoutShim = Number(process.hrtime.bigint() - t0) / 1e6;
   }
   return {
+    pageSize: PAGE,
     program: o.program,
     args: o.args,
     exitCode: exit.code,
@@ -350,17 +343,33 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   };
 }
 
+/**
+ * The run's report as text, headed by the command that ran it (`pagemirror run:`, `pagemirror
+ * record:`); sizes in MiB from the page counts in the result's own page size.
+ */
+export function formatRun(r: RunResult, command: string): string {
+  const mib = (pages: number) => `${((pages * r.pageSize) / 2 ** 20).toFixed(1)} MiB`;
+  return [
+    `pagemirror ${command}: ${path.basename(r.program)} exited ${r.signal ? `on ${r.signal}` : r.exitCode} after ${r.wallMs.toFixed(0)} ms${r.wallMsWithoutShim !== undefined ? ` (${r.wallMsWithoutShim.toFixed(0)} ms without the shim)` : ''}`,
+    `  attached: ${r.processes} process(es), ${r.ranges.length} range(s), ${mib(r.attachedBytes / r.pageSize)}; peak resident ${mib(r.peakResidentPages)}${r.residentLimitPages !== undefined ? ` (limit ${mib(r.residentLimitPages)})` : ''}`,
+    `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; before their rule ${r.faults.fallback}; other ${r.faults.other})`,
+    `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, release ${r.migrations.toHost.release})`,
+    `  pages dirtied under write protection (WP faults): ${r.pagesDirtied}${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
+    ...r.notes.map((n) => `  note: ${n}`),
+  ].join('\n') + '\n';
+}
+
 /** Writes `<dir>/run-<time>.json` and `.html` (lib/bench/report.ts conventions). */
 export function writeRunReport(dir: string, r: RunResult, version: string): { json: string; html: string } {
   const stamp = new Date().toISOString().replace(/[:.]/g, '-');
-  const mib = (pages: number) => (pages * PAGE) / 2 ** 20;
+  const mib = (pages: number) => (pages * r.pageSize) / 2 ** 20;
   return writeReport(path.resolve(dir), `run-${stamp}`, benchEnv(false, version), r, [
     {
       title: `${path.basename(r.program)} ${r.args.join(' ')}`,
       text:
         `Exit status ${r.exitCode}; ${r.wallMs.toFixed(0)} ms attached` +
         (r.wallMsWithoutShim !== undefined ? `, ${r.wallMsWithoutShim.toFixed(0)} ms without the shim` : '') +
-        `. ${r.processes} process(es) attached ${r.ranges.length} range(s), ${mib(r.attachedBytes / PAGE).toFixed(1)} MiB.`,
+        `. ${r.processes} process(es) attached ${r.ranges.length} range(s), ${(r.attachedBytes / 2 ** 20).toFixed(1)} MiB.`,
       svg: [
         lineChartSvg(
           'Resident set over time',

@@ -7,6 +7,10 @@ import { REGISTER_MODES, type RegisterMode } from './constants.js';
 import { checkInteger, checkOneOf, stateError, typeError } from './errors.js';
 import { checkFunction, checkOptions, checkString, checkU64 } from './validate.js';
 import { Userfaultfd, setRemoteHandlerRules, type Fault, type ServiceStats } from './uffd.js';
+import { recordTrace, recorderNative, type RecordTraceOptions, type TraceRecorder } from './trace.js';
+
+/** Options of {@link RemoteClient.record}: those of recordTrace but the ranges and pid, which are the client's. */
+export type ClientRecordOptions = Pick<RecordTraceOptions, 'path' | 'sampleIntervalMs' | 'ringCapacity'>;
 
 /** Options of {@link FaultServer.listen}. */
 export interface FaultServerOptions {
@@ -24,6 +28,13 @@ export interface FaultServerOptions {
    * 'manual': nothing is served until `onClient` does it (rules by address, serve({ onFaults })).
    */
   policy?: 'default' | 'manual';
+  /**
+   * Called once per client, after its first accepted REGISTER and before any of its faults is
+   * read: nothing serves it yet (its faulting threads wait until this returns). The place for what
+   * must see every fault from the first one, a recording ({@link RemoteClient.record}). Then the
+   * policy's rules are set and `onClient` is called.
+   */
+  beforeServe?: (client: RemoteClient) => void;
   /** Called once per client, after its first accepted REGISTER (its `uffd` exists from then on). Required with policy 'manual'. */
   onClient?: (client: RemoteClient) => void;
   /** Called when a client's ranges change (REGISTER or UNREGISTER after the first). */
@@ -167,6 +178,35 @@ export class RemoteClient {
     return this.#n.evict(address, length);
   }
 
+  /**
+   * Records this client's faults to a trace file (docs/trace-format.md), as
+   * {@link recordTrace} on its `uffd` with its ranges and pid, and with ranges that follow the
+   * client: each range it registers from now on is recorded under a new index from before the
+   * client is answered, and each it takes back stops being recorded (the trace's range records
+   * say when). Call it in {@link FaultServerOptions.beforeServe} to have the client's first faults.
+   * Samples need ranges registered for write-protect with wpAsync, which the C client does not
+   * ask for: the header then says why there are none. Errors: those of recordTrace;
+   * ERR_PAGEMIRROR_CLOSED (the client is gone).
+   */
+  record(options: ClientRecordOptions): TraceRecorder {
+    const o = checkOptions('options', options);
+    if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the client is gone');
+    const rec = recordTrace(this.uffd, {
+      path: o.path,
+      ranges: this.#ranges.map((r) => ({ address: r.address, length: r.length, modes: r.modes, shared: r.shared })),
+      pid: this.pid,
+      ...(o.sampleIntervalMs !== undefined ? { sampleIntervalMs: o.sampleIntervalMs } : {}),
+      ...(o.ringCapacity !== undefined ? { ringCapacity: o.ringCapacity } : {}),
+    });
+    try {
+      this.#n.setRecorder(recorderNative(rec));
+    } catch (err) {
+      rec.stop();
+      throw err;
+    }
+    return rec;
+  }
+
   /** What the server did to this client's pages; kept after the client exits. */
   counters(): RemoteClientCounters {
     const i = this.#n.info();
@@ -242,7 +282,7 @@ export class FaultServer {
     if (path.length === 0) throw typeError('ERR_INVALID_ARG_VALUE', 'path must not be empty');
     options = checkOptions('options', options);
     const policy = checkOneOf('policy', options.policy ?? 'default', ['default', 'manual'] as const);
-    for (const k of ['onClient', 'onRanges', 'onClientExit'] as const) checkFunction(k, options[k]);
+    for (const k of ['beforeServe', 'onClient', 'onRanges', 'onClientExit'] as const) checkFunction(k, options[k]);
     if (policy === 'manual' && !options.onClient) throw typeError('ERR_INVALID_ARG_VALUE', "policy 'manual' needs onClient to serve each client");
     let allowUids: number[] | undefined;
     if (options.allowUids !== undefined) {
@@ -283,6 +323,8 @@ export class FaultServer {
       if (!c) {
         c = makeClient(e.client);
         this.#clients.set(id, c);
+        // Nothing reads the client's descriptor before this returns: its first faults wait in the kernel.
+        this.#call(this.#options.beforeServe, c);
         if (this.#policy === 'default') {
           // Rules first: a fault read before them would go to the fallback (a zero page).
           this.#applyPolicy(c);

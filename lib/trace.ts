@@ -8,14 +8,21 @@ import { native, type NativeRecorderStats, type NativeTraceRecorder } from './na
 import { Mapping } from './mapping.js';
 import { Userfaultfd, nativeUffd } from './uffd.js';
 import { checkAligned, checkInteger, rangeError, stateError, typeError } from './errors.js';
-import { checkOptions, checkString, checkU64 } from './validate.js';
+import { checkBoolean, checkOptions, checkString, checkU64 } from './validate.js';
+import { REGISTER_MODES, type RegisterMode } from './constants.js';
 
 const PAGE = native.uname().pageSize;
+let nativeRecorder: (r: TraceRecorder) => NativeTraceRecorder;
+/** @internal The native recorder behind a TraceRecorder (the fault server hands it to a client). */
+export const recorderNative = (r: TraceRecorder): NativeTraceRecorder => nativeRecorder(r);
 
 /** The format's name in every header. */
 export const TRACE_FORMAT = 'pagemirror-trace';
-/** The newest format version this library reads and the one it writes. */
-export const TRACE_VERSION = 1;
+/**
+ * The newest format version this library reads and the one it writes. Version 2 added the range
+ * records (a range that appears or goes while recording); version 1 files still read.
+ */
+export const TRACE_VERSION = 2;
 
 const MAGIC = Buffer.from('PMTRACE\0', 'latin1');
 const RECORD = 24;
@@ -23,7 +30,10 @@ const RUN = 16;
 const MAX_HEADER = 1 << 20;
 const MAX_SAMPLE_BYTES = 256 << 20;
 const KINDS = ['missing', 'wp', 'minor'] as const;
-const T_FAULT = 1, T_SAMPLE = 2, T_DROPPED = 3, T_END = 4;
+const T_FAULT = 1, T_SAMPLE = 2, T_DROPPED = 3, T_END = 4, T_RANGE_ADDED = 5, T_RANGE_REMOVED = 6;
+// A range-added record's flags: bits 0-2 the modes (UFFDIO_REGISTER_MODE_* bits), bit 3 shared.
+const RANGE_MODES = [['missing', 1], ['wp', 2], ['minor', 4]] as const;
+const RANGE_SHARED = 8;
 
 /** How the access samples of a trace were taken. */
 export type SampleMethod = 'pagemap-scan-written' | 'none';
@@ -41,6 +51,10 @@ export interface TraceRange {
   hugetlb?: boolean;
   /** The userfaultfd modes it was registered with, when known. */
   modes?: string[];
+  /** A range that appeared while recording (a range-added record, version 2): when, in ns. Absent for the header's ranges, there from the start. */
+  addedNs?: number;
+  /** A range released while recording (a range-removed record): when, in ns. Its index is never used again. */
+  removedNs?: number;
 }
 
 /** The first part of a trace file: what was recorded, how, and where. */
@@ -53,6 +67,7 @@ export interface TraceHeader {
   clock: 'monotonic-ns-since-start';
   /** Wall-clock time the recording started (ISO 8601). */
   startedAt: string;
+  /** The ranges recorded from the start (the file's range records add later ones: {@link Trace.ranges}). */
   ranges: TraceRange[];
   /** The recorder's options. */
   recorder: { sampleIntervalMs: number; ringCapacity: number; rings: number; threadIds: boolean };
@@ -94,8 +109,31 @@ export interface TraceEnd {
   faults: number;
   tNs: number;
 }
+/**
+ * A range registered while recording (format version 2): recorded from tNs on under index
+ * `range`, the next index unused so far (indices are never reused: a range released and
+ * registered again at the same addresses is a new index).
+ */
+export interface TraceRangeAdded {
+  type: 'range-added';
+  range: number;
+  /** Start address, hexadecimal ('0x7f...'); replay does not use it. */
+  start: string;
+  /** Bytes (a multiple of the header's pageSize). */
+  length: number;
+  /** The userfaultfd modes it was registered with (none when not known). */
+  modes: ('missing' | 'wp' | 'minor')[];
+  shared: boolean;
+  tNs: number;
+}
+/** A range released while recording (unregistered): no record names its index after this one. */
+export interface TraceRangeRemoved {
+  type: 'range-removed';
+  range: number;
+  tNs: number;
+}
 /** One record of a trace. */
-export type TraceRecord = TraceFault | TraceSample | TraceDropped | TraceEnd;
+export type TraceRecord = TraceFault | TraceSample | TraceDropped | TraceEnd | TraceRangeAdded | TraceRangeRemoved;
 
 /** What a pass over a trace found. */
 export interface TraceSummary {
@@ -163,14 +201,20 @@ export class Trace {
   readonly path: string;
   readonly header: TraceHeader;
   readonly summary: TraceSummary;
+  /**
+   * Every range the trace names, by index: the header's, then those its range records added, each
+   * with `addedNs` and, if it was released, `removedNs`.
+   */
+  readonly ranges: readonly TraceRange[];
   readonly #dataStart: number;
 
   /** @internal use readTrace() */
-  constructor(path: string, header: TraceHeader, dataStart: number, summary: TraceSummary) {
+  constructor(path: string, header: TraceHeader, dataStart: number, summary: TraceSummary, ranges: TraceRange[]) {
     this.path = path;
     this.header = header;
     this.#dataStart = dataStart;
     this.summary = summary;
+    this.ranges = ranges;
   }
 
   /** The records in file order (the recorder writes them in time order). */
@@ -248,8 +292,13 @@ export async function readTrace(path: string): Promise<Trace> {
   }
   const summary: TraceSummary = { faults: 0, byKind: { missing: 0, wp: 0, minor: 0 }, writes: 0, samples: 0, dropped: 0, threads: [], durationNs: 0, bytes: 0 };
   const seen = new Set<number>();
+  const ranges: TraceRange[] = header.ranges.map((r) => ({ ...r }));
   for await (const r of readRecords(path, header, dataStart, summary)) {
-    if (r.type === 'fault') {
+    if (r.type === 'range-added') {
+      ranges.push({ index: r.range, length: r.length, start: r.start, kind: 'address', shared: r.shared, modes: r.modes, addedNs: r.tNs });
+    } else if (r.type === 'range-removed') {
+      ranges[r.range]!.removedNs = r.tNs;
+    } else if (r.type === 'fault') {
       summary.faults++;
       summary.byKind[r.kind]++;
       if (r.write) summary.writes++;
@@ -267,7 +316,7 @@ export async function readTrace(path: string): Promise<Trace> {
       summary.durationNs = Math.max(summary.durationNs, r.tNs);
     }
   }
-  return new Trace(path, header, dataStart, summary);
+  return new Trace(path, header, dataStart, summary, ranges);
 }
 
 // The records after the header, checked as they are read. With `summary`, also the file's size
@@ -276,7 +325,10 @@ async function* readRecords(path: string, header: TraceHeader, dataStart: number
   const { fh, size } = await openTrace(path);
   try {
     if (summary) summary.bytes = size;
+    // Pages of each range by index, and the ranges released (no record may name them again).
     const rangePages = header.ranges.map((r) => r.length / header.pageSize);
+    const gone = new Set<number>();
+    const released = (range: number) => gone.has(range);
     let buf = Buffer.alloc(1 << 20);
     let have = 0, at = dataStart; // bytes in buf; buf[0] is file offset `at`
     let pos = dataStart;
@@ -309,7 +361,9 @@ async function* readRecords(path: string, header: TraceHeader, dataStart: number
       if (!(await fill(RECORD))) throw corrupt(path, pos, `truncated: ${size - pos} bytes where a ${RECORD}-byte record starts`);
       const view = new DataView(buf.buffer, buf.byteOffset + (pos - at), RECORD);
       const type = view.getUint8(0), flags = view.getUint8(1), range = view.getUint16(2, true), c = view.getUint32(4, true);
-      const a = u64(view, 8), b = u64(view, 16);
+      // A range's start is an address: any 64-bit value, kept exact.
+      const address = type === T_RANGE_ADDED ? view.getBigUint64(8, true) : 0n;
+      const a = type === T_RANGE_ADDED ? 0 : u64(view, 8), b = u64(view, 16);
       if (a === undefined || b === undefined) throw corrupt(path, pos, 'a 64-bit field beyond 2^53');
       const recordAt = pos;
       pos += RECORD;
@@ -317,12 +371,14 @@ async function* readRecords(path: string, header: TraceHeader, dataStart: number
         const kind = KINDS[flags >> 1];
         if (kind === undefined || flags > 5) throw corrupt(path, recordAt, `fault flags ${flags}`);
         if (range >= rangePages.length) throw corrupt(path, recordAt, `range ${range} not in the header`);
+        if (released(range)) throw corrupt(path, recordAt, `a fault in range ${range} after it was released`);
         if (a >= rangePages[range]!) throw corrupt(path, recordAt, `page ${a} beyond range ${range}'s ${rangePages[range]} pages`);
         faults++;
         yield { type: 'fault', kind, write: (flags & 1) === 1, range, page: a, tNs: b, tid: c };
       } else if (type === T_SAMPLE) {
         if (flags !== 1) throw corrupt(path, recordAt, `sample method ${flags}`);
         if (range >= rangePages.length) throw corrupt(path, recordAt, `range ${range} not in the header`);
+        if (released(range)) throw corrupt(path, recordAt, `a sample of range ${range} after it was released`);
         const bytes = c * RUN;
         if (bytes > MAX_SAMPLE_BYTES || bytes > size - pos) throw corrupt(path, recordAt, `a sample of ${c} runs does not fit the file`);
         if (bytes && !(await fill(bytes))) throw corrupt(path, pos, 'truncated sample');
@@ -341,6 +397,20 @@ async function* readRecords(path: string, header: TraceHeader, dataStart: number
         yield { type: 'sample', method: 'pagemap-scan-written', range, startNs: a, endNs: b, runs };
       } else if (type === T_DROPPED) {
         yield { type: 'dropped', count: a, tNs: b };
+      } else if (type === T_RANGE_ADDED && header.version >= 2) {
+        if (range !== rangePages.length) throw corrupt(path, recordAt, `range ${range} added where range ${rangePages.length} is next (indices are never reused)`);
+        if (flags & ~(RANGE_SHARED | 7)) throw corrupt(path, recordAt, `range flags ${flags}`);
+        if (c === 0) throw corrupt(path, recordAt, 'a range of 0 pages');
+        if (address % BigInt(header.pageSize) !== 0n) throw corrupt(path, recordAt, 'a range start that is not page aligned');
+        rangePages.push(c);
+        const modes = RANGE_MODES.filter(([, bit]) => (flags & bit) !== 0).map(([name]) => name);
+        yield { type: 'range-added', range, start: '0x' + address.toString(16), length: c * header.pageSize, modes, shared: (flags & RANGE_SHARED) !== 0, tNs: b };
+      } else if (type === T_RANGE_REMOVED && header.version >= 2) {
+        if (flags !== 0 || c !== 0 || a !== 0) throw corrupt(path, recordAt, 'a range-removed record with fields set');
+        if (range >= rangePages.length) throw corrupt(path, recordAt, `range ${range} removed but never recorded`);
+        if (released(range)) throw corrupt(path, recordAt, `range ${range} removed twice`);
+        gone.add(range);
+        yield { type: 'range-removed', range, tNs: b };
       } else if (type === T_END) {
         if (a !== faults) throw corrupt(path, recordAt, `the end record counts ${a} faults, the file holds ${faults}`);
         ended = true;
@@ -386,7 +456,14 @@ export async function writeTrace(path: string, header: Pick<TraceHeader, 'ranges
   if (records === null || typeof (records as Iterable<TraceRecord>)?.[Symbol.iterator] !== 'function') throw typeError('ERR_INVALID_ARG_TYPE', 'records must be iterable');
   const parts: Buffer[] = [encodeHeader(full)];
   let faults = 0, lastT = 0;
-  const pagesOf = (range: unknown, what: string): number => ranges[checkInteger(`${what}.range`, range, 0, ranges.length - 1)]!.length / pageSize;
+  // Pages of every range by index (the header's, then each range-added record's), and those released.
+  const pagesByIndex = ranges.map((r) => r.length / pageSize);
+  const gone = new Set<number>();
+  const pagesOf = (range: unknown, what: string): number => {
+    const i = checkInteger(`${what}.range`, range, 0, pagesByIndex.length - 1);
+    if (gone.has(i)) throw rangeError('ERR_OUT_OF_RANGE', `${what}.range ${i} was released by an earlier range-removed record`);
+    return pagesByIndex[i]!;
+  };
   for (const r of records) {
     checkOptions('record', r);
     const rec = Buffer.alloc(RECORD);
@@ -423,13 +500,43 @@ export async function writeTrace(path: string, header: Pick<TraceHeader, 'ranges
       rec.writeBigUInt64LE(BigInt(start), 8);
       rec.writeBigUInt64LE(BigInt(lastT), 16);
       parts.push(rec, body);
+    } else if (r.type === 'range-added') {
+      if (r.range !== pagesByIndex.length) throw rangeError('ERR_OUT_OF_RANGE', `range-added.range must be ${pagesByIndex.length}, the next index (indices are never reused)`);
+      if (pagesByIndex.length >= 65535) throw rangeError('ERR_OUT_OF_RANGE', 'a trace names at most 65535 ranges');
+      const start = checkString('range-added.start', r.start);
+      if (!/^0x[0-9a-f]{1,16}$/i.test(start)) throw typeError('ERR_INVALID_ARG_VALUE', `range-added.start must be a hexadecimal address ('0x...'), got '${start}'`);
+      const address = BigInt(start);
+      if (address % BigInt(pageSize) !== 0n) throw rangeError('ERR_PAGEMIRROR_UNALIGNED', 'range-added.start is not page aligned');
+      const length = checkAligned('range-added.length', checkInteger('range-added.length', r.length, pageSize, 0xffffffff * pageSize), pageSize);
+      if (!Array.isArray(r.modes ?? [])) throw typeError('ERR_INVALID_ARG_TYPE', 'range-added.modes must be an array');
+      let flags = r.shared === true ? RANGE_SHARED : 0;
+      for (const m of r.modes ?? []) {
+        const bit = RANGE_MODES.find(([name]) => name === m);
+        if (!bit) throw typeError('ERR_INVALID_ARG_VALUE', `range-added.modes: '${String(m)}' is not one of missing, wp, minor`);
+        flags |= bit[1];
+      }
+      rec.writeUInt8(T_RANGE_ADDED, 0);
+      rec.writeUInt8(flags, 1);
+      rec.writeUInt16LE(r.range, 2);
+      rec.writeUInt32LE(length / pageSize, 4);
+      rec.writeBigUInt64LE(address, 8);
+      rec.writeBigUInt64LE(BigInt((lastT = checkInteger('range-added.tNs', r.tNs))), 16);
+      pagesByIndex.push(length / pageSize);
+      parts.push(rec);
+    } else if (r.type === 'range-removed') {
+      pagesOf(r.range, 'range-removed');
+      gone.add(r.range);
+      rec.writeUInt8(T_RANGE_REMOVED, 0);
+      rec.writeUInt16LE(r.range, 2);
+      rec.writeBigUInt64LE(BigInt((lastT = checkInteger('range-removed.tNs', r.tNs))), 16);
+      parts.push(rec);
     } else if (r.type === 'dropped') {
       rec.writeUInt8(T_DROPPED, 0);
       rec.writeBigUInt64LE(BigInt(checkInteger('dropped.count', r.count)), 8);
       rec.writeBigUInt64LE(BigInt((lastT = checkInteger('dropped.tNs', r.tNs))), 16);
       parts.push(rec);
     } else if ((r as { type?: unknown }).type !== 'end') {
-      throw typeError('ERR_INVALID_ARG_VALUE', `record type must be 'fault', 'sample', 'dropped' or 'end', got ${String((r as { type?: unknown }).type)}`);
+      throw typeError('ERR_INVALID_ARG_VALUE', `record type must be 'fault', 'sample', 'dropped', 'range-added', 'range-removed' or 'end', got ${String((r as { type?: unknown }).type)}`);
     }
   }
   const end = Buffer.alloc(RECORD);
@@ -460,8 +567,12 @@ function hostHeader(): Pick<TraceHeader, 'startedAt' | 'host'> {
   };
 }
 
-/** A range to record: part of a Mapping, or (memory of another process, served here) an address. */
-export type RecordRange = { mapping: Mapping; offset?: number; length?: number } | { address: bigint; length: number };
+/**
+ * A range to record: part of a Mapping, or (memory of another process, served here) an address,
+ * with the modes it was registered with and whether it is shared memory when known (they go into
+ * the trace as they are given).
+ */
+export type RecordRange = { mapping: Mapping; offset?: number; length?: number } | { address: bigint; length: number; modes?: RegisterMode[]; shared?: boolean };
 
 /** Options of {@link recordTrace}. */
 export interface RecordTraceOptions {
@@ -512,6 +623,36 @@ export class TraceRecorder {
     this.#uffd = uffd;
     this.path = path;
     this.header = header;
+  }
+
+  static {
+    nativeRecorder = (r) => r.#n;
+  }
+
+  /**
+   * Records one more range from now on (memory registered after recording started): it gets the
+   * next index, never one used before, and the trace says when it appeared (a range-added
+   * record). Returns the index. Errors: as {@link recordTrace}'s ranges (before any system call);
+   * ERR_PAGEMIRROR_CLOSED (stopped); SystemError EEXIST (it overlaps a range recorded now),
+   * ENOSPC (a trace names at most 65535 ranges).
+   */
+  addRange(range: RecordRange): number {
+    const [r] = checkRanges(this.#uffd, [range]);
+    if (this.#summary) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the recorder is stopped');
+    const modes = (r!.info.modes ?? []).reduce((m, k) => m | (REGISTER_MODES[k as RegisterMode] ?? 0), 0);
+    return this.#n.addRange({ start: r!.start, length: r!.length, modes, shared: r!.info.shared === true });
+  }
+
+  /**
+   * Stops recording a range (its memory was released): its faults are ignored from now on, the
+   * trace says when (a range-removed record), and its index is never used again, so the same
+   * addresses may come back with {@link addRange} as a new range. Errors: ERR_OUT_OF_RANGE (no
+   * range with this index is recorded now), ERR_PAGEMIRROR_CLOSED (stopped).
+   */
+  removeRange(index: number): void {
+    checkInteger('index', index, 0, 65534);
+    if (this.#summary) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the recorder is stopped');
+    this.#n.removeRange(index);
   }
 
   /** Whether stop() was called. */
@@ -591,23 +732,7 @@ export function recordTrace(uffd: Userfaultfd, options: RecordTraceOptions): Tra
   const interval = checkInteger('sampleIntervalMs', o.sampleIntervalMs ?? 100, 0, 3600000);
   const ringCapacity = checkInteger('ringCapacity', o.ringCapacity ?? 65536, 16, 1 << 24);
   const pid = checkInteger('pid', o.pid ?? 0, 0, 4194304);
-  const ranges: { start: bigint; length: number; info: TraceRange }[] = given.map((r: RecordRange, i: number) => {
-    checkOptions(`ranges[${i}]`, r);
-    if ('mapping' in r && r.mapping !== undefined) {
-      if (!(r.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', `ranges[${i}].mapping must be a Mapping`);
-      const m = r.mapping;
-      const offset = checkAligned('offset', checkInteger(`ranges[${i}].offset`, r.offset ?? 0, 0, m.length), m.pageSize);
-      const length = checkAligned('length', checkInteger(`ranges[${i}].length`, r.length ?? m.length - offset, PAGE, m.length - offset), m.pageSize);
-      const reg = uffd.registrations.find((g) => g.mapping === m && g.offset <= offset && offset + length <= g.offset + g.length);
-      if (!reg) throw typeError('ERR_INVALID_ARG_VALUE', `ranges[${i}] is not registered with this userfaultfd: nothing would fault there`);
-      const start = m.address + BigInt(offset);
-      return { start, length, info: { index: i, length, start: '0x' + start.toString(16), kind: m.kind, shared: m.shared, hugetlb: m.hugetlb, modes: [...reg.modes] } };
-    }
-    const start = checkU64(`ranges[${i}].address`, (r as { address?: unknown }).address);
-    if (start % BigInt(PAGE) !== 0n) throw rangeError('ERR_PAGEMIRROR_UNALIGNED', `ranges[${i}].address is not page aligned`);
-    const length = checkAligned('length', checkInteger(`ranges[${i}].length`, (r as { length?: unknown }).length, PAGE), PAGE);
-    return { start, length, info: { index: i, length, start: '0x' + start.toString(16), kind: 'address' } };
-  });
+  const ranges = checkRanges(uffd, given);
   if (uffd.closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the userfaultfd is closed');
   if (recording.get(uffd)?.stopped === false)
     throw stateError('ERR_PAGEMIRROR_RECORDING', `this userfaultfd is already being recorded (to ${recording.get(uffd)!.path}): stop() that recorder first`);
@@ -645,6 +770,32 @@ export function recordTrace(uffd: Userfaultfd, options: RecordTraceOptions): Tra
   const rec = new TraceRecorder(n, uffd, path, header);
   recording.set(uffd, rec);
   return rec;
+}
+
+// Checks ranges to record (before any system call): their addresses, lengths, and for a Mapping
+// that it is registered with uffd; with the header's description of each (index: its position).
+function checkRanges(uffd: Userfaultfd, given: RecordRange[]): { start: bigint; length: number; info: TraceRange }[] {
+  return given.map((r: RecordRange, i: number) => {
+    checkOptions(`ranges[${i}]`, r);
+    if ('mapping' in r && r.mapping !== undefined) {
+      if (!(r.mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', `ranges[${i}].mapping must be a Mapping`);
+      const m = r.mapping;
+      const offset = checkAligned('offset', checkInteger(`ranges[${i}].offset`, r.offset ?? 0, 0, m.length), m.pageSize);
+      const length = checkAligned('length', checkInteger(`ranges[${i}].length`, r.length ?? m.length - offset, PAGE, m.length - offset), m.pageSize);
+      const reg = uffd.registrations.find((g) => g.mapping === m && g.offset <= offset && offset + length <= g.offset + g.length);
+      if (!reg) throw typeError('ERR_INVALID_ARG_VALUE', `ranges[${i}] is not registered with this userfaultfd: nothing would fault there`);
+      const start = m.address + BigInt(offset);
+      return { start, length, info: { index: i, length, start: '0x' + start.toString(16), kind: m.kind, shared: m.shared, hugetlb: m.hugetlb, modes: [...reg.modes] } };
+    }
+    const start = checkU64(`ranges[${i}].address`, (r as { address?: unknown }).address);
+    if (start % BigInt(PAGE) !== 0n) throw rangeError('ERR_PAGEMIRROR_UNALIGNED', `ranges[${i}].address is not page aligned`);
+    const length = checkAligned('length', checkInteger(`ranges[${i}].length`, (r as { length?: unknown }).length, PAGE), PAGE);
+    const a = r as { modes?: unknown; shared?: unknown };
+    if (a.modes !== undefined && (!Array.isArray(a.modes) || a.modes.some((m) => !Object.hasOwn(REGISTER_MODES, m as string))))
+      throw typeError('ERR_INVALID_ARG_VALUE', `ranges[${i}].modes must be an array of ${Object.keys(REGISTER_MODES).join(', ')}`);
+    const shared = checkBoolean(`ranges[${i}].shared`, a.shared, false);
+    return { start, length, info: { index: i, length, start: '0x' + start.toString(16), kind: 'address', ...(a.modes ? { modes: [...(a.modes as string[])] } : {}), ...(a.shared !== undefined ? { shared } : {}) } };
+  });
 }
 
 // One recorder per descriptor at a time: the service has one tap, and a second would silently

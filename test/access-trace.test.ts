@@ -6,8 +6,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, it, expect } from 'vitest';
-import { access, Device, mapAnonymous, mapMemfd, readTrace, recordTrace, Userfaultfd, writeTrace, type TraceFault, type TraceRecord, type TraceSample } from '../lib/index.js';
-import { P, PAGE, cleanupAfterEach, requireCap, within } from './helpers.js';
+import { access, Device, mapAnonymous, mapMemfd, readTrace, recordTrace, Userfaultfd, writeTrace, TRACE_VERSION, type TraceFault, type TraceRecord, type TraceSample } from '../lib/index.js';
+import { FIXTURES_DIR, P, PAGE, cleanupAfterEach, requireCap, within } from './helpers.js';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pm-trace-'));
 const file = (name: string) => path.join(dir, name);
@@ -65,7 +65,7 @@ describe('recording a served userfaultfd', () => {
     expect(summary.records).toBe(64 + summary.samples + 1); // and the end record
 
     const trace = await readTrace(rec.path);
-    expect(trace.header).toMatchObject({ format: 'pagemirror-trace', version: 1, pageSize: PAGE, sampling: { method: 'pagemap-scan-written' } });
+    expect(trace.header).toMatchObject({ format: 'pagemirror-trace', version: TRACE_VERSION, pageSize: PAGE, sampling: { method: 'pagemap-scan-written' } });
     expect(trace.header.ranges).toEqual([expect.objectContaining({ index: 0, length: n * PAGE, kind: 'anonymous', modes: ['missing', 'wp'] })]);
     expect(trace.summary).toMatchObject({ faults: served, byKind: { missing: 64, wp: 0, minor: 0 }, writes: 32, dropped: 0 });
     const records = await all(trace.records());
@@ -253,9 +253,9 @@ describe('the trace reader on hostile files', () => {
       await expect(readTrace(bad), `truncated to ${len}`).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT', path: bad });
     }
     const future = Buffer.from(bytes);
-    future.writeUInt32LE(2, 8);
+    future.writeUInt32LE(TRACE_VERSION + 1, 8);
     fs.writeFileSync(bad, future);
-    await expect(readTrace(bad)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_VERSION', version: 2 });
+    await expect(readTrace(bad)).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_VERSION', version: TRACE_VERSION + 1 });
     // Flipping any single byte of the records either still reads or is refused with the code.
     const dataStart = 16 + bytes.readUInt32LE(12);
     for (let i = dataStart; i < bytes.length; i++) {
@@ -469,5 +469,151 @@ describe('pagemirror replay', () => {
     const h = run('--help');
     expect(h.status).toBe(0);
     expect(h.stdout).toMatch(/^usage: pagemirror replay TRACE/);
+  });
+});
+
+describe('ranges that come and go while recording (format version 2)', () => {
+  const closers = cleanupAfterEach();
+
+  it('a range added after the start is recorded under a new index; a removed one stops; the same addresses again get a new index; replay takes any of them', async () => {
+    const n = 16;
+    const a = mapAnonymous(n * PAGE), b = mapAnonymous(n * PAGE);
+    closers.push(() => a.close(), () => b.close());
+    const uffd = Userfaultfd.open();
+    closers.push(() => uffd.close());
+    uffd.register(a);
+    uffd.register(b);
+    uffd.addRule({ mapping: a, action: 'zero' });
+    uffd.addRule({ mapping: b, action: 'zero' });
+    const rec = recordTrace(uffd, { path: file('grow.pmtrace'), mapping: a, sampleIntervalMs: 0 });
+    await within(access(a, { length: 4 * PAGE, op: 'read' }), 10000, 'a: 4 pages');
+    expect(rec.addRange({ mapping: b })).toBe(1);
+    await within(access(b, { length: 6 * PAGE, op: 'write' }), 10000, 'b: 6 pages');
+    rec.removeRange(0);
+    // a is released from the recorder's point of view: its faults now count as ignored.
+    await within(access(a, { offset: 4 * PAGE, length: 4 * PAGE, op: 'read' }), 10000, 'a: 4 more pages, unrecorded');
+    // The same addresses come back (a new registration): a new index, never 0 again.
+    a.advise('dontneed');
+    expect(rec.addRange({ mapping: a })).toBe(2);
+    await within(access(a, { length: 2 * PAGE, op: 'write' }), 10000, 'a again: 2 pages');
+    expect(() => rec.removeRange(0)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => rec.addRange({ mapping: b })).toThrow(expect.objectContaining({ code: 'EEXIST' }));
+    const s = rec.stop();
+    expect(s).toMatchObject({ faults: 4 + 6 + 2, ignored: 4, ranges: 3, rangesRefused: 0, dropped: 0 });
+    expect(() => rec.addRange({ mapping: b })).toThrow(expect.objectContaining({ code: 'ERR_PAGEMIRROR_CLOSED' }));
+
+    const t = await readTrace(rec.path);
+    expect(t.header.version).toBe(TRACE_VERSION);
+    expect(t.header.ranges).toHaveLength(1);
+    const hex = (x: bigint) => '0x' + x.toString(16);
+    expect(t.ranges.map((r) => [r.index, r.start, r.length])).toEqual([[0, hex(a.address), n * PAGE], [1, hex(b.address), n * PAGE], [2, hex(a.address), n * PAGE]]);
+    expect(t.ranges[0]!.removedNs).toBeGreaterThan(0);
+    expect(t.ranges[1]!.addedNs).toBeGreaterThan(0);
+    expect(t.ranges[1]!.removedNs).toBeUndefined(); // still recorded when the recording ended
+    expect(t.ranges[2]!.addedNs).toBeGreaterThanOrEqual(t.ranges[0]!.removedNs!);
+    const records = await all(t.records());
+    const shape = records.filter((r) => r.type !== 'end').map((r) => (r.type === 'fault' ? `f${r.range}:${r.page}` : r.type === 'range-added' ? `+${r.range}` : r.type === 'range-removed' ? `-${r.range}` : r.type));
+    expect(shape).toEqual(['f0:0', 'f0:1', 'f0:2', 'f0:3', '+1', 'f1:0', 'f1:1', 'f1:2', 'f1:3', 'f1:4', 'f1:5', '-0', '+2', 'f2:0', 'f2:1']);
+    for (let i = 1; i < records.length; i++) expect((records[i] as { tNs: number }).tNs).toBeGreaterThanOrEqual((records[i - 1] as { tNs: number }).tNs);
+    // Replay places any range on a mirror of its size, those added later included.
+    const dev = Device.create({ memory: 64 * PAGE });
+    const mem = mapAnonymous(n * PAGE);
+    try {
+      const r1 = await within(dev.mirror(mem).replay(t, { range: 1 }), 20000, 'replay of range 1');
+      expect(r1).toMatchObject({ fromFaults: 6, accesses: 6 });
+      await expect(dev.mirror(mapAnonymous(PAGE)).replay(t, { range: 3 })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    } finally {
+      dev.close();
+      mem.close();
+    }
+  }, 30000);
+
+  it('workers tapping while ranges come and go: every fault is in a range live at its time, none after its removal, and tapped = recorded + ignored', async () => {
+    const n = 2048, half = n / 2;
+    const m = mapAnonymous(n * PAGE);
+    closers.push(() => m.close());
+    const uffd = Userfaultfd.open({ features: ['threadId'] });
+    closers.push(() => uffd.close());
+    uffd.register(m);
+    uffd.serve({ workers: 2, onFaults: () => {} });
+    uffd.addRule({ mapping: m, action: 'zero' });
+    const rec = recordTrace(uffd, { path: file('churn.pmtrace'), ranges: [{ mapping: m, length: half * PAGE }], sampleIntervalMs: 0 });
+    const job = access(m, { offset: half * PAGE, length: half * PAGE, op: 'read', threads: 4 });
+    // Meanwhile the second half is added and removed again and again, in 4 slices.
+    let churns = 0, done = false;
+    void job.finally(() => (done = true));
+    while (!done && churns < 2000) {
+      const slice = churns % 4;
+      const idx = rec.addRange({ mapping: m, offset: (half + (slice * half) / 4) * PAGE, length: (half / 4) * PAGE });
+      await new Promise((r) => setImmediate(r));
+      rec.removeRange(idx);
+      churns++;
+    }
+    await within(job, 20000, 'four readers');
+    expect(churns).toBeGreaterThan(5);
+    await within(access(m, { length: half * PAGE, op: 'read' }), 20000, 'the first half');
+    const s = rec.stop();
+    expect(s.dropped).toBe(0);
+    expect(s.faults + s.ignored).toBe(s.tapped);
+    expect(s.tapped).toBe(uffd.stats().faults);
+    expect(s.ranges).toBe(1 + churns);
+    const t = await readTrace(rec.path); // the reader refuses a fault in a range not live
+    const faults = (await all(t.records())).filter((r): r is TraceFault => r.type === 'fault');
+    expect(faults.filter((f) => f.range === 0).length).toBe(half);
+    expect(faults.length).toBe(s.faults);
+    expect(t.ranges.length).toBe(1 + churns);
+  }, 60000);
+
+  it('reads a version 1 trace (made by the version 1 writer)', async () => {
+    const t = await readTrace(path.join(FIXTURES_DIR, 'trace-v1.pmtrace'));
+    expect(t.header.version).toBe(1);
+    expect(t.ranges.map((r) => [r.index, r.start, r.length])).toEqual([[0, '0x10000000', 4 * 4096], [1, '0x20000000', 4 * 4096]]);
+    expect(t.summary).toMatchObject({ faults: 8, samples: 1, writes: 4, threads: [42] });
+    const records = await all(t.records());
+    expect(records.filter((r) => r.type === 'fault').map((r) => (r as TraceFault).range)).toEqual([0, 0, 0, 0, 1, 1, 1, 1]);
+    expect(records.at(-1)).toMatchObject({ type: 'end', faults: 8 });
+    // A version 1 file cannot hold range records: type 5 there is refused as unknown.
+    const bytes = fs.readFileSync(path.join(FIXTURES_DIR, 'trace-v1.pmtrace'));
+    const forged = Buffer.from(bytes);
+    forged.writeUInt8(5, 16 + bytes.readUInt32LE(12));
+    fs.writeFileSync(file('v1-forged.pmtrace'), forged);
+    await expect(readTrace(file('v1-forged.pmtrace'))).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT' });
+  });
+
+  it('writeTrace writes range records; the reader refuses a reused index, a fault after its range went, a removal of an unknown range', async () => {
+    const p = file('ranges.pmtrace');
+    const records: TraceRecord[] = [
+      { type: 'fault', kind: 'missing', write: false, range: 0, page: 1, tNs: 1, tid: 1 },
+      { type: 'range-added', range: 1, start: '0x7f0000000000', length: 8 * PAGE, modes: ['missing', 'wp'], shared: true, tNs: 2 },
+      { type: 'fault', kind: 'wp', write: true, range: 1, page: 7, tNs: 3, tid: 1 },
+      { type: 'range-removed', range: 0, tNs: 4 },
+      { type: 'sample', method: 'pagemap-scan-written', range: 1, startNs: 0, endNs: 5, runs: [{ first: 7, count: 1 }] },
+    ];
+    await writeTrace(p, { ranges: [{ index: 0, length: 4 * PAGE }] }, records);
+    const t = await readTrace(p);
+    expect(await all(t.records())).toEqual([...records, { type: 'end', faults: 2, tNs: 5 }]);
+    expect(t.ranges[1]).toMatchObject({ index: 1, start: '0x7f0000000000', length: 8 * PAGE, modes: ['missing', 'wp'], shared: true, addedNs: 2 });
+    expect(t.ranges[0]).toMatchObject({ removedNs: 4 });
+    const head = { ranges: [{ index: 0, length: 4 * PAGE }] };
+    const w = (recs: TraceRecord[]) => writeTrace(file('refused.pmtrace'), head, recs);
+    await expect(w([{ type: 'range-added', range: 0, start: '0x1000', length: PAGE, modes: [], shared: false, tNs: 0 }])).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    await expect(w([{ type: 'range-removed', range: 0, tNs: 0 }, { type: 'fault', kind: 'missing', write: false, range: 0, page: 0, tNs: 1, tid: 0 }])).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    await expect(w([{ type: 'range-removed', range: 1, tNs: 0 }])).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    await expect(w([{ type: 'range-added', range: 1, start: '0x1001', length: PAGE, modes: [], shared: false, tNs: 0 }])).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_UNALIGNED' });
+    await expect(w([{ type: 'range-added', range: 1, start: 'x', length: PAGE, modes: [], shared: false, tNs: 0 }])).rejects.toMatchObject({ code: 'ERR_INVALID_ARG_VALUE' });
+    // The same refusals from the reader, on bytes forged from a good file.
+    const good = fs.readFileSync(p);
+    const at = (k: number) => 16 + good.readUInt32LE(12) + k * 24; // record k (no sample before k = 4)
+    const forge = async (edit: (b: Buffer) => void, what: string) => {
+      const b = Buffer.from(good);
+      edit(b);
+      fs.writeFileSync(file('forged.pmtrace'), b);
+      await expect(readTrace(file('forged.pmtrace')), what).rejects.toMatchObject({ code: 'ERR_PAGEMIRROR_TRACE_CORRUPT' });
+    };
+    await forge((b) => b.writeUInt16LE(0, at(1) + 2), 'an index used again');
+    await forge((b) => b.writeUInt16LE(0, at(2) + 2), 'a fault after its range went');
+    await forge((b) => b.writeUInt16LE(5, at(3) + 2), 'removing a range never added');
+    await forge((b) => b.writeUInt32LE(0, at(1) + 4), 'a range of 0 pages');
+    await forge((b) => b.writeUInt8(0x10, at(1) + 1), 'unknown range flags');
   });
 });

@@ -1,4 +1,5 @@
 #include "fault_server.h"
+#include "trace.h"
 
 #include <cerrno>
 
@@ -33,6 +34,7 @@ Napi::Function RemoteClientWrap::Init(Napi::Env env) {
                                      InstanceMethod<&RemoteClientWrap::Evict>("evict"),
                                      InstanceMethod<&RemoteClientWrap::Counters>("counters"),
                                      InstanceMethod<&RemoteClientWrap::Release>("release"),
+                                     InstanceMethod<&RemoteClientWrap::SetRecorder>("setRecorder"),
                                  });
   *remote_ctor(env) = Napi::Persistent(f);
   return f;
@@ -114,6 +116,16 @@ Napi::Value RemoteClientWrap::Counters(const Napi::CallbackInfo& info) {
 Napi::Value RemoteClientWrap::Release(const Napi::CallbackInfo& info) {
   client->release();
   return info.Env().Undefined();
+}
+
+Napi::Value RemoteClientWrap::SetRecorder(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<engine::TraceRecorder> rec;
+  if (info.Length() > 0 && !info[0].IsNull() && !info[0].IsUndefined()) rec = TraceRecorderWrap::From(info[0]);
+  const int rc = client->set_recorder(std::move(rec));
+  if (rc == -ESHUTDOWN) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the client is gone");
+  if (rc < 0) ThrowSystemError(env, rc, "setRecorder", {nullptr, "the recorder could not take the client's ranges"});
+  return env.Undefined();
 }
 
 // ---- FaultServerWrap ----

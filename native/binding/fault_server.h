@@ -23,6 +23,8 @@ class RemoteClientWrap : public Napi::ObjectWrap<RemoteClientWrap> {
   Napi::Value Evict(const Napi::CallbackInfo& info);
   Napi::Value Counters(const Napi::CallbackInfo& info);
   Napi::Value Release(const Napi::CallbackInfo& info);
+  // setRecorder(recorder | null): the recorder's ranges follow the client's registrations.
+  Napi::Value SetRecorder(const Napi::CallbackInfo& info);
 };
 
 // Whether v is a RemoteClientWrap, and its default policy as a handler rule's resolver.

@@ -30,6 +30,12 @@ int OpenPagemap(uint64_t pid, std::string* path) {
   return fd < 0 ? -errno : fd;
 }
 
+void CheckRange(Napi::Env env, uint64_t start, uint64_t length, uint64_t page) {
+  CheckAligned(env, start, page, "start");
+  CheckAligned(env, length, page, "length");
+  if (length == 0 || start + length < start) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "a range must be non-empty and inside the address space");
+}
+
 uint64_t RangeU64(Napi::Env env, uint64_t v, uint64_t lo, uint64_t hi, const char* name) {
   if (v < lo || v > hi)
     throw CodedRangeError(env, "ERR_OUT_OF_RANGE", std::string(name) + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
@@ -43,6 +49,8 @@ Napi::Function TraceRecorderWrap::Init(Napi::Env env) {
                      {
                          InstanceMethod<&TraceRecorderWrap::Stop>("stop"),
                          InstanceMethod<&TraceRecorderWrap::Stats>("stats"),
+                         InstanceMethod<&TraceRecorderWrap::AddRange>("addRange"),
+                         InstanceMethod<&TraceRecorderWrap::RemoveRange>("removeRange"),
                      });
 }
 
@@ -60,9 +68,7 @@ TraceRecorderWrap::TraceRecorderWrap(const Napi::CallbackInfo& info) : Napi::Obj
     if (!v.IsObject()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "each range must be an object { start, length }");
     Napi::Object r = v.As<Napi::Object>();
     const uint64_t start = ToU64(r.Get("start"), "start"), length = ToU64(r.Get("length"), "length");
-    CheckAligned(env, start, c.page, "start");
-    CheckAligned(env, length, c.page, "length");
-    if (length == 0 || start + length < start) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "a range must be non-empty and inside the address space");
+    CheckRange(env, start, length, c.page);
     c.ranges.push_back({start, length});
   }
   c.path = OptString(o, "path");
@@ -111,8 +117,11 @@ Napi::Object StatsObject(Napi::Env env, const engine::RecorderStats& s) {
   o.Set("sampleNs", static_cast<double>(s.sample_ns));
   o.Set("tapNs", static_cast<double>(s.tap_ns));
   o.Set("tapped", static_cast<double>(s.tapped));
+  o.Set("ranges", static_cast<double>(s.ranges));
+  o.Set("rangesRefused", static_cast<double>(s.ranges_refused));
   return o;
 }
+
 
 }  // namespace
 
@@ -130,6 +139,32 @@ Napi::Value TraceRecorderWrap::Stats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!recorder_) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the recorder is stopped");
   return StatsObject(env, recorder_->stats());
+}
+
+Napi::Value TraceRecorderWrap::AddRange(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = ArgObject(info, 0, "range");
+  const uint64_t start = ToU64(o.Get("start"), "start"), length = ToU64(o.Get("length"), "length");
+  CheckRange(env, start, length, sys::page_size());
+  const uint64_t modes = RangeU64(env, OptU64(o, "modes", 0), 0, engine::kRangeModesMask, "modes");
+  engine::TraceRange r{start, length, static_cast<uint8_t>(modes | (OptBool(o, "shared") ? engine::kRangeShared : 0))};
+  const int rc = recorder_->add_range(r);
+  if (rc == -ESHUTDOWN) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the recorder is stopped");
+  if (rc < 0) {
+    const char* hint = rc == -EEXIST ? "the range overlaps one recorded now" : rc == -ENOSPC ? "a trace names at most 65535 ranges" : nullptr;
+    ThrowSystemError(env, rc, "addRange", {recorder_->config().path.c_str(), hint});
+  }
+  return Napi::Number::New(env, rc);
+}
+
+Napi::Value TraceRecorderWrap::RemoveRange(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const uint64_t index = RangeU64(env, ToU64(info[0], "index"), 0, engine::kMaxTraceRanges - 1, "index");
+  const int rc = recorder_->remove_index(static_cast<uint32_t>(index));
+  if (rc == -ESHUTDOWN) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the recorder is stopped");
+  if (rc == -ENOENT) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "range " + std::to_string(index) + " is not recorded now (never added, or removed already)");
+  if (rc < 0) ThrowSystemError(env, rc, "removeRange", {recorder_->config().path.c_str(), nullptr});
+  return env.Undefined();
 }
 
 Napi::Value ProbeTraceSampling(const Napi::CallbackInfo& info) {

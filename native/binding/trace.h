@@ -23,6 +23,9 @@ class TraceRecorderWrap : public Napi::ObjectWrap<TraceRecorderWrap> {
  private:
   Napi::Value Stop(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
+  // addRange({ start: bigint, length, modes?, shared? }) -> index; removeRange(index).
+  Napi::Value AddRange(const Napi::CallbackInfo& info);
+  Napi::Value RemoveRange(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::TraceRecorder> recorder_;
 };
 

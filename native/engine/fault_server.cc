@@ -64,6 +64,36 @@ void RemoteClient::release() {
   slots_ = nullptr;
   if (pool_fd_ >= 0) ::close(pool_fd_);
   pool_fd_ = -1;
+  recorder_.reset();
+}
+
+namespace {
+
+TraceRange recorded_range(const RemoteRange& r) {
+  return {r.addr, r.len, static_cast<uint8_t>((r.modes & kRangeModesMask) | (r.memfd >= 0 ? kRangeShared : 0))};
+}
+
+}  // namespace
+
+int RemoteClient::set_recorder(std::shared_ptr<TraceRecorder> recorder) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (released_) return -ESHUTDOWN;
+  recorder_ = std::move(recorder);
+  if (!recorder_) return 0;
+  int first_error = 0;
+  auto note = [&](int rc) {
+    if (rc < 0 && !first_error) first_error = rc;
+  };
+  for (const TraceRange& live : recorder_->live_ranges()) {
+    const bool kept = std::any_of(ranges_.begin(), ranges_.end(), [&](const RemoteRange& r) { return r.addr == live.start && r.len == live.length; });
+    if (!kept) note(recorder_->remove_range(live.start, live.length));
+  }
+  const std::vector<TraceRange> live = recorder_->live_ranges();
+  for (const RemoteRange& r : ranges_) {
+    const bool known = std::any_of(live.begin(), live.end(), [&](const TraceRange& l) { return l.start == r.addr && l.length == r.len; });
+    if (!known) note(recorder_->add_range(recorded_range(r)));
+  }
+  return first_error;
 }
 
 int RemoteClient::set_pool(int fd, uint64_t pages, uint64_t page) {
@@ -584,6 +614,10 @@ int FaultServer::handle_register(Conn& c, const unsigned char* buf, size_t n, in
     fds[0] = -1;
   }
   cl.ranges_.insert(cl.ranges_.end(), add.begin(), add.end());
+  // Before the reply: the client touches the range only once it is answered. A range the
+  // recorder refuses (past its index limit) is counted there and its faults ignored.
+  if (cl.recorder_)
+    for (const RemoteRange& r : add) cl.recorder_->add_range(recorded_range(r));
   *value = static_cast<uint32_t>(cl.ranges_.size());
   ev->kind = ServerEvent::kRegister;
   ev->client = c.client;
@@ -612,6 +646,7 @@ int FaultServer::handle_unregister(Conn& c, const unsigned char* buf, size_t n, 
   }
   std::sort(idx.rbegin(), idx.rend());
   for (size_t k : idx) {
+    if (cl.recorder_) cl.recorder_->remove_range(cl.ranges_[k].addr, cl.ranges_[k].len);
     cl.bring_home(cl.ranges_[k]);
     if (cl.ranges_[k].memfd >= 0) ::close(cl.ranges_[k].memfd);
     cl.ranges_.erase(cl.ranges_.begin() + static_cast<long>(k));

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../sys/fault_service.h"
+#include "trace_recorder.h"
 
 namespace pm::engine {
 
@@ -68,6 +69,12 @@ class RemoteClient : public sys::FaultHandler {
   // the connection closes, so that the client's watchdog, which takes over at EOF, never races us.
   void release();
 
+  // Records the client's faults with `recorder` (nullptr: no longer): its ranges are made the
+  // client's ranges now, and follow each REGISTER and UNREGISTER from then on, changed before the
+  // reply, so no fault in a range the client was told is attached can come before the recorder
+  // knows it. Returns the first error of the recorder's add_range/remove_range (0: none).
+  int set_recorder(std::shared_ptr<TraceRecorder> recorder);
+
   Counters counters();
   std::vector<RemoteRange> ranges();
   int uffd();  // the server's duplicate of the client's userfaultfd, -1 before REGISTER
@@ -98,6 +105,7 @@ class RemoteClient : public sys::FaultHandler {
   std::vector<uint32_t> free_;                  // reserved to pool_pages_: resolve never allocates
   std::unordered_map<uint64_t, uint32_t> held_; // client address -> slot
   Counters counters_;
+  std::shared_ptr<TraceRecorder> recorder_;
 };
 
 struct ServerEvent {

@@ -5,7 +5,9 @@
 #include <chrono>
 #include <cstring>
 #include <fcntl.h>
+#include <functional>
 #include <pthread.h>
+#include <thread>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -49,7 +51,98 @@ int probe_written_sampling(int pagemap_fd, uint64_t start, uint64_t length) {
   return n < 0 ? static_cast<int>(n) : 0;
 }
 
-TraceRecorder::TraceRecorder(RecorderConfig config) : config_(std::move(config)) {}
+TraceRecorder::TraceRecorder(RecorderConfig config) : config_(std::move(config)) {
+  auto table = std::make_unique<RangeTable>();
+  for (const TraceRange& r : config_.ranges) table->ranges.push_back({r.start, r.length, static_cast<uint16_t>(next_index_++)});
+  table_.store(table.get(), std::memory_order_seq_cst);
+  table_keep_ = std::move(table);
+}
+
+void TraceRecorder::publish(std::unique_ptr<RangeTable> next) {
+  std::unique_ptr<const RangeTable> old = std::move(table_keep_);
+  table_.store(next.get(), std::memory_order_seq_cst);
+  table_keep_ = std::move(next);
+  // A worker that loaded the old table counted its entry first (both sides sequentially
+  // consistent): wait until each worker has left the passes it had entered by now.
+  for (WorkerEpoch& e : epochs_) {
+    const uint64_t entered = e.entered.load(std::memory_order_seq_cst);
+    while (e.left.load(std::memory_order_acquire) < entered) std::this_thread::yield();
+  }
+}
+
+int TraceRecorder::add_range(const TraceRange& r) {
+  if (r.length == 0 || r.start % config_.page || r.length % config_.page || r.start + r.length < r.start ||
+      r.length / config_.page > UINT32_MAX)
+    return -EINVAL;
+  try {
+    std::lock_guard<std::mutex> lock(ranges_mu_);
+    if (closed_) return -ESHUTDOWN;
+    const RangeTable& now = *table_keep_;
+    for (const LiveRange& o : now.ranges)
+      if (r.start < o.start + o.length && o.start < r.start + r.length) return -EEXIST;
+    if (next_index_ >= kMaxTraceRanges) {
+      ranges_refused_.fetch_add(1, std::memory_order_relaxed);
+      return -ENOSPC;
+    }
+    const uint16_t index = static_cast<uint16_t>(next_index_);
+    auto next = std::make_unique<RangeTable>(now);
+    next->ranges.push_back({r.start, r.length, index});
+    changes_.reserve(changes_.size() + 1);
+    // Timed before the table is published: every fault recorded in the range comes later.
+    const uint64_t t = sys::now_ns() - config_.start_ns;
+    publish(std::move(next));
+    next_index_++;
+    changes_.push_back({t, {kTraceRangeAdded, static_cast<uint8_t>(r.flags & (kRangeModesMask | kRangeShared)), index,
+                            static_cast<uint32_t>(r.length / config_.page), r.start, t}});
+    return index;
+  } catch (const std::bad_alloc&) {
+    return -ENOMEM;
+  }
+}
+
+int TraceRecorder::remove_range(uint64_t start, uint64_t length) {
+  return remove_first([&](const LiveRange& o) { return o.start == start && o.length == length; });
+}
+
+int TraceRecorder::remove_index(uint32_t index) {
+  return remove_first([&](const LiveRange& o) { return o.index == index; });
+}
+
+int TraceRecorder::remove_first(const std::function<bool(const LiveRange&)>& which) {
+  try {
+    std::lock_guard<std::mutex> lock(ranges_mu_);
+    if (closed_) return -ESHUTDOWN;
+    const RangeTable& now = *table_keep_;
+    auto next = std::make_unique<RangeTable>();
+    next->ranges.reserve(now.ranges.size());
+    uint16_t index = 0;
+    bool found = false;
+    for (const LiveRange& o : now.ranges) {
+      if (!found && which(o)) {
+        index = o.index;
+        found = true;
+      } else {
+        next->ranges.push_back(o);
+      }
+    }
+    if (!found) return -ENOENT;
+    changes_.reserve(changes_.size() + 1);
+    publish(std::move(next));
+    // Timed after no worker can still record into it: every fault of the range comes earlier.
+    const uint64_t t = sys::now_ns() - config_.start_ns;
+    changes_.push_back({t, {kTraceRangeRemoved, 0, index, 0, 0, t}});
+    return 0;
+  } catch (const std::bad_alloc&) {
+    return -ENOMEM;
+  }
+}
+
+std::vector<TraceRange> TraceRecorder::live_ranges() {
+  std::lock_guard<std::mutex> lock(ranges_mu_);
+  std::vector<TraceRange> out;
+  for (const LiveRange& o : table_keep_->ranges) out.push_back({o.start, o.length});
+  return out;
+}
 
 TraceRecorder::~TraceRecorder() {
   stop();
@@ -120,17 +213,24 @@ int TraceRecorder::start(const char** call) {
 }
 
 void TraceRecorder::on_fault(unsigned worker, const sys::FaultMsg& msg) {
+  WorkerEpoch& epoch = epochs_[worker % epochs_.size()];
+  epoch.entered.fetch_add(1, std::memory_order_seq_cst);
+  const RangeTable& table = *table_.load(std::memory_order_seq_cst);
+  // Read after the table: a range added before its table was published is timed earlier.
   const uint64_t t0 = sys::now_ns();
   tapped_.fetch_add(1, std::memory_order_relaxed);
-  const std::vector<TraceRange>& ranges = config_.ranges;
-  size_t i = 0;
-  while (i < ranges.size() && !(msg.address >= ranges[i].start && msg.address - ranges[i].start < ranges[i].length)) i++;
-  if (i == ranges.size()) {
+  const LiveRange* range = nullptr;
+  for (const LiveRange& r : table.ranges)
+    if (msg.address >= r.start && msg.address - r.start < r.length) {
+      range = &r;
+      break;
+    }
+  if (!range) {
     ignored_.fetch_add(1, std::memory_order_relaxed);
   } else {
     const uint8_t kind = (msg.flags & UFFD_PAGEFAULT_FLAG_MINOR) ? 2 : (msg.flags & UFFD_PAGEFAULT_FLAG_WP) ? 1 : 0;
-    const Entry e{t0 > config_.start_ns ? t0 - config_.start_ns : 0, (msg.address - ranges[i].start) / config_.page,
-                  msg.tid, static_cast<uint16_t>(i),
+    const Entry e{t0 > config_.start_ns ? t0 - config_.start_ns : 0, (msg.address - range->start) / config_.page,
+                  msg.tid, range->index,
                   static_cast<uint8_t>(((msg.flags & UFFD_PAGEFAULT_FLAG_WRITE) ? kTraceWrite : 0) | (kind << 1))};
     Ring& r = *rings_[worker % rings_.size()];
     bool wake = false;
@@ -148,6 +248,8 @@ void TraceRecorder::on_fault(unsigned worker, const sys::FaultMsg& msg) {
     }
     if (wake) cv_.notify_one();
   }
+  // Left only after the fault is in its ring: a removal timed after this pass comes after it.
+  epoch.left.fetch_add(1, std::memory_order_release);
   tap_ns_.fetch_add(sys::now_ns() - t0, std::memory_order_relaxed);
 }
 
@@ -194,6 +296,22 @@ void TraceRecorder::flush() {
 }
 
 void TraceRecorder::drain() {
+  // Ranges removed before the rings are read have all their faults in the rings by now; ranges
+  // added after they are read may already have faults there: so removals are taken from before
+  // the rings' drain, additions from after it, and later removals wait for the next drain.
+  std::vector<RangeChange> changes;
+  changes.swap(carried_);
+  auto take_changes = [&](bool removals) {
+    std::lock_guard<std::mutex> lock(ranges_mu_);
+    for (const RangeChange& c : changes_) (removals || c.record.type == kTraceRangeAdded ? changes : carried_).push_back(c);
+    changes_.clear();
+    if (!removals) {
+      // The ranges sampled after this drain: those whose addition it writes, none it has not.
+      sample_ranges_.clear();
+      for (const LiveRange& o : table_keep_->ranges) sample_ranges_.push_back(o);
+    }
+  };
+  take_changes(true);
   merge_.clear();
   for (auto& rp : rings_) {
     Ring& r = *rp;
@@ -202,15 +320,25 @@ void TraceRecorder::drain() {
     for (uint64_t k = tail; k < head; k++) merge_.push_back(r.slots[k % cap]);
     r.tail.store(head, std::memory_order_release);
   }
-  // Each ring is in time order already; merged, the file is in time order as of each drain.
-  if (rings_.size() > 1)
-    std::stable_sort(merge_.begin(), merge_.end(), [](const Entry& a, const Entry& b) { return a.t_ns < b.t_ns; });
+  take_changes(false);
+  // Merged by time, the file is in time order as of each drain. Even one ring needs it: workers
+  // sharing a ring (more workers than rings) time a fault before they take its lock, and a range's
+  // removal must come after each of its faults, all timed before it.
+  std::stable_sort(merge_.begin(), merge_.end(), [](const Entry& a, const Entry& b) { return a.t_ns < b.t_ns; });
+  // At equal times an addition goes before the faults, a removal after them.
+  std::stable_sort(changes.begin(), changes.end(), [](const RangeChange& a, const RangeChange& b) { return a.t_ns < b.t_ns; });
+  auto before = [](const RangeChange& c, const Entry& e) {
+    return c.t_ns < e.t_ns || (c.t_ns == e.t_ns && c.record.type == kTraceRangeAdded);
+  };
   uint64_t written = 0, dropped = 0;
+  size_t k = 0;
   for (const Entry& e : merge_) {
     if (stats_.error) break;
+    for (; k < changes.size() && before(changes[k], e); k++) emit(changes[k].record);
     emit({kTraceFault, e.flags, e.range, e.tid, e.page, e.t_ns});
     written++;
   }
+  for (; k < changes.size() && !stats_.error; k++) emit(changes[k].record);
   for (auto& rp : rings_) {
     const uint64_t d = rp->dropped.load(std::memory_order_relaxed);
     dropped += d - rp->dropped_written;
@@ -225,8 +353,8 @@ void TraceRecorder::drain() {
 
 void TraceRecorder::sample(uint64_t now) {
   const uint64_t t0 = sys::now_ns();
-  for (size_t i = 0; i < config_.ranges.size() && !stats_.error; i++) {
-    const TraceRange& r = config_.ranges[i];
+  for (size_t i = 0; i < sample_ranges_.size() && !stats_.error; i++) {
+    const LiveRange& r = sample_ranges_[i];
     runs_.clear();
     // Reports the pages written since the last scan and write-protects them again, atomically.
     sys::ScanRequest req = written_request(r.start, r.start + r.length, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC);
@@ -250,7 +378,7 @@ void TraceRecorder::sample(uint64_t now) {
       if (walk_end >= req.end || walk_end <= req.start) break;
       req.start = walk_end;
     }
-    emit({kTraceSample, kSampleWritten, static_cast<uint16_t>(i), static_cast<uint32_t>(runs_.size()),
+    emit({kTraceSample, kSampleWritten, r.index, static_cast<uint32_t>(runs_.size()),
           last_sample_ns_ - config_.start_ns, now - config_.start_ns});
     for (const auto& run : runs_) {
       const uint64_t pair[2] = {run.first, run.second};
@@ -282,6 +410,16 @@ void TraceRecorder::loop() {
     flush();
     if (stop) break;
   }
+  {
+    // The removals the last drain held back, and changes since: no fault follows them now.
+    std::lock_guard<std::mutex> lock(ranges_mu_);
+    closed_ = true;
+    carried_.insert(carried_.end(), changes_.begin(), changes_.end());
+    changes_.clear();
+  }
+  std::stable_sort(carried_.begin(), carried_.end(), [](const RangeChange& a, const RangeChange& b) { return a.t_ns < b.t_ns; });
+  for (const RangeChange& c : carried_)
+    if (!stats_.error) emit(c.record);
   if (!stats_.error) emit({kTraceEnd, 0, 0, 0, stats_.faults, sys::now_ns() - config_.start_ns});
   flush();
   const int closed = ::close(fd_) != 0 ? -errno : 0;
@@ -300,12 +438,19 @@ void TraceRecorder::loop() {
 
 RecorderStats TraceRecorder::stats() {
   const uint64_t cpu = cpu_ns_of(writer_);
+  uint64_t ranges;
+  {
+    std::lock_guard<std::mutex> lock(ranges_mu_);
+    ranges = next_index_;
+  }
   std::lock_guard<std::mutex> lock(mu_);
   RecorderStats s = stats_;
   s.writer_cpu_ns = std::max(s.writer_cpu_ns, cpu);
   s.tap_ns = tap_ns_.load(std::memory_order_relaxed);
   s.tapped = tapped_.load(std::memory_order_relaxed);
   s.ignored = ignored_.load(std::memory_order_relaxed);
+  s.ranges_refused = ranges_refused_.load(std::memory_order_relaxed);
+  s.ranges = ranges;
   return s;
 }
 

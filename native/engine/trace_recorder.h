@@ -4,8 +4,10 @@
 // since the last sample with PAGEMAP_SCAN (uffd-wp async). Plain C++, no Node-API.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -20,29 +22,46 @@ namespace pm::engine {
 
 // The binary layout (little-endian; docs/trace-format.md). A file is the magic, a u32 version, a
 // u32 header length, the JSON header padded with spaces to 8 bytes, then records of 24 bytes (a
-// sample is followed by its runs, 16 bytes each), the last of them kTraceEnd.
+// sample is followed by its runs, 16 bytes each), the last of them kTraceEnd. Version 2 added the
+// range records: a range that appears or goes while recording.
 constexpr char kTraceMagic[8] = {'P', 'M', 'T', 'R', 'A', 'C', 'E', '\0'};
-constexpr uint32_t kTraceVersion = 1;
-enum TraceRecordType : uint8_t { kTraceFault = 1, kTraceSample = 2, kTraceDropped = 3, kTraceEnd = 4 };
+constexpr uint32_t kTraceVersion = 2;
+enum TraceRecordType : uint8_t {
+  kTraceFault = 1,
+  kTraceSample = 2,
+  kTraceDropped = 3,
+  kTraceEnd = 4,
+  kTraceRangeAdded = 5,
+  kTraceRangeRemoved = 6,
+};
 // A fault's flags: bit 0 write, bits 1-2 the kind (0 missing, 1 wp, 2 minor).
 constexpr uint8_t kTraceWrite = 1;
 constexpr uint8_t kSampleWritten = 1;  // a sample's method: PAGEMAP_SCAN PAGE_IS_WRITTEN (wp-async)
+// A range-added record's flags: bits 0-2 the registration modes (1 missing, 2 wp, 4 minor, as
+// UFFDIO_REGISTER_MODE_*), bit 3 shared memory.
+constexpr uint8_t kRangeModesMask = 7, kRangeShared = 8;
 struct TraceFileRecord {
   uint8_t type;
   uint8_t flags;
   uint16_t range;
-  uint32_t tid;  // fault: the faulting thread (0 without UFFD_FEATURE_THREAD_ID); sample: runs
-  uint64_t a;    // fault: page index in the range; sample: interval start; dropped, end: a count
+  uint32_t tid;  // fault: the faulting thread (0 without UFFD_FEATURE_THREAD_ID); sample: runs;
+                 // range added: its length in pages
+  uint64_t a;    // fault: page index in the range; sample: interval start; dropped, end: a count;
+                 // range added: its start address
   uint64_t b;    // nanoseconds since the recording started (sample: the interval's end)
 };
 static_assert(sizeof(TraceFileRecord) == 24, "24-byte records");
 
 struct TraceRange {
   uint64_t start, length;
+  uint8_t flags = 0;  // kRangeModesMask | kRangeShared bits, for a range added while recording
 };
 
+// Range indices are u16 in the file and never reused: a recording names at most this many.
+constexpr uint32_t kMaxTraceRanges = 65535;
+
 struct RecorderConfig {
-  std::vector<TraceRange> ranges;  // at most 65535, page aligned
+  std::vector<TraceRange> ranges;  // the ranges at the start (indices 0..n-1), page aligned
   std::string path;
   std::string header;   // the JSON header, written as it is
   unsigned rings = 1;   // one per service worker (more workers share rings round-robin)
@@ -65,6 +84,8 @@ struct RecorderStats {
   uint64_t sample_ns = 0;      // wall time in PAGEMAP_SCAN
   uint64_t tap_ns = 0;         // time the service workers spent in the tap (the latency added)
   uint64_t tapped = 0;         // faults the tap saw
+  uint64_t ranges = 0;         // range indices given out (the first ranges and those added since)
+  uint64_t ranges_refused = 0; // ranges added past kMaxTraceRanges (not recorded: faults ignored)
   int error = 0;               // -errno of the first failed write or scan (recording stops there)
   const char* error_call = "";
 };
@@ -86,9 +107,46 @@ class TraceRecorder : public sys::FaultTap {
   RecorderStats stats();
   const RecorderConfig& config() const { return config_; }
 
+  // A range registered while recording: recorded from now on under a new index (returned), which
+  // a range-added record announces. -ENOSPC past kMaxTraceRanges, -EINVAL if unaligned or empty,
+  // -EEXIST if it overlaps a range recorded now, -ESHUTDOWN once stopped. Any thread but a service worker (it waits for the
+  // workers to leave the tap's old range table).
+  int add_range(const TraceRange& r);
+  // A range released (unregistered): its faults are no longer recorded (a range-removed record
+  // says from when) and its addresses may come back as a new range. -ENOENT if no live range
+  // has this start and length, -ESHUTDOWN once stopped.
+  int remove_range(uint64_t start, uint64_t length);
+  // The same, by the index add_range returned (or a first range's index).
+  int remove_index(uint32_t index);
+  // The ranges recorded now: [start, length].
+  std::vector<TraceRange> live_ranges();
+
   void on_fault(unsigned worker, const sys::FaultMsg& msg) override;
 
  private:
+  // The ranges the tap looks faults up in: replaced whole, never changed in place, so a worker
+  // reads it without a lock (as the fault service's rules are read).
+  struct LiveRange {
+    uint64_t start, length;
+    uint16_t index;
+  };
+  struct RangeTable {
+    std::vector<LiveRange> ranges;
+  };
+  struct RangeChange {
+    uint64_t t_ns;
+    TraceFileRecord record;
+  };
+  // A worker's passes through the tap: a replaced table is freed once every worker has left each
+  // pass it had entered when the table was replaced (each worker on its own cache line: no shared
+  // write on the fault path; two counters, not a parity bit, so a recorder tapping two services,
+  // whose workers share an index, stays correct).
+  struct alignas(64) WorkerEpoch {
+    std::atomic<uint64_t> entered{0}, left{0};
+  };
+  int remove_first(const std::function<bool(const LiveRange&)>& which);
+  // Publishes next (ranges_mu_ held) and frees the old table once no worker can still read it.
+  void publish(std::unique_ptr<RangeTable> next);
   struct Entry {
     uint64_t t_ns, page;
     uint32_t tid;
@@ -118,6 +176,16 @@ class TraceRecorder : public sys::FaultTap {
   std::vector<sys::ScanRegion> regions_;
   std::vector<std::pair<uint64_t, uint64_t>> runs_;  // one sample's runs, before they are written
   std::vector<Entry> merge_;
+  std::vector<RangeChange> changes_;   // ranges added and removed, not yet written (ranges_mu_)
+  std::vector<RangeChange> carried_;   // removals held back to the next drain (writer only)
+  std::vector<LiveRange> sample_ranges_;  // the ranges the next sample scans (writer only)
+  std::mutex ranges_mu_;               // changes of ranges: the table, changes_, next_index_
+  std::atomic<const RangeTable*> table_{nullptr};
+  std::unique_ptr<const RangeTable> table_keep_;  // owns what table_ points to (ranges_mu_)
+  std::array<WorkerEpoch, sys::FaultService::kMaxWorkers> epochs_;
+  uint32_t next_index_ = 0;  // ranges_mu_
+  bool closed_ = false;      // ranges_mu_: the end record is written, changes are refused
+  std::atomic<uint64_t> ranges_refused_{0};
   uint64_t records_ = 0;  // writer only; published in stats_ by flush()
   uint64_t last_sample_ns_ = 0;
   std::atomic<uint64_t> tap_ns_{0}, tapped_{0}, ignored_{0};

@@ -222,8 +222,10 @@ export function targets(lib, ctx) {
         ),
         (r) => {
           const fault = { type: 'fault', kind: 'missing', write: true, range: 0, page: 0, tNs: 1, tid: 0 };
-          if (r() < 0.6) return { value: [[], [fault], [fault, { type: 'sample', method: 'pagemap-scan-written', range: 0, startNs: 0, endNs: 2, runs: [{ first: 0, count: 1 }] }]][Math.floor(r() * 3)], kind: 'valid' };
-          return { value: [5, null, [{ type: 'x' }], [{ ...fault, page: 2 ** 40 }], [{ ...fault, kind: 'y' }], [{ ...fault, range: 9 }], [null]][Math.floor(r() * 7)], kind: 'bad' };
+          const added = { type: 'range-added', range: 2, start: '0x10000000', length: PAGE, modes: ['missing'], shared: false, tNs: 2 };
+          const removed = { type: 'range-removed', range: 0, tNs: 3 };
+          if (r() < 0.6) return { value: [[], [fault], [fault, { type: 'sample', method: 'pagemap-scan-written', range: 0, startNs: 0, endNs: 2, runs: [{ first: 0, count: 1 }] }], [fault, removed]][Math.floor(r() * 4)], kind: 'valid' };
+          return { value: [5, null, [{ type: 'x' }], [{ ...fault, page: 2 ** 40 }], [{ ...fault, kind: 'y' }], [{ ...fault, range: 9 }], [null], [added], [{ ...added, range: 0 }], [{ ...added, start: 'x' }], [{ ...added, start: '0x1001' }], [{ ...added, modes: ['q'] }], [removed, removed], [removed, fault], [{ ...removed, range: 9 }]][Math.floor(r() * 15)], kind: 'bad' };
         },
       ],
       (c, [p, ...a]) => lib.writeTrace(typeof p === 'string' && !p.includes('\0') ? path.join(c.dir, p) : p, ...a),
@@ -455,6 +457,12 @@ export function targets(lib, ctx) {
     ...[['stats', []], ['stop', []]].map(([m, params]) =>
       call(`TraceRecorder.${m}`, [(r) => ({ value: 'recorder', kind: 'valid', text: 'recorder' }), ...params], (c) => recorder(c, lib)[m](), { self: true }),
     ),
+    ...[
+      ['addRange', [(r, c) => (r() < 0.6 ? { value: { address: (c.anon3?.address ?? 4096n) + BigInt(PAGE * (1 + Math.floor(r() * 2))), length: PAGE }, kind: 'valid' } : { value: [null, 5, {}, { address: 1n, length: PAGE }, { address: 4096n, length: 0 }, { address: 4096n, length: PAGE, modes: ['x'] }, { address: 4096n, length: PAGE, shared: 'y' }, { mapping: 5 }][Math.floor(r() * 8)], kind: 'bad' })]],
+      ['removeRange', [int([0, 1, 2], [-1, 65535, 1.5])]],
+    ].map(([m, params]) =>
+      call(`TraceRecorder.${m}`, [(r) => ({ value: 'recorder', kind: 'valid', text: 'recorder' }), ...params], (c, [, ...a]) => recorder(c, lib)[m](...a), { self: true }),
+    ),
     // The fault server: listen() on a fresh path in the worker's directory (or a bad one).
     call(
       'FaultServer.listen',
@@ -475,6 +483,7 @@ export function targets(lib, ctx) {
           },
           maxClients: int([1, 4], [0, 4097], { optional: true }),
           policy: oneOf(['default'], { optional: true, edge: ['manual'] }),
+          beforeServe: fn(),
           onClient: fn(),
           onRanges: fn(),
           onClientExit: fn(),
@@ -497,10 +506,13 @@ export function targets(lib, ctx) {
       ['evict', [(r, c) => (r() < 0.6 ? { value: c.remoteAddress ?? 0n, kind: 'valid' } : bigintU64()(r)), int(LEN, FAR)]],
       ['counters', []],
       ['stats', []],
+      ['record', [options({ path: (r, c) => (r() < 0.7 ? { value: path.join(c.dir, 'client.pmtrace'), kind: 'valid' } : { value: ['', 'a\0b', 5, null][Math.floor(r() * 4)], kind: 'bad' }), sampleIntervalMs: int([0, 10], [-1], { optional: true }), ringCapacity: int([16], [0], { optional: true }) }, { optional: false, required: ['path'] })]],
     ].map(([m, params]) =>
       call(`RemoteClient.${m}`, [(r) => ({ value: 'remote', kind: 'valid', text: 'remote' }), ...params], async (c, [which, ...a]) => {
         const rc = await c[which];
-        return rc?.[m](...a);
+        const out = rc?.[m](...a);
+        if (m === 'record' && out) c.own({ close: () => out.stop() });
+        return out;
       }, { async: true, self: true }),
     ),
 
@@ -562,7 +574,7 @@ export function nativeTargets(lib, ctx) {
     nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'setTap:1', 'stats', 'outstanding', 'serve:5', 'reconfigure:4', 'ref', 'unref', 'close:1'],
     nDevice: ['mirror:6', 'counters', 'memory', 'drainTrace', 'release', 'close'],
     nServer: ['drop:1', 'stats', 'close'],
-    nRemote: ['info', 'evict:2', 'counters', 'release'],
+    nRemote: ['info', 'evict:2', 'counters', 'release', 'setRecorder:1'],
     nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'acknowledgeLoss', 'replay:3', 'close'],
   };
   const out = fns.map(([name, arity, extra = {}]) =>
