@@ -291,8 +291,15 @@ options:
   --resident SIZE       host resident-set limit over all attached memory (K/M/G; default: none)
   --device-memory SIZE  pool of each process (default 64M)
   --threshold SIZE      attach allocations of at least SIZE (default 1M)
-  --eviction POLICY     which resident pages go first: fifo (default)
+  --eviction POLICY     which resident pages go first: fifo (default: the first seen resident) or
+                        clock (second chance; its reference bit is any fault the page took since
+                        the hand last passed: first touch, refault, WP fault of a round; reads of
+                        a mapped page are invisible to the server)
   --interval MS         sample the resident set (and enforce the limit) every MS ms (1-1000, default 10)
+  --wp-interval MS      write-protect every resident page every MS ms and count the pages written
+                        in each interval by their WP faults (0-60000, default 1000; 0: no rounds)
+  --prefetch N          a fault that brings a page back from device memory also brings back those
+                        of the next N pages of its range that are there (0-512, default 0)
   --compare             also run PROGRAM without the shim (output discarded) and report both times
   --out DIR             write run-<time>.json and .html into DIR
   --json                the report as JSON on stderr
@@ -307,6 +314,8 @@ const RUN_FLAGS = {
   threshold: { type: 'string' },
   eviction: { type: 'string' },
   interval: { type: 'string' },
+  'wp-interval': { type: 'string' },
+  prefetch: { type: 'string' },
   compare: { type: 'boolean' },
   out: { type: 'string' },
   json: { type: 'boolean' },
@@ -323,14 +332,16 @@ async function parseRun<F extends Flags>(command: string, args: string[], extra:
   const resident = values.resident === undefined ? undefined : size('resident', values.resident, 0);
   const deviceMemory = size('device-memory', values['device-memory'], 64 << 20);
   const threshold = size('threshold', values.threshold, 1 << 20);
-  const eviction = choice('eviction', ['fifo'] as const, command)(values.eviction ?? 'fifo');
+  const eviction = choice('eviction', ['fifo', 'clock'] as const, command)(values.eviction ?? 'fifo');
   const intervalMs = values.interval === undefined ? 10 : count('interval', 1000, command)(values.interval);
+  const wpIntervalMs = values['wp-interval'] === undefined ? 1000 : count('wp-interval', 60000, command, 0)(values['wp-interval']);
+  const prefetch = values.prefetch === undefined ? 0 : count('prefetch', 512, command, 0)(values.prefetch);
   const run = await import('./run.js');
   const program = run.resolveProgram(argv[0]!);
   if (!program) throw Object.assign(new Error(`${argv[0]}: no such executable (looked in PATH)`), { code: 'ENOENT' });
   const refused = run.refusal(program);
   if (refused) throw Object.assign(new Error(`refused: ${refused}`), { code: 'ERR_PAGEMIRROR_NOT_ATTACHABLE' });
-  const options = { program, args: argv.slice(1), resident, deviceMemory, threshold, eviction, intervalMs, compare: values.compare === true };
+  const options = { program, args: argv.slice(1), resident, deviceMemory, threshold, eviction, intervalMs, wpIntervalMs, prefetch, compare: values.compare === true };
   return { help: false as const, values, options, run };
 }
 
@@ -407,8 +418,10 @@ function formatRun(r: import('./run.js').RunResult): string {
     `pagemirror run: ${path.basename(r.program)} exited ${r.signal ? `on ${r.signal}` : r.exitCode} after ${r.wallMs.toFixed(0)} ms${r.wallMsWithoutShim !== undefined ? ` (${r.wallMsWithoutShim.toFixed(0)} ms without the shim)` : ''}`,
     `  attached: ${r.processes} process(es), ${r.ranges.length} range(s), ${mib(r.attachedBytes / 4096)}; peak resident ${mib(r.peakResidentPages)}${r.residentLimitPages !== undefined ? ` (limit ${mib(r.residentLimitPages)})` : ''}`,
     `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; before their rule ${r.faults.fallback}; other ${r.faults.other})`,
-    `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, release ${r.migrations.toHost.release})`,
-    `  pages dirtied under write protection (WP faults): ${r.pagesDirtied}${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
+    `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}, eviction ${r.eviction.policy}: ${r.eviction.examined} examined, ${r.eviction.secondChances} second chances); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, prefetch ${r.migrations.toHost.prefetch}, release ${r.migrations.toHost.release})${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
+    r.writes.method === 'wp-rounds'
+      ? `  pages written: ${r.writes.distinctPages} distinct; per ${r.writes.intervalMs} ms interval max ${Math.max(0, ...r.writes.perInterval.map((w) => w.pages))}; cost: ${r.writes.rounds} write-protect rounds (${r.writes.protectedPages} pages protected, ${r.writes.roundMs.toFixed(1)} ms), ${r.writes.wpFaults} WP faults`
+      : `  pages written: ${r.writes.distinctPages} distinct, seen by faults flagged as writes only (no write-protect rounds)`,
     ...r.notes.map((n) => `  note: ${n}`),
   ].join('\n') + '\n';
 }

@@ -23,7 +23,9 @@ interface Report {
   exitCode: number;
   processes: number;
   faults: { total: number; missingZero: number; missingFromDevice: number; minor: number; wp: number; retried: number; fallback: number; other: number };
-  migrations: { toDevice: { total: number; residentLimit: number }; toHost: { total: number; cpuFault: number; release: number } };
+  migrations: { toDevice: { total: number; residentLimit: number }; toHost: { total: number; cpuFault: number; prefetch: number; release: number } };
+  eviction: { policy: string; secondChances: number; examined: number };
+  writes: { method: string; rounds: number; roundMs: number; protectedPages: number; wpFaults: number; distinctPages: number; perInterval: { ms: number; pages: number }[]; lost: number };
   samples: unknown[];
   ranges: unknown[];
 }
@@ -60,7 +62,8 @@ function checkConsistent(r: Report | undefined, err: string): void {
   expect(r!.migrations.toDevice.residentLimit).toBe(r!.migrations.toDevice.total);
   expect(r!.migrations.toHost.cpuFault).toBeGreaterThan(0);
   expect(r!.migrations.toHost.cpuFault).toBe(f.missingFromDevice);
-  expect(r!.migrations.toHost.cpuFault + r!.migrations.toHost.release).toBe(r!.migrations.toHost.total);
+  expect(r!.migrations.toHost.cpuFault + r!.migrations.toHost.prefetch + r!.migrations.toHost.release).toBe(r!.migrations.toHost.total);
+  expect(r!.writes.lost).toBe(0);
   // Every page taken away came back: by a fault, or when the program released its range.
   expect(r!.migrations.toHost.total).toBeLessThanOrEqual(r!.migrations.toDevice.total);
   expect(r!.samples.length).toBeGreaterThan(0);
@@ -189,11 +192,101 @@ describe('pagemirror run', () => {
   });
 
   it('usage errors exit 2', { timeout: 30_000 }, () => {
-    for (const args of [['run'], ['run', '--resident', '3', '--', 'true'], ['run', '--eviction', 'mru', '--', 'true'], ['run', '--bogus', '--', 'true']]) {
+    const bad = [['--wp-interval', '-1'], ['--wp-interval', '60001'], ['--wp-interval', '1.5'], ['--prefetch', '513'], ['--prefetch', 'x'], ['--eviction', 'lru']];
+    for (const args of [['run'], ['run', '--resident', '3', '--', 'true'], ['run', '--eviction', 'mru', '--', 'true'], ['run', '--bogus', '--', 'true'], ...bad.map((b) => ['run', ...b, '--', 'true'])]) {
       const r = spawnSync(process.execPath, [cli, ...args], { env: attachEnv(), encoding: 'utf8', timeout: 30_000 });
       expect(r.status, args.join(' ')).toBe(2);
     }
     expect(spawnSync(process.execPath, [cli, 'run', '--help'], { env: attachEnv(), encoding: 'utf8' }).stdout).toMatch(/usage: pagemirror run/);
+  });
+});
+
+const summary = (r: Report) =>
+  `to host ${JSON.stringify(r.migrations.toHost)}, to device ${r.migrations.toDevice.total}, eviction ${JSON.stringify(r.eviction)}, writes ${r.writes.distinctPages} distinct / ${r.writes.wpFaults} WP faults / ${r.writes.rounds} rounds`;
+
+describe('pagemirror run policies', () => {
+  it('write-protect rounds measure the pages written per interval; data intact under a tight limit and fast rounds', { timeout: 300_000 }, (ctx) => {
+    needServing(ctx);
+    const exe = path.join(tmp, 'matmul');
+    cc(ctx, exe, path.join(FIXTURES_DIR, 'matmul.c'));
+    // Rounds every 1 ms race the evictions every 2 ms on a 256 KiB limit: every page is protected
+    // over and over, and many are evicted while a round's protection is on them.
+    const { plain, run, err, report } = both([exe, '256'], ['--resident', '256K', '--threshold', '256K', '--interval', '2', '--wp-interval', '1']);
+    expect(plain.status).toBe(0);
+    expect(run.status, err.slice(0, 2000)).toBe(0);
+    expect(run.stdout.toString()).toBe(plain.stdout.toString());
+    checkConsistent(report, err);
+    const w = report!.writes;
+    expect(w.method).toBe('wp-rounds');
+    expect(w.rounds).toBeGreaterThan(10);
+    expect(w.protectedPages).toBeGreaterThan(0);
+    expect(w.wpFaults).toBeGreaterThan(0);
+    expect(w.perInterval.length).toBeGreaterThanOrEqual(w.rounds);
+    // matmul writes its three 256x256 double matrices (3 x 128 pages) and C again per row.
+    expect(w.distinctPages).toBeGreaterThanOrEqual(3 * 128);
+    expect(w.distinctPages).toBeLessThanOrEqual(3 * 128 + 8);
+    expect(Math.max(...w.perInterval.map((i) => i.pages))).toBeGreaterThan(0);
+  });
+
+  it('without rounds, writes are seen only by faults flagged as writes and no page is protected', { timeout: 120_000 }, (ctx) => {
+    needServing(ctx);
+    const exe = path.join(tmp, 'reread');
+    cc(ctx, exe, path.join(FIXTURES_DIR, 'reread.c'));
+    const { plain, run, err, report } = both([exe, '4', '50'], ['--resident', '1M', '--threshold', '256K', '--wp-interval', '0']);
+    expect(run.status, err.slice(0, 2000)).toBe(0);
+    expect(run.stdout.toString()).toBe(plain.stdout.toString());
+    expect(report!.writes.method).toBe('none');
+    expect(report!.writes.rounds).toBe(0);
+    expect(report!.writes.protectedPages).toBe(0);
+    // Each page's first touch is a write: a missing fault flagged WRITE. 4 MiB of data and the
+    // shim's 16-byte block header: 1025 pages.
+    expect(report!.writes.distinctPages).toBe(1025);
+  });
+
+  it('clock keeps a rewritten hot set resident while a cold stream passes: fewer migrations back to host than fifo', { timeout: 300_000 }, (ctx) => {
+    needServing(ctx);
+    const exe = path.join(tmp, 'hot-cold');
+    cc(ctx, exe, path.join(FIXTURES_DIR, 'hot-cold.c'));
+    const args = [exe, '512', '8'];
+    const flags = ['--resident', '1M', '--threshold', '256K', '--wp-interval', '20'];
+    const fifo = both(args, [...flags, '--eviction', 'fifo']);
+    const clock = both(args, [...flags, '--eviction', 'clock']);
+    expect(fifo.plain.status).toBe(0);
+    for (const r of [fifo, clock]) {
+      expect(r.run.status, r.err.slice(0, 2000)).toBe(0);
+      expect(r.run.stdout.toString()).toBe(fifo.plain.stdout.toString());
+      checkConsistent(r.report, r.err);
+    }
+    const f = fifo.report!;
+    const c = clock.report!;
+    console.log(`hot-cold 512K hot, 8M cold, 1M limit, rounds 20 ms: fifo ${summary(f)}; clock ${summary(c)}`);
+    expect(f.eviction.secondChances).toBe(0);
+    expect(c.eviction.secondChances).toBeGreaterThan(0);
+    // The final checksum reads every cold page back once (2048) under either policy; the rest of
+    // the migrations back are the hot set's refaults, which clock should mostly avoid.
+    expect(c.migrations.toHost.cpuFault).toBeLessThan(f.migrations.toHost.cpuFault);
+    expect(c.migrations.toHost.cpuFault - 2048).toBeLessThan((f.migrations.toHost.cpuFault - 2048) / 2);
+  });
+
+  it('--prefetch N: a sequential re-read after eviction takes about 1/(N+1) of the faults', { timeout: 300_000 }, (ctx) => {
+    needServing(ctx);
+    const exe = path.join(tmp, 'reread');
+    cc(ctx, exe, path.join(FIXTURES_DIR, 'reread.c'));
+    const runs = [0, 7].map((n) => both([exe, '8', '300'], ['--resident', '256K', '--threshold', '256K', '--prefetch', String(n)]));
+    for (const r of runs) {
+      expect(r.run.status, r.err.slice(0, 2000)).toBe(0);
+      expect(r.run.stdout.toString()).toBe(runs[0]!.plain.stdout.toString());
+      checkConsistent(r.report, r.err);
+    }
+    const [none, eight] = runs.map((r) => r.report!);
+    console.log(`reread 8 MiB, 256K limit: prefetch 0 ${summary(none!)}; prefetch 7 ${summary(eight!)}`);
+    expect(none!.migrations.toHost.prefetch).toBe(0);
+    expect(eight!.migrations.toHost.prefetch).toBeGreaterThan(0);
+    // Nearly every page of 8 MiB (2048) was in the pool at the re-read.
+    expect(none!.migrations.toHost.cpuFault).toBeGreaterThan(1800);
+    const ratio = eight!.migrations.toHost.cpuFault / none!.migrations.toHost.cpuFault;
+    expect(ratio).toBeGreaterThan(1 / 8 - 0.03);
+    expect(ratio).toBeLessThan(1 / 8 + 0.1);
   });
 });
 
