@@ -143,6 +143,24 @@ describe('pagemirror run', () => {
     expect(err).not.toMatch(/Warning/);
   });
 
+  it('a parent attaches its ranges again after a fork: writes on both sides kept, memory back on the device', { timeout: 120_000 }, (ctx) => {
+    needServing(ctx);
+    const exe = path.join(tmp, 'fork-reattach');
+    cc(ctx, exe, path.join(FIXTURES_DIR, 'fork-reattach.c'));
+    const { plain, run, err, report } = both([exe, '4'], ['--resident', '1M', '--threshold', '1M']);
+    expect(plain.status, plain.stderr.toString()).toBe(0);
+    const out = plain.stdout.toString();
+    expect(out).not.toMatch(/(data|kept) 0\b|exited [^0]/);
+    expect(out.split('\n').filter(Boolean)).toHaveLength(5);
+    expect(plain.stderr.toString()).toMatch(/attached after the forks: block 0 mapping 0/);
+    expect(run.status, err.slice(0, 2000)).toBe(0);
+    expect(run.stdout.toString()).toBe(out);
+    // Without pm_adopt after the fork both would be 0: the ranges released for the fork stayed private.
+    expect(err).toMatch(/attached after the forks: block 1 mapping 1/);
+    checkConsistent(report, err);
+    expect(report!.migrations.toHost.release).toBeGreaterThan(0);
+  });
+
   it('propagates the exit status and a signal as 128 + signal', { timeout: 60_000 }, (ctx) => {
     needServing(ctx);
     const prog = 'import os, signal, sys\nb = bytearray(4 << 20)\nb[0] = 1\nif sys.argv[1] == "kill": os.kill(os.getpid(), signal.SIGTERM)\nsys.exit(7)';
