@@ -5,7 +5,7 @@
 import { native, type NativeFaultServer, type NativeRemoteClient, type NativeServerEvent } from './native.js';
 import { REGISTER_MODES, type RegisterMode } from './constants.js';
 import { checkInteger, checkOneOf, stateError, typeError } from './errors.js';
-import { checkFunction, checkOptions, checkString, checkU64 } from './validate.js';
+import { checkBoolean, checkFunction, checkOptions, checkString, checkU64 } from './validate.js';
 import { Userfaultfd, setRemoteHandlerRules, type Fault, type ServiceStats } from './uffd.js';
 
 /** Options of {@link FaultServer.listen}. */
@@ -230,9 +230,9 @@ export class RemoteClient {
   configure(options: RemoteClientPolicy): void {
     const o = checkOptions('options', options);
     const prefetch = checkInteger('prefetch', o.prefetch ?? 0, 0, 65536);
-    if (o.writeProtectReads !== undefined && typeof o.writeProtectReads !== 'boolean') throw typeError('ERR_INVALID_ARG_TYPE', 'writeProtectReads must be a boolean');
+    const protectReads = checkBoolean('writeProtectReads', o.writeProtectReads, false);
     if (this.#closed) return;
-    this.#n.configure(prefetch, o.writeProtectReads === true);
+    this.#n.configure(prefetch, protectReads);
   }
 
   /**
