@@ -284,7 +284,7 @@ private socket, which keeps at most --resident of them in host memory and migrat
 "device memory" (the process's pool); a CPU access brings a page back. stdin, stdout and stderr are
 the program's; the exit status is the program's (128 + signal if a signal ended it), or 1 if
 nothing could be attached. Static and set-user-ID/set-group-ID programs are refused: no preload
-reaches them. A report (faults by kind, migrations both ways with their triggers, pages dirtied,
+reaches them. A report (faults by kind, migrations both ways with their triggers, pages written,
 the resident set over time, per range) goes to stderr, or to --out as JSON and HTML.
 
 options:
@@ -379,7 +379,8 @@ nothing was attached or recorded.
 options:
   --out FILE              the trace file (default record-<time>.pmtrace)
   --sample-interval MS    sample written pages every MS ms, 0 for none (0-3600000, default 100)
-  --resident, --device-memory, --threshold, --eviction, --interval, --compare, --json: as for run
+  --resident, --device-memory, --threshold, --eviction, --interval, --wp-interval, --prefetch,
+  --compare, --json: as for run
   -h, --help              this text
 
 ${EXIT_CODES}
