@@ -132,7 +132,8 @@ int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
   }
   *pages = 1;
   const uint64_t write = (msg.flags & UFFD_PAGEFAULT_FLAG_WRITE) ? static_cast<uint64_t>(kTouchWrite) : 0;
-  const RemoteRange* r = range_at(a);
+  // The range is needed only by the tunings (a scan of up to 1024 ranges per fault otherwise).
+  const RemoteRange* r = protect_reads_ || prefetch_ ? range_at(a) : nullptr;
   const bool track = protect_reads_ && r && (r->modes & PM_MODE_WP);
   const bool protect = track && !write;
   int64_t done = 0;
