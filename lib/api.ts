@@ -12,7 +12,7 @@ export type { MapOptions, AnonymousOptions, MemfdOptions, FileOptions, RangeOpti
 export { Userfaultfd, Fault, MAX_SERVICE_WORKERS, ADAPTIVE_SPIN_MAX_US } from './uffd.js';
 export type { OpenOptions, RegisterOptions, Registration, FaultKind, UffdEvent, ServeOptions, PollOption, Rule, RuleAction, ResolveOptions, ResolveResult, CloseOutcome, ServiceStats } from './uffd.js';
 export { FaultServer, RemoteClient } from './server.js';
-export type { FaultServerOptions, RemoteRange, RemoteClientCounters, FaultServerStats, ClientRecordOptions } from './server.js';
+export type { FaultServerOptions, RemoteRange, RemoteClientCounters, RemoteClientPolicy, RemoteTouch, FaultServerStats, ClientRecordOptions } from './server.js';
 export { configureEngine, engineStats } from './engine.js';
 export type { EngineOptions, EngineStats } from './engine.js';
 export { access, forkAccess, FORK_DELAY_MAX_MS } from './access.js';

@@ -287,15 +287,22 @@ private socket, which keeps at most --resident of them in host memory and migrat
 "device memory" (the process's pool); a CPU access brings a page back. stdin, stdout and stderr are
 the program's; the exit status is the program's (128 + signal if a signal ended it), or 1 if
 nothing could be attached. Static and set-user-ID/set-group-ID programs are refused: no preload
-reaches them. A report (faults by kind, migrations both ways with their triggers, pages dirtied,
+reaches them. A report (faults by kind, migrations both ways with their triggers, pages written,
 the resident set over time, per range) goes to stderr, or to --out as JSON and HTML.
 
 options:
   --resident SIZE       host resident-set limit over all attached memory (K/M/G; default: none)
   --device-memory SIZE  pool of each process (default 64M)
   --threshold SIZE      attach allocations of at least SIZE (default 1M)
-  --eviction POLICY     which resident pages go first: fifo (default)
+  --eviction POLICY     which resident pages go first: fifo (default: the first seen resident) or
+                        clock (second chance; its reference bit is any fault the page took since
+                        the hand last passed: first touch, refault, WP fault of a round; reads of
+                        a mapped page are invisible to the server)
   --interval MS         sample the resident set (and enforce the limit) every MS ms (1-1000, default 10)
+  --wp-interval MS      write-protect every resident page every MS ms and count the pages written
+                        in each interval by their WP faults (0-60000, default 1000; 0: no rounds)
+  --prefetch N          a fault that brings a page back from device memory also brings back those
+                        of the next N pages of its range that are there (0-512, default 0)
   --compare             also run PROGRAM without the shim (output discarded) and report both times
   --out DIR             write run-<time>.json and .html into DIR
   --json                the report as JSON on stderr
@@ -310,6 +317,8 @@ const RUN_FLAGS = {
   threshold: { type: 'string' },
   eviction: { type: 'string' },
   interval: { type: 'string' },
+  'wp-interval': { type: 'string' },
+  prefetch: { type: 'string' },
   compare: { type: 'boolean' },
   out: { type: 'string' },
   json: { type: 'boolean' },
@@ -326,14 +335,16 @@ async function parseRun<F extends Flags>(command: string, args: string[], extra:
   const resident = values.resident === undefined ? undefined : size('resident', values.resident, 0);
   const deviceMemory = size('device-memory', values['device-memory'], 64 << 20);
   const threshold = size('threshold', values.threshold, 1 << 20);
-  const eviction = choice('eviction', ['fifo'] as const, command)(values.eviction ?? 'fifo');
+  const eviction = choice('eviction', ['fifo', 'clock'] as const, command)(values.eviction ?? 'fifo');
   const intervalMs = values.interval === undefined ? 10 : count('interval', 1000, command)(values.interval);
+  const wpIntervalMs = values['wp-interval'] === undefined ? 1000 : count('wp-interval', 60000, command, 0)(values['wp-interval']);
+  const prefetch = values.prefetch === undefined ? 0 : count('prefetch', 512, command, 0)(values.prefetch);
   const run = await import('./run.js');
   const program = run.resolveProgram(argv[0]!);
   if (!program) throw Object.assign(new Error(`${argv[0]}: no such executable (looked in PATH)`), { code: 'ENOENT' });
   const refused = run.refusal(program);
   if (refused) throw Object.assign(new Error(`refused: ${refused}`), { code: 'ERR_PAGEMIRROR_NOT_ATTACHABLE' });
-  const options = { program, args: argv.slice(1), resident, deviceMemory, threshold, eviction, intervalMs, compare: values.compare === true };
+  const options = { program, args: argv.slice(1), resident, deviceMemory, threshold, eviction, intervalMs, wpIntervalMs, prefetch, compare: values.compare === true };
   return { help: false as const, values, options, run };
 }
 
@@ -371,7 +382,8 @@ nothing was attached or recorded.
 options:
   --out FILE              the trace file (default record-<time>.pmtrace)
   --sample-interval MS    sample written pages every MS ms, 0 for none (0-3600000, default 100)
-  --resident, --device-memory, --threshold, --eviction, --interval, --compare, --json: as for run
+  --resident, --device-memory, --threshold, --eviction, --interval, --wp-interval, --prefetch,
+  --compare, --json: as for run
   -h, --help              this text
 
 ${EXIT_CODES}

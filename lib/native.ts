@@ -515,7 +515,10 @@ export interface NativeRemoteRange {
 export interface NativeRemoteClient {
   info(): { id: number; pid: number; uid: number; gid: number; fd: number; features: bigint; poolPages: number; poolHeld: number; ranges: NativeRemoteRange[] };
   evict(address: bigint, length: number): number;
-  counters(): { evicted: number; restored: number; restoredOnRelease: number; zeroFilled: number; continued: number; unprotected: number; retried: number };
+  writeProtect(address: bigint, length: number): number;
+  configure(prefetch: number, protectReads: boolean): void;
+  takeTouches(): BigUint64Array;
+  counters(): { evicted: number; restored: number; restoredOnRelease: number; zeroFilled: number; continued: number; unprotected: number; retried: number; prefetched: number; protectedPages: number; touchesDropped: number };
   release(): void;
   setRecorder(recorder: NativeTraceRecorder | null): void;
 }

@@ -24,9 +24,31 @@ export interface RunOptions {
   deviceMemory: number;
   /** Attach anonymous mappings and malloc blocks of at least this many bytes. */
   threshold: number;
-  eviction: 'fifo';
+  /**
+   * Which host-resident pages go to device memory first. 'fifo': in the order they were first seen
+   * resident. 'clock': second chance, the reference bit being any fault the page took since the hand
+   * last passed (a refault from the pool, a missing or minor fault, a WP fault of a round): reads of
+   * a page already mapped are invisible to the server, so clock sees first touches, refaults and
+   * (with write-protect rounds) writes only.
+   */
+  eviction: 'fifo' | 'clock';
   /** How often the resident set is sampled (and the limit enforced), ms. */
   intervalMs: number;
+  /**
+   * Every this many ms, a write-protect round: the server write-protects every host-resident page
+   * of every attached range, and each page's next write is a WP fault, resolved natively and counted
+   * as a page written in that interval (`writes` in the result). 0: no rounds. Each round costs a
+   * UFFDIO_WRITEPROTECT per run of resident pages and then a WP fault (a round trip to the server)
+   * per page written again, so short intervals slow a program that writes a large working set.
+   * @default 1000
+   */
+  wpIntervalMs?: number;
+  /**
+   * When a CPU fault brings a page back from device memory, also bring back those of the next
+   * `prefetch` pages of the same range that are there (migrations to host with trigger 'prefetch').
+   * @default 0
+   */
+  prefetch?: number;
   compare: boolean;
   /**
    * Record a page-access trace of each attached process (RemoteClient.record: recordTrace tapping
@@ -108,14 +130,47 @@ export interface RunResult {
   faults: { total: number; missingZero: number; missingFromDevice: number; minor: number; wp: number; retried: number; fallback: number; other: number };
   migrations: {
     toDevice: { total: number; residentLimit: number };
-    toHost: { total: number; cpuFault: number; release: number };
+    /** cpuFault: one per fault; prefetch: pages that came back with such a fault (RunOptions.prefetch). */
+    toHost: { total: number; cpuFault: number; prefetch: number; release: number };
   };
-  /** Pages written after the server write-protected them (WP faults): the pages dirtied under it. */
-  pagesDirtied: number;
+  /** The eviction policy and what its hand did (the same counters for fifo and clock). */
+  eviction: {
+    policy: 'fifo' | 'clock';
+    /** Pages the hand passed over because they had faulted since it last passed (always 0 for fifo). */
+    secondChances: number;
+    /** Resident pages the hand looked at. */
+    examined: number;
+  };
+  /**
+   * Pages written, measured by write-protect rounds (RunOptions.wpIntervalMs): a page counts as
+   * written in an interval when it took a WP fault then, or a missing or minor fault flagged as a
+   * write. With rounds, a page faulted in by a read comes in write-protected (RemoteClient.configure
+   * writeProtectReads), so its first write is seen too.
+   */
+  writes: {
+    /** 'wp-rounds', or 'none' with wpIntervalMs 0 (then only faults flagged as writes are counted). */
+    method: 'wp-rounds' | 'none';
+    intervalMs: number;
+    rounds: number;
+    /** Wall time spent in the rounds (reading pagemap, UFFDIO_WRITEPROTECT), ms. */
+    roundMs: number;
+    /** Pages write-protected over all rounds. */
+    protectedPages: number;
+    /** WP faults taken (rounds' and those hitting an eviction's protection): the cost on the program's side. */
+    wpFaults: number;
+    /** Distinct pages ever seen written. */
+    distinctPages: number;
+    /** Pages written in each interval, ending at `ms` (time since start). */
+    perInterval: { ms: number; pages: number }[];
+    /** Entries of the server's touch log lost between two drains (0 unless faults outran the sampling). */
+    lost: number;
+    /** Runs of pages a round could not protect: the program had let go of the range since the pagemap read. */
+    raced: number;
+  };
   residentLimitPages?: number;
   peakResidentPages: number;
   poolFull: number;
-  /** Evictions that found the page's range gone (released by the program since the sample). */
+  /** Evictions that found the page's range gone (released by the program since the sample, or the process exiting: ESRCH). */
   evictRaced: number;
   samples: { ms: number; residentPages: number; devicePages: number }[];
   ranges: RangeReport[];
@@ -135,6 +190,18 @@ function presentPages(fd: number, address: bigint, length: number, buf: Buffer):
   return out;
 }
 
+/** Ascending page addresses as runs [first address, pages]. */
+function runsOf(pages: bigint[]): [bigint, number][] {
+  const out: [bigint, number][] = [];
+  const page = BigInt(PAGE);
+  for (const a of pages) {
+    const last = out[out.length - 1];
+    if (last && last[0] + BigInt(last[1]) * page === a) last[1]++;
+    else out.push([a, 1]);
+  }
+  return out;
+}
+
 /** Runs the program attached and returns what happened; stdio is the caller's. */
 export async function runAttached(o: RunOptions): Promise<RunResult> {
   const { FaultServer } = await import('./server.js');
@@ -145,8 +212,34 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   const notes: string[] = [];
   const pagemaps = new Map<number, number>();
   const rangeInfo = new Map<string, RangeReport>();
-  // Host-resident pages, oldest first (FIFO): key "client id:address".
-  const fifo = new Map<string, { c: RemoteClient; a: bigint; r: RangeReport }>();
+  // Host-resident pages in the hand's order (fifo: oldest first; clock: the ring, the hand at the
+  // front, a second chance moving a page to the back): key "client id:address".
+  const queue = new Map<string, { c: RemoteClient; a: bigint; r: RangeReport }>();
+  // Clock's reference bits: pages that faulted since the hand last passed them.
+  const referenced = new Set<string>();
+  let secondChances = 0;
+  let examined = 0;
+  const wpIntervalMs = o.wpIntervalMs ?? 1000;
+  const writtenNow = new Set<string>();
+  const writtenEver = new Set<string>();
+  const perInterval: RunResult['writes']['perInterval'] = [];
+  let rounds = 0;
+  let roundNs = 0n;
+  let roundRaced = 0;
+  // The server's touch log: what each client's faults say about its accesses.
+  const drain = (c: RemoteClient) => {
+    let touches;
+    try {
+      touches = c.takeTouches();
+    } catch {
+      return;
+    }
+    for (const t of touches) {
+      const k = `${c.id}:${t.address}`;
+      if (!t.prefetch) referenced.add(k);
+      if (t.write) writtenNow.add(k);
+    }
+  };
   const samples: RunResult['samples'] = [];
   let peak = 0;
   let evictedByLimit = 0;
@@ -199,6 +292,9 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     },
     onClient: (c) => {
       c.ranges.forEach((r) => rangeOf(c, r));
+      // With rounds, a page faulted in by a read comes in write-protected: a write after it, in the
+      // same interval, is then a WP fault too and is counted.
+      if (o.prefetch || wpIntervalMs) c.configure({ prefetch: o.prefetch ?? 0, writeProtectReads: wpIntervalMs > 0 });
       try {
         pagemaps.set(c.id, fs.openSync(`/proc/${c.pid}/pagemap`, 'r'));
       } catch (err) {
@@ -206,11 +302,12 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
       }
     },
     onClientExit: (c) => {
+      drain(c);
       stopRecording(c.id);
       const fd = pagemaps.get(c.id);
       if (fd !== undefined) fs.closeSync(fd);
       pagemaps.delete(c.id);
-      for (const [k, v] of fifo) if (v.c === c) fifo.delete(k);
+      for (const [k, v] of queue) if (v.c === c) queue.delete(k);
     },
   });
   const shutdown = async () => {
@@ -240,17 +337,28 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
         for (const a of pages) {
           const k = `${c.id}:${a}`;
           seen.add(k);
-          if (!fifo.has(k) && r.shared) fifo.set(k, { c, a, r: info });
+          if (!queue.has(k) && r.shared) queue.set(k, { c, a, r: info });
         }
       }
+      drain(c);
     }
-    for (const k of fifo.keys()) if (!seen.has(k)) fifo.delete(k);
+    for (const k of queue.keys()) if (!seen.has(k)) queue.delete(k);
     peak = Math.max(peak, resident);
     if (limit !== undefined && resident > limit) {
       let excess = resident - limit;
-      for (const [k, v] of fifo) {
-        if (excess <= 0) break;
-        fifo.delete(k);
+      // Clock goes round at most twice: by then every bit it found set is clear.
+      let budget = 2 * queue.size;
+      for (const [k, v] of queue) {
+        if (excess <= 0 || budget-- <= 0) break;
+        examined++;
+        if (o.eviction === 'clock' && referenced.delete(k)) {
+          queue.delete(k);
+          queue.set(k, v); // visited again by this loop, after the rest of the ring
+          secondChances++;
+          continue;
+        }
+        queue.delete(k);
+        referenced.delete(k);
         try {
           const n = v.c.evict(v.a, PAGE);
           evictedByLimit += n;
@@ -263,7 +371,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
             break;
           }
           // The program let go of the range since the sample (freed, unmapped): nothing to migrate.
-          if (code === 'EINVAL' || code === 'ERR_PAGEMIRROR_CLOSED') evictRaced++;
+          if (code === 'EINVAL' || code === 'ESRCH' || code === 'ERR_PAGEMIRROR_CLOSED') evictRaced++;
           else if (!notes.includes(`evict failed: ${(err as Error).message}`)) notes.push(`evict failed: ${(err as Error).message}`);
         }
       }
@@ -278,8 +386,44 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     PAGEMIRROR_THRESHOLD: String(o.threshold),
     PAGEMIRROR_POOL_PAGES: String(o.deviceMemory / PAGE),
   };
+  // A write-protect round: closes the interval (its written pages) and protects every host-resident
+  // page again, so each page's next write is a WP fault of the next interval.
+  const round = () => {
+    const t0 = process.hrtime.bigint();
+    for (const c of server.clients) drain(c);
+    perInterval.push({ ms: Number(t0 - started) / 1e6, pages: writtenNow.size });
+    for (const k of writtenNow) writtenEver.add(k);
+    writtenNow.clear();
+    for (const c of server.clients) {
+      const fd = pagemaps.get(c.id);
+      if (fd === undefined) continue;
+      for (const r of c.ranges) {
+        if (!r.shared || !r.modes.includes('wp')) continue;
+        let pages: bigint[];
+        try {
+          pages = presentPages(fd, r.address, r.length, buf);
+        } catch {
+          continue; // the process is exiting
+        }
+        for (const [start, n] of runsOf(pages)) {
+          try {
+            c.writeProtect(start, n * PAGE);
+          } catch (err) {
+            const code = (err as { code?: string }).code;
+            // The program let go of the range (or part of it) since the pagemap read.
+            if (code === 'EINVAL' || code === 'ENOENT' || code === 'ESRCH' || code === 'ERR_PAGEMIRROR_CLOSED') roundRaced++;
+            else if (!notes.includes(`write-protect round failed: ${(err as Error).message}`)) notes.push(`write-protect round failed: ${(err as Error).message}`);
+            break;
+          }
+        }
+      }
+    }
+    rounds++;
+    roundNs += process.hrtime.bigint() - t0;
+  };
   let exit: { code: number; signal?: string };
   const timer = setInterval(sample, o.intervalMs);
+  const wpTimer = wpIntervalMs ? setInterval(round, wpIntervalMs) : undefined;
   try {
     exit = await new Promise((resolve, reject) => {
       const child = spawn(o.program, o.args, { stdio: 'inherit', env });
@@ -293,11 +437,15 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     throw err;
   } finally {
     clearInterval(timer);
+    clearInterval(wpTimer);
   }
   const wallMs = Number(process.hrtime.bigint() - started) / 1e6;
   // The last clients' exits arrive from the server's I/O thread: wait for them briefly.
   for (let i = 0; i < 200 && server.clients.length; i++) await new Promise((r) => setTimeout(r, 10));
   await shutdown();
+  // The last interval: what the exits' drains added since the last round.
+  if (writtenNow.size || !perInterval.length) perInterval.push({ ms: Number(process.hrtime.bigint() - started) / 1e6, pages: writtenNow.size });
+  for (const k of writtenNow) writtenEver.add(k);
   const all = [...server.exited];
   const sum = (f: (c: RemoteClient) => number) => all.reduce((n, c) => n + f(c), 0);
   const restored = sum((c) => c.counters().restored);
@@ -308,7 +456,8 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   const wp = sum((c) => c.counters().unprotected);
   const retried = sum((c) => c.counters().retried);
   const fallback = sum((c) => c.stats().forwarded);
-  const cpuFault = restored - release;
+  const prefetched = sum((c) => c.counters().prefetched);
+  const cpuFault = restored - release - prefetched;
   let wallMsWithoutShim: number | undefined;
   if (o.compare) {
     const t0 = process.hrtime.bigint();
@@ -330,8 +479,20 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     processes: all.length,
     attachedBytes: [...rangeInfo.values()].reduce((n, r) => n + r.bytes, 0),
     faults: { total, missingZero, missingFromDevice: cpuFault, minor, wp, retried, fallback, other: total - missingZero - cpuFault - minor - wp - retried - fallback },
-    migrations: { toDevice: { total: sum((c) => c.counters().evicted), residentLimit: evictedByLimit }, toHost: { total: restored, cpuFault, release } },
-    pagesDirtied: wp,
+    migrations: { toDevice: { total: sum((c) => c.counters().evicted), residentLimit: evictedByLimit }, toHost: { total: restored, cpuFault, prefetch: prefetched, release } },
+    eviction: { policy: o.eviction, secondChances, examined },
+    writes: {
+      method: wpIntervalMs ? 'wp-rounds' : 'none',
+      intervalMs: wpIntervalMs,
+      rounds,
+      roundMs: Number(roundNs) / 1e6,
+      protectedPages: sum((c) => c.counters().protectedPages),
+      wpFaults: wp,
+      distinctPages: writtenEver.size,
+      perInterval,
+      lost: sum((c) => c.counters().touchesDropped),
+      raced: roundRaced,
+    },
     ...(limit !== undefined ? { residentLimitPages: limit } : {}),
     peakResidentPages: peak,
     poolFull,
@@ -353,8 +514,10 @@ export function formatRun(r: RunResult, command: string): string {
     `pagemirror ${command}: ${path.basename(r.program)} exited ${r.signal ? `on ${r.signal}` : r.exitCode} after ${r.wallMs.toFixed(0)} ms${r.wallMsWithoutShim !== undefined ? ` (${r.wallMsWithoutShim.toFixed(0)} ms without the shim)` : ''}`,
     `  attached: ${r.processes} process(es), ${r.ranges.length} range(s), ${mib(r.attachedBytes / r.pageSize)}; peak resident ${mib(r.peakResidentPages)}${r.residentLimitPages !== undefined ? ` (limit ${mib(r.residentLimitPages)})` : ''}`,
     `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; before their rule ${r.faults.fallback}; other ${r.faults.other})`,
-    `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, release ${r.migrations.toHost.release})`,
-    `  pages dirtied under write protection (WP faults): ${r.pagesDirtied}${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
+    `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}, eviction ${r.eviction.policy}: ${r.eviction.examined} examined, ${r.eviction.secondChances} second chances); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, prefetch ${r.migrations.toHost.prefetch}, release ${r.migrations.toHost.release})${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
+    r.writes.method === 'wp-rounds'
+      ? `  pages written: ${r.writes.distinctPages} distinct; per ${r.writes.intervalMs} ms interval max ${Math.max(0, ...r.writes.perInterval.map((w) => w.pages))}; cost: ${r.writes.rounds} write-protect rounds (${r.writes.protectedPages} pages protected, ${r.writes.roundMs.toFixed(1)} ms), ${r.writes.wpFaults} WP faults`
+      : `  pages written: ${r.writes.distinctPages} distinct, seen by faults flagged as writes only (no write-protect rounds)`,
     ...r.notes.map((n) => `  note: ${n}`),
   ].join('\n') + '\n';
 }
@@ -381,6 +544,13 @@ export function writeRunReport(dir: string, r: RunResult, version: string): { js
           ],
           { linearX: true },
         ),
+        lineChartSvg(
+          r.writes.method === 'wp-rounds' ? `Pages written per ${r.writes.intervalMs} ms (write-protect rounds)` : 'Pages written (faults flagged as writes; no write-protect rounds)',
+          'ms',
+          'pages',
+          [{ name: 'pages written in the interval', points: r.writes.perInterval.map((w) => ({ x: w.ms, y: w.pages })) }],
+          { linearX: true },
+        ),
       ],
       table: {
         columns: ['what', 'pages'],
@@ -389,10 +559,17 @@ export function writeRunReport(dir: string, r: RunResult, version: string): { js
           ['missing, zero-filled', r.faults.missingZero],
           ['missing, from device (migration to host, trigger: cpu fault)', r.faults.missingFromDevice],
           ['minor', r.faults.minor],
-          ['write-protect (pages dirtied under protection)', r.faults.wp],
+          ['write-protect (rounds and evictions)', r.faults.wp],
           ['retried', r.faults.retried],
-          ['migrated to device (trigger: resident limit)', r.migrations.toDevice.residentLimit],
+          [`migrated to device (trigger: resident limit, eviction ${r.eviction.policy})`, r.migrations.toDevice.residentLimit],
+          ['  resident pages the hand examined', r.eviction.examined],
+          ['  second chances (clock)', r.eviction.secondChances],
+          ['migrated to host (trigger: prefetch)', r.migrations.toHost.prefetch],
           ['migrated to host on release (munmap, mremap, madvise, fork, free)', r.migrations.toHost.release],
+          ['distinct pages written', r.writes.distinctPages],
+          [`write-protect rounds (every ${r.writes.intervalMs} ms)`, r.writes.rounds],
+          ['  pages write-protected', r.writes.protectedPages],
+          ['  time in rounds, ms', r.writes.roundMs.toFixed(1)],
         ].map(([k, v]) => [String(k), String(v)]),
       },
     },

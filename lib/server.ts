@@ -5,7 +5,7 @@
 import { native, type NativeFaultServer, type NativeRemoteClient, type NativeServerEvent } from './native.js';
 import { REGISTER_MODES, type RegisterMode } from './constants.js';
 import { checkInteger, checkOneOf, stateError, typeError } from './errors.js';
-import { checkFunction, checkOptions, checkString, checkU64 } from './validate.js';
+import { checkBoolean, checkFunction, checkOptions, checkString, checkU64 } from './validate.js';
 import { Userfaultfd, setRemoteHandlerRules, type Fault, type ServiceStats } from './uffd.js';
 import { recordTrace, recorderNative, type RecordTraceOptions, type TraceRecorder } from './trace.js';
 
@@ -65,6 +65,12 @@ export interface RemoteClientCounters {
   restored: number;
   /** Of those, pages brought back because the client took their range back (UNREGISTER). */
   restoredOnRelease: number;
+  /** Of those, pages brought back along with a faulting page before them ({@link RemoteClient.setPrefetch}). */
+  prefetched: number;
+  /** Pages write-protected by {@link RemoteClient.writeProtect}. */
+  protectedPages: number;
+  /** Resolved faults the touch log had no room for ({@link RemoteClient.takeTouches} was not called often enough). */
+  touchesDropped: number;
   /** Missing faults the default policy resolved with a zero page. */
   zeroFilled: number;
   /** Minor faults continued. */
@@ -77,6 +83,38 @@ export interface RemoteClientCounters {
   poolPages: number;
   poolHeld: number;
 }
+
+/** Options of {@link RemoteClient.configure}. */
+export interface RemoteClientPolicy {
+  /**
+   * When a fault brings a page back from the pool, also bring back those of the next `prefetch`
+   * pages of the same range that are in the pool (one UFFDIO_COPY each, in the same fault's round
+   * trip, before the faulting thread is woken). Counted in `restored` and `prefetched`. 0..65536.
+   * @default 0
+   */
+  prefetch?: number;
+  /**
+   * A read fault (missing or minor) maps its page write-protected, in ranges registered for WP, and
+   * so do prefetched pages: a write after it is a WP fault too, so write tracking by
+   * {@link RemoteClient.writeProtect} rounds misses no page that was read, then written. Costs a WP
+   * fault per such page (and a zero page is copied rather than mapped). @default false
+   */
+  writeProtectReads?: boolean;
+}
+
+/** One entry of {@link RemoteClient.takeTouches}. */
+export interface RemoteTouch {
+  /** The page (its first address, in the client). */
+  address: bigint;
+  /** How it was resolved: 'zero' (missing, zero page), 'pool' (missing, copied back from the pool), 'minor' (continued), 'wp' (protection lifted). */
+  kind: 'zero' | 'pool' | 'minor' | 'wp';
+  /** The access was a write (always so for 'wp'). */
+  write: boolean;
+  /** Not a fault: brought back from the pool with the fault on a page before it. */
+  prefetch: boolean;
+}
+
+const TOUCH_KINDS = ['zero', 'pool', 'minor', 'wp'] as const;
 
 /** Counters of the server's socket side ({@link FaultServer.stats}). */
 export interface FaultServerStats {
@@ -205,6 +243,53 @@ export class RemoteClient {
       throw err;
     }
     return rec;
+  }
+
+  /**
+   * Write-protects the client's pages in [address, address + length) (UFFDIO_WRITEPROTECT on its
+   * userfaultfd, which acts on the client's address space): the next write to each page is a WP
+   * fault, which the default policy lifts and logs as a write ({@link RemoteClient.takeTouches}).
+   * Protect only pages the client has mapped (an unmapped page would keep a protection marker that
+   * nothing needs). Returns the pages protected.
+   * @throws the same errors as {@link RemoteClient.evict} but ENOSPC; SystemError ENOENT (the
+   *   client unmapped part of the range).
+   */
+  writeProtect(address: bigint, length: number): number {
+    checkU64('address', address);
+    checkInteger('length', length, 1);
+    if (address % BigInt(PAGE) !== 0n || length % PAGE !== 0) throw rangeErrorUnaligned(address, length);
+    if (this.#closed) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the client is gone');
+    return this.#n.writeProtect(address, length);
+  }
+
+  /**
+   * Tunes the default policy for this client (each call sets every option: an omitted one goes back
+   * to its default).
+   * @throws TypeError ERR_INVALID_ARG_TYPE, RangeError ERR_OUT_OF_RANGE (before anything changes)
+   */
+  configure(options: RemoteClientPolicy): void {
+    const o = checkOptions('options', options);
+    const prefetch = checkInteger('prefetch', o.prefetch ?? 0, 0, 65536);
+    const protectReads = checkBoolean('writeProtectReads', o.writeProtectReads, false);
+    if (this.#closed) return;
+    this.#n.configure(prefetch, protectReads);
+  }
+
+  /**
+   * The touch log: each fault the default policy resolved, and each page it prefetched, since the
+   * last call (oldest first; at most 65536 between calls, the rest counted in `touchesDropped`).
+   * What the server can see of the client's accesses: a read of a page already mapped is not here.
+   */
+  takeTouches(): RemoteTouch[] {
+    const raw = this.#n.takeTouches();
+    const page = BigInt(PAGE);
+    const out: RemoteTouch[] = new Array(raw.length);
+    for (let i = 0; i < raw.length; i++) {
+      const v = raw[i]!;
+      const k = Number((v >> 1n) & 3n);
+      out[i] = { address: v - (v % page), kind: TOUCH_KINDS[k]!, write: (v & 1n) === 1n, prefetch: (v & 8n) === 8n };
+    }
+    return out;
   }
 
   /** What the server did to this client's pages; kept after the client exits. */

@@ -2,6 +2,7 @@
 #include "trace.h"
 
 #include <cerrno>
+#include <cstring>
 
 #include "addon.h"
 #include "args.h"
@@ -32,6 +33,9 @@ Napi::Function RemoteClientWrap::Init(Napi::Env env) {
                                  {
                                      InstanceMethod<&RemoteClientWrap::Info>("info"),
                                      InstanceMethod<&RemoteClientWrap::Evict>("evict"),
+                                     InstanceMethod<&RemoteClientWrap::WriteProtect>("writeProtect"),
+                                     InstanceMethod<&RemoteClientWrap::Configure>("configure"),
+                                     InstanceMethod<&RemoteClientWrap::TakeTouches>("takeTouches"),
                                      InstanceMethod<&RemoteClientWrap::Counters>("counters"),
                                      InstanceMethod<&RemoteClientWrap::Release>("release"),
                                      InstanceMethod<&RemoteClientWrap::SetRecorder>("setRecorder"),
@@ -82,21 +86,56 @@ Napi::Value RemoteClientWrap::Info(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// evict(address: bigint, length): pages taken to the pool.
-Napi::Value RemoteClientWrap::Evict(const Napi::CallbackInfo& info) {
+namespace {
+
+// A span operation on the client's pages (evict, writeProtect): (address, length) in, pages out.
+// The hints name what the caller can fix for EINVAL and for the operation's own other errno.
+Napi::Value SpanCall(const Napi::CallbackInfo& info, const char* syscall, int (engine::RemoteClient::*op)(uint64_t, uint64_t, uint64_t*),
+                     engine::RemoteClient& client, const char* einval_hint, int other, const char* other_hint) {
   Napi::Env env = info.Env();
   const uint64_t addr = ToU64(info[0], "address");
   const uint64_t len = ToU64(info[1], "length");
   uint64_t pages = 0;
-  int rc = client->evict(addr, len, &pages);
+  int rc = (client.*op)(addr, len, &pages);
   if (rc == -ESHUTDOWN) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the client is gone");
-  if (rc) {
-    const char* hint = rc == -EINVAL ? "only page-aligned ranges inside the client's shared ranges registered for WP can be evicted"
-                       : rc == -ENOSPC ? "the client's pool is full (or it shared none): it holds every page it can"
-                                       : nullptr;
-    ThrowSystemError(env, rc, "evict", {nullptr, hint, -1, addr});
-  }
+  if (rc) ThrowSystemError(env, rc, syscall, {nullptr, rc == -EINVAL ? einval_hint : rc == other ? other_hint : nullptr, -1, addr});
   return Napi::Number::New(env, static_cast<double>(pages));
+}
+
+}  // namespace
+
+// evict(address: bigint, length): pages taken to the pool.
+Napi::Value RemoteClientWrap::Evict(const Napi::CallbackInfo& info) {
+  return SpanCall(info, "evict", &engine::RemoteClient::evict, *client,
+                  "only page-aligned ranges inside the client's shared ranges registered for WP can be evicted", -ENOSPC,
+                  "the client's pool is full (or it shared none): it holds every page it can");
+}
+
+// writeProtect(address: bigint, length): pages write-protected.
+Napi::Value RemoteClientWrap::WriteProtect(const Napi::CallbackInfo& info) {
+  return SpanCall(info, "writeProtect", &engine::RemoteClient::write_protect, *client,
+                  "only page-aligned ranges inside the client's shared ranges registered for WP can be write-protected", -ENOENT,
+                  "the client unmapped part of the range");
+}
+
+// configure(prefetch, protectReads).
+Napi::Value RemoteClientWrap::Configure(const Napi::CallbackInfo& info) {
+  const uint64_t pages = ToU64(info[0], "prefetch");
+  if (pages > UINT32_MAX) throw CodedRangeError(info.Env(), "ERR_OUT_OF_RANGE", "prefetch must be 0..2^32-1");
+  client->configure(static_cast<uint32_t>(pages), info[1].ToBoolean().Value());
+  return info.Env().Undefined();
+}
+
+// takeTouches(): BigUint64Array of page address | kind bits (engine::RemoteClient::Touch).
+Napi::Value RemoteClientWrap::TakeTouches(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<uint64_t> t;
+  client->take_touches(&t);
+  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, t.size() * sizeof(uint64_t));
+  if (!t.empty()) std::memcpy(ab.Data(), t.data(), t.size() * sizeof(uint64_t));
+  napi_value out;
+  napi_create_typedarray(env, napi_biguint64_array, t.size(), ab, 0, &out);
+  return Napi::Value(env, out);
 }
 
 Napi::Value RemoteClientWrap::Counters(const Napi::CallbackInfo& info) {
@@ -110,6 +149,9 @@ Napi::Value RemoteClientWrap::Counters(const Napi::CallbackInfo& info) {
   o.Set("continued", static_cast<double>(c.continued));
   o.Set("unprotected", static_cast<double>(c.unprotected));
   o.Set("retried", static_cast<double>(c.retried));
+  o.Set("prefetched", static_cast<double>(c.prefetched));
+  o.Set("protectedPages", static_cast<double>(c.protected_pages));
+  o.Set("touchesDropped", static_cast<double>(c.touches_dropped));
   return o;
 }
 

@@ -21,6 +21,9 @@ class RemoteClientWrap : public Napi::ObjectWrap<RemoteClientWrap> {
  private:
   Napi::Value Info(const Napi::CallbackInfo& info);
   Napi::Value Evict(const Napi::CallbackInfo& info);
+  Napi::Value WriteProtect(const Napi::CallbackInfo& info);
+  Napi::Value Configure(const Napi::CallbackInfo& info);
+  Napi::Value TakeTouches(const Napi::CallbackInfo& info);
   Napi::Value Counters(const Napi::CallbackInfo& info);
   Napi::Value Release(const Napi::CallbackInfo& info);
   // setRecorder(recorder | null): the recorder's ranges follow the client's registrations.

@@ -401,6 +401,35 @@ static void uffd_unregister(struct pm_client *c, uint64_t addr, uint64_t len) {
   ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
 }
 
+/* A memfd of bytes, sealed against resizing (the server maps and punches it). */
+static int make_memfd(uint64_t bytes, int *out) {
+  int fd = memfd_create("pagemirror-mem", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return -errno;
+  if (ftruncate(fd, (off_t)bytes) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
+    int e = -errno;
+    close(fd);
+    return e;
+  }
+  *out = fd;
+  return 0;
+}
+
+/* Registers shared memory [p, p + bytes) of memfd fd (MISSING | MINOR | WP as the kernel allows)
+ * and hands it to the server; the region keeps fd. Called with mu held. */
+static int attach_shared(struct pm_client *c, uint64_t p, uint64_t bytes, int fd) {
+  uint32_t modes = 0;
+  if (c->features & UFFD_FEATURE_MISSING_SHMEM) modes |= PM_MODE_MISSING;
+  if (c->features & UFFD_FEATURE_MINOR_SHMEM) modes |= PM_MODE_MINOR;
+  if ((c->features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) && (c->features & UFFD_FEATURE_PAGEFAULT_FLAG_WP)) modes |= PM_MODE_WP;
+  if (!(modes & PM_MODE_MISSING)) return -EOPNOTSUPP;
+  int rc = uffd_register(c, p, bytes, modes);
+  if (rc) return rc;
+  rc = register_range(c, p, bytes, modes, fd);
+  if (!rc) rc = add_region(c, (struct pm_region){p, bytes, modes, fd});
+  if (rc) uffd_unregister(c, p, bytes);
+  return rc;
+}
+
 int pm_alloc(pm_client *c, size_t len, unsigned flags, void **out) {
   if (!c || !out || len == 0 || flags) return -EINVAL;
   const uint64_t bytes = ((uint64_t)len + c->page - 1) & ~(c->page - 1);
@@ -409,30 +438,13 @@ int pm_alloc(pm_client *c, size_t len, unsigned flags, void **out) {
   int rc = atomic_load(&c->taken_over) ? -ENOTCONN : 0;
   int fd = -1;
   void *p = MAP_FAILED;
-  if (!rc) {
-    fd = memfd_create("pagemirror-mem", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (fd < 0) rc = -errno;
-  }
-  if (!rc && ftruncate(fd, (off_t)bytes) < 0) rc = -errno;
-  if (!rc && fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) rc = -errno;
+  if (!rc) rc = make_memfd(bytes, &fd);
   if (!rc) {
     p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) rc = -errno;
   }
-  uint32_t modes = 0;
-  if (c->features & UFFD_FEATURE_MISSING_SHMEM) modes |= PM_MODE_MISSING;
-  if (c->features & UFFD_FEATURE_MINOR_SHMEM) modes |= PM_MODE_MINOR;
-  if ((c->features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) && (c->features & UFFD_FEATURE_PAGEFAULT_FLAG_WP)) modes |= PM_MODE_WP;
-  if (!rc && !(modes & PM_MODE_MISSING)) rc = -EOPNOTSUPP;
-  int registered = 0;
-  if (!rc) {
-    rc = uffd_register(c, (uint64_t)p, bytes, modes);
-    registered = rc == 0;
-  }
-  if (!rc) rc = register_range(c, (uint64_t)p, bytes, modes, fd);
-  if (!rc) rc = add_region(c, (struct pm_region){(uint64_t)p, bytes, modes, fd});
+  if (!rc) rc = attach_shared(c, (uint64_t)p, bytes, fd);
   if (rc) {
-    if (registered) uffd_unregister(c, (uint64_t)p, bytes);
     if (p != MAP_FAILED) munmap(p, bytes);
     if (fd >= 0) close(fd);
   } else {
@@ -442,13 +454,49 @@ int pm_alloc(pm_client *c, size_t len, unsigned flags, void **out) {
   return rc;
 }
 
+/* Whether existing memory [a, a + len) may be handed over now (pm_attach, pm_adopt). Called with mu held. */
+static int check_new_range(struct pm_client *c, uint64_t a, uint64_t len) {
+  if (atomic_load(&c->taken_over)) return -ENOTCONN;
+  for (size_t i = 0; i < c->nregions; i++)
+    if (a < c->regions[i].addr + c->regions[i].len && c->regions[i].addr < a + len) return -EEXIST;
+  return 0;
+}
+
+int pm_adopt(pm_client *c, void *addr, size_t len) {
+  const uint64_t a = (uint64_t)addr;
+  if (!c || len == 0 || a % c->page || len % c->page) return -EINVAL;
+  pthread_mutex_lock(&c->mu);
+  int rc = check_new_range(c, a, len);
+  int fd = -1;
+  if (!rc) rc = make_memfd(len, &fd);
+  /* Only resident pages are copied: the others read as zeros, which the memfd's holes are too. */
+  unsigned char vec[256];
+  for (uint64_t off = 0; !rc && off < len; off += sizeof vec * c->page) {
+    const uint64_t n = len - off < sizeof vec * c->page ? len - off : sizeof vec * c->page;
+    if (mincore((void *)(a + off), n, vec) < 0) rc = -errno;
+    for (uint64_t k = 0; !rc && k < n / c->page; k++) {
+      if (!(vec[k] & 1)) continue;
+      const uint64_t o = off + k * c->page;
+      if (pwrite(fd, (void *)(a + o), c->page, (off_t)o) != (ssize_t)c->page) rc = errno ? -errno : -EIO;
+    }
+  }
+  if (!rc && mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) rc = -errno;
+  /* From here the range is the memfd's, with the same contents: if attaching fails it stays so,
+   * ordinary shared memory of this process only. */
+  if (!rc) {
+    rc = attach_shared(c, a, len, fd);
+    if (!rc) fd = -1;
+  }
+  if (fd >= 0) close(fd);
+  pthread_mutex_unlock(&c->mu);
+  return rc;
+}
+
 int pm_attach(pm_client *c, void *addr, size_t len) {
   const uint64_t a = (uint64_t)addr;
   if (!c || len == 0 || a % c->page || len % c->page) return -EINVAL;
   pthread_mutex_lock(&c->mu);
-  int rc = atomic_load(&c->taken_over) ? -ENOTCONN : 0;
-  for (size_t i = 0; !rc && i < c->nregions; i++)
-    if (a < c->regions[i].addr + c->regions[i].len && c->regions[i].addr < a + len) rc = -EEXIST;
+  int rc = check_new_range(c, a, len);
   int registered = 0;
   if (!rc) {
     rc = uffd_register(c, a, len, PM_MODE_MISSING);

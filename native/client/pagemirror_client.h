@@ -46,6 +46,15 @@ int pm_connect(const char *socket_path, uint32_t pool_pages, pm_client **out);
  * -EBUSY (already registered elsewhere). */
 int pm_alloc(pm_client *c, size_t len, unsigned flags, void **out);
 
+/* Turns existing private anonymous memory [addr, addr + len) into memory of pm_alloc, in place: its
+ * resident pages are copied into a new memfd, which is mapped shared over the range (MAP_FIXED)
+ * and handed to the server, so the server can migrate it. For memory this process alone writes
+ * meanwhile: a write by another thread between the copy and the mapping is lost. On an error after
+ * the mapping (-ENOTCONN, the server's refusal) the range keeps its contents as ordinary shared
+ * memory. Errors: -EINVAL (unaligned, zero), -EEXIST (overlaps an attached range), -ENOMEM, -EMFILE,
+ * -EOPNOTSUPP (no userfaultfd on shared memory here), those of pm_alloc's registration. */
+int pm_adopt(pm_client *c, void *addr, size_t len);
+
 /* Hands existing private anonymous memory [addr, addr + len) to the server (MISSING faults only:
  * the server cannot migrate private memory of another process). Errors: -EINVAL (unaligned, zero,
  * not anonymous private memory the kernel lets us register), -EBUSY (registered elsewhere),

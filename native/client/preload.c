@@ -12,7 +12,7 @@
  * copied into a private anonymous mapping moved over the range (privatise), and only then does the
  * program's call run on ordinary private memory. That covers munmap, mremap, madvise, mprotect and
  * fork (each attached range is released in the parent before the child is created, so the child gets
- * private copy-on-write memory as without the shim).
+ * private copy-on-write memory as without the shim; the parent attaches the ranges again after).
  *
  * Every real memory call goes straight to the kernel (syscall), so the wrappers need no dlsym (which
  * may malloc) and never recurse; the client library's own mmap calls come back here with the
@@ -283,23 +283,60 @@ void *realloc(void *p, size_t n) {
 
 
 /* fork: a child would share the memfd pages (and see holes where the server took pages away), so
- * each attached range becomes private anonymous memory first. The parent goes on unattached for
- * those ranges (new large mappings are attached again); the child never attaches. */
+ * each attached range becomes private anonymous memory first, and the child gets private
+ * copy-on-write memory as without the shim; the child never attaches. Once fork has returned, the
+ * parent hands the ranges back (pm_adopt: copied into a new memfd of its own, which the child never
+ * had), so a program that shells out keeps its memory on the device. */
+static struct {
+  uintptr_t addr;
+  size_t len;
+  int block;
+} forked[PM_SHIM_MAX_REGIONS];
+static size_t nforked;
+
 static void before_fork(void) {
   pthread_mutex_lock(&mu);
+  nforked = 0;
   /* release() removes a direct mapping's entry and keeps a malloc block's (unattached). */
   for (size_t i = 0; i < nregions;) {
-    if (!regions[i].attached) {
+    struct shim_region r = regions[i];
+    if (!r.attached) {
       i++;
     } else if (release(i, 1)) {
       say("fork: a range could not be taken back from the server; the child shares it", 0);
       i++;
+    } else {
+      forked[nforked].addr = r.addr;
+      forked[nforked].len = r.len;
+      forked[nforked++].block = r.block;
+      if (r.block) i++; /* kept in place; a direct mapping's slot now holds another entry */
     }
   }
 }
-static void after_fork_parent(void) { pthread_mutex_unlock(&mu); }
+
+static void after_fork_parent(void) {
+  for (size_t k = 0; k < nforked; k++) {
+    guard = 1;
+    int rc = pm_adopt(client, (void *)forked[k].addr, forked[k].len);
+    guard = 0;
+    if (rc) {
+      /* The range goes on as ordinary memory: correct, only no longer on the device. */
+      if (k == 0) say("fork: a range could not be handed back to the server after the fork", -rc);
+      continue;
+    }
+    if (!forked[k].block) {
+      regions[nregions++] = (struct shim_region){forked[k].addr, forked[k].len, 1, 0};
+      continue;
+    }
+    for (size_t i = 0; i < nregions; i++)
+      if (regions[i].block && regions[i].addr == forked[k].addr) regions[i].attached = 1;
+  }
+  nforked = 0;
+  pthread_mutex_unlock(&mu);
+}
 static void after_fork_child(void) {
   disabled = 1; /* released blocks stay listed: free() must still recognise them */
+  nforked = 0;
   pthread_mutex_unlock(&mu);
 }
 

@@ -43,6 +43,8 @@ bool aligned(uint64_t v, uint64_t page) { return v % page == 0; }
 
 RemoteClient::RemoteClient(uint64_t id_, int pid_, uint32_t uid_, uint32_t gid_) : id(id_), pid(pid_), uid(uid_), gid(gid_) {
   page_ = sys::page_size();
+  touches_.reserve(kTouchLogCapacity);
+  zero_page_.assign(page_, 0);
 }
 
 RemoteClient::~RemoteClient() { release(); }
@@ -130,6 +132,25 @@ const RemoteRange* RemoteClient::range_at(uint64_t addr) const {
   return nullptr;
 }
 
+void RemoteClient::log_touch(uint64_t entry) {
+  if (touches_.size() < kTouchLogCapacity) touches_.push_back(entry);
+  else counters_.touches_dropped++;
+}
+
+int RemoteClient::copy_back(int uffd, std::unordered_map<uint64_t, uint32_t>::iterator it, uint64_t mode) {
+  const uint32_t slot = it->second;
+  int64_t done = 0;
+  int rc = sys::uffd_copy(uffd, it->first, reinterpret_cast<uint64_t>(slots_ + slot * page_), page_, mode, &done);
+  // Present now (ours, or EEXIST: the memfd's page is current, pm_proto.h): the slot is free.
+  if (rc == 0 || rc == -EEXIST) {
+    __atomic_store_n(&table_[slot], 0, __ATOMIC_RELEASE);
+    held_.erase(it);
+    free_.push_back(slot);
+    counters_.restored++;
+  }
+  return rc;
+}
+
 int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t a = msg.address & ~(page_ - 1);
@@ -140,37 +161,89 @@ int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
     return 0;
   }
   *pages = 1;
+  const uint64_t write = (msg.flags & UFFD_PAGEFAULT_FLAG_WRITE) ? static_cast<uint64_t>(kTouchWrite) : 0;
+  // The range is needed only by the tunings (a scan of up to 1024 ranges per fault otherwise).
+  const RemoteRange* r = protect_reads_ || prefetch_ ? range_at(a) : nullptr;
+  const bool track = protect_reads_ && r && (r->modes & PM_MODE_WP);
+  const bool protect = track && !write;
   int64_t done = 0;
   int rc;
+  uint64_t kind;
   if (msg.flags & UFFD_PAGEFAULT_FLAG_WP) {
+    kind = kTouchWp | kTouchWrite;
     rc = sys::uffd_writeprotect(uffd, a, page_, 0);
     if (rc == 0) counters_.unprotected++;
   } else if (msg.flags & UFFD_PAGEFAULT_FLAG_MINOR) {
-    rc = sys::uffd_continue(uffd, a, page_, 0, &done);
+    kind = kTouchMinor | write;
+    rc = sys::uffd_continue(uffd, a, page_, protect ? UFFDIO_CONTINUE_MODE_WP : 0, &done);
     if (rc == 0) counters_.continued++;
   } else {
     auto it = held_.find(a);
     if (it != held_.end()) {
-      const uint32_t slot = it->second;
-      rc = sys::uffd_copy(uffd, a, reinterpret_cast<uint64_t>(slots_ + slot * page_), page_, 0, &done);
-      // Present now (ours, or EEXIST: the memfd's page is current, pm_proto.h): the slot is free.
-      if (rc == 0 || rc == -EEXIST) {
-        __atomic_store_n(&table_[slot], 0, __ATOMIC_RELEASE);
-        held_.erase(it);
-        free_.push_back(slot);
-        counters_.restored++;
+      kind = kTouchPool | write;
+      // The following pages first, without waking: the faulter, woken last, finds them present
+      // instead of faulting on each (the slots are scattered, so one UFFDIO_COPY each, but all in
+      // this one fault's round trip).
+      for (uint64_t k = 1; k <= prefetch_ && r && a + k * page_ < r->addr + r->len; k++) {
+        auto next = held_.find(a + k * page_);
+        if (next == held_.end()) continue;
+        const uint64_t b = next->first;
+        if (copy_back(uffd, next, UFFDIO_COPY_MODE_DONTWAKE | (track ? UFFDIO_COPY_MODE_WP : 0)) != 0) break;
+        counters_.prefetched++;
+        log_touch(b | kTouchPool | kTouchPrefetch);
       }
+      rc = copy_back(uffd, it, protect ? UFFDIO_COPY_MODE_WP : 0);
     } else {
-      rc = sys::uffd_zeropage(uffd, a, page_, 0, &done);
+      kind = kTouchZero | write;
+      // UFFDIO_ZEROPAGE has no WP mode: a read that must stay write-protected copies zeros instead.
+      rc = protect ? sys::uffd_copy(uffd, a, reinterpret_cast<uint64_t>(zero_page_.data()), page_, UFFDIO_COPY_MODE_WP, &done)
+                   : sys::uffd_zeropage(uffd, a, page_, 0, &done);
       if (rc == 0) counters_.zero_filled++;
     }
   }
   if (rc == -EAGAIN) return rc;  // an event is unread: the service retries after its next read
+  if (rc == 0) log_touch(a | kind);
   if (rc) {
     if (rc != -EEXIST) counters_.retried++;
     sys::uffd_wake(uffd, a, page_);
   }
   return 0;
+}
+
+int RemoteClient::check_wp_span(uint64_t addr, uint64_t len) const {
+  if (!aligned(addr, page_) || !aligned(len, page_) || len == 0 || addr + len < addr) return -EINVAL;
+  for (uint64_t a = addr; a < addr + len;) {
+    const RemoteRange* r = range_at(a);
+    if (!r || r->memfd < 0 || !(r->modes & PM_MODE_WP)) return -EINVAL;
+    a = r->addr + r->len;
+  }
+  return 0;
+}
+
+int RemoteClient::write_protect(uint64_t addr, uint64_t len, uint64_t* pages) {
+  std::lock_guard<std::mutex> lock(mu_);
+  *pages = 0;
+  if (released_) return -ESHUTDOWN;
+  if (int rc = check_wp_span(addr, len)) return rc;
+  // Under mu, so never inside an eviction's write-protect..unprotect of a page: a round cannot
+  // lift an eviction's protection, and an eviction's final unprotect only lifts a round's from a
+  // page that is a hole by then (its next access is a missing fault, not a write to track).
+  if (int rc = sys::uffd_writeprotect(uffd_, addr, len, UFFDIO_WRITEPROTECT_MODE_WP)) return rc;
+  *pages = len / page_;
+  counters_.protected_pages += *pages;
+  return 0;
+}
+
+void RemoteClient::configure(uint32_t prefetch, bool protect_reads) {
+  std::lock_guard<std::mutex> lock(mu_);
+  prefetch_ = prefetch;
+  protect_reads_ = protect_reads;
+}
+
+void RemoteClient::take_touches(std::vector<uint64_t>* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  out->assign(touches_.begin(), touches_.end());
+  touches_.clear();
 }
 
 int RemoteClient::evict(uint64_t addr, uint64_t len, uint64_t* pages) {
@@ -179,11 +252,7 @@ int RemoteClient::evict(uint64_t addr, uint64_t len, uint64_t* pages) {
   if (released_) return -ESHUTDOWN;
   if (!aligned(addr, page_) || !aligned(len, page_) || len == 0 || addr + len < addr) return -EINVAL;
   if (!pool_map_) return -ENOSPC;
-  for (uint64_t a = addr; a < addr + len;) {
-    const RemoteRange* r = range_at(a);
-    if (!r || r->memfd < 0 || !(r->modes & PM_MODE_WP)) return -EINVAL;
-    a = r->addr + r->len;
-  }
+  if (int rc = check_wp_span(addr, len)) return rc;
   for (uint64_t a = addr; a < addr + len; a += page_) {
     if (held_.count(a)) continue;
     const RemoteRange* r = range_at(a);

@@ -50,7 +50,22 @@ class RemoteClient : public sys::FaultHandler {
     uint64_t continued = 0;    // minor faults resolved with UFFDIO_CONTINUE
     uint64_t unprotected = 0;  // WP faults resolved by lifting the protection
     uint64_t retried = 0;      // resolves that failed and woke the faulter to fault again
+    uint64_t prefetched = 0;   // of restored: pages brought back with a fault on a page before them
+    uint64_t protected_pages = 0;  // pages write-protected by write_protect() (rounds)
+    uint64_t touches_dropped = 0;  // resolved faults the touch log had no room for
   };
+
+  // A resolved fault as the touch log keeps it: the page address with the kind in its low bits.
+  enum Touch : uint64_t {
+    kTouchWrite = 1,       // the access was a write (a WP fault, or a missing/minor fault flagged WRITE)
+    kTouchZero = 0 << 1,   // missing, zero-filled
+    kTouchPool = 1 << 1,   // missing, copied back from the pool
+    kTouchMinor = 2 << 1,  // minor, continued
+    kTouchWp = 3 << 1,     // write-protect, lifted
+    kTouchKindMask = 3 << 1,
+    kTouchPrefetch = 1 << 3,  // not a fault: brought back from the pool with the fault before it
+  };
+  static constexpr size_t kTouchLogCapacity = 1 << 16;
 
   // The default policy (a kHandler rule over the client's ranges): a missing page comes from the
   // pool when the server holds it there, else a zero page; a minor fault is continued; a WP fault
@@ -64,6 +79,21 @@ class RemoteClient : public sys::FaultHandler {
   // such ranges, unaligned), -ENOSPC (no pool, or full before the first page), -ESHUTDOWN
   // (released), and those of the ioctls and file calls.
   int evict(uint64_t addr, uint64_t len, uint64_t* pages);
+
+  // Write-protects [addr, addr + len) of the client (UFFDIO_WRITEPROTECT acts on the mm of the
+  // process that opened the userfaultfd, whoever calls it: fs/userfaultfd.c
+  // userfaultfd_writeprotect() takes ctx->mm). The next write to each page is a WP fault, which
+  // resolve() lifts and logs as a write: one round of pages-dirtied sampling. Same range rules and
+  // errors as evict(); serialized with it and with resolve() under mu.
+  int write_protect(uint64_t addr, uint64_t len, uint64_t* pages);
+
+  // prefetch: pages after a page brought back from the pool by a fault that come back with it (0:
+  // none). protect_reads: a read fault maps its page write-protected (in WP ranges), so a write
+  // after it is a WP fault too and write tracking (write_protect rounds) misses no write.
+  void configure(uint32_t prefetch, bool protect_reads);
+
+  // Moves the touch log (resolved faults and prefetches since the last call, oldest first) to *out.
+  void take_touches(std::vector<uint64_t>* out);
 
   // Stops touching the client's memory: closes the descriptors and unmaps the pool. Called before
   // the connection closes, so that the client's watchdog, which takes over at EOF, never races us.
@@ -87,6 +117,11 @@ class RemoteClient : public sys::FaultHandler {
   // I/O thread, under mu.
   int set_pool(int fd, uint64_t pages, uint64_t page);
   const RemoteRange* range_at(uint64_t addr) const;
+  // Checks that [addr, addr + len) lies in shared ranges registered for WP (evict, write_protect).
+  int check_wp_span(uint64_t addr, uint64_t len) const;
+  // Copies the pooled page at a back into the client (mode: UFFDIO_COPY's) and frees its slot.
+  int copy_back(int uffd, std::unordered_map<uint64_t, uint32_t>::iterator it, uint64_t mode);
+  void log_touch(uint64_t entry);
   // Writes pooled pages of the range back into its memfd (holes only) and frees their slots.
   void bring_home(const RemoteRange& r);
 
@@ -106,6 +141,10 @@ class RemoteClient : public sys::FaultHandler {
   std::unordered_map<uint64_t, uint32_t> held_; // client address -> slot
   Counters counters_;
   std::shared_ptr<TraceRecorder> recorder_;
+  uint32_t prefetch_ = 0;
+  bool protect_reads_ = false;
+  std::vector<char> zero_page_;  // the source of a zero page mapped write-protected
+  std::vector<uint64_t> touches_;  // reserved to kTouchLogCapacity: resolve never allocates
 };
 
 struct ServerEvent {

@@ -504,6 +504,9 @@ export function targets(lib, ctx) {
     // A client process (the C demo) of the worker's own server: its RemoteClient.
     ...[
       ['evict', [(r, c) => (r() < 0.6 ? { value: c.remoteAddress ?? 0n, kind: 'valid' } : bigintU64()(r)), int(LEN, FAR)]],
+      ['writeProtect', [(r, c) => (r() < 0.6 ? { value: c.remoteAddress ?? 0n, kind: 'valid' } : bigintU64()(r)), int(LEN, FAR)]],
+      ['configure', [options({ prefetch: int([0, 7, 65536], [-1, 65537, 2 ** 40], { optional: true }), writeProtectReads: bool() })]],
+      ['takeTouches', []],
       ['counters', []],
       ['stats', []],
       ['record', [options({ path: (r, c) => (r() < 0.7 ? { value: path.join(c.dir, 'client.pmtrace'), kind: 'valid' } : { value: ['', 'a\0b', 5, null][Math.floor(r() * 4)], kind: 'bad' }), sampleIntervalMs: int([0, 10], [-1], { optional: true }), ringCapacity: int([16], [0], { optional: true }) }, { optional: false, required: ['path'] })]],
@@ -574,7 +577,7 @@ export function nativeTargets(lib, ctx) {
     nUffd: ['info', 'api:1', 'register:4', 'unregister:3', 'copy:6', 'zeropage:4', 'continue:4', 'move:6', 'poison:4', 'writeProtect:4', 'wake:3', 'fallback:2', 'resolveMany:8', 'setRules:1', 'setTap:1', 'stats', 'outstanding', 'serve:5', 'reconfigure:4', 'ref', 'unref', 'close:1'],
     nDevice: ['mirror:6', 'counters', 'memory', 'drainTrace', 'release', 'close'],
     nServer: ['drop:1', 'stats', 'close'],
-    nRemote: ['info', 'evict:2', 'counters', 'release', 'setRecorder:1'],
+    nRemote: ['info', 'evict:2', 'writeProtect:2', 'configure:2', 'takeTouches', 'counters', 'release', 'setRecorder:1'],
     nMirror: ['run:1', 'read:2', 'write:2', 'entries:2', 'migrateToDevice:5', 'migrateToHost:2', 'snapshot:2', 'exclusiveCount:2', 'info', 'fileRead:2', 'fileWrite:2', 'writeback:3', 'fileStats', 'takeLease', 'acknowledgeLoss', 'replay:3', 'close'],
   };
   const out = fns.map(([name, arity, extra = {}]) =>
