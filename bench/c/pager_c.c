@@ -2,8 +2,8 @@
  * pager_c: a plain C user-space pager, the baseline of `pagemirror bench pager`.
  *
  * One userfaultfd, N fill threads reading it, pread + UFFDIO_COPY of one granule per fault, and,
- * with a resident limit, FIFO eviction: pwrite of the granule (write workloads) then
- * MADV_DONTNEED. No dirty tracking (every evicted granule of a write workload is written) and no
+ * with a resident limit, FIFO eviction in the pager's batches (an eighth of the limit): pwrite
+ * (write workloads) then MADV_DONTNEED, one call each per run of adjacent granules. No dirty tracking (every evicted granule of a write workload is written) and no
  * protection against a write racing the eviction: the floor of the work, not a safe pager. It
  * keeps the pager's progress rule (docs/pager.md, "Progress"), without which a limit smaller than
  * the threads' granules livelocks: the granule of a thread's last fault is not evicted until that
@@ -67,6 +67,7 @@ static uint64_t spin_ns;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static uint8_t *state;     /* 0 absent, 1 filling, 2 resident */
 static uint64_t *ring, ring_head, ring_len, resident, faults, evictions;
+static uint64_t *victims, batch;
 
 #define MAX_PINS 64
 static struct {
@@ -104,10 +105,18 @@ static int pinned(uint64_t g) {
 	return 0;
 }
 
-/* 1 if a granule was evicted, 0 if every resident one is pinned. */
-static int evict_one(void) {
+static int cmp_u64(const void *a, const void *b) {
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* Evicts up to `want` of the oldest resident granules, as the pager does: in one batch (an
+ * eighth of the limit), adjacent granules written and dropped with one pwrite and one madvise
+ * per run. Returns the granules evicted, 0 if every resident one is pinned. */
+static uint64_t evict_batch(uint64_t want) {
 	/* mu held */
-	for (uint64_t n = ring_len; n > 0; n--) {
+	uint64_t n = 0;
+	for (uint64_t left = ring_len; left > 0 && n < want; left--) {
 		uint64_t g = ring[ring_head];
 		ring_head = (ring_head + 1) % ngran;
 		ring_len--;
@@ -117,18 +126,24 @@ static int evict_one(void) {
 			ring_len++;
 			continue;
 		}
-		uint64_t off = g * granule;
-		if (writing && off < size) {
-			uint64_t len = size - off < granule ? size - off : granule;
-			if (pwrite(fd_file, base + off, len, (off_t)off) != (ssize_t)len) die("pwrite");
-		}
-		if (madvise(base + off, granule, MADV_DONTNEED)) die("madvise");
-		state[g] = 0;
-		resident--;
-		evictions++;
-		return 1;
+		victims[n++] = g;
 	}
-	return 0;
+	qsort(victims, n, sizeof(*victims), cmp_u64);
+	for (uint64_t i = 0; i < n;) {
+		uint64_t j = i + 1;
+		while (j < n && victims[j] == victims[j - 1] + 1) j++;
+		uint64_t off = victims[i] * granule, len = (j - i) * granule;
+		if (writing && off < size) {
+			uint64_t in_file = size - off < len ? size - off : len;
+			if (pwrite(fd_file, base + off, in_file, (off_t)off) != (ssize_t)in_file) die("pwrite");
+		}
+		if (madvise(base + off, len, MADV_DONTNEED)) die("madvise");
+		for (uint64_t k = i; k < j; k++) state[victims[k]] = 0;
+		i = j;
+	}
+	resident -= n;
+	evictions += n;
+	return n;
 }
 
 /* The fault service's fixed polling (native/sys/fault_service.cc, FaultService::wait): poll
@@ -179,7 +194,7 @@ static void *filler(void *arg) {
 			}
 			state[g] = 1;
 			if (limit)
-				while (resident >= limit && evict_one()) {
+				while (resident >= limit && evict_batch(resident - limit + 1 > batch ? resident - limit + 1 : batch)) {
 				}
 			pthread_mutex_unlock(&mu);
 			uint64_t off = g * granule;
@@ -283,6 +298,8 @@ int main(int argc, char **argv) {
 	ngran = region / granule;
 	state = calloc(ngran, 1);
 	ring = calloc(ngran, sizeof(*ring));
+	victims = calloc(ngran, sizeof(*victims));
+	batch = limit / 8 > 1 ? limit / 8 : 1; /* the pager's eviction batch */
 	/* A region aligned to the granule, as the pager's. */
 	uint8_t *raw = mmap(NULL, region + granule, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (raw == MAP_FAILED) die("mmap");
