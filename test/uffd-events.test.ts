@@ -473,14 +473,15 @@ describe('FORK events', () => {
     // rounds of: open with eventFork, serve, register, forkAccess; native threads keep the CPUs
     // busy meanwhile, so the new service thread is rarely running before the fork starts.
     // Under the sanitizers (npm run test:sanitize) a fork costs 15 times as much (ASan's shadow
-    // memory): fewer rounds, the same bound, which tells a deadlock from slowness.
+    // memory): fewer rounds, the same bound, which tells a deadlock from slowness. 300 rounds take
+    // 5.5-6 s at a load average of 4; at 10 a run reached round 171 in 10 s: the bound is 20 s.
     const rounds = process.env.PAGEMIRROR_SANITIZED ? '60' : '300';
-    const res = runFixture('events-fork-race.mjs', [rounds], 10_000);
+    const res = runFixture('events-fork-race.mjs', [rounds], 20_000);
     const { lines, progress } = res;
     expect(res.signal, `the fixture deadlocked and was killed: ${progress}`).toBeNull();
     expect(res.status, progress).toBe(0);
     expect(lines.at(-1)).toBe('all rounds done');
-  });
+  }, 40_000);
 
   it('forkAccess() while JavaScript-handled faults keep arriving never deadlocks', (ctx) => {
     requireCap(ctx, P.experiments.events, 'uffd events');
