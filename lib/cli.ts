@@ -179,6 +179,9 @@ options:
                  once on disk; what the write-error guarantee costs)
   --spin-us US   pager: both pagers' service threads poll for up to US µs before sleeping
                  (default 0: they sleep at once and pay an idle CPU's wake-up per fault)
+  --c-tracks-dirty
+                 pager: the C pager tracks dirty granules as the pager does (write-protect),
+                 so the ratio leaves out what dirty tracking costs
   --out DIR      where the reports go (default ./results)
   --quick        a smoke-sized run: --pages ${QUICK.pages} --reps ${QUICK.reps} --size ${QUICK.size >> 20}M unless given
   --json         the results (every report's environment and data) as JSON on stdout; the
@@ -507,6 +510,7 @@ const COMMANDS: Record<string, Command> = {
           cells: { type: 'string' },
           writeback: { type: 'string' },
           'spin-us': { type: 'string' },
+          'c-tracks-dirty': { type: 'boolean' },
           json: { type: 'boolean' },
           'no-pin': { type: 'boolean' },
           quiet: { type: 'boolean' },
@@ -552,6 +556,8 @@ const COMMANDS: Record<string, Command> = {
         if (!/^\d+$/.test(values['spin-us']) || Number(values['spin-us']) > 1_000_000) throw new UsageError(`--spin-us must be an integer from 0 to 1000000, got '${values['spin-us']}'`, 'bench');
         spinUs = Number(values['spin-us']);
       }
+      if (values['c-tracks-dirty'] && positionals.length && !positionals.includes('pager'))
+        throw new UsageError('--c-tracks-dirty applies to the pager suite: name it (bench pager --c-tracks-dirty)', 'bench');
       const r = await runBench({
         suites: (positionals.length ? [...new Set(positionals)] : [...SUITES]) as (typeof SUITES)[number][],
         out: values.out ?? 'results',
@@ -565,6 +571,7 @@ const COMMANDS: Record<string, Command> = {
         cells: values.cells,
         writeback: values.writeback as 'pagecache' | 'confirmed' | undefined,
         spinUs,
+        cTracksDirty: values['c-tracks-dirty'] === true,
         version: version(),
         links: values.link ? ([...new Set(values.link)] as (keyof typeof LINK_PRESETS)[]) : undefined,
       });

@@ -12,12 +12,16 @@
  * Build: by node-gyp (binding.gyp), or gcc -O2 -pthread -o pager_c pager_c.c
  * Usage:
  *   pager_c run FILE --granule G --threads T --fillers N --op read|write --pattern seq|random
- *               [--limit GRANULES] [--seed S] [--spin-us US]
+ *               [--limit GRANULES] [--seed S] [--spin-us US] [--track-dirty 1]
  *       maps FILE's size in a fresh region, T application threads touch one word per 4 KiB page
  *       of their share (seq: in order; random: as many pages, at random), timed. Prints
  *       {"ns":..,"pages":..,"faults":..,"evictions":..}. --spin-us: each fill thread polls the
  *       descriptor without sleeping for up to US microseconds before it sleeps in poll(), the way
- *       the fault service's fixed polling does (ServeOptions.poll { spinUs }).
+ *       the fault service's fixed polling does (ServeOptions.poll { spinUs }). --track-dirty 1:
+ *       the pager's dirty tracking: registered MISSING|WP, a read fault's granule copied in
+ *       write-protected, a write to it a WP fault that marks it dirty, and only dirty granules
+ *       written back on eviction (write-protected first); without the pager's protection against a
+ *       write racing the eviction. Without it every evicted granule of a write workload is written.
  *   pager_c pwrite FILE --granule G --batch B
  *       pwrites the whole file in granules, sync_file_range (wait) after every B granules, the way
  *       the pager writes back under eviction. Prints {"ns":..,"bytes":..}.
@@ -64,6 +68,8 @@ static uint8_t *base;
 static uint64_t size, region, granule, limit, ngran;
 static int writing, random_pattern;
 static uint64_t spin_ns;
+static int track_dirty; /* --track-dirty: the pager's dirty tracking (WP), without its race protection */
+static uint8_t *dirty;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static uint8_t *state;     /* 0 absent, 1 filling, 2 resident */
 static uint64_t *ring, ring_head, ring_len, resident, faults, evictions;
@@ -131,9 +137,17 @@ static uint64_t evict_batch(uint64_t want) {
 	qsort(victims, n, sizeof(*victims), cmp_u64);
 	for (uint64_t i = 0; i < n;) {
 		uint64_t j = i + 1;
-		while (j < n && victims[j] == victims[j - 1] + 1) j++;
+		/* With tracking a run is of granules alike (all dirty or all clean): only dirty ones are
+		 * written, write-protected first as the pager does. */
+		while (j < n && victims[j] == victims[j - 1] + 1 && (!track_dirty || dirty[victims[j]] == dirty[victims[i]])) j++;
 		uint64_t off = victims[i] * granule, len = (j - i) * granule;
-		if (writing && off < size) {
+		int write_it = writing && (!track_dirty || dirty[victims[i]]);
+		if (track_dirty && dirty[victims[i]]) {
+			struct uffdio_writeprotect wp = {{(uint64_t)base + off, len}, UFFDIO_WRITEPROTECT_MODE_WP};
+			if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp)) die("UFFDIO_WRITEPROTECT");
+			for (uint64_t k = i; k < j; k++) dirty[victims[k]] = 0;
+		}
+		if (write_it && off < size) {
 			uint64_t in_file = size - off < len ? size - off : len;
 			if (pwrite(fd_file, base + off, in_file, (off_t)off) != (ssize_t)in_file) die("pwrite");
 		}
@@ -181,6 +195,17 @@ static void *filler(void *arg) {
 			if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
 			uint64_t a = msgs[i].arg.pagefault.address & ~4095ull;
 			uint64_t g = (a - (uint64_t)base) / granule;
+			uint64_t flags = msgs[i].arg.pagefault.flags;
+			if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+				/* A write to a clean granule: dirty now, writable again (wakes the writer). */
+				pthread_mutex_lock(&mu);
+				__atomic_fetch_add(&faults, 1, __ATOMIC_RELAXED);
+				dirty[g] = 1;
+				pthread_mutex_unlock(&mu);
+				struct uffdio_writeprotect wp = {{(uint64_t)base + g * granule, granule}, 0};
+				ioctl(uffd, UFFDIO_WRITEPROTECT, &wp);
+				continue;
+			}
 			pthread_mutex_lock(&mu);
 			__atomic_fetch_add(&faults, 1, __ATOMIC_RELAXED);
 			pin(msgs[i].arg.pagefault.feat.ptid, g);
@@ -193,6 +218,10 @@ static void *filler(void *arg) {
 				continue;
 			}
 			state[g] = 1;
+			/* Tracking: a write fault's granule goes in writable and dirty, a read fault's
+			 * write-protected (clean), as in the pager. */
+			int protect = track_dirty && !(flags & UFFD_PAGEFAULT_FLAG_WRITE);
+			if (track_dirty && !protect) dirty[g] = 1;
 			if (limit)
 				while (resident >= limit && evict_batch(resident - limit + 1 > batch ? resident - limit + 1 : batch)) {
 				}
@@ -201,7 +230,7 @@ static void *filler(void *arg) {
 			uint64_t in_file = off >= size ? 0 : (size - off < granule ? size - off : granule);
 			if (in_file && pread(fd_file, buf, in_file, (off_t)off) < 0) die("pread");
 			memset(buf + in_file, 0, granule - in_file);
-			struct uffdio_copy c = {(uint64_t)base + off, (uint64_t)buf, granule, 0, 0};
+			struct uffdio_copy c = {(uint64_t)base + off, (uint64_t)buf, granule, protect ? UFFDIO_COPY_MODE_WP : 0, 0};
 			while (ioctl(uffd, UFFDIO_COPY, &c) && errno == EAGAIN) c.copy = 0;
 			pthread_mutex_lock(&mu);
 			state[g] = 2;
@@ -294,11 +323,13 @@ int main(int argc, char **argv) {
 	writing = !strcmp(sopt(argc, argv, "--op", "read"), "write");
 	random_pattern = !strcmp(sopt(argc, argv, "--pattern", "seq"), "random");
 	spin_ns = opt(argc, argv, "--spin-us", 0) * 1000;
+	track_dirty = (int)opt(argc, argv, "--track-dirty", 0);
 	region = (size + granule - 1) / granule * granule;
 	ngran = region / granule;
 	state = calloc(ngran, 1);
 	ring = calloc(ngran, sizeof(*ring));
 	victims = calloc(ngran, sizeof(*victims));
+	dirty = calloc(ngran, 1);
 	batch = limit / 8 > 1 ? limit / 8 : 1; /* the pager's eviction batch */
 	/* A region aligned to the granule, as the pager's. */
 	uint8_t *raw = mmap(NULL, region + granule, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -308,7 +339,7 @@ int main(int argc, char **argv) {
 	if (uffd < 0) die("userfaultfd");
 	struct uffdio_api api = {UFFD_API, UFFD_FEATURE_THREAD_ID, 0};
 	if (ioctl(uffd, UFFDIO_API, &api)) die("UFFDIO_API");
-	struct uffdio_register reg = {{(uint64_t)base, region}, UFFDIO_REGISTER_MODE_MISSING, 0};
+	struct uffdio_register reg = {{(uint64_t)base, region}, UFFDIO_REGISTER_MODE_MISSING | (track_dirty ? UFFDIO_REGISTER_MODE_WP : 0), 0};
 	if (ioctl(uffd, UFFDIO_REGISTER, &reg)) die("UFFDIO_REGISTER");
 	stop_fd = eventfd(0, EFD_CLOEXEC);
 	pthread_t f[64], a[64];

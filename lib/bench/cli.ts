@@ -38,6 +38,8 @@ export interface BenchOptions {
   writeback?: 'pagecache' | 'confirmed';
   /** pager suite: both pagers' service threads poll this long before sleeping (see PagerBenchOptions.spinUs). */
   spinUs?: number;
+  /** pager suite: the C pager tracks dirty granules too (see PagerBenchOptions.cTracksDirty). */
+  cTracksDirty?: boolean;
 }
 
 /** One line per suite for `pagemirror bench --help` (a suite without one is listed bare). */
@@ -441,7 +443,7 @@ export async function runBench(o: BenchOptions): Promise<{ files: string[]; ok: 
       summary.push(textTable(table));
     }
     if (suite === 'pager') {
-      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quick: o.quick, cells: o.cells, writeback: o.writeback, spinUs: o.spinUs, quiet: o.quiet, out: o.out, stamp, version: o.version });
+      const r = await runPagerSuite({ size: o.size, reps: o.reps, dir: o.dir, quick: o.quick, cells: o.cells, writeback: o.writeback, spinUs: o.spinUs, cTracksDirty: o.cTracksDirty, quiet: o.quiet, out: o.out, stamp, version: o.version });
       files.push(...r.files);
       summary.push(r.summary);
     }

@@ -60,6 +60,14 @@ export interface PagerBenchOptions {
    * @default 0
    */
   spinUs?: number;
+  /**
+   * The C pager also tracks dirty granules the pager's way (`--track-dirty`: registered for
+   * write-protect, clean granules copied in protected, only dirty ones written back), without the
+   * pager's protection against a write racing an eviction: the ratio then leaves out what dirty
+   * tracking costs, which the default comparison (a C pager that tracks nothing) includes.
+   * @default false
+   */
+  cTracksDirty?: boolean;
   quiet?: boolean;
 }
 
@@ -231,10 +239,10 @@ async function mmapRep(c: Cell, size: number): Promise<number> {
   }
 }
 
-async function cRep(c: Cell, size: number, workers: number, spinUs: number): Promise<number> {
+async function cRep(c: Cell, size: number, workers: number, spinUs: number, tracksDirty: boolean): Promise<number> {
   const s = accessSpec(c);
   const limit = c.limit ? Math.max(1, Math.floor(size / 4 / c.granule)) : 0;
-  const r = await runC(['run', c.file, '--granule', String(c.granule), '--threads', String(c.threads), '--fillers', String(workers), '--op', s.op, '--pattern', s.pattern === 'random' ? 'random' : 'seq', '--limit', String(limit), '--spin-us', String(spinUs)]);
+  const r = await runC(['run', c.file, '--granule', String(c.granule), '--threads', String(c.threads), '--fillers', String(workers), '--op', s.op, '--pattern', s.pattern === 'random' ? 'random' : 'seq', '--limit', String(limit), '--spin-us', String(spinUs), '--track-dirty', tracksDirty ? '1' : '0']);
   return r.ns! / (size / PAGE);
 }
 
@@ -278,7 +286,7 @@ export async function runPager(o: PagerBenchOptions = {}): Promise<{ cells: Page
         await drop();
         ps.push(await pagerRep(c, size, workers, o.writeback ?? 'pagecache', spinUs));
         await drop();
-        cs.push(await cRep(c, size, workers, spinUs));
+        cs.push(await cRep(c, size, workers, spinUs, o.cTracksDirty === true));
         await drop();
         ms.push(await mmapRep(c, size));
       }
@@ -394,10 +402,10 @@ export async function runPagerSuite(o: PagerBenchOptions & { out: string; stamp:
         ),
       );
     }
-  const written = writeReport(path.resolve(o.out), `pager-${o.stamp}`, env, { size, reps: o.reps ?? 3, workers: o.workers ?? 1, spinUs: o.spinUs ?? 0, pagerWriteback: o.writeback ?? 'pagecache', only: o.cells ?? null, verdicts, cells, writeback }, [
+  const written = writeReport(path.resolve(o.out), `pager-${o.stamp}`, env, { size, reps: o.reps ?? 3, workers: o.workers ?? 1, spinUs: o.spinUs ?? 0, cTracksDirty: o.cTracksDirty === true, pagerWriteback: o.writeback ?? 'pagecache', only: o.cells ?? null, verdicts, cells, writeback }, [
     {
       title: 'Pager: reads and writes of a file through pager(), a plain C pager and mmap',
-      text: `A ${size >> 20} MiB file, one word per 4 KiB page, ${o.reps ?? 3} repetitions; ${spin}. Ratios are the median of the repetitions' paired ratios (pager and C alternate within a repetition), with a ${confidence} % order-statistic interval; a cell meets the target when the whole interval is within it, misses when the whole interval is over it, and is undecided otherwise (more repetitions narrow it). Verdicts: ${verdicts.meets} meet, ${verdicts.misses} miss, ${verdicts.undecided} undecided. The pager runs with prefetch off (the C pager has no read-ahead), ${o.workers ?? 1} service thread(s) and writeback '${o.writeback ?? 'pagecache'}' (${(o.writeback ?? 'pagecache') === 'pagecache' ? 'an evicted granule is clean once pwrite returned, as in the C pager' : 'an evicted granule is clean only once its write is confirmed on disk: the cost of the write-error guarantee, which the C pager does not pay'}); the C pager with as many fill threads, FIFO eviction that writes every evicted granule of a write workload and no dirty tracking or race protection. The disk file's page cache is dropped before every run. mmap has no resident limit: its figure is the same work with the kernel's paging.${o.cells ? ` Only the cells matching --cells '${o.cells}'.` : ''}`,
+      text: `A ${size >> 20} MiB file, one word per 4 KiB page, ${o.reps ?? 3} repetitions; ${spin}. Ratios are the median of the repetitions' paired ratios (pager and C alternate within a repetition), with a ${confidence} % order-statistic interval; a cell meets the target when the whole interval is within it, misses when the whole interval is over it, and is undecided otherwise (more repetitions narrow it). Verdicts: ${verdicts.meets} meet, ${verdicts.misses} miss, ${verdicts.undecided} undecided. The pager runs with prefetch off (the C pager has no read-ahead), ${o.workers ?? 1} service thread(s) and writeback '${o.writeback ?? 'pagecache'}' (${(o.writeback ?? 'pagecache') === 'pagecache' ? 'an evicted granule is clean once pwrite returned, as in the C pager' : 'an evicted granule is clean only once its write is confirmed on disk: the cost of the write-error guarantee, which the C pager does not pay'}); the C pager with as many fill threads, FIFO eviction in the pager's batches, ${o.cTracksDirty ? "dirty tracking the pager's way (write-protect; only dirty granules written back) and no race protection" : 'no dirty tracking (every evicted granule of a write workload is written) and no race protection'}. The disk file's page cache is dropped before every run. mmap has no resident limit: its figure is the same work with the kernel's paging.${o.cells ? ` Only the cells matching --cells '${o.cells}'.` : ''}`,
       svg: svgs,
       table,
     },
