@@ -127,6 +127,7 @@ describe('command line: help, version, strict flags', () => {
     [['bench', 'pager', '--spin-us', '1.5'], /--spin-us must be an integer from 0 to 1000000, got '1.5'/],
     [['bench', 'pager', '--spin-us', '2000000'], /--spin-us must be an integer from 0 to 1000000/],
     [['bench', 'faults', '--spin-us', '50'], /--spin-us applies to the pager suite/],
+    [['bench', 'faults', '--c-tracks-dirty'], /--c-tracks-dirty applies to the pager suite/],
     [['probe', '--frob'], /unknown option '--frob'/],
     [['probe', 'extra'], /unexpected argument 'extra'/],
     [['demo', '--jsn'], /unknown option '--jsn'/],
@@ -172,11 +173,12 @@ describe('command line: --flag=value, --json, --quick', () => {
     const out = fs.mkdtempSync(path.join(os.tmpdir(), 'pagemirror-bench-'));
     try {
       const cells = 'tmpfs 64K x1 25% seq-read, write-back tmpfs 64K';
-      const r = spawnSync(process.execPath, [cli, 'bench', 'pager', '--cells', cells, '--reps', '2', '--spin-us', '20', '--out', out, '--json'], { encoding: 'utf8', timeout: 90_000 });
+      const r = spawnSync(process.execPath, [cli, 'bench', 'pager', '--cells', cells, '--reps', '2', '--spin-us', '20', '--c-tracks-dirty', '--out', out, '--json'], { encoding: 'utf8', timeout: 90_000 });
       expect(r.status === 0 || r.status === 3, r.stderr).toBe(true); // 3: a target missed (speed is not a test's business)
       const data = JSON.parse(r.stdout).reports[0].data;
       expect(data.cells.map((c: { fs: string; granule: number; threads: number; limit: string; workload: string }) => [c.fs, c.granule, c.threads, c.limit, c.workload])).toEqual([['tmpfs', 64 << 10, 1, '25%', 'seq-read']]);
       expect(data.spinUs).toBe(20);
+      expect(data.cTracksDirty).toBe(true); // the C pager registered WP and copied read-filled granules in protected
       // The ratio is per repetition (pager and C paired), with its interval and a verdict.
       const paired = data.cells[0].paired;
       expect(paired.pairs).toHaveLength(2);
