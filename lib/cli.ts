@@ -374,7 +374,9 @@ const RECORD_HELP = `usage: pagemirror record [run's options] [--out FILE] [--sa
 
 Runs PROGRAM attached as \`pagemirror run\` does (same options, same policy; see pagemirror run
 --help) and records a page-access trace of its attached memory (docs/trace-format.md): the faults
-the server reads, by kind, in order, and every MS ms the pages written since the last sample.
+the server reads, by kind, in order, and every MS ms the pages written since the last sample,
+taken by run's write-protect rounds (sampling method wp-rounds: --sample-interval sets
+--wp-interval).
 The first attached process writes FILE, each later one (a fork, a child) FILE.PID. A trace holds
 every range its process registers, from its first fault, each from its REGISTER to its release.
 Recording taps the fault service: the server resolves every fault as it would without it. The
@@ -384,7 +386,10 @@ nothing was attached or recorded.
 
 options:
   --out FILE              the trace file (default record-<time>.pmtrace)
-  --sample-interval MS    sample written pages every MS ms, 0 for none (0-3600000, default 100)
+  --sample-interval MS    a write-protect round, and so a sample of the pages written, every MS ms;
+                          0 for none (0-60000, default 1000: --wp-interval is the same setting).
+                          Shorter intervals give finer samples and cost a WP fault per page
+                          written again in each interval (the report gives the rounds' cost)
   --resident, --device-memory, --threshold, --eviction, --interval, --wp-interval, --prefetch,
   --compare, --json: as for run
   -h, --help              this text
@@ -398,8 +403,12 @@ async function recordCommand(args: string[]): Promise<number> {
   const { values, options, run } = p;
   if (values.out === '') throw new UsageError('--out needs a file', 'record');
   const file = path.resolve(values.out ?? `record-${new Date().toISOString().replace(/[:.]/g, '-')}.pmtrace`);
-  const sampleIntervalMs = values['sample-interval'] === undefined ? 100 : count('sample-interval', 3600000, 'record', 0)(values['sample-interval']);
-  const r = await run.runAttached({ ...options, record: { path: file, sampleIntervalMs } });
+  // Samples are run's write-protect rounds: one interval, which either flag sets.
+  const sample = values['sample-interval'] === undefined ? undefined : count('sample-interval', 60000, 'record', 0)(values['sample-interval']);
+  if (sample !== undefined && values['wp-interval'] !== undefined && sample !== options.wpIntervalMs)
+    throw new UsageError(`--sample-interval ${sample} and --wp-interval ${options.wpIntervalMs} differ: a recording samples at each write-protect round (give one of them)`, 'record');
+  const wpIntervalMs = sample ?? options.wpIntervalMs;
+  const r = await run.runAttached({ ...options, wpIntervalMs, record: { path: file } });
   const recordings = r.recordings ?? [];
   process.stderr.write(values.json ? JSON.stringify(r) + '\n' : run.formatRun(r, 'record') + recordings.map(formatRecording).join(''));
   const status = attachedExit('record', r);

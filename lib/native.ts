@@ -461,6 +461,7 @@ export interface NativeTraceRecorder {
   stats(): NativeRecorderStats;
   addRange(range: { start: bigint; length: number; modes: number; shared: boolean }): number;
   removeRange(index: number): void;
+  writeRound(): void;
 }
 /** What a replay counted (lib/replay.ts); migrations are pages, by trigger. */
 export interface NativeReplayResult {
@@ -568,6 +569,7 @@ export interface NativeAddon {
     rings: number;
     ringCapacity: number;
     sampleIntervalMs: number;
+    writeRounds: boolean;
     pid: number;
   }) => NativeTraceRecorder;
   probeTraceSampling(start: bigint, length: number, pid: number): number;

@@ -54,9 +54,11 @@ export interface RunOptions {
    * Record a page-access trace of each attached process (RemoteClient.record: recordTrace tapping
    * the service, so the rules are unchanged), from its first fault on. The first process writes
    * `path`, each later one `path.PID`. A trace holds every range its process registered, each
-   * from its REGISTER to its release.
+   * from its REGISTER to its release. Its written-page samples are the write-protect rounds'
+   * (sampling method 'wp-rounds', one sample per range per round, every `wpIntervalMs`; none with
+   * 0): the pages whose write faults the trace holds between two rounds.
    */
-  record?: { path: string; sampleIntervalMs: number };
+  record?: { path: string };
 }
 
 /** Why `program` cannot be attached (no preload reaches it), or undefined. */
@@ -253,7 +255,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     if (!o.record) return;
     const file = recorders.size || recordings.length ? `${o.record.path}.${c.pid}` : o.record.path;
     try {
-      recorders.set(c.id, { pid: c.pid, rec: c.record({ path: file, sampleIntervalMs: o.record.sampleIntervalMs }) });
+      recorders.set(c.id, { pid: c.pid, rec: c.record({ path: file, sampleIntervalMs: wpIntervalMs, sampleMethod: 'wp-rounds' }) });
     } catch (err) {
       notes.push(`client ${c.pid}: not recorded (${(err as Error).message})`);
     }
@@ -390,6 +392,15 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   // page again, so each page's next write is a WP fault of the next interval.
   const round = () => {
     const t0 = process.hrtime.bigint();
+    // Each trace's interval ends here, before any page is protected again.
+    for (const [, r] of recorders) {
+      if (r.rec.header.sampling.method !== 'wp-rounds') continue;
+      try {
+        r.rec.writeRound();
+      } catch (err) {
+        if (!notes.includes(`trace ${r.rec.path}: ${(err as Error).message}`)) notes.push(`trace ${r.rec.path}: ${(err as Error).message}`);
+      }
+    }
     for (const c of server.clients) drain(c);
     perInterval.push({ ms: Number(t0 - started) / 1e6, pages: writtenNow.size });
     for (const k of writtenNow) writtenEver.add(k);

@@ -10,7 +10,7 @@ import { Userfaultfd, setRemoteHandlerRules, type Fault, type ServiceStats } fro
 import { recordTrace, recorderNative, type RecordTraceOptions, type TraceRecorder } from './trace.js';
 
 /** Options of {@link RemoteClient.record}: those of recordTrace but the ranges and pid, which are the client's. */
-export type ClientRecordOptions = Pick<RecordTraceOptions, 'path' | 'sampleIntervalMs' | 'ringCapacity'>;
+export type ClientRecordOptions = Pick<RecordTraceOptions, 'path' | 'sampleIntervalMs' | 'sampleMethod' | 'ringCapacity'>;
 
 /** Options of {@link FaultServer.listen}. */
 export interface FaultServerOptions {
@@ -222,8 +222,10 @@ export class RemoteClient {
    * client: each range it registers from now on is recorded under a new index from before the
    * client is answered, and each it takes back stops being recorded (the trace's range records
    * say when). Call it in {@link FaultServerOptions.beforeServe} to have the client's first faults.
-   * Samples need ranges registered for write-protect with wpAsync, which the C client does not
-   * ask for: the header then says why there are none. Errors: those of recordTrace;
+   * The C client's userfaultfd has synchronous write-protect (no wpAsync), so PAGEMAP_SCAN samples
+   * are none (the header says why); with `sampleMethod: 'wp-rounds'` the trace samples the writes
+   * between the caller's rounds of {@link RemoteClient.writeProtect}, marked by
+   * {@link TraceRecorder.writeRound}, as `pagemirror run` and `record` do. Errors: those of recordTrace;
    * ERR_PAGEMIRROR_CLOSED (the client is gone).
    */
   record(options: ClientRecordOptions): TraceRecorder {
@@ -235,6 +237,7 @@ export class RemoteClient {
       pid: this.pid,
       ...(o.sampleIntervalMs !== undefined ? { sampleIntervalMs: o.sampleIntervalMs } : {}),
       ...(o.ringCapacity !== undefined ? { ringCapacity: o.ringCapacity } : {}),
+      ...(o.sampleMethod !== undefined ? { sampleMethod: o.sampleMethod } : {}),
     });
     try {
       this.#n.setRecorder(recorderNative(rec));

@@ -7,7 +7,7 @@ import { availableParallelism, hostname } from 'node:os';
 import { native, type NativeRecorderStats, type NativeTraceRecorder } from './native.js';
 import { Mapping } from './mapping.js';
 import { Userfaultfd, nativeUffd } from './uffd.js';
-import { checkAligned, checkInteger, rangeError, stateError, typeError } from './errors.js';
+import { checkAligned, checkInteger, checkOneOf, rangeError, stateError, typeError } from './errors.js';
 import { checkBoolean, checkOptions, checkString, checkU64 } from './validate.js';
 import { REGISTER_MODES, type RegisterMode } from './constants.js';
 
@@ -20,9 +20,10 @@ export const recorderNative = (r: TraceRecorder): NativeTraceRecorder => nativeR
 export const TRACE_FORMAT = 'pagemirror-trace';
 /**
  * The newest format version this library reads and the one it writes. Version 2 added the range
- * records (a range that appears or goes while recording); version 1 files still read.
+ * records (a range that appears or goes while recording), version 3 the write-protect-round sample
+ * method ('wp-rounds'); version 1 and 2 files still read.
  */
-export const TRACE_VERSION = 2;
+export const TRACE_VERSION = 3;
 
 const MAGIC = Buffer.from('PMTRACE\0', 'latin1');
 const RECORD = 24;
@@ -35,8 +36,14 @@ const T_FAULT = 1, T_SAMPLE = 2, T_DROPPED = 3, T_END = 4, T_RANGE_ADDED = 5, T_
 const RANGE_MODES = [['missing', 1], ['wp', 2], ['minor', 4]] as const;
 const RANGE_SHARED = 8;
 
-/** How the access samples of a trace were taken. */
-export type SampleMethod = 'pagemap-scan-written' | 'none';
+/**
+ * How the access samples of a trace were taken: 'pagemap-scan-written', PAGEMAP_SCAN's written
+ * bits every interval (uffd-wp async; atomic); 'wp-rounds', write-protect rounds made by the
+ * recorder's owner (sync uffd-wp: the pages whose write faults were recorded between two rounds;
+ * a write between a round's start and its page's protection is in neither interval); 'none'.
+ */
+export type SampleMethod = 'pagemap-scan-written' | 'wp-rounds' | 'none';
+const SAMPLE_METHODS = ['pagemap-scan-written', 'wp-rounds'] as const;
 
 /** One recorded range: trace records name it by its index. */
 export interface TraceRange {
@@ -91,7 +98,7 @@ export interface TraceFault {
 /** The pages written during [startNs, endNs), as runs of page indices within the range. */
 export interface TraceSample {
   type: 'sample';
-  method: 'pagemap-scan-written';
+  method: Exclude<SampleMethod, 'none'>;
   range: number;
   startNs: number;
   endNs: number;
@@ -177,7 +184,8 @@ function checkHeader(path: string, h: unknown, fileVersion: number): TraceHeader
     const len = r.length;
     if (typeof len !== 'number' || !Number.isSafeInteger(len) || len <= 0 || len % ps !== 0) throw bad(`ranges[${i}].length must be a positive multiple of pageSize`);
   });
-  if (!isObject(h.sampling) || (h.sampling.method !== 'pagemap-scan-written' && h.sampling.method !== 'none')) throw bad('sampling.method is unknown');
+  if (!isObject(h.sampling) || !['pagemap-scan-written', 'wp-rounds', 'none'].includes(h.sampling.method as string) || (h.sampling.method === 'wp-rounds' && fileVersion < 3))
+    throw bad('sampling.method is unknown');
   return h as unknown as TraceHeader;
 }
 
@@ -376,7 +384,9 @@ async function* readRecords(path: string, header: TraceHeader, dataStart: number
         faults++;
         yield { type: 'fault', kind, write: (flags & 1) === 1, range, page: a, tNs: b, tid: c };
       } else if (type === T_SAMPLE) {
-        if (flags !== 1) throw corrupt(path, recordAt, `sample method ${flags}`);
+        // Method 1 PAGEMAP_SCAN, 2 write-protect rounds (version 3).
+        const method = SAMPLE_METHODS[flags - 1];
+        if (method === undefined || (flags === 2 && header.version < 3)) throw corrupt(path, recordAt, `sample method ${flags}`);
         if (range >= rangePages.length) throw corrupt(path, recordAt, `range ${range} not in the header`);
         if (released(range)) throw corrupt(path, recordAt, `a sample of range ${range} after it was released`);
         const bytes = c * RUN;
@@ -394,7 +404,7 @@ async function* readRecords(path: string, header: TraceHeader, dataStart: number
         }
         pos += bytes;
         if (b < a) throw corrupt(path, recordAt, 'a sample that ends before it starts');
-        yield { type: 'sample', method: 'pagemap-scan-written', range, startNs: a, endNs: b, runs };
+        yield { type: 'sample', method, range, startNs: a, endNs: b, runs };
       } else if (type === T_DROPPED) {
         yield { type: 'dropped', count: a, tNs: b };
       } else if (type === T_RANGE_ADDED && header.version >= 2) {
@@ -493,8 +503,10 @@ export async function writeTrace(path: string, header: Pick<TraceHeader, 'ranges
       });
       const start = checkInteger('sample.startNs', r.startNs);
       lastT = checkInteger('sample.endNs', r.endNs, start);
+      const method = SAMPLE_METHODS.indexOf(r.method ?? 'pagemap-scan-written');
+      if (method < 0) throw typeError('ERR_INVALID_ARG_VALUE', `sample.method must be one of ${SAMPLE_METHODS.join(', ')}`);
       rec.writeUInt8(T_SAMPLE, 0);
-      rec.writeUInt8(1, 1);
+      rec.writeUInt8(method + 1, 1);
       rec.writeUInt16LE(r.range, 2);
       rec.writeUInt32LE(r.runs.length, 4);
       rec.writeBigUInt64LE(BigInt(start), 8);
@@ -583,11 +595,24 @@ export interface RecordTraceOptions {
   /** Shorthand for `ranges: [{ mapping }]`: the whole mapping. One of ranges and mapping. */
   mapping?: Mapping;
   /**
-   * Interval between access samples in ms (0: none). Samples need the range registered for
-   * write-protect on a userfaultfd with 'wpAsync'; otherwise the header says why there are none.
+   * Interval between access samples in ms (0: none). With 'pagemap-scan-written' the recorder
+   * samples every interval, which needs the ranges registered for write-protect on a userfaultfd
+   * with 'wpAsync' (otherwise the header says why there are none); with 'wp-rounds' it is the
+   * interval of the caller's rounds, as the header states it.
    * @default 100
    */
   sampleIntervalMs?: number;
+  /**
+   * How written pages are sampled ({@link SampleMethod}). 'wp-rounds' is for a userfaultfd whose
+   * write-protect faults are synchronous (no 'wpAsync'), as `pagemirror run` serves a program:
+   * the caller write-protects the recorded pages every interval and calls
+   * {@link TraceRecorder.writeRound} just before each round; each range then gets a sample of the
+   * pages whose write faults were recorded since the round before. It needs every range
+   * registered with mode 'wp' (otherwise the header says why there are none), and rules or a
+   * handler that resolve the WP faults.
+   * @default 'pagemap-scan-written'
+   */
+  sampleMethod?: Exclude<SampleMethod, 'none'>;
   /** Faults each worker's ring holds between drains (the writer drains every 20 ms, or when half full); past it faults are dropped and counted. @default 65536 */
   ringCapacity?: number;
   /** The process whose memory the ranges are (its /proc/PID/pagemap is scanned for samples). Default this process. */
@@ -653,6 +678,20 @@ export class TraceRecorder {
     checkInteger('index', index, 0, 65534);
     if (this.#summary) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the recorder is stopped');
     this.#n.removeRange(index);
+  }
+
+  /**
+   * Marks a write-protect round (a recorder with sampleMethod 'wp-rounds'): call it just before
+   * write-protecting the recorded pages again. Each range recorded now gets a sample record of
+   * the pages whose write faults were recorded since the round before (or the start); stop()
+   * takes a last one. Errors: ERR_INVALID_STATE (the recorder samples otherwise, or not at all),
+   * ERR_PAGEMIRROR_CLOSED (stopped).
+   */
+  writeRound(): void {
+    if (this.#summary) throw stateError('ERR_PAGEMIRROR_CLOSED', 'the recorder is stopped');
+    if (this.header.sampling.method !== 'wp-rounds')
+      throw stateError('ERR_INVALID_STATE', `this recorder samples no write rounds (sampling: ${this.header.sampling.method}${this.header.sampling.reason ? `, ${this.header.sampling.reason}` : ''})`);
+    this.#n.writeRound();
   }
 
   /** Whether stop() was called. */
@@ -730,6 +769,7 @@ export function recordTrace(uffd: Userfaultfd, options: RecordTraceOptions): Tra
   if (!Array.isArray(given) || given.length === 0 || given.length > 65535)
     throw typeError('ERR_INVALID_ARG_TYPE', 'ranges must be a non-empty array of { mapping, offset?, length? } or { address, length } (at most 65535)');
   const interval = checkInteger('sampleIntervalMs', o.sampleIntervalMs ?? 100, 0, 3600000);
+  const method = checkOneOf('sampleMethod', o.sampleMethod ?? 'pagemap-scan-written', SAMPLE_METHODS);
   const ringCapacity = checkInteger('ringCapacity', o.ringCapacity ?? 65536, 16, 1 << 24);
   const pid = checkInteger('pid', o.pid ?? 0, 0, 4194304);
   const ranges = checkRanges(uffd, given);
@@ -737,7 +777,12 @@ export function recordTrace(uffd: Userfaultfd, options: RecordTraceOptions): Tra
   if (recording.get(uffd)?.stopped === false)
     throw stateError('ERR_PAGEMIRROR_RECORDING', `this userfaultfd is already being recorded (to ${recording.get(uffd)!.path}): stop() that recorder first`);
   let sampling: TraceHeader['sampling'] = { method: 'none', reason: 'sampleIntervalMs is 0' };
-  if (interval) {
+  if (interval && method === 'wp-rounds') {
+    const unprotected = ranges.find((r) => !r.info.modes?.includes('wp'));
+    sampling = unprotected
+      ? { method: 'none', reason: `range ${unprotected.info.index} is not registered for write-protect (mode 'wp'): write rounds cannot see its writes` }
+      : { method: 'wp-rounds' };
+  } else if (interval) {
     const failed = ranges.map((r) => native.probeTraceSampling(r.start, r.length, pid)).find((rc) => rc !== 0);
     sampling = failed === undefined ? { method: 'pagemap-scan-written' } : { method: 'none', reason: SAMPLING_REASONS[failed] ?? `PAGEMAP_SCAN failed (errno ${-failed})` };
   }
@@ -758,7 +803,8 @@ export function recordTrace(uffd: Userfaultfd, options: RecordTraceOptions): Tra
     header: JSON.stringify(header),
     rings,
     ringCapacity,
-    sampleIntervalMs: sampling.method === 'none' ? 0 : interval,
+    sampleIntervalMs: sampling.method === 'pagemap-scan-written' ? interval : 0,
+    writeRounds: sampling.method === 'wp-rounds',
     pid,
   });
   try {

@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FIXTURES_DIR, P, PAGE, USER_MODE_ONLY, attachEnv, requireCap } from './helpers.js';
+import { checkWriteRounds } from './trace-checks.js';
 import { FaultServer, readTrace, type TraceFault, type TraceRecord, type TraceRecorder } from '../lib/index.js';
 import { finish, needUffd, sockPath, startDemo } from './fault-server-helpers.js';
 import { formatRun, type RunResult } from '../lib/run.js';
@@ -31,6 +32,10 @@ describe('pagemirror record', () => {
     expect(h.stdout.toString()).toMatch(/usage: pagemirror record/);
     expect(pm(['record']).status).toBe(2);
     expect(pm(['record', '--sample-interval', 'x', '--', 'true']).status).toBe(2);
+    // Samples are the write-protect rounds: one interval, not two.
+    const both = pm(['record', '--sample-interval', '100', '--wp-interval', '200', '--', 'true']);
+    expect(both.status).toBe(2);
+    expect(both.stderr.toString()).toMatch(/--sample-interval 100 and --wp-interval 200 differ/);
     expect(pm(['record', '--out', '', '--', 'true']).status).toBe(2);
     expect(pm(['record', '--no-such', '--', 'true']).status).toBe(2);
   });
@@ -73,7 +78,7 @@ describe('pagemirror record', () => {
     expect(plain.status).toBe(0);
 
     const trace = path.join(tmp, 'sort.pmtrace');
-    const rec = pm(['record', '--resident', '4M', '--threshold', '1M', '--out', trace, '--sample-interval', '20', '--json', '--', ...argv]);
+    const rec = pm(['record', '--resident', '4M', '--threshold', '1M', '--out', trace, '--sample-interval', '200', '--json', '--', ...argv]);
     const err = rec.stderr.toString();
     expect(rec.status, err.slice(0, 2000)).toBe(0);
     expect(Buffer.compare(rec.stdout, plain.stdout)).toBe(0);
@@ -82,7 +87,8 @@ describe('pagemirror record', () => {
       pageSize: number;
       ranges: { pid: number; address: string; bytes: number }[];
       faults: { total: number };
-      recordings: { path: string; pid: number; faults: number; bytes: number; tapped: number; tapNsPerFault: number }[];
+      recordings: { path: string; pid: number; faults: number; bytes: number; tapped: number; tapNsPerFault: number; samples: number; sampling: { method: string } }[];
+      writes: { rounds: number };
     };
     expect(report.processes).toBeGreaterThan(0);
     expect(report.recordings.length).toBeGreaterThan(0);
@@ -93,6 +99,13 @@ describe('pagemirror record', () => {
     expect(first.faults).toBeLessThanOrEqual(report.faults.total);
     expect(first.bytes).toBe(fs.statSync(trace).size);
     expect(first.tapNsPerFault).toBeGreaterThan(0);
+    // Written-page samples from run's write-protect rounds: one per range per round and a last one
+    // at the end, each agreeing with the trace's write faults.
+    expect(first.sampling).toEqual({ method: 'wp-rounds' });
+    const samples = await checkWriteRounds(trace);
+    expect(samples.length).toBe(first.samples);
+    expect(first.samples).toBeGreaterThan(report.writes.rounds);
+    expect(samples.some((x) => x.runs.length > 0)).toBe(true);
     expect(report.pageSize).toBe(PAGE);
     // Every range the run attached is in its process's trace, those registered after the first too.
     expect(report.ranges.length).toBeGreaterThan(0);

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "../sys/access.h"
+#include "../sys/fork.h"
 #include "../engine/engine.h"
 #include "addon.h"
 #include "../sys/mem.h"
@@ -180,6 +181,8 @@ Napi::Value ForkRun(const Napi::CallbackInfo& info) {
           return;
         }
         s.parent = ::getpid();
+        // The child's access kernel uses thread-locals (its SIGBUS jump): allocated here, not there.
+        sys::prepare_child_tls();
         pid_t pid = ::fork();
         if (pid < 0) {
           s.fork_errno = errno;

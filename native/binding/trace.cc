@@ -51,6 +51,7 @@ Napi::Function TraceRecorderWrap::Init(Napi::Env env) {
                          InstanceMethod<&TraceRecorderWrap::Stats>("stats"),
                          InstanceMethod<&TraceRecorderWrap::AddRange>("addRange"),
                          InstanceMethod<&TraceRecorderWrap::RemoveRange>("removeRange"),
+                         InstanceMethod<&TraceRecorderWrap::WriteRound>("writeRound"),
                      });
 }
 
@@ -78,6 +79,9 @@ TraceRecorderWrap::TraceRecorderWrap(const Napi::CallbackInfo& info) : Napi::Obj
   c.rings = static_cast<unsigned>(RangeU64(env, OptU64(o, "rings", 1), 1, sys::FaultService::kMaxWorkers, "rings"));
   c.ring_capacity = RangeU64(env, OptU64(o, "ringCapacity", 1 << 16), 16, 1 << 24, "ringCapacity");
   c.sample_interval_ms = RangeU64(env, OptU64(o, "sampleIntervalMs", 0), 0, 3600000, "sampleIntervalMs");
+  c.write_rounds = OptBool(o, "writeRounds");
+  if (c.write_rounds && c.sample_interval_ms)
+    throw CodedTypeError(env, "ERR_INVALID_ARG_VALUE", "a recorder samples with write rounds or with PAGEMAP_SCAN, not both (writeRounds with sampleIntervalMs)");
   const uint64_t pid = RangeU64(env, OptU64(o, "pid", 0), 0, 4194304, "pid");
   if (c.sample_interval_ms) {
     std::string pm_path;
@@ -164,6 +168,15 @@ Napi::Value TraceRecorderWrap::RemoveRange(const Napi::CallbackInfo& info) {
   if (rc == -ESHUTDOWN) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the recorder is stopped");
   if (rc == -ENOENT) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "range " + std::to_string(index) + " is not recorded now (never added, or removed already)");
   if (rc < 0) ThrowSystemError(env, rc, "removeRange", {recorder_->config().path.c_str(), nullptr});
+  return env.Undefined();
+}
+
+Napi::Value TraceRecorderWrap::WriteRound(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int rc = recorder_->write_round();
+  if (rc == -ESHUTDOWN) throw StateError(env, "ERR_PAGEMIRROR_CLOSED", "the recorder is stopped");
+  if (rc == -EINVAL) throw StateError(env, "ERR_INVALID_STATE", "this recorder samples no write rounds (record with sampling: 'wp-rounds')");
+  if (rc < 0) ThrowSystemError(env, rc, "writeRound", {recorder_->config().path.c_str(), nullptr});
   return env.Undefined();
 }
 

@@ -26,6 +26,7 @@ class TraceRecorderWrap : public Napi::ObjectWrap<TraceRecorderWrap> {
   // addRange({ start: bigint, length, modes?, shared? }) -> index; removeRange(index).
   Napi::Value AddRange(const Napi::CallbackInfo& info);
   Napi::Value RemoveRange(const Napi::CallbackInfo& info);
+  Napi::Value WriteRound(const Napi::CallbackInfo& info);
   std::shared_ptr<engine::TraceRecorder> recorder_;
 };
 

@@ -56,6 +56,11 @@ TraceRecorder::TraceRecorder(RecorderConfig config) : config_(std::move(config))
   for (const TraceRange& r : config_.ranges) table->ranges.push_back({r.start, r.length, static_cast<uint16_t>(next_index_++)});
   table_.store(table.get(), std::memory_order_seq_cst);
   table_keep_ = std::move(table);
+  if (config_.write_rounds) {
+    written_.resize(config_.ranges.size());
+    written_compacted_.resize(config_.ranges.size());
+    written_live_.assign(config_.ranges.size(), true);
+  }
 }
 
 void TraceRecorder::publish(std::unique_ptr<RangeTable> next) {
@@ -63,7 +68,11 @@ void TraceRecorder::publish(std::unique_ptr<RangeTable> next) {
   table_.store(next.get(), std::memory_order_seq_cst);
   table_keep_ = std::move(next);
   // A worker that loaded the old table counted its entry first (both sides sequentially
-  // consistent): wait until each worker has left the passes it had entered by now.
+  // consistent): once it has left, it reads the new one.
+  wait_for_workers();
+}
+
+void TraceRecorder::wait_for_workers() {
   for (WorkerEpoch& e : epochs_) {
     const uint64_t entered = e.entered.load(std::memory_order_seq_cst);
     while (e.left.load(std::memory_order_acquire) < entered) std::this_thread::yield();
@@ -131,6 +140,23 @@ int TraceRecorder::remove_first(const std::function<bool(const LiveRange&)>& whi
     // Timed after no worker can still record into it: every fault of the range comes earlier.
     const uint64_t t = sys::now_ns() - config_.start_ns;
     changes_.push_back({t, {kTraceRangeRemoved, 0, index, 0, 0, t}});
+    return 0;
+  } catch (const std::bad_alloc&) {
+    return -ENOMEM;
+  }
+}
+
+int TraceRecorder::write_round() {
+  if (!config_.write_rounds) return -EINVAL;
+  try {
+    std::lock_guard<std::mutex> lock(ranges_mu_);
+    if (closed_) return -ESHUTDOWN;
+    changes_.reserve(changes_.size() + 1);
+    // Timed first: a worker still in the tap now timed its fault earlier, and is waited for, so
+    // every fault before the round is in a ring when the writer meets the round.
+    const uint64_t t = sys::now_ns() - config_.start_ns;
+    wait_for_workers();
+    changes_.push_back({t, {kTraceSample, kSampleWpRounds, 0, 0, 0, t}});
     return 0;
   } catch (const std::bad_alloc&) {
     return -ENOMEM;
@@ -303,6 +329,8 @@ void TraceRecorder::drain() {
   changes.swap(carried_);
   auto take_changes = [&](bool removals) {
     std::lock_guard<std::mutex> lock(ranges_mu_);
+    // A write round goes with the removals: faults timed before it may still be on their way
+    // into the rings while they are read.
     for (const RangeChange& c : changes_) (removals || c.record.type == kTraceRangeAdded ? changes : carried_).push_back(c);
     changes_.clear();
     if (!removals) {
@@ -327,6 +355,7 @@ void TraceRecorder::drain() {
   std::stable_sort(merge_.begin(), merge_.end(), [](const Entry& a, const Entry& b) { return a.t_ns < b.t_ns; });
   // At equal times an addition goes before the faults, a removal after them.
   std::stable_sort(changes.begin(), changes.end(), [](const RangeChange& a, const RangeChange& b) { return a.t_ns < b.t_ns; });
+  // A write round at the time of a fault samples it: the round's faults are those timed before it.
   auto before = [](const RangeChange& c, const Entry& e) {
     return c.t_ns < e.t_ns || (c.t_ns == e.t_ns && c.record.type == kTraceRangeAdded);
   };
@@ -334,11 +363,20 @@ void TraceRecorder::drain() {
   size_t k = 0;
   for (const Entry& e : merge_) {
     if (stats_.error) break;
-    for (; k < changes.size() && before(changes[k], e); k++) emit(changes[k].record);
+    for (; k < changes.size() && before(changes[k], e); k++) emit_change(changes[k]);
     emit({kTraceFault, e.flags, e.range, e.tid, e.page, e.t_ns});
+    if (config_.write_rounds && (e.flags & kTraceWrite) && e.range < written_.size()) written_[e.range].push_back(e.page);
     written++;
   }
-  for (; k < changes.size() && !stats_.error; k++) emit(changes[k].record);
+  for (; k < changes.size() && !stats_.error; k++) emit_change(changes[k]);
+  // An owner that makes no rounds: each range's list stays within twice its distinct pages.
+  for (size_t i = 0; i < written_.size(); i++) {
+    std::vector<uint64_t>& v = written_[i];
+    if (v.size() <= 2 * std::max<size_t>(written_compacted_[i], 32768)) continue;
+    std::sort(v.begin(), v.end());
+    v.erase(std::unique(v.begin(), v.end()), v.end());
+    written_compacted_[i] = v.size();
+  }
   for (auto& rp : rings_) {
     const uint64_t d = rp->dropped.load(std::memory_order_relaxed);
     dropped += d - rp->dropped_written;
@@ -349,6 +387,59 @@ void TraceRecorder::drain() {
   std::lock_guard<std::mutex> lock(mu_);
   stats_.faults += written;
   stats_.dropped += merge_.size() - written + dropped;
+}
+
+void TraceRecorder::emit_change(const RangeChange& c) {
+  if (stats_.error) return;
+  if (!config_.write_rounds) {
+    emit(c.record);
+    return;
+  }
+  const uint16_t range = c.record.range;
+  if (c.record.type == kTraceSample) {
+    // A write round: every range live as of the records so far gets its sample.
+    for (size_t i = 0; i < written_live_.size() && !stats_.error; i++)
+      if (written_live_[i]) emit_written(static_cast<uint16_t>(i), c.t_ns);
+    last_round_ns_ = c.t_ns;
+    return;
+  }
+  if (c.record.type == kTraceRangeAdded) {
+    if (range >= written_.size()) {
+      written_.resize(range + 1u);
+      written_compacted_.resize(range + 1u);
+      written_live_.resize(range + 1u, false);
+    }
+    written_live_[range] = true;
+  } else if (c.record.type == kTraceRangeRemoved && range < written_live_.size() && written_live_[range]) {
+    // The writes since the last round in a range that goes: its last sample, before its removal.
+    if (!written_[range].empty()) emit_written(range, c.t_ns);
+    written_live_[range] = false;
+    std::vector<uint64_t>().swap(written_[range]);
+  }
+  emit(c.record);
+}
+
+void TraceRecorder::emit_written(uint16_t range, uint64_t end_ns) {
+  std::vector<uint64_t>& pages = written_[range];
+  std::sort(pages.begin(), pages.end());
+  runs_.clear();
+  uint64_t prev = UINT64_MAX;
+  for (uint64_t p : pages) {
+    if (p == prev) continue;  // written twice in the interval (a missing fault, then a WP one)
+    if (!runs_.empty() && runs_.back().first + runs_.back().second == p) runs_.back().second++;
+    else runs_.emplace_back(p, 1);
+    prev = p;
+  }
+  pages.clear();
+  written_compacted_[range] = 0;
+  emit({kTraceSample, kSampleWpRounds, range, static_cast<uint32_t>(runs_.size()), std::min(last_round_ns_, end_ns), end_ns});
+  for (const auto& run : runs_) {
+    const uint64_t pair[2] = {run.first, run.second};
+    emit_bytes(pair, sizeof(pair));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.samples++;
+  stats_.sample_runs += runs_.size();
 }
 
 void TraceRecorder::sample(uint64_t now) {
@@ -418,9 +509,11 @@ void TraceRecorder::loop() {
     changes_.clear();
   }
   std::stable_sort(carried_.begin(), carried_.end(), [](const RangeChange& a, const RangeChange& b) { return a.t_ns < b.t_ns; });
-  for (const RangeChange& c : carried_)
-    if (!stats_.error) emit(c.record);
-  if (!stats_.error) emit({kTraceEnd, 0, 0, 0, stats_.faults, sys::now_ns() - config_.start_ns});
+  for (const RangeChange& c : carried_) emit_change(c);
+  const uint64_t end = sys::now_ns() - config_.start_ns;
+  // The writes since the last round: a last sample, as the PAGEMAP_SCAN method takes one at stop.
+  if (config_.write_rounds) emit_change({end, {kTraceSample, kSampleWpRounds, 0, 0, 0, end}});
+  if (!stats_.error) emit({kTraceEnd, 0, 0, 0, stats_.faults, end});
   flush();
   const int closed = ::close(fd_) != 0 ? -errno : 0;
   fd_ = -1;

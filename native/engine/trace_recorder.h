@@ -1,7 +1,8 @@
 // The trace recorder: a tap on a fault service (sys::FaultTap) that copies each fault in the
 // recorded ranges into a ring preallocated per service worker, and a writer thread that drains the
-// rings into a trace file (docs/trace-format.md) and, every interval, samples the pages written
-// since the last sample with PAGEMAP_SCAN (uffd-wp async). Plain C++, no Node-API.
+// rings into a trace file (docs/trace-format.md) and samples the pages written: every interval
+// with PAGEMAP_SCAN (uffd-wp async), or at each write-protect round its owner makes (sync uffd-wp:
+// the pages whose write faults it recorded since the round before). Plain C++, no Node-API.
 #pragma once
 
 #include <array>
@@ -23,9 +24,10 @@ namespace pm::engine {
 // The binary layout (little-endian; docs/trace-format.md). A file is the magic, a u32 version, a
 // u32 header length, the JSON header padded with spaces to 8 bytes, then records of 24 bytes (a
 // sample is followed by its runs, 16 bytes each), the last of them kTraceEnd. Version 2 added the
-// range records: a range that appears or goes while recording.
+// range records: a range that appears or goes while recording; version 3 the write-protect-round
+// sample method.
 constexpr char kTraceMagic[8] = {'P', 'M', 'T', 'R', 'A', 'C', 'E', '\0'};
-constexpr uint32_t kTraceVersion = 2;
+constexpr uint32_t kTraceVersion = 3;
 enum TraceRecordType : uint8_t {
   kTraceFault = 1,
   kTraceSample = 2,
@@ -37,6 +39,7 @@ enum TraceRecordType : uint8_t {
 // A fault's flags: bit 0 write, bits 1-2 the kind (0 missing, 1 wp, 2 minor).
 constexpr uint8_t kTraceWrite = 1;
 constexpr uint8_t kSampleWritten = 1;  // a sample's method: PAGEMAP_SCAN PAGE_IS_WRITTEN (wp-async)
+constexpr uint8_t kSampleWpRounds = 2;  // the pages with write faults between two write-protect rounds
 // A range-added record's flags: bits 0-2 the registration modes (1 missing, 2 wp, 4 minor, as
 // UFFDIO_REGISTER_MODE_*), bit 3 shared memory.
 constexpr uint8_t kRangeModesMask = 7, kRangeShared = 8;
@@ -66,7 +69,10 @@ struct RecorderConfig {
   std::string header;   // the JSON header, written as it is
   unsigned rings = 1;   // one per service worker (more workers share rings round-robin)
   uint64_t ring_capacity = 1 << 16;
-  uint64_t sample_interval_ms = 0;  // 0: no samples
+  uint64_t sample_interval_ms = 0;  // 0: no PAGEMAP_SCAN samples
+  // Samples at each write_round() instead: the recorded ranges are write-protected again by the
+  // owner at each round (sync uffd-wp), so every page written in between took a write fault here.
+  bool write_rounds = false;
   int pagemap_fd = -1;  // the recorded process's /proc/PID/pagemap (owned by the recorder)
   uint64_t page = 4096;
   uint64_t start_ns = 0;  // the recording's time origin (CLOCK_MONOTONIC)
@@ -120,6 +126,14 @@ class TraceRecorder : public sys::FaultTap {
   int remove_index(uint32_t index);
   // The ranges recorded now: [start, length].
   std::vector<TraceRange> live_ranges();
+  // A write-protect round (config.write_rounds): call it just before protecting the recorded
+  // pages again. Each range recorded now gets a sample of the pages whose write faults were
+  // recorded since the round before (or the start), timed [that round, now). A write between this
+  // call and its page's protection is in neither interval: the round is not atomic, as
+  // PAGEMAP_SCAN's is. -EINVAL without write_rounds, -ESHUTDOWN once stopped. Any thread but a
+  // service worker (it waits for the workers to leave the tap, so every fault timed before the
+  // round is in a ring).
+  int write_round();
 
   void on_fault(unsigned worker, const sys::FaultMsg& msg) override;
 
@@ -147,6 +161,8 @@ class TraceRecorder : public sys::FaultTap {
   int remove_first(const std::function<bool(const LiveRange&)>& which);
   // Publishes next (ranges_mu_ held) and frees the old table once no worker can still read it.
   void publish(std::unique_ptr<RangeTable> next);
+  // Waits until each worker has left the passes through the tap it had entered by now.
+  void wait_for_workers();
   struct Entry {
     uint64_t t_ns, page;
     uint32_t tid;
@@ -166,6 +182,10 @@ class TraceRecorder : public sys::FaultTap {
   void drain();
   void sample(uint64_t now);
   void emit(const TraceFileRecord& r);
+  // A range change or a write round, in file order (write rounds: sampled from written_).
+  void emit_change(const RangeChange& c);
+  // A write-round sample of one range: its pages in written_ since the last round, as runs.
+  void emit_written(uint16_t range, uint64_t end_ns);
   void emit_bytes(const void* p, size_t n);
   void flush();
 
@@ -179,6 +199,12 @@ class TraceRecorder : public sys::FaultTap {
   std::vector<RangeChange> changes_;   // ranges added and removed, not yet written (ranges_mu_)
   std::vector<RangeChange> carried_;   // removals held back to the next drain (writer only)
   std::vector<LiveRange> sample_ranges_;  // the ranges the next sample scans (writer only)
+  // Write rounds (writer only): per range index, the pages of the write faults written since the
+  // last round, and whether the range is live as of the records written so far.
+  std::vector<std::vector<uint64_t>> written_;
+  std::vector<size_t> written_compacted_;  // each list's length after its last deduplication
+  std::vector<bool> written_live_;
+  uint64_t last_round_ns_ = 0;  // since the recording started
   std::mutex ranges_mu_;               // changes of ranges: the table, changes_, next_index_
   std::atomic<const RangeTable*> table_{nullptr};
   std::unique_ptr<const RangeTable> table_keep_;  // owns what table_ points to (ranges_mu_)

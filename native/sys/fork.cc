@@ -12,8 +12,15 @@
 
 namespace pm::sys {
 
+namespace {
+thread_local volatile int tl_primed = 0;
+}  // namespace
+
+void prepare_child_tls() { tl_primed = 1; }
+
 int fork_collect(int (*child)(void*, int), void* arg, int timeout_ms, std::vector<uint8_t>* out, ForkOutcome* res) {
   *res = ForkOutcome{};
+  prepare_child_tls();
   int p[2];
   if (::pipe2(p, O_CLOEXEC) != 0) return -errno;
   const pid_t parent = ::getpid();

@@ -241,6 +241,7 @@ export function targets(lib, ctx) {
             ranges: (r, c) => (r() < 0.6 ? { value: [{ address: c.anon3?.closed ? 4096n : c.anon3?.address ?? 4096n, length: PAGE }], kind: 'valid' } : { value: [[], 'x', [{ address: 1n, length: PAGE }], [{ mapping: 5 }], [{ address: 4096n, length: 1 }], [null]][Math.floor(r() * 6)], kind: 'bad' }),
             mapping: (r, c) => (r() < 0.8 ? { value: undefined, kind: 'valid' } : { value: [5, {}, null][Math.floor(r() * 3)], kind: 'bad' }),
             sampleIntervalMs: int([0, 10], [3600001], { optional: true }),
+            sampleMethod: (r) => (r() < 0.8 ? { value: [undefined, 'pagemap-scan-written', 'wp-rounds'][Math.floor(r() * 3)], kind: 'valid' } : { value: ['none', 5, ''][Math.floor(r() * 3)], kind: 'bad' }),
             ringCapacity: int([16, 1024], [0, 2 ** 30], { optional: true }),
             pid: int([0], [2 ** 23], { optional: true }),
           },
@@ -454,7 +455,7 @@ export function targets(lib, ctx) {
         return items;
       }, { async: true, self: true }),
     ),
-    ...[['stats', []], ['stop', []]].map(([m, params]) =>
+    ...[['stats', []], ['stop', []], ['writeRound', []]].map(([m, params]) =>
       call(`TraceRecorder.${m}`, [(r) => ({ value: 'recorder', kind: 'valid', text: 'recorder' }), ...params], (c) => recorder(c, lib)[m](), { self: true }),
     ),
     ...[
