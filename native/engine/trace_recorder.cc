@@ -432,7 +432,11 @@ void TraceRecorder::emit_written(uint16_t range, uint64_t end_ns) {
   }
   pages.clear();
   written_compacted_[range] = 0;
-  emit({kTraceSample, kSampleWpRounds, range, static_cast<uint32_t>(runs_.size()), std::min(last_round_ns_, end_ns), end_ns});
+  emit_sample(kSampleWpRounds, range, std::min(last_round_ns_, end_ns), end_ns);
+}
+
+void TraceRecorder::emit_sample(uint8_t method, uint16_t range, uint64_t start_ns, uint64_t end_ns) {
+  emit({kTraceSample, method, range, static_cast<uint32_t>(runs_.size()), start_ns, end_ns});
   for (const auto& run : runs_) {
     const uint64_t pair[2] = {run.first, run.second};
     emit_bytes(pair, sizeof(pair));
@@ -469,15 +473,7 @@ void TraceRecorder::sample(uint64_t now) {
       if (walk_end >= req.end || walk_end <= req.start) break;
       req.start = walk_end;
     }
-    emit({kTraceSample, kSampleWritten, r.index, static_cast<uint32_t>(runs_.size()),
-          last_sample_ns_ - config_.start_ns, now - config_.start_ns});
-    for (const auto& run : runs_) {
-      const uint64_t pair[2] = {run.first, run.second};
-      emit_bytes(pair, sizeof(pair));
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    stats_.samples++;
-    stats_.sample_runs += runs_.size();
+    emit_sample(kSampleWritten, r.index, last_sample_ns_ - config_.start_ns, now - config_.start_ns);
   }
   last_sample_ns_ = now;
   std::lock_guard<std::mutex> lock(mu_);

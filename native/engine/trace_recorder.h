@@ -186,6 +186,8 @@ class TraceRecorder : public sys::FaultTap {
   void emit_change(const RangeChange& c);
   // A write-round sample of one range: its pages in written_ since the last round, as runs.
   void emit_written(uint16_t range, uint64_t end_ns);
+  // A sample record of either method followed by runs_, counted.
+  void emit_sample(uint8_t method, uint16_t range, uint64_t start_ns, uint64_t end_ns);
   void emit_bytes(const void* p, size_t n);
   void flush();
 
