@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll } from 'vitest';
 import { probe, type Capability } from '../lib/index.js';
@@ -48,6 +48,41 @@ export function runFixture(name: string, args: string[] = [], timeoutMs = 10_000
     ms: Date.now() - t0,
     progress: `reached ${lines.at(-1) ?? 'no line'}; stderr: ${res.stderr}`,
   };
+}
+
+/**
+ * Runs test/fixtures/NAME as {@link runFixture} does, but tells a deadlock from slowness by
+ * progress: the fixture prints a line per step, and is killed (SIGKILL) when no line came for
+ * `stallMs`, or after `totalMs` in all. `stalled` says which: a deadlocked fork never prints again,
+ * while a run that is only slow (the sanitizers, a loaded machine) keeps printing. Bounds on a
+ * whole run confused the two in CI (a sanitized run reached round 46 of 60 in 20 s: slow, not
+ * stuck).
+ */
+export function runFixtureWatched(name: string, args: string[], bounds: { stallMs: number; totalMs: number }): Promise<FixtureRun & { stalled: boolean }> {
+  const t0 = Date.now();
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [path.join(FIXTURES_DIR, name), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '', stderr = '', stalled = false;
+    const kill = (why: 'stall' | 'total') => {
+      stalled = why === 'stall';
+      child.kill('SIGKILL');
+    };
+    let stall = setTimeout(() => kill('stall'), bounds.stallMs);
+    const total = setTimeout(() => kill('total'), bounds.totalMs);
+    child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      stdout += d;
+      clearTimeout(stall);
+      stall = setTimeout(() => kill('stall'), bounds.stallMs);
+    });
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.on('close', (status, signal) => {
+      clearTimeout(stall);
+      clearTimeout(total);
+      const lines = stdout.split('\n').filter(Boolean);
+      const ms = Date.now() - t0;
+      resolve({ status, signal, stdout, stderr, lines, ms, stalled, progress: `reached ${lines.at(-1) ?? 'no line'} after ${ms} ms${signal ? (stalled ? `, no line for ${bounds.stallMs} ms` : `, past ${bounds.totalMs} ms in all`) : ''}; stderr: ${stderr}` });
+    });
+  });
 }
 
 /** Skips the running test, visibly, with the probe's reason, when a capability is absent. */

@@ -4,7 +4,7 @@
 import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
 import { mapAnonymous, Userfaultfd, access, Device, configureEngine, engineStats, type Fault, type Mapping } from '../lib/index.js';
-import { P, PAGE, within, fillPattern, requireCap, waitFor, runFixture } from './helpers.js';
+import { P, PAGE, within, fillPattern, requireCap, waitFor, runFixtureWatched } from './helpers.js';
 
 const N = 256;
 
@@ -164,17 +164,18 @@ describe('workers', () => {
     }
   });
 
-  it('forkAccess() with eventFork while 4 spinning workers serve JavaScript-handled faults never deadlocks', (ctx) => {
+  it('forkAccess() with eventFork while 4 spinning workers serve JavaScript-handled faults never deadlocks', async (ctx) => {
     requireCap(ctx, P.experiments.events, 'uffd events');
     // glibc's fork() holds the malloc locks until a worker reads the FORK event: no worker may
     // allocate or wait on a lock an allocating thread holds (see uffd-events.test.ts). In its own
     // process: such a deadlock cannot be interrupted.
-    const res = runFixture('events-fork-traffic.mjs', ['4', '4', 'adaptive'], 12_000);
+    const res = await runFixtureWatched('events-fork-traffic.mjs', ['4', '4', 'adaptive'], { stallMs: 10_000, totalMs: 60_000 });
     const { lines, progress } = res;
-    expect(res.signal, `the fixture deadlocked and was killed: ${progress}`).toBeNull();
+    expect(res.stalled, `the fixture deadlocked and was killed: ${progress}`).toBe(false);
+    expect(res.signal, `the fixture was killed: ${progress}`).toBeNull();
     expect(res.status, progress).toBe(0);
     expect(lines.at(-1)).toMatch(/^all rounds done: [1-9]\d* forks, [1-9]\d* faults/);
-  });
+  }, 70_000);
 
   it('close() while 2 workers resolve a copy rule under 2 threads: nobody stays asleep', async (ctx) => {
     requireCap(ctx, P.experiments.uffd, 'userfaultfd');

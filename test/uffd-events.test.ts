@@ -4,7 +4,7 @@
 import { describe, it, expect } from 'vitest';
 import fs from 'node:fs';
 import { mapAnonymous, Userfaultfd, access, forkAccess, type Mapping, type UffdEvent, type Fault } from '../lib/index.js';
-import { P, PAGE, requireCap, waitFor, within, fillPattern, written, runFixture } from './helpers.js';
+import { P, PAGE, requireCap, waitFor, within, fillPattern, written, runFixture, runFixtureWatched } from './helpers.js';
 
 // dist/ (which the fixtures import) is compiled once per run by test/global-setup.ts.
 
@@ -466,34 +466,36 @@ describe('FORK events', () => {
     }
   });
 
-  it('serve() followed at once by forkAccess() never deadlocks (glibc fork holds malloc locks while the event is unread)', (ctx) => {
+  it('serve() followed at once by forkAccess() never deadlocks (glibc fork holds malloc locks while the event is unread)', async (ctx) => {
     requireCap(ctx, P.experiments.events, 'uffd events');
     // In its own process, because the deadlock it looks for cannot be interrupted (the forking
     // thread sleeps in the kernel; every thread that then calls malloc sleeps on a lock). 300
     // rounds of: open with eventFork, serve, register, forkAccess; native threads keep the CPUs
     // busy meanwhile, so the new service thread is rarely running before the fork starts.
     // Under the sanitizers (npm run test:sanitize) a fork costs 15 times as much (ASan's shadow
-    // memory): fewer rounds, the same bound, which tells a deadlock from slowness. 300 rounds take
-    // 5.5-6 s at a load average of 4; at 10 a run reached round 171 in 10 s: the bound is 20 s.
+    // memory): fewer rounds. A deadlock is a round that never ends: no line for 10 s (a round takes
+    // well under 1 s even sanitized at a load average of 10); the whole run may take its time.
     const rounds = process.env.PAGEMIRROR_SANITIZED ? '60' : '300';
-    const res = runFixture('events-fork-race.mjs', [rounds], 20_000);
+    const res = await runFixtureWatched('events-fork-race.mjs', [rounds], { stallMs: 10_000, totalMs: 100_000 });
     const { lines, progress } = res;
-    expect(res.signal, `the fixture deadlocked and was killed: ${progress}`).toBeNull();
+    expect(res.stalled, `the fixture deadlocked and was killed: ${progress}`).toBe(false);
+    expect(res.signal, `the fixture was killed: ${progress}`).toBeNull();
     expect(res.status, progress).toBe(0);
     expect(lines.at(-1)).toBe('all rounds done');
-  }, 40_000);
+  }, 110_000);
 
-  it('forkAccess() while JavaScript-handled faults keep arriving never deadlocks', (ctx) => {
+  it('forkAccess() while JavaScript-handled faults keep arriving never deadlocks', async (ctx) => {
     requireCap(ctx, P.experiments.events, 'uffd events');
     // Same hazard, other path: the service thread no longer allocates, but it waits for locks the
     // JavaScript thread holds while allocating (the pending batch, outstanding()). 6 s of faults
     // resolved in JavaScript on 4 threads, with forks of a registered mapping all along.
-    const res = runFixture('events-fork-traffic.mjs', ['6'], 14_000);
+    const res = await runFixtureWatched('events-fork-traffic.mjs', ['6'], { stallMs: 10_000, totalMs: 60_000 });
     const { lines, progress } = res;
-    expect(res.signal, `the fixture deadlocked and was killed: ${progress}`).toBeNull();
+    expect(res.stalled, `the fixture deadlocked and was killed: ${progress}`).toBe(false);
+    expect(res.signal, `the fixture was killed: ${progress}`).toBeNull();
     expect(res.status, progress).toBe(0);
     expect(lines.at(-1)).toMatch(/^all rounds done: [1-9]\d* forks, [1-9]\d* faults/);
-  });
+  }, 70_000);
 });
 
 describe('EAGAIN while an event is unread', () => {
