@@ -470,7 +470,7 @@ describe('pagemirror replay', () => {
     const h = run('--help');
     expect(h.status).toBe(0);
     expect(h.stdout).toMatch(/^usage: pagemirror replay TRACE/);
-  });
+  }, 60000); // 10 processes: under the sanitizers on a loaded machine one takes seconds to start
 });
 
 describe('ranges that come and go while recording (format version 2)', () => {

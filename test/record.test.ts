@@ -2,7 +2,7 @@
 // program attached through the preload shim, its output checked against a run without the shim,
 // then replayed under two device-memory sizes and two link presets.
 import { describe, it, expect } from 'vitest';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -17,7 +17,20 @@ const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const cli = path.join(root, 'dist', 'cli.js');
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'pm-record-test-'));
 
-const pm = (args: string[], timeout = 180_000) => spawnSync(process.execPath, [cli, ...args], { env: attachEnv(), cwd: tmp, timeout, maxBuffer: 1 << 30 });
+// Asynchronous: a recording under load outlasts the watchdog's 60 s bound on a blocked JavaScript thread.
+const pm = (args: string[], timeout = 180_000) =>
+  new Promise<{ status: number | null; stdout: Buffer; stderr: Buffer }>((resolve, reject) => {
+    const child = spawn(process.execPath, [cli, ...args], { env: attachEnv(), cwd: tmp, stdio: ['ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [], err: Buffer[] = [];
+    child.stdout.on('data', (d: Buffer) => out.push(d));
+    child.stderr.on('data', (d: Buffer) => err.push(d));
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeout);
+    child.on('error', reject);
+    child.on('close', (status) => {
+      clearTimeout(timer);
+      resolve({ status, stdout: Buffer.concat(out), stderr: Buffer.concat(err) });
+    });
+  });
 
 interface Row {
   policy: string;
@@ -26,18 +39,18 @@ interface Row {
 }
 
 describe('pagemirror record', () => {
-  it('--help, and usage errors with exit status 2', { timeout: 60_000 }, () => {
-    const h = pm(['record', '--help']);
+  it('--help, and usage errors with exit status 2', { timeout: 60_000 }, async () => {
+    const h = await pm(['record', '--help']);
     expect(h.status).toBe(0);
     expect(h.stdout.toString()).toMatch(/usage: pagemirror record/);
-    expect(pm(['record']).status).toBe(2);
-    expect(pm(['record', '--sample-interval', 'x', '--', 'true']).status).toBe(2);
+    expect((await pm(['record'])).status).toBe(2);
+    expect((await pm(['record', '--sample-interval', 'x', '--', 'true'])).status).toBe(2);
     // Samples are the write-protect rounds: one interval, not two.
-    const both = pm(['record', '--sample-interval', '100', '--wp-interval', '200', '--', 'true']);
+    const both = await pm(['record', '--sample-interval', '100', '--wp-interval', '200', '--', 'true']);
     expect(both.status).toBe(2);
     expect(both.stderr.toString()).toMatch(/--sample-interval 100 and --wp-interval 200 differ/);
-    expect(pm(['record', '--out', '', '--', 'true']).status).toBe(2);
-    expect(pm(['record', '--no-such', '--', 'true']).status).toBe(2);
+    expect((await pm(['record', '--out', '', '--', 'true'])).status).toBe(2);
+    expect((await pm(['record', '--no-such', '--', 'true'])).status).toBe(2);
   });
 
   it('the text report is headed by the command and counts bytes in the result\'s page size', () => {
@@ -78,7 +91,7 @@ describe('pagemirror record', () => {
     expect(plain.status).toBe(0);
 
     const trace = path.join(tmp, 'sort.pmtrace');
-    const rec = pm(['record', '--resident', '4M', '--threshold', '1M', '--out', trace, '--sample-interval', '200', '--json', '--', ...argv]);
+    const rec = await pm(['record', '--resident', '4M', '--threshold', '1M', '--out', trace, '--sample-interval', '500', '--json', '--', ...argv]);
     const err = rec.stderr.toString();
     expect(rec.status, err.slice(0, 2000)).toBe(0);
     expect(Buffer.compare(rec.stdout, plain.stdout)).toBe(0);
@@ -122,13 +135,13 @@ describe('pagemirror record', () => {
     expect(range0Faults).toBeGreaterThan(0);
     const small = Math.max(4, Math.floor(rangeBytes / 4 / 4096) * 4);
     const large = (rangeBytes * 4) / 1024;
-    const replay = (out: string) => {
-      const r = pm(['replay', trace, '--link', 'pcie3x16,nvlink-c2c', '--device-memory', `${small}K,${large}K`, '--placement', 'device', '--eviction', 'fifo', '--json', '--out', path.join(tmp, out)], 300_000);
+    const replay = async (out: string) => {
+      const r = await pm(['replay', trace, '--link', 'pcie3x16,nvlink-c2c', '--device-memory', `${small}K,${large}K`, '--placement', 'device', '--eviction', 'fifo', '--json', '--out', path.join(tmp, out)], 300_000);
       expect(r.status, r.stderr.toString().slice(0, 2000)).toBe(0);
       return JSON.parse(r.stdout.toString()) as { rows: Row[]; files: string[]; trace: { header: { ranges: { length: number }[] } } };
     };
-    const a = replay('a');
-    const b = replay('b');
+    const a = await replay('a');
+    const b = await replay('b');
     const strip = (rows: Row[]) => rows.map((r) => ({ ...r, result: { ...r.result, hostNs: 0 } }));
     expect(a.rows.length).toBe(4);
     expect(strip(a.rows)).toEqual(strip(b.rows));
@@ -156,7 +169,7 @@ describe('pagemirror record: ranges that come and go', () => {
     const cc = spawnSync('cc', ['-O2', '-o', exe, path.join(FIXTURES_DIR, 'record-ranges.c')], { encoding: 'utf8', timeout: 60_000 });
     if (cc.error || cc.status !== 0) ctx.skip(`cannot compile with the system cc: ${cc.error?.message ?? cc.stderr.split('\n')[0]}`);
     const trace = path.join(tmp, 'ranges.pmtrace');
-    const r = pm(['record', '--threshold', '1M', '--out', trace, '--sample-interval', '0', '--', exe]);
+    const r = await pm(['record', '--threshold', '1M', '--out', trace, '--sample-interval', '0', '--', exe]);
     const err = r.stderr.toString();
     expect(r.status, err.slice(0, 2000)).toBe(0);
     // The text report is record's (run's report counts C, at A's address and length, as A again).
@@ -183,7 +196,7 @@ describe('pagemirror record: ranges that come and go', () => {
     expect(records.findIndex((x) => x.type === 'range-removed' && x.range === a)).toBeGreaterThan(records.findLastIndex((x) => x.type === 'fault' && x.range === a));
     // pagemirror replay takes a range added while recording, under two policies: C's 1024 first
     // touches in 256 pages of device memory evict; in 4096 they do not.
-    const rp = pm(['replay', trace, '--range', String(c), '--device-memory', `${256 * PAGE},${4096 * PAGE}`, '--placement', 'device', '--eviction', 'fifo', '--json'], 120_000);
+    const rp = await pm(['replay', trace, '--range', String(c), '--device-memory', `${256 * PAGE},${4096 * PAGE}`, '--placement', 'device', '--eviction', 'fifo', '--json'], 120_000);
     expect(rp.status, rp.stderr.toString().slice(0, 2000)).toBe(0);
     const j = JSON.parse(rp.stdout.toString()) as { rows: Row[]; trace: { ranges: { index: number; start: string }[] } };
     expect(j.trace.ranges[c]).toMatchObject({ index: c, start: out['C']!.address });
