@@ -182,24 +182,25 @@ export interface RunResult {
 }
 
 /** Pages of [address, address + length) mapped in pid (pagemap's present bit). */
-function presentPages(fd: number, address: bigint, length: number, buf: Buffer): bigint[] {
+function presentPages(fd: number, address: bigint, length: number, buf: Buffer): number[] {
   const n = length / PAGE;
   const need = n * 8;
   const b = buf.length >= need ? buf : Buffer.alloc(need);
   const got = fs.readSync(fd, b, 0, need, Number(address / BigInt(PAGE)) * 8);
-  const out: bigint[] = [];
-  for (let i = 0; i < got / 8; i++) if (b.readBigUInt64LE(i * 8) >> 63n) out.push(address + BigInt(i * PAGE));
+  const out: number[] = [];
+  // Bit 63 (present) is bit 31 of the entry's high word: read as a number, not a BigInt. This runs
+  // every sampling interval over every attached page.
+  for (let i = 0; i < got / 8; i++) if (b.readUInt32LE(i * 8 + 4) >>> 31) out.push(i);
   return out;
 }
 
-/** Ascending page addresses as runs [first address, pages]. */
-function runsOf(pages: bigint[]): [bigint, number][] {
-  const out: [bigint, number][] = [];
-  const page = BigInt(PAGE);
-  for (const a of pages) {
+/** Ascending page indices as runs [first index, pages]. */
+function runsOf(pages: number[]): [number, number][] {
+  const out: [number, number][] = [];
+  for (const i of pages) {
     const last = out[out.length - 1];
-    if (last && last[0] + BigInt(last[1]) * page === a) last[1]++;
-    else out.push([a, 1]);
+    if (last && last[0] + last[1] === i) last[1]++;
+    else out.push([i, 1]);
   }
   return out;
 }
@@ -216,7 +217,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   const rangeInfo = new Map<string, RangeReport>();
   // Host-resident pages in the hand's order (fifo: oldest first; clock: the ring, the hand at the
   // front, a second chance moving a page to the back): key "client id:address".
-  const queue = new Map<string, { c: RemoteClient; a: bigint; r: RangeReport }>();
+  const queue = new Map<string, { c: RemoteClient; a: number; r: RangeReport }>();
   // Clock's reference bits: pages that faulted since the hand last passed them.
   const referenced = new Set<string>();
   let secondChances = 0;
@@ -238,7 +239,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     }
     for (const t of touches) {
       const k = `${c.id}:${t.address}`;
-      if (!t.prefetch) referenced.add(k);
+      if (!t.prefetch && o.eviction === 'clock' && o.resident !== undefined) referenced.add(k);
       if (t.write) writtenNow.add(k);
     }
   };
@@ -328,7 +329,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
       if (fd === undefined) continue;
       for (const r of c.ranges) {
         const info = rangeOf(c, r);
-        let pages: bigint[];
+        let pages: number[];
         try {
           pages = presentPages(fd, r.address, r.length, buf);
         } catch {
@@ -336,7 +337,12 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
         }
         info.peakResidentPages = Math.max(info.peakResidentPages, pages.length);
         resident += pages.length;
-        for (const a of pages) {
+        if (limit === undefined) continue; // nothing is evicted: the counts are all
+        // As numbers (exact: mmap without a high hint places memory below 2^47), keyed as the touch
+        // log's bigints print.
+        const base = Number(r.address);
+        for (const i of pages) {
+          const a = base + i * PAGE;
           const k = `${c.id}:${a}`;
           seen.add(k);
           if (!queue.has(k) && r.shared) queue.set(k, { c, a, r: info });
@@ -362,7 +368,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
         queue.delete(k);
         referenced.delete(k);
         try {
-          const n = v.c.evict(v.a, PAGE);
+          const n = v.c.evict(BigInt(v.a), PAGE);
           evictedByLimit += n;
           v.r.migratedToDevice += n;
           excess -= n;
@@ -410,15 +416,15 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
       if (fd === undefined) continue;
       for (const r of c.ranges) {
         if (!r.shared || !r.modes.includes('wp')) continue;
-        let pages: bigint[];
+        let pages: number[];
         try {
           pages = presentPages(fd, r.address, r.length, buf);
         } catch {
           continue; // the process is exiting
         }
-        for (const [start, n] of runsOf(pages)) {
+        for (const [first, n] of runsOf(pages)) {
           try {
-            c.writeProtect(start, n * PAGE);
+            c.writeProtect(r.address + BigInt(first * PAGE), n * PAGE);
           } catch (err) {
             const code = (err as { code?: string }).code;
             // The program let go of the range (or part of it) since the pagemap read.
