@@ -65,7 +65,7 @@ export interface RemoteClientCounters {
   restored: number;
   /** Of those, pages brought back because the client took their range back (UNREGISTER). */
   restoredOnRelease: number;
-  /** Of those, pages brought back along with a faulting page before them ({@link RemoteClient.setPrefetch}). */
+  /** Of those, pages brought back along with a faulting page before them ({@link RemoteClient.configure}, prefetch). */
   prefetched: number;
   /** Pages write-protected by {@link RemoteClient.writeProtect}. */
   protectedPages: number;
