@@ -218,8 +218,10 @@ options:
                          pcie4x16, pcie5x16, nvlink-c2c or cxl (docs/link-model.md; default none)
   --threads N            device threads (default: the trace's threads, at most 64)
   --window N             accesses per replay step (default: the fault batch)
-  --range N              the trace range to replay (default 0; any index, a range added while
-                         recording too: the JSON output lists the trace's ranges)
+  --range N|all          what to replay: all (default) puts every range of the trace on pages of
+                         its own, one after another, so the device sees the whole program; N one
+                         range (any index, a range added while recording too: the JSON output
+                         lists the trace's ranges and each result's layout)
   --no-samples           replay only the faults, not the sampled writes
   --json                 the results as JSON on stdout
   --out DIR              also write a JSON + HTML report to DIR
@@ -627,8 +629,9 @@ const COMMANDS: Record<string, Command> = {
       const replay = {
         threads: one('threads', values.threads, count('threads', 64)),
         window: one('window', values.window, count('window', 1 << 20)),
-        range: one('range', values.range, (x) => {
-          if (!/^\d+$/.test(x) || Number(x) > 65534) throw new UsageError(`--range must be a range index from 0 to 65534, got '${x}'`, 'replay');
+        range: one('range', values.range, (x): number | 'all' => {
+          if (x === 'all') return x;
+          if (!/^\d+$/.test(x) || Number(x) > 65534) throw new UsageError(`--range must be all or a range index from 0 to 65534, got '${x}'`, 'replay');
           return Number(x);
         }),
         samples: values['no-samples'] !== true,

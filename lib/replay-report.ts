@@ -5,7 +5,7 @@ import path from 'node:path';
 import { Device, type DeviceOptions } from './device.js';
 import { mapAnonymous } from './mapping.js';
 import { readTrace } from './trace.js';
-import type { ReplayOptions, ReplayResult } from './replay.js';
+import { replayLayout, type ReplayOptions, type ReplayResult } from './replay.js';
 import { barChartSvg, textTable, writeReport, type Table } from './bench/report.js';
 import { benchEnv } from './bench/env.js';
 
@@ -34,14 +34,14 @@ function label(d: DeviceOptions): string {
 /** Replays the trace under each policy in turn. */
 export async function replayPolicies(tracePath: string, policies: DeviceOptions[], options: ReplayOptions, progress?: (line: string) => void): Promise<{ trace: Awaited<ReturnType<typeof readTrace>>; rows: ReplayRow[] }> {
   const trace = await readTrace(tracePath);
-  const range = trace.ranges[options.range ?? 0];
-  if (!range) throw Object.assign(new RangeError(`range ${options.range} is not in the trace (it has ${trace.ranges.length})`), { code: 'ERR_OUT_OF_RANGE' });
+  // The mirror covers what is replayed: one range, or all of them one after another.
+  const bytes = replayLayout(trace, options.range ?? 'all').reduce((n, l) => n + l.pages, 0) * trace.header.pageSize;
   const rows: ReplayRow[] = [];
   for (const device of policies) {
     const policy = label(device);
     progress?.(`replaying under ${policy}`);
     const dev = Device.create(device);
-    const m = mapAnonymous(range.length, { noReserve: true });
+    const m = mapAnonymous(bytes, { noReserve: true });
     try {
       rows.push({ policy, device, result: await dev.mirror(m).replay(trace, options) });
     } finally {

@@ -410,6 +410,7 @@ describe('replay through a device', () => {
       const mirror = dev.mirror(m);
       await expect(mirror.replay(tracePath)).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
       await expect(mirror.replay(tracePath, { range: 1 })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+      await expect(mirror.replay(tracePath, { range: 'every' as never })).rejects.toMatchObject({ code: 'ERR_INVALID_ARG_TYPE' });
       await expect(mirror.replay(tracePath, { threads: 0 })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
       await expect(mirror.replay(42 as unknown as string)).rejects.toMatchObject({ code: 'ERR_INVALID_ARG_TYPE' });
       await expect(mirror.replay(file('missing.pmtrace'))).rejects.toMatchObject({ code: 'ENOENT' });
@@ -520,12 +521,27 @@ describe('ranges that come and go while recording (format version 2)', () => {
     const dev = Device.create({ memory: 64 * PAGE });
     const mem = mapAnonymous(n * PAGE);
     try {
-      const r1 = await within(dev.mirror(mem).replay(t, { range: 1 }), 20000, 'replay of range 1');
-      expect(r1).toMatchObject({ fromFaults: 6, accesses: 6 });
+      const mirror = dev.mirror(mem);
+      const r1 = await within(mirror.replay(t, { range: 1 }), 20000, 'replay of range 1');
+      expect(r1).toMatchObject({ fromFaults: 6, accesses: 6, layout: [{ range: 1, firstPage: 0, pages: n }] });
       await expect(dev.mirror(mapAnonymous(PAGE)).replay(t, { range: 3 })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+      // The default is the whole program: every range on pages of its own, one after another. A
+      // mirror that covers one range is refused, saying how many pages all of them need.
+      await expect(mirror.replay(t)).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE', message: expect.stringMatching(new RegExp(`3 ranges have ${3 * n} pages`)) });
     } finally {
       dev.close();
       mem.close();
+    }
+    const whole = mapAnonymous(3 * n * PAGE);
+    const dev2 = Device.create({ memory: 64 * PAGE, placement: 'device' });
+    try {
+      const all = await within(dev2.mirror(whole).replay(t, { range: 'all', threads: 1 }), 20000, 'replay of all ranges');
+      expect(all).toMatchObject({ fromFaults: 4 + 6 + 2, accesses: 12, layout: [{ range: 0, firstPage: 0, pages: n }, { range: 1, firstPage: n, pages: n }, { range: 2, firstPage: 2 * n, pages: n }] });
+      // Each range's pages went to its own place: 12 distinct pages migrated to the device.
+      expect(all.toDevice['device-fault']).toBe(12);
+    } finally {
+      dev2.close();
+      whole.close();
     }
   }, 30000);
 

@@ -417,7 +417,7 @@ export function targets(lib, ctx) {
       ['migrateToHost', [int(SMALL, FAR), int(NPAGES, [0])], { async: true }],
       ['snapshot', [int(SMALL, FAR, { optional: true }), int(NPAGES, [0, 2 ** 40], { optional: true })]],
       ['info', []],
-      ['replay', [tracePath(), options({ range: int([0], [1, 2 ** 40], { optional: true }), threads: int([1, 2], [0, 65], { optional: true }), window: int([0, 4], [2 ** 21], { optional: true }), samples: bool(), seed: int([1], [], { optional: true }) })], { async: true }],
+      ['replay', [tracePath(), options({ range: (r, c) => (r() < 0.3 ? (r() < 0.5 ? { value: 'all', kind: 'valid' } : { value: 'every', kind: 'bad' }) : int([0], [1, 2 ** 40], { optional: true })(r, c)), threads: int([1, 2], [0, 65], { optional: true }), window: int([0, 4], [2 ** 21], { optional: true }), samples: bool(), seed: int([1], [], { optional: true }) })], { async: true }],
       ['forkRun', [forkSteps(), options(forkOptions)], { async: true, rare: true }],
       ['close', []],
     ].map(([m, params, extra]) =>
