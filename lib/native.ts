@@ -530,12 +530,12 @@ export interface NativeServerEvent {
 }
 export interface NativeFaultServer {
   drop(id: number): void;
-  stats(): { accepted: number; refusedUid: number; refusedFull: number; protocolErrors: number; refusals: number; ended: number; connections: number };
+  stats(): { accepted: number; refusedUid: number; refusedFull: number; protocolErrors: number; refusals: number; ended: number; helloTimeouts: number; connections: number };
   close(): void;
 }
 
 export interface NativeAddon {
-  listenFaultServer(path: string, allowUids: number[] | undefined, maxClients: number, callback: (events: NativeServerEvent[]) => void): NativeFaultServer;
+  listenFaultServer(path: string, allowUids: number[] | undefined, maxClients: number, callback: (events: NativeServerEvent[]) => void, helloTimeoutMs?: number): NativeFaultServer;
   createDevice(options: Record<string, unknown>): NativeDevice;
   createPager(region: NativeMapping, options: Record<string, unknown>): NativePager;
   map(options: Record<string, unknown>): NativeMapping;

@@ -22,6 +22,13 @@ export interface FaultServerOptions {
   /** Connections at once (1..4096); one more gets an EUSERS reply and is closed. @default 64 */
   maxClients?: number;
   /**
+   * A connection that sends no HELLO within this many ms of being accepted (1..600000) gets an
+   * ETIMEDOUT reply and is closed, so peers that connect and stay silent cannot hold the
+   * maxClients slots. The C client says HELLO as soon as it connects.
+   * @default 10000
+   */
+  helloTimeoutMs?: number;
+  /**
    * 'default' (the default): each client is served at once by a native policy: a missing page comes
    * back from the pool when the server took it there ({@link RemoteClient.evict}), else a zero page;
    * a minor fault is continued (the page of the client's memfd); a WP fault is un-protected.
@@ -129,6 +136,8 @@ export interface FaultServerStats {
   protocolErrors: number;
   /** Connections ended. */
   ended: number;
+  /** Of those, connections that sent no HELLO within helloTimeoutMs (each got an ETIMEDOUT reply). */
+  helloTimeouts: number;
   /** Connections open now. */
   connections: number;
 }
@@ -341,11 +350,11 @@ export class FaultServer {
   /** The socket's path. */
   readonly path: string;
 
-  private constructor(path: string, options: FaultServerOptions, policy: 'default' | 'manual', allowUids: number[] | undefined, maxClients: number) {
+  private constructor(path: string, options: FaultServerOptions, policy: 'default' | 'manual', allowUids: number[] | undefined, maxClients: number, helloTimeoutMs: number) {
     this.path = path;
     this.#options = options;
     this.#policy = policy;
-    this.#n = native.listenFaultServer(path, allowUids, maxClients, (events) => this.#dispatch(events));
+    this.#n = native.listenFaultServer(path, allowUids, maxClients, (events) => this.#dispatch(events), helloTimeoutMs);
   }
 
   /**
@@ -378,7 +387,8 @@ export class FaultServer {
       allowUids = options.allowUids.map((u, i) => checkInteger(`allowUids[${i}]`, u, 0, 0xfffffffe));
     }
     const maxClients = checkInteger('maxClients', options.maxClients ?? 64, 1, 4096);
-    return new FaultServer(path, options, policy, allowUids, maxClients);
+    const helloTimeoutMs = checkInteger('helloTimeoutMs', options.helloTimeoutMs ?? 10000, 1, 600000);
+    return new FaultServer(path, options, policy, allowUids, maxClients, helloTimeoutMs);
   }
 
   /** Clients connected now (those past their first REGISTER). */

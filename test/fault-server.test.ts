@@ -262,6 +262,36 @@ describe('fault server: who may connect', () => {
     expect(await finish(a, 15_000)).toEqual({ bad: 0, lost: 0 });
     await server.json('exit', 10_000);
   });
+
+  it('ends a connection that says no HELLO within helloTimeoutMs (ETIMEDOUT reply): silent peers cannot hold the slots', { timeout: 30_000 }, async (ctx) => {
+    needUffd(ctx, false);
+    const sock = sockPath('silent');
+    const server = await FaultServer.listen(sock, { maxClients: 1, helloTimeoutMs: 300 });
+    try {
+      // A peer that connects and sends nothing: before, it held the only slot for good. (The
+      // socket is SOCK_SEQPACKET, which node:net cannot open: python3, which node-gyp needs.)
+      const py = 'import socket,sys\ns=socket.socket(socket.AF_UNIX,socket.SOCK_SEQPACKET)\ns.connect(sys.argv[1])\nprint("CONNECTED",flush=True)\nd=s.recv(64)\nprint("REPLY",d.hex(),flush=True)\nprint("CLOSED",len(s.recv(64)),flush=True)\n';
+      const silent = new Lines(spawn('python3', ['-c', py, sock], { stdio: ['ignore', 'pipe', 'pipe'] }));
+      const connected = await silent.next((l) => l.startsWith('CONNECTED') || l.startsWith('Trace'), 10_000, 'python3 to connect').catch((e: Error) => e.message);
+      if (connected !== 'CONNECTED') ctx.skip(`python3 could not open a SOCK_SEQPACKET connection: ${connected}`);
+      const refused = startDemo(sock, 4, 'attach');
+      expect(await refused.next((l) => l.startsWith('ERR') || l.startsWith('READY'), 10_000, 'the refusal')).toBe('ERR pm_connect 87'); // EUSERS: the slot is taken
+      const reply = Buffer.from((await silent.next((l) => l.startsWith('REPLY'), 5_000, 'the reply')).split(' ')[1]!, 'hex');
+      expect(reply.length).toBe(24); // pm_reply: header (16) + error + value
+      expect(reply.readInt32LE(16)).toBe(-110); // -ETIMEDOUT
+      expect(await silent.next((l) => l.startsWith('CLOSED'), 5_000, 'the close')).toBe('CLOSED 0');
+      expect(server.stats()).toMatchObject({ helloTimeouts: 1, connections: 0 });
+      // The slot is free again: a client that says HELLO at once is served.
+      const a = startDemo(sock, 4, 'attach');
+      expect(await a.next((l) => l.startsWith('ERR') || l.startsWith('READY'), 10_000, 'READY')).toMatch(/^READY/);
+      a.send('GO');
+      expect(await finish(a, 15_000)).toEqual({ bad: 0, lost: 0 });
+      expect(server.stats().helloTimeouts).toBe(1);
+    } finally {
+      await server.close();
+    }
+    await expect(FaultServer.listen(sockPath('badhello'), { helloTimeoutMs: 0 })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+  });
 });
 
 describe('pagemirror serve', () => {

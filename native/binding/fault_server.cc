@@ -225,6 +225,11 @@ Napi::Value FaultServerWrap::Listen(const Napi::CallbackInfo& info) {
   const int64_t max = ToI64(info[2], "maxClients");
   if (max < 1 || max > 4096) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "maxClients must be 1..4096");
   o.max_clients = static_cast<unsigned>(max);
+  if (info.Length() > 4 && !info[4].IsUndefined()) {
+    const int64_t t = ToI64(info[4], "helloTimeoutMs");
+    if (t < 1 || t > 600000) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "helloTimeoutMs must be 1..600000");
+    o.hello_timeout_ms = static_cast<uint64_t>(t);
+  }
   Napi::Object obj = server_ctor(env)->New({Napi::External<void>::New(env, nullptr)});
   FaultServerWrap* self = Unwrap(obj);
   self->env_ = env;
@@ -295,6 +300,7 @@ Napi::Value FaultServerWrap::Stats(const Napi::CallbackInfo& info) {
   o.Set("protocolErrors", static_cast<double>(s.protocol_errors));
   o.Set("refusals", static_cast<double>(s.refusals));
   o.Set("ended", static_cast<double>(s.ended));
+  o.Set("helloTimeouts", static_cast<double>(s.hello_timeouts));
   o.Set("connections", static_cast<double>(s.clients));
   return o;
 }

@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "../client/pm_proto.h"
+#include "../sys/access.h"
 #include "../sys/file.h"
 #include "../sys/mem.h"
 #include "../sys/uapi.h"
@@ -443,8 +444,9 @@ void FaultServer::end(uint64_t id) {
 
 void FaultServer::loop() {
   epoll_event evs[32];
+  int timeout_ms = -1;
   for (;;) {
-    int n = ::epoll_wait(epfd_, evs, 32, -1);
+    int n = ::epoll_wait(epfd_, evs, 32, timeout_ms);
     if (n < 0) {
       if (errno == EINTR) continue;
       return;
@@ -463,8 +465,33 @@ void FaultServer::loop() {
       std::lock_guard<std::mutex> lock(mu_);
       notify |= events_.size() != before;
     }
+    {
+      // After the accepts: a connection accepted just now has its deadline in the next wait.
+      std::lock_guard<std::mutex> lock(mu_);
+      timeout_ms = end_silent();
+    }
     if (notify && notify_) notify_();
   }
+}
+
+int FaultServer::end_silent() {
+  const uint64_t now = sys::now_ns(), limit = options_.hello_timeout_ms * 1000000ull;
+  uint64_t next = UINT64_MAX;
+  std::vector<uint64_t> silent;
+  for (const auto& [id, c] : conns_) {
+    if (c.hello || c.ended) continue;
+    if (now - c.accepted_ns >= limit) silent.push_back(id);
+    else next = std::min(next, c.accepted_ns + limit - now);
+  }
+  for (uint64_t id : silent) {
+    pm_reply r{};
+    r.h = {PM_PROTO_MAGIC, PM_PROTO_VERSION, PM_MSG_REPLY, sizeof r, 0};
+    r.error = -ETIMEDOUT;
+    sys::send_packet(conns_[id].fd, &r, sizeof r, nullptr, 0, true);
+    stats_.hello_timeouts++;
+    end(id);
+  }
+  return next == UINT64_MAX ? -1 : static_cast<int>(std::min<uint64_t>(next / 1000000 + 1, INT32_MAX));
 }
 
 void FaultServer::accept_all() {
@@ -509,6 +536,7 @@ void FaultServer::accept_all() {
     c.pid = pid;
     c.uid = uid;
     c.gid = gid;
+    c.accepted_ns = sys::now_ns();
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLRDHUP;
     ev.data.u64 = id;

@@ -158,9 +158,13 @@ class FaultServer {
   struct Options {
     std::vector<uint32_t> allow_uids;  // empty: the server's own effective uid only
     unsigned max_clients = 64;
+    // A connection that has not said HELLO this long after it was accepted is ended: a peer that
+    // connects and stays silent would otherwise hold one of max_clients' slots for good.
+    uint64_t hello_timeout_ms = 10000;
   };
   struct Stats {
     uint64_t accepted = 0, refused_uid = 0, refused_full = 0, protocol_errors = 0, refusals = 0, ended = 0;
+    uint64_t hello_timeouts = 0;  // connections ended for saying nothing within hello_timeout_ms
     uint64_t clients = 0;  // connections open now
   };
 
@@ -189,12 +193,15 @@ class FaultServer {
     int pid = 0;
     uint32_t uid = 0, gid = 0;
     bool hello = false;
+    uint64_t accepted_ns = 0;  // for the HELLO deadline
     bool announced = false;  // JavaScript has the client: it must release it before the close
     bool ended = false;
     std::shared_ptr<RemoteClient> client;
   };
   void loop();
   void accept_all();
+  // Ends the connections past their HELLO deadline; returns the ms until the next one's, or -1.
+  int end_silent();
   void serve_conn(uint64_t id);
   // Handles one packet; closes every descriptor it does not keep. Returns 0 or -errno to reply;
   // *fatal: the connection ends after the reply.

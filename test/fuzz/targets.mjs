@@ -483,6 +483,7 @@ export function targets(lib, ctx) {
             return { value: [-1, 'x', {}, [-1], [1.5], [2 ** 32], ['0']][Math.floor(r() * 7)], kind: 'bad' };
           },
           maxClients: int([1, 4], [0, 4097], { optional: true }),
+          helloTimeoutMs: int([100, 10000], [0, 600001], { optional: true }),
           policy: oneOf(['default'], { optional: true, edge: ['manual'] }),
           beforeServe: fn(),
           onClient: fn(),
