@@ -408,8 +408,15 @@ Napi::Value Userfaultfd::ResolveRange(const Napi::CallbackInfo& info, const char
   return ResolveResult(env, rc, done, start, len, name);
 }
 
+namespace {
+// ZEROPAGE, and where it meets a uffd-wp marker a write-protected zero page (sys::uffd_zero_fill).
+int zero_fill(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done) {
+  return sys::uffd_zero_fill(fd, start, len, mode, done, nullptr);
+}
+}  // namespace
+
 Napi::Value Userfaultfd::Zeropage(const Napi::CallbackInfo& info) {
-  return ResolveRange<sys::uffd_zeropage>(info, "ioctl(UFFDIO_ZEROPAGE)");
+  return ResolveRange<zero_fill>(info, "ioctl(UFFDIO_ZEROPAGE)");
 }
 
 Napi::Value Userfaultfd::Continue(const Napi::CallbackInfo& info) {
@@ -565,7 +572,7 @@ Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
     int rc;
     switch (act) {
       case kCopy: rc = sys::uffd_copy(fd, dst, src, len, resolve_mode, &done); break;
-      case kZero: rc = sys::uffd_zeropage(fd, dst, len, resolve_mode, &done); break;
+      case kZero: rc = zero_fill(fd, dst, len, resolve_mode, &done); break;
       case kContinue: rc = sys::uffd_continue(fd, dst, len, resolve_mode, &done); break;
       case kMove: rc = sys::uffd_move(fd, dst, src, len, resolve_mode, &done); break;
       case kPoison: rc = sys::uffd_poison(fd, dst, len, resolve_mode, &done); break;
@@ -786,6 +793,7 @@ Napi::Value Userfaultfd::Stats(const Napi::CallbackInfo& info) {
   o.Set("batches", static_cast<double>(s.batches));
   o.Set("maxBatch", static_cast<double>(s.max_batch));
   o.Set("eexist", static_cast<double>(s.eexist));
+  o.Set("markerFills", static_cast<double>(s.marker_fills));
   o.Set("eagain", static_cast<double>(s.eagain));
   o.Set("errors", static_cast<double>(s.errors));
   o.Set("serviceNs", static_cast<double>(s.service_ns));
@@ -847,7 +855,6 @@ void Userfaultfd::StopService() {
 // registrations up). A resolve that fails (a huge page resolved with the base size, memory gone)
 // still wakes the faulter: it faults again, and that fault is delivered.
 void Userfaultfd::ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp, uint64_t page) {
-  alignas(4096) static const char zeros[1 << 16] = {};  // in .bss: no allocation, pages up to 64 KiB
   if (page == 0) page = sys::page_size();
   const uint64_t a = f.address & ~(page - 1);
   int64_t done = 0;
@@ -856,11 +863,11 @@ void Userfaultfd::ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp, ui
     rc = sys::uffd_writeprotect(fd_, a, page, 0);
   } else if (f.flags & UFFD_PAGEFAULT_FLAG_MINOR) {
     rc = sys::uffd_continue(fd_, a, page, 0, &done);
-  } else if (page > sizeof zeros || keep_wp) {
-    const void* src = page <= sizeof zeros ? static_cast<const void*>(zeros) : (page <= zero_huge_len_ ? zero_huge_ : nullptr);
+  } else if (page > sys::kZeroSourceBytes || keep_wp) {
+    const void* src = page <= sys::kZeroSourceBytes ? sys::zero_source() : (page <= zero_huge_len_ ? zero_huge_ : nullptr);
     rc = src ? sys::uffd_copy(fd_, a, reinterpret_cast<uint64_t>(src), page, keep_wp ? UFFDIO_COPY_MODE_WP : 0, &done) : -EINVAL;
   } else {
-    rc = sys::uffd_zeropage(fd_, a, page, 0, &done);
+    rc = zero_fill(fd_, a, page, 0, &done);
   }
   if (rc) sys::uffd_wake(fd_, a, page);
 }

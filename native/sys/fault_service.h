@@ -67,6 +67,7 @@ struct ServiceStats {
   uint64_t batches = 0;        // sink calls
   uint64_t max_batch = 0;      // most messages in one read
   uint64_t eexist = 0;         // resolves that found the page present (a race, treated as success)
+  uint64_t marker_fills = 0;   // zero rules' pages filled over a uffd-wp marker (kept write-protected)
   uint64_t eagain = 0;         // resolves retried because an event was unread
   uint64_t errors = 0;         // fast-path resolves that failed and were forwarded instead
   uint64_t service_ns = 0;     // time spent resolving on the fast path

@@ -8,6 +8,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "mem.h"
 #include "uapi.h"
 
 namespace pm::sys {
@@ -153,6 +154,41 @@ int uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* 
   arg.range = {start, len};
   arg.mode = mode;
   return resolve(fd, UFFDIO_ZEROPAGE, &arg, &arg.zeropage, done);
+}
+
+const void* zero_source() {
+  alignas(kZeroSourceBytes) static const char zeros[kZeroSourceBytes] = {};
+  return zeros;
+}
+
+int uffd_zero_fill(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done, uint64_t* markers) {
+  const uint64_t page = page_size();
+  const uint64_t src = reinterpret_cast<uint64_t>(zero_source());
+  uint64_t filled = 0;
+  if (markers) *markers = 0;
+  for (;;) {
+    int64_t d = 0;
+    int rc = uffd_zeropage(fd, start + filled, len - filled, mode, &d);
+    if (rc != -EEXIST) {
+      if (done) *done = static_cast<int64_t>(rc == 0 ? len : filled + static_cast<uint64_t>(d));
+      return rc;
+    }
+    filled += static_cast<uint64_t>(d);
+    int64_t c = 0;
+    rc = page > kZeroSourceBytes ? -EINVAL
+         : uffd_copy(fd, start + filled, src, page, (mode & UFFDIO_ZEROPAGE_MODE_DONTWAKE) | UFFDIO_COPY_MODE_WP, &c);
+    if (rc == -EINVAL) rc = -EEXIST;  // no WP registration, so no marker: the page is present
+    if (rc) {
+      if (done) *done = static_cast<int64_t>(filled);
+      return rc;
+    }
+    filled += page;
+    if (markers) ++*markers;
+    if (filled >= len) {
+      if (done) *done = static_cast<int64_t>(len);
+      return 0;
+    }
+  }
 }
 
 int uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done) {
