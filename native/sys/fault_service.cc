@@ -291,7 +291,8 @@ bool FaultService::resolve_fast(Worker* w, const Rule& rule, const FaultMsg& msg
       case RuleAction::kCopy:
         return uffd_copy(uffd_, s, rule.source + (s - rule.start), l, rule.mode, &done);
       case RuleAction::kZero: {
-        const int zrc = uffd_zero_fill(uffd_, s, l, rule.mode, &done, &markers_now);
+        const int zrc = rule.zero_reads_markers ? uffd_zero_fill_shmem(uffd_, s, l, rule.mode, &done, &markers_now)
+                                                : uffd_zero_fill(uffd_, s, l, rule.mode, &done, &markers_now);
         markers += markers_now;
         return zrc;
       }
