@@ -142,6 +142,13 @@ export interface NativeStats {
   batches: number;
   maxBatch: number;
   eexist: number;
+  /**
+   * Pages a `zero` rule filled over a uffd-wp marker: a page write-protected while it was not
+   * present, which UFFDIO_ZEROPAGE refuses (EEXIST); it gets a write-protected zero page by
+   * UFFDIO_COPY instead, so a write to it is still a WP fault. Published just after the fill
+   * (which wakes the faulter), so it may lag an access that has just finished by microseconds.
+   */
+  markerFills: number;
   eagain: number;
   errors: number;
   serviceNs: number;

@@ -169,7 +169,9 @@ export interface Rule {
   offset?: number;
   length?: number;
   /**
-   * copy: UFFDIO_COPY from `source` (missing faults). zero: UFFDIO_ZEROPAGE (missing). move:
+   * copy: UFFDIO_COPY from `source` (missing faults). zero: UFFDIO_ZEROPAGE (missing; a page
+   * holding a uffd-wp marker gets a write-protected zero page instead, counted in
+   * `stats().markerFills`: see {@link Userfaultfd.zeropage}). move:
    * UFFDIO_MOVE from `source` (missing, private anonymous). poison: UFFDIO_POISON (missing; later
    * accesses SIGBUS). unprotect: clear uffd-wp (WP faults). continue: UFFDIO_CONTINUE (minor).
    */
@@ -422,7 +424,15 @@ export class Userfaultfd implements ServedHolder {
     return this.#n.copy(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), src, checkInteger('sourceOffset', options.sourceOffset ?? 0), mode);
   }
 
-  /** UFFDIO_ZEROPAGE: maps the zero page (anonymous) or a zeroed page (shmem). Errors as copy(). */
+  /**
+   * UFFDIO_ZEROPAGE: maps the zero page (anonymous) or a zeroed page (shmem). Errors as copy().
+   * A page that holds a uffd-wp marker (write-protected while not present: anonymous memory with
+   * wpUnpopulated, shmem, hugetlb) gets a write-protected zero page by UFFDIO_COPY instead, which
+   * the kernel's ZEROPAGE would refuse (EEXIST) or, on shared shmem, install writable; so a write
+   * to it is still a WP fault, and `exists` means a page really was present. On shared shmem
+   * registered for WP that costs a read of /proc/self/pagemap first. See docs/architecture.md,
+   * *Zero pages over uffd-wp markers*.
+   */
   zeropage(target: Target, offset: number, length: number, options: ResolveOptions = {}): ResolveResult {
     this.#live();
     return this.#n.zeropage(this.#t(target), checkInteger('offset', offset), checkInteger('length', length, 1), flags(options).dontWake ? K.UFFDIO_ZEROPAGE_MODE_DONTWAKE! : 0);
@@ -482,7 +492,8 @@ export class Userfaultfd implements ServedHolder {
    * (default true) nothing is woken until the whole batch is resolved, then each resolved run is
    * woken once: the faulting threads replay together instead of preempting the handler one by one.
    * Everything is validated before the first ioctl. Returns {bytes, exists} (exists: pages found
-   * present, which is success); an error stops the loop with err.bytes and err.index.
+   * present, which is success); an error stops the loop with err.bytes and err.index. 'zeropage'
+   * fills pages holding a uffd-wp marker write-protected, as {@link Userfaultfd.zeropage} does.
    */
   resolveMany(
     action: 'copy' | 'zeropage' | 'continue' | 'move' | 'unprotect' | 'poison',

@@ -314,6 +314,7 @@ Napi::Value Userfaultfd::Register(const Napi::CallbackInfo& info) {
   m->region()->registered.fetch_add(1);
   m->region()->js_registered.fetch_add(1);
   registrations_.push_back({m->region(), start, len, mode, m->region()->page});
+  if ((mode & UFFDIO_REGISTER_MODE_WP) && service_ && !rules_.empty()) PushRules();
   if (m->region()->page > zero_huge_len_ && m->region()->page > sys::page_size()) {
     // Virtual only: UFFDIO_COPY reads it through the shared zero page.
     void* z = nullptr;
@@ -344,6 +345,7 @@ Napi::Value Userfaultfd::Unregister(const Napi::CallbackInfo& info) {
       ++it;
     }
   }
+  if (service_ && !rules_.empty()) PushRules();
   return env.Undefined();
 }
 
@@ -408,8 +410,29 @@ Napi::Value Userfaultfd::ResolveRange(const Napi::CallbackInfo& info, const char
   return ResolveResult(env, rc, done, start, len, name);
 }
 
+bool Userfaultfd::WpRegistered(uint64_t start, uint64_t end) const {
+  for (const Registration& r : registrations_)
+    if ((r.mode & UFFDIO_REGISTER_MODE_WP) && r.start < end && start < r.start + r.len) return true;
+  return false;
+}
+
+int Userfaultfd::ZeroFill(const Region* region, uint64_t start, uint64_t len, uint64_t mode, int64_t* done) const {
+  if (region && region->shared && !region->hugetlb && WpRegistered(start, start + len))
+    return sys::uffd_zero_fill_shmem(fd_, start, len, mode, done, nullptr);
+  return sys::uffd_zero_fill(fd_, start, len, mode, done, nullptr);
+}
+
 Napi::Value Userfaultfd::Zeropage(const Napi::CallbackInfo& info) {
-  return ResolveRange<sys::uffd_zeropage>(info, "ioctl(UFFDIO_ZEROPAGE)");
+  Napi::Env env = info.Env();
+  live_fd(env);
+  uint64_t len = 0;
+  bool was_mapping = false;
+  uint64_t start = Target(info, 0, &len, &was_mapping);
+  uint64_t mode = ToU64(info[3], "mode");
+  int64_t done = 0;
+  const Region* region = was_mapping ? Mapping::Unwrap(info[0])->region().get() : nullptr;
+  int rc = ZeroFill(region, start, len, mode, &done);
+  return ResolveResult(env, rc, done, start, len, "ioctl(UFFDIO_ZEROPAGE)");
 }
 
 Napi::Value Userfaultfd::Continue(const Napi::CallbackInfo& info) {
@@ -487,6 +510,7 @@ Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
   const uint64_t page = sys::page_size();
   if (len == 0 || len % page) throw CodedRangeError(env, "ERR_PAGEMIRROR_UNALIGNED", "length must be a positive multiple of the page size");
   uint64_t base, limit;
+  const Region* target_region = nullptr;
   if (info[1].IsBigInt()) {
     base = ToU64(info[1], "address");
     limit = UINT64_MAX;
@@ -494,6 +518,7 @@ Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
     Mapping* m = Mapping::Unwrap(info[1]);
     base = m->live(env).addr;
     limit = m->region()->length;
+    target_region = m->region().get();
   }
   uint64_t src_base = 0, src_limit = 0;
   Mapping* src_mapping = nullptr;
@@ -565,7 +590,7 @@ Napi::Value Userfaultfd::ResolveMany(const Napi::CallbackInfo& info) {
     int rc;
     switch (act) {
       case kCopy: rc = sys::uffd_copy(fd, dst, src, len, resolve_mode, &done); break;
-      case kZero: rc = sys::uffd_zeropage(fd, dst, len, resolve_mode, &done); break;
+      case kZero: rc = ZeroFill(target_region, dst, len, resolve_mode, &done); break;
       case kContinue: rc = sys::uffd_continue(fd, dst, len, resolve_mode, &done); break;
       case kMove: rc = sys::uffd_move(fd, dst, src, len, resolve_mode, &done); break;
       case kPoison: rc = sys::uffd_poison(fd, dst, len, resolve_mode, &done); break;
@@ -716,6 +741,7 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsArray()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "rules must be an array");
   Napi::Array arr = info[0].As<Napi::Array>();
   std::vector<sys::Rule> rules;
+  std::vector<bool> on_shared_shmem;
   std::vector<RegionPin> pins;
   for (uint32_t i = 0; i < arr.Length(); i++) {
     if (!arr.Get(i).IsObject()) throw CodedTypeError(env, "ERR_INVALID_ARG_TYPE", "each rule must be an object");
@@ -724,6 +750,7 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
     uint64_t off = OptU64(o, "offset", 0);
     Napi::Value target = o.Get("mapping");
     uint64_t len;
+    bool shared_shmem = false;
     if (target.IsBigInt()) {
       r.start = ToU64(target, "mapping") + off;
       len = OptU64(o, "length", 0);
@@ -732,6 +759,7 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
       Mapping* m = Mapping::Unwrap(target);
       len = OptU64(o, "length", m->region()->length - std::min(off, m->region()->length));
       r.start = m->Range(env, off, len);
+      shared_shmem = m->region()->shared && !m->region()->hugetlb;
     }
     if (len == 0) throw CodedRangeError(env, "ERR_OUT_OF_RANGE", "rule length must be > 0");
     r.end = r.start + len;
@@ -741,6 +769,7 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
       r.action = sys::RuleAction::kHandler;
       r.handler = IsRemoteClient(o.Get("handler")) ? RemoteClientHandler(o.Get("handler")) : PagerHandler(o.Get("handler"));
       rules.push_back(r);
+      on_shared_shmem.push_back(false);
       continue;
     }
     r.kinds = static_cast<uint32_t>(RuleKinds(env, action));
@@ -760,9 +789,12 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
       pins.emplace_back(sm->region(), soff, len);
     }
     rules.push_back(r);
+    on_shared_shmem.push_back(shared_shmem && r.action == sys::RuleAction::kZero);
   }
   if (!service_) service_ = std::make_unique<sys::FaultService>(fd_, sys::page_size());
-  service_->set_rules(std::move(rules));
+  rules_ = std::move(rules);
+  rule_on_shared_shmem_ = std::move(on_shared_shmem);
+  PushRules();
   // A batch already in flight may still resolve with the old rules: the old sources stay pinned
   // (close() refuses, EBUSY) until it is done, which is microseconds. If it is stuck (a copy from a
   // source that is itself faulting), they stay pinned until a later setRules() finds it done.
@@ -770,6 +802,13 @@ Napi::Value Userfaultfd::SetRules(const Napi::CallbackInfo& info) {
   else for (RegionPin& p : rule_pins_) retired_pins_.push_back(std::move(p));
   rule_pins_ = std::move(pins);
   return env.Undefined();
+}
+
+void Userfaultfd::PushRules() {
+  std::vector<sys::Rule> rules = rules_;
+  for (size_t i = 0; i < rules.size(); i++)
+    rules[i].zero_reads_markers = rule_on_shared_shmem_[i] && WpRegistered(rules[i].start, rules[i].end);
+  service_->set_rules(std::move(rules));
 }
 
 Napi::Value Userfaultfd::Stats(const Napi::CallbackInfo& info) {
@@ -786,6 +825,7 @@ Napi::Value Userfaultfd::Stats(const Napi::CallbackInfo& info) {
   o.Set("batches", static_cast<double>(s.batches));
   o.Set("maxBatch", static_cast<double>(s.max_batch));
   o.Set("eexist", static_cast<double>(s.eexist));
+  o.Set("markerFills", static_cast<double>(s.marker_fills));
   o.Set("eagain", static_cast<double>(s.eagain));
   o.Set("errors", static_cast<double>(s.errors));
   o.Set("serviceNs", static_cast<double>(s.service_ns));
@@ -847,7 +887,6 @@ void Userfaultfd::StopService() {
 // registrations up). A resolve that fails (a huge page resolved with the base size, memory gone)
 // still wakes the faulter: it faults again, and that fault is delivered.
 void Userfaultfd::ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp, uint64_t page) {
-  alignas(4096) static const char zeros[1 << 16] = {};  // in .bss: no allocation, pages up to 64 KiB
   if (page == 0) page = sys::page_size();
   const uint64_t a = f.address & ~(page - 1);
   int64_t done = 0;
@@ -856,11 +895,11 @@ void Userfaultfd::ResolveAsUnregistered(const sys::FaultMsg& f, bool keep_wp, ui
     rc = sys::uffd_writeprotect(fd_, a, page, 0);
   } else if (f.flags & UFFD_PAGEFAULT_FLAG_MINOR) {
     rc = sys::uffd_continue(fd_, a, page, 0, &done);
-  } else if (page > sizeof zeros || keep_wp) {
-    const void* src = page <= sizeof zeros ? static_cast<const void*>(zeros) : (page <= zero_huge_len_ ? zero_huge_ : nullptr);
+  } else if (page > sys::kZeroSourceBytes || keep_wp) {
+    const void* src = page <= sys::kZeroSourceBytes ? sys::zero_source() : (page <= zero_huge_len_ ? zero_huge_ : nullptr);
     rc = src ? sys::uffd_copy(fd_, a, reinterpret_cast<uint64_t>(src), page, keep_wp ? UFFDIO_COPY_MODE_WP : 0, &done) : -EINVAL;
   } else {
-    rc = sys::uffd_zeropage(fd_, a, page, 0, &done);
+    rc = sys::uffd_zero_fill(fd_, a, page, 0, &done, nullptr);
   }
   if (rc) sys::uffd_wake(fd_, a, page);
 }
@@ -917,6 +956,8 @@ void Userfaultfd::CloseWith(Outcome outcome) {
   }
   service_.reset();
   rule_pins_.clear();
+  rules_.clear();  // and their handlers (a pager, a served client) with the service
+  rule_on_shared_shmem_.clear();
   retired_pins_.clear();
   for (auto& reg : registrations_)
     if (auto r = reg.region.lock()) {

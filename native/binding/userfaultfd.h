@@ -86,6 +86,15 @@ class Userfaultfd : public Napi::ObjectWrap<Userfaultfd>, public sys::FaultSink 
   std::unique_ptr<sys::FaultService> service_;
   std::vector<std::shared_ptr<Region>> rule_sources_;  // pinned while rules use them
   std::vector<RegionPin> rule_pins_;
+  // The rules as set, and for each whether it serves shared shmem (a zero rule there must look for
+  // uffd-wp markers where the memory is registered for WP: sys::uffd_zero_fill_shmem).
+  std::vector<sys::Rule> rules_;
+  std::vector<bool> rule_on_shared_shmem_;
+  // Hands rules_ to the service with zero_reads_markers as the registrations now say.
+  void PushRules();
+  bool WpRegistered(uint64_t start, uint64_t end) const;
+  // ZEROPAGE on [start, end) of this memory, keeping any uffd-wp marker's protection.
+  int ZeroFill(const Region* region, uint64_t start, uint64_t len, uint64_t mode, int64_t* done) const;
   std::vector<RegionPin> retired_pins_;  // sources of removed rules a batch in flight may still read
   // Faults and events waiting for the JavaScript thread, in buffers sized once by serve(): the
   // service thread must not allocate (FaultSink::on_batch). While one wake-up of the JavaScript

@@ -352,7 +352,7 @@ void Engine::handle(const sys::FaultMsg& f) {
     if (rc) sys::uffd_wake(fd_, page, sys::page_size());
     return;
   }
-  int rc = sys::uffd_zeropage(fd_, page, sys::page_size(), 0, &done);
+  int rc = sys::uffd_zero_fill(fd_, page, sys::page_size(), 0, &done, nullptr);
   // EEXIST: resolved by someone else. Any other failure (the range moved or went since the fault
   // was queued: ENOENT, EINVAL) wakes the faulter too, whose retried access then meets the new
   // layout; a failed resolve wakes nobody, and the faulter would sleep forever.
@@ -369,7 +369,7 @@ void Engine::resolve_uncovered(uint64_t page) {
   int rc = -EAGAIN;
   if (std::none_of(mirrors_.begin(), mirrors_.end(), [&](Mirror* m) { return m->covers(page); })) {
     int64_t done = 0;
-    rc = sys::uffd_zeropage(fd_, page, sys::page_size(), 0, &done);
+    rc = sys::uffd_zero_fill(fd_, page, sys::page_size(), 0, &done, nullptr);
   }
   if (rc) sys::uffd_wake(fd_, page, sys::page_size());
 }

@@ -198,7 +198,7 @@ int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
       kind = kTouchZero | write;
       // UFFDIO_ZEROPAGE has no WP mode: a read that must stay write-protected copies zeros instead.
       rc = protect ? sys::uffd_copy(uffd, a, reinterpret_cast<uint64_t>(zero_page_.data()), page_, UFFDIO_COPY_MODE_WP, &done)
-                   : sys::uffd_zeropage(uffd, a, page_, 0, &done);
+                   : sys::uffd_zero_fill(uffd, a, page_, 0, &done, nullptr);
       if (rc == 0) counters_.zero_filled++;
     }
   }

@@ -128,7 +128,7 @@ int fill_hole(Child& c, uint64_t i) {
   int64_t done = 0;
   int rc = -ENOENT;
   if (c.plan->private_shmem) rc = sys::uffd_continue(c.uffd, host(c, i), c.plan->page, 0, &done);
-  if (rc && rc != -EEXIST) rc = sys::uffd_zeropage(c.uffd, host(c, i), c.plan->page, 0, &done);
+  if (rc && rc != -EEXIST) rc = sys::uffd_zero_fill(c.uffd, host(c, i), c.plan->page, 0, &done, nullptr);
   return rc == -EEXIST ? 0 : rc;
 }
 

@@ -574,7 +574,7 @@ bool Mirror::file_cpu_fault(uint64_t i, uint64_t flags) {
   int rc = sys::uffd_continue(ufd, addr, page_, 0, &done);
   if (rc == -EEXIST) sys::uffd_wake(ufd, addr, page_);
   else if (rc) {
-    rc = sys::uffd_zeropage(ufd, addr, page_, 0, &done);  // no page (truncated meanwhile): a hole reads zeros
+    rc = sys::uffd_zero_fill(ufd, addr, page_, 0, &done, nullptr);  // no page (truncated meanwhile): a hole reads zeros
     if (rc) sys::uffd_wake(ufd, addr, page_);
   }
   return true;

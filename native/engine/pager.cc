@@ -152,7 +152,7 @@ int Pager::resolve_missing(int uffd, uint64_t g, uint64_t page_addr, bool write)
 int Pager::resolve_shared_page(int uffd, uint64_t page_addr) {
   int64_t done = 0;
   int rc = sys::uffd_continue(uffd, page_addr, cfg_.page, 0, &done);
-  if (rc == -EFAULT || rc == -ENOENT) rc = sys::uffd_zeropage(uffd, page_addr, cfg_.page, 0, &done);
+  if (rc == -EFAULT || rc == -ENOENT) rc = sys::uffd_zero_fill(uffd, page_addr, cfg_.page, 0, &done, nullptr);
   if (rc == -EEXIST) rc = sys::uffd_wake(uffd, page_addr, cfg_.page);
   return rc;
 }

@@ -160,6 +160,7 @@ void FaultService::add(ServiceStats* into, const ServiceStats& s) {
   into->batches += s.batches;
   into->max_batch = std::max(into->max_batch, s.max_batch);
   into->eexist += s.eexist;
+  into->marker_fills += s.marker_fills;
   into->eagain += s.eagain;
   into->errors += s.errors;
   into->service_ns += s.service_ns;
@@ -284,12 +285,17 @@ bool FaultService::resolve_fast(Worker* w, const Rule& rule, const FaultMsg& msg
   }
   int64_t done = 0;
   int rc = 0;
+  uint64_t markers = 0, markers_now = 0;
   auto apply = [&](uint64_t s, uint64_t l) -> int {
     switch (rule.action) {
       case RuleAction::kCopy:
         return uffd_copy(uffd_, s, rule.source + (s - rule.start), l, rule.mode, &done);
-      case RuleAction::kZero:
-        return uffd_zeropage(uffd_, s, l, rule.mode, &done);
+      case RuleAction::kZero: {
+        const int zrc = rule.zero_reads_markers ? uffd_zero_fill_shmem(uffd_, s, l, rule.mode, &done, &markers_now)
+                                                : uffd_zero_fill(uffd_, s, l, rule.mode, &done, &markers_now);
+        markers += markers_now;
+        return zrc;
+      }
       case RuleAction::kContinue:
         return uffd_continue(uffd_, s, l, rule.mode, &done);
       case RuleAction::kMove:
@@ -310,6 +316,11 @@ bool FaultService::resolve_fast(Worker* w, const Rule& rule, const FaultMsg& msg
     // be among the rest.
     if (page_addr >= start + static_cast<uint64_t>(done)) rc = apply(page_addr, page_);
     else rc = 0;
+  }
+  if (markers) {
+    // After the fill, which has woken the faulter already: a reader of stats() may see it late.
+    std::lock_guard<std::mutex> lock(w->stats_mu);
+    w->stats.marker_fills += markers;
   }
   if (rc == -EEXIST) {
     // Someone else installed the page without waking us; make sure the faulter runs on.

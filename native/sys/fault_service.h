@@ -52,6 +52,9 @@ struct Rule {
   uint64_t source = 0;  // copy/move: the source address that corresponds to start
   uint64_t granule = 0; // fault-around: resolve the aligned block of this size (0 = one page)
   uint64_t mode = 0;    // ioctl mode bits (COPY_MODE_WP, CONTINUE_MODE_WP, MOVE_ALLOW_SRC_HOLES)
+  // zero on shared shmem registered for WP: look for uffd-wp markers in pagemap before filling
+  // (uffd_zero_fill_shmem), since ZEROPAGE there would replace one with a writable page.
+  bool zero_reads_markers = false;
   std::shared_ptr<void> keep;  // keeps the source mapping's owner alive while the rule exists
   std::shared_ptr<FaultHandler> handler;  // kHandler
 };
@@ -67,6 +70,7 @@ struct ServiceStats {
   uint64_t batches = 0;        // sink calls
   uint64_t max_batch = 0;      // most messages in one read
   uint64_t eexist = 0;         // resolves that found the page present (a race, treated as success)
+  uint64_t marker_fills = 0;   // zero rules' pages filled over a uffd-wp marker (kept write-protected)
   uint64_t eagain = 0;         // resolves retried because an event was unread
   uint64_t errors = 0;         // fast-path resolves that failed and were forwarded instead
   uint64_t service_ns = 0;     // time spent resolving on the fast path

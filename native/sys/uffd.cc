@@ -1,5 +1,6 @@
 #include "uffd.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -8,6 +9,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "mem.h"
+#include "pagemap.h"
 #include "uapi.h"
 
 namespace pm::sys {
@@ -153,6 +156,82 @@ int uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* 
   arg.range = {start, len};
   arg.mode = mode;
   return resolve(fd, UFFDIO_ZEROPAGE, &arg, &arg.zeropage, done);
+}
+
+const void* zero_source() {
+  alignas(kZeroSourceBytes) static const char zeros[kZeroSourceBytes] = {};
+  return zeros;
+}
+
+int uffd_zero_fill(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done, uint64_t* markers) {
+  const uint64_t page = page_size();
+  const uint64_t src = reinterpret_cast<uint64_t>(zero_source());
+  uint64_t filled = 0;
+  if (markers) *markers = 0;
+  for (;;) {
+    int64_t d = 0;
+    int rc = uffd_zeropage(fd, start + filled, len - filled, mode, &d);
+    if (rc != -EEXIST) {
+      if (done) *done = static_cast<int64_t>(rc == 0 ? len : filled + static_cast<uint64_t>(d));
+      return rc;
+    }
+    filled += static_cast<uint64_t>(d);
+    int64_t c = 0;
+    rc = page > kZeroSourceBytes ? -EINVAL
+         : uffd_copy(fd, start + filled, src, page, (mode & UFFDIO_ZEROPAGE_MODE_DONTWAKE) | UFFDIO_COPY_MODE_WP, &c);
+    if (rc == -EINVAL) rc = -EEXIST;  // no WP registration, so no marker: the page is present
+    if (rc) {
+      if (done) *done = static_cast<int64_t>(filled);
+      return rc;
+    }
+    filled += page;
+    if (markers) ++*markers;
+    if (filled >= len) {
+      if (done) *done = static_cast<int64_t>(len);
+      return 0;
+    }
+  }
+}
+
+int uffd_zero_fill_shmem(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done, uint64_t* markers) {
+  constexpr uint64_t kUffdWpBit = 1ull << 57;
+  const uint64_t page = page_size();
+  const uint64_t src = reinterpret_cast<uint64_t>(zero_source());
+  const uint64_t copy_mode = (mode & UFFDIO_ZEROPAGE_MODE_DONTWAKE) | UFFDIO_COPY_MODE_WP;
+  if (len % page || start % page) return uffd_zero_fill(fd, start, len, mode, done, markers);  // the kernel's EINVAL
+  uint64_t entries[64];  // on the stack: the fault service calls this and must not allocate
+  uint64_t filled = 0, found = 0;
+  int rc = 0;
+  while (filled < len && rc == 0) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>((len - filled) / page, 64));
+    rc = pagemap_read(start + filled, n, entries);
+    auto is_marker = [&](size_t k) { return (entries[k] & kUffdWpBit) && !(entries[k] & kPagemapPresent); };
+    for (size_t i = 0; i < n && rc == 0;) {
+      const bool marker = is_marker(i);
+      size_t j = i + 1;
+      while (j < n && is_marker(j) == marker) j++;
+      const uint64_t at = start + filled, run = (j - i) * page;
+      int64_t d = 0;
+      uint64_t m = 0;
+      if (marker) {
+        rc = uffd_copy(fd, at, src, page, copy_mode, &d);
+        if (rc == 0) {
+          found++;
+          filled += page;
+          i++;
+          continue;
+        }
+      } else {
+        rc = uffd_zero_fill(fd, at, run, mode, &d, &m);
+        found += m;
+      }
+      filled += rc == 0 ? run : static_cast<uint64_t>(d);
+      i = j;
+    }
+  }
+  if (markers) *markers = found;
+  if (done) *done = static_cast<int64_t>(rc == 0 ? len : filled);
+  return rc;
 }
 
 int uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done) {

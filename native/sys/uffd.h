@@ -54,6 +54,29 @@ int uffd_wake(int fd, uint64_t start, uint64_t len);
 // -EBUSY (MOVE on a page shared after fork).
 int uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t* done);
 int uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done);
+// UFFDIO_ZEROPAGE that also fills pages holding a uffd-wp marker (what UFFDIO_WRITEPROTECT leaves
+// on a none pte of anonymous memory with a page table, with WP_UNPOPULATED, and on shmem/hugetlb).
+// A fault on a marker is reported as MISSING, but ZEROPAGE wants a none pte and says EEXIST, so a
+// service that takes EEXIST for "someone else installed it" wakes the faulter into the same fault
+// forever. Where ZEROPAGE says EEXIST, the page is filled by UFFDIO_COPY of zeros with
+// UFFDIO_COPY_MODE_WP (COPY may replace a marker), so it stays write-protected as the marker said;
+// only when that COPY says EEXIST too (or EINVAL: the range is not registered for WP, so there was
+// no marker) is the page really present, and -EEXIST is returned with *done at that page, as from
+// ZEROPAGE. mode: UFFDIO_ZEROPAGE_MODE_DONTWAKE or 0. *markers (may be null) gets the pages filled
+// over a marker. Pages up to 64 KiB (ZEROPAGE does not apply to hugetlb at all).
+int uffd_zero_fill(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done, uint64_t* markers);
+// The same for shared shmem registered for WP. There ZEROPAGE does not refuse a marker: it goes
+// through shmem_mfill_atomic_pte, whose mfill_atomic_install_pte replaces it (pte_none_mostly)
+// with a writable page, and the write protection the marker held is lost without a word. So this
+// reads /proc/self/pagemap first (one pread per 64 pages): pages whose entry has the uffd-wp bit
+// and no page (a marker) get a write-protected zero page by COPY; the runs between them,
+// uffd_zero_fill. A marker set between the read and the fill is not seen (a writeProtect() racing
+// its own faults). Own process only. Errors: as uffd_zero_fill, or pagemap's.
+int uffd_zero_fill_shmem(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done, uint64_t* markers);
+// A source of zeros for UFFDIO_COPY, kZeroSourceBytes long, in .bss (read through the shared zero
+// page: costs no memory).
+constexpr uint64_t kZeroSourceBytes = 1 << 16;
+const void* zero_source();
 int uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done);
 int uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t* done);
 int uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done);
