@@ -180,6 +180,28 @@ describe('pagemirror run', () => {
     expect(report!.migrations.toHost.release).toBeGreaterThan(0);
   });
 
+  // A release copies a range and then replaces its mapping (docs/attach.md, "Where shared is not
+  // private"): a write another thread makes to a page between its copy and the replacement must
+  // not be lost. Writers keep writing their own pages while the main thread forks, or madvises or
+  // shrinks its own part of the same range.
+  for (const mode of ['fork', 'madvise', 'mremap'] as const) {
+    it(`keeps every write of threads racing a release by ${mode}`, { timeout: 180_000 }, async (ctx) => {
+      needServing(ctx);
+      const exe = path.join(tmp, 'fork-race');
+      cc(ctx, exe, path.join(FIXTURES_DIR, 'fork-race.c'), ['-pthread']);
+      const { plain, run, err, report } = await both([exe, mode, '2', '20', '4'], ['--threshold', '1M']);
+      const summary = /^fork-race .*: (\d+) writes, lost (\d+) /m;
+      const said = err.split('\n').filter((l) => !l.startsWith('{')).join('\n').slice(-2000);
+      expect(plain.status, plain.stdout.toString() + plain.stderr.toString()).toBe(0);
+      const line = run.stdout.toString().match(summary);
+      expect(line, said).not.toBeNull();
+      expect(Number(line![1])).toBeGreaterThan(0);
+      expect(line![0], said).toMatch(/lost 0 /);
+      expect(run.status, said).toBe(0);
+      expect(report!.ranges.length).toBeGreaterThan(0);
+    });
+  }
+
   it('propagates the exit status and a signal as 128 + signal', { timeout: 60_000 }, async (ctx) => {
     needServing(ctx);
     const prog = 'import os, signal, sys\nb = bytearray(4 << 20)\nb[0] = 1\nif sys.argv[1] == "kill": os.kill(os.getpid(), signal.SIGTERM)\nsys.exit(7)';
