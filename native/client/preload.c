@@ -13,6 +13,8 @@
  * program's call run on ordinary private memory. That covers munmap, mremap, madvise, mprotect and
  * fork (each attached range is released in the parent before the child is created, so the child gets
  * private copy-on-write memory as without the shim; the parent attaches the ranges again after).
+ * While a range changes hands (copied, then replaced) the program's other threads' writes to it are
+ * held (pm_hold.h), or one made between the copy and the replacement would be lost.
  *
  * Every real memory call goes straight to the kernel (syscall), so the wrappers need no dlsym (which
  * may malloc) and never recurse; the client library's own mmap calls come back here with the
