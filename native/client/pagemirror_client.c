@@ -226,11 +226,14 @@ static void resolve_queued(struct pm_client *c) {
       const uint64_t a = msgs[i].arg.pagefault.address & ~(c->page - 1);
       const uint64_t fl = msgs[i].arg.pagefault.flags;
       struct pm_region *r = find_region(c, a);
-      int rc;
-      if (fl & UFFD_PAGEFAULT_FLAG_WP) {
+      int rc = -ENOENT;
+      if (!r) {
+        /* A fault of a range already detached is only woken: its address may be held by another
+         * userfaultfd now (pm_hold.h), which an unprotect or a fill through this one would undo. */
+      } else if (fl & UFFD_PAGEFAULT_FLAG_WP) {
         struct uffdio_writeprotect wp = {{a, c->page}, 0};
         rc = ioctl(c->uffd, UFFDIO_WRITEPROTECT, &wp);
-      } else if ((fl & UFFD_PAGEFAULT_FLAG_MINOR) || (r && r->memfd >= 0 && has_data(r->memfd, a - r->addr) == 1)) {
+      } else if ((fl & UFFD_PAGEFAULT_FLAG_MINOR) || (r->memfd >= 0 && has_data(r->memfd, a - r->addr) == 1)) {
         struct uffdio_continue k = {{a, c->page}, 0, 0};
         rc = ioctl(c->uffd, UFFDIO_CONTINUE, &k);
       } else {
