@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "pm_hold.h"
 #include "pm_proto.h"
 
 #ifndef USERFAULTFD_IOC_NEW
@@ -34,6 +35,9 @@
 #define F_SEAL_SHRINK 0x0002
 #define F_SEAL_GROW 0x0004
 #endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13) /* Linux 6.4; the system headers may be older */
+#endif
 
 #define PM_REPLY_TIMEOUT_S 10
 
@@ -46,7 +50,9 @@ struct pm_region {
 struct pm_client {
   int sock, uffd, stop_fd;
   uint64_t features;
+  uint64_t kernel_features; /* all the kernel offers: a write hold (pm_hold.h) asks for others */
   int user_mode_only;
+  int hold_error; /* why the last pm_adopt could not hold writes (pm_take_hold_error) */
   uint64_t page;
   int pool_fd;
   void *pool_map;
@@ -105,6 +111,7 @@ static int make_uffd(struct pm_client *c) {
   }
   c->uffd = fd;
   c->features = want & api.features;
+  c->kernel_features = api.features;
   c->user_mode_only = umo;
   return 0;
 }
@@ -219,11 +226,14 @@ static void resolve_queued(struct pm_client *c) {
       const uint64_t a = msgs[i].arg.pagefault.address & ~(c->page - 1);
       const uint64_t fl = msgs[i].arg.pagefault.flags;
       struct pm_region *r = find_region(c, a);
-      int rc;
-      if (fl & UFFD_PAGEFAULT_FLAG_WP) {
+      int rc = -ENOENT;
+      if (!r) {
+        /* A fault of a range already detached is only woken: its address may be held by another
+         * userfaultfd now (pm_hold.h), which an unprotect or a fill through this one would undo. */
+      } else if (fl & UFFD_PAGEFAULT_FLAG_WP) {
         struct uffdio_writeprotect wp = {{a, c->page}, 0};
         rc = ioctl(c->uffd, UFFDIO_WRITEPROTECT, &wp);
-      } else if ((fl & UFFD_PAGEFAULT_FLAG_MINOR) || (r && r->memfd >= 0 && has_data(r->memfd, a - r->addr) == 1)) {
+      } else if ((fl & UFFD_PAGEFAULT_FLAG_MINOR) || (r->memfd >= 0 && has_data(r->memfd, a - r->addr) == 1)) {
         struct uffdio_continue k = {{a, c->page}, 0, 0};
         rc = ioctl(c->uffd, UFFDIO_CONTINUE, &k);
       } else {
@@ -469,6 +479,8 @@ int pm_adopt(pm_client *c, void *addr, size_t len) {
   int rc = check_new_range(c, a, len);
   int fd = -1;
   if (!rc) rc = make_memfd(len, &fd);
+  struct pm_write_hold hold = {.uffd = -1};
+  if (!rc) c->hold_error = pm_hold_writes(c, addr, len, 0, &hold);
   /* Only resident pages are copied: the others read as zeros, which the memfd's holes are too. */
   unsigned char vec[256];
   for (uint64_t off = 0; !rc && off < len; off += sizeof vec * c->page) {
@@ -481,6 +493,8 @@ int pm_adopt(pm_client *c, void *addr, size_t len) {
     }
   }
   if (!rc && mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) rc = -errno;
+  /* Writers held meanwhile now write the memfd (or, if the mapping failed, the memory as it was). */
+  pm_release_writes(&hold);
   /* From here the range is the memfd's, with the same contents: if attaching fails it stays so,
    * ordinary shared memory of this process only. */
   if (!rc) {
@@ -581,3 +595,58 @@ int pm_close(pm_client *c) {
 int pm_server_lost(const pm_client *c) { return c ? atomic_load(&((pm_client *)c)->lost) : 0; }
 uint64_t pm_features(const pm_client *c) { return c ? c->features : 0; }
 int pm_user_mode_only(const pm_client *c) { return c ? c->user_mode_only : 0; }
+
+static uint64_t hold_features(int shared) {
+  return UFFD_FEATURE_PAGEFAULT_FLAG_WP | (shared ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : UFFD_FEATURE_WP_UNPOPULATED);
+}
+
+int pm_hold_supported(const pm_client *c, int shared) {
+  if (!c) return -EINVAL;
+  if (c->user_mode_only) return -EPERM;
+  const uint64_t need = hold_features(shared);
+  return (c->kernel_features & need) == need ? 0 : -EOPNOTSUPP;
+}
+
+int pm_hold_writes(const pm_client *c, void *addr, size_t len, int shared, struct pm_write_hold *h) {
+  h->uffd = -1;
+  int rc = pm_hold_supported(c, shared);
+  if (rc) return rc;
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &h->saved);
+  const int fd = open_uffd(O_CLOEXEC | O_NONBLOCK);
+  rc = fd < 0 ? fd : 0;
+  struct uffdio_api api = {.api = UFFD_API, .features = hold_features(shared)};
+  if (!rc && ioctl(fd, UFFDIO_API, &api) < 0) rc = -errno;
+  struct uffdio_register reg = {{(uint64_t)addr, len}, UFFDIO_REGISTER_MODE_WP, 0};
+  if (!rc && ioctl(fd, UFFDIO_REGISTER, &reg) < 0) rc = -errno;
+  struct uffdio_writeprotect wp = {{(uint64_t)addr, len}, UFFDIO_WRITEPROTECT_MODE_WP};
+  if (!rc && ioctl(fd, UFFDIO_WRITEPROTECT, &wp) < 0) rc = -errno;
+  if (rc) {
+    if (fd >= 0) close(fd); /* unregisters and lifts any protection already set */
+    pthread_sigmask(SIG_SETMASK, &h->saved, NULL);
+    return rc;
+  }
+  h->uffd = fd;
+  h->addr = (uint64_t)addr;
+  h->len = len;
+  return 0;
+}
+
+void pm_release_writes(struct pm_write_hold *h) {
+  if (h->uffd < 0) return;
+  /* The wake reaches the writers even while another process still holds the descriptor (a
+   * posix_spawn child between its clone and its exec), whose close would then not release it. */
+  struct uffdio_range r = {h->addr, h->len};
+  ioctl(h->uffd, UFFDIO_WAKE, &r);
+  close(h->uffd);
+  h->uffd = -1;
+  pthread_sigmask(SIG_SETMASK, &h->saved, NULL);
+}
+
+int pm_take_hold_error(pm_client *c) {
+  if (!c) return 0;
+  const int e = c->hold_error;
+  c->hold_error = 0;
+  return e;
+}

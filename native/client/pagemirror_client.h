@@ -48,8 +48,10 @@ int pm_alloc(pm_client *c, size_t len, unsigned flags, void **out);
 
 /* Turns existing private anonymous memory [addr, addr + len) into memory of pm_alloc, in place: its
  * resident pages are copied into a new memfd, which is mapped shared over the range (MAP_FIXED)
- * and handed to the server, so the server can migrate it. For memory this process alone writes
- * meanwhile: a write by another thread between the copy and the mapping is lost. On an error after
+ * and handed to the server, so the server can migrate it. Other threads' writes to the range are held
+ * (they wait in the kernel) from before the copy until the memfd is mapped, so none is lost; where
+ * the kernel has no UFFD_FEATURE_WP_UNPOPULATED, or this client's userfaultfd is user-mode only, the
+ * copy goes on unheld and a write in between is lost. On an error after
  * the mapping (-ENOTCONN, the server's refusal) the range keeps its contents as ordinary shared
  * memory. Errors: -EINVAL (unaligned, zero), -EEXIST (overlaps an attached range), -ENOMEM, -EMFILE,
  * -EOPNOTSUPP (no userfaultfd on shared memory here), those of pm_alloc's registration. */

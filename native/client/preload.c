@@ -13,6 +13,8 @@
  * program's call run on ordinary private memory. That covers munmap, mremap, madvise, mprotect and
  * fork (each attached range is released in the parent before the child is created, so the child gets
  * private copy-on-write memory as without the shim; the parent attaches the ranges again after).
+ * While a range changes hands (copied, then replaced) the program's other threads' writes to it are
+ * held (pm_hold.h), or one made between the copy and the replacement would be lost.
  *
  * Every real memory call goes straight to the kernel (syscall), so the wrappers need no dlsym (which
  * may malloc) and never recurse; the client library's own mmap calls come back here with the
@@ -32,6 +34,7 @@
 #include <unistd.h>
 
 #include "pagemirror_client.h"
+#include "pm_hold.h"
 
 #define PM_SHIM_MAX_REGIONS 1024 /* the server's limit of ranges per client */
 #define PM_SHIM_DEFAULT_THRESHOLD (1u << 20)
@@ -69,18 +72,27 @@ static void say(const char *what, int err) {
   if (n > 0) (void)!write(2, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
 }
 
+/* Says once that a range changed hands without its writers held (pm_hold.h), and why. */
+static void say_unheld(int err) {
+  static int said;
+  if (!err || said) return;
+  said = 1;
+  say("a range changes hands without holding the program's other threads: a write one of them makes meanwhile may be lost", -err);
+}
+
 /* Turns shared memfd memory back into private anonymous memory with the same contents at the same
- * address. The range is no longer registered, so reading it faults nothing to the server. */
+ * address. The range is no longer registered, so reading it faults nothing to the server. Other
+ * threads' writes are held from before the copy until the private memory is in place. */
 static int privatise(uintptr_t addr, size_t len) {
   void *tmp = sys_mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (tmp == MAP_FAILED) return -errno;
+  struct pm_write_hold hold;
+  say_unheld(pm_hold_writes(client, (void *)addr, len, 1, &hold));
   memcpy(tmp, (void *)addr, len);
-  if (sys_mremap(tmp, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)addr) == MAP_FAILED) {
-    int e = errno;
-    sys_munmap(tmp, len);
-    return -e;
-  }
-  return 0;
+  int rc = sys_mremap(tmp, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)addr) == MAP_FAILED ? -errno : 0;
+  pm_release_writes(&hold);
+  if (rc) sys_munmap(tmp, len);
+  return rc;
 }
 
 /* Takes region i back from the server; keep = 0 when the caller unmaps all of it anyway. Called
@@ -319,6 +331,7 @@ static void after_fork_parent(void) {
     guard = 1;
     int rc = pm_adopt(client, (void *)forked[k].addr, forked[k].len);
     guard = 0;
+    say_unheld(pm_take_hold_error(client));
     if (rc) {
       /* The range goes on as ordinary memory: correct, only no longer on the device. */
       if (k == 0) say("fork: a range could not be handed back to the server after the fork", -rc);

@@ -162,10 +162,21 @@ int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
     return 0;
   }
   *pages = 1;
+  const RemoteRange* r = range_at(a);
+  if (!r) {
+    // A fault read after its range was unregistered (the client released it: UNREGISTER took the
+    // range out under mu before its answer, and the client's unregister already woke the faulter).
+    // The address may already be the client's again under another owner: the shim holds its other
+    // threads' writes there with a userfaultfd of its own (native/client/pm_hold.h), and the kernel
+    // lets any userfaultfd of the process unprotect or fill a page of a range registered with
+    // another (mwriteprotect_range and mfill_atomic check only that the VMA is registered), which
+    // would let a held write escape. So nothing but a wake: the faulter, if any, faults again.
+    counters_.retried++;
+    sys::uffd_wake(uffd, a, page_);
+    return 0;
+  }
   const uint64_t write = (msg.flags & UFFD_PAGEFAULT_FLAG_WRITE) ? static_cast<uint64_t>(kTouchWrite) : 0;
-  // The range is needed only by the tunings (a scan of up to 1024 ranges per fault otherwise).
-  const RemoteRange* r = protect_reads_ || prefetch_ ? range_at(a) : nullptr;
-  const bool track = protect_reads_ && r && (r->modes & PM_MODE_WP);
+  const bool track = protect_reads_ && (r->modes & PM_MODE_WP);
   const bool protect = track && !write;
   int64_t done = 0;
   int rc;
@@ -185,7 +196,7 @@ int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
       // The following pages first, without waking: the faulter, woken last, finds them present
       // instead of faulting on each (the slots are scattered, so one UFFDIO_COPY each, but all in
       // this one fault's round trip).
-      for (uint64_t k = 1; k <= prefetch_ && r && a + k * page_ < r->addr + r->len; k++) {
+      for (uint64_t k = 1; k <= prefetch_ && a + k * page_ < r->addr + r->len; k++) {
         auto next = held_.find(a + k * page_);
         if (next == held_.end()) continue;
         const uint64_t b = next->first;
