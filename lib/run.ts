@@ -213,6 +213,10 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   fs.chmodSync(dir, 0o700);
   const sock = path.join(dir, 'server.sock');
   const notes: string[] = [];
+  // A failure that repeats every round is reported once.
+  const noteOnce = (m: string): void => {
+    if (!notes.includes(m)) notes.push(m);
+  };
   const pagemaps = new Map<number, number>();
   const rangeInfo = new Map<string, RangeReport>();
   // Host-resident pages in the hand's order (fifo: oldest first; clock: the ring, the hand at the
@@ -380,7 +384,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
           }
           // The program let go of the range since the sample (freed, unmapped): nothing to migrate.
           if (code === 'EINVAL' || code === 'ESRCH' || code === 'ERR_PAGEMIRROR_CLOSED') evictRaced++;
-          else if (!notes.includes(`evict failed: ${(err as Error).message}`)) notes.push(`evict failed: ${(err as Error).message}`);
+          else noteOnce(`evict failed: ${(err as Error).message}`);
         }
       }
     }
@@ -404,7 +408,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
       try {
         r.rec.writeRound();
       } catch (err) {
-        if (!notes.includes(`trace ${r.rec.path}: ${(err as Error).message}`)) notes.push(`trace ${r.rec.path}: ${(err as Error).message}`);
+        noteOnce(`trace ${r.rec.path}: ${(err as Error).message}`);
       }
     }
     for (const c of server.clients) drain(c);
@@ -429,7 +433,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
             const code = (err as { code?: string }).code;
             // The program let go of the range (or part of it) since the pagemap read.
             if (code === 'EINVAL' || code === 'ENOENT' || code === 'ESRCH' || code === 'ERR_PAGEMIRROR_CLOSED') roundRaced++;
-            else if (!notes.includes(`write-protect round failed: ${(err as Error).message}`)) notes.push(`write-protect round failed: ${(err as Error).message}`);
+            else noteOnce(`write-protect round failed: ${(err as Error).message}`);
             break;
           }
         }

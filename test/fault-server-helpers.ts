@@ -6,7 +6,7 @@ import path from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { afterEach, expect } from 'vitest';
-import { FIXTURES_DIR, P, requireCap, within } from './helpers.js';
+import { FIXTURES_DIR, P, requireCap, threadStates, within } from './helpers.js';
 
 const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const DEMO = path.join(ROOT, 'build', 'Release', 'pagemirror_client_demo');
@@ -42,7 +42,9 @@ export class Lines {
       for (; seen < this.lines.length; seen++) if (pred(this.lines[seen]!)) return this.lines[seen]!;
       if (Date.now() > end || this.child.exitCode !== null || this.child.signalCode !== null) {
         for (; seen < this.lines.length; seen++) if (pred(this.lines[seen]!)) return this.lines[seen]!;
-        throw new Error(`timed out waiting for ${what}; output:\n${this.lines.join('\n')}\nstderr:\n${this.stderr}`);
+        const alive = this.child.exitCode === null && this.child.signalCode === null;
+        const where = alive ? `\nthreads:\n${threadStates(this.child.pid)}` : `\nexited: ${this.child.exitCode ?? this.child.signalCode}`;
+        throw new Error(`timed out waiting for ${what}; output:\n${this.lines.join('\n')}\nstderr:\n${this.stderr}${where}`);
       }
       await new Promise<void>((r) => {
         const t = setTimeout(r, Math.max(1, Math.min(50, end - Date.now())));

@@ -63,8 +63,10 @@ export function runFixtureWatched(name: string, args: string[], bounds: { stallM
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [path.join(FIXTURES_DIR, name), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '', stderr = '', stalled = false;
+    let states = '';
     const kill = (why: 'stall' | 'total') => {
       stalled = why === 'stall';
+      states = threadStates(child.pid);
       child.kill('SIGKILL');
     };
     let stall = setTimeout(() => kill('stall'), bounds.stallMs);
@@ -80,9 +82,40 @@ export function runFixtureWatched(name: string, args: string[], bounds: { stallM
       clearTimeout(total);
       const lines = stdout.split('\n').filter(Boolean);
       const ms = Date.now() - t0;
-      resolve({ status, signal, stdout, stderr, lines, ms, stalled, progress: `reached ${lines.at(-1) ?? 'no line'} after ${ms} ms${signal ? (stalled ? `, no line for ${bounds.stallMs} ms` : `, past ${bounds.totalMs} ms in all`) : ''}; stderr: ${stderr}` });
+      resolve({ status, signal, stdout, stderr, lines, ms, stalled, progress: `reached ${lines.at(-1) ?? 'no line'} after ${ms} ms${signal ? (stalled ? `, no line for ${bounds.stallMs} ms` : `, past ${bounds.totalMs} ms in all`) : ''}; stderr: ${stderr}${states ? `\nthreads when killed:\n${states}` : ''}` });
     });
   });
+}
+
+/**
+ * Where each thread of a live process sleeps, for the message of a test that timed out waiting on
+ * it: a hang here is a thread asleep in the kernel (handle_userfault, a lock), and the state,
+ * wait channel and kernel stack say which. The stack needs root; without it, state and wchan only.
+ */
+export function threadStates(pid: number | undefined): string {
+  if (pid === undefined) return 'no pid';
+  const read = (f: string): string => {
+    try {
+      return fs.readFileSync(f, 'utf8').trim();
+    } catch (err) {
+      return `(${(err as NodeJS.ErrnoException).code ?? 'unreadable'})`;
+    }
+  };
+  let tids: string[];
+  try {
+    tids = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return `process ${pid} is gone`;
+  }
+  return tids
+    .map((tid) => {
+      const dir = `/proc/${pid}/task/${tid}`;
+      const stat = read(`${dir}/stat`);
+      const state = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0];
+      const stack = read(`${dir}/stack`).split('\n').map((l) => `      ${l}`).join('\n');
+      return `  thread ${tid} (${read(`${dir}/comm`)}) state ${state} wchan ${read(`${dir}/wchan`)}\n${stack}`;
+    })
+    .join('\n');
 }
 
 /** Skips the running test, visibly, with the probe's reason, when a capability is absent. */

@@ -17,7 +17,9 @@ export async function checkWriteRounds(tracePath: string): Promise<TraceSample[]
   for (const r of records)
     if (r.type === 'fault' && r.write) {
       const k = `${r.range}:${r.page}`;
-      writes.set(k, [...(writes.get(k) ?? []), r.tNs]);
+      const times = writes.get(k);
+      if (times) times.push(r.tNs);
+      else writes.set(k, [r.tNs]);
     }
   const sampled = new Map<string, TraceSample[]>();
   for (const s of samples) {
@@ -26,7 +28,9 @@ export async function checkWriteRounds(tracePath: string): Promise<TraceSample[]
       for (let p = run.first; p < run.first + run.count; p++) {
         const k = `${s.range}:${p}`;
         expect((writes.get(k) ?? []).some((t) => t >= s.startNs && t <= s.endNs), `range ${s.range} page ${p} sampled in [${s.startNs}, ${s.endNs}] without a write fault there`).toBe(true);
-        sampled.set(k, [...(sampled.get(k) ?? []), s]);
+        const inSamples = sampled.get(k);
+        if (inSamples) inSamples.push(s);
+        else sampled.set(k, [s]);
       }
   }
   for (const [k, times] of writes)
