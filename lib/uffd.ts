@@ -386,7 +386,12 @@ export class Userfaultfd implements ServedHolder {
     return reg;
   }
 
-  /** UFFDIO_UNREGISTER a range (default: the whole mapping); its faults go back to the kernel's default handling. */
+  /**
+   * UFFDIO_UNREGISTER a range (default: the whole mapping); its faults go back to the kernel's
+   * default handling. Then UFFDIO_WAKE over the range: a thread asleep on a fault there (one the
+   * kernel's own wake in UNREGISTER missed, since Linux 6.6 takes userfaults under the per-VMA
+   * lock) faults again, unregistered.
+   */
   unregister(mapping: Mapping, options: { offset?: number; length?: number } = {}): void {
     this.#live();
     if (!(mapping instanceof Mapping)) throw typeError('ERR_INVALID_ARG_TYPE', 'mapping must be a Mapping');

@@ -77,8 +77,8 @@ export async function startServer(sock: string, args: string[] = []): Promise<Li
   return l;
 }
 
-export function startDemo(sock: string, pages: number, mode: 'alloc' | 'attach' | 'detach' | 'hammer', delayUs = 0, uid?: number): Lines {
-  const child = spawn(DEMO, [sock, String(pages), mode, String(delayUs)], { stdio: ['pipe', 'pipe', 'pipe'], ...(uid === undefined ? {} : { uid, gid: uid }) });
+export function startDemo(sock: string, pages: number, mode: 'alloc' | 'attach' | 'detach' | 'hammer', delayUs = 0, uid?: number, threads = 1): Lines {
+  const child = spawn(DEMO, [sock, String(pages), mode, String(delayUs), String(threads)], { stdio: ['pipe', 'pipe', 'pipe'], ...(uid === undefined ? {} : { uid, gid: uid }) });
   children.push(child);
   return new Lines(child);
 }

@@ -193,6 +193,28 @@ describe('fault server: a server killed mid-run loses nothing and hangs nobody',
   }
 });
 
+describe('fault server: a server killed under a many-threaded client', () => {
+  // Eight threads add to their pages while the server evicts them in a loop, so faults are in
+  // flight when the watchdog takes over: its UFFDIO_UNREGISTER races them. Before the client woke
+  // its ranges after unregistering, 4 kills in 100 (4 or 8 threads) left a thread asleep in handle_userfault.
+  it('SIGKILL while 8 threads write pages the server keeps evicting: every addition kept, no thread asleep (3 kills)', { timeout: 90_000 }, async (ctx) => {
+    needUffd(ctx);
+    for (let kill = 0; kill < 3; kill++) {
+      const sock = sockPath(`kill-threads-${kill}`);
+      const server = await startServer(sock);
+      const demo = startDemo(sock, 2048, 'hammer', 1500, undefined, 8);
+      const [, addr, bytes] = (await demo.next((l) => l.startsWith('READY'), 10_000, 'READY')).split(' ');
+      await server.json('client', 10_000);
+      server.send(`evict-loop ${addr} ${bytes}`);
+      demo.send('GO');
+      await new Promise((r) => setTimeout(r, 200 + 150 * kill));
+      server.child.kill('SIGKILL');
+      expect((await within(server.exit, 10_000, 'the server to die')).signal).toBe('SIGKILL');
+      expect(await finish(demo, 25_000)).toEqual({ bad: 0, lost: 1 });
+    }
+  });
+});
+
 describe('fault server: a server that closes hands everything back', () => {
   it('pm_detach brings pooled pages home before the range is let go', { timeout: 30_000 }, async (ctx) => {
     needUffd(ctx);

@@ -216,6 +216,16 @@ static int has_data(int fd, uint64_t off) {
   return (uint64_t)r == off;
 }
 
+/* UFFDIO_UNREGISTER, then UFFDIO_WAKE: the kernel's own wake in UNREGISTER runs before the VMA is
+ * write-locked, so a fault taken under the per-VMA lock (Linux 6.6 on) can queue after it and
+ * sleep for good (1 in about 3,000 unregisters of a shared range with a fault racing it, here).
+ * When UNREGISTER returns the VMA's write lock has waited that fault out, so it is queued: the
+ * wake reaches it, and it faults again unregistered. */
+static void uffd_unregister(struct pm_client *c, uint64_t addr, uint64_t len) {
+  struct uffdio_range r = {addr, len};
+  if (ioctl(c->uffd, UFFDIO_UNREGISTER, &r) == 0) ioctl(c->uffd, UFFDIO_WAKE, &r);
+}
+
 static void resolve_queued(struct pm_client *c) {
   struct uffd_msg msgs[64];
   for (;;) {
@@ -250,7 +260,8 @@ static void resolve_queued(struct pm_client *c) {
 
 /* The server let go of us (it died, or answered BYE by closing): nothing on its side touches our
  * memory any more. Pages it held come home, queued faults are resolved, every range is
- * unregistered (which wakes the faults the server had read and never resolved). Under c->mu. */
+ * unregistered and woken (the faults the server had read and never resolved, and any that queued
+ * while the range was unregistered). Under c->mu. */
 static void take_over(struct pm_client *c) {
   if (atomic_load(&c->taken_over)) return;
   atomic_store(&c->lost, 1);
@@ -272,10 +283,7 @@ static void take_over(struct pm_client *c) {
     __atomic_store_n(&c->table[i], 0, __ATOMIC_RELEASE);
   }
   resolve_queued(c);
-  for (size_t i = 0; i < c->nregions; i++) {
-    struct uffdio_range r = {c->regions[i].addr, c->regions[i].len};
-    ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
-  }
+  for (size_t i = 0; i < c->nregions; i++) uffd_unregister(c, c->regions[i].addr, c->regions[i].len);
   atomic_store(&c->taken_over, 1);
 }
 
@@ -405,10 +413,6 @@ static int register_range(struct pm_client *c, uint64_t addr, uint64_t len, uint
 static int uffd_register(struct pm_client *c, uint64_t addr, uint64_t len, uint32_t modes) {
   struct uffdio_register reg = {{addr, len}, modes, 0};
   return ioctl(c->uffd, UFFDIO_REGISTER, &reg) < 0 ? -errno : 0;
-}
-static void uffd_unregister(struct pm_client *c, uint64_t addr, uint64_t len) {
-  struct uffdio_range r = {addr, len};
-  ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
 }
 
 /* A memfd of bytes, sealed against resizing (the server maps and punches it). */

@@ -134,7 +134,12 @@ int uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t*
 
 int uffd_unregister(int fd, uint64_t start, uint64_t len) {
   uffdio_range range{start, len};
-  return ::ioctl(fd, UFFDIO_UNREGISTER, &range) == 0 ? 0 : -errno;
+  if (::ioctl(fd, UFFDIO_UNREGISTER, &range) != 0) return -errno;
+  // The kernel's own wake (a MISSING range only) runs before the VMA is write-locked, so a fault
+  // taken under the per-VMA lock (Linux 6.6 on) can queue after it and sleep for good. Once
+  // UNREGISTER returned, the write lock has waited that fault out: it is queued, and this wakes it.
+  ::ioctl(fd, UFFDIO_WAKE, &range);
+  return 0;
 }
 
 int uffd_wake(int fd, uint64_t start, uint64_t len) {

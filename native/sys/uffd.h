@@ -46,6 +46,10 @@ int uffd_api(int fd, uint64_t features, uint64_t* out_features, uint64_t* out_io
 // Errors: -EINVAL (mode unsupported for this memory, e.g. MINOR on anonymous memory, or
 // unaligned), -EBUSY (range registered with another uffd), -ENOMEM, -EPERM.
 int uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t* out_ioctls);
+// UFFDIO_UNREGISTER, then UFFDIO_WAKE over the range: every thread that faulted there is woken and
+// faults again, now with the kernel's default handling (see uffd.cc for the race the wake closes).
+// Errors: UNREGISTER's: -EINVAL (unaligned, or a VMA there the kernel cannot track), -ENOMEM
+// (splitting a VMA).
 int uffd_unregister(int fd, uint64_t start, uint64_t len);
 int uffd_wake(int fd, uint64_t start, uint64_t len);
 // Errors for the resolvers: -EEXIST (already present: another thread won the race), -EAGAIN
