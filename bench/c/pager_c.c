@@ -14,7 +14,8 @@
  *   pager_c run FILE --granule G --threads T --fillers N --op read|write --pattern seq|random
  *               [--limit GRANULES] [--seed S] [--spin-us US] [--track-dirty 1]
  *       maps FILE's size in a fresh region, T application threads touch one word per 4 KiB page
- *       of their share (seq: in order; random: as many pages, at random), timed. Prints
+ *       of their share (seq: in order; random: as many words of the whole file, at random: the
+ *       library's access kernel's sequence for --seed S, default 1, see app()), timed. Prints
  *       {"ns":..,"pages":..,"faults":..,"evictions":..}. --spin-us: each fill thread polls the
  *       descriptor without sleeping for up to US microseconds before it sleeps in poll(), the way
  *       the fault service's fixed polling does (ServeOptions.poll { spinUs }). --track-dirty 1:
@@ -244,23 +245,31 @@ static void *filler(void *arg) {
 	return NULL;
 }
 
+/* The application threads do exactly what the library's access kernel (native/sys/access.cc) does
+ * for the pager's side of the comparison: thread i of T takes accesses [pages*i/T, pages*(i+1)/T);
+ * seq: one word at the start of each of those pages; random: as many words drawn from the whole
+ * file by xorshift64 seeded seed*0x9E3779B97F4A7C15 + i + 1. So both pagers fault the same pages
+ * in the same order per thread; a write stores seed + word index, as the kernel's does. */
 struct app {
-	uint64_t first, count, seed, sum;
+	uint64_t first, count, index, sum;
 	pthread_barrier_t *bar;
 };
 
+static uint64_t app_seed = 1;
+
 static void *app(void *arg) {
 	struct app *a = arg;
-	uint64_t rng = a->seed * 0x9E3779B97F4A7C15ull + 1, sum = 0;
+	const uint64_t nwords = size / 8;
+	uint64_t rng = app_seed * 0x9E3779B97F4A7C15ull + a->index + 1, sum = 0;
 	pthread_barrier_wait(a->bar);
 	for (uint64_t i = 0; i < a->count; i++) {
-		uint64_t pg = a->first + i;
+		uint64_t word = (a->first + i) * 512;
 		if (random_pattern) {
 			rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-			pg = a->first + rng % a->count;
+			word = rng % nwords;
 		}
-		volatile uint64_t *w = (volatile uint64_t *)(base + pg * 4096);
-		if (writing) *w = pg;
+		volatile uint64_t *w = (volatile uint64_t *)(base + word * 8);
+		if (writing) *w = app_seed + word;
 		else sum += *w;
 	}
 	a->sum = sum;
@@ -322,6 +331,7 @@ int main(int argc, char **argv) {
 	limit = opt(argc, argv, "--limit", 0);
 	writing = !strcmp(sopt(argc, argv, "--op", "read"), "write");
 	random_pattern = !strcmp(sopt(argc, argv, "--pattern", "seq"), "random");
+	app_seed = opt(argc, argv, "--seed", 1);
 	spin_ns = opt(argc, argv, "--spin-us", 0) * 1000;
 	track_dirty = (int)opt(argc, argv, "--track-dirty", 0);
 	region = (size + granule - 1) / granule * granule;
@@ -351,9 +361,10 @@ int main(int argc, char **argv) {
 	for (int i = 0; i < fillers; i++) pthread_create(&f[i], NULL, filler, NULL);
 	pthread_barrier_t bar;
 	pthread_barrier_init(&bar, NULL, (unsigned)threads + 1);
-	uint64_t pages = size / 4096, share = pages / (uint64_t)threads;
+	const uint64_t pages = size / 4096;
 	for (int i = 0; i < threads; i++) {
-		apps[i] = (struct app){(uint64_t)i * share, i == threads - 1 ? pages - (uint64_t)i * share : share, (uint64_t)i + 1, 0, &bar};
+		const uint64_t first = pages * (uint64_t)i / (uint64_t)threads, last = pages * (uint64_t)(i + 1) / (uint64_t)threads;
+		apps[i] = (struct app){first, last - first, (uint64_t)i, 0, &bar};
 		pthread_create(&a[i], NULL, app, &apps[i]);
 	}
 	pthread_barrier_wait(&bar);

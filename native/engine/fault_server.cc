@@ -45,7 +45,6 @@ bool aligned(uint64_t v, uint64_t page) { return v % page == 0; }
 RemoteClient::RemoteClient(uint64_t id_, int pid_, uint32_t uid_, uint32_t gid_) : id(id_), pid(pid_), uid(uid_), gid(gid_) {
   page_ = sys::page_size();
   touches_.reserve(kTouchLogCapacity);
-  zero_page_.assign(page_, 0);
 }
 
 RemoteClient::~RemoteClient() { release(); }
@@ -208,7 +207,7 @@ int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
     } else {
       kind = kTouchZero | write;
       // UFFDIO_ZEROPAGE has no WP mode: a read that must stay write-protected copies zeros instead.
-      rc = protect ? sys::uffd_copy(uffd, a, reinterpret_cast<uint64_t>(zero_page_.data()), page_, UFFDIO_COPY_MODE_WP, &done)
+      rc = protect ? sys::uffd_copy(uffd, a, reinterpret_cast<uint64_t>(sys::zero_source()), page_, UFFDIO_COPY_MODE_WP, &done)
                    : sys::uffd_zero_fill(uffd, a, page_, 0, &done, nullptr);
       if (rc == 0) counters_.zero_filled++;
     }
@@ -347,6 +346,8 @@ uint64_t RemoteClient::pool_held() {
 FaultServer::~FaultServer() { stop(); }
 
 int FaultServer::start(const std::string& path, Options options, std::function<void()> notify) {
+  // A read kept write-protected is filled by copying sys::zero_source(), which must hold a page.
+  if (sys::page_size() > sys::kZeroSourceBytes) return -EOPNOTSUPP;
   options_ = std::move(options);
   notify_ = std::move(notify);
   int rc = sys::unix_listen(path.c_str(), 64, 0600, &listen_fd_);

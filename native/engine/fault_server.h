@@ -143,7 +143,6 @@ class RemoteClient : public sys::FaultHandler {
   std::shared_ptr<TraceRecorder> recorder_;
   uint32_t prefetch_ = 0;
   bool protect_reads_ = false;
-  std::vector<char> zero_page_;  // the source of a zero page mapped write-protected
   std::vector<uint64_t> touches_;  // reserved to kTouchLogCapacity: resolve never allocates
 };
 

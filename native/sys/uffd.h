@@ -77,8 +77,10 @@ int uffd_zero_fill(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t*
 // uffd_zero_fill. A marker set between the read and the fill is not seen (a writeProtect() racing
 // its own faults). Own process only. Errors: as uffd_zero_fill, or pagemap's.
 int uffd_zero_fill_shmem(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done, uint64_t* markers);
-// A source of zeros for UFFDIO_COPY, kZeroSourceBytes long, in .bss (read through the shared zero
-// page: costs no memory).
+// A source of zeros for UFFDIO_COPY, kZeroSourceBytes long (at least any base page size Linux
+// has but hexagon's 256 KiB), in .bss: only read, so where the kernel maps untouched .bss reads to
+// the shared zero page it costs no memory; a kernel without one (a PVM guest booted with
+// pvm_no_zero_page) gives it 64 KiB of real pages on first use.
 constexpr uint64_t kZeroSourceBytes = 1 << 16;
 const void* zero_source();
 int uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t* done);
