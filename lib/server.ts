@@ -29,6 +29,16 @@ export interface FaultServerOptions {
    */
   helloTimeoutMs?: number;
   /**
+   * Policy 'default': a client whose threads keep faulting, for this many ms (1..600000), on memory
+   * it registered with its userfaultfd but never described in a REGISTER is ended (a warning says
+   * so, and {@link FaultServerStats.staleFaultEnds} counts it). Such a fault can only be woken (the
+   * server does not know the memory), and the thread faults again at once: left alone, one such
+   * client would keep the server's JavaScript thread waking it for good. Faults of a range the
+   * client has just released, or just registered and not yet described, stop within milliseconds.
+   * @default 2000
+   */
+  staleFaultLimitMs?: number;
+  /**
    * 'default' (the default): each client is served at once by a native policy: a missing page comes
    * back from the pool when the server took it there ({@link RemoteClient.evict}), else a zero page;
    * a minor fault is continued (the page of the client's memfd); a WP fault is un-protected.
@@ -140,6 +150,8 @@ export interface FaultServerStats {
   helloTimeouts: number;
   /** Connections open now. */
   connections: number;
+  /** Clients ended for faulting on memory they never described, for longer than staleFaultLimitMs. */
+  staleFaultEnds: number;
 }
 
 const MODE_NAMES = Object.keys(REGISTER_MODES) as RegisterMode[];
@@ -346,14 +358,19 @@ export class FaultServer {
   readonly #policy: 'default' | 'manual';
   readonly #clients = new Map<number, RemoteClient>();
   readonly #exited: RemoteClient[] = [];
+  readonly #staleFaultLimitMs: number;
+  // Per client: when its current run of faults outside every range it described began, and its last.
+  readonly #stale = new Map<number, { since: number; last: number; faults: number }>();
+  #staleFaultEnds = 0;
   #closed = false;
   /** The socket's path. */
   readonly path: string;
 
-  private constructor(path: string, options: FaultServerOptions, policy: 'default' | 'manual', allowUids: number[] | undefined, maxClients: number, helloTimeoutMs: number) {
+  private constructor(path: string, options: FaultServerOptions, policy: 'default' | 'manual', allowUids: number[] | undefined, maxClients: number, helloTimeoutMs: number, staleFaultLimitMs: number) {
     this.path = path;
     this.#options = options;
     this.#policy = policy;
+    this.#staleFaultLimitMs = staleFaultLimitMs;
     this.#n = native.listenFaultServer(path, allowUids, maxClients, (events) => this.#dispatch(events), helloTimeoutMs);
   }
 
@@ -388,7 +405,8 @@ export class FaultServer {
     }
     const maxClients = checkInteger('maxClients', options.maxClients ?? 64, 1, 4096);
     const helloTimeoutMs = checkInteger('helloTimeoutMs', options.helloTimeoutMs ?? 10000, 1, 600000);
-    return new FaultServer(path, options, policy, allowUids, maxClients, helloTimeoutMs);
+    const staleFaultLimitMs = checkInteger('staleFaultLimitMs', options.staleFaultLimitMs ?? 2000, 1, 600000);
+    return new FaultServer(path, options, policy, allowUids, maxClients, helloTimeoutMs, staleFaultLimitMs);
   }
 
   /** Clients connected now (those past their first REGISTER). */
@@ -406,7 +424,7 @@ export class FaultServer {
 
   /** Counters of the socket side: connections, refusals, protocol errors. */
   stats(): FaultServerStats {
-    return this.#n.stats();
+    return { ...this.#n.stats(), staleFaultEnds: this.#staleFaultEnds };
   }
 
   #dispatch(events: NativeServerEvent[]): void {
@@ -419,6 +437,8 @@ export class FaultServer {
         continue;
       }
       if (!c) {
+        // The server already let go of this client (ended it from here): an event still queued for it.
+        if (e.client.info().fd < 0) continue;
         c = makeClient(e.client);
         this.#clients.set(id, c);
         // Nothing reads the client's descriptor before this returns: its first faults wait in the kernel.
@@ -450,12 +470,43 @@ export class FaultServer {
    * and is only woken too, never resolved: the address may by now be held by another userfaultfd
    * of the client's (the shim holds its threads' writes there while the range changes hands,
    * docs/attach.md), and the kernel would let a fill or an unprotect through this one lift that
-   * hold.
+   * hold. Such faults stop at once unless the client faults on memory it never described: after
+   * staleFaultLimitMs of them without a pause, the client is ended.
    */
   #unruled(c: RemoteClient, faults: Fault[], uffd: Userfaultfd): void {
     this.#applyPolicy(c);
     const page = BigInt(PAGE);
-    for (const f of faults) uffd.wake(f.address - (f.address % page), 0, PAGE);
+    let outside = 0;
+    for (const f of faults) {
+      const a = f.address - (f.address % page);
+      if (!c.ranges.some((r) => a >= r.address && a < r.address + BigInt(r.length))) outside++;
+      uffd.wake(a, 0, PAGE);
+    }
+    if (outside) this.#countStale(c, outside);
+  }
+
+  // A run of faults outside the client's ranges ends after a pause of this long (the legitimate
+  // ones, of a range just released or not yet described, are over within milliseconds).
+  static readonly #STALE_PAUSE_MS = 100;
+
+  #countStale(c: RemoteClient, n: number): void {
+    const now = performance.now();
+    let run = this.#stale.get(c.id);
+    if (!run || now - run.last > FaultServer.#STALE_PAUSE_MS) this.#stale.set(c.id, (run = { since: now, last: now, faults: 0 }));
+    run.last = now;
+    run.faults += n;
+    if (now - run.since < this.#staleFaultLimitMs) return;
+    this.#stale.delete(c.id);
+    // Not from inside the handler of the descriptor being closed: once this batch is done.
+    setImmediate(() => {
+      if (this.#clients.get(c.id) !== c) return;
+      this.#staleFaultEnds++;
+      process.emitWarning(
+        `pagemirror: fault server: client ${c.pid} ended: its threads faulted for ${Math.round(now - run.since)} ms (${run.faults} faults) on memory it never described in a REGISTER`,
+      );
+      this.#end(c);
+      this.#n.drop(c.id);
+    });
   }
 
   #applyPolicy(c: RemoteClient): void {
@@ -465,6 +516,7 @@ export class FaultServer {
 
   #end(c: RemoteClient): void {
     this.#clients.delete(c.id);
+    this.#stale.delete(c.id);
     endClient(c);
     this.#exited.push(c);
     if (this.#exited.length > 1024) this.#exited.shift();

@@ -59,3 +59,30 @@ describe('fault server: protocol fuzz', () => {
     expect(await within(server.exit, 10_000, 'the server to exit')).toEqual({ code: 0, signal: null });
   });
 });
+
+describe('fault server: a client faulting on memory it never described', () => {
+  // Its faults can only be woken, and come back at once: without a bound the server's JavaScript
+  // thread would wake them for good. The client is ended after staleFaultLimitMs; the server goes
+  // on serving others.
+  it('is ended after staleFaultLimitMs, with a warning and staleFaultEnds; a good client is served after it', { timeout: 60_000 }, async (ctx) => {
+    needUffd(ctx, false);
+    if (!fs.existsSync(FUZZ)) ctx.skip(`the fuzz client was not built (${FUZZ})`);
+    const sock = sockPath('stale');
+    const server = await startServer(sock, [JSON.stringify({ staleFaultLimitMs: 500 })]);
+    const hostile = new Lines(spawn(FUZZ, [sock, 'undescribed', '15000'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+    await hostile.next((l) => l === 'FAULTING' || l.startsWith('ERR'), 10_000, 'FAULTING');
+    const end = await hostile.next((l) => l.startsWith('ENDED') || l === 'NOT-ENDED', 20_000, 'the connection to end');
+    expect(end, hostile.stderr).toMatch(/^ENDED \d+$/);
+    expect(Number(end.split(' ')[1])).toBeGreaterThanOrEqual(500);
+    expect(server.child.exitCode).toBeNull();
+    server.send('stats');
+    const stats = (await server.json('stats', 10_000)).server as Record<string, number>;
+    expect(stats.staleFaultEnds).toBe(1);
+    expect(stats.connections).toBe(0);
+    expect(server.stderr).toMatch(/client \d+ ended: its threads faulted for \d+ ms \(\d+ faults\) on memory it never described/);
+    const demo = startDemo(sock, 16, 'attach');
+    await demo.next((l) => l.startsWith('READY') || l.startsWith('ERR'), 10_000, 'READY');
+    demo.send('GO');
+    expect(await demo.next((l) => l.startsWith('OK ') || l.startsWith('ERR'), 10_000, 'the good client to be served')).toBe('OK 0 0');
+  });
+});

@@ -4,14 +4,19 @@
  * oversized packets, wrong magic, version or size, descriptors of the wrong kind (a pipe, a regular
  * file, a socket, none, too many), bad ranges, a second HELLO, floods without reading replies,
  * half-closed connections. Never waits more than its socket timeouts. Prints "DONE <connections>
- * <replies> <refusals>" at the end; reproducible from the seed. */
+ * <replies> <refusals>" at the end; reproducible from the seed. The mode "undescribed" (below,
+ * before main) is one hostile client of another kind: one that faults on memory it never described. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -152,7 +157,76 @@ static void reg(int s, int bad, int with_uffd) {
   drain(s, 5);
 }
 
+/* pagemirror_client_fuzz SOCKET undescribed [WAIT_MS]: a client whose thread faults on memory it
+ * registered with its userfaultfd but never described to the server (no REGISTER names it). The
+ * server can only wake such a fault, and the thread faults again at once. Prints "FAULTING", then
+ * "ENDED <ms>" when the server closed the connection (ms since FAULTING), or "NOT-ENDED" after
+ * WAIT_MS (default 30000). The thread is left asleep: nobody serves it once the server let go. */
+static volatile char *undescribed_page;
+static void *touch_undescribed(void *arg) {
+  (void)arg;
+  (void)undescribed_page[0];
+  return NULL;
+}
+
+static int undescribed(const char *path, long wait_ms) {
+  const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+  struct sockaddr_un a = {.sun_family = AF_UNIX};
+  strncpy(a.sun_path, path, sizeof a.sun_path - 1);
+  int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a) < 0) {
+    printf("ERR connect %d\n", errno);
+    return 1;
+  }
+  hello(s, 0);
+  const int uffd = a_uffd();
+  struct uffdio_api api = {.api = UFFD_API, .features = 0};
+  char *mem = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  struct uffdio_register described = {{(uint64_t)mem, page}, UFFDIO_REGISTER_MODE_MISSING, 0};
+  struct uffdio_register hidden = {{(uint64_t)mem + page, page}, UFFDIO_REGISTER_MODE_MISSING, 0};
+  if (uffd < 0 || mem == MAP_FAILED || ioctl(uffd, UFFDIO_API, &api) < 0 || ioctl(uffd, UFFDIO_REGISTER, &described) < 0 ||
+      ioctl(uffd, UFFDIO_REGISTER, &hidden) < 0) {
+    printf("ERR userfaultfd %d\n", errno);
+    return 1;
+  }
+  /* The first REGISTER (with the userfaultfd) names the first page only. */
+  unsigned char m[sizeof(struct pm_register) + sizeof(struct pm_range)];
+  struct pm_register r = {0};
+  hdr(&r.h, PM_MSG_REGISTER, sizeof m);
+  r.count = 1;
+  r.flags = PM_REG_UFFD;
+  struct pm_range range = {(uint64_t)mem, page, PM_MODE_MISSING, -1, 0};
+  memcpy(m, &r, sizeof r);
+  memcpy(m + sizeof r, &range, sizeof range);
+  send_fds(s, m, sizeof m, &uffd, 1);
+  undescribed_page = mem + page;
+  pthread_t t;
+  if (pthread_create(&t, NULL, touch_undescribed, NULL)) return 1;
+  printf("FAULTING\n");
+  const long t0 = now_ms();
+  struct pollfd p = {s, POLLRDHUP, 0};
+  while (now_ms() - t0 < wait_ms) {
+    char buf[64];
+    if (poll(&p, 1, 100) > 0) {
+      if (p.revents & (POLLHUP | POLLRDHUP | POLLERR)) {
+        printf("ENDED %ld\n", now_ms() - t0);
+        _exit(0);
+      }
+      if (recv(s, buf, sizeof buf, MSG_DONTWAIT) == 0) { /* replies are read and dropped */
+        printf("ENDED %ld\n", now_ms() - t0);
+        _exit(0);
+      }
+    }
+  }
+  printf("NOT-ENDED\n");
+  _exit(0);
+}
+
 int main(int argc, char **argv) {
+  if (argc >= 3 && strcmp(argv[2], "undescribed") == 0) {
+    setvbuf(stdout, NULL, _IONBF, 0);
+    return undescribed(argv[1], argc > 3 ? atol(argv[3]) : 30000);
+  }
   if (argc < 4) return 2;
   setvbuf(stdout, NULL, _IONBF, 0);
   state = strtoull(argv[2], NULL, 10) * 0x9E3779B97F4A7C15ull + 1;
