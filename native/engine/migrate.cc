@@ -279,14 +279,15 @@ void MigrateToDevice::migrate_page(uint64_t i) {
   }
   // unmap, as for a chunk
   auto held = Engine::get().hold_others(&m_, host);
-  m_.pt_[i].store(0, std::memory_order_seq_cst);
+  // Exchanged, as a chunk's entries are: a device write since collect() may have marked it dirty.
+  const uint64_t old = p.entry | (m_.pt_[i].exchange(0, std::memory_order_seq_cst) & kDirty);
   m_.wait_inflight(i, i + 1);
   // UFFDIO_MOVE takes anonymous VMAs only: a copied-on-write page of a file's VMA is copied.
   const uint64_t filled = copy(host, slot, 1, Present(pm_entry), options_.use_move && !m_.private_file());
   // finalize
   Engine::release_others(held);
   if (filled == 1) {
-    m_.set_device_entry(i, slot, p.entry, p.pfn & kPfnWrite, options_.atomic, false);
+    m_.set_device_entry(i, slot, old, p.pfn & kPfnWrite, options_.atomic, false);
     out_->moved++;
     out_->resident++;
   } else {
@@ -369,7 +370,9 @@ bool MigrateToHost::move_page(Mirror& m, uint64_t i, uint64_t e, bool wake, Afte
   const uint64_t slot = e >> kSlotShift;
   const uint64_t host = m.host_address(i);
   const uint64_t page = m.page_;
-  m.pt_[i].store(0, std::memory_order_seq_cst);
+  // Exchanged, not stored: a device write may have marked the page dirty since the caller read e
+  // (Mirror::access sets kDirty by compare-and-swap on a valid entry), and the host entry keeps it.
+  e |= m.pt_[i].exchange(0, std::memory_order_seq_cst) & kDirty;
   m.wait_inflight(i, i + 1);
   void* src = device.slot_address(slot);
   int64_t done = 0;

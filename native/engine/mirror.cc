@@ -453,11 +453,11 @@ int Mirror::enable_pin(int timeout_ms) {
 // Caller holds change_mu_ (invalidate_start). The page is still mapped: the CPU-side change comes
 // after. Copy it into a slot and point the entry there.
 void Mirror::keep_pinned_page(uint64_t i) {
-  const uint64_t e = pt_.peek(i, std::memory_order_relaxed);
+  uint64_t e = pt_.peek(i, std::memory_order_relaxed);
   if (!(e & kValid) || (e & (kOnDevice | kPinned))) return;
   uint64_t slot;
   if (!device_->alloc_slot(&slot)) return;  // no room: the device loses the page (counted nowhere)
-  pt_[i].store(0, std::memory_order_seq_cst);
+  e |= pt_[i].exchange(0, std::memory_order_seq_cst) & kDirty;  // a write since the peek marked it
   wait_inflight(i, i + 1);
   const uint64_t host = start_ + i * page_;
   const uint64_t dst = reinterpret_cast<uint64_t>(device_->slot_address(slot));
