@@ -526,7 +526,7 @@ export interface NativeRemoteClient {
   writeProtect(address: bigint, length: number): number;
   configure(prefetch: number, protectReads: boolean): void;
   takeTouches(): BigUint64Array;
-  counters(): { evicted: number; restored: number; restoredOnRelease: number; zeroFilled: number; continued: number; unprotected: number; retried: number; prefetched: number; protectedPages: number; touchesDropped: number };
+  counters(): { evicted: number; restored: number; restoredOnRelease: number; zeroFilled: number; continued: number; unprotected: number; retried: number; raced: number; prefetched: number; protectedPages: number; touchesDropped: number };
   release(): void;
   setRecorder(recorder: NativeTraceRecorder | null): void;
 }

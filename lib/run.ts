@@ -127,9 +127,10 @@ export interface RunResult {
   /**
    * Faults by kind and how they were resolved. `fallback`: faults the server's default rule had not
    * yet covered (a range registered a moment before its rule was installed), zero-filled by the
-   * service's fallback; `other` is what none of these explains (0 when the counters agree).
+   * service's fallback; `raced`: faults on a page another thread's fault had just filled (woken,
+   * EEXIST); `other` is what none of these explains (0 when the counters agree).
    */
-  faults: { total: number; missingZero: number; missingFromDevice: number; minor: number; wp: number; retried: number; fallback: number; other: number };
+  faults: { total: number; missingZero: number; missingFromDevice: number; minor: number; wp: number; retried: number; raced: number; fallback: number; other: number };
   migrations: {
     toDevice: { total: number; residentLimit: number };
     /** cpuFault: one per fault; prefetch: pages that came back with such a fault (RunOptions.prefetch). */
@@ -476,6 +477,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
   const minor = sum((c) => c.counters().continued);
   const wp = sum((c) => c.counters().unprotected);
   const retried = sum((c) => c.counters().retried);
+  const raced = sum((c) => c.counters().raced);
   const fallback = sum((c) => c.stats().forwarded);
   const prefetched = sum((c) => c.counters().prefetched);
   const cpuFault = restored - release - prefetched;
@@ -499,7 +501,7 @@ export async function runAttached(o: RunOptions): Promise<RunResult> {
     ...(wallMsWithoutShim !== undefined ? { wallMsWithoutShim } : {}),
     processes: all.length,
     attachedBytes: [...rangeInfo.values()].reduce((n, r) => n + r.bytes, 0),
-    faults: { total, missingZero, missingFromDevice: cpuFault, minor, wp, retried, fallback, other: total - missingZero - cpuFault - minor - wp - retried - fallback },
+    faults: { total, missingZero, missingFromDevice: cpuFault, minor, wp, retried, raced, fallback, other: total - missingZero - cpuFault - minor - wp - retried - raced - fallback },
     migrations: { toDevice: { total: sum((c) => c.counters().evicted), residentLimit: evictedByLimit }, toHost: { total: restored, cpuFault, prefetch: prefetched, release } },
     eviction: { policy: o.eviction, secondChances, examined },
     writes: {
@@ -534,7 +536,7 @@ export function formatRun(r: RunResult, command: string): string {
   return [
     `pagemirror ${command}: ${path.basename(r.program)} exited ${r.signal ? `on ${r.signal}` : r.exitCode} after ${r.wallMs.toFixed(0)} ms${r.wallMsWithoutShim !== undefined ? ` (${r.wallMsWithoutShim.toFixed(0)} ms without the shim)` : ''}`,
     `  attached: ${r.processes} process(es), ${r.ranges.length} range(s), ${mib(r.attachedBytes / r.pageSize)}; peak resident ${mib(r.peakResidentPages)}${r.residentLimitPages !== undefined ? ` (limit ${mib(r.residentLimitPages)})` : ''}`,
-    `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; before their rule ${r.faults.fallback}; other ${r.faults.other})`,
+    `  faults: ${r.faults.total} (missing: ${r.faults.missingZero} zero-filled, ${r.faults.missingFromDevice} from device; minor ${r.faults.minor}; wp ${r.faults.wp}; retried ${r.faults.retried}; raced ${r.faults.raced}; before their rule ${r.faults.fallback}; other ${r.faults.other})`,
     `  migrations: to device ${r.migrations.toDevice.total} pages (resident limit ${r.migrations.toDevice.residentLimit}, eviction ${r.eviction.policy}: ${r.eviction.examined} examined, ${r.eviction.secondChances} second chances); to host ${r.migrations.toHost.total} (cpu fault ${r.migrations.toHost.cpuFault}, prefetch ${r.migrations.toHost.prefetch}, release ${r.migrations.toHost.release})${r.poolFull ? `; device memory full ${r.poolFull} time(s)` : ''}`,
     r.writes.method === 'wp-rounds'
       ? `  pages written: ${r.writes.distinctPages} distinct; per ${r.writes.intervalMs} ms interval max ${Math.max(0, ...r.writes.perInterval.map((w) => w.pages))}; cost: ${r.writes.rounds} write-protect rounds (${r.writes.protectedPages} pages protected, ${r.writes.roundMs.toFixed(1)} ms), ${r.writes.wpFaults} WP faults`
@@ -582,6 +584,7 @@ export function writeRunReport(dir: string, r: RunResult, version: string): { js
           ['minor', r.faults.minor],
           ['write-protect (rounds and evictions)', r.faults.wp],
           ['retried', r.faults.retried],
+          ['raced (page filled by another thread first)', r.faults.raced],
           [`migrated to device (trigger: resident limit, eviction ${r.eviction.policy})`, r.migrations.toDevice.residentLimit],
           ['  resident pages the hand examined', r.eviction.examined],
           ['  second chances (clock)', r.eviction.secondChances],

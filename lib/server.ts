@@ -96,6 +96,11 @@ export interface RemoteClientCounters {
   unprotected: number;
   /** Resolves that failed and woke the faulter to fault again (a race with evict or an unmap). */
   retried: number;
+  /**
+   * Faults whose page was already there when the server resolved them (EEXIST): another thread's
+   * fault on the same page was resolved first. The faulter is woken; nothing else is counted for it.
+   */
+  raced: number;
   /** Slots of the client's pool, and slots in use now. */
   poolPages: number;
   poolHeld: number;

@@ -22,7 +22,7 @@ const python = py.status === 0 ? py.stdout.trim() : undefined;
 interface Report {
   exitCode: number;
   processes: number;
-  faults: { total: number; missingZero: number; missingFromDevice: number; minor: number; wp: number; retried: number; fallback: number; other: number };
+  faults: { total: number; missingZero: number; missingFromDevice: number; minor: number; wp: number; retried: number; raced: number; fallback: number; other: number };
   migrations: { toDevice: { total: number; residentLimit: number }; toHost: { total: number; cpuFault: number; prefetch: number; release: number } };
   eviction: { policy: string; secondChances: number; examined: number };
   writes: { method: string; rounds: number; roundMs: number; protectedPages: number; wpFaults: number; distinctPages: number; perInterval: { ms: number; pages: number }[]; lost: number };
@@ -76,7 +76,7 @@ function checkConsistent(r: Report | undefined, err: string): void {
   const f = r!.faults;
   expect(r!.processes).toBeGreaterThan(0);
   expect(f.other, JSON.stringify(f)).toBe(0);
-  expect(f.missingZero + f.missingFromDevice + f.minor + f.wp + f.retried + f.fallback).toBe(f.total);
+  expect(f.missingZero + f.missingFromDevice + f.minor + f.wp + f.retried + f.raced + f.fallback).toBe(f.total);
   expect(r!.migrations.toDevice.total).toBeGreaterThan(0);
   expect(r!.migrations.toDevice.residentLimit).toBe(r!.migrations.toDevice.total);
   expect(r!.migrations.toHost.cpuFault).toBeGreaterThan(0);

@@ -56,7 +56,7 @@ describe('pagemirror record', () => {
   it('the text report is headed by the command and counts bytes in the result\'s page size', () => {
     const result: RunResult = {
       pageSize: 65536, program: '/usr/bin/sort', args: [], exitCode: 0, wallMs: 12, processes: 1, attachedBytes: 8 << 20,
-      faults: { total: 0, missingZero: 0, missingFromDevice: 0, minor: 0, wp: 0, retried: 0, fallback: 0, other: 0 },
+      faults: { total: 0, missingZero: 0, missingFromDevice: 0, minor: 0, wp: 0, retried: 0, raced: 0, fallback: 0, other: 0 },
       migrations: { toDevice: { total: 0, residentLimit: 0 }, toHost: { total: 0, cpuFault: 0, prefetch: 0, release: 0 } },
       eviction: { policy: 'fifo', secondChances: 0, examined: 0 },
       writes: { method: 'wp-rounds', intervalMs: 1000, rounds: 0, roundMs: 0, protectedPages: 0, wpFaults: 0, distinctPages: 0, perInterval: [], lost: 0, raced: 0 },

@@ -149,6 +149,7 @@ Napi::Value RemoteClientWrap::Counters(const Napi::CallbackInfo& info) {
   o.Set("continued", static_cast<double>(c.continued));
   o.Set("unprotected", static_cast<double>(c.unprotected));
   o.Set("retried", static_cast<double>(c.retried));
+  o.Set("raced", static_cast<double>(c.raced));
   o.Set("prefetched", static_cast<double>(c.prefetched));
   o.Set("protectedPages", static_cast<double>(c.protected_pages));
   o.Set("touchesDropped", static_cast<double>(c.touches_dropped));

@@ -215,7 +215,9 @@ int RemoteClient::resolve(int uffd, const sys::FaultMsg& msg, uint64_t* pages) {
   if (rc == -EAGAIN) return rc;  // an event is unread: the service retries after its next read
   if (rc == 0) log_touch(a | kind);
   if (rc) {
+    // A pool page found present was counted as restored by copy_back (its slot is freed).
     if (rc != -EEXIST) counters_.retried++;
+    else if (kind != (kTouchPool | write)) counters_.raced++;
     sys::uffd_wake(uffd, a, page_);
   }
   return 0;

@@ -50,6 +50,7 @@ class RemoteClient : public sys::FaultHandler {
     uint64_t continued = 0;    // minor faults resolved with UFFDIO_CONTINUE
     uint64_t unprotected = 0;  // WP faults resolved by lifting the protection
     uint64_t retried = 0;      // resolves that failed and woke the faulter to fault again
+    uint64_t raced = 0;        // faults whose page another thread's fault had filled first (EEXIST): woken
     uint64_t prefetched = 0;   // of restored: pages brought back with a fault on a page before them
     uint64_t protected_pages = 0;  // pages write-protected by write_protect() (rounds)
     uint64_t touches_dropped = 0;  // resolved faults the touch log had no room for
