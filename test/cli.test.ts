@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { P, PAGE, requireCap, waitFor, within } from './helpers.js';
+import { P, PAGE, requireCap, runNodeScript, waitFor, within } from './helpers.js';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const cli = path.join(root, 'dist', 'cli.js');
@@ -422,11 +422,13 @@ describe('examples', () => {
   // .mjs run as they are; .ts run compiled (dist/examples, by test/global-setup.ts).
   const names = fs.readdirSync(path.join(root, 'examples')).filter((f) => f.endsWith('.mjs') || f.endsWith('.ts'));
   for (const name of names) {
-    it(`examples/${name} runs`, (ctx) => {
+    it(`examples/${name} runs`, async (ctx) => {
       requireCap(ctx, P.experiments.uffd, 'userfaultfd');
       const script = name.endsWith('.ts') ? path.join(root, 'dist', 'examples', name.replace(/\.ts$/, '.js')) : path.join(root, 'examples', name);
       const args = name === 'file-strategies.ts' ? ['--size', String(1 << 20)] : [];
-      const r = spawnSync(process.execPath, [script, ...args], { encoding: 'utf8', timeout: 60_000, cwd: root });
+      // Each takes 2-10 s here; one that has not ended in 60 s is stuck, and says where.
+      const r = await runNodeScript(script, args, { timeoutMs: 60_000, cwd: root });
+      expect(r.states, `killed after ${r.ms} ms; its threads:\n${r.states}\nstderr: ${r.stderr}`).toBe('');
       expect(r.status, r.stderr).toBe(0);
       expect(r.stdout.length).toBeGreaterThan(0);
     }, 90_000);

@@ -118,6 +118,30 @@ export function threadStates(pid: number | undefined): string {
     .join('\n');
 }
 
+/**
+ * Runs a Node script in a child, asynchronously (the JavaScript thread stays free, so the test
+ * watchdog never mistakes a slow child for a native deadlock). Past `timeoutMs` the child is
+ * killed, after its threads' states were taken (`states`): a hang says where it sleeps.
+ */
+export function runNodeScript(script: string, args: string[], opts: { timeoutMs: number; cwd?: string }): Promise<{ status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string; ms: number; states: string }> {
+  const t0 = Date.now();
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [script, ...args], { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '', stderr = '', states = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    const timer = setTimeout(() => {
+      states = threadStates(child.pid);
+      child.kill('SIGKILL');
+    }, opts.timeoutMs);
+    child.on('error', reject);
+    child.on('close', (status, signal) => {
+      clearTimeout(timer);
+      resolve({ status, signal, stdout, stderr, ms: Date.now() - t0, states });
+    });
+  });
+}
+
 /** Skips the running test, visibly, with the probe's reason, when a capability is absent. */
 export function requireCap(ctx: { skip: (note?: string) => void }, cap: Capability, what: string): void {
   if (!cap.ok) ctx.skip(`${what}: ${cap.reason ?? 'not available'}`);
